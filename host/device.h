@@ -1,0 +1,24 @@
+/*
+ * device.h - the few device-runtime calls the host layer makes (plan upload, device selection).
+ * Three implementations: host/device_cuda.c (the CUDA runtime), host/device_none.c (a build without
+ * CUDA: no device) and tests/simt/device_emu.c (the SIMT emulator: device memory is host memory).
+ * Only plan creation/destruction and context creation call these; execute calls never do.
+ */
+#ifndef KVC_DEVICE_H
+#define KVC_DEVICE_H
+
+#include <stddef.h>
+
+#include "kvcompress.h"
+
+/* Number of usable devices (0 when none or no CUDA build). */
+int kvc_device_count(void);
+/* Makes `device` current; *previous gets the caller's current device (for kvc_device_restore). */
+kvc_status_t kvc_device_enter(int device, int *previous, char *detail, size_t cap);
+void kvc_device_restore(int previous);
+kvc_status_t kvc_device_alloc(void **ptr, size_t bytes, char *detail, size_t cap);
+void kvc_device_free(void *ptr);
+/* Synchronous host-to-device copy. */
+kvc_status_t kvc_device_upload(void *dst, const void *src, size_t bytes, char *detail, size_t cap);
+
+#endif /* KVC_DEVICE_H */

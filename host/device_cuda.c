@@ -1,0 +1,48 @@
+/* device_cuda.c - the device runtime through the CUDA runtime API (plan upload, device choice). */
+#include <cuda_runtime_api.h>
+
+#include "device.h"
+#include "internal.h"
+
+int kvc_device_count(void) {
+  int count = 0; /* with no driver the call fails and leaves the count unset */
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+kvc_status_t kvc_device_enter(int device, int *previous, char *detail, size_t cap) {
+  cudaError_t err = cudaGetDevice(previous);
+  if (err == cudaSuccess && *previous != device) err = cudaSetDevice(device);
+  if (err != cudaSuccess)
+    return kvc_fail_detail(detail, cap, KVC_ERROR_CUDA, "cudaSetDevice(%d): %s", device, cudaGetErrorString(err));
+  return KVC_SUCCESS;
+}
+
+void kvc_device_restore(int previous) {
+  int current = previous;
+  if (cudaGetDevice(&current) == cudaSuccess && current != previous) cudaSetDevice(previous);
+}
+
+kvc_status_t kvc_device_alloc(void **ptr, size_t bytes, char *detail, size_t cap) {
+  cudaError_t err = cudaMalloc(ptr, bytes);
+  if (err == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();
+    return kvc_fail_detail(detail, cap, KVC_ERROR_OUT_OF_MEMORY, "cudaMalloc(%zu bytes) failed", bytes);
+  }
+  if (err != cudaSuccess)
+    return kvc_fail_detail(detail, cap, KVC_ERROR_CUDA, "cudaMalloc(%zu bytes): %s", bytes, cudaGetErrorString(err));
+  return KVC_SUCCESS;
+}
+
+void kvc_device_free(void *ptr) { cudaFree(ptr); }
+
+kvc_status_t kvc_device_upload(void *dst, const void *src, size_t bytes, char *detail, size_t cap) {
+  cudaError_t err = cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice);
+  if (err != cudaSuccess)
+    return kvc_fail_detail(detail, cap, KVC_ERROR_CUDA, "cudaMemcpy(plan upload, %zu bytes): %s", bytes,
+                           cudaGetErrorString(err));
+  return KVC_SUCCESS;
+}

@@ -1,0 +1,260 @@
+/*
+ * dispatch.c - the execute calls: argument and cache-descriptor checks (host-visible data only),
+ * the one place that picks the CPU or CUDA implementation of an op, and kvc_compress.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "device.h"
+#include "internal.h"
+
+kvc_op_fn kvc_op_for(kvc_backend_t backend, kvc_op_t op) {
+  static const kvc_op_fn cpu[] = {kvc_score_cpu, kvc_select_cpu, kvc_compact_cpu, kvc_retention_cpu};
+#ifdef KVC_WITH_CUDA
+  static const kvc_op_fn cuda[] = {kvc_score_cuda, kvc_select_cuda, kvc_compact_cuda, kvc_retention_cuda};
+  if (backend == KVC_BACKEND_CUDA) return cuda[op];
+#endif
+  return cpu[op];
+}
+
+/* The CPU backend checks every page id an op will use before touching memory; for compaction it
+ * also proves that no page belongs to two sequences (or twice to one), by sorting the ids in a
+ * scratch array of at most one id per token. The CUDA backend cannot read the table on the host. */
+void kvc_carve_validation(const kvc_plan_view_t *plan, kvc_backend_t backend, kvc_op_t op, kvc_carver_t *ws,
+                          int32_t **page_scratch) {
+  int32_t *scratch = NULL;
+  if (backend == KVC_BACKEND_CPU && op == KVC_OP_COMPACT)
+    scratch = (int32_t *)kvc_carve(ws, sizeof(int32_t) * (size_t)plan->total_tokens);
+  if (page_scratch) *page_scratch = scratch;
+}
+
+static int compare_ids(const void *a, const void *b) {
+  int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+  return (x > y) - (x < y);
+}
+
+static kvc_status_t check_cache(kvc_context_t ctx, const char *fn, const kvc_plan_view_t *plan,
+                                const kvc_paged_kv_t *c, int32_t *page_scratch) {
+  if (!c) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache is NULL", fn);
+  if (!c->k || !c->v)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->%s is NULL", fn, c->k ? "v" : "k");
+  if (c->dtype != plan->dtype)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->dtype is %d but the plan's dtype is %d", fn,
+                    (int)c->dtype, (int)plan->dtype);
+  if (c->num_kv_heads != plan->num_kv_heads)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->num_kv_heads is %d but the plan's is %d", fn,
+                    c->num_kv_heads, plan->num_kv_heads);
+  if (c->head_dim != plan->head_dim)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->head_dim is %d but the plan's is %d", fn, c->head_dim,
+                    plan->head_dim);
+  if (c->page_size < 1)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->page_size is %d, must be >= 1", fn, c->page_size);
+  if (c->num_pages < 1)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->num_pages is %d, must be >= 1", fn, c->num_pages);
+  if (c->stride_page < 1 || c->stride_token < 1 || c->stride_head < 1)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: cache strides (page %lld, token %lld, head %lld) must all be > 0", fn,
+                    (long long)c->stride_page, (long long)c->stride_token, (long long)c->stride_head);
+  if (c->stride_token < plan->head_dim && c->stride_head < plan->head_dim)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: cache strides (token %lld, head %lld) overlap a head_dim of %d", fn,
+                    (long long)c->stride_token, (long long)c->stride_head, plan->head_dim);
+  if (!c->page_table) {
+    if (plan->max_seq_len > c->page_size)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: cache->page_table is NULL (one page per sequence) but page_size %d is below the longest "
+                      "sequence (%d tokens)", fn, c->page_size, plan->max_seq_len);
+    if (c->num_pages < plan->batch)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: cache->page_table is NULL (page b = sequence b) but num_pages %d < batch %d", fn,
+                      c->num_pages, plan->batch);
+    return KVC_SUCCESS;
+  }
+  if (!c->page_indptr && c->max_pages < (plan->max_seq_len + c->page_size - 1) / c->page_size)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: cache->max_pages is %d but the longest sequence (%d tokens) needs %d pages of %d", fn,
+                    c->max_pages, plan->max_seq_len, (plan->max_seq_len + c->page_size - 1) / c->page_size,
+                    c->page_size);
+  if (c->page_indptr && c->page_indptr == c->page_table)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->page_indptr aliases page_table", fn);
+  if (ctx->backend != KVC_BACKEND_CPU) return KVC_SUCCESS;
+
+  /* CPU: the tables are host memory, so every id used is checked here. */
+  int64_t used = 0;
+  for (int32_t b = 0; b < plan->batch; ++b) {
+    int32_t need = (plan->seq_lens[b] + c->page_size - 1) / c->page_size;
+    if (c->page_indptr) {
+      int32_t have = c->page_indptr[b + 1] - c->page_indptr[b];
+      if (c->page_indptr[b] < 0 || have < need)
+        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                        "%s: cache->page_indptr gives sequence %d %d pages ([%d, %d)) but its %d tokens need %d", fn,
+                        b, have, c->page_indptr[b], c->page_indptr[b + 1], plan->seq_lens[b], need);
+    }
+    const int32_t *pages = kvc_seq_pages(c, b);
+    for (int32_t i = 0; i < need; ++i) {
+      if (pages[i] < 0 || pages[i] >= c->num_pages)
+        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                        "%s: page id %d (sequence %d, page %d of its table) is outside [0, num_pages = %d)", fn,
+                        pages[i], b, i, c->num_pages);
+      if (page_scratch) page_scratch[used++] = pages[i];
+    }
+  }
+  if (page_scratch) {
+    qsort(page_scratch, (size_t)used, sizeof(int32_t), compare_ids);
+    for (int64_t i = 1; i < used; ++i)
+      if (page_scratch[i] == page_scratch[i - 1])
+        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                        "%s: page id %d is used twice by the page table (by two sequences or twice by one); "
+                        "compacting would mix their tokens", fn, page_scratch[i]);
+  }
+  return KVC_SUCCESS;
+}
+
+static kvc_status_t check_common(kvc_context_t ctx, kvc_plan_t plan, const char *fn) {
+  if (!ctx) return KVC_ERROR_INVALID_VALUE;
+  ctx->detail[0] = '\0';
+  if (!plan) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: plan is NULL", fn);
+  if (plan->backend != ctx->backend || plan->device != ctx->device)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: the plan was made for backend %d device %d, the context runs backend %d device %d", fn,
+                    (int)plan->backend, plan->device, (int)ctx->backend, ctx->device);
+  return KVC_SUCCESS;
+}
+
+static kvc_status_t check_workspace(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, const char *fn,
+                                    const void *workspace, size_t bytes) {
+  if (bytes < plan->workspace[op])
+    return kvc_fail(ctx, KVC_ERROR_WORKSPACE_TOO_SMALL, "%s: workspace_bytes is %zu, the plan needs %zu", fn, bytes,
+                    plan->workspace[op]);
+  if (plan->workspace[op] > 0 && !workspace)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: workspace is NULL but %zu bytes are needed", fn,
+                    plan->workspace[op]);
+  if ((uintptr_t)workspace % KVC_WORKSPACE_ALIGN != 0)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: workspace %p is not %d-byte aligned", fn, workspace,
+                    KVC_WORKSPACE_ALIGN);
+  return KVC_SUCCESS;
+}
+
+/* Runs one op on its slice of the workspace, with the device selected around the call. */
+static kvc_status_t run_op(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, kvc_op_args_t *args, void *workspace,
+                           int32_t **page_scratch) {
+  kvc_carver_t ws = {(char *)workspace, 0};
+  kvc_carve_validation(&plan->host, plan->backend, op, &ws, page_scratch);
+  args->plan = plan->view;
+  args->detail = ctx->detail;
+  args->detail_cap = sizeof ctx->detail;
+  if (plan->backend != KVC_BACKEND_CUDA) return kvc_op_for(plan->backend, op)(args, &ws);
+  int previous;
+  kvc_status_t status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
+  if (status != KVC_SUCCESS) return status;
+  status = kvc_op_for(plan->backend, op)(args, &ws);
+  kvc_device_restore(previous);
+  return status;
+}
+
+/* Validates the cache for an op that touches it; the scratch for the CPU's page check is carved
+ * from the op's workspace exactly as run_op will carve it. */
+static kvc_status_t check_cache_for(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, const char *fn,
+                                    const kvc_paged_kv_t *cache, void *workspace) {
+  kvc_carver_t ws = {(char *)workspace, 0};
+  int32_t *scratch = NULL;
+  kvc_carve_validation(&plan->host, plan->backend, op, &ws, &scratch);
+  return check_cache(ctx, fn, &plan->host, cache, scratch);
+}
+
+kvc_status_t kvc_score(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache, const void *queries,
+                       float *scores, int accumulate, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
+  const char *fn = "kvc_score";
+  kvc_status_t status = check_common(ctx, plan, fn);
+  if (status == KVC_SUCCESS) status = check_workspace(ctx, plan, KVC_OP_SCORE, fn, workspace, workspace_bytes);
+  if (status == KVC_SUCCESS) status = check_cache_for(ctx, plan, KVC_OP_SCORE, fn, cache, workspace);
+  if (status != KVC_SUCCESS) return status;
+  if (plan->host.obs_total > 0 && !queries)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: queries is NULL but the plan has %lld observation queries", fn,
+                    (long long)plan->host.obs_total);
+  if (!scores) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: scores is NULL", fn);
+  kvc_op_args_t args;
+  memset(&args, 0, sizeof args);
+  args.cache = cache;
+  args.queries = queries;
+  args.scores = scores;
+  args.accumulate = accumulate != 0;
+  args.stream = stream;
+  return run_op(ctx, plan, KVC_OP_SCORE, &args, workspace, NULL);
+}
+
+kvc_status_t kvc_select(kvc_context_t ctx, kvc_plan_t plan, const float *scores, int32_t *keep, void *workspace,
+                        size_t workspace_bytes, kvc_stream_t stream) {
+  const char *fn = "kvc_select";
+  kvc_status_t status = check_common(ctx, plan, fn);
+  if (status == KVC_SUCCESS) status = check_workspace(ctx, plan, KVC_OP_SELECT, fn, workspace, workspace_bytes);
+  if (status != KVC_SUCCESS) return status;
+  if (!scores) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: scores is NULL", fn);
+  if (!keep) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: keep is NULL", fn);
+  kvc_op_args_t args;
+  memset(&args, 0, sizeof args);
+  args.scores = (float *)scores; /* read only: the op's argument block is shared by all ops */
+  args.keep = keep;
+  args.stream = stream;
+  return run_op(ctx, plan, KVC_OP_SELECT, &args, workspace, NULL);
+}
+
+kvc_status_t kvc_compact(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache, const int32_t *keep,
+                         float *const *extras, int32_t num_extras, void *workspace, size_t workspace_bytes,
+                         kvc_stream_t stream) {
+  const char *fn = "kvc_compact";
+  kvc_status_t status = check_common(ctx, plan, fn);
+  if (status == KVC_SUCCESS) status = check_workspace(ctx, plan, KVC_OP_COMPACT, fn, workspace, workspace_bytes);
+  if (status == KVC_SUCCESS) status = check_cache_for(ctx, plan, KVC_OP_COMPACT, fn, cache, workspace);
+  if (status != KVC_SUCCESS) return status;
+  if (!keep) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: keep is NULL", fn);
+  if (num_extras < 0) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: num_extras is %d, must be >= 0", fn, num_extras);
+  if (num_extras > 0 && !extras)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: extras is NULL but num_extras is %d", fn, num_extras);
+  for (int32_t e = 0; e < num_extras; ++e)
+    if (!extras[e]) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: extras[%d] is NULL", fn, e);
+  kvc_op_args_t args;
+  memset(&args, 0, sizeof args);
+  args.cache = cache;
+  args.keep = (int32_t *)keep; /* read only */
+  args.extras = extras;
+  args.num_extras = num_extras;
+  args.stream = stream;
+  return run_op(ctx, plan, KVC_OP_COMPACT, &args, workspace, NULL);
+}
+
+kvc_status_t kvc_retention(kvc_context_t ctx, kvc_plan_t plan, const int32_t *keep, int32_t *counts, void *workspace,
+                           size_t workspace_bytes, kvc_stream_t stream) {
+  const char *fn = "kvc_retention";
+  kvc_status_t status = check_common(ctx, plan, fn);
+  if (status == KVC_SUCCESS) status = check_workspace(ctx, plan, KVC_OP_RETENTION, fn, workspace, workspace_bytes);
+  if (status != KVC_SUCCESS) return status;
+  if (!keep) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: keep is NULL", fn);
+  if (!counts && plan->host.total_spans > 0) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: counts is NULL", fn);
+  if (plan->host.total_spans == 0) return KVC_SUCCESS;
+  kvc_op_args_t args;
+  memset(&args, 0, sizeof args);
+  args.keep = (int32_t *)keep; /* read only */
+  args.counts = counts;
+  args.stream = stream;
+  return run_op(ctx, plan, KVC_OP_RETENTION, &args, workspace, NULL);
+}
+
+kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache, const void *queries,
+                          void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
+  const char *fn = "kvc_compress";
+  kvc_status_t status = check_common(ctx, plan, fn);
+  if (status == KVC_SUCCESS) status = check_workspace(ctx, plan, KVC_OP_COMPRESS, fn, workspace, workspace_bytes);
+  if (status != KVC_SUCCESS) return status;
+  char *base = (char *)workspace;
+  int32_t *keep = (int32_t *)base;
+  float *scores = (float *)(base + plan->compress_scores_offset);
+  char *stage = base + plan->compress_stage_offset;
+  size_t stage_bytes = workspace_bytes - plan->compress_stage_offset;
+  /* the stage calls re-check their own arguments; a failure names the stage's function */
+  status = kvc_score(ctx, plan, cache, queries, scores, 0, stage, stage_bytes, stream);
+  if (status == KVC_SUCCESS) status = kvc_select(ctx, plan, scores, keep, stage, stage_bytes, stream);
+  if (status == KVC_SUCCESS) status = kvc_compact(ctx, plan, cache, keep, NULL, 0, stage, stage_bytes, stream);
+  return status;
+}

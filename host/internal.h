@@ -1,0 +1,53 @@
+/*
+ * internal.h - the host layer's private types: the context, the plan, error reporting.
+ */
+#ifndef KVC_INTERNAL_H
+#define KVC_INTERNAL_H
+
+#include <stddef.h>
+
+#include "kvcompress.h"
+#include "ops.h"
+#include "plan_view.h"
+
+#define KVC_DETAIL_CAP 512
+
+struct kvc_context {
+  kvc_backend_t backend; /* CPU or CUDA, never AUTO */
+  int device;
+  char detail[KVC_DETAIL_CAP]; /* kvc_last_error */
+};
+
+struct kvc_plan {
+  kvc_backend_t backend;
+  int device;
+  kvc_plan_view_t host;  /* arrays in host_blob                                    */
+  kvc_plan_view_t view;  /* what ops get: == host on CPU, arrays in device_blob on CUDA */
+  void *host_blob, *device_blob;
+  int32_t *span_quotas;     /* [total_spans]: FAIR -> q_p, PROTECT -> length      */
+  int32_t *implicit_quotas; /* [batch]: implicit partition's q_p or -1            */
+  size_t workspace[KVC_OP_COMPRESS + 1];
+  size_t compress_scores_offset, compress_stage_offset; /* inside the compress workspace (keep at 0) */
+};
+
+/* Records a formatted detail on ctx (if not NULL) and returns `status`. */
+kvc_status_t kvc_fail(kvc_context_t ctx, kvc_status_t status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+/* Formats into a detail buffer; used by ops through kvc_op_args_t. */
+kvc_status_t kvc_fail_detail(char *detail, size_t cap, kvc_status_t status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 4, 5)))
+#endif
+    ;
+
+/* The op table of a backend (host/dispatch.c). */
+kvc_op_fn kvc_op_for(kvc_backend_t backend, kvc_op_t op);
+/* Workspace the dispatch layer itself carves before the op (CPU page-id validation scratch). */
+void kvc_carve_validation(const kvc_plan_view_t *plan, kvc_backend_t backend, kvc_op_t op,
+                          kvc_carver_t *ws, int32_t **page_scratch);
+
+#endif /* KVC_INTERNAL_H */

@@ -1,0 +1,642 @@
+/*
+ * plan.c - validation of the plan description and everything derived from it once per
+ * compression event: observation positions, scoring domains, partitions and their quotas, the
+ * protected bitmask, workspace sizes, and (on CUDA) the upload of all of it to the device.
+ * This is the only layer that validates metadata: nothing after the plan may fail on it.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "device.h"
+#include "internal.h"
+
+/* Sizes of the plan arrays, counted in a first pass so all of them fit one allocation. */
+typedef struct {
+  int64_t obs, domains, parts, protect_words, spans;
+} plan_counts_t;
+
+static int is_attention_method(kvc_score_method_t m) {
+  return m == KVC_SCORE_SNAPKV || m == KVC_SCORE_H2O || m == KVC_SCORE_TOVA;
+}
+
+static int32_t ceil_div(int64_t a, int64_t b) { return (int32_t)((a + b - 1) / b); }
+
+/* ---------------------------------------------------------------------------------------------
+ * Validation of the description (no derived data yet)
+ */
+
+static kvc_status_t validate_scalars(kvc_context_t ctx, const kvc_plan_desc_t *d) {
+  const char *where = "kvc_plan_create";
+  if (d->struct_size != sizeof(kvc_plan_desc_t))
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: desc->struct_size is %zu, expected sizeof(kvc_plan_desc_t) = %zu (use KVC_PLAN_DESC_INIT)",
+                    where, d->struct_size, sizeof(kvc_plan_desc_t));
+  if (d->num_kv_heads < 1)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: num_kv_heads is %d, must be >= 1", where, d->num_kv_heads);
+  if (d->num_q_heads < 1 || d->num_q_heads % d->num_kv_heads != 0)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: num_q_heads is %d, must be a positive multiple of num_kv_heads (%d)", where,
+                    d->num_q_heads, d->num_kv_heads);
+  if (d->head_dim < 1)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: head_dim is %d, must be >= 1", where, d->head_dim);
+  if (d->head_dim > 256 || (ctx->backend == KVC_BACKEND_CUDA && d->head_dim % 8 != 0))
+    return kvc_fail(ctx, KVC_ERROR_NOT_SUPPORTED,
+                    "%s: head_dim %d is not supported (CPU: 1..256; CUDA: multiples of 8 up to 256)", where,
+                    d->head_dim);
+  if ((unsigned)d->dtype > KVC_DTYPE_FP8_E4M3)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: dtype is %d, not a kvc_dtype_t", where, (int)d->dtype);
+  if ((unsigned)d->method > KVC_SCORE_STREAMING)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: method is %d, not a kvc_score_method_t", where, (int)d->method);
+  if (d->dtype == KVC_DTYPE_FP8_E4M3 && d->method != KVC_SCORE_STREAMING)
+    return kvc_fail(ctx, KVC_ERROR_NOT_SUPPORTED,
+                    "%s: dtype KVC_DTYPE_FP8_E4M3 can only be compacted: scoring it needs method STREAMING", where);
+  if (d->batch < 1)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: batch is %d, must be >= 1", where, d->batch);
+  if (!d->seq_lens) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: seq_lens is NULL", where);
+  if (!d->budgets) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: budgets is NULL", where);
+  if (d->span_indptr && !d->spans && d->span_indptr[d->batch] > 0)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: spans is NULL but span_indptr[batch] is %d", where,
+                    d->span_indptr[d->batch]);
+  if ((d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_H2O) && d->window < 1)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: window is %d, must be >= 1 for SNAPKV and H2O", where, d->window);
+  if (d->pool_kernel < 1 || d->pool_kernel % 2 == 0)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: pool_kernel is %d, must be odd and >= 1", where, d->pool_kernel);
+  if ((unsigned)d->pool > KVC_POOL_MAX)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: pool is %d, not a kvc_pool_t", where, (int)d->pool);
+  if ((unsigned)d->group_reduce > KVC_REDUCE_MAX)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: group_reduce is %d, not a kvc_reduce_t", where,
+                    (int)d->group_reduce);
+  if (!isfinite(d->scale) || d->scale < 0.0f)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: scale is %g, must be finite and >= 0", where, (double)d->scale);
+  if (d->span_local != 0 && d->span_local != 1)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: span_local is %d, must be 0 or 1", where, d->span_local);
+  if (d->sink_tokens < 0)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: sink_tokens is %d, must be >= 0", where, d->sink_tokens);
+  if (d->recent_tokens < 0)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: recent_tokens is %d, must be >= 0", where, d->recent_tokens);
+  if (!(d->fairness >= 0.0f && d->fairness <= 1.0f)) /* also rejects NaN */
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: fairness is %g, must be in [0, 1]", where, (double)d->fairness);
+  return KVC_SUCCESS;
+}
+
+static kvc_status_t validate_sequences(kvc_context_t ctx, const kvc_plan_desc_t *d) {
+  const char *where = "kvc_plan_create";
+  if (d->span_indptr && d->span_indptr[0] != 0)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: span_indptr[0] is %d, must be 0", where, d->span_indptr[0]);
+  for (int32_t b = 0; d->span_indptr && b < d->batch; ++b) /* before any span is read */
+    if (d->span_indptr[b + 1] < d->span_indptr[b])
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: span_indptr[%d] = %d is below span_indptr[%d] = %d",
+                      where, b + 1, d->span_indptr[b + 1], b, d->span_indptr[b]);
+  for (int32_t b = 0; b < d->batch; ++b) {
+    int32_t n = d->seq_lens[b];
+    if (n < 1)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: seq_lens[%d] is %d, must be >= 1", where, b, n);
+    if (d->budgets[b] < 1)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: budgets[%d] is %d, must be >= 1", where, b, d->budgets[b]);
+    if (!d->span_indptr) continue;
+    int32_t first = d->span_indptr[b], last = d->span_indptr[b + 1];
+    int32_t fair_end = 0, protect_end = 0, prev_start = 0, fair_count = 0;
+    for (int32_t i = first; i < last; ++i) {
+      const kvc_span_t *s = &d->spans[i];
+      if (s->kind != KVC_SPAN_FAIR && s->kind != KVC_SPAN_PROTECT)
+        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: spans[%d] (sequence %d): kind is %d, not a kvc_span_kind_t",
+                        where, i, b, s->kind);
+      if (s->start < 0 || s->end > n || s->start >= s->end)
+        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                        "%s: spans[%d] (sequence %d): range [%d, %d) is empty or outside [0, seq_lens[%d] = %d)",
+                        where, i, b, s->start, s->end, b, n);
+      if (!(s->weight > 0.0f) || !isfinite(s->weight))
+        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                        "%s: spans[%d] (sequence %d): weight is %g, must be finite and > 0", where, i, b,
+                        (double)s->weight);
+      if (i > first && s->start < prev_start)
+        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                        "%s: spans[%d] (sequence %d): start %d is before the previous span's start %d (spans must be sorted)",
+                        where, i, b, s->start, prev_start);
+      int32_t *kind_end = s->kind == KVC_SPAN_FAIR ? &fair_end : &protect_end;
+      if (s->start < *kind_end)
+        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                        "%s: spans[%d] (sequence %d): [%d, %d) overlaps an earlier %s span ending at %d", where, i, b,
+                        s->start, s->end, s->kind == KVC_SPAN_FAIR ? "FAIR" : "PROTECT", *kind_end);
+      *kind_end = s->end;
+      prev_start = s->start;
+      fair_count += s->kind == KVC_SPAN_FAIR;
+    }
+    if (d->span_local && (d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_H2O) && d->window < fair_count)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: window is %d but sequence %d has %d FAIR spans: span_local needs one query per span",
+                      where, d->window, b, fair_count);
+  }
+  return KVC_SUCCESS;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Quotas: integer q_p in [lo_p, hi_p] with sum F, proportional to c_p = w_p * L_p.
+ */
+
+static long double clamp_ld(long double x, long double lo, long double hi) { return x < lo ? lo : x > hi ? hi : x; }
+
+static long double bounded_total(const long double *c, const int32_t *lo, const int32_t *hi, int np, long double mu) {
+  long double sum = 0;
+  for (int p = 0; p < np; ++p) sum += clamp_ld(mu * c[p], lo[p], hi[p]);
+  return sum;
+}
+
+/* Solves sum_p clamp(mu * c_p, lo_p, hi_p) = F for mu by walking the sorted breakpoints, then
+ * recomputes the free partitions' shares from the exact ratio (F - fixed) * c_p / sum(c_free) so
+ * equal partitions get bit-equal fractions, and rounds by largest remainder (ties to the later
+ * partition). `scratch` holds 3 * np long doubles and np ints. */
+static void apportion(const long double *c, const int32_t *lo, const int32_t *hi, int np, int64_t F, int32_t *q,
+                      long double *scratch, int *order) {
+  long double *breaks = scratch, *share = scratch + 2 * np;
+  int nb = 0;
+  for (int p = 0; p < np; ++p) {
+    breaks[nb++] = lo[p] / c[p];
+    breaks[nb++] = hi[p] / c[p];
+  }
+  /* insertion sort: np is the number of spans of one sequence */
+  for (int i = 1; i < nb; ++i)
+    for (int j = i; j > 0 && breaks[j - 1] > breaks[j]; --j) {
+      long double t = breaks[j];
+      breaks[j] = breaks[j - 1];
+      breaks[j - 1] = t;
+    }
+  long double mu = breaks[nb - 1];
+  for (int i = 0; i < nb; ++i)
+    if (bounded_total(c, lo, hi, np, breaks[i]) >= (long double)F) {
+      mu = breaks[i];
+      break;
+    }
+  /* Partitions strictly inside their bounds at mu share the remainder exactly by c_p. Evaluate
+   * the free set just below the crossing breakpoint, where the total is still linear in mu. */
+  long double below = mu;
+  for (int i = nb - 1; i >= 0; --i)
+    if (breaks[i] < mu) {
+      below = breaks[i];
+      break;
+    }
+  long double probe = below < mu ? (below + mu) / 2 : mu;
+  long double fixed = 0, free_c = 0;
+  for (int p = 0; p < np; ++p) {
+    long double x = probe * c[p];
+    if (x > lo[p] && x < hi[p]) free_c += c[p];
+    else fixed += x <= lo[p] ? lo[p] : hi[p];
+  }
+  for (int p = 0; p < np; ++p) {
+    long double x = probe * c[p];
+    share[p] = (x > lo[p] && x < hi[p]) ? ((long double)F - fixed) * c[p] / free_c : (x <= lo[p] ? lo[p] : hi[p]);
+    share[p] = clamp_ld(share[p], lo[p], hi[p]);
+  }
+  int64_t assigned = 0;
+  for (int p = 0; p < np; ++p) {
+    q[p] = (int32_t)floorl(share[p]);
+    share[p] -= q[p];
+    assigned += q[p];
+    order[p] = p;
+  }
+  /* largest remainder first; equal remainders: the later partition first */
+  for (int i = 1; i < np; ++i)
+    for (int j = i; j > 0; --j) {
+      int a = order[j - 1], b = order[j];
+      if (share[b] > share[a] || (share[b] == share[a] && b > a)) {
+        order[j - 1] = b;
+        order[j] = a;
+      } else {
+        break;
+      }
+    }
+  for (int i = 0; assigned < F && i < np; ++i) {
+    int p = order[i];
+    if (q[p] < hi[p]) {
+      q[p]++;
+      assigned++;
+    }
+  }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Building the plan
+ */
+
+typedef struct {
+  kvc_plan_view_t *v;
+  int32_t *seq_lens, *keep_lens, *obs_indptr, *obs_pos, *obs_lo, *domain_indptr, *part_indptr, *fill, *span_indptr;
+  int64_t *token_offsets, *keep_offsets, *protect_word_offsets;
+  kvc_domain_t *domains;
+  kvc_partition_t *parts;
+  uint32_t *protect_bits;
+  kvc_span_t *spans;
+} plan_arrays_t;
+
+/* One routine lays the arrays out for counting (base NULL) and for real. */
+static size_t layout_arrays(plan_arrays_t *a, char *base, int32_t batch, const plan_counts_t *n) {
+  kvc_carver_t c = {base, 0};
+#define CARVE(field, type, count) a->field = (type *)kvc_carve(&c, sizeof(type) * (size_t)(count))
+  CARVE(seq_lens, int32_t, batch);
+  CARVE(keep_lens, int32_t, batch);
+  CARVE(token_offsets, int64_t, batch + 1);
+  CARVE(keep_offsets, int64_t, batch + 1);
+  CARVE(obs_indptr, int32_t, batch + 1);
+  CARVE(obs_pos, int32_t, n->obs);
+  CARVE(obs_lo, int32_t, n->obs);
+  CARVE(domain_indptr, int32_t, batch + 1);
+  CARVE(domains, kvc_domain_t, n->domains);
+  CARVE(part_indptr, int32_t, batch + 1);
+  CARVE(parts, kvc_partition_t, n->parts);
+  CARVE(fill, int32_t, batch);
+  CARVE(protect_word_offsets, int64_t, batch + 1);
+  CARVE(protect_bits, uint32_t, n->protect_words);
+  CARVE(span_indptr, int32_t, batch + 1);
+  CARVE(spans, kvc_span_t, n->spans);
+#undef CARVE
+  return c.used;
+}
+
+static void point_view(kvc_plan_view_t *v, const plan_arrays_t *a) {
+  v->seq_lens = a->seq_lens;
+  v->keep_lens = a->keep_lens;
+  v->token_offsets = a->token_offsets;
+  v->keep_offsets = a->keep_offsets;
+  v->obs_indptr = a->obs_indptr;
+  v->obs_pos = a->obs_pos;
+  v->obs_lo = a->obs_lo;
+  v->domain_indptr = a->domain_indptr;
+  v->domains = a->domains;
+  v->part_indptr = a->part_indptr;
+  v->parts = a->parts;
+  v->fill = a->fill;
+  v->protect_word_offsets = a->protect_word_offsets;
+  v->protect_bits = a->protect_bits;
+  v->span_indptr = a->span_indptr;
+  v->spans = a->spans;
+}
+
+static int32_t span_count(const kvc_plan_desc_t *d, int32_t b) {
+  return d->span_indptr ? d->span_indptr[b + 1] - d->span_indptr[b] : 0;
+}
+
+static int32_t fair_span_count(const kvc_plan_desc_t *d, int32_t b) {
+  int32_t count = 0;
+  for (int32_t i = 0; i < span_count(d, b); ++i) count += d->spans[d->span_indptr[b] + i].kind == KVC_SPAN_FAIR;
+  return count;
+}
+
+/* Number of observation queries of a domain of length `len`, given what is left of the window
+ * and how many domains (this one included) still need queries. */
+static int32_t domain_queries(const kvc_plan_desc_t *d, int32_t len, int32_t window_left, int32_t domains_left) {
+  if (d->method == KVC_SCORE_TOVA) return 1;
+  if (!(d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_H2O)) return 0;
+  int32_t even = (int32_t)(((int64_t)window_left + domains_left - 1) / domains_left);
+  return len < even ? len : even;
+}
+
+static void count_arrays(const kvc_plan_desc_t *d, plan_counts_t *n) {
+  memset(n, 0, sizeof *n);
+  for (int32_t b = 0; b < d->batch; ++b) {
+    int32_t len = d->seq_lens[b], fair = fair_span_count(d, b);
+    n->protect_words += ceil_div(len, 32);
+    n->spans += span_count(d, b);
+    n->parts += fair + 1; /* an upper bound: the implicit partition may be empty */
+    if (!d->span_local) {
+      n->domains += 1;
+      n->obs += d->method == KVC_SCORE_TOVA ? 1 : is_attention_method(d->method) ? (d->window < len ? d->window : len) : 0;
+    } else {
+      n->domains += fair;
+      n->obs += is_attention_method(d->method) ? (d->method == KVC_SCORE_TOVA ? fair : (d->window < len ? d->window : len)) : 0;
+    }
+  }
+}
+
+static void set_bits(uint32_t *bits, int32_t from, int32_t to) {
+  for (int32_t t = from; t < to; ++t) bits[t >> 5] |= 1u << (t & 31);
+}
+
+static int32_t count_bits(const uint32_t *bits, int32_t from, int32_t to) {
+  int32_t count = 0;
+  for (int32_t t = from; t < to; ++t) count += (int32_t)((bits[t >> 5] >> (t & 31)) & 1u);
+  return count;
+}
+
+/* Fills the arrays for every sequence; returns BUDGET / INVALID_VALUE with a detail on ctx. */
+static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, plan_arrays_t *a, kvc_plan_view_t *v) {
+  int32_t obs = 0, ndom = 0, npart = 0, max_parts = 1;
+  int64_t words = 0, tokens = 0, kept = 0;
+  for (int32_t b = 0; b < d->batch; ++b) max_parts = max_parts > fair_span_count(d, b) + 1 ? max_parts : fair_span_count(d, b) + 1;
+  long double *scratch = (long double *)malloc(sizeof(long double) * 4 * (size_t)max_parts);
+  int32_t *lohi = (int32_t *)malloc(sizeof(int32_t) * 3 * (size_t)max_parts);
+  int *order = (int *)malloc(sizeof(int) * (size_t)max_parts);
+  if (!scratch || !lohi || !order) {
+    free(scratch), free(lohi), free(order);
+    return kvc_fail(ctx, KVC_ERROR_OUT_OF_MEMORY, "kvc_plan_create: out of host memory");
+  }
+  kvc_status_t status = KVC_SUCCESS;
+  a->span_indptr[0] = 0;
+  for (int32_t b = 0; b < d->batch && status == KVC_SUCCESS; ++b) {
+    const int32_t n = d->seq_lens[b], k = d->budgets[b] < n ? d->budgets[b] : n;
+    const kvc_span_t *spans = d->span_indptr ? d->spans + d->span_indptr[b] : NULL;
+    const int32_t nspans = span_count(d, b), nfair = fair_span_count(d, b);
+    a->seq_lens[b] = n;
+    a->keep_lens[b] = k;
+    a->token_offsets[b] = tokens;
+    a->keep_offsets[b] = kept;
+    tokens += n;
+    kept += k;
+    if (nspans) memcpy(a->spans + a->span_indptr[b], spans, sizeof(kvc_span_t) * (size_t)nspans);
+    a->span_indptr[b + 1] = a->span_indptr[b] + nspans;
+
+    /* scoring domains and their observation queries */
+    uint32_t *bits = a->protect_bits + words;
+    a->protect_word_offsets[b] = words;
+    words += ceil_div(n, 32);
+    memset(bits, 0, sizeof(uint32_t) * (size_t)ceil_div(n, 32));
+    a->obs_indptr[b] = obs;
+    a->domain_indptr[b] = ndom;
+    int32_t window_left = d->window, domains_total = d->span_local ? nfair : 1, domain_index = 0;
+    for (int32_t i = -1; i < nspans; ++i) {
+      int32_t start, end;
+      if (!d->span_local) {
+        if (i >= 0) break;
+        start = 0, end = n;
+      } else {
+        if (i < 0 || spans[i].kind != KVC_SPAN_FAIR) continue;
+        start = spans[i].start, end = spans[i].end;
+      }
+      int32_t q = domain_queries(d, end - start, window_left, domains_total - domain_index);
+      window_left -= q;
+      domain_index++;
+      kvc_domain_t *dom = &a->domains[ndom++];
+      dom->start = start;
+      dom->end = end;
+      dom->obs_begin = obs;
+      for (int32_t p = end - q; p < end; ++p) {
+        a->obs_pos[obs] = p;
+        a->obs_lo[obs++] = start;
+      }
+      dom->obs_end = obs;
+      dom->scored_end = (d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_TOVA) ? end - q : end;
+      if (d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_TOVA) set_bits(bits, end - q, end);
+    }
+    a->obs_indptr[b + 1] = obs;
+    a->domain_indptr[b + 1] = ndom;
+
+    /* protected set */
+    set_bits(bits, 0, d->sink_tokens < n ? d->sink_tokens : n);
+    set_bits(bits, d->recent_tokens < n ? n - d->recent_tokens : 0, n);
+    for (int32_t i = 0; i < nspans; ++i)
+      if (spans[i].kind == KVC_SPAN_PROTECT) set_bits(bits, spans[i].start, spans[i].end);
+    int32_t protected_total = count_bits(bits, 0, n);
+    if (protected_total > k) {
+      status = kvc_fail(ctx, KVC_ERROR_BUDGET,
+                        "kvc_plan_create: sequence %d protects %d tokens (sinks %d, recent %d, PROTECT spans, the "
+                        "method's own) but its budget keeps %d of %d",
+                        b, protected_total, d->sink_tokens, d->recent_tokens, k, n);
+      break;
+    }
+
+    /* partitions: FAIR spans in order, then the implicit one */
+    a->part_indptr[b] = npart;
+    int32_t in_fair = 0, nparts = 0;
+    for (int32_t i = 0; i < nspans; ++i) {
+      if (spans[i].kind != KVC_SPAN_FAIR) continue;
+      kvc_partition_t *p = &a->parts[npart + nparts];
+      p->start = spans[i].start;
+      p->end = spans[i].end;
+      p->implicit = 0;
+      p->length = p->end - p->start;
+      p->protected_count = count_bits(bits, p->start, p->end);
+      scratch[nparts] = (long double)spans[i].weight * p->length;
+      in_fair += p->length;
+      nparts++;
+    }
+    if (in_fair < n) {
+      if (d->span_local) {
+        /* every token outside the FAIR spans must be protected: it belongs to no scoring domain */
+        int32_t prev = 0;
+        for (int32_t i = 0; i <= nspans && status == KVC_SUCCESS; ++i) {
+          int32_t gap_end = i < nspans ? (spans[i].kind == KVC_SPAN_FAIR ? spans[i].start : prev) : n;
+          if (gap_end > prev && count_bits(bits, prev, gap_end) < gap_end - prev)
+            status = kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                              "kvc_plan_create: span_local is 1 but tokens [%d, %d) of sequence %d are in no FAIR "
+                              "span and not all protected (cover them with PROTECT spans, sinks or recent tokens)",
+                              prev, gap_end, b);
+          if (i < nspans && spans[i].kind == KVC_SPAN_FAIR) prev = spans[i].end;
+        }
+        if (status != KVC_SUCCESS) break;
+      }
+      kvc_partition_t *p = &a->parts[npart + nparts];
+      p->start = 0;
+      p->end = n;
+      p->implicit = 1;
+      p->length = n - in_fair;
+      p->protected_count = protected_total;
+      for (int32_t i = 0; i < nparts; ++i) p->protected_count -= a->parts[npart + i].protected_count;
+      scratch[nparts] = (long double)p->length;
+      nparts++;
+    }
+    int64_t sum_lo = 0;
+    for (int32_t i = 0; i < nparts; ++i) {
+      lohi[i] = a->parts[npart + i].protected_count;
+      lohi[max_parts + i] = a->parts[npart + i].length;
+      sum_lo += lohi[i];
+    }
+    int64_t F = (int64_t)floor((double)d->fairness * k + 0.5);
+    if (F < sum_lo) F = sum_lo;
+    apportion(scratch, lohi, lohi + max_parts, nparts, F, lohi + 2 * max_parts, scratch + nparts, order);
+    for (int32_t i = 0; i < nparts; ++i) a->parts[npart + i].quota = lohi[2 * max_parts + i];
+    a->fill[b] = (int32_t)(k - F);
+    npart += nparts;
+    a->part_indptr[b + 1] = npart;
+
+    if (n > v->max_seq_len) v->max_seq_len = n;
+    if (k > v->max_keep_len) v->max_keep_len = k;
+    for (int32_t i = a->domain_indptr[b]; i < ndom; ++i) {
+      int32_t q = a->domains[i].obs_end - a->domains[i].obs_begin;
+      if (q > v->max_obs_per_domain) v->max_obs_per_domain = q;
+    }
+  }
+  free(scratch), free(lohi), free(order);
+  if (status != KVC_SUCCESS) return status;
+  a->token_offsets[d->batch] = tokens;
+  a->keep_offsets[d->batch] = kept;
+  a->protect_word_offsets[d->batch] = words;
+  v->total_tokens = tokens;
+  v->total_kept = kept;
+  v->obs_total = obs;
+  v->total_spans = a->span_indptr[d->batch];
+  return KVC_SUCCESS;
+}
+
+/* Workspace of each op, and the compress layout: [keep][scores][scratch shared by the stages]. */
+static kvc_status_t size_workspaces(kvc_context_t ctx, kvc_plan_t plan) {
+  for (int op = KVC_OP_SCORE; op <= KVC_OP_RETENTION; ++op) {
+    kvc_carver_t ws = {NULL, 0};
+    kvc_op_args_t args;
+    memset(&args, 0, sizeof args);
+    args.plan = plan->view;
+    args.detail = ctx->detail;
+    args.detail_cap = sizeof ctx->detail;
+    kvc_carve_validation(&plan->host, plan->backend, (kvc_op_t)op, &ws, NULL);
+    kvc_status_t status = kvc_op_for(plan->backend, (kvc_op_t)op)(&args, &ws);
+    if (status != KVC_SUCCESS) return status;
+    plan->workspace[op] = ws.used;
+  }
+  kvc_carver_t ws = {NULL, 0};
+  kvc_carve(&ws, sizeof(int32_t) * (size_t)(plan->host.num_kv_heads * plan->host.total_kept));
+  plan->compress_scores_offset = (ws.used + KVC_WORKSPACE_ALIGN - 1) / KVC_WORKSPACE_ALIGN * KVC_WORKSPACE_ALIGN;
+  kvc_carve(&ws, sizeof(float) * (size_t)(plan->host.num_kv_heads * plan->host.total_tokens));
+  plan->compress_stage_offset = (ws.used + KVC_WORKSPACE_ALIGN - 1) / KVC_WORKSPACE_ALIGN * KVC_WORKSPACE_ALIGN;
+  size_t stage = 0;
+  for (int op = KVC_OP_SCORE; op <= KVC_OP_COMPACT; ++op) stage = plan->workspace[op] > stage ? plan->workspace[op] : stage;
+  plan->workspace[KVC_OP_COMPRESS] = plan->compress_stage_offset + stage;
+  return KVC_SUCCESS;
+}
+
+void kvc_plan_desc_init(kvc_plan_desc_t *desc) {
+  if (desc) {
+    kvc_plan_desc_t defaults = KVC_PLAN_DESC_INIT;
+    *desc = defaults;
+  }
+}
+
+kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc_plan_t *out) {
+  if (out) *out = NULL;
+  if (!ctx) return KVC_ERROR_INVALID_VALUE;
+  ctx->detail[0] = '\0';
+  if (!desc) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "kvc_plan_create: desc is NULL");
+  if (!out) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "kvc_plan_create: out is NULL");
+  kvc_status_t status = validate_scalars(ctx, desc);
+  if (status == KVC_SUCCESS) status = validate_sequences(ctx, desc);
+  if (status != KVC_SUCCESS) return status;
+
+  kvc_plan_t plan = (kvc_plan_t)calloc(1, sizeof *plan);
+  if (!plan) return kvc_fail(ctx, KVC_ERROR_OUT_OF_MEMORY, "kvc_plan_create: out of host memory");
+  plan->backend = ctx->backend;
+  plan->device = ctx->device;
+  kvc_plan_view_t *v = &plan->host;
+  v->batch = desc->batch;
+  v->num_q_heads = desc->num_q_heads;
+  v->num_kv_heads = desc->num_kv_heads;
+  v->head_dim = desc->head_dim;
+  v->group_size = desc->num_q_heads / desc->num_kv_heads;
+  v->dtype = desc->dtype;
+  v->method = desc->method;
+  v->pool = desc->pool;
+  v->group_reduce = desc->group_reduce;
+  v->pool_kernel = desc->pool_kernel;
+  v->span_local = desc->span_local;
+  v->scale = desc->scale > 0.0f ? desc->scale : 1.0f / sqrtf((float)desc->head_dim);
+
+  plan_counts_t counts;
+  count_arrays(desc, &counts);
+  plan_arrays_t arrays;
+  size_t bytes = layout_arrays(&arrays, NULL, desc->batch, &counts);
+  plan->host_blob = calloc(1, bytes);
+  plan->span_quotas = (int32_t *)calloc((size_t)counts.spans + 1, sizeof(int32_t));
+  plan->implicit_quotas = (int32_t *)calloc((size_t)desc->batch, sizeof(int32_t));
+  if (!plan->host_blob || !plan->span_quotas || !plan->implicit_quotas) {
+    kvc_plan_destroy(plan);
+    return kvc_fail(ctx, KVC_ERROR_OUT_OF_MEMORY, "kvc_plan_create: out of host memory (%zu bytes)", bytes);
+  }
+  layout_arrays(&arrays, (char *)plan->host_blob, desc->batch, &counts);
+  status = fill_arrays(ctx, desc, &arrays, v);
+  if (status != KVC_SUCCESS) {
+    kvc_plan_destroy(plan);
+    return status;
+  }
+  point_view(v, &arrays);
+
+  /* per-span quota read-outs */
+  for (int32_t b = 0; b < v->batch; ++b) {
+    plan->implicit_quotas[b] = -1;
+    int32_t part = v->part_indptr[b];
+    for (int32_t i = v->span_indptr[b]; i < v->span_indptr[b + 1]; ++i)
+      plan->span_quotas[i] = v->spans[i].kind == KVC_SPAN_FAIR ? v->parts[part++].quota : v->spans[i].end - v->spans[i].start;
+    if (v->part_indptr[b + 1] > v->part_indptr[b] && v->parts[v->part_indptr[b + 1] - 1].implicit)
+      plan->implicit_quotas[b] = v->parts[v->part_indptr[b + 1] - 1].quota;
+  }
+
+  plan->view = plan->host;
+  if (plan->backend == KVC_BACKEND_CUDA) {
+    int previous;
+    status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
+    if (status == KVC_SUCCESS) {
+      status = kvc_device_alloc(&plan->device_blob, bytes, ctx->detail, sizeof ctx->detail);
+      if (status == KVC_SUCCESS)
+        status = kvc_device_upload(plan->device_blob, plan->host_blob, bytes, ctx->detail, sizeof ctx->detail);
+      kvc_device_restore(previous);
+    }
+    if (status != KVC_SUCCESS) {
+      kvc_plan_destroy(plan);
+      return status;
+    }
+    plan_arrays_t device_arrays;
+    layout_arrays(&device_arrays, (char *)plan->device_blob, desc->batch, &counts);
+    point_view(&plan->view, &device_arrays);
+  }
+  status = size_workspaces(ctx, plan);
+  if (status != KVC_SUCCESS) {
+    kvc_plan_destroy(plan);
+    return status;
+  }
+  *out = plan;
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_plan_destroy(kvc_plan_t plan) {
+  if (!plan) return KVC_SUCCESS;
+  if (plan->device_blob) {
+    int previous;
+    if (kvc_device_enter(plan->device, &previous, NULL, 0) == KVC_SUCCESS) {
+      kvc_device_free(plan->device_blob);
+      kvc_device_restore(previous);
+    }
+  }
+  free(plan->host_blob);
+  free(plan->span_quotas);
+  free(plan->implicit_quotas);
+  free(plan);
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_plan_get_info(kvc_plan_t plan, kvc_plan_info_t *info) {
+  if (!plan || !info) return KVC_ERROR_INVALID_VALUE;
+  const kvc_plan_view_t *v = &plan->host;
+  info->batch = v->batch;
+  info->num_kv_heads = v->num_kv_heads;
+  info->total_tokens = v->total_tokens;
+  info->total_kept = v->total_kept;
+  info->obs_total = v->obs_total;
+  info->score_elems = v->num_kv_heads * v->total_tokens;
+  info->keep_elems = v->num_kv_heads * v->total_kept;
+  info->total_spans = v->total_spans;
+  info->count_elems = v->num_kv_heads * v->total_spans;
+  info->keep_offset_bytes = 0;
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_plan_obs_positions(kvc_plan_t plan, int32_t *indptr, int32_t *positions) {
+  if (!plan) return KVC_ERROR_INVALID_VALUE;
+  if (indptr) memcpy(indptr, plan->host.obs_indptr, sizeof(int32_t) * (size_t)(plan->host.batch + 1));
+  if (positions) memcpy(positions, plan->host.obs_pos, sizeof(int32_t) * (size_t)plan->host.obs_total);
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_plan_new_lengths(kvc_plan_t plan, int32_t *new_lens) {
+  if (!plan || !new_lens) return KVC_ERROR_INVALID_VALUE;
+  memcpy(new_lens, plan->host.keep_lens, sizeof(int32_t) * (size_t)plan->host.batch);
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_plan_span_quotas(kvc_plan_t plan, int32_t *quotas, int32_t *implicit) {
+  if (!plan || (!quotas && !implicit)) return KVC_ERROR_INVALID_VALUE;
+  if (quotas) memcpy(quotas, plan->span_quotas, sizeof(int32_t) * (size_t)plan->host.total_spans);
+  if (implicit) memcpy(implicit, plan->implicit_quotas, sizeof(int32_t) * (size_t)plan->host.batch);
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_t *bytes) {
+  if (!plan || !bytes || (unsigned)op > KVC_OP_COMPRESS) return KVC_ERROR_INVALID_VALUE;
+  *bytes = plan->workspace[op];
+  return KVC_SUCCESS;
+}

@@ -1,0 +1,395 @@
+/*
+ * kvcompress.h - libkvcompress public API.
+ *
+ * libkvcompress compresses one layer of an LLM's paged KV cache by evicting tokens, with the two
+ * fixes of "The Pitfalls of KV Cache Compression" (Chen et al., 2025): protected tokens
+ * (whitelisting) and fair eviction (every instruction span keeps the same share of its tokens).
+ *
+ * ---------------------------------------------------------------------------------------------
+ * Pipeline (one compression event, one layer at a time)
+ *
+ *   kvc_plan_create     host, once per event; validates every piece of metadata and computes
+ *                       quotas, observation positions and workspace sizes. Reuse it for every layer.
+ *   kvc_score           per (sequence, KV head, token) importance, fp32.
+ *   kvc_select          per (sequence, KV head) the kept token indices, ascending.
+ *   kvc_compact         moves kept K/V rows to the front of each sequence's own pages, in place.
+ *   kvc_retention       kept counts per (sequence, KV head, span): the eviction-bias monitor.
+ *   kvc_compress        score + select + compact in one call.
+ *
+ * Conventions that hold for every function below
+ *
+ *   - Every function that can fail returns kvc_status_t; results go through out-pointers; nothing
+ *     aborts or prints. On failure a sentence naming the argument, the sequence and the value is
+ *     kept in the context (kvc_last_error).
+ *   - Units: lengths, budgets, positions, windows are in tokens; strides are in elements of the
+ *     cache dtype; sizes in bytes are size_t and named *_bytes.
+ *   - Memory: on the CPU backend every pointer is host memory. On the CUDA backend the pointers
+ *     passed to execute calls (cache pools, page tables, queries, scores, keep indices, extras,
+ *     counts, workspace) are device memory of the context's device; plan descriptors are host.
+ *   - Execute calls (kvc_score, kvc_select, kvc_compact, kvc_retention, kvc_compress) never
+ *     allocate, never synchronise and never read device memory on the host: on CUDA they only
+ *     enqueue kernels on `stream` and return, so they can be captured in a CUDA graph. Their
+ *     outputs are ready when the stream reaches that point. A kernel fault surfaces on the next
+ *     synchronising CUDA call of the caller. On the CPU backend they run to completion before
+ *     returning and `stream` is ignored.
+ *   - Workspace follows CUB's two-phase pattern: ask kvc_plan_workspace_size, pass a buffer at
+ *     least that large (256-byte aligned, owned by the caller, contents need not be initialised
+ *     and are garbage afterwards, except as documented for kvc_compress).
+ *   - Threads: the library has no global mutable state. A context may be used by one thread at a
+ *     time (it holds the last error). A plan is immutable after creation and may be shared
+ *     read-only by any number of threads and contexts of the same backend and device.
+ *
+ * Layouts of the per-token arrays ("score layout", "keep layout")
+ *
+ *   Sequence b has length n_b and keeps k_b = min(budgets[b], n_b) tokens per KV head.
+ *   Score layout:  float [num_kv_heads * sum_b n_b]; row (b, h) starts at
+ *                  num_kv_heads * (n_0 + ... + n_{b-1}) + h * n_b and holds n_b values.
+ *   Keep layout:   int32 [num_kv_heads * sum_b k_b]; row (b, h) starts at
+ *                  num_kv_heads * (k_0 + ... + k_{b-1}) + h * k_b and holds k_b token indices.
+ *   Count layout:  int32 [num_kv_heads * total spans]; row (b, h) starts at
+ *                  num_kv_heads * span_indptr[b] + h * (span_indptr[b+1] - span_indptr[b]).
+ *   kvc_plan_get_info returns the element counts of each.
+ * ---------------------------------------------------------------------------------------------
+ */
+#ifndef KVCOMPRESS_H
+#define KVCOMPRESS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvcompress_version.h" /* KVC_VERSION_MAJOR, _MINOR, _PATCH, KVC_VERSION_NUMBER */
+
+#if defined(_WIN32) && defined(KVC_BUILDING_SHARED)
+#define KVC_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#define KVC_API __attribute__((visibility("default")))
+#else
+#define KVC_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ============================================================================================= */
+/* Status                                                                                        */
+/* ============================================================================================= */
+
+/* Explicit values; new codes are only ever appended. */
+typedef enum {
+  KVC_SUCCESS = 0,
+  KVC_ERROR_INVALID_VALUE = 1,       /* an argument or metadata value is wrong (the detail names it) */
+  KVC_ERROR_NOT_SUPPORTED = 2,       /* valid, but not implemented (e.g. head_dim 512 on CUDA)      */
+  KVC_ERROR_BUDGET = 3,              /* protected tokens exceed a sequence's budget                  */
+  KVC_ERROR_WORKSPACE_TOO_SMALL = 4, /* workspace_bytes below kvc_plan_workspace_size                */
+  KVC_ERROR_OUT_OF_MEMORY = 5,       /* a host or device allocation failed (plan/context creation)   */
+  KVC_ERROR_NO_DEVICE = 6,           /* CUDA backend asked for, but no usable device or no CUDA build */
+  KVC_ERROR_CUDA = 7,                /* a CUDA runtime call failed (the detail has its error string) */
+  KVC_ERROR_INTERNAL = 8             /* a bug in libkvcompress; please report it                     */
+} kvc_status_t;
+
+/* "KVC_ERROR_BUDGET"; "KVC_UNKNOWN_STATUS" for values not in the enum. Static storage. */
+KVC_API const char *kvc_status_name(kvc_status_t status);
+/* One sentence describing the status. Static storage. */
+KVC_API const char *kvc_status_string(kvc_status_t status);
+
+/* ============================================================================================= */
+/* Version                                                                                       */
+/* ============================================================================================= */
+
+/* The library's version as KVC_VERSION_NUMBER computes it (major*10000 + minor*100 + patch), so
+ * a program can compare the header it was compiled with against the library it runs with. */
+KVC_API unsigned kvc_version(void);
+/* "MAJOR.MINOR.PATCH". Static storage. */
+KVC_API const char *kvc_version_string(void);
+
+/* ============================================================================================= */
+/* Context                                                                                       */
+/* ============================================================================================= */
+
+typedef struct kvc_context *kvc_context_t;
+
+typedef enum {
+  KVC_BACKEND_AUTO = 0, /* CUDA when built with it and a device is usable, else CPU */
+  KVC_BACKEND_CPU = 1,
+  KVC_BACKEND_CUDA = 2
+} kvc_backend_t;
+
+/* Creates a context on `backend`; `device` is the CUDA device ordinal (ignored on CPU).
+ * The context owns no device memory; it selects the device for the calls made through it (each
+ * CUDA call sets the device and restores the caller's current device before returning).
+ * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (out is NULL, backend unknown, device < 0 or not
+ * present); KVC_ERROR_NO_DEVICE (CUDA asked for and the library was built without CUDA or no device
+ * is usable); KVC_ERROR_OUT_OF_MEMORY. On failure *out is set to NULL. Synchronous. */
+KVC_API kvc_status_t kvc_context_create(kvc_backend_t backend, int device, kvc_context_t *out);
+/* Destroys a context; accepts NULL. Plans created on it must be destroyed first. */
+KVC_API kvc_status_t kvc_context_destroy(kvc_context_t ctx);
+/* The backend the context runs on (never AUTO). INVALID_VALUE if ctx or out is NULL. */
+KVC_API kvc_status_t kvc_context_backend(kvc_context_t ctx, kvc_backend_t *out);
+/* Detail of the last failure of a call made with ctx: which argument, which sequence, which value.
+ * "" if the last call succeeded; a fixed string when ctx is NULL. Valid until the next call on ctx. */
+KVC_API const char *kvc_last_error(kvc_context_t ctx);
+
+/* A cudaStream_t, without needing CUDA headers. NULL is the legacy default stream. Ignored on CPU. */
+typedef struct CUstream_st *kvc_stream_t;
+
+/* ============================================================================================= */
+/* The paged KV cache (one layer)                                                                */
+/* ============================================================================================= */
+
+typedef enum {
+  KVC_DTYPE_F32 = 0,
+  KVC_DTYPE_F16 = 1,
+  KVC_DTYPE_BF16 = 2,
+  KVC_DTYPE_FP8_E4M3 = 3 /* compaction and STREAMING only: scoring needs f32/f16/bf16 */
+} kvc_dtype_t;
+
+/*
+ * One descriptor serves a vLLM block table, a FlashInfer CSR page list and plain contiguous
+ * tensors. Element (page p, slot s, head h, dim d) of K is
+ *     k[p * stride_page + s * stride_token + h * stride_head + d]        (same for V)
+ * and token t of sequence b lives in page  pages_b[t / page_size], slot t % page_size, where
+ *     pages_b = page_table + b * max_pages                       (dense: page_indptr == NULL)
+ *     pages_b = page_table + page_indptr[b]                      (CSR)
+ *     pages_b[i] = b                                              (page_table == NULL: sequence b
+ *                                                                  is page b, "one page per sequence")
+ * Only the first ceil(n_b / page_size) entries of pages_b are ever read, and only those pages are
+ * read or written. Page ids must lie in [0, num_pages): the CPU backend checks every id it would
+ * use, and that no page is used by two sequences, before touching memory (KVC_ERROR_INVALID_VALUE);
+ * the CUDA backend cannot read the table on the host, so its kernels skip any row whose page id is
+ * out of range instead (that row is left unmodified) - validate ids in the engine if it matters.
+ *
+ *   NHD (vLLM, FlashInfer default): stride_token = H*D, stride_head = D, stride_page = page_size*H*D
+ *   HND (TensorRT-LLM, FlashInfer HND): stride_head = page_size*D, stride_token = D
+ *   HF-style [batch][H][n][D] tensor: page_size = n, page_table = NULL, stride_page = H*n*D,
+ *                                     stride_head = n*D, stride_token = D
+ *   K/V in one tensor (vLLM (2, blocks, ...), FlashInfer (pages, 2, ...)): point k and v at the two
+ *   halves; they share strides.
+ * head_dim is contiguous (stride 1). Strides are int64 so offsets past 2^31 elements are fine.
+ */
+typedef struct {
+  void *k, *v;            /* pools with identical layout; device memory on CUDA                  */
+  kvc_dtype_t dtype;      /* must equal the plan's dtype                                         */
+  int32_t num_kv_heads;   /* must equal the plan's                                               */
+  int32_t head_dim;       /* must equal the plan's                                               */
+  int32_t page_size;      /* tokens per page, >= 1                                               */
+  int32_t num_pages;      /* pool capacity: valid page ids are [0, num_pages)                    */
+  int64_t stride_page, stride_token, stride_head; /* elements, all > 0                          */
+  const int32_t *page_table;  /* dense [batch][max_pages], CSR indices, or NULL (see above)      */
+  const int32_t *page_indptr; /* [batch+1] CSR offsets, or NULL for dense; host memory on CPU,
+                                 device memory on CUDA, like the table                           */
+  int32_t max_pages;          /* row length of the dense table (ignored for CSR / NULL table)    */
+} kvc_paged_kv_t;
+
+/* ============================================================================================= */
+/* Spans                                                                                         */
+/* ============================================================================================= */
+
+typedef enum {
+  KVC_SPAN_FAIR = 0,   /* an instruction partition: gets a quota proportional to weight * length */
+  KVC_SPAN_PROTECT = 1 /* whitelisted: every token is always kept                                */
+} kvc_span_kind_t;
+
+/* Token range [start, end) of one sequence. Per sequence, spans are sorted by start; FAIR spans
+ * do not overlap each other and PROTECT spans do not overlap each other, but a PROTECT span may
+ * lie inside (or across) FAIR spans. weight (> 0, finite) matters for FAIR spans only. */
+typedef struct {
+  int32_t start, end;
+  int32_t kind;  /* kvc_span_kind_t */
+  float weight;  /* 1 = share proportional to length */
+} kvc_span_t;
+
+/* ============================================================================================= */
+/* The plan                                                                                      */
+/* ============================================================================================= */
+
+typedef enum {
+  KVC_SCORE_SNAPKV = 0,   /* window attention, mean over queries, pooled; window keys protected   */
+  KVC_SCORE_H2O = 1,      /* attention received / number of queries that see the key              */
+  KVC_SCORE_TOVA = 2,     /* last query's attention, mean over all query heads; last token kept   */
+  KVC_SCORE_KNORM = 3,    /* -||k||_2 (low-norm keys kept)                                         */
+  KVC_SCORE_STREAMING = 4 /* recency (use sink_tokens = 4)                                         */
+} kvc_score_method_t;
+
+typedef enum { KVC_POOL_AVG = 0, KVC_POOL_MAX = 1 } kvc_pool_t;
+typedef enum { KVC_REDUCE_MEAN = 0, KVC_REDUCE_MAX = 1 } kvc_reduce_t;
+
+typedef struct kvc_plan *kvc_plan_t;
+
+/*
+ * Scoring semantics (n = sequence length; a domain is [0, n), or with span_local each FAIR span):
+ *   Observation queries: without span_local, the last min(window, n) positions. With span_local the
+ *   window is split across the FAIR spans in order: span i of S gets min(len_i, ceil(R / (S - i)))
+ *   where R is what earlier spans left of `window`; each span uses its own last tokens. A query at
+ *   position p in domain [lo, hi) sees keys [lo, p]; a_gij = softmax_j(scale * <q_gi, k_hj>).
+ *   SNAPKV     keys of a domain before its first query: mean over its queries of a_gij, pooled
+ *              (kernel pool_kernel, stride 1, zero padding, AVG divides by pool_kernel; MAX ignores
+ *              padding) inside that key range, then group_reduce over the GQA group. Query
+ *              positions are protected.
+ *   H2O        every key of a domain: sum_i a_gij / #(queries of the domain that see j), group_reduce.
+ *   TOVA       window is ignored: one query per domain, its last token (protected). a_{g,last,j}
+ *              averaged over ALL query heads; every KV head gets the same scores and selection.
+ *   KNORM      -||k_hj||_2. No queries.
+ *   STREAMING  j, or (j - lo) / (hi - lo) with span_local. No queries.
+ *   Keys a method does not score (protected query positions, keys outside every domain) get +inf.
+ *   pool_kernel applies to SNAPKV only; group_reduce to SNAPKV and H2O.
+ *
+ * Selection semantics for one (sequence b, KV head h), k = min(budgets[b], n):
+ *   1. Protected set P = first sink_tokens + last recent_tokens + PROTECT spans + the method's own
+ *      protected positions. |P| > k is KVC_ERROR_BUDGET at plan time.
+ *   2. Partitions: the FAIR spans in order, then one implicit partition (weight 1) of every token
+ *      in no FAIR span, if any. Partition p has length L_p, weight w_p, protected count lo_p.
+ *   3. F = max(sum lo_p, floor(fairness * k + 0.5)); integer quotas lo_p <= q_p <= L_p, sum q_p = F,
+ *      q_p = clamp(mu * w_p * L_p, lo_p, L_p) with mu solving the sum exactly, rounded by largest
+ *      remainder, ties to the later partition.
+ *   4. Keep P; in each partition its top (q_p - lo_p) unprotected tokens; then the top (k - F) of
+ *      all tokens not yet kept.
+ *   5. "Top" orders by score descending, equal scores by position descending, NaN below -inf
+ *      (-0 equals +0). Output indices ascending. Deterministic and identical on CPU and CUDA.
+ */
+typedef struct {
+  size_t struct_size;          /* sizeof(kvc_plan_desc_t); set by KVC_PLAN_DESC_INIT / kvc_plan_desc_init */
+  int32_t num_q_heads;         /* >= 1, a multiple of num_kv_heads                                  */
+  int32_t num_kv_heads;        /* >= 1                                                              */
+  int32_t head_dim;            /* 1..256 on CPU; 64, 128, 256 or any multiple of 8 up to 256 on CUDA */
+  kvc_dtype_t dtype;           /* cache and query dtype (default F16)                               */
+  int32_t batch;               /* >= 1 sequences                                                    */
+  const int32_t *seq_lens;     /* host [batch], each >= 1                                           */
+  const int32_t *budgets;      /* host [batch], each >= 1: tokens kept per KV head; >= seq_len keeps all */
+  const int32_t *span_indptr;  /* host [batch+1] CSR into spans, span_indptr[0] = 0; or NULL: no spans */
+  const kvc_span_t *spans;     /* host                                                              */
+  kvc_score_method_t method;   /* default SNAPKV                                                    */
+  int32_t window;              /* observation queries per sequence (SNAPKV, H2O), >= 1; default 64.
+                                  H2O over the whole prompt: pass a value >= the longest sequence */
+  int32_t pool_kernel;         /* odd, >= 1; 1 = none; default 5                                     */
+  kvc_pool_t pool;             /* default AVG                                                       */
+  kvc_reduce_t group_reduce;   /* default MEAN                                                      */
+  float scale;                 /* softmax scale, finite, >= 0; 0 = 1/sqrt(head_dim) (default)       */
+  int32_t span_local;          /* 0 or 1: each FAIR span is its own scoring domain; then every token
+                                  outside FAIR spans must be protected                              */
+  int32_t sink_tokens;         /* >= 0, protected prefix; default 0                                 */
+  int32_t recent_tokens;       /* >= 0, protected suffix; default 0                                 */
+  float fairness;              /* lambda in [0, 1]: 0 = plain policy, 1 = fully fair; default 0     */
+} kvc_plan_desc_t;
+
+#define KVC_PLAN_DESC_INIT                                                                         \
+  {                                                                                                \
+    sizeof(kvc_plan_desc_t), 0, 0, 0, KVC_DTYPE_F16, 0, NULL, NULL, NULL, NULL, KVC_SCORE_SNAPKV, \
+        64, 5, KVC_POOL_AVG, KVC_REDUCE_MEAN, 0.0f, 0, 0, 0, 0.0f                                 \
+  }
+
+/* Fills *desc with the defaults of KVC_PLAN_DESC_INIT (for callers that cannot use the macro,
+ * e.g. FFI). No-op on NULL. */
+KVC_API void kvc_plan_desc_init(kvc_plan_desc_t *desc);
+
+/* Validates `desc` and builds an immutable plan on ctx's backend. Copies everything it needs: the
+ * desc's arrays may be freed after the call. On CUDA it allocates and uploads the plan's metadata
+ * to the device (synchronously); this is the only place the pipeline allocates.
+ * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (any bad field: the detail names field, sequence,
+ * span and value); KVC_ERROR_NOT_SUPPORTED (head_dim or dtype the backend does not handle);
+ * KVC_ERROR_BUDGET (protected tokens exceed a budget: the detail names the sequence and counts);
+ * KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA. On failure *out is NULL. Synchronous. */
+KVC_API kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc_plan_t *out);
+/* Frees the plan (host and device memory). Accepts NULL. The caller must make sure no work that
+ * uses the plan is still queued on a stream (e.g. synchronise first). */
+KVC_API kvc_status_t kvc_plan_destroy(kvc_plan_t plan);
+
+/* Host read-outs of a plan. */
+typedef struct {
+  int32_t batch;
+  int32_t num_kv_heads;
+  int64_t total_tokens;     /* sum of seq_lens                                                    */
+  int64_t total_kept;       /* sum of k_b                                                         */
+  int64_t obs_total;        /* observation queries, all sequences: rows of the `queries` array    */
+  int64_t score_elems;      /* floats in the score layout = num_kv_heads * total_tokens           */
+  int64_t keep_elems;       /* int32 in the keep layout  = num_kv_heads * total_kept              */
+  int64_t total_spans;      /* span_indptr[batch]                                                 */
+  int64_t count_elems;      /* int32 in the count layout = num_kv_heads * total_spans             */
+  size_t keep_offset_bytes; /* where kvc_compress leaves the keep layout inside its workspace     */
+} kvc_plan_info_t;
+
+/* INVALID_VALUE if plan or info is NULL. */
+KVC_API kvc_status_t kvc_plan_get_info(kvc_plan_t plan, kvc_plan_info_t *info);
+
+/* Observation query positions the engine must supply queries for, as CSR: indptr [batch+1] and
+ * positions [obs_total] (sequence b's are positions[indptr[b] .. indptr[b+1]), ascending). Row r
+ * of `queries` ([obs_total][num_q_heads][head_dim]) must hold the post-RoPE query of position
+ * positions[r] of its sequence. Either output may be NULL. INVALID_VALUE if plan is NULL. */
+KVC_API kvc_status_t kvc_plan_obs_positions(kvc_plan_t plan, int32_t *indptr, int32_t *positions);
+
+/* New length of every sequence after compaction: min(budgets[b], seq_lens[b]). host [batch]. */
+KVC_API kvc_status_t kvc_plan_new_lengths(kvc_plan_t plan, int32_t *new_lens);
+
+/* Per user span (CSR order of the desc): FAIR span -> its quota q_p (tokens of it kept for sure);
+ * PROTECT span -> its length. host [total_spans]. `implicit` (host [batch], may be NULL) gets the
+ * implicit partition's quota, or -1 where a sequence has none. Same for every KV head. */
+KVC_API kvc_status_t kvc_plan_span_quotas(kvc_plan_t plan, int32_t *quotas, int32_t *implicit);
+
+typedef enum {
+  KVC_OP_SCORE = 0,
+  KVC_OP_SELECT = 1,
+  KVC_OP_COMPACT = 2,
+  KVC_OP_RETENTION = 3,
+  KVC_OP_COMPRESS = 4
+} kvc_op_t;
+
+/* Workspace bytes the execute call `op` needs with this plan on its backend (may be 0; a NULL
+ * workspace is then fine). The CUDA score workspace is
+ *     256-aligned(obs_total * num_q_heads * 8)                      softmax normalisers (max, sum)
+ *   + for H2O with more than 128 queries per domain, the GEMM key-tile buffer:
+ *     256-aligned(num_q_heads * min(obs_per_domain_max, 1024) * 4096 * 4)
+ * which is bounded (at most 16 MiB per query head) whatever the sequence length. COMPRESS is
+ * score + select + compact workspace plus the score and keep layouts.
+ * INVALID_VALUE if plan or bytes is NULL or op unknown. */
+KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_t *bytes);
+
+/* ============================================================================================= */
+/* Execute calls (never allocate, never synchronise; see the conventions at the top)             */
+/* Each returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (NULL ctx/plan/pointer, plan from another   */
+/* backend, cache descriptor not matching the plan, bad strides or page size, CPU: page id out   */
+/* of range or shared); KVC_ERROR_WORKSPACE_TOO_SMALL; KVC_ERROR_NOT_SUPPORTED; KVC_ERROR_CUDA   */
+/* (a launch failed).                                                                            */
+/* ============================================================================================= */
+
+/* Scores every token. `queries`: [obs_total][num_q_heads][head_dim] in the plan's dtype, row order
+ * of kvc_plan_obs_positions (NULL allowed when obs_total is 0). `scores`: score layout, written,
+ * or added to when accumulate != 0 (H2O accumulated across decode steps). The cache is only read. */
+KVC_API kvc_status_t kvc_score(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                               const void *queries, float *scores, int accumulate, void *workspace,
+                               size_t workspace_bytes, kvc_stream_t stream);
+
+/* Selects the kept tokens from `scores` (score layout, read only) into `keep` (keep layout):
+ * exactly k_b ascending indices per row, by the selection semantics of the plan. */
+KVC_API kvc_status_t kvc_select(kvc_context_t ctx, kvc_plan_t plan, const float *scores,
+                                int32_t *keep, void *workspace, size_t workspace_bytes,
+                                kvc_stream_t stream);
+
+/* In place, for every (sequence, KV head) and j < k_b: slot j <- slot keep[j] for K and V, and for
+ * each of the `num_extras` per-token fp32 arrays extras[e] (score layout, e.g. accumulated H2O
+ * scores: after the call, row (b, h) of an extra holds its k_b kept values at the front of the row,
+ * the rest is unchanged). `extras` is a host array of num_extras pointers (NULL when 0). `keep`
+ * must come from kvc_select with this plan (ascending, in range); slots >= k_b keep stale data and
+ * pages past ceil(k_b / page_size) are the engine's to free. Positions are not rewritten: cached
+ * keys keep their RoPE and the engine continues positions from the old length. Sequences whose
+ * budget >= length are not touched. */
+KVC_API kvc_status_t kvc_compact(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                 const int32_t *keep, float *const *extras, int32_t num_extras,
+                                 void *workspace, size_t workspace_bytes, kvc_stream_t stream);
+
+/* Counts, per (sequence, KV head, user span), the kept indices inside the span (count layout). */
+KVC_API kvc_status_t kvc_retention(kvc_context_t ctx, kvc_plan_t plan, const int32_t *keep,
+                                   int32_t *counts, void *workspace, size_t workspace_bytes,
+                                   kvc_stream_t stream);
+
+/* kvc_score (accumulate = 0) + kvc_select + kvc_compact (no extras) on the caller's workspace
+ * (kvc_plan_workspace_size(plan, KVC_OP_COMPRESS)). Afterwards the keep layout is left in the
+ * workspace at byte offset kvc_plan_info_t.keep_offset_bytes, e.g. for kvc_retention. */
+KVC_API kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                  const void *queries, void *workspace, size_t workspace_bytes,
+                                  kvc_stream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVCOMPRESS_H */

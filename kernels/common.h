@@ -1,0 +1,94 @@
+/*
+ * common.h - small helpers shared by the CPU ops (C), the CUDA ops and the tests: page mapping,
+ * dtype sizes and host-side conversions, and the order-preserving selection key. Plain C99 that
+ * also compiles as C++ and CUDA (functions are host+device there).
+ */
+#ifndef KVC_COMMON_H
+#define KVC_COMMON_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "kvcompress.h"
+
+#if defined(__CUDACC__)
+#define KVC_HD __host__ __device__ inline
+#elif defined(__cplusplus)
+#define KVC_HD inline /* includes the SIMT emulator build, where kernels are plain C++ */
+#else
+#define KVC_HD static inline
+#endif
+
+KVC_HD int kvc_dtype_size(kvc_dtype_t dtype) {
+  return dtype == KVC_DTYPE_F32 ? 4 : dtype == KVC_DTYPE_FP8_E4M3 ? 1 : 2;
+}
+
+/* Page list of sequence b (NULL: sequence b is page b). */
+KVC_HD const int32_t *kvc_seq_pages(const kvc_paged_kv_t *c, int32_t b) {
+  if (!c->page_table) return 0;
+  return c->page_indptr ? c->page_table + c->page_indptr[b] : c->page_table + (int64_t)b * c->max_pages;
+}
+
+KVC_HD int32_t kvc_page_of(const kvc_paged_kv_t *c, const int32_t *pages, int32_t b, int32_t t) {
+  return pages ? pages[t / c->page_size] : b;
+}
+
+/* Element offset of (token t of a sequence on `page`, head h, dim 0) in the k or v pool. */
+KVC_HD int64_t kvc_slot_offset(const kvc_paged_kv_t *c, int32_t page, int32_t t, int32_t h) {
+  return (int64_t)page * c->stride_page + (int64_t)(t % c->page_size) * c->stride_token +
+         (int64_t)h * c->stride_head;
+}
+
+/* Selection key: larger = kept first. Orders by score (NaN below -inf, -0 == +0) in the high 32
+ * bits and by position in the low 32 bits, so equal scores prefer the later token. */
+KVC_HD uint32_t kvc_score_bits(float s) {
+  uint32_t u;
+  if (s != s) return 0u;  /* NaN: below everything */
+  if (s == 0.0f) s = 0.0f; /* fold -0 into +0 */
+  memcpy(&u, &s, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+KVC_HD uint64_t kvc_select_key(float s, int32_t position) {
+  return ((uint64_t)kvc_score_bits(s) << 32) | (uint32_t)position;
+}
+
+KVC_HD int kvc_is_protected(const uint32_t *bits, int64_t word0, int32_t t) {
+  return (int)((bits[word0 + (t >> 5)] >> (t & 31)) & 1u);
+}
+
+/* Host-side conversions (the CUDA ops use the toolkit's intrinsics instead). */
+static inline float kvc_f16_to_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+  float f;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp == 0) {
+    /* zero or subnormal: value = man * 2^-24 */
+    f = (float)man * 5.9604644775390625e-08f;
+    return sign ? -f : f;
+  } else {
+    u = sign | ((exp + 112u) << 23) | (man << 13);
+  }
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+static inline float kvc_bf16_to_f32(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+/* Element i of a cache or query array as double (f32, f16, bf16; fp8 is never scored). */
+static inline double kvc_load_as_double(const void *base, kvc_dtype_t dtype, int64_t i) {
+  switch (dtype) {
+    case KVC_DTYPE_F32: return ((const float *)base)[i];
+    case KVC_DTYPE_F16: return kvc_f16_to_f32(((const uint16_t *)base)[i]);
+    case KVC_DTYPE_BF16: return kvc_bf16_to_f32(((const uint16_t *)base)[i]);
+    default: return 0.0;
+  }
+}
+
+#endif /* KVC_COMMON_H */

@@ -1,0 +1,69 @@
+/*
+ * ops.h - the internal interface between the host layer and the ops. Every op exists twice with
+ * the same signature: kernels/<op>_cpu.c (the CPU backend and the reference) and kernels/<op>.cu
+ * (the CUDA launcher). host/dispatch.c is the one place that picks between them.
+ *
+ * Workspace: an op is called once with a carver whose base is NULL to size its workspace (it
+ * carves every buffer it needs and returns without touching any data), and once with the
+ * caller's buffer to run; so sizing and carving are the same code and cannot drift apart.
+ */
+#ifndef KVC_OPS_H
+#define KVC_OPS_H
+
+#include <stddef.h>
+
+#include "plan_view.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVC_WORKSPACE_ALIGN 256
+
+typedef struct {
+  char *base;  /* NULL while sizing */
+  size_t used; /* bytes carved so far (aligned) */
+} kvc_carver_t;
+
+/* Next KVC_WORKSPACE_ALIGN-aligned piece of `bytes`; NULL while sizing. */
+static inline void *kvc_carve(kvc_carver_t *c, size_t bytes) {
+  size_t at = (c->used + KVC_WORKSPACE_ALIGN - 1) / KVC_WORKSPACE_ALIGN * KVC_WORKSPACE_ALIGN;
+  c->used = at + bytes;
+  return c->base ? (void *)(c->base + at) : NULL;
+}
+
+/* Everything an op may need; each op reads only its own fields. Pointers follow the backend's
+ * memory space (host on CPU, device on CUDA) except `cache` and `extras` themselves, which are
+ * host structs/arrays (their contents point into the backend's memory). */
+typedef struct {
+  kvc_plan_view_t plan;
+  const kvc_paged_kv_t *cache;
+  const void *queries;
+  float *scores;
+  int accumulate;
+  int32_t *keep;
+  float *const *extras;
+  int32_t num_extras;
+  int32_t *counts;
+  void *stream;  /* cudaStream_t on CUDA */
+  char *detail;  /* error detail buffer of the context, detail_cap bytes */
+  size_t detail_cap;
+} kvc_op_args_t;
+
+typedef kvc_status_t (*kvc_op_fn)(const kvc_op_args_t *args, kvc_carver_t *ws);
+
+kvc_status_t kvc_score_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
+kvc_status_t kvc_select_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
+kvc_status_t kvc_compact_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
+kvc_status_t kvc_retention_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
+
+kvc_status_t kvc_score_cuda(const kvc_op_args_t *args, kvc_carver_t *ws);
+kvc_status_t kvc_select_cuda(const kvc_op_args_t *args, kvc_carver_t *ws);
+kvc_status_t kvc_compact_cuda(const kvc_op_args_t *args, kvc_carver_t *ws);
+kvc_status_t kvc_retention_cuda(const kvc_op_args_t *args, kvc_carver_t *ws);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVC_OPS_H */

@@ -1,0 +1,67 @@
+/*
+ * plan_view.h - the validated plan as the ops see it: plain data, no CUDA types, usable from C,
+ * C++ and CUDA. The host layer (host/plan.c) builds it once on the host and, on CUDA, once more
+ * with every array pointer pointing into one device allocation. Ops receive it by value.
+ */
+#ifndef KVC_PLAN_VIEW_H
+#define KVC_PLAN_VIEW_H
+
+#include <stdint.h>
+
+#include "kvcompress.h"
+
+/* A scoring domain: a token range whose keys are scored by the observation queries inside it.
+ * Without span_local there is one per sequence, [0, n); with it, one per FAIR span. */
+typedef struct {
+  int32_t start, end;          /* token range [start, end)                                      */
+  int32_t obs_begin, obs_end;  /* its observation queries: global rows [obs_begin, obs_end)     */
+  int32_t scored_end;          /* keys [start, scored_end) get the method's score; SNAPKV: the
+                                  first query's position; TOVA: end - 1; others: end            */
+} kvc_domain_t;
+
+/* A selection partition: a FAIR span, or the implicit partition of tokens in no FAIR span. */
+typedef struct {
+  int32_t start, end;    /* FAIR: its range; implicit: [0, n) minus the FAIR spans              */
+  int32_t implicit;      /* 1 for the implicit partition (always the last of its sequence)      */
+  int32_t length;        /* L_p, tokens in the partition                                        */
+  int32_t protected_count; /* lo_p                                                              */
+  int32_t quota;         /* q_p: tokens of the partition kept by quota (protected ones included) */
+} kvc_partition_t;
+
+typedef struct {
+  int32_t batch, num_q_heads, num_kv_heads, head_dim, group_size; /* group = q heads per KV head */
+  kvc_dtype_t dtype;
+  kvc_score_method_t method;
+  kvc_pool_t pool;
+  kvc_reduce_t group_reduce;
+  int32_t pool_kernel, span_local;
+  float scale; /* resolved: never 0 */
+  int32_t max_seq_len, max_keep_len, max_obs_per_domain;
+
+  const int32_t *seq_lens;       /* [batch] n_b                                                */
+  const int32_t *keep_lens;      /* [batch] k_b = min(budget, n)                               */
+  const int64_t *token_offsets;  /* [batch+1] prefix sums of n_b (score row (b,h) starts at
+                                    num_kv_heads * token_offsets[b] + h * n_b)                 */
+  const int64_t *keep_offsets;   /* [batch+1] prefix sums of k_b (same rule for keep rows)     */
+  int64_t total_tokens, total_kept, obs_total;
+
+  const int32_t *obs_indptr;     /* [batch+1] rows of the queries array per sequence           */
+  const int32_t *obs_pos;        /* [obs_total] position of each query in its sequence         */
+  const int32_t *obs_lo;         /* [obs_total] first key the query sees (its domain's start)  */
+
+  const int32_t *domain_indptr;  /* [batch+1]                                                  */
+  const kvc_domain_t *domains;
+
+  const int32_t *part_indptr;    /* [batch+1]; FAIR partitions in span order, implicit last    */
+  const kvc_partition_t *parts;
+  const int32_t *fill;           /* [batch] k - F: tokens chosen by the global fill            */
+
+  const int64_t *protect_word_offsets; /* [batch+1] prefix sums of ceil(n_b / 32)              */
+  const uint32_t *protect_bits;  /* bit t of sequence b: word protect_word_offsets[b] + t / 32 */
+
+  const int32_t *span_indptr;    /* [batch+1] user spans (all kinds), for retention            */
+  const kvc_span_t *spans;
+  int64_t total_spans;
+} kvc_plan_view_t;
+
+#endif /* KVC_PLAN_VIEW_H */
