@@ -52,11 +52,13 @@ static kvc_context_t cpu_context(void) {
 
 /* ---- bad plan descriptions -------------------------------------------------------------------- */
 
+/* Strings are stored inline: Criterion re-executes the binary per test, so parameters must not
+ * hold pointers. */
 typedef struct {
-  const char *name;
+  char name[48];
   int which; /* selects the perturbation in perturb_plan() */
   kvc_status_t expect;
-  const char *needle; /* must appear in kvc_last_error */
+  char needle[96]; /* must appear in kvc_last_error */
 } bad_case_t;
 
 static void perturb_plan(baseline_t *f, int which) {
@@ -228,11 +230,11 @@ static void exec_fixture_fini(exec_fixture_t *x) {
 }
 
 typedef struct {
-  const char *name;
+  char name[48];
   int which;
   kvc_op_t op;
   kvc_status_t expect;
-  const char *needle;
+  char needle[96];
 } bad_exec_t;
 
 static kvc_status_t run_exec_case(exec_fixture_t *x, const bad_exec_t *c) {
@@ -367,7 +369,10 @@ Test(plan, observation_positions_standard_and_span_local) {
   kvc_plan_obs_positions(plan, indptr, pos);
   cr_expect_eq(indptr[1], 8);
   cr_expect_eq(indptr[2], 16);
-  for (int i = 0; i < 8; ++i) cr_expect_eq(pos[i], 32 + i), cr_expect_eq(pos[8 + i], 17 + i);
+  for (int i = 0; i < 8; ++i) {
+    cr_expect_eq(pos[i], 32 + i);
+    cr_expect_eq(pos[8 + i], 17 + i);
+  }
   kvc_plan_destroy(plan);
   /* span_local, window 8 over sequence 0's FAIR spans [0,20) and [20,40): 4 each, their last tokens;
      sequence 1's single FAIR span [0,25) gets all 8 */
@@ -379,8 +384,8 @@ Test(plan, observation_positions_standard_and_span_local) {
   for (int i = 0; i < 8; ++i) cr_expect_eq(pos[i], expect0[i]);
   for (int i = 0; i < 8; ++i) cr_expect_eq(pos[8 + i], 17 + i);
   kvc_plan_destroy(plan);
-  /* a 3-token first span caps its share: window 8 -> 3 + 5 */
-  f.spans[0].end = 3, f.spans[1] = (kvc_span_t){3, 20, KVC_SPAN_PROTECT, 1.0f};
+  /* a 3-token first span caps its share: window 8 -> 3 + 5 (the gap [3, 20) must be protected) */
+  f.spans[0].end = 3, f.spans[1] = (kvc_span_t){3, 20, KVC_SPAN_PROTECT, 1.0f}, f.budgets[0] = 30;
   cr_assert_eq(kvc_plan_create(ctx, &f.desc, &plan), KVC_SUCCESS, "%s", kvc_last_error(ctx));
   kvc_plan_obs_positions(plan, indptr, pos);
   int32_t expect1[] = {0, 1, 2, 35, 36, 37, 38, 39};

@@ -1,0 +1,96 @@
+/*
+ * fuzz_plan.c - libFuzzer target for kvc_plan_create on arbitrary descriptors. Any status is
+ * fine; a crash, a sanitizer report or a violated invariant of an accepted plan is a bug.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "fuzz_input.h"
+#include "kvcompress.h"
+
+enum { MAX_BATCH = 6, MAX_SPANS = 24 };
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+  fuzz_input_t in = {data, size, 0};
+  static kvc_context_t ctx;
+  if (!ctx && kvc_context_create(KVC_BACKEND_CPU, 0, &ctx) != KVC_SUCCESS) abort();
+
+  int32_t seq_lens[MAX_BATCH], budgets[MAX_BATCH], span_indptr[MAX_BATCH + 1];
+  kvc_span_t spans[MAX_SPANS];
+  kvc_plan_desc_t d = KVC_PLAN_DESC_INIT;
+  if (fuzz_u8(&in) == 0xFF) d.struct_size -= 4;
+  d.num_kv_heads = fuzz_int(&in, 1, 4);
+  d.num_q_heads = d.num_kv_heads * fuzz_int(&in, 1, 4);
+  d.head_dim = fuzz_int(&in, 1, 260);
+  d.dtype = (kvc_dtype_t)fuzz_int(&in, 0, 3);
+  d.batch = fuzz_int(&in, 1, MAX_BATCH);
+  if (d.batch < 1 || d.batch > MAX_BATCH) d.batch = 1 + (d.batch & 3); /* arrays are MAX_BATCH long */
+  d.method = (kvc_score_method_t)fuzz_int(&in, 0, 4);
+  d.window = fuzz_int(&in, 0, 80);
+  d.pool_kernel = fuzz_int(&in, 0, 9);
+  d.pool = (kvc_pool_t)fuzz_int(&in, 0, 1);
+  d.group_reduce = (kvc_reduce_t)fuzz_int(&in, 0, 1);
+  d.scale = fuzz_float(&in, 0.0f, 1.0f);
+  d.span_local = fuzz_int(&in, 0, 1);
+  d.sink_tokens = fuzz_int(&in, 0, 8);
+  d.recent_tokens = fuzz_int(&in, 0, 8);
+  d.fairness = fuzz_float(&in, 0.0f, 1.0f);
+  int total = 0;
+  span_indptr[0] = 0;
+  for (int32_t b = 0; b < d.batch; ++b) {
+    seq_lens[b] = fuzz_int(&in, 0, 3000);
+    if (seq_lens[b] > 100000) seq_lens[b] %= 100000; /* keep each run fast; negatives stay */
+    budgets[b] = fuzz_int(&in, 0, 3000);
+    int count = fuzz_u8(&in) % 5;
+    for (int i = 0; i < count && total < MAX_SPANS; ++i, ++total) {
+      spans[total].start = fuzz_int(&in, -1, 3000);
+      spans[total].end = fuzz_int(&in, 0, 3001);
+      spans[total].kind = fuzz_int(&in, 0, 1);
+      spans[total].weight = fuzz_float(&in, 0.0f, 4.0f);
+    }
+    span_indptr[b + 1] = total;
+  }
+  if (fuzz_u8(&in) == 0xEE) span_indptr[fuzz_u8(&in) % (d.batch + 1)] += fuzz_int(&in, -3, 3);
+  d.seq_lens = seq_lens, d.budgets = budgets, d.span_indptr = span_indptr, d.spans = spans;
+  /* span_indptr entries may now point past the spans array: only the bounded, validated prefix
+   * may be read. Clamp the last entry so the array bound itself is always honest. */
+  if (span_indptr[d.batch] > MAX_SPANS || span_indptr[d.batch] < 0) span_indptr[d.batch] = total;
+
+  kvc_plan_t plan = NULL;
+  kvc_status_t status = kvc_plan_create(ctx, &d, &plan);
+  if (status != KVC_SUCCESS) {
+    if (plan || kvc_last_error(ctx)[0] == '\0') abort(); /* failures leave NULL and a detail */
+    return 0;
+  }
+  /* invariants of an accepted plan */
+  kvc_plan_info_t info;
+  int32_t new_lens[MAX_BATCH], indptr[MAX_BATCH + 1], implicit[MAX_BATCH], quotas[MAX_SPANS + 1];
+  if (kvc_plan_get_info(plan, &info) || kvc_plan_new_lengths(plan, new_lens)) abort();
+  int64_t tokens = 0, kept = 0;
+  for (int32_t b = 0; b < d.batch; ++b) {
+    if (new_lens[b] != (budgets[b] < seq_lens[b] ? budgets[b] : seq_lens[b])) abort();
+    tokens += seq_lens[b], kept += new_lens[b];
+  }
+  if (info.total_tokens != tokens || info.total_kept != kept) abort();
+  int32_t *positions = malloc(sizeof(int32_t) * (size_t)(info.obs_total + 1));
+  kvc_plan_obs_positions(plan, indptr, positions);
+  for (int32_t b = 0; b < d.batch; ++b)
+    for (int32_t i = indptr[b]; i < indptr[b + 1]; ++i)
+      if (positions[i] < 0 || positions[i] >= seq_lens[b] || (i > indptr[b] && positions[i] <= positions[i - 1])) abort();
+  free(positions);
+  kvc_plan_span_quotas(plan, quotas, implicit);
+  for (int32_t b = 0; b < d.batch; ++b) {
+    int64_t fair_quota = implicit[b] > 0 ? implicit[b] : 0;
+    for (int32_t i = span_indptr[b]; i < span_indptr[b + 1]; ++i) {
+      if (quotas[i] < 0 || quotas[i] > spans[i].end - spans[i].start) abort();
+      if (spans[i].kind == KVC_SPAN_FAIR) fair_quota += quotas[i];
+    }
+    if (fair_quota > new_lens[b]) abort(); /* quotas never exceed the budget */
+  }
+  for (int op = KVC_OP_SCORE; op <= KVC_OP_COMPRESS; ++op) {
+    size_t bytes;
+    if (kvc_plan_workspace_size(plan, (kvc_op_t)op, &bytes)) abort();
+  }
+  kvc_plan_destroy(plan);
+  return 0;
+}
