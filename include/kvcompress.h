@@ -334,11 +334,12 @@ typedef enum {
 } kvc_op_t;
 
 /* Workspace bytes the execute call `op` needs with this plan on its backend (may be 0; a NULL
- * workspace is then fine). The CUDA score workspace is
- *     256-aligned(obs_total * num_q_heads * 8)                      softmax normalisers (max, sum)
- *   + for H2O with more than 128 queries per domain, the GEMM key-tile buffer:
- *     256-aligned(num_q_heads * min(obs_per_domain_max, 1024) * 4096 * 4)
- * which is bounded (at most 16 MiB per query head) whatever the sequence length. COMPRESS is
+ * workspace is then fine). The CUDA score workspace of SNAPKV, H2O and TOVA is, with
+ * n_max the longest sequence and C = ceil(n_max / max(256, ceil(n_max / 64))) <= 64 key chunks,
+ *     256-aligned(obs_total * num_q_heads * C * 8)     per-chunk softmax partials (max, sum)
+ *   + 256-aligned(obs_total * num_q_heads * 4)         softmax normalisers (log-sum-exp)
+ *   + 256-aligned(num_q_heads * total_tokens * 4)      attention per query head, before pooling
+ * (never the [heads x window x n] attention matrix); 0 for KNORM and STREAMING. COMPRESS is
  * score + select + compact workspace plus the score and keep layouts.
  * INVALID_VALUE if plan or bytes is NULL or op unknown. */
 KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_t *bytes);

@@ -52,6 +52,9 @@ typedef struct {
 
 typedef kvc_status_t (*kvc_op_fn)(const kvc_op_args_t *args, kvc_carver_t *ws);
 
+/* Formats an op's failure into args->detail (host/status.c); declared here for the C++/CUDA ops. */
+kvc_status_t kvc_fail_detail(char *detail, size_t cap, kvc_status_t status, const char *fmt, ...);
+
 kvc_status_t kvc_score_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
 kvc_status_t kvc_select_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
 kvc_status_t kvc_compact_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);

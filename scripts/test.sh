@@ -5,6 +5,9 @@
 #      without a device), the C99 header check, the README example;
 #   2. rebuilds the CPU backend and the emulator under AddressSanitizer + UndefinedBehaviorSanitizer
 #      and runs the same CPU and emulator tests;
+#   3. runs the threading test under ThreadSanitizer;
+#   4. runs each libFuzzer target for a bounded minute (clang);
+#   5. runs the Python package's pytest suite in a fresh venv;
 # and ends with one summary line: "total: N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +15,7 @@ root=$(pwd)
 jobs=$(nproc 2>/dev/null || echo 2)
 
 need=()
-for pkg in cmake pkg-config libcriterion-dev; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
+for pkg in cmake pkg-config libcriterion-dev clang libclang-rt-14-dev python3-venv; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing ${need[*]}"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}") >/dev/null || {
@@ -45,6 +48,31 @@ mkdir -p build
 run_suite "release" build/release "" -DCMAKE_BUILD_TYPE=Release
 run_suite "asan+ubsan" build/asan "-L cpu|emu" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVC_ENABLE_CUDA=OFF \
   -DKVC_BUILD_BENCH=OFF -DKVC_SANITIZE=address,undefined
+
+run_suite "tsan" build/tsan "-R ^test_threads$" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVC_ENABLE_CUDA=OFF \
+  -DKVC_BUILD_BENCH=OFF -DKVC_SANITIZE=thread
+run_suite "fuzz" build/fuzz "-L fuzz" -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ \
+  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVC_ENABLE_CUDA=OFF -DKVC_BUILD_TESTS=OFF -DKVC_BUILD_BENCH=OFF \
+  -DKVC_BUILD_FUZZERS=ON
+
+if [ -d bindings/python/tests ]; then
+  echo "== python: venv, package, pytest"
+  venv=build/venv
+  if { [ -x $venv/bin/python ] || python3 -m venv $venv; } &&
+     $venv/bin/python -m pip install -q --upgrade pip numpy pytest >build/pip.log 2>&1 &&
+     $venv/bin/python -m pip install -q ./bindings/python >>build/pip.log 2>&1; then
+    KVCOMPRESS_LIBRARY=$root/build/release/libkvcompress.so $venv/bin/python -m pytest -q bindings/python/tests \
+      2>&1 | tee build/pytest.log | tail -n 25
+    line=$(grep -E "^=+ .*(passed|failed|error).* in [0-9.]+s" build/pytest.log | tail -n 1)
+    p=$(grep -oE "[0-9]+ passed" <<<"$line" | grep -oE "[0-9]+" || echo 0)
+    f=0
+    for x in $(grep -oE "[0-9]+ (failed|errors?)" <<<"$line" | grep -oE "^[0-9]+"); do f=$((f + x)); done
+    [ -n "$line" ] || f=1
+    passed=$((passed + p)); failed=$((failed + ${f:-0}))
+  else
+    tail -n 20 build/pip.log; failed=$((failed + 1))
+  fi
+fi
 
 echo "total: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

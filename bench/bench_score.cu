@@ -1,0 +1,210 @@
+/*
+ * bench_score - times kvc_score on the device with CUDA events over a grid of sequence lengths,
+ * methods and head counts; one JSON line per point:
+ *   {"op":"score","method":"snapkv","n":32768,"batch":1,"kv_heads":8,"q_heads":32,"head_dim":128,
+ *    "dtype":"bf16","window":64,"median_ms":...,"p10_ms":...,"p90_ms":...,"k_gbps":...}
+ * k_gbps is the K bytes of the batch (batch * n * kv_heads * head_dim * element size) over the
+ * median time: the floor on what any scorer must read (KNORM and STREAMING aside, the attention
+ * methods are arithmetic-bound, so this is a rate, not an efficiency).
+ *
+ *   bench_score [--n 4096,32768,131072] [--method snapkv,h2o,tova,knorm,streaming]
+ *               [--heads 8:32,...] (kv:q) [--batch 1] [--head-dim 128] [--dtype bf16|f16|f32]
+ *               [--window 64] [--page-size 16] [--iters 20]
+ */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kvcompress.h"
+
+namespace {
+
+#define CHECK_CUDA(call)                                                                      \
+  do {                                                                                        \
+    cudaError_t err_ = (call);                                                                \
+    if (err_ != cudaSuccess) {                                                                \
+      fprintf(stderr, "bench_score: %s: %s\n", #call, cudaGetErrorString(err_));              \
+      exit(1);                                                                                \
+    }                                                                                         \
+  } while (0)
+
+/* Deterministic pseudo-random N(0,1)-ish values of the element type, written on the device. */
+__global__ void fill_random(unsigned short *half_bits, float *floats, size_t count, kvc_dtype_t dtype,
+                            unsigned seed) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
+    unsigned x = (unsigned)i * 2654435761u ^ seed;
+    x ^= x >> 15, x *= 2246822519u, x ^= x >> 13;
+    float value = ((x & 0xffffu) / 65536.0f - 0.5f) * 3.4f;
+    if (dtype == KVC_DTYPE_F32) floats[i] = value;
+    else if (dtype == KVC_DTYPE_F16) half_bits[i] = __half_as_ushort(__float2half(value));
+    else half_bits[i] = __bfloat16_as_ushort(__float2bfloat16(value));
+  }
+}
+
+std::vector<std::string> split(const char *list) {
+  std::vector<std::string> out;
+  std::string s(list);
+  for (size_t at = 0; at <= s.size();) {
+    size_t comma = s.find(',', at);
+    if (comma == std::string::npos) comma = s.size();
+    if (comma > at) out.push_back(s.substr(at, comma - at));
+    at = comma + 1;
+  }
+  return out;
+}
+
+int method_of(const std::string &name) {
+  static const char *names[] = {"snapkv", "h2o", "tova", "knorm", "streaming"};
+  for (int m = 0; m < 5; ++m)
+    if (name == names[m]) return m;
+  fprintf(stderr, "bench_score: unknown method %s\n", name.c_str());
+  exit(2);
+}
+
+struct Options {
+  std::vector<std::string> lengths{"4096", "32768", "131072"}, methods{"snapkv", "h2o", "tova", "knorm"},
+      heads{"8:32"};
+  int batch = 1, head_dim = 128, window = 64, page_size = 16, iters = 20;
+  std::string dtype = "bf16";
+};
+
+Options parse(int argc, char **argv) {
+  Options o;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string key = argv[i];
+    const char *value = argv[i + 1];
+    if (key == "--n") o.lengths = split(value);
+    else if (key == "--method") o.methods = split(value);
+    else if (key == "--heads") o.heads = split(value);
+    else if (key == "--batch") o.batch = atoi(value);
+    else if (key == "--head-dim") o.head_dim = atoi(value);
+    else if (key == "--dtype") o.dtype = value;
+    else if (key == "--window") o.window = atoi(value);
+    else if (key == "--page-size") o.page_size = atoi(value);
+    else if (key == "--iters") o.iters = atoi(value);
+    else {
+      fprintf(stderr, "bench_score: unknown option %s\n", key.c_str());
+      exit(2);
+    }
+  }
+  return o;
+}
+
+void check(kvc_status_t status, kvc_context_t ctx, const char *what) {
+  if (status == KVC_SUCCESS) return;
+  fprintf(stderr, "bench_score: %s: %s (%s)\n", what, kvc_status_name(status), kvc_last_error(ctx));
+  exit(1);
+}
+
+void bench_point(kvc_context_t ctx, const Options &o, const std::string &method, int n, int kv_heads, int q_heads) {
+  const kvc_dtype_t dtype = o.dtype == "f32" ? KVC_DTYPE_F32 : o.dtype == "f16" ? KVC_DTYPE_F16 : KVC_DTYPE_BF16;
+  const size_t elem = dtype == KVC_DTYPE_F32 ? 4 : 2;
+  std::vector<int32_t> seq_lens(o.batch, n), budgets(o.batch, n / 4);
+  kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;
+  desc.num_kv_heads = kv_heads;
+  desc.num_q_heads = q_heads;
+  desc.head_dim = o.head_dim;
+  desc.dtype = dtype;
+  desc.batch = o.batch;
+  desc.seq_lens = seq_lens.data();
+  desc.budgets = budgets.data();
+  desc.method = (kvc_score_method_t)method_of(method);
+  desc.window = o.window;
+  desc.sink_tokens = desc.method == KVC_SCORE_STREAMING ? 4 : 0;
+  kvc_plan_t plan = nullptr;
+  check(kvc_plan_create(ctx, &desc, &plan), ctx, "kvc_plan_create");
+  kvc_plan_info_t info;
+  kvc_plan_get_info(plan, &info);
+
+  /* NHD pages, identity block table */
+  const int pages_per_seq = (n + o.page_size - 1) / o.page_size, num_pages = pages_per_seq * o.batch;
+  const size_t pool_elems = (size_t)num_pages * o.page_size * kv_heads * o.head_dim;
+  std::vector<int32_t> table(num_pages);
+  for (int p = 0; p < num_pages; ++p) table[p] = p;
+  void *k = nullptr, *v = nullptr, *queries = nullptr, *workspace = nullptr;
+  int32_t *dev_table = nullptr;
+  float *scores = nullptr;
+  const size_t query_elems = (size_t)info.obs_total * q_heads * o.head_dim;
+  size_t ws_bytes = 0;
+  kvc_plan_workspace_size(plan, KVC_OP_SCORE, &ws_bytes);
+  CHECK_CUDA(cudaMalloc(&k, pool_elems * elem));
+  CHECK_CUDA(cudaMalloc(&v, elem)); /* never read by scoring */
+  CHECK_CUDA(cudaMalloc(&queries, std::max<size_t>(query_elems, 1) * elem));
+  CHECK_CUDA(cudaMalloc(&dev_table, sizeof(int32_t) * num_pages));
+  CHECK_CUDA(cudaMalloc(&scores, sizeof(float) * (size_t)info.score_elems));
+  CHECK_CUDA(cudaMalloc(&workspace, std::max<size_t>(ws_bytes, 1)));
+  CHECK_CUDA(cudaMemcpy(dev_table, table.data(), sizeof(int32_t) * num_pages, cudaMemcpyHostToDevice));
+  fill_random<<<1024, 256>>>((unsigned short *)k, (float *)k, pool_elems, dtype, 1u);
+  if (query_elems) fill_random<<<256, 256>>>((unsigned short *)queries, (float *)queries, query_elems, dtype, 2u);
+  CHECK_CUDA(cudaGetLastError());
+
+  kvc_paged_kv_t cache = {};
+  cache.k = k;
+  cache.v = v;
+  cache.dtype = dtype;
+  cache.num_kv_heads = kv_heads;
+  cache.head_dim = o.head_dim;
+  cache.page_size = o.page_size;
+  cache.num_pages = num_pages;
+  cache.stride_token = (int64_t)kv_heads * o.head_dim;
+  cache.stride_head = o.head_dim;
+  cache.stride_page = (int64_t)o.page_size * kv_heads * o.head_dim;
+  cache.page_table = dev_table;
+  cache.max_pages = pages_per_seq;
+
+  cudaStream_t stream;
+  CHECK_CUDA(cudaStreamCreate(&stream));
+  cudaEvent_t start, stop;
+  CHECK_CUDA(cudaEventCreate(&start));
+  CHECK_CUDA(cudaEventCreate(&stop));
+  check(kvc_score(ctx, plan, &cache, queries, scores, 0, workspace, ws_bytes, (kvc_stream_t)stream), ctx, "warm-up");
+  std::vector<float> times;
+  for (int i = 0; i < o.iters; ++i) {
+    CHECK_CUDA(cudaEventRecord(start, stream));
+    check(kvc_score(ctx, plan, &cache, queries, scores, 0, workspace, ws_bytes, (kvc_stream_t)stream), ctx,
+          "kvc_score");
+    CHECK_CUDA(cudaEventRecord(stop, stream));
+    CHECK_CUDA(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms);
+  }
+  std::sort(times.begin(), times.end());
+  auto at = [&](double q) { return times[std::min(times.size() - 1, (size_t)(q * (times.size() - 1) + 0.5))]; };
+  const double k_bytes = (double)o.batch * n * kv_heads * o.head_dim * elem, median = at(0.5);
+  printf("{\"op\":\"score\",\"method\":\"%s\",\"n\":%d,\"batch\":%d,\"kv_heads\":%d,\"q_heads\":%d,\"head_dim\":%d,"
+         "\"dtype\":\"%s\",\"window\":%d,\"median_ms\":%.4f,\"p10_ms\":%.4f,\"p90_ms\":%.4f,\"k_gbps\":%.1f}\n",
+         method.c_str(), n, o.batch, kv_heads, q_heads, o.head_dim, o.dtype.c_str(), o.window, median, at(0.1),
+         at(0.9), k_bytes / (median * 1e-3) / 1e9);
+  fflush(stdout);
+
+  cudaEventDestroy(start), cudaEventDestroy(stop), cudaStreamDestroy(stream);
+  cudaFree(k), cudaFree(v), cudaFree(queries), cudaFree(dev_table), cudaFree(scores), cudaFree(workspace);
+  kvc_plan_destroy(plan);
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+  Options o = parse(argc, argv);
+  kvc_context_t ctx = nullptr;
+  check(kvc_context_create(KVC_BACKEND_CUDA, 0, &ctx), ctx, "kvc_context_create");
+  for (const std::string &heads : o.heads) {
+    int kv = 0, q = 0;
+    if (sscanf(heads.c_str(), "%d:%d", &kv, &q) != 2) {
+      fprintf(stderr, "bench_score: --heads wants kv:q pairs, got %s\n", heads.c_str());
+      return 2;
+    }
+    for (const std::string &n : o.lengths)
+      for (const std::string &method : o.methods) bench_point(ctx, o, method, atoi(n.c_str()), kv, q);
+  }
+  kvc_context_destroy(ctx);
+  return 0;
+}

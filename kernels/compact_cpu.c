@@ -1,0 +1,70 @@
+/*
+ * compact_cpu.c - the CPU backend's compaction op and the reference of the CUDA kernel: for every
+ * (sequence b, KV head h) with k_b < n_b and j < k_b, slot j <- slot keep[j] for K, V and every
+ * extra per-token array, in place.
+ *
+ * In place is safe in ascending j because keep is strictly ascending, so keep[j'] >= j' > j for
+ * every later j': the write to slot j never lands on a source still to be read.
+ */
+#include "common.h"
+#include "ops.h"
+
+/* Every keep row must be what kvc_select writes: strictly ascending inside [0, n). Checked for the
+ * whole batch before anything moves, so a bad array fails without touching the cache: an index
+ * past n would reach a page the sequence does not own. */
+static kvc_status_t check_keep(const kvc_op_args_t *args) {
+  const kvc_plan_view_t *plan = &args->plan;
+  for (int32_t b = 0; b < plan->batch; ++b) {
+    const int32_t n = plan->seq_lens[b], k = plan->keep_lens[b];
+    if (k == n) continue; /* untouched: its keep rows are not read */
+    for (int32_t h = 0; h < plan->num_kv_heads; ++h) {
+      const int32_t *keep = args->keep + plan->num_kv_heads * plan->keep_offsets[b] + (int64_t)h * k;
+      for (int32_t j = 0; j < k; ++j)
+        if (keep[j] < 0 || keep[j] >= n || (j > 0 && keep[j] <= keep[j - 1]))
+          return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_INVALID_VALUE,
+                                 "kvc_compact: keep[%d] of sequence %d, head %d is %d: each keep row must be "
+                                 "strictly ascending inside [0, %d) (use the output of kvc_select)",
+                                 j, b, h, keep[j], n);
+    }
+  }
+  return KVC_SUCCESS;
+}
+
+/* Moves one row's kept tokens to its front in one pool. */
+static void compact_pool(char *pool, const kvc_paged_kv_t *c, const int32_t *pages, int32_t b, int32_t h,
+                         const int32_t *keep, int32_t k, size_t elem_bytes) {
+  const size_t row_bytes = (size_t)c->head_dim * elem_bytes;
+  for (int32_t j = 0; j < k; ++j) {
+    if (keep[j] == j) continue;
+    const int64_t to = kvc_slot_offset(c, kvc_page_of(c, pages, b, j), j, h);
+    const int64_t from = kvc_slot_offset(c, kvc_page_of(c, pages, b, keep[j]), keep[j], h);
+    memcpy(pool + to * (int64_t)elem_bytes, pool + from * (int64_t)elem_bytes, row_bytes);
+  }
+}
+
+kvc_status_t kvc_compact_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
+  /* No workspace. The sizing call is told apart by its missing arrays, not by ws->base: a
+   * zero-byte workspace may legitimately be NULL when the op runs. */
+  if (!args->keep) return KVC_SUCCESS;
+  kvc_status_t status = check_keep(args);
+  if (status != KVC_SUCCESS) return status;
+  const kvc_plan_view_t *plan = &args->plan;
+  const kvc_paged_kv_t *c = args->cache;
+  const size_t elem_bytes = (size_t)kvc_dtype_size(c->dtype);
+  const int32_t heads = plan->num_kv_heads;
+  for (int32_t b = 0; b < plan->batch; ++b) {
+    const int32_t n = plan->seq_lens[b], k = plan->keep_lens[b];
+    if (k == n) continue;
+    const int32_t *pages = kvc_seq_pages(c, b);
+    for (int32_t h = 0; h < heads; ++h) {
+      const int32_t *keep = args->keep + heads * plan->keep_offsets[b] + (int64_t)h * k;
+      compact_pool((char *)c->k, c, pages, b, h, keep, k, elem_bytes);
+      compact_pool((char *)c->v, c, pages, b, h, keep, k, elem_bytes);
+      for (int32_t e = 0; e < args->num_extras; ++e) {
+        float *row = args->extras[e] + heads * plan->token_offsets[b] + (int64_t)h * n;
+        for (int32_t j = 0; j < k; ++j) row[j] = row[keep[j]];
+      }
+    }
+  }
+  return KVC_SUCCESS;
+}

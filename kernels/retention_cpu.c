@@ -1,0 +1,40 @@
+/*
+ * retention_cpu.c - the CPU backend's retention op and the reference of the CUDA kernel: per
+ * (sequence, KV head, user span) the number of kept indices inside the span (count layout).
+ * Keep rows are ascending, so each count is the difference of two binary searches:
+ * O(spans * log k) per row.
+ */
+#include "common.h"
+#include "ops.h"
+
+/* Number of keep[0, k) below `bound` (keep ascending). */
+static int32_t count_below(const int32_t *keep, int32_t k, int32_t bound) {
+  int32_t lo = 0, hi = k;
+  while (lo < hi) {
+    int32_t mid = lo + (hi - lo) / 2;
+    if (keep[mid] < bound) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+kvc_status_t kvc_retention_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
+  /* No workspace. The sizing call is told apart by its missing arrays, not by ws->base: a
+   * zero-byte workspace may legitimately be NULL when the op runs. */
+  if (!args->keep || !args->counts) return KVC_SUCCESS;
+  const kvc_plan_view_t *plan = &args->plan;
+  const int32_t heads = plan->num_kv_heads;
+  for (int32_t b = 0; b < plan->batch; ++b) {
+    const int32_t k = plan->keep_lens[b], first = plan->span_indptr[b];
+    const int32_t nspans = plan->span_indptr[b + 1] - first;
+    for (int32_t h = 0; h < heads; ++h) {
+      const int32_t *keep = args->keep + heads * plan->keep_offsets[b] + (int64_t)h * k;
+      int32_t *counts = args->counts + (int64_t)heads * first + (int64_t)h * nspans;
+      for (int32_t i = 0; i < nspans; ++i) {
+        const kvc_span_t *span = &plan->spans[first + i];
+        counts[i] = count_below(keep, k, span->end) - count_below(keep, k, span->start);
+      }
+    }
+  }
+  return KVC_SUCCESS;
+}

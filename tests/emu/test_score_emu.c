@@ -1,0 +1,412 @@
+/*
+ * test_score_emu.c - kvc_score on the CUDA backend (its kernels run by the SIMT emulator) against
+ * the CPU backend (double precision, kernels/score_cpu.c) on the same caches and queries, through
+ * the public API: every method x dtype x head_dim (64, 128, 256 and a generic 40) with the layout,
+ * page table kind and GQA group (1, 4) rotating; span-local domains, pooling at domain borders,
+ * window > n, accumulate, and the selection made from either backend's scores.
+ *
+ * Tolerance: |cuda - cpu| <= kRelTol * |cpu| + kAbsTol, infinities equal. The CUDA kernels
+ * accumulate in fp32 what the CPU does in double. An attention probability exp(s - lse) carries
+ * the absolute error of its logit as a relative error: the fp32 dot product of head_dim <= 256
+ * terms of |q_d k_d| scale ~ 10 in total on this data errs by ~sqrt(D) * 2^-24 * 10 ~ 1e-5 (bound
+ * D * 2^-24 * 10 ~ 1.5e-4 only if every rounding aligned), lse by ~(keys per thread + log2 n)
+ * * 2^-24 * |lse| ~ 1e-6, and the sums over queries, pooling and the group mean add positive terms
+ * (relative error ~ terms * 2^-24 <= 1e-5 here). So 1e-4 relative is ~10x the typical error;
+ * the absolute 1e-9 only covers probabilities that underflow (e^-20 of a 1/n share). KNORM:
+ * sqrt of a sum of D squares, relative ~ D * 2^-24 < 2e-5. STREAMING is exact.
+ */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvcompress.h"
+#include "test_util.h"
+
+static const double kRelTol = 1e-4, kAbsTol = 1e-9;
+
+typedef struct {
+  kvc_score_method_t method;
+  kvc_dtype_t dtype;
+  int32_t head_dim, num_kv_heads, group, page_size;
+  kvc_test_layout_t layout;
+  kvc_test_table_t table;
+  int32_t batch;
+  const int32_t *seq_lens, *budgets; /* budgets NULL: keep everything */
+  const int32_t *span_indptr;
+  const kvc_span_t *spans;
+  int32_t window, pool_kernel, span_local;
+  kvc_pool_t pool;
+  kvc_reduce_t reduce;
+  uint64_t seed;
+} score_case_t;
+
+/* Both backends' scores of one case. */
+typedef struct {
+  kvc_context_t cpu, cuda;
+  kvc_plan_t cpu_plan, cuda_plan;
+  kvc_plan_info_t info;
+  kvc_test_cache_t *cache;
+  void *queries;
+  float *cpu_scores, *cuda_scores;
+} score_run_t;
+
+static const char *method_name(kvc_score_method_t m) {
+  static const char *names[] = {"SNAPKV", "H2O", "TOVA", "KNORM", "STREAMING"};
+  return names[m];
+}
+
+static kvc_plan_desc_t case_desc(const score_case_t *c, int32_t *budgets) {
+  kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;
+  desc.num_kv_heads = c->num_kv_heads;
+  desc.num_q_heads = c->num_kv_heads * c->group;
+  desc.head_dim = c->head_dim;
+  desc.dtype = c->dtype;
+  desc.batch = c->batch;
+  desc.seq_lens = c->seq_lens;
+  for (int32_t b = 0; b < c->batch; ++b) budgets[b] = c->budgets ? c->budgets[b] : c->seq_lens[b];
+  desc.budgets = budgets;
+  desc.span_indptr = c->span_indptr;
+  desc.spans = c->spans;
+  desc.method = c->method;
+  desc.window = c->window;
+  desc.pool_kernel = c->pool_kernel;
+  desc.pool = c->pool;
+  desc.group_reduce = c->reduce;
+  desc.span_local = c->span_local;
+  desc.sink_tokens = c->method == KVC_SCORE_STREAMING ? 4 : 0;
+  return desc;
+}
+
+static void run_score(kvc_context_t ctx, kvc_plan_t plan, const kvc_test_cache_t *cache, const void *queries,
+                      float *scores, int accumulate) {
+  size_t bytes = 0;
+  cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_SCORE, &bytes), KVC_SUCCESS);
+  void *ws = kvc_test_workspace_new(bytes);
+  kvc_status_t status = kvc_score(ctx, plan, &cache->desc, queries, scores, accumulate, ws, bytes, NULL);
+  cr_assert_eq(status, KVC_SUCCESS, "kvc_score: %s (%s)", kvc_status_name(status), kvc_last_error(ctx));
+  free(ws);
+}
+
+/* Builds the cache, queries and plans of `c` and scores on both backends; with `accumulate` the
+ * score arrays start from the same random values and are added to. */
+static void score_both(const score_case_t *c, int accumulate, score_run_t *r) {
+  memset(r, 0, sizeof *r);
+  int32_t budgets[16];
+  cr_assert(c->batch <= 16);
+  kvc_plan_desc_t desc = case_desc(c, budgets);
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CPU, 0, &r->cpu), KVC_SUCCESS);
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CUDA, 0, &r->cuda), KVC_SUCCESS);
+  kvc_status_t status = kvc_plan_create(r->cpu, &desc, &r->cpu_plan);
+  cr_assert_eq(status, KVC_SUCCESS, "CPU plan: %s (%s)", kvc_status_name(status), kvc_last_error(r->cpu));
+  status = kvc_plan_create(r->cuda, &desc, &r->cuda_plan);
+  cr_assert_eq(status, KVC_SUCCESS, "CUDA plan: %s (%s)", kvc_status_name(status), kvc_last_error(r->cuda));
+  cr_assert_eq(kvc_plan_get_info(r->cpu_plan, &r->info), KVC_SUCCESS);
+  r->cache = kvc_test_cache_new(c->batch, c->seq_lens, c->num_kv_heads, c->head_dim, c->dtype, c->page_size,
+                                c->layout, c->table, 3, c->seed);
+  r->queries = r->info.obs_total > 0 ? kvc_test_queries_new(r->info.obs_total, desc.num_q_heads, c->head_dim,
+                                                            c->dtype, c->seed + 1)
+                                     : NULL;
+  size_t score_bytes = sizeof(float) * (size_t)r->info.score_elems;
+  r->cpu_scores = malloc(score_bytes);
+  r->cuda_scores = malloc(score_bytes);
+  kvc_rng_t rng = {c->seed + 2};
+  for (int64_t i = 0; i < r->info.score_elems; ++i)
+    r->cpu_scores[i] = r->cuda_scores[i] = accumulate ? (float)kvc_rng_uniform(&rng) : NAN;
+  run_score(r->cpu, r->cpu_plan, r->cache, r->queries, r->cpu_scores, accumulate);
+  run_score(r->cuda, r->cuda_plan, r->cache, r->queries, r->cuda_scores, accumulate);
+}
+
+static void score_run_free(score_run_t *r) {
+  kvc_plan_destroy(r->cpu_plan);
+  kvc_plan_destroy(r->cuda_plan);
+  kvc_context_destroy(r->cpu);
+  kvc_context_destroy(r->cuda);
+  kvc_test_cache_free(r->cache);
+  free(r->queries);
+  free(r->cpu_scores);
+  free(r->cuda_scores);
+}
+
+static int close_enough(double cuda, double cpu) {
+  if (isinf(cpu) || isinf(cuda)) return cpu == cuda;
+  return fabs(cuda - cpu) <= kRelTol * fabs(cpu) + kAbsTol;
+}
+
+/* Asserts every score of the run within tolerance; names the first mismatch. */
+static void assert_scores_match(const score_case_t *c, const score_run_t *r) {
+  double worst = 0.0;
+  int64_t row_start = 0;
+  for (int32_t b = 0; b < c->batch; ++b) {
+    int32_t n = c->seq_lens[b];
+    for (int32_t h = 0; h < c->num_kv_heads; ++h)
+      for (int32_t j = 0; j < n; ++j) {
+        int64_t i = row_start + (int64_t)h * n + j;
+        double cpu = r->cpu_scores[i], cuda = r->cuda_scores[i];
+        cr_assert(close_enough(cuda, cpu),
+                  "%s dtype %d head_dim %d group %d layout %d table %d: sequence %d head %d token %d: "
+                  "CUDA %.9g vs CPU %.9g",
+                  method_name(c->method), (int)c->dtype, c->head_dim, c->group, (int)c->layout, (int)c->table, b, h,
+                  j, cuda, cpu);
+        if (isfinite(cpu) && cpu != 0.0) worst = fmax(worst, fabs(cuda - cpu) / fabs(cpu));
+      }
+    row_start += (int64_t)c->num_kv_heads * n;
+  }
+  cr_log_info("%s dtype %d head_dim %d group %d: max relative difference %.3g", method_name(c->method),
+              (int)c->dtype, c->head_dim, c->group, worst);
+}
+
+static void check_case(const score_case_t *c) {
+  score_run_t r;
+  score_both(c, 0, &r);
+  assert_scores_match(c, &r);
+  score_run_free(&r);
+}
+
+/* Every dtype x head_dim for one method; layout, table kind and GQA group rotate with the case. */
+static void sweep_method(kvc_score_method_t method, int32_t window) {
+  static const kvc_dtype_t dtypes[] = {KVC_DTYPE_F32, KVC_DTYPE_F16, KVC_DTYPE_BF16};
+  static const int32_t dims[] = {64, 128, 256, 40};
+  static const int32_t seq_lens[] = {301, 517};
+  int index = 0;
+  for (int di = 0; di < 3; ++di)
+    for (int hi = 0; hi < 4; ++hi, ++index) {
+      score_case_t c = {0};
+      c.method = method;
+      c.dtype = dtypes[di];
+      c.head_dim = dims[hi];
+      c.num_kv_heads = 2;
+      c.group = index % 2 ? 4 : 1;
+      c.layout = (kvc_test_layout_t)(index % 2);
+      c.table = (kvc_test_table_t)(index % 3);
+      c.page_size = 16;
+      c.batch = 2;
+      c.seq_lens = seq_lens;
+      c.window = window;
+      c.pool_kernel = method == KVC_SCORE_SNAPKV ? 5 : 1;
+      c.pool = index % 4 == 3 ? KVC_POOL_MAX : KVC_POOL_AVG;
+      c.reduce = index % 3 == 2 ? KVC_REDUCE_MAX : KVC_REDUCE_MEAN;
+      c.seed = 1000 + (uint64_t)index * 17 + (uint64_t)method * 1000;
+      check_case(&c);
+    }
+}
+
+Test(score_emu, snapkv_every_dtype_and_head_dim) { sweep_method(KVC_SCORE_SNAPKV, 24); }
+Test(score_emu, h2o_every_dtype_and_head_dim) { sweep_method(KVC_SCORE_H2O, 20); }
+Test(score_emu, tova_every_dtype_and_head_dim) { sweep_method(KVC_SCORE_TOVA, 1); }
+Test(score_emu, knorm_every_dtype_and_head_dim) { sweep_method(KVC_SCORE_KNORM, 1); }
+Test(score_emu, streaming_every_dtype_and_head_dim) { sweep_method(KVC_SCORE_STREAMING, 1); }
+
+Test(score_emu, every_layout_and_page_table) {
+  static const int32_t seq_lens[] = {133, 250};
+  for (int layout = 0; layout < 2; ++layout)
+    for (int table = 0; table < 3; ++table) {
+      score_case_t c = {KVC_SCORE_SNAPKV, KVC_DTYPE_F16, 64, 2, 4, 8, (kvc_test_layout_t)layout,
+                        (kvc_test_table_t)table, 2, seq_lens, NULL, NULL, NULL, 16, 5, 0, KVC_POOL_AVG,
+                        KVC_REDUCE_MEAN, (uint64_t)(20 + 3 * layout + table)};
+      check_case(&c);
+    }
+}
+
+/* A long sequence: several pass-1 key chunks per query, several 64-key tiles per domain. */
+Test(score_emu, h2o_long_sequence_spans_many_chunks) {
+  static const int32_t seq_lens[] = {1537};
+  score_case_t c = {KVC_SCORE_H2O, KVC_DTYPE_BF16, 128, 2, 4, 32, KVC_TEST_HND, KVC_TEST_CSR, 1, seq_lens, NULL,
+                    NULL, NULL, 48, 1, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN, 77};
+  check_case(&c);
+}
+
+/* Sequence 0 has three FAIR spans around a PROTECT gap, sequence 1 one FAIR span after protected
+ * sinks: scoring domains start mid-page, pooling clips at every domain border, keys in the gaps
+ * get +inf. */
+static const int32_t kSpanLens[] = {300, 157};
+static const int32_t kSpanIndptr[] = {0, 4, 6};
+static const kvc_span_t kSpans[] = {
+    {0, 100, KVC_SPAN_FAIR, 1.0f},   {100, 110, KVC_SPAN_PROTECT, 1.0f}, {110, 251, KVC_SPAN_FAIR, 2.0f},
+    {251, 300, KVC_SPAN_FAIR, 1.0f}, {0, 7, KVC_SPAN_PROTECT, 1.0f},     {7, 157, KVC_SPAN_FAIR, 1.0f},
+};
+
+static void span_local_case(kvc_score_method_t method, kvc_dtype_t dtype, int32_t head_dim, int32_t pool_kernel,
+                            kvc_pool_t pool, kvc_reduce_t reduce, uint64_t seed) {
+  score_case_t c = {method, dtype, head_dim, 2, 4, 16, KVC_TEST_NHD, KVC_TEST_DENSE, 2, kSpanLens, NULL,
+                    kSpanIndptr, kSpans, 25, pool_kernel, 1, pool, reduce, seed};
+  check_case(&c);
+}
+
+Test(score_emu, span_local_every_method) {
+  span_local_case(KVC_SCORE_SNAPKV, KVC_DTYPE_F16, 64, 7, KVC_POOL_AVG, KVC_REDUCE_MEAN, 5);
+  span_local_case(KVC_SCORE_SNAPKV, KVC_DTYPE_BF16, 128, 5, KVC_POOL_MAX, KVC_REDUCE_MAX, 6);
+  span_local_case(KVC_SCORE_SNAPKV, KVC_DTYPE_F32, 72, 3, KVC_POOL_AVG, KVC_REDUCE_MAX, 7);
+  span_local_case(KVC_SCORE_H2O, KVC_DTYPE_F16, 128, 1, KVC_POOL_AVG, KVC_REDUCE_MEAN, 8);
+  span_local_case(KVC_SCORE_TOVA, KVC_DTYPE_F32, 64, 1, KVC_POOL_AVG, KVC_REDUCE_MEAN, 9);
+  span_local_case(KVC_SCORE_KNORM, KVC_DTYPE_BF16, 256, 1, KVC_POOL_AVG, KVC_REDUCE_MEAN, 10);
+  span_local_case(KVC_SCORE_STREAMING, KVC_DTYPE_F16, 64, 1, KVC_POOL_AVG, KVC_REDUCE_MEAN, 11);
+}
+
+/* window > n: the short sequence is all queries (nothing scored for SNAPKV, all seen for H2O). */
+Test(score_emu, window_longer_than_sequence) {
+  static const int32_t seq_lens[] = {37, 203};
+  for (int m = 0; m < 2; ++m) {
+    score_case_t c = {m ? KVC_SCORE_H2O : KVC_SCORE_SNAPKV, KVC_DTYPE_F16, 64, 1, 4, 8, KVC_TEST_NHD,
+                      KVC_TEST_CONTIG, 2, seq_lens, NULL, NULL, NULL, 64, 5, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN,
+                      (uint64_t)(40 + m)};
+    check_case(&c);
+  }
+}
+
+Test(score_emu, accumulate_adds_to_the_scores) {
+  static const int32_t seq_lens[] = {211, 96};
+  static const kvc_score_method_t methods[] = {KVC_SCORE_H2O, KVC_SCORE_SNAPKV, KVC_SCORE_KNORM};
+  for (int m = 0; m < 3; ++m) {
+    score_case_t c = {methods[m], KVC_DTYPE_BF16, 64, 2, 2, 16, KVC_TEST_HND, KVC_TEST_DENSE, 2, seq_lens, NULL,
+                      NULL, NULL, 16, 3, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN, (uint64_t)(50 + m)};
+    score_run_t r;
+    score_both(&c, 1, &r);
+    assert_scores_match(&c, &r);
+    score_run_free(&r);
+  }
+}
+
+static size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+/* kvc_plan_workspace_size's comment in kvcompress.h states the CUDA score workspace exactly. */
+Test(score_emu, workspace_matches_the_documented_formula) {
+  static const int32_t seq_lens[] = {100, 7000, 300};
+  static const kvc_score_method_t methods[] = {KVC_SCORE_SNAPKV, KVC_SCORE_H2O, KVC_SCORE_TOVA, KVC_SCORE_KNORM,
+                                               KVC_SCORE_STREAMING};
+  kvc_context_t cuda = NULL;
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CUDA, 0, &cuda), KVC_SUCCESS);
+  for (int m = 0; m < 5; ++m) {
+    kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;
+    desc.num_kv_heads = 2;
+    desc.num_q_heads = 6;
+    desc.head_dim = 64;
+    desc.batch = 3;
+    desc.seq_lens = desc.budgets = seq_lens;
+    desc.method = methods[m];
+    desc.window = 50;
+    kvc_plan_t plan = NULL;
+    cr_assert_eq(kvc_plan_create(cuda, &desc, &plan), KVC_SUCCESS, "%s", kvc_last_error(cuda));
+    kvc_plan_info_t info;
+    kvc_plan_get_info(plan, &info);
+    size_t n_max = 7000, per_chunk = (n_max + 63) / 64 > 256 ? (n_max + 63) / 64 : 256;
+    size_t chunks = (n_max + per_chunk - 1) / per_chunk, query_heads = (size_t)info.obs_total * 6, expect = 0;
+    if (m <= KVC_SCORE_TOVA)
+      expect = align256(query_heads * chunks * 8) + align256(query_heads * 4) + 6 * (size_t)info.total_tokens * 4;
+    size_t bytes = 0;
+    cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_SCORE, &bytes), KVC_SUCCESS);
+    cr_assert_eq(bytes, expect, "%s: workspace %zu, documented %zu", method_name(methods[m]), bytes, expect);
+    kvc_plan_destroy(plan);
+  }
+  kvc_context_destroy(cuda);
+}
+
+Test(score_emu, head_dim_not_a_multiple_of_8_is_not_supported) {
+  static const int32_t seq_lens[] = {10};
+  kvc_context_t cuda = NULL;
+  kvc_plan_t plan = NULL;
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CUDA, 0, &cuda), KVC_SUCCESS);
+  kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;
+  desc.num_q_heads = desc.num_kv_heads = 1;
+  desc.head_dim = 12;
+  desc.batch = 1;
+  desc.seq_lens = desc.budgets = seq_lens;
+  cr_assert_eq(kvc_plan_create(cuda, &desc, &plan), KVC_ERROR_NOT_SUPPORTED);
+  kvc_context_destroy(cuda);
+}
+
+/* ---- the selection made from each backend's scores ------------------------------------------- */
+
+/* Rows of `keep_a` and `keep_b` (keep layout) may differ only in tokens whose reference scores
+ * tie within tolerance: every token kept by one and not the other scores within the tolerance of
+ * every other such token of its row. */
+static void assert_same_selection(const score_case_t *c, const score_run_t *r, const int32_t *keep_a,
+                                  const int32_t *keep_b, const char *what) {
+  int64_t score_row = 0, keep_row = 0;
+  int32_t differing = 0;
+  for (int32_t b = 0; b < c->batch; ++b) {
+    int32_t n = c->seq_lens[b], k = c->budgets[b] < n ? c->budgets[b] : n;
+    for (int32_t h = 0; h < c->num_kv_heads; ++h) {
+      const int32_t *a = keep_a + keep_row + (int64_t)h * k, *bb = keep_b + keep_row + (int64_t)h * k;
+      const float *ref = r->cpu_scores + score_row + (int64_t)h * n;
+      double lo = INFINITY, hi = -INFINITY;
+      int32_t i = 0, j = 0;
+      while (i < k || j < k) { /* both rows ascending: walk the symmetric difference */
+        int32_t t;
+        if (j >= k || (i < k && a[i] < bb[j])) t = a[i++];
+        else if (i >= k || bb[j] < a[i]) t = bb[j++];
+        else {
+          i++, j++;
+          continue;
+        }
+        lo = fmin(lo, ref[t]), hi = fmax(hi, ref[t]);
+        differing++;
+      }
+      if (hi >= lo)
+        cr_assert(hi - lo <= 2 * (kRelTol * fabs(hi) + kAbsTol),
+                  "%s: sequence %d head %d: selections differ on tokens scoring %.9g .. %.9g (not a tie)", what, b,
+                  h, lo, hi);
+    }
+    score_row += (int64_t)c->num_kv_heads * n;
+    keep_row += (int64_t)c->num_kv_heads * k;
+  }
+  cr_log_info("%s: %d tokens differ, all within tolerance ties", what, differing);
+}
+
+static void select_into(kvc_context_t ctx, kvc_plan_t plan, const float *scores, int32_t *keep) {
+  size_t bytes = 0;
+  cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_SELECT, &bytes), KVC_SUCCESS);
+  void *ws = kvc_test_workspace_new(bytes);
+  kvc_status_t status = kvc_select(ctx, plan, scores, keep, ws, bytes, NULL);
+  free(ws);
+  kvc_backend_t backend = KVC_BACKEND_CPU;
+  kvc_context_backend(ctx, &backend);
+  if (status == KVC_ERROR_NOT_SUPPORTED)
+    cr_skip("kvc_select on the %s backend is not there yet: %s", backend == KVC_BACKEND_CUDA ? "CUDA" : "CPU",
+            kvc_last_error(ctx));
+  cr_assert_eq(status, KVC_SUCCESS, "kvc_select: %s (%s)", kvc_status_name(status), kvc_last_error(ctx));
+}
+
+static const int32_t kSelectLens[] = {300, 157}, kSelectBudgets[] = {120, 80};
+
+static void selection_case(score_case_t *c, kvc_score_method_t method, uint64_t seed) {
+  score_case_t base = {method, KVC_DTYPE_F16, 64, 2, 4, 16, KVC_TEST_NHD, KVC_TEST_CSR, 2, kSelectLens,
+                       kSelectBudgets, kSpanIndptr, kSpans, 25, 5, 1, KVC_POOL_AVG, KVC_REDUCE_MEAN, seed};
+  *c = base;
+}
+
+/* The CPU selection of the CUDA scores equals the CPU selection of the CPU scores up to ties. */
+Test(score_emu, selection_from_cuda_scores_matches) {
+  static const kvc_score_method_t methods[] = {KVC_SCORE_SNAPKV, KVC_SCORE_H2O, KVC_SCORE_TOVA, KVC_SCORE_KNORM};
+  for (int m = 0; m < 4; ++m) {
+    score_case_t c;
+    selection_case(&c, methods[m], (uint64_t)(60 + m));
+    score_run_t r;
+    score_both(&c, 0, &r);
+    int64_t elems = r.info.keep_elems;
+    int32_t *keep_cpu = malloc(sizeof(int32_t) * (size_t)elems), *keep_cuda = malloc(sizeof(int32_t) * (size_t)elems);
+    select_into(r.cpu, r.cpu_plan, r.cpu_scores, keep_cpu);
+    select_into(r.cpu, r.cpu_plan, r.cuda_scores, keep_cuda);
+    assert_same_selection(&c, &r, keep_cpu, keep_cuda, method_name(c.method));
+    free(keep_cpu);
+    free(keep_cuda);
+    score_run_free(&r);
+  }
+}
+
+/* End to end on the CUDA backend: its own select on its own scores. */
+Test(score_emu, cuda_selection_matches_cpu_selection) {
+  score_case_t c;
+  selection_case(&c, KVC_SCORE_SNAPKV, 70);
+  score_run_t r;
+  score_both(&c, 0, &r);
+  int64_t elems = r.info.keep_elems;
+  int32_t *keep_cpu = malloc(sizeof(int32_t) * (size_t)elems), *keep_cuda = malloc(sizeof(int32_t) * (size_t)elems);
+  select_into(r.cpu, r.cpu_plan, r.cpu_scores, keep_cpu);
+  select_into(r.cuda, r.cuda_plan, r.cuda_scores, keep_cuda);
+  assert_same_selection(&c, &r, keep_cpu, keep_cuda, "CUDA select");
+  free(keep_cpu);
+  free(keep_cuda);
+  score_run_free(&r);
+}

@@ -1,0 +1,124 @@
+/*
+ * test_score_gpu.c - kvc_score on a real device against the CPU backend at long context:
+ * SnapKV (window 64), TOVA and KNORM at n = 32k and 128k, H2O with a 4096-query window at 32k.
+ * Same tolerance and argument as tests/emu/test_score_emu.c (fp32 on the device, double on the
+ * CPU): 1e-4 relative + 1e-9 absolute; the emulated tests see ~1e-6. Skips without a device.
+ */
+#include <criterion/criterion.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvcompress.h"
+#include "test_util.h"
+
+static const double kRelTol = 1e-4, kAbsTol = 1e-9;
+
+static void require_device(void) {
+  int count = 0; /* without a driver the call fails and leaves the count unset */
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) cr_skip("no CUDA device");
+}
+
+static void *upload(const void *host, size_t bytes) {
+  void *dev = NULL;
+  cr_assert_eq(cudaMalloc(&dev, bytes ? bytes : 1), cudaSuccess);
+  if (bytes) cr_assert_eq(cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  return dev;
+}
+
+typedef struct {
+  kvc_score_method_t method;
+  int32_t n, window, num_kv_heads, group, head_dim;
+  kvc_dtype_t dtype;
+} gpu_case_t;
+
+static void check_long_context(const gpu_case_t *c) {
+  require_device();
+  kvc_context_t cpu = NULL, cuda = NULL;
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CPU, 0, &cpu), KVC_SUCCESS);
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CUDA, 0, &cuda), KVC_SUCCESS);
+  const int32_t seq_lens[] = {c->n}, budgets[] = {c->n / 4};
+  kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;
+  desc.num_kv_heads = c->num_kv_heads;
+  desc.num_q_heads = c->num_kv_heads * c->group;
+  desc.head_dim = c->head_dim;
+  desc.dtype = c->dtype;
+  desc.batch = 1;
+  desc.seq_lens = seq_lens;
+  desc.budgets = budgets;
+  desc.method = c->method;
+  desc.window = c->window;
+  desc.pool_kernel = c->method == KVC_SCORE_SNAPKV ? 5 : 1;
+  kvc_plan_t cpu_plan = NULL, cuda_plan = NULL;
+  cr_assert_eq(kvc_plan_create(cpu, &desc, &cpu_plan), KVC_SUCCESS, "%s", kvc_last_error(cpu));
+  cr_assert_eq(kvc_plan_create(cuda, &desc, &cuda_plan), KVC_SUCCESS, "%s", kvc_last_error(cuda));
+  kvc_plan_info_t info;
+  kvc_plan_get_info(cpu_plan, &info);
+
+  kvc_test_cache_t *cache = kvc_test_cache_new(1, seq_lens, c->num_kv_heads, c->head_dim, c->dtype, 16,
+                                               KVC_TEST_NHD, KVC_TEST_DENSE, 5, 99);
+  size_t elem = c->dtype == KVC_DTYPE_F32 ? 4 : 2;
+  size_t query_bytes = (size_t)info.obs_total * (size_t)desc.num_q_heads * (size_t)c->head_dim * elem;
+  void *queries = info.obs_total ? kvc_test_queries_new(info.obs_total, desc.num_q_heads, c->head_dim, c->dtype, 7)
+                                 : NULL;
+  size_t score_bytes = sizeof(float) * (size_t)info.score_elems;
+  float *cpu_scores = malloc(score_bytes), *cuda_scores = malloc(score_bytes);
+
+  size_t bytes = 0;
+  kvc_plan_workspace_size(cpu_plan, KVC_OP_SCORE, &bytes);
+  void *ws = kvc_test_workspace_new(bytes);
+  cr_assert_eq(kvc_score(cpu, cpu_plan, &cache->desc, queries, cpu_scores, 0, ws, bytes, NULL), KVC_SUCCESS, "%s",
+               kvc_last_error(cpu));
+  free(ws);
+
+  kvc_paged_kv_t dev = cache->desc;
+  dev.k = upload(cache->k, cache->pool_bytes);
+  dev.v = upload(cache->v, cache->pool_bytes);
+  dev.page_table = upload(cache->table, sizeof(int32_t) * (size_t)dev.max_pages);
+  void *dev_queries = upload(queries, query_bytes);
+  float *dev_scores = upload(NULL, score_bytes);
+  kvc_plan_workspace_size(cuda_plan, KVC_OP_SCORE, &bytes);
+  void *dev_ws = upload(NULL, bytes);
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  cudaEventRecord(start, NULL);
+  kvc_status_t status = kvc_score(cuda, cuda_plan, &dev, dev_queries, dev_scores, 0, dev_ws, bytes, NULL);
+  cudaEventRecord(stop, NULL);
+  cr_assert_eq(status, KVC_SUCCESS, "%s", kvc_last_error(cuda));
+  cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+  float ms = 0.0f;
+  cudaEventElapsedTime(&ms, start, stop);
+  cr_assert_eq(cudaMemcpy(cuda_scores, dev_scores, score_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+
+  double worst = 0.0;
+  for (int64_t i = 0; i < info.score_elems; ++i) {
+    double ref = cpu_scores[i], got = cuda_scores[i];
+    int ok = isinf(ref) || isinf(got) ? ref == got : fabs(got - ref) <= kRelTol * fabs(ref) + kAbsTol;
+    cr_assert(ok, "method %d n %d: score %lld: CUDA %.9g vs CPU %.9g", (int)c->method, c->n, (long long)i, got, ref);
+    if (isfinite(ref) && ref != 0.0) worst = fmax(worst, fabs(got - ref) / fabs(ref));
+  }
+  cr_log_info("method %d n %d window %d: %.3f ms on the device (first call), max relative difference %.3g",
+              (int)c->method, c->n, c->window, ms, worst);
+
+  cudaFree(dev.k), cudaFree(dev.v), cudaFree((void *)dev.page_table), cudaFree(dev_queries), cudaFree(dev_scores);
+  cudaFree(dev_ws);
+  cudaEventDestroy(start), cudaEventDestroy(stop);
+  free(queries), free(cpu_scores), free(cuda_scores);
+  kvc_test_cache_free(cache);
+  kvc_plan_destroy(cpu_plan), kvc_plan_destroy(cuda_plan);
+  kvc_context_destroy(cpu), kvc_context_destroy(cuda);
+}
+
+Test(score_gpu, snapkv_32k) { check_long_context(&(gpu_case_t){KVC_SCORE_SNAPKV, 32768, 64, 2, 4, 128, KVC_DTYPE_BF16}); }
+Test(score_gpu, snapkv_128k) { check_long_context(&(gpu_case_t){KVC_SCORE_SNAPKV, 131072, 64, 2, 4, 128, KVC_DTYPE_F16}); }
+Test(score_gpu, tova_32k) { check_long_context(&(gpu_case_t){KVC_SCORE_TOVA, 32768, 1, 2, 4, 128, KVC_DTYPE_BF16}); }
+Test(score_gpu, tova_128k) { check_long_context(&(gpu_case_t){KVC_SCORE_TOVA, 131072, 1, 8, 4, 128, KVC_DTYPE_BF16}); }
+Test(score_gpu, knorm_32k) { check_long_context(&(gpu_case_t){KVC_SCORE_KNORM, 32768, 1, 8, 1, 128, KVC_DTYPE_F16}); }
+Test(score_gpu, knorm_128k) { check_long_context(&(gpu_case_t){KVC_SCORE_KNORM, 131072, 1, 8, 1, 256, KVC_DTYPE_F32}); }
+/* Quadratic on the CPU reference: one KV head, a group of 2, head_dim 64 keep it to seconds. */
+Test(score_gpu, h2o_window_4096_32k, .timeout = 600) {
+  check_long_context(&(gpu_case_t){KVC_SCORE_H2O, 32768, 4096, 1, 2, 64, KVC_DTYPE_BF16});
+}

@@ -1,0 +1,277 @@
+// simt.h - runs CUDA kernel source on the CPU with g++ (see README.md in this folder).
+//
+// A launch runs on the calling thread, block after block; each block's threads are fibers switched
+// only at synchronisation points: __syncthreads and its variants, warp shuffles / votes and
+// __syncwarp. Include it through kernels/cuda_compat.cuh, after the CUDA headers, which on the host
+// define __global__ / __device__ / __shared__ as empty and provide dim3, uint3, __half, ...
+#pragma once
+
+#if defined(__CUDACC__)
+#error "simt.h is the host emulator; nvcc builds use the real CUDA runtime"
+#endif
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
+// ---- options and error state --------------------------------------------------------------------
+
+namespace simt {
+
+// Thread and block order: 0 = round robin (the default, or SIMT_SEED unset / 0), otherwise a
+// seeded shuffle. Overrides SIMT_SEED.
+void set_seed(unsigned long long seed);
+// Number of blocks in flight, interleaved at their barriers (SIMT_INTERLEAVE; default 1).
+void set_interleave(int blocks);
+
+// Errors (divergent barrier, deadlock, mismatched warp op, invalid configuration) reported on
+// stderr by the most recent launch, and by all launches of this process.
+int last_launch_errors();
+int launch_errors();
+// The CUDA-like sticky error of the launches: cudaErrorInvalidConfiguration / cudaErrorInvalidValue
+// for a rejected launch, cudaErrorLaunchFailure for an error found while running. get_last_error
+// returns and clears it; cudaGetLastError / cudaPeekAtLastError in emulated code map to these.
+cudaError_t get_last_error();
+cudaError_t peek_last_error();
+
+// Byte pattern of fresh shared memory (static and dynamic, at every block start) and of a shuffle
+// read from a lane outside the mask: NaN for f32/f64/f16/bf16, -1 for signed integers.
+inline constexpr unsigned char kPoison = 0xFF;
+
+namespace detail {
+
+enum class Op : unsigned char {
+  SyncThreads, SyncCount, SyncAnd, SyncOr,  // block barriers
+  ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All, SyncWarp  // warp ops
+};
+
+int block_sync(Op op, int pred, const char *file, int line);
+unsigned long long warp_op(Op op, unsigned mask, unsigned long long value, int arg, int width,
+                           const char *file, int line);
+unsigned active_mask();
+extern unsigned char *dyn_smem;
+
+struct LaunchSpec {
+  dim3 grid, block;
+  size_t smem;
+  const char *kernel, *file;  // kernel expression and launch site, for reports
+  int line;
+  void (*body)(void *ctx);  // runs the kernel as the current fiber
+  void *ctx;
+  void *(*tls_anchor)();  // an address inside the launching module's TLS (see simt.cpp)
+};
+int launch(const LaunchSpec &spec);
+
+// Static __shared__ variables are thread_local; this anchor locates their module's TLS block.
+[[maybe_unused]] static thread_local unsigned char tls_anchor;
+static inline void *tls_anchor_address() { return &tls_anchor; }
+
+template <class... P>
+class Launcher {
+ public:
+  Launcher(void (*kernel)(P...), const LaunchSpec &spec) : kernel_(kernel), spec_(spec) {}
+  // Parameters have the kernel's own types: arguments are converted once, as a CUDA launch does,
+  // and every thread gets its own copy. Returns the number of errors reported.
+  int operator()(P... args) {
+    auto run = [&] { kernel_(args...); };
+    spec_.body = [](void *ctx) { (*static_cast<decltype(run) *>(ctx))(); };
+    spec_.ctx = &run;
+    return launch(spec_);
+  }
+
+ private:
+  void (*kernel_)(P...);
+  LaunchSpec spec_;
+};
+
+template <class... P>
+Launcher<P...> make_launcher(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t /* launches are synchronous */, const char *name,
+                             const char *file, int line) {
+  return Launcher<P...>(kernel, {grid, block, smem, name, file, line, nullptr, nullptr,
+                                 &tls_anchor_address});
+}
+
+template <class T>
+unsigned long long to_bits(T v) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "warp op on a >8-byte type");
+  unsigned long long u = 0;
+  std::memcpy(&u, &v, sizeof v);
+  return u;
+}
+
+template <class T>
+T from_bits(unsigned long long u) {
+  T v;
+  std::memcpy(static_cast<void *>(&v), &u, sizeof v);  // __half's member is protected
+  return v;
+}
+
+}  // namespace detail
+}  // namespace simt
+
+// ---- built-in variables -------------------------------------------------------------------------
+// Real globals, rewritten by the scheduler at every switch, so host code may still shadow them.
+
+extern uint3 threadIdx, blockIdx;
+extern dim3 blockDim, gridDim;
+inline constexpr int warpSize = 32;
+
+#undef __shared__
+#define __shared__ static thread_local  // one copy per block in flight, poisoned at block start
+#define __launch_bounds__(...)
+
+#define KVC_DYNAMIC_SMEM(T, name) T *name = reinterpret_cast<T *>(::simt::detail::dyn_smem)
+#define KVC_LAUNCH(kernel, grid, block, smem, stream, ...)                                      \
+  ::simt::detail::make_launcher(kernel, grid, block, smem, static_cast<cudaStream_t>(stream), \
+                                #kernel, __FILE__, __LINE__)(__VA_ARGS__)
+
+#define cudaGetLastError ::simt::get_last_error
+#define cudaPeekAtLastError ::simt::peek_last_error
+
+// ---- barriers and warp ops ----------------------------------------------------------------------
+// The trailing file/line default to the caller's location, for divergence and deadlock reports.
+
+#define SIMT_SITE const char *file = __builtin_FILE(), int line = __builtin_LINE()
+
+inline void __syncthreads(SIMT_SITE) {
+  ::simt::detail::block_sync(::simt::detail::Op::SyncThreads, 0, file, line);
+}
+inline int __syncthreads_count(int pred, SIMT_SITE) {
+  return ::simt::detail::block_sync(::simt::detail::Op::SyncCount, pred, file, line);
+}
+inline int __syncthreads_and(int pred, SIMT_SITE) {
+  return ::simt::detail::block_sync(::simt::detail::Op::SyncAnd, pred, file, line);
+}
+inline int __syncthreads_or(int pred, SIMT_SITE) {
+  return ::simt::detail::block_sync(::simt::detail::Op::SyncOr, pred, file, line);
+}
+
+template <class T>
+T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize, SIMT_SITE) {
+  using namespace ::simt::detail;
+  return from_bits<T>(warp_op(Op::ShflIdx, mask, to_bits(var), src_lane, width, file, line));
+}
+template <class T>
+T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize, SIMT_SITE) {
+  using namespace ::simt::detail;
+  return from_bits<T>(warp_op(Op::ShflUp, mask, to_bits(var), (int)delta, width, file, line));
+}
+template <class T>
+T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize, SIMT_SITE) {
+  using namespace ::simt::detail;
+  return from_bits<T>(warp_op(Op::ShflDown, mask, to_bits(var), (int)delta, width, file, line));
+}
+template <class T>
+T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize, SIMT_SITE) {
+  using namespace ::simt::detail;
+  return from_bits<T>(warp_op(Op::ShflXor, mask, to_bits(var), lane_mask, width, file, line));
+}
+inline unsigned __ballot_sync(unsigned mask, int pred, SIMT_SITE) {
+  return (unsigned)::simt::detail::warp_op(::simt::detail::Op::Ballot, mask, pred != 0, 0, 32,
+                                           file, line);
+}
+inline int __any_sync(unsigned mask, int pred, SIMT_SITE) {
+  return (int)::simt::detail::warp_op(::simt::detail::Op::Any, mask, pred != 0, 0, 32, file, line);
+}
+inline int __all_sync(unsigned mask, int pred, SIMT_SITE) {
+  return (int)::simt::detail::warp_op(::simt::detail::Op::All, mask, pred != 0, 0, 32, file, line);
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu, SIMT_SITE) {
+  ::simt::detail::warp_op(::simt::detail::Op::SyncWarp, mask, 0, 0, 32, file, line);
+}
+// No divergence tracking: the warp's lanes that have not exited.
+inline unsigned __activemask() { return ::simt::detail::active_mask(); }
+
+#undef SIMT_SITE
+
+// ---- intrinsics without a host version ----------------------------------------------------------
+// Fibers switch only at the sync points above, so a plain read-modify-write is atomic here.
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
+inline int __clzll(long long x) { return x ? __builtin_clzll((unsigned long long)x) : 64; }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+inline unsigned __brev(unsigned x) {
+  x = (x >> 16) | (x << 16);
+  x = ((x >> 8) & 0x00ff00ffu) | ((x & 0x00ff00ffu) << 8);
+  x = ((x >> 4) & 0x0f0f0f0fu) | ((x & 0x0f0f0f0fu) << 4);
+  x = ((x >> 2) & 0x33333333u) | ((x & 0x33333333u) << 2);
+  return ((x >> 1) & 0x55555555u) | ((x & 0x55555555u) << 1);
+}
+
+// The device versions are approximations; the host ones are exact, so compare with a tolerance.
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float x, float y) { return x / y; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+
+inline unsigned __float_as_uint(float x) { return ::simt::detail::from_bits<unsigned>(::simt::detail::to_bits(x)); }
+inline float __uint_as_float(unsigned x) { return ::simt::detail::from_bits<float>(x); }
+inline int __float_as_int(float x) { return ::simt::detail::from_bits<int>(::simt::detail::to_bits(x)); }
+inline float __int_as_float(int x) { return ::simt::detail::from_bits<float>((unsigned)x); }
+
+template <class T>
+T __ldg(const T *p) { return *p; }
+
+// min / max as nvcc provides them to host and device code: the usual arithmetic conversions, and
+// fmin / fmax for floating point.
+template <class A, class B, class = std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>>>
+std::common_type_t<A, B> min(A a, B b) {
+  using C = std::common_type_t<A, B>;
+  if constexpr (std::is_floating_point_v<C>) return std::fmin((C)a, (C)b);
+  else return (C)b < (C)a ? (C)b : (C)a;
+}
+template <class A, class B, class = std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>>>
+std::common_type_t<A, B> max(A a, B b) {
+  using C = std::common_type_t<A, B>;
+  if constexpr (std::is_floating_point_v<C>) return std::fmax((C)a, (C)b);
+  else return (C)a < (C)b ? (C)b : (C)a;
+}
+
+namespace simt::detail {
+template <class T, class F>
+T rmw(T *address, F update) {
+  T old = *address;
+  *address = update(old);
+  return old;
+}
+}  // namespace simt::detail
+
+// Signed additions wrap as on the device (no signed-overflow UB).
+inline int atomicAdd(int *a, int v) { return ::simt::detail::rmw(a, [v](int o) { return (int)((unsigned)o + (unsigned)v); }); }
+inline unsigned atomicAdd(unsigned *a, unsigned v) { return ::simt::detail::rmw(a, [v](unsigned o) { return o + v; }); }
+inline unsigned long long atomicAdd(unsigned long long *a, unsigned long long v) { return ::simt::detail::rmw(a, [v](unsigned long long o) { return o + v; }); }
+inline float atomicAdd(float *a, float v) { return ::simt::detail::rmw(a, [v](float o) { return o + v; }); }
+inline double atomicAdd(double *a, double v) { return ::simt::detail::rmw(a, [v](double o) { return o + v; }); }
+
+#define SIMT_ATOMIC_MINMAX(T)                                                                   \
+  inline T atomicMax(T *a, T v) { return ::simt::detail::rmw(a, [v](T o) { return o < v ? v : o; }); } \
+  inline T atomicMin(T *a, T v) { return ::simt::detail::rmw(a, [v](T o) { return v < o ? v : o; }); }
+SIMT_ATOMIC_MINMAX(int)
+SIMT_ATOMIC_MINMAX(unsigned)
+SIMT_ATOMIC_MINMAX(long long)
+SIMT_ATOMIC_MINMAX(unsigned long long)
+#undef SIMT_ATOMIC_MINMAX
+
+#define SIMT_ATOMIC_BITS(T)                                                                        \
+  inline T atomicCAS(T *a, T cmp, T v) { return ::simt::detail::rmw(a, [=](T o) { return o == cmp ? v : o; }); } \
+  inline T atomicExch(T *a, T v) { return ::simt::detail::rmw(a, [v](T) { return v; }); }         \
+  inline T atomicOr(T *a, T v) { return ::simt::detail::rmw(a, [v](T o) { return o | v; }); }     \
+  inline T atomicAnd(T *a, T v) { return ::simt::detail::rmw(a, [v](T o) { return o & v; }); }
+SIMT_ATOMIC_BITS(int)
+SIMT_ATOMIC_BITS(unsigned)
+SIMT_ATOMIC_BITS(unsigned long long)
+#undef SIMT_ATOMIC_BITS
+inline float atomicExch(float *a, float v) { return ::simt::detail::rmw(a, [v](float) { return v; }); }
+
+// One OS thread runs every fiber: there is nothing to fence, and nothing to wait for.
+inline void __threadfence() {}
+inline void __threadfence_block() {}
+inline void __nanosleep(unsigned) {}
