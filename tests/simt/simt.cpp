@@ -16,7 +16,8 @@
 #include <utility>
 #include <vector>
 
-// The hand-written context switch on x86-64; ucontext elsewhere, or with -DSIMT_UCONTEXT to test it.
+// The hand-written context switch on x86-64; ucontext elsewhere, or with -DSIMT_UCONTEXT to test
+// it.
 #if defined(__x86_64__) && !defined(SIMT_UCONTEXT)
 #define SIMT_ASM_SWITCH 1
 #else
@@ -257,18 +258,15 @@ const char *op_name(Op op) {
   return "?";
 }
 
-void report_v(const LaunchSpec &spec, const char *fmt, va_list ap) {
-  fprintf(stderr, "simt: %s launched at %s:%d: ", spec.kernel, spec.file, spec.line);
-  vfprintf(stderr, fmt, ap);
-  fputc('\n', stderr);
-}
-
 // An error found while running: printed, and counted into the launch's result.
 void report(const char *fmt, ...) {
+  const LaunchSpec &spec = *g_run.spec;
+  fprintf(stderr, "simt: %s launched at %s:%d: ", spec.kernel, spec.file, spec.line);
   va_list ap;
   va_start(ap, fmt);
-  report_v(*g_run.spec, fmt, ap);
+  vfprintf(stderr, fmt, ap);
   va_end(ap);
+  fputc('\n', stderr);
   ++g_run.errors;
 }
 
@@ -311,8 +309,8 @@ void release_block(Slot &s) {
     if (f.wait != Wait::Block) continue;
     f.wait = Wait::None;
     f.result = f.op == Op::SyncCount ? (unsigned long long)count
-             : f.op == Op::SyncAnd   ? count == arrived
-             : f.op == Op::SyncOr    ? count != 0
+               : f.op == Op::SyncAnd ? count == arrived
+               : f.op == Op::SyncOr  ? count != 0
                                      : 0;
     s.ring[s.count++] = &f;
   }
@@ -329,10 +327,22 @@ int shfl_source(Op op, int lane, int b, int width) {
   bool ok;
   b &= 31;
   switch (op) {
-    case Op::ShflUp: j = lane - b; ok = j >= max_lane; break;
-    case Op::ShflDown: j = lane + b; ok = j <= max_lane; break;
-    case Op::ShflXor: j = lane ^ b; ok = j <= max_lane; break;
-    default: j = min_lane | (b & ~segmask); ok = j <= max_lane; break;
+    case Op::ShflUp:
+      j = lane - b;
+      ok = j >= max_lane;
+      break;
+    case Op::ShflDown:
+      j = lane + b;
+      ok = j <= max_lane;
+      break;
+    case Op::ShflXor:
+      j = lane ^ b;
+      ok = j <= max_lane;
+      break;
+    default:
+      j = min_lane | (b & ~segmask);
+      ok = j <= max_lane;
+      break;
   }
   return ok ? j : lane;
 }
@@ -345,19 +355,20 @@ void try_complete_warp(Slot &s, unsigned w, unsigned mask) {
   unsigned group = mask & warp.live;
   if (!group || (warp.waiting & group) != group) return;
   Fiber *lanes = s.fibers + w * 32;
-  int first = __builtin_ctz(group);
+  const Fiber &lead = lanes[__builtin_ctz(group)];
   unsigned ballot = 0;
-  bool mismatch = false;
+  const Fiber *odd = nullptr;
   for (unsigned g = group; g; g &= g - 1) {
     Fiber &f = lanes[__builtin_ctz(g)];
     ballot |= f.value ? g & -g : 0;
-    mismatch |= (f.mask != mask) | (f.op != lanes[first].op);
+    if (!odd && (f.mask != mask || f.op != lead.op)) odd = &f;
   }
-  if (mismatch) {
-    report("block (%u,%u,%u) warp %u: lanes of mask 0x%08x meet at different warp ops or masks "
-           "(lane %d: %s mask 0x%08x at %s:%d)",
-           s.bid.x, s.bid.y, s.bid.z, w, mask, first, op_name(lanes[first].op), lanes[first].mask,
-           lanes[first].file, lanes[first].line);
+  if (odd) {
+    report(
+        "block (%u,%u,%u) warp %u: lanes of mask 0x%08x meet at different warp ops or masks: "
+        "lane %u at %s (mask 0x%08x) %s:%d, lane %u at %s (mask 0x%08x) %s:%d",
+        s.bid.x, s.bid.y, s.bid.z, w, mask, lead.linear % 32, op_name(lead.op), lead.mask,
+        lead.file, lead.line, odd->linear % 32, op_name(odd->op), odd->mask, odd->file, odd->line);
   }
   size_t start = s.count;
   for (unsigned g = group; g; g &= g - 1) {
@@ -386,8 +397,8 @@ void try_complete_warp(Slot &s, unsigned w, unsigned mask) {
   }
 }
 
-// Kernel body and exit of a fiber. Entered through the first switch to it; never returns, so its
-// frames carry no ASan redzones (they would stay poisoned when the stack is reused).
+// A fiber's end, and (below) its start. Neither returns, so neither may have ASan redzones: they
+// would stay poisoned when the stack is reused.
 [[noreturn]] SIMT_NO_ASAN void fiber_exit() {
   Slot &s = *g_slot;
   Fiber &f = *g_cur;
@@ -406,6 +417,7 @@ void try_complete_warp(Slot &s, unsigned w, unsigned mask) {
   __builtin_unreachable();
 }
 
+// Entered through the first switch to the fiber.
 SIMT_NO_ASAN void fiber_entry() {
 #if defined(SIMT_ASAN)
   // The first fiber of a launch is entered from the launching thread's stack: learn its bounds.
@@ -450,7 +462,8 @@ void start_block(Slot &s, size_t linear_block) {
   s.yield = false;
   s.head = s.count = 0;
   memset(s.smem.get(), kPoison, spec.smem);
-  if (g_run.tls_size) memset(g_run.tls_owner == &s ? g_run.tls : s.tls_copy.data(), kPoison, g_run.tls_size);
+  if (g_run.tls_size)
+    memset(g_run.tls_owner == &s ? g_run.tls : s.tls_copy.data(), kPoison, g_run.tls_size);
   for (unsigned w = 0; w < g_run.nwarps; ++w) {
     unsigned n = g_run.nthreads - w * 32;
     s.warps[w] = {n >= 32 ? ~0u : (1u << n) - 1, 0};
@@ -477,7 +490,13 @@ void activate(Slot &s) {
 }
 
 void report_deadlock(Slot &s) {
-  struct Site { Op op; unsigned mask; const char *file; int line; int n; };
+  struct Site {
+    Op op;
+    unsigned mask;
+    const char *file;
+    int line;
+    int n;
+  };
   std::vector<Site> sites;
   for (unsigned i = 0; i < g_run.nthreads; ++i) {
     Fiber &f = s.fibers[i];
@@ -486,14 +505,19 @@ void report_deadlock(Slot &s) {
     Site *site = nullptr;
     for (Site &x : sites)
       if (x.op == f.op && x.mask == mask && x.line == f.line && !strcmp(x.file, f.file)) site = &x;
-    if (site) ++site->n;
-    else sites.push_back({f.op, mask, f.file, f.line, 1});
+    if (site)
+      ++site->n;
+    else
+      sites.push_back({f.op, mask, f.file, f.line, 1});
   }
   report("deadlock in block (%u,%u,%u): every live thread waits at a barrier that cannot complete",
          s.bid.x, s.bid.y, s.bid.z);
   for (const Site &x : sites) {
-    if (x.mask) fprintf(stderr, "simt:   %d thread(s) at %s (mask 0x%08x) %s:%d\n", x.n, op_name(x.op), x.mask, x.file, x.line);
-    else fprintf(stderr, "simt:   %d thread(s) at %s %s:%d\n", x.n, op_name(x.op), x.file, x.line);
+    if (x.mask)
+      fprintf(stderr, "simt:   %d thread(s) at %s (mask 0x%08x) %s:%d\n", x.n, op_name(x.op),
+              x.mask, x.file, x.line);
+    else
+      fprintf(stderr, "simt:   %d thread(s) at %s %s:%d\n", x.n, op_name(x.op), x.file, x.line);
   }
 }
 
@@ -591,18 +615,19 @@ int execute(const LaunchSpec &spec, const Config &cfg) {
     jump(r.sched, f->ctx, false);
     if (s.live == 0) {
       s.active = false;
-      if (next < total) start_block(s, block_at(next++));
-      else --active;
+      if (next < total)
+        start_block(s, block_at(next++));
+      else
+        --active;
     } else if (s.count == 0) {  // nothing runnable and not a yield: nothing can ever run again
       report_deadlock(s);
       break;
     }
   }
-  if (active) {  // aborted: the abandoned fibers' stacks will be reused from the top
 #if defined(SIMT_ASAN)
+  if (active)  // aborted: the abandoned fibers' frames are still poisoned, and the stacks reused
     for (Fiber &f : r.fibers) __asan_unpoison_memory_region(f.ctx.stack, f.ctx.stack_size);
 #endif
-  }
   if (r.tls_size) memcpy(r.tls, r.tls_host.data(), r.tls_size);
   g_rng_state = r.rng.s;
   g_slot = nullptr;
@@ -631,19 +656,26 @@ void load_config() {
 bool valid_launch(const LaunchSpec &spec, cudaError_t *code) {
   const dim3 &g = spec.grid, &b = spec.block;
   const char *why = nullptr;
-  if (!g.x || !g.y || !g.z) why = "grid has a zero dimension";
-  else if (g.x > 2147483647u || g.y > 65535u || g.z > 65535u) why = "grid exceeds (2^31-1, 65535, 65535)";
-  else if (!b.x || !b.y || !b.z) why = "block has a zero dimension";
-  else if (b.x > 1024u || b.y > 1024u || b.z > 64u) why = "block exceeds (1024, 1024, 64)";
-  else if ((unsigned long long)b.x * b.y * b.z > 1024u) why = "block has more than 1024 threads";
+  if (!g.x || !g.y || !g.z)
+    why = "grid has a zero dimension";
+  else if (g.x > 2147483647u || g.y > 65535u || g.z > 65535u)
+    why = "grid exceeds (2^31-1, 65535, 65535)";
+  else if (!b.x || !b.y || !b.z)
+    why = "block has a zero dimension";
+  else if (b.x > 1024u || b.y > 1024u || b.z > 64u)
+    why = "block exceeds (1024, 1024, 64)";
+  else if ((unsigned long long)b.x * b.y * b.z > 1024u)
+    why = "block has more than 1024 threads";
   *code = cudaErrorInvalidConfiguration;
   if (!why && spec.smem > 227u * 1024u) {
     why = "dynamic shared memory exceeds 227 KiB";
     *code = cudaErrorInvalidValue;
   }
   if (!why) return true;
-  fprintf(stderr, "simt: %s launched at %s:%d: invalid launch, grid (%u,%u,%u) block (%u,%u,%u) smem %zu: %s\n",
-          spec.kernel, spec.file, spec.line, g.x, g.y, g.z, b.x, b.y, b.z, spec.smem, why);
+  fprintf(
+      stderr,
+      "simt: %s launched at %s:%d: invalid launch, grid (%u,%u,%u) block (%u,%u,%u) smem %zu: %s\n",
+      spec.kernel, spec.file, spec.line, g.x, g.y, g.z, b.x, b.y, b.z, spec.smem, why);
   return false;
 }
 
@@ -674,12 +706,14 @@ int block_sync(Op op, int pred, const char *file, int line) {
     s.bar_line = line;
     s.bar_count = 0;
     s.bar_reported = false;
-  } else if (!s.bar_reported && (line != s.bar_line || (file != s.bar_file && strcmp(file, s.bar_file)))) {
+  } else if (!s.bar_reported &&
+             (line != s.bar_line || (file != s.bar_file && strcmp(file, s.bar_file)))) {
     s.bar_reported = true;
-    report("block (%u,%u,%u): divergent barrier: thread (%u,%u,%u) reached %s at %s:%d while "
-           "others wait at %s:%d",
-           s.bid.x, s.bid.y, s.bid.z, f.tid.x, f.tid.y, f.tid.z, op_name(op), file, line,
-           s.bar_file, s.bar_line);
+    report(
+        "block (%u,%u,%u): divergent barrier: thread (%u,%u,%u) reached %s at %s:%d while "
+        "others wait at %s:%d",
+        s.bid.x, s.bid.y, s.bid.z, f.tid.x, f.tid.y, f.tid.z, op_name(op), file, line, s.bar_file,
+        s.bar_line);
   }
   s.bar_count += pred != 0;
   f.op = op;
@@ -697,13 +731,15 @@ unsigned long long warp_op(Op op, unsigned mask, unsigned long long value, int a
   Fiber &f = *g_cur;
   unsigned w = f.linear / 32, lane = f.linear % 32;
   if (!(mask >> lane & 1u)) {
-    report("block (%u,%u,%u) thread (%u,%u,%u): %s at %s:%d with mask 0x%08x that excludes the "
-           "calling lane %u", s.bid.x, s.bid.y, s.bid.z, f.tid.x, f.tid.y, f.tid.z, op_name(op),
-           file, line, mask, lane);
+    report(
+        "block (%u,%u,%u) thread (%u,%u,%u): %s at %s:%d with mask 0x%08x that excludes the "
+        "calling lane %u",
+        s.bid.x, s.bid.y, s.bid.z, f.tid.x, f.tid.y, f.tid.z, op_name(op), file, line, mask, lane);
     mask |= 1u << lane;
   }
   if (width < 1 || width > 32 || (width & (width - 1))) {
-    report("%s at %s:%d: width %d is not a power of two in [1, 32]", op_name(op), file, line, width);
+    report("%s at %s:%d: width %d is not a power of two in [1, 32]", op_name(op), file, line,
+           width);
     width = 32;
   }
   f.op = op;

@@ -44,9 +44,20 @@ inline constexpr unsigned char kPoison = 0xFF;
 
 namespace detail {
 
+// Block barriers, then warp ops.
 enum class Op : unsigned char {
-  SyncThreads, SyncCount, SyncAnd, SyncOr,  // block barriers
-  ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All, SyncWarp  // warp ops
+  SyncThreads,
+  SyncCount,
+  SyncAnd,
+  SyncOr,
+  ShflIdx,
+  ShflUp,
+  ShflDown,
+  ShflXor,
+  Ballot,
+  Any,
+  All,
+  SyncWarp
 };
 
 int block_sync(Op op, int pred, const char *file, int line);
@@ -92,8 +103,8 @@ template <class... P>
 Launcher<P...> make_launcher(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
                              cudaStream_t /* launches are synchronous */, const char *name,
                              const char *file, int line) {
-  return Launcher<P...>(kernel, {grid, block, smem, name, file, line, nullptr, nullptr,
-                                 &tls_anchor_address});
+  return Launcher<P...>(
+      kernel, {grid, block, smem, name, file, line, nullptr, nullptr, &tls_anchor_address});
 }
 
 template <class T>
@@ -115,18 +126,18 @@ T from_bits(unsigned long long u) {
 }  // namespace simt
 
 // ---- built-in variables -------------------------------------------------------------------------
-// Real globals, rewritten by the scheduler at every switch, so host code may still shadow them.
+// Real globals that the scheduler keeps current (not macros: host code may reuse the names).
 
 extern uint3 threadIdx, blockIdx;
 extern dim3 blockDim, gridDim;
 inline constexpr int warpSize = 32;
 
 #undef __shared__
-#define __shared__ static thread_local  // one copy per block in flight, poisoned at block start
+#define __shared__ static thread_local  // the launch lends the module's TLS block to each block
 #define __launch_bounds__(...)
 
 #define KVC_DYNAMIC_SMEM(T, name) T *name = reinterpret_cast<T *>(::simt::detail::dyn_smem)
-#define KVC_LAUNCH(kernel, grid, block, smem, stream, ...)                                      \
+#define KVC_LAUNCH(kernel, grid, block, smem, stream, ...)                                    \
   ::simt::detail::make_launcher(kernel, grid, block, smem, static_cast<cudaStream_t>(stream), \
                                 #kernel, __FILE__, __LINE__)(__VA_ARGS__)
 
@@ -159,12 +170,14 @@ T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize, SIMT_SIT
 template <class T>
 T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize, SIMT_SITE) {
   using namespace ::simt::detail;
-  return from_bits<T>(warp_op(Op::ShflUp, mask, to_bits(var), (int)delta, width, file, line));
+  int d = static_cast<int>(delta);
+  return from_bits<T>(warp_op(Op::ShflUp, mask, to_bits(var), d, width, file, line));
 }
 template <class T>
 T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize, SIMT_SITE) {
   using namespace ::simt::detail;
-  return from_bits<T>(warp_op(Op::ShflDown, mask, to_bits(var), (int)delta, width, file, line));
+  int d = static_cast<int>(delta);
+  return from_bits<T>(warp_op(Op::ShflDown, mask, to_bits(var), d, width, file, line));
 }
 template <class T>
 T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize, SIMT_SITE) {
@@ -172,14 +185,16 @@ T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize, SIM
   return from_bits<T>(warp_op(Op::ShflXor, mask, to_bits(var), lane_mask, width, file, line));
 }
 inline unsigned __ballot_sync(unsigned mask, int pred, SIMT_SITE) {
-  return (unsigned)::simt::detail::warp_op(::simt::detail::Op::Ballot, mask, pred != 0, 0, 32,
-                                           file, line);
+  using namespace ::simt::detail;
+  return static_cast<unsigned>(warp_op(Op::Ballot, mask, pred != 0, 0, 32, file, line));
 }
 inline int __any_sync(unsigned mask, int pred, SIMT_SITE) {
-  return (int)::simt::detail::warp_op(::simt::detail::Op::Any, mask, pred != 0, 0, 32, file, line);
+  using namespace ::simt::detail;
+  return static_cast<int>(warp_op(Op::Any, mask, pred != 0, 0, 32, file, line));
 }
 inline int __all_sync(unsigned mask, int pred, SIMT_SITE) {
-  return (int)::simt::detail::warp_op(::simt::detail::Op::All, mask, pred != 0, 0, 32, file, line);
+  using namespace ::simt::detail;
+  return static_cast<int>(warp_op(Op::All, mask, pred != 0, 0, 32, file, line));
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu, SIMT_SITE) {
   ::simt::detail::warp_op(::simt::detail::Op::SyncWarp, mask, 0, 0, 32, file, line);
@@ -190,12 +205,13 @@ inline unsigned __activemask() { return ::simt::detail::active_mask(); }
 #undef SIMT_SITE
 
 // ---- intrinsics without a host version ----------------------------------------------------------
-// Fibers switch only at the sync points above, so a plain read-modify-write is atomic here.
 
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
-inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
-inline int __clzll(long long x) { return x ? __builtin_clzll((unsigned long long)x) : 64; }
+inline int __clz(int x) { return x ? __builtin_clz(static_cast<unsigned>(x)) : 32; }
+inline int __clzll(long long x) {
+  return x ? __builtin_clzll(static_cast<unsigned long long>(x)) : 64;
+}
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __ffsll(long long x) { return __builtin_ffsll(x); }
 inline unsigned __brev(unsigned x) {
@@ -212,29 +228,42 @@ inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float x, float y) { return x / y; }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
-inline unsigned __float_as_uint(float x) { return ::simt::detail::from_bits<unsigned>(::simt::detail::to_bits(x)); }
+inline unsigned __float_as_uint(float x) {
+  return ::simt::detail::from_bits<unsigned>(::simt::detail::to_bits(x));
+}
 inline float __uint_as_float(unsigned x) { return ::simt::detail::from_bits<float>(x); }
-inline int __float_as_int(float x) { return ::simt::detail::from_bits<int>(::simt::detail::to_bits(x)); }
-inline float __int_as_float(int x) { return ::simt::detail::from_bits<float>((unsigned)x); }
+inline int __float_as_int(float x) { return static_cast<int>(__float_as_uint(x)); }
+inline float __int_as_float(int x) { return __uint_as_float(static_cast<unsigned>(x)); }
 
 template <class T>
-T __ldg(const T *p) { return *p; }
+T __ldg(const T *p) {
+  return *p;
+}
 
 // min / max as nvcc provides them to host and device code: the usual arithmetic conversions, and
 // fmin / fmax for floating point.
-template <class A, class B, class = std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>>>
+template <class A, class B,
+          class = std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>>>
 std::common_type_t<A, B> min(A a, B b) {
   using C = std::common_type_t<A, B>;
-  if constexpr (std::is_floating_point_v<C>) return std::fmin((C)a, (C)b);
-  else return (C)b < (C)a ? (C)b : (C)a;
+  const C x = static_cast<C>(a), y = static_cast<C>(b);
+  if constexpr (std::is_floating_point_v<C>)
+    return std::fmin(x, y);
+  else
+    return y < x ? y : x;
 }
-template <class A, class B, class = std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>>>
+template <class A, class B,
+          class = std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>>>
 std::common_type_t<A, B> max(A a, B b) {
   using C = std::common_type_t<A, B>;
-  if constexpr (std::is_floating_point_v<C>) return std::fmax((C)a, (C)b);
-  else return (C)a < (C)b ? (C)b : (C)a;
+  const C x = static_cast<C>(a), y = static_cast<C>(b);
+  if constexpr (std::is_floating_point_v<C>)
+    return std::fmax(x, y);
+  else
+    return x < y ? y : x;
 }
 
+// Fibers switch only at the sync points above, so a plain read-modify-write is atomic here.
 namespace simt::detail {
 template <class T, class F>
 T rmw(T *address, F update) {
@@ -244,32 +273,34 @@ T rmw(T *address, F update) {
 }
 }  // namespace simt::detail
 
-// Signed additions wrap as on the device (no signed-overflow UB).
-inline int atomicAdd(int *a, int v) { return ::simt::detail::rmw(a, [v](int o) { return (int)((unsigned)o + (unsigned)v); }); }
-inline unsigned atomicAdd(unsigned *a, unsigned v) { return ::simt::detail::rmw(a, [v](unsigned o) { return o + v; }); }
-inline unsigned long long atomicAdd(unsigned long long *a, unsigned long long v) { return ::simt::detail::rmw(a, [v](unsigned long long o) { return o + v; }); }
-inline float atomicAdd(float *a, float v) { return ::simt::detail::rmw(a, [v](float o) { return o + v; }); }
-inline double atomicAdd(double *a, double v) { return ::simt::detail::rmw(a, [v](double o) { return o + v; }); }
-
-#define SIMT_ATOMIC_MINMAX(T)                                                                   \
-  inline T atomicMax(T *a, T v) { return ::simt::detail::rmw(a, [v](T o) { return o < v ? v : o; }); } \
-  inline T atomicMin(T *a, T v) { return ::simt::detail::rmw(a, [v](T o) { return v < o ? v : o; }); }
-SIMT_ATOMIC_MINMAX(int)
-SIMT_ATOMIC_MINMAX(unsigned)
-SIMT_ATOMIC_MINMAX(long long)
-SIMT_ATOMIC_MINMAX(unsigned long long)
-#undef SIMT_ATOMIC_MINMAX
-
-#define SIMT_ATOMIC_BITS(T)                                                                        \
-  inline T atomicCAS(T *a, T cmp, T v) { return ::simt::detail::rmw(a, [=](T o) { return o == cmp ? v : o; }); } \
-  inline T atomicExch(T *a, T v) { return ::simt::detail::rmw(a, [v](T) { return v; }); }         \
-  inline T atomicOr(T *a, T v) { return ::simt::detail::rmw(a, [v](T o) { return o | v; }); }     \
-  inline T atomicAnd(T *a, T v) { return ::simt::detail::rmw(a, [v](T o) { return o & v; }); }
-SIMT_ATOMIC_BITS(int)
-SIMT_ATOMIC_BITS(unsigned)
-SIMT_ATOMIC_BITS(unsigned long long)
-#undef SIMT_ATOMIC_BITS
-inline float atomicExch(float *a, float v) { return ::simt::detail::rmw(a, [v](float) { return v; }); }
+// SIMT_ATOMIC(name, T, new value from the old one `o` and the operand `v`)
+#define SIMT_ATOMIC(name, T, expr)                                    \
+  inline T name(T *address, T v) {                                    \
+    return ::simt::detail::rmw(address, [v](T o) { return (expr); }); \
+  }
+#define SIMT_ATOMIC_INTEGER(T)                                                      \
+  SIMT_ATOMIC(atomicMax, T, o < v ? v : o)                                          \
+  SIMT_ATOMIC(atomicMin, T, v < o ? v : o)                                          \
+  SIMT_ATOMIC(atomicExch, T, ((void)o, v))                                          \
+  SIMT_ATOMIC(atomicOr, T, o | v)                                                   \
+  SIMT_ATOMIC(atomicAnd, T, o &v)                                                   \
+  inline T atomicCAS(T *address, T compare, T v) {                                  \
+    return ::simt::detail::rmw(address, [=](T o) { return o == compare ? v : o; }); \
+  }
+SIMT_ATOMIC_INTEGER(int)
+SIMT_ATOMIC_INTEGER(unsigned)
+SIMT_ATOMIC_INTEGER(unsigned long long)
+SIMT_ATOMIC(atomicMax, long long, o < v ? v : o)
+SIMT_ATOMIC(atomicMin, long long, v < o ? v : o)
+// signed addition wraps, as on the device
+SIMT_ATOMIC(atomicAdd, int, static_cast<int>(static_cast<unsigned>(o) + static_cast<unsigned>(v)))
+SIMT_ATOMIC(atomicAdd, unsigned, o + v)
+SIMT_ATOMIC(atomicAdd, unsigned long long, o + v)
+SIMT_ATOMIC(atomicAdd, float, o + v)
+SIMT_ATOMIC(atomicAdd, double, o + v)
+SIMT_ATOMIC(atomicExch, float, ((void)o, v))
+#undef SIMT_ATOMIC_INTEGER
+#undef SIMT_ATOMIC
 
 // One OS thread runs every fiber: there is nothing to fence, and nothing to wait for.
 inline void __threadfence() {}

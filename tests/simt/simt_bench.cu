@@ -37,8 +37,9 @@ int main() {
   KVC_LAUNCH(barrier_loop, 1, threads, 0, 0, 10, sink.data());  // warm-up: stacks, worker thread
 
   double t = seconds([&] { KVC_LAUNCH(barrier_loop, blocks, threads, 0, 0, iters, sink.data()); });
-  printf("__syncthreads:   %6.1f ns per thread per barrier (%d blocks x %d threads x %d barriers)\n",
-         t * 1e9 / ((double)blocks * threads * iters), blocks, threads, iters);
+  printf(
+      "__syncthreads:   %6.1f ns per thread per barrier (%d blocks x %d threads x %d barriers)\n",
+      t * 1e9 / ((double)blocks * threads * iters), blocks, threads, iters);
 
   t = seconds([&] { KVC_LAUNCH(shfl_loop, blocks, threads, 0, 0, iters, sink.data()); });
   printf("__shfl_xor_sync: %6.1f ns per lane per shuffle\n",

@@ -24,7 +24,8 @@ int main(int argc, char **argv) {
   const int n = 100, threads = 64;
   std::vector<float> in(n, 1.f), out(2 * threads);  // out is large enough: only `in` overflows
   if (argc == 2 && !strcmp(argv[1], "global")) {
-    KVC_LAUNCH(copy_unguarded, (n + threads - 1) / threads, threads, 0, 0, in.data(), out.data(), n);
+    KVC_LAUNCH(copy_unguarded, (n + threads - 1) / threads, threads, 0, 0, in.data(), out.data(),
+               n);
   } else if (argc == 2 && !strcmp(argv[1], "smem")) {
     KVC_LAUNCH(smem_overrun, 1, threads, threads * sizeof(float), 0, out.data());
   } else {

@@ -61,7 +61,7 @@ int run_block_scan(const int *in, int *inclusive, int *exclusive, int n) {
   return KVC_LAUNCH(block_scan<256>, (n + 255) / 256, 256, 0, 0, in, inclusive, exclusive, n);
 }
 
-// ---- tiled transpose, padded tile against bank conflicts, ragged edges ---------------------------
+// ---- tiled transpose, padded tile against bank conflicts, ragged edges --------------------------
 
 __global__ void transpose32(const float *in, float *out, int rows, int cols) {
   __shared__ float tile[32][33];
@@ -80,7 +80,7 @@ int run_transpose(const float *in, float *out, int rows, int cols) {
   return KVC_LAUNCH(transpose32, grid, dim3(32, 8), 0, 0, in, out, rows, cols);
 }
 
-// ---- shared-memory histogram with atomics; fewer threads than bins -------------------------------
+// ---- shared-memory histogram with atomics; fewer threads than bins ------------------------------
 
 __global__ void histogram64(const unsigned *in, int n, unsigned *hist) {
   __shared__ unsigned bins[64];
@@ -96,7 +96,7 @@ int run_histogram(const unsigned *in, int n, unsigned *hist64) {
   return KVC_LAUNCH(histogram64, 5, 24, 0, 0, in, n, hist64);
 }
 
-// ---- threads that exit before barriers and warp votes --------------------------------------------
+// ---- threads that exit before barriers and warp votes -------------------------------------------
 
 __global__ void early_exit_sum(const int *in, int *sums, unsigned *ballots, int n) {
   __shared__ int s[256];
@@ -116,13 +116,15 @@ int run_early_exit(const int *in, int *sums, unsigned *ballots, int n) {
   return KVC_LAUNCH(early_exit_sum, 1, 256, 0, 0, in, sums, ballots, n);
 }
 
-// ---- partial masks and widths; two warps of 32 ----------------------------------------------------
+// ---- partial masks and widths; two warps of 32 --------------------------------------------------
 
 __global__ void partial_masks(int *out) {
   int t = threadIdx.x, lane = t % 32, v = 100 + t;
   // 0: the two half-warps at different ops with disjoint masks, at the same time
-  if (lane < 16) out[t] = __shfl_xor_sync(0x0000ffffu, v, 1);
-  else out[t] = __shfl_down_sync(0xffff0000u, v, 2);
+  if (lane < 16)
+    out[t] = __shfl_xor_sync(0x0000ffffu, v, 1);
+  else
+    out[t] = __shfl_down_sync(0xffff0000u, v, 2);
   out += 64;
   // 1: even lanes only
   out[t] = lane % 2 == 0 ? (int)__ballot_sync(0x55555555u, lane % 4 == 0) : 0;
@@ -137,21 +139,24 @@ __global__ void partial_masks(int *out) {
   out[t] = lane < 8 ? __shfl_sync(0x000000ffu, v, 9) : 0;
   out += 64;
   // 5: votes on the upper half
-  out[t] = lane >= 16 ? __any_sync(0xffff0000u, lane == 20) * 2 + __all_sync(0xffff0000u, lane >= 16)
-                      : -5;
+  out[t] = lane >= 16
+               ? __any_sync(0xffff0000u, lane == 20) * 2 + __all_sync(0xffff0000u, lane >= 16)
+               : -5;
   out += 64;
   // 6: xor 16 within width 16: earlier segments are readable, later ones give the own value
   out[t] = __shfl_xor_sync(kFull, v, 16, 16);
   out += 64;
   // 7: __syncwarp with disjoint masks at two sites
-  if (lane < 16) __syncwarp(0x0000ffffu);
-  else __syncwarp(0xffff0000u);
+  if (lane < 16)
+    __syncwarp(0x0000ffffu);
+  else
+    __syncwarp(0xffff0000u);
   out[t] = 1;
 }
 
 int run_partial_masks(int *out) { return KVC_LAUNCH(partial_masks, 1, 64, 0, 0, out); }
 
-// ---- shuffles of 16- and 64-bit types ------------------------------------------------------------
+// ---- shuffles of 16- and 64-bit types -----------------------------------------------------------
 
 __global__ void shfl_types(__half *h, __nv_bfloat16 *b, double *d, unsigned long long *u) {
   int lane = threadIdx.x, src = (lane + 1) % 32;
@@ -165,7 +170,7 @@ int run_shfl_types(__half *h, __nv_bfloat16 *b, double *d, unsigned long long *u
   return KVC_LAUNCH(shfl_types, 1, 32, 0, 0, h, b, d, u);
 }
 
-// ---- a 3-D grid of 3-D blocks ---------------------------------------------------------------------
+// ---- a 3-D grid of 3-D blocks -------------------------------------------------------------------
 
 __global__ void grid_ids(unsigned *ids, unsigned *dims) {
   unsigned block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
@@ -182,7 +187,7 @@ int run_grid_ids(unsigned *ids, unsigned *dims) {
   return KVC_LAUNCH(grid_ids, dim3(3, 2, 2), dim3(4, 3, 2), 0, 0, ids, dims);
 }
 
-// ---- dynamic shared memory as half: reverse each block's segment ---------------------------------
+// ---- dynamic shared memory as half: reverse each block's segment --------------------------------
 
 __global__ void reverse_half(const float *in, __half *oh, __nv_bfloat16 *ob, int n,
                              unsigned short *poison) {
@@ -203,7 +208,7 @@ int run_reverse_half(const float *in, __half *h, __nv_bfloat16 *b, int n, unsign
   return KVC_LAUNCH(reverse_half, (n + 63) / 64, 64, 65 * sizeof(__half), 0, in, h, b, n, poison);
 }
 
-// ---- __syncthreads_count / _and / _or -------------------------------------------------------------
+// ---- __syncthreads_count / _and / _or -----------------------------------------------------------
 
 __global__ void sync_votes(const int *pred, int n, int *out) {
   int t = threadIdx.x;
@@ -219,7 +224,7 @@ int run_sync_votes(const int *pred, int n, int *out) {
   return KVC_LAUNCH(sync_votes, 1, 96, 0, 0, pred, n, out);
 }
 
-// ---- static __shared__ is fresh (poisoned) in every block ----------------------------------------
+// ---- static __shared__ is fresh (poisoned) in every block ---------------------------------------
 
 __global__ void static_smem_first_read(int *first_read) {
   __shared__ int s[4];
@@ -232,14 +237,15 @@ int run_static_smem_first_read(int *first_read, int blocks) {
   return KVC_LAUNCH(static_smem_first_read, blocks, 8, 0, 0, first_read);
 }
 
-// ---- barrier phases, logged in execution order; `mine` must stay per block -----------------------
+// ---- barrier phases, logged in execution order; `mine` must stay per block ----------------------
 
 __global__ void phase_log(int *log, int *pos) {
   __shared__ int mine;
   if (threadIdx.x == 0) mine = blockIdx.x;
   for (int phase = 0; phase < 3; ++phase) {
     __syncthreads();
-    if (threadIdx.x == 0) log[atomicAdd(pos, 1)] = blockIdx.x * 10 + phase + (mine != (int)blockIdx.x) * 1000;
+    if (threadIdx.x == 0)
+      log[atomicAdd(pos, 1)] = blockIdx.x * 10 + phase + (mine != (int)blockIdx.x) * 1000;
   }
 }
 
@@ -247,7 +253,7 @@ int run_phase_log(int *log, int *pos, int blocks) {
   return KVC_LAUNCH(phase_log, blocks, 64, 0, 0, log, pos);
 }
 
-// ---- a missing barrier: each thread reads its left neighbour's element ---------------------------
+// ---- a missing barrier: each thread reads its left neighbour's element --------------------------
 
 template <bool SYNC>
 __global__ void neighbour_copy(const int *in, int *out) {
@@ -263,28 +269,40 @@ int run_neighbour_copy(const int *in, int *out, int blocks, bool with_barrier) {
                       : KVC_LAUNCH(neighbour_copy<false>, blocks, 128, 0, 0, in, out);
 }
 
-// ---- a divergent barrier: two call sites in one phase; lines[] gets the two lines ----------------
+// ---- a divergent barrier: two call sites in one phase; lines[] gets the two lines ---------------
 
 __global__ void divergent_barrier(int *lines) {
-  if (threadIdx.x < 16) {
-    __syncthreads(); lines[0] = __LINE__;
-  } else {
-    __syncthreads(); lines[1] = __LINE__;
-  }
+  if (threadIdx.x < 16)
+    lines[0] = (__syncthreads(), __LINE__);  // the barrier's line, as the report must show it
+  else
+    lines[1] = (__syncthreads(), __LINE__);
 }
 
 int run_divergent_barrier(int *lines) { return KVC_LAUNCH(divergent_barrier, 1, 32, 0, 0, lines); }
 
-// ---- a deadlock: half a warp in a full-mask shuffle, the other half at a barrier ------------------
+// ---- a deadlock: half a warp in a full-mask shuffle, the other half at a barrier ----------------
 
 __global__ void deadlock(int *out) {
-  if (threadIdx.x < 16) out[threadIdx.x] = __shfl_sync(kFull, (int)threadIdx.x, 0);
-  else __syncthreads();
+  if (threadIdx.x < 16)
+    out[threadIdx.x] = __shfl_sync(kFull, (int)threadIdx.x, 0);
+  else
+    __syncthreads();
 }
 
 int run_deadlock(int *out, int blocks) { return KVC_LAUNCH(deadlock, blocks, 32, 0, 0, out); }
 
-// ---- atomics on global memory from every thread of the grid --------------------------------------
+// ---- lanes of one mask at different warp ops ----------------------------------------------------
+
+__global__ void warp_mismatch(int *out) {
+  if (threadIdx.x < 16)
+    out[threadIdx.x] = __shfl_sync(kFull, 1, 0);
+  else
+    out[threadIdx.x] = (int)__ballot_sync(kFull, 1);
+}
+
+int run_warp_mismatch(int *out) { return KVC_LAUNCH(warp_mismatch, 1, 32, 0, 0, out); }
+
+// ---- atomics on global memory from every thread of the grid -------------------------------------
 
 __global__ void atomics(AtomicCounters *c) {
   int id = blockIdx.x * blockDim.x + threadIdx.x;
@@ -310,10 +328,12 @@ int run_atomics(AtomicCounters *c, int blocks, int threads) {
   return KVC_LAUNCH(atomics, blocks, threads, 0, 0, c);
 }
 
-// ---- launch details: a template kernel with commas; arguments evaluated once ---------------------
+// ---- launch details: a template kernel with commas; arguments evaluated once --------------------
 
 template <int A, int B>
-__global__ void add_ab(int *out, int base) { out[threadIdx.x] = base + A * 10 + B; }
+__global__ void add_ab(int *out, int base) {
+  out[threadIdx.x] = base + A * 10 + B;
+}
 
 int run_args_once(int *out, int *counter) {
   return KVC_LAUNCH((add_ab<2, 3>), 1, 4, 0, nullptr, out, (*counter)++);

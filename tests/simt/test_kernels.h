@@ -29,6 +29,7 @@ int run_phase_log(int *log, int *pos, int blocks);  // 3 barrier phases a block
 int run_neighbour_copy(const int *in, int *out, int blocks, bool with_barrier);
 int run_divergent_barrier(int *lines);
 int run_deadlock(int *out, int blocks);
+int run_warp_mismatch(int *out);  // half a warp shuffles, the other half votes, both full mask
 int run_atomics(AtomicCounters *c, int blocks, int threads);
 int run_args_once(int *out, int *counter);  // template kernel with commas; (*counter)++ as arg
 int run_config(int grid_x, int block_x, int block_y, size_t smem);

@@ -95,7 +95,8 @@ Test(simt, early_exit_before_barrier) {
   std::vector<unsigned> ballots(8, 0);
   for (int i = 0; i < 256; ++i) in[i] = i + 1;
   cr_assert_eq(run_early_exit(in.data(), sums.data(), ballots.data(), n), 0);
-  for (int t = 0; t < 256; ++t) cr_assert_eq(sums[t], t < n ? (t + 1) * (t + 2) / 2 : -7, "thread %d", t);
+  for (int t = 0; t < 256; ++t)
+    cr_assert_eq(sums[t], t < n ? (t + 1) * (t + 2) / 2 : -7, "thread %d", t);
   cr_assert_eq(ballots[0], 0xffffffffu);
   cr_assert_eq(ballots[1], 0xffffffffu);
   cr_assert_eq(ballots[2], 0x3fu);  // lanes 64..69
@@ -108,7 +109,10 @@ Test(simt, partial_masks) {
   for (int t = 0; t < 64; ++t) {
     int lane = t % 32, v = 100 + t;
     const int *o = out.data() + t;
-    cr_assert_eq(o[0], lane < 16 ? 100 + (t ^ 1) : lane + 2 < 32 ? v + 2 : v,
+    cr_assert_eq(o[0],
+                 lane < 16       ? 100 + (t ^ 1)
+                 : lane + 2 < 32 ? v + 2
+                                 : v,
                  "disjoint masks, thread %d", t);
     cr_assert_eq(o[64], lane % 2 == 0 ? 0x11111111 : 0, "even ballot, thread %d", t);
     cr_assert_eq(o[128], 100 + (t & ~7) + 3, "width 8, thread %d", t);
@@ -165,7 +169,7 @@ Test(simt, dynamic_smem_half_bf16) {
 Test(simt, sync_votes) {
   std::vector<int> pred(96, 1), out(4, -1);
   for (int t = 0; t < 96; t += 3) pred[t] = 0;  // 20 zeros among the 60 that stay
-  pred[90] = 0;                                    // an exited thread: must not count
+  pred[90] = 0;                                 // an exited thread: must not count
   cr_assert_eq(run_sync_votes(pred.data(), 60, out.data()), 0);
   cr_assert_eq(out[0], 40, "count");
   cr_assert_eq(out[1], 0, "and");
@@ -243,6 +247,15 @@ Test(simt, deadlock_reported_and_recovered) {
   cr_assert_eq(run_block_reduce(in.data(), sums.data(), 256), 0);
   cr_assert_float_eq(sums[0], 256.f, 0);
   cr_assert_eq(simt::launch_errors(), 1);
+}
+
+Test(simt, mismatched_warp_ops_reported) {
+  std::vector<int> out(32, 0);
+  int errors = -1;
+  std::string text = capture_stderr([&] { errors = run_warp_mismatch(out.data()); });
+  cr_assert_eq(errors, 1);
+  cr_assert(contains(text, "different warp ops or masks"), "%s", text.c_str());
+  cr_assert_eq(cudaGetLastError(), cudaErrorLaunchFailure);
 }
 
 Test(simt, invalid_configurations) {

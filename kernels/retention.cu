@@ -1,0 +1,66 @@
+/*
+ * retention.cu - CUDA retention: per (sequence, KV head, user span) the number of kept indices
+ * inside the span, in the count layout (kvc_retention in kvcompress.h; the same counts as
+ * kernels/retention_cpu.c). One thread per count: keep rows are ascending, so a count is the
+ * difference of two binary searches in the row, O(log k) reads.
+ */
+#include "cuda_compat.cuh"
+
+#include "common.h"
+#include "ops.h"
+
+namespace {
+
+constexpr int kThreads = 128;
+
+/* Number of keep[0, k) below `bound` (keep ascending). */
+__device__ int32_t count_below(const int32_t *keep, int32_t k, int32_t bound) {
+  int32_t lo = 0, hi = k;
+  while (lo < hi) {
+    const int32_t mid = lo + (hi - lo) / 2;
+    if (keep[mid] < bound) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/* Sequence of count-layout element e: the last b with num_kv_heads * span_indptr[b] <= e. */
+__device__ int32_t sequence_of(const kvc_plan_view_t &plan, int64_t e) {
+  int32_t lo = 0, hi = plan.batch - 1;
+  while (lo < hi) {
+    const int32_t mid = (lo + hi + 1) / 2;
+    if ((int64_t)plan.num_kv_heads * plan.span_indptr[mid] <= e) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    retention_kernel(kvc_plan_view_t plan, const int32_t *keep, int32_t *counts) {
+  const int64_t e = blockIdx.x * (int64_t)kThreads + threadIdx.x;
+  if (e >= plan.num_kv_heads * plan.total_spans) return;
+  const int32_t b = sequence_of(plan, e), first = plan.span_indptr[b];
+  const int32_t spans = plan.span_indptr[b + 1] - first, k = plan.keep_lens[b];
+  const int64_t r = e - (int64_t)plan.num_kv_heads * first;
+  const int32_t h = (int32_t)(r / spans), i = (int32_t)(r - (int64_t)h * spans);
+  const int32_t *row = keep + plan.num_kv_heads * plan.keep_offsets[b] + (int64_t)h * k;
+  const kvc_span_t span = plan.spans[first + i];
+  counts[e] = count_below(row, k, span.end) - count_below(row, k, span.start);
+}
+
+}  // namespace
+
+extern "C" kvc_status_t kvc_retention_cuda(const kvc_op_args_t *args, kvc_carver_t *ws) {
+  /* No workspace. The sizing call is told apart by its missing arrays, not by ws->base: a
+   * zero-byte workspace may legitimately be NULL when the op runs. */
+  const kvc_plan_view_t &plan = args->plan;
+  const int64_t elems = plan.num_kv_heads * plan.total_spans;
+  if (!args->keep || !args->counts || elems == 0) return KVC_SUCCESS;
+  KVC_LAUNCH(retention_kernel, dim3((unsigned)((elems + kThreads - 1) / kThreads)), dim3(kThreads), 0,
+             static_cast<cudaStream_t>(args->stream), plan, args->keep, args->counts);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_CUDA, "kvc_retention: kernel launch failed: %s",
+                           cudaGetErrorString(err));
+  return KVC_SUCCESS;
+}

@@ -1,0 +1,288 @@
+/*
+ * test_select_emu.c - kvc_select on the CUDA backend (kernels/select.cu run by the SIMT emulator)
+ * against the CPU backend, bit for bit, and both against the sorting oracle of
+ * tests/support/select_oracle.c, through the public API.
+ *
+ * Rows of 1..512 tokens take the warp-per-row kernel, longer ones (here up to ~5k) the
+ * block-per-row kernel, whose multi-pass loop is the same at 1M tokens. Score patterns: random,
+ * few values (ties everywhere, across partition borders), NaN / +-inf / +-0, all equal, all NaN.
+ * Quotas of 0 and of the whole partition, k = n, k = |P|, n = 1, many partitions with unequal
+ * weights, fairness 0 / 0.5 / 1, TOVA's one selection shared by every KV head, SNAPKV's
+ * protected window. The keep array has a guard tail the kernels must not touch.
+ */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvcompress.h"
+#include "select_oracle.h"
+#include "test_util.h"
+
+#define MAX_BATCH 16
+#define MAX_SPANS 512
+static const int32_t kGuard = 64, kGuardValue = -12345;
+
+typedef struct {
+  kvc_score_method_t method;
+  int32_t num_kv_heads, batch;
+  int32_t seq_lens[MAX_BATCH], budgets[MAX_BATCH];
+  int32_t span_indptr[MAX_BATCH + 1];
+  kvc_span_t spans[MAX_SPANS];
+  int has_spans;
+  int32_t sink, recent, window;
+  float fairness;
+  kvc_score_pattern_t pattern;
+  uint64_t seed;
+} select_case_t;
+
+static kvc_plan_desc_t case_desc(const select_case_t *c) {
+  kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;
+  desc.num_kv_heads = c->num_kv_heads;
+  desc.num_q_heads = c->num_kv_heads;
+  desc.head_dim = 64;
+  desc.batch = c->batch;
+  desc.seq_lens = c->seq_lens;
+  desc.budgets = c->budgets;
+  desc.span_indptr = c->has_spans ? c->span_indptr : NULL;
+  desc.spans = c->has_spans ? c->spans : NULL;
+  desc.method = c->method;
+  desc.window = c->window > 0 ? c->window : 16;
+  desc.sink_tokens = c->sink;
+  desc.recent_tokens = c->recent;
+  desc.fairness = c->fairness;
+  return desc;
+}
+
+static void *alloc_ws(kvc_plan_t plan, size_t *bytes) {
+  cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_SELECT, bytes), KVC_SUCCESS);
+  return kvc_test_workspace_new(*bytes);
+}
+
+static void run_select(kvc_context_t ctx, kvc_plan_t plan, const float *scores, int32_t *keep) {
+  size_t bytes = 0;
+  void *ws = alloc_ws(plan, &bytes);
+  kvc_status_t status = kvc_select(ctx, plan, scores, keep, ws, bytes, NULL);
+  cr_assert_eq(status, KVC_SUCCESS, "kvc_select: %s (%s)", kvc_status_name(status), kvc_last_error(ctx));
+  free(ws);
+}
+
+/* First differing element of two keep layouts, as (sequence, head, index) for the message. */
+static void assert_same_keep(const select_case_t *c, const int32_t *got, const int32_t *want, const char *what) {
+  int64_t at = 0;
+  for (int32_t b = 0; b < c->batch; ++b) {
+    const int32_t n = c->seq_lens[b], k = c->budgets[b] < n ? c->budgets[b] : n;
+    for (int32_t h = 0; h < c->num_kv_heads; ++h)
+      for (int32_t j = 0; j < k; ++j, ++at)
+        cr_assert_eq(got[at], want[at],
+                     "%s: %s scores, seq %d (n %d, k %d) head %d: keep[%d] is %d, expected %d (fairness %.2f)", what,
+                     kvc_test_pattern_name(c->pattern), b, n, k, h, j, got[at], want[at], (double)c->fairness);
+  }
+}
+
+static void check_case(const select_case_t *c) {
+  kvc_plan_desc_t desc = case_desc(c);
+  kvc_context_t cpu = NULL, cuda = NULL;
+  kvc_plan_t cpu_plan = NULL, cuda_plan = NULL;
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CPU, 0, &cpu), KVC_SUCCESS);
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CUDA, 0, &cuda), KVC_SUCCESS);
+  kvc_status_t status = kvc_plan_create(cpu, &desc, &cpu_plan);
+  cr_assert_eq(status, KVC_SUCCESS, "CPU plan: %s (%s)", kvc_status_name(status), kvc_last_error(cpu));
+  status = kvc_plan_create(cuda, &desc, &cuda_plan);
+  cr_assert_eq(status, KVC_SUCCESS, "CUDA plan: %s (%s)", kvc_status_name(status), kvc_last_error(cuda));
+  kvc_plan_info_t info;
+  cr_assert_eq(kvc_plan_get_info(cpu_plan, &info), KVC_SUCCESS);
+
+  float *scores = malloc(sizeof(float) * (size_t)info.score_elems);
+  kvc_test_fill_scores(scores, info.score_elems, c->pattern, c->seed);
+  const size_t keep_count = (size_t)info.keep_elems + (size_t)kGuard;
+  int32_t *want = malloc(sizeof(int32_t) * keep_count), *cpu_keep = malloc(sizeof(int32_t) * keep_count);
+  int32_t *cuda_keep = malloc(sizeof(int32_t) * keep_count);
+  for (size_t i = 0; i < keep_count; ++i) cpu_keep[i] = cuda_keep[i] = kGuardValue;
+
+  cr_assert_eq(kvc_test_select_oracle(cpu_plan, &desc, scores, want), 0, "oracle failed");
+  run_select(cpu, cpu_plan, scores, cpu_keep);
+  run_select(cuda, cuda_plan, scores, cuda_keep);
+  assert_same_keep(c, cpu_keep, want, "CPU vs oracle");
+  assert_same_keep(c, cuda_keep, cpu_keep, "CUDA vs CPU");
+  for (int32_t i = 0; i < kGuard; ++i)
+    cr_assert_eq(cuda_keep[info.keep_elems + i], kGuardValue, "CUDA wrote past the keep layout (element %d)", i);
+
+  free(scores), free(want), free(cpu_keep), free(cuda_keep);
+  kvc_plan_destroy(cpu_plan), kvc_plan_destroy(cuda_plan);
+  kvc_context_destroy(cpu), kvc_context_destroy(cuda);
+}
+
+/* A batch of the given lengths, budgets as a fraction of n (at least `min_budget`). */
+static select_case_t make_case(kvc_score_method_t method, int32_t heads, int32_t batch, const int32_t *lens,
+                               double keep_fraction, int32_t min_budget, kvc_score_pattern_t pattern, uint64_t seed) {
+  select_case_t c;
+  memset(&c, 0, sizeof c);
+  c.method = method;
+  c.num_kv_heads = heads;
+  c.batch = batch;
+  c.pattern = pattern;
+  c.seed = seed;
+  for (int32_t b = 0; b < batch; ++b) {
+    c.seq_lens[b] = lens[b];
+    int32_t budget = (int32_t)(keep_fraction * lens[b]);
+    c.budgets[b] = budget < min_budget ? min_budget : budget;
+  }
+  return c;
+}
+
+/* Adds random FAIR and PROTECT spans to every sequence of c. */
+static void add_spans(select_case_t *c, int32_t fair, int32_t protect, int equal_weights) {
+  kvc_rng_t rng = {c->seed ^ 0x5eed};
+  c->has_spans = 1;
+  c->span_indptr[0] = 0;
+  for (int32_t b = 0; b < c->batch; ++b) {
+    int32_t made = kvc_test_random_spans(&rng, c->seq_lens[b], fair, protect, equal_weights, c->spans,
+                                         c->span_indptr[b], MAX_SPANS);
+    c->span_indptr[b + 1] = c->span_indptr[b] + made;
+  }
+}
+
+static const int32_t kMixedLens[] = {1, 5, 31, 64, 512, 513, 1000, 2048, 4099};
+#define MIXED_BATCH ((int32_t)(sizeof kMixedLens / sizeof kMixedLens[0]))
+
+static const kvc_score_pattern_t kPatterns[] = {KVC_SCORES_RANDOM, KVC_SCORES_FEW_VALUES, KVC_SCORES_SPECIAL,
+                                                KVC_SCORES_EQUAL, KVC_SCORES_NAN};
+
+/* Plain top-k with sinks and recents, short and long rows in one batch, every pattern. */
+Test(select_emu, plain_topk_all_patterns) {
+  for (int i = 0; i < 5; ++i) {
+    select_case_t c = make_case(KVC_SCORE_KNORM, 2, MIXED_BATCH, kMixedLens, 0.3, 4, kPatterns[i], 100 + i);
+    c.sink = 2, c.recent = 2;
+    check_case(&c);
+  }
+}
+
+/* FAIR spans with gaps (implicit partition) and PROTECT spans inside / across them. */
+Test(select_emu, fair_spans_every_fairness) {
+  const float fairness[] = {0.0f, 0.5f, 1.0f};
+  for (int f = 0; f < 3; ++f)
+    for (int i = 0; i < 5; ++i) {
+      select_case_t c = make_case(KVC_SCORE_KNORM, 2, MIXED_BATCH, kMixedLens, 0.4, 8, kPatterns[i], 200 + 10 * f + i);
+      c.fairness = fairness[f];
+      c.sink = 1, c.recent = 1;
+      add_spans(&c, 3, 2, 0);
+      check_case(&c);
+    }
+}
+
+/* Dozens of partitions of unequal weight in long rows. */
+Test(select_emu, many_partitions) {
+  const int32_t lens[] = {3000, 5000, 700};
+  const float fairness[] = {0.0f, 0.5f, 1.0f};
+  for (int f = 0; f < 3; ++f)
+    for (int p = 0; p < 2; ++p) {
+      select_case_t c = make_case(KVC_SCORE_KNORM, 1, 3, lens, 0.25, 64, p ? KVC_SCORES_FEW_VALUES : KVC_SCORES_RANDOM,
+                                  300 + 10 * f + p);
+      c.fairness = fairness[f];
+      add_spans(&c, 40, 10, 0);
+      check_case(&c);
+    }
+}
+
+/* Fairness 1 with a budget close to n: quotas reach whole partitions (q_p = L_p); fairness 0:
+ * quotas equal the protected counts (q_p - lo_p = 0, including 0 for partitions without any). */
+Test(select_emu, quota_extremes) {
+  const int32_t lens[] = {400, 2500};
+  const double fractions[] = {0.97, 0.02};
+  for (int e = 0; e < 2; ++e)
+    for (int i = 0; i < 3; ++i) {
+      select_case_t c = make_case(KVC_SCORE_KNORM, 2, 2, lens, fractions[e], 12, kPatterns[i], 400 + 10 * e + i);
+      c.fairness = e == 0 ? 1.0f : 0.0f;
+      add_spans(&c, 4, 1, 0);
+      check_case(&c);
+    }
+  /* one heavy span: its quota saturates at its length while the light ones get little */
+  const int32_t one[] = {3000};
+  select_case_t c = make_case(KVC_SCORE_KNORM, 1, 1, one, 0.5, 1, KVC_SCORES_RANDOM, 420);
+  c.fairness = 1.0f;
+  c.has_spans = 1;
+  c.span_indptr[0] = 0, c.span_indptr[1] = 3;
+  c.spans[0] = (kvc_span_t){0, 600, KVC_SPAN_FAIR, 100.0f};
+  c.spans[1] = (kvc_span_t){600, 2900, KVC_SPAN_FAIR, 0.01f};
+  c.spans[2] = (kvc_span_t){2900, 3000, KVC_SPAN_FAIR, 1.0f};
+  check_case(&c);
+  int32_t quotas[3];
+  kvc_context_t cpu;
+  kvc_plan_t plan;
+  kvc_plan_desc_t desc = case_desc(&c);
+  kvc_context_create(KVC_BACKEND_CPU, 0, &cpu);
+  cr_assert_eq(kvc_plan_create(cpu, &desc, &plan), KVC_SUCCESS);
+  kvc_plan_span_quotas(plan, quotas, NULL);
+  cr_expect_eq(quotas[0], 600, "the heavy span's quota saturates (got %d)", quotas[0]);
+  kvc_plan_destroy(plan);
+  kvc_context_destroy(cpu);
+}
+
+/* k = n (untouched rows next to compressed ones), k = |P|, n = 1. */
+Test(select_emu, budget_edges) {
+  const int32_t lens[] = {1, 1, 600, 600, 2000, 7};
+  select_case_t c = make_case(KVC_SCORE_KNORM, 3, 6, lens, 1.0, 1, KVC_SCORES_FEW_VALUES, 500);
+  c.budgets[1] = 5;     /* budget > n = 1 */
+  c.budgets[3] = 601;   /* k = n on a long row */
+  c.sink = 3, c.recent = 3;
+  c.budgets[2] = 6;     /* k = |P| = sinks + recents */
+  c.budgets[4] = 6;
+  c.budgets[5] = 6;     /* short row, k = |P| = 6 of 7 */
+  for (int i = 0; i < 5; ++i) {
+    c.pattern = kPatterns[i];
+    c.seed = 500 + i;
+    check_case(&c);
+  }
+  /* k = |P| with PROTECT spans and SNAPKV's window */
+  select_case_t s = make_case(KVC_SCORE_SNAPKV, 2, 2, (const int32_t[]){900, 300}, 0.0, 1, KVC_SCORES_RANDOM, 510);
+  s.window = 8;
+  add_spans(&s, 2, 3, 1);
+  kvc_context_t cpu;
+  kvc_plan_t probe;
+  kvc_context_create(KVC_BACKEND_CPU, 0, &cpu);
+  s.budgets[0] = s.seq_lens[0], s.budgets[1] = s.seq_lens[1];
+  kvc_plan_desc_t desc = case_desc(&s);
+  cr_assert_eq(kvc_plan_create(cpu, &desc, &probe), KVC_SUCCESS, "%s", kvc_last_error(cpu));
+  for (int32_t b = 0; b < 2; ++b) s.budgets[b] = kvc_test_protected_count(probe, &desc, b);
+  kvc_plan_destroy(probe);
+  kvc_context_destroy(cpu);
+  check_case(&s);
+}
+
+/* TOVA: head 0's scores choose for every KV head (the other heads' scores differ and are ignored). */
+Test(select_emu, tova_shared_heads) {
+  const int32_t lens[] = {200, 1500, 3};
+  for (int i = 0; i < 3; ++i) {
+    select_case_t c = make_case(KVC_SCORE_TOVA, 4, 3, lens, 0.3, 6, kPatterns[i], 600 + i);
+    c.fairness = 0.5f;
+    add_spans(&c, 2, 1, 1);
+    check_case(&c);
+  }
+}
+
+/* SNAPKV protects its observation window; fairness across spans on top. */
+Test(select_emu, snapkv_window_protected) {
+  const int32_t lens[] = {100, 1200};
+  for (int i = 0; i < 2; ++i) {
+    select_case_t c = make_case(KVC_SCORE_SNAPKV, 2, 2, lens, 0.2, 40, kPatterns[i], 700 + i);
+    c.window = 32;
+    c.fairness = 1.0f;
+    add_spans(&c, 2, 0, 1);
+    check_case(&c);
+  }
+}
+
+/* Many random configurations, small enough to run quickly through the emulator. */
+Test(select_emu, randomized) {
+  kvc_rng_t rng = {800};
+  for (int trial = 0; trial < 40; ++trial) {
+    int32_t lens[4], batch = kvc_rng_range(&rng, 1, 4);
+    for (int32_t b = 0; b < batch; ++b) lens[b] = kvc_rng_range(&rng, 1, kvc_rng_range(&rng, 0, 3) ? 600 : 3000);
+    select_case_t c = make_case(KVC_SCORE_KNORM, kvc_rng_range(&rng, 1, 3), batch, lens, kvc_rng_uniform(&rng), 1,
+                                kPatterns[kvc_rng_range(&rng, 0, 4)], 900 + trial);
+    c.fairness = (float)kvc_rng_range(&rng, 0, 4) / 4.0f;
+    add_spans(&c, kvc_rng_range(&rng, 0, 6), 0, kvc_rng_range(&rng, 0, 1));
+    check_case(&c);
+  }
+}
