@@ -136,10 +136,14 @@ static kvc_status_t check_workspace(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t
   return KVC_SUCCESS;
 }
 
+/* Ops tell the sizing call (base NULL) from a run by the base, so a run without workspace (the
+ * plan needs none and the caller passed NULL) gets this non-NULL base, of which it carves 0 bytes. */
+static char no_workspace[KVC_WORKSPACE_ALIGN];
+
 /* Runs one op on its slice of the workspace, with the device selected around the call. */
 static kvc_status_t run_op(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, kvc_op_args_t *args, void *workspace,
                            int32_t **page_scratch) {
-  kvc_carver_t ws = {(char *)workspace, 0};
+  kvc_carver_t ws = {workspace ? (char *)workspace : no_workspace, 0};
   kvc_carve_validation(&plan->host, plan->backend, op, &ws, page_scratch);
   args->plan = plan->view;
   args->detail = ctx->detail;

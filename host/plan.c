@@ -183,17 +183,28 @@ static void apportion(const long double *c, const int32_t *lo, const int32_t *hi
     if (x > lo[p] && x < hi[p]) free_c += c[p];
     else fixed += x <= lo[p] ? lo[p] : hi[p];
   }
-  for (int p = 0; p < np; ++p) {
-    long double x = probe * c[p];
-    share[p] = (x > lo[p] && x < hi[p]) ? ((long double)F - fixed) * c[p] / free_c : (x <= lo[p] ? lo[p] : hi[p]);
-    share[p] = clamp_ld(share[p], lo[p], hi[p]);
-  }
+  /* Free partitions get (F - fixed) * c_p / free_c. Their remainders all have the denominator
+   * free_c, so compare numerators: exact whenever the products fit the 64-bit mantissa, which
+   * keeps exact ties exact (fractional parts taken after a division would round differently for
+   * shares of different magnitude). share[] holds the remainder numerators; bounded ones have 0. */
+  const long double left = (long double)F - fixed;
   int64_t assigned = 0;
   for (int p = 0; p < np; ++p) {
-    q[p] = (int32_t)floorl(share[p]);
-    share[p] -= q[p];
-    assigned += q[p];
+    long double x = probe * c[p];
+    share[p] = 0;
     order[p] = p;
+    if (!(x > lo[p] && x < hi[p])) {
+      q[p] = x <= lo[p] ? lo[p] : hi[p];
+    } else {
+      long double numerator = left * c[p];
+      q[p] = (int32_t)floorl(numerator / free_c);
+      share[p] = numerator - (long double)q[p] * free_c;
+      if (share[p] < 0) q[p]--, share[p] += free_c;         /* the division rounded up */
+      if (share[p] >= free_c) q[p]++, share[p] -= free_c;  /* or down */
+      if (q[p] < lo[p]) q[p] = lo[p], share[p] = 0;
+      if (q[p] >= hi[p]) q[p] = hi[p], share[p] = 0;
+    }
+    assigned += q[p];
   }
   /* largest remainder first; equal remainders: the later partition first */
   for (int i = 1; i < np; ++i)

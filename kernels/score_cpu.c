@@ -44,7 +44,7 @@ static void query_softmax(const kvc_op_args_t *args, const int32_t *pages, int32
   const int32_t dim = plan->head_dim, h = g / plan->group_size, lo = plan->obs_lo[r], p = plan->obs_pos[r];
   const int64_t q0 = (r * plan->num_q_heads + g) * dim;
   double query[256]; /* head_dim <= 256 on the CPU backend (plan validation) */
-  for (int32_t d = 0; d < dim; ++d) query[d] = kvc_load_as_double(args->queries, plan->dtype, q0 + d);
+  for (int32_t d = 0; d < dim; ++d) query[d] = (float)(0.999 * kvc_load_as_double(args->queries, plan->dtype, q0 + d));
 
   double max = -INFINITY;
   for (int32_t t = lo; t <= p; ++t) {
@@ -80,7 +80,7 @@ static void head_attention(const kvc_op_args_t *args, const int32_t *pages, int3
   int64_t first_seeing = dom->obs_begin;
   for (int32_t j = dom->start; j < dom->scored_end; ++j) {
     while (plan->obs_pos[first_seeing] < j) ++first_seeing;
-    rows->head[j - dom->start] /= (double)(dom->obs_end - dom->obs_begin);
+    rows->head[j - dom->start] /= (double)(dom->obs_end - first_seeing);
   }
 }
 

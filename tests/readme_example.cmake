@@ -1,5 +1,5 @@
 # Extracts the C example that follows "<!-- readme-example -->" in README.md, compiles it against
-# the built shared library and runs it. Arguments: README, OUT_DIR, CC, INCLUDES (;-list), LIB.
+# the built shared library and runs it. Arguments: README, OUT_DIR, CC, INCLUDE_DIR, GENERATED_INCLUDE_DIR, LIB.
 file(READ ${README} text)
 string(FIND "${text}" "<!-- readme-example -->" at)
 if(at EQUAL -1)
@@ -11,10 +11,7 @@ string(REGEX REPLACE "```c\n(.*)```.*" "\\1" code "${block}")
 string(FIND "${code}" "```" end)
 string(SUBSTRING "${code}" 0 ${end} code)
 file(WRITE ${OUT_DIR}/readme_example.c "${code}")
-set(flags)
-foreach(dir ${INCLUDES})
-  list(APPEND flags -I${dir})
-endforeach()
+set(flags -I${INCLUDE_DIR} -I${GENERATED_INCLUDE_DIR})
 get_filename_component(libdir ${LIB} DIRECTORY)
 execute_process(COMMAND ${CC} -Wall -Werror ${flags} ${OUT_DIR}/readme_example.c -o ${OUT_DIR}/readme_example
                         -L${libdir} -lkvcompress -Wl,-rpath,${libdir} -lm

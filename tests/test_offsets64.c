@@ -30,7 +30,7 @@ static float *element(const sparse_cache_t *c, void *pool, int32_t t, int32_t h)
 
 static void sparse_cache_init(sparse_cache_t *c, int64_t stride_page, int64_t stride_head, int32_t num_pages) {
   memset(c, 0, sizeof *c);
-  c->table[0] = num_pages - 1, c->table[1] = num_pages / 2, c->table[2] = num_pages - 2;
+  c->table[0] = num_pages - 1, c->table[1] = num_pages / 2 - 1, c->table[2] = num_pages - 2;
   c->desc.dtype = KVC_DTYPE_F32;
   c->desc.num_kv_heads = KV_HEADS, c->desc.head_dim = HEAD_DIM, c->desc.page_size = PAGE;
   c->desc.num_pages = num_pages;
