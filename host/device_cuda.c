@@ -1,4 +1,6 @@
-/* device_cuda.c - the device runtime through the CUDA runtime API (plan upload, device choice). */
+/* device_cuda.c - the device runtime through the CUDA runtime API (plan upload, device choice) and
+ * the context's cuBLAS handle. */
+#include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
 #include "device.h"
@@ -45,4 +47,19 @@ kvc_status_t kvc_device_upload(void *dst, const void *src, size_t bytes, char *d
     return kvc_fail_detail(detail, cap, KVC_ERROR_CUDA, "cudaMemcpy(plan upload, %zu bytes): %s", bytes,
                            cudaGetErrorString(err));
   return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_blas_create(void **handle, char *detail, size_t cap) {
+  cublasHandle_t blas = NULL;
+  cublasStatus_t status = cublasCreate(&blas);
+  *handle = NULL;
+  if (status != CUBLAS_STATUS_SUCCESS)
+    return kvc_fail_detail(detail, cap, status == CUBLAS_STATUS_ALLOC_FAILED ? KVC_ERROR_OUT_OF_MEMORY : KVC_ERROR_CUDA,
+                           "cublasCreate: %s (%s)", cublasGetStatusName(status), cublasGetStatusString(status));
+  *handle = blas;
+  return KVC_SUCCESS;
+}
+
+void kvc_blas_destroy(void *handle) {
+  if (handle) cublasDestroy((cublasHandle_t)handle);
 }

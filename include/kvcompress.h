@@ -334,12 +334,22 @@ typedef enum {
 } kvc_op_t;
 
 /* Workspace bytes the execute call `op` needs with this plan on its backend (may be 0; a NULL
- * workspace is then fine). The CUDA score workspace of SNAPKV, H2O and TOVA is, with
- * n_max the longest sequence and C = ceil(n_max / max(256, ceil(n_max / 64))) <= 64 key chunks,
- *     256-aligned(obs_total * num_q_heads * C * 8)     per-chunk softmax partials (max, sum)
- *   + 256-aligned(obs_total * num_q_heads * 4)         softmax normalisers (log-sum-exp)
- *   + 256-aligned(num_q_heads * total_tokens * 4)      attention per query head, before pooling
- * (never the [heads x window x n] attention matrix); 0 for KNORM and STREAMING. COMPRESS is
+ * workspace is then fine). The CUDA score workspace of SNAPKV, H2O and TOVA is, with n_max the
+ * longest sequence, Q_max the most observation queries of one scoring domain, G = num_q_heads /
+ * num_kv_heads and E the dtype's size in bytes, the sum of these terms, in this order, each but
+ * the last rounded up to a multiple of 256:
+ *     obs_total * num_q_heads * C * 8     softmax partials (max, sum) per key chunk
+ *   + obs_total * num_q_heads * 4         softmax normalisers (log-sum-exp)
+ *   [ + 4 MiB                             cuBLAS's workspace (it never allocates its own)
+ *     + T * head_dim * E                  one tile of keys gathered from the pages
+ *     + G * R * T * 4 ]                   one tile of logits (<= 16 MiB)
+ *   + num_q_heads * total_tokens * 4      attention per query head, before pooling
+ * The bracketed terms exist when some domain has more than 128 observation queries (H2O over the
+ * whole prompt, long SnapKV windows): such a domain's logits come from tensor-core GEMMs (cuBLAS)
+ * on tiles of T = min(1024, n_max) keys x R = min(max(1, floor(4096 / G)), Q_max) queries per q
+ * head, so the extra space does not grow with n beyond those caps. C = 1 when every domain with
+ * queries takes that path, else C = ceil(n_max / max(256, ceil(n_max / 64))) <= 64 key chunks.
+ * Never the [heads x window x n] attention matrix. 0 for KNORM and STREAMING. COMPRESS is
  * score + select + compact workspace plus the score and keep layouts.
  * INVALID_VALUE if plan or bytes is NULL or op unknown. */
 KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_t *bytes);

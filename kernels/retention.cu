@@ -50,9 +50,9 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-extern "C" kvc_status_t kvc_retention_cuda(const kvc_op_args_t *args, kvc_carver_t *ws) {
-  /* No workspace. The sizing call is told apart by its missing arrays, not by ws->base: a
-   * zero-byte workspace may legitimately be NULL when the op runs. */
+extern "C" kvc_status_t kvc_retention_cuda(const kvc_op_args_t *args, kvc_carver_t * /* no workspace */) {
+  /* The sizing call is told apart by its missing arrays: with no workspace, the base of a run may
+   * be NULL too. */
   const kvc_plan_view_t &plan = args->plan;
   const int64_t elems = plan.num_kv_heads * plan.total_spans;
   if (!args->keep || !args->counts || elems == 0) return KVC_SUCCESS;

@@ -3,23 +3,26 @@
  * against: the scoring semantics of the comment above kvc_plan_desc_t in kvcompress.h, computed
  * in double and rounded to float once, when the score is stored.
  *
- * Attention methods (SNAPKV, H2O, TOVA) go one (domain, q head) at a time: each observation
- * query's logits are computed once into a workspace row, turned into probabilities in place
- * (max-subtracted, so exp never overflows) and added to the head's per-key sums. The workspace
- * is four rows of the longest sequence; the [heads x window x n] attention matrix never exists
- * and keys are read straight from their pages, never converted as a whole.
+ * Attention methods (SNAPKV, H2O, TOVA) go one (domain, KV head) at a time: each observation
+ * query's logits, for all q heads of the KV head's group at once (each key is loaded and widened
+ * once per query row), are computed once into workspace rows, turned into probabilities in place
+ * (max-subtracted, so exp never overflows) and added to each head's per-key sums. The workspace
+ * is 2 * group + 2 rows of the longest sequence: the [heads x window x n] attention matrix never
+ * exists, and keys are read straight from their pages, never converted as a whole.
  */
 #include <math.h>
 
 #include "common.h"
 #include "ops.h"
 
-/* Per-key rows of one domain, each long enough for the longest sequence. */
+/* Workspace of the attention methods; L = the longest sequence, G = the GQA group size. */
 typedef struct {
-  double *probs;   /* one query's logits, then its softmax, over the keys it sees          */
-  double *head;    /* one q head's attention per scored key, averaged over its queries     */
-  double *pooled;  /* `head` after SNAPKV's pooling                                        */
-  double *reduced; /* the reduction over the q heads: the domain's scores for one row set  */
+  double *query;   /* [G][head_dim] one observation row's queries, for the q heads of a group   */
+  double *dots;    /* [G] the group's dot products with one key                                 */
+  double *probs;   /* [G][L] the row's logits, then softmax, over the keys it sees              */
+  double *heads;   /* [G][L] each q head's attention per scored key, averaged over its queries  */
+  double *pooled;  /* [L] one head's attention after SNAPKV's pooling                           */
+  double *reduced; /* [L] the reduction over q heads: the domain's scores for one row set       */
 } score_rows_t;
 
 static int is_attention_method(kvc_score_method_t method) {
@@ -30,57 +33,63 @@ static void store_score(float *out, double value, int accumulate) {
   *out = accumulate ? *out + (float)value : (float)value;
 }
 
-/* Element offset of key t of sequence b, KV head h. */
-static int64_t key_offset(const kvc_paged_kv_t *cache, const int32_t *pages, int32_t b, int32_t t, int32_t h) {
-  return kvc_slot_offset(cache, kvc_page_of(cache, pages, b, t), t, h);
+/* Key t of sequence b, KV head h, as doubles. */
+static void load_key(const kvc_paged_kv_t *cache, const int32_t *pages, int32_t b, int32_t t, int32_t h,
+                     int32_t dim, double *out) {
+  const int64_t k0 = kvc_slot_offset(cache, kvc_page_of(cache, pages, b, t), t, h);
+  for (int32_t d = 0; d < dim; ++d) out[d] = kvc_load_as_double(cache->k, cache->dtype, k0 + d);
 }
 
-/* a_gij of query row r (q head g) for the keys it sees, [obs_lo[r], obs_pos[r]], into
- * probs[0 .. obs_pos[r] - obs_lo[r]]. */
-static void query_softmax(const kvc_op_args_t *args, const int32_t *pages, int32_t b, int64_t r, int32_t g,
-                          double *probs) {
+/* Adds the attention of query row r, for each q head of KV head h's group, to rows->heads over the
+ * scored keys it sees. All heads of the group go together so each key is loaded once per row. */
+static void add_query_attention(const kvc_op_args_t *args, const int32_t *pages, int32_t b,
+                                const kvc_domain_t *dom, int32_t h, int64_t r, const score_rows_t *rows) {
   const kvc_plan_view_t *plan = &args->plan;
-  const kvc_paged_kv_t *cache = args->cache;
-  const int32_t dim = plan->head_dim, h = g / plan->group_size, lo = plan->obs_lo[r], p = plan->obs_pos[r];
-  const int64_t q0 = (r * plan->num_q_heads + g) * dim;
-  double query[256]; /* head_dim <= 256 on the CPU backend (plan validation) */
-  for (int32_t d = 0; d < dim; ++d) query[d] = (float)(0.999 * kvc_load_as_double(args->queries, plan->dtype, q0 + d));
-
-  double max = -INFINITY;
+  const int32_t G = plan->group_size, dim = plan->head_dim, L = plan->max_seq_len;
+  const int32_t lo = plan->obs_lo[r], p = plan->obs_pos[r], seen = p - lo + 1; /* lo is dom->start */
+  for (int32_t gi = 0; gi < G; ++gi) {
+    const int64_t q0 = (r * plan->num_q_heads + (int64_t)h * G + gi) * dim;
+    for (int32_t d = 0; d < dim; ++d) rows->query[gi * dim + d] = kvc_load_as_double(args->queries, plan->dtype, q0 + d);
+  }
+  double key[256]; /* head_dim <= 256 on the CPU backend (plan validation) */
   for (int32_t t = lo; t <= p; ++t) {
-    const int64_t k0 = key_offset(cache, pages, b, t, h);
-    double dot = 0.0;
-    for (int32_t d = 0; d < dim; ++d) dot += query[d] * kvc_load_as_double(cache->k, cache->dtype, k0 + d);
-    probs[t - lo] = (double)plan->scale * dot;
-    if (probs[t - lo] > max) max = probs[t - lo];
+    load_key(args->cache, pages, b, t, h, dim, key);
+    for (int32_t gi = 0; gi < G; ++gi) rows->dots[gi] = 0.0;
+    for (int32_t d = 0; d < dim; ++d) /* heads innermost: G independent sums, each in d order */
+      for (int32_t gi = 0; gi < G; ++gi) rows->dots[gi] += rows->query[d] * key[d];
+    for (int32_t gi = 0; gi < G; ++gi) rows->probs[(int64_t)gi * L + t - lo] = (double)plan->scale * rows->dots[gi];
   }
-  double sum = 0.0;
-  for (int32_t i = 0; i <= p - lo; ++i) {
-    probs[i] = exp(probs[i] - max);
-    sum += probs[i];
+  const int32_t scored_seen = (p < dom->scored_end ? p + 1 : dom->scored_end) - dom->start;
+  for (int32_t gi = 0; gi < G; ++gi) {
+    double *probs = rows->probs + (int64_t)gi * L, *head = rows->heads + (int64_t)gi * L;
+    double max = -INFINITY, sum = 0.0;
+    for (int32_t i = 0; i < seen; ++i) max = probs[i] > max ? probs[i] : max;
+    for (int32_t i = 0; i < seen; ++i) {
+      probs[i] = exp(probs[i] - max);
+      sum += probs[i];
+    }
+    for (int32_t i = 0; i < scored_seen; ++i) head[i] += probs[i] / sum;
   }
-  for (int32_t i = 0; i <= p - lo; ++i) probs[i] /= sum;
 }
 
-/* head[j - start] = sum over the domain's queries that see key j of a_gij, divided by their number,
- * for the scored keys [start, scored_end). For SNAPKV every query sees every scored key (they lie
- * before the first query), so this is the plain mean; for TOVA it is the one query's attention. */
-static void head_attention(const kvc_op_args_t *args, const int32_t *pages, int32_t b, const kvc_domain_t *dom,
-                           int32_t g, const score_rows_t *rows) {
+/* rows->heads[gi][j - start] = sum over the domain's queries that see key j of a_gij, divided by
+ * their number, for each q head g = h * G + gi and the scored keys [start, scored_end). SNAPKV:
+ * every query sees every scored key (they lie before the first query), so it is the plain mean;
+ * TOVA: the one query's attention. */
+static void group_attention(const kvc_op_args_t *args, const int32_t *pages, int32_t b, const kvc_domain_t *dom,
+                            int32_t h, const score_rows_t *rows) {
   const kvc_plan_view_t *plan = &args->plan;
-  const int32_t scored = dom->scored_end - dom->start;
-  for (int32_t i = 0; i < scored; ++i) rows->head[i] = 0.0;
-  for (int64_t r = dom->obs_begin; r < dom->obs_end; ++r) {
-    query_softmax(args, pages, b, r, g, rows->probs); /* probs[i] is key start + i: obs_lo is the start */
-    const int32_t seen_end = plan->obs_pos[r] + 1 < dom->scored_end ? plan->obs_pos[r] + 1 : dom->scored_end;
-    for (int32_t i = 0; i < seen_end - dom->start; ++i) rows->head[i] += rows->probs[i];
-  }
+  const int32_t G = plan->group_size, L = plan->max_seq_len, scored = dom->scored_end - dom->start;
+  for (int32_t gi = 0; gi < G; ++gi)
+    for (int32_t i = 0; i < scored; ++i) rows->heads[(int64_t)gi * L + i] = 0.0;
+  for (int64_t r = dom->obs_begin; r < dom->obs_end; ++r) add_query_attention(args, pages, b, dom, h, r, rows);
   /* Queries are ascending, so those that see key j are a suffix; the last one is the domain's
    * last token, so every key has at least one. */
   int64_t first_seeing = dom->obs_begin;
   for (int32_t j = dom->start; j < dom->scored_end; ++j) {
     while (plan->obs_pos[first_seeing] < j) ++first_seeing;
-    rows->head[j - dom->start] /= (double)(dom->obs_end - first_seeing);
+    for (int32_t gi = 0; gi < G; ++gi)
+      rows->heads[(int64_t)gi * L + j - dom->start] /= (double)(dom->obs_end - first_seeing);
   }
 }
 
@@ -96,59 +105,59 @@ static void pool_row(const double *x, int32_t len, int32_t kernel, kvc_pool_t po
   }
 }
 
-/* rows->reduced[j - start] for the domain's scored keys: the attention of q heads
- * [g0, g0 + count), each pooled (SNAPKV), reduced over the heads by `reduce`. */
-static void attention_scores(const kvc_op_args_t *args, const int32_t *pages, int32_t b, const kvc_domain_t *dom,
-                             int32_t g0, int32_t count, kvc_reduce_t reduce, const score_rows_t *rows) {
+/* Combines the attention of KV head h's q heads (pooled for SNAPKV) into rows->reduced over the
+ * domain's scored keys: MAX keeps the maximum, MEAN the sum (the caller divides). `first` starts
+ * the reduction afresh. */
+static void reduce_group(const kvc_op_args_t *args, const int32_t *pages, int32_t b, const kvc_domain_t *dom,
+                         int32_t h, int first, kvc_reduce_t reduce, const score_rows_t *rows) {
   const kvc_plan_view_t *plan = &args->plan;
   const int32_t scored = dom->scored_end - dom->start;
-  for (int32_t g = g0; g < g0 + count; ++g) {
-    head_attention(args, pages, b, dom, g, rows);
-    const double *x = rows->head;
+  group_attention(args, pages, b, dom, h, rows);
+  for (int32_t gi = 0; gi < plan->group_size; ++gi) {
+    const double *x = rows->heads + (int64_t)gi * plan->max_seq_len;
     if (plan->method == KVC_SCORE_SNAPKV) {
-      pool_row(rows->head, scored, plan->pool_kernel, plan->pool, rows->pooled);
+      pool_row(x, scored, plan->pool_kernel, plan->pool, rows->pooled);
       x = rows->pooled;
     }
     for (int32_t i = 0; i < scored; ++i)
-      rows->reduced[i] = g == g0                     ? x[i]
+      rows->reduced[i] = first && gi == 0           ? x[i]
                          : reduce == KVC_REDUCE_MAX ? fmax(rows->reduced[i], x[i])
                                                     : rows->reduced[i] + x[i];
   }
-  if (reduce == KVC_REDUCE_MEAN)
-    for (int32_t i = 0; i < scored; ++i) rows->reduced[i] /= count;
+}
+
+/* Stores rows->reduced / divisor as the scores of the domain's scored keys in one row. */
+static void store_reduced(float *row, const kvc_domain_t *dom, const score_rows_t *rows, double divisor,
+                          int accumulate) {
+  for (int32_t j = dom->start; j < dom->scored_end; ++j)
+    store_score(row + j, rows->reduced[j - dom->start] / divisor, accumulate);
 }
 
 /* Writes the scores of one domain's scored keys [start, scored_end) into every KV head's row. */
 static void score_domain(const kvc_op_args_t *args, const int32_t *pages, int32_t b, const kvc_domain_t *dom,
                          float *seq_rows, const score_rows_t *rows) {
   const kvc_plan_view_t *plan = &args->plan;
-  const kvc_paged_kv_t *cache = args->cache;
-  const int32_t n = plan->seq_lens[b], heads = plan->num_kv_heads, acc = args->accumulate;
+  const int32_t n = plan->seq_lens[b], heads = plan->num_kv_heads, dim = plan->head_dim, acc = args->accumulate;
   if (dom->scored_end == dom->start) return; /* e.g. SNAPKV with a window covering the domain */
   switch (plan->method) {
     case KVC_SCORE_SNAPKV:
     case KVC_SCORE_H2O:
       for (int32_t h = 0; h < heads; ++h) {
-        attention_scores(args, pages, b, dom, h * plan->group_size, plan->group_size, plan->group_reduce, rows);
-        for (int32_t j = dom->start; j < dom->scored_end; ++j)
-          store_score(seq_rows + (int64_t)h * n + j, rows->reduced[j - dom->start], acc);
+        reduce_group(args, pages, b, dom, h, 1, plan->group_reduce, rows);
+        store_reduced(seq_rows + (int64_t)h * n, dom, rows,
+                      plan->group_reduce == KVC_REDUCE_MEAN ? plan->group_size : 1, acc);
       }
       break;
     case KVC_SCORE_TOVA: /* one selection for all KV heads: the mean over every q head */
-      attention_scores(args, pages, b, dom, 0, plan->num_q_heads, KVC_REDUCE_MEAN, rows);
-      for (int32_t h = 0; h < heads; ++h)
-        for (int32_t j = dom->start; j < dom->scored_end; ++j)
-          store_score(seq_rows + (int64_t)h * n + j, rows->reduced[j - dom->start], acc);
+      for (int32_t h = 0; h < heads; ++h) reduce_group(args, pages, b, dom, h, h == 0, KVC_REDUCE_MEAN, rows);
+      for (int32_t h = 0; h < heads; ++h) store_reduced(seq_rows + (int64_t)h * n, dom, rows, plan->num_q_heads, acc);
       break;
     case KVC_SCORE_KNORM:
       for (int32_t h = 0; h < heads; ++h)
         for (int32_t j = dom->start; j < dom->scored_end; ++j) {
-          const int64_t k0 = key_offset(cache, pages, b, j, h);
-          double squares = 0.0;
-          for (int32_t d = 0; d < plan->head_dim; ++d) {
-            const double x = kvc_load_as_double(cache->k, cache->dtype, k0 + d);
-            squares += x * x;
-          }
+          double key[256], squares = 0.0;
+          load_key(args->cache, pages, b, j, h, dim, key);
+          for (int32_t d = 0; d < dim; ++d) squares += key[d] * key[d];
           store_score(seq_rows + (int64_t)h * n + j, -sqrt(squares), acc);
         }
       break;
@@ -169,13 +178,15 @@ static void store_unscored(float *seq_rows, int32_t n, int32_t heads, int32_t fr
 
 kvc_status_t kvc_score_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
   const kvc_plan_view_t *plan = &args->plan;
-  score_rows_t rows = {NULL, NULL, NULL, NULL};
+  score_rows_t rows = {NULL, NULL, NULL, NULL, NULL, NULL};
   if (is_attention_method(plan->method)) {
-    const size_t row_bytes = sizeof(double) * (size_t)plan->max_seq_len;
-    rows.probs = (double *)kvc_carve(ws, row_bytes);
-    rows.head = (double *)kvc_carve(ws, row_bytes);
-    rows.pooled = (double *)kvc_carve(ws, row_bytes);
-    rows.reduced = (double *)kvc_carve(ws, row_bytes);
+    const size_t G = (size_t)plan->group_size, row = sizeof(double) * (size_t)plan->max_seq_len;
+    rows.query = (double *)kvc_carve(ws, sizeof(double) * G * (size_t)plan->head_dim);
+    rows.dots = (double *)kvc_carve(ws, sizeof(double) * G);
+    rows.probs = (double *)kvc_carve(ws, G * row);
+    rows.heads = (double *)kvc_carve(ws, G * row);
+    rows.pooled = (double *)kvc_carve(ws, row);
+    rows.reduced = (double *)kvc_carve(ws, row);
   }
   /* The sizing call is told apart by its missing scores, not by ws->base: KNORM and STREAMING
    * need no workspace, which may then legitimately be NULL when the op runs. */

@@ -292,19 +292,21 @@ __global__ void __launch_bounds__(kBlockThreads)
 }  // namespace
 
 extern "C" kvc_status_t kvc_select_cuda(const kvc_op_args_t *args, kvc_carver_t *ws) {
-  const kvc_plan_view_t &plan = args->plan;
+  const kvc_plan_view_t &plan = args->plan, &host = *args->host_plan;
   /* TOVA: one selection per sequence, copied to every KV head */
   const int32_t row_heads = plan.method == KVC_SCORE_TOVA ? 1 : plan.num_kv_heads;
   const int64_t rows = (int64_t)plan.batch * row_heads;
-  /* a sequence has at most one partition per FAIR span plus the implicit one */
-  const size_t max_parts = (size_t)plan.total_spans + (size_t)plan.batch;
-  uint64_t *thresholds = static_cast<uint64_t *>(kvc_carve(ws, sizeof(uint64_t) * max_parts * (size_t)row_heads));
+  const size_t parts = (size_t)host.part_indptr[host.batch];
+  uint64_t *thresholds = static_cast<uint64_t *>(kvc_carve(ws, sizeof(uint64_t) * parts * (size_t)row_heads));
   if (!ws->base) return KVC_SUCCESS;
 
+  bool short_rows = false, long_rows = false;
+  for (int32_t b = 0; b < host.batch; ++b) (host.seq_lens[b] <= kWarpRowMax ? short_rows : long_rows) = true;
   cudaStream_t stream = static_cast<cudaStream_t>(args->stream);
-  KVC_LAUNCH(select_short_rows_kernel, dim3((unsigned)((rows + kWarpsPerBlock - 1) / kWarpsPerBlock)),
-             dim3(kWarpsPerBlock * 32), 0, stream, plan, args->scores, args->keep, thresholds, row_heads);
-  if (plan.max_seq_len > kWarpRowMax)
+  if (short_rows)
+    KVC_LAUNCH(select_short_rows_kernel, dim3((unsigned)((rows + kWarpsPerBlock - 1) / kWarpsPerBlock)),
+               dim3(kWarpsPerBlock * 32), 0, stream, plan, args->scores, args->keep, thresholds, row_heads);
+  if (long_rows)
     KVC_LAUNCH(select_long_rows_kernel, dim3((unsigned)rows), dim3(kBlockThreads), 0, stream, plan, args->scores,
                args->keep, thresholds, row_heads);
   cudaError_t err = cudaGetLastError();

@@ -27,7 +27,7 @@ extern "C" {
  * workspace == NULL only *workspace_bytes is set. Enqueues on `stream`; never synchronises.
  * cudaErrorInvalidValue if 1 <= k <= n, rows >= 1 or rows * n < 2^31 does not hold.
  */
-KVC_API cudaError_t kvc_select_cub_baseline(void *workspace, size_t *workspace_bytes, const float *scores,
+cudaError_t kvc_select_cub_baseline(void *workspace, size_t *workspace_bytes, const float *scores,
                                             const uint32_t *protect_bits, int32_t rows, int32_t n, int32_t k,
                                             int32_t *keep, cudaStream_t stream);
 

@@ -136,6 +136,8 @@ static void run_open(score_run_t *run, const score_case_t *c) {
   run->queries = kvc_test_queries_new(run->info.obs_total, d->num_q_heads, c->head_dim, c->dtype, c->seed + 1);
   cr_assert_eq(kvc_plan_workspace_size(run->plan, KVC_OP_SCORE, &run->workspace_bytes), KVC_SUCCESS);
   run->workspace = run->workspace_bytes ? kvc_test_workspace_new(run->workspace_bytes) : NULL;
+  /* the workspace need not be initialised: NaN bytes make any read of unwritten scratch show */
+  if (run->workspace) memset(run->workspace, 0xFF, run->workspace_bytes);
 }
 
 static void run_score(score_run_t *run, float *scores, int accumulate) {

@@ -410,3 +410,211 @@ Test(score_emu, cuda_selection_matches_cpu_selection) {
   free(keep_cuda);
   score_run_free(&r);
 }
+
+/* ---- the GEMM path (kernels/score_gemm.h): domains with many observation queries ---------------
+ *
+ * Domains with more than the plan's GEMM threshold (128 queries by default) get their logits from
+ * a GEMM on tiles of keys gathered from the pages (cuBLAS on a GPU; under the emulator the host
+ * GEMM of tests/simt/subst/score_gemm_emu.cpp), and our kernels reduce them. These tests lower the
+ * threshold and the tile shape through the environment, which kvc_plan_create reads (each
+ * Criterion test runs in its own process), so that tiles and query blocks split the domains at
+ * borders that do not divide n: causality inside diagonal tiles, carried (max, sum) across tiles,
+ * sums across query blocks.
+ *
+ * Tolerance: the same 1e-4 relative as above. Both backends read the same f16/bf16 values and
+ * widen them exactly, so the inputs carry no rounding of their own; a tensor core's product of two
+ * f16 (11-bit significands) or bf16 (8-bit) values is exact in fp32, and its sums are fp32 (Hopper
+ * aligns the addends and may truncate rather than round: ~D * 2^-23 relative to sum |q_d k_d| in
+ * the worst case, ~sqrt(D) * 2^-23 typically), the same size as the fused kernels' fp32 CUDA-core
+ * dot products that the argument at the top of this file bounds. f32 inputs use a plain fp32 GEMM
+ * (CUBLAS_COMPUTE_32F, never TF32, whose 10-bit inputs would miss 1e-4 by an order of magnitude,
+ * which tests/gpu checks). */
+
+static void force_gemm(int threshold, int keys, int rows) {
+  char text[32];
+  snprintf(text, sizeof text, "%d", threshold);
+  setenv("KVC_SCORE_GEMM_THRESHOLD", text, 1);
+  if (keys > 0) {
+    snprintf(text, sizeof text, "%d", keys);
+    setenv("KVC_SCORE_GEMM_KEYS", text, 1);
+  }
+  if (rows > 0) {
+    snprintf(text, sizeof text, "%d", rows);
+    setenv("KVC_SCORE_GEMM_ROWS", text, 1);
+  }
+}
+
+/* Scores `c` on both backends and checks that the CUDA plan took the GEMM path (its workspace
+ * holds cuBLAS's 4 MiB) and matches. */
+static void check_gemm_case(const score_case_t *c) {
+  score_run_t r;
+  score_both(c, 0, &r);
+  size_t bytes = 0;
+  kvc_plan_workspace_size(r.cuda_plan, KVC_OP_SCORE, &bytes);
+  cr_assert_geq(bytes, (size_t)4 << 20, "%s: the CUDA plan did not take the GEMM path (workspace %zu)",
+                method_name(c->method), bytes);
+  assert_scores_match(c, &r);
+  score_run_free(&r);
+}
+
+static const int32_t kGemmLens[] = {301, 517};
+
+/* H2O over the whole prompt (window >= n): every dtype, group 1 and 4, generic and specialised
+ * head_dim, every layout and table kind; 96-key tiles and 64-row GEMMs (16 queries x 4 heads). */
+Test(score_emu, gemm_h2o_whole_prompt_every_dtype) {
+  force_gemm(0, 96, 64);
+  static const kvc_dtype_t dtypes[] = {KVC_DTYPE_F32, KVC_DTYPE_F16, KVC_DTYPE_BF16};
+  static const int32_t dims[] = {64, 128, 40};
+  int index = 0;
+  for (int di = 0; di < 3; ++di)
+    for (int gi = 0; gi < 2; ++gi, ++index) {
+      score_case_t c = {KVC_SCORE_H2O, dtypes[di], dims[(di + gi) % 3], 2, gi ? 4 : 1, 16,
+                        (kvc_test_layout_t)(index % 2), (kvc_test_table_t)(index % 3), 2, kGemmLens, NULL, NULL,
+                        NULL, 1000, 1, 0, KVC_POOL_AVG, index % 3 == 2 ? KVC_REDUCE_MAX : KVC_REDUCE_MEAN,
+                        (uint64_t)(300 + index)};
+      check_gemm_case(&c);
+    }
+}
+
+/* The default tile shape: one tile of min(1024, n) keys and every query in one GEMM. */
+Test(score_emu, gemm_h2o_default_tiles) {
+  force_gemm(0, 0, 0);
+  score_case_t c = {KVC_SCORE_H2O, KVC_DTYPE_BF16, 128, 2, 4, 16, KVC_TEST_NHD, KVC_TEST_CSR, 2, kGemmLens, NULL,
+                    NULL, NULL, 1000, 1, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN, 320};
+  check_gemm_case(&c);
+}
+
+/* Tiles of one key and GEMMs of one row: every border is a tile border. */
+Test(score_emu, gemm_h2o_degenerate_tiles) {
+  force_gemm(0, 1, 1);
+  static const int32_t lens[] = {37, 20};
+  score_case_t c = {KVC_SCORE_H2O, KVC_DTYPE_F16, 64, 1, 2, 8, KVC_TEST_HND, KVC_TEST_DENSE, 2, lens, NULL, NULL,
+                    NULL, 64, 1, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN, 321};
+  check_gemm_case(&c);
+}
+
+/* SnapKV with a window over the default threshold (200 queries > 128) takes the path by default;
+ * pooled, both pool kinds and reductions. */
+Test(score_emu, gemm_snapkv_large_window) {
+  force_gemm(128, 80, 48);
+  for (int i = 0; i < 2; ++i) {
+    score_case_t c = {KVC_SCORE_SNAPKV, i ? KVC_DTYPE_F16 : KVC_DTYPE_BF16, i ? 64 : 128, 2, i ? 4 : 2, 16,
+                      (kvc_test_layout_t)i, i ? KVC_TEST_CONTIG : KVC_TEST_DENSE, 2, kGemmLens, NULL, NULL, NULL,
+                      200, 5, 0, i ? KVC_POOL_MAX : KVC_POOL_AVG, i ? KVC_REDUCE_MAX : KVC_REDUCE_MEAN,
+                      (uint64_t)(330 + i)};
+    check_gemm_case(&c);
+  }
+}
+
+/* TOVA (one query per domain) through the path when forced: the degenerate one-row GEMM. */
+Test(score_emu, gemm_tova_forced) {
+  force_gemm(0, 128, 0);
+  score_case_t c = {KVC_SCORE_TOVA, KVC_DTYPE_F32, 64, 2, 4, 16, KVC_TEST_NHD, KVC_TEST_DENSE, 2, kGemmLens, NULL,
+                    NULL, NULL, 1, 1, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN, 340};
+  check_gemm_case(&c);
+}
+
+/* span_local: every FAIR span is its own domain (a whole-span window for H2O); with threshold 0
+ * all go through the GEMM path; with 120, the 141- and 150-query spans do and the 100- and
+ * 49-query spans take the fused kernels in the same call (the normaliser pass then skips the
+ * GEMM rows). Keys in the PROTECT gap get +inf. */
+Test(score_emu, gemm_span_local_domains) {
+  static const int thresholds[] = {0, 120};
+  for (int i = 0; i < 2; ++i) {
+    force_gemm(thresholds[i], 40, 24);
+    score_case_t c = {KVC_SCORE_H2O, i ? KVC_DTYPE_F16 : KVC_DTYPE_BF16, 64, 2, 4, 16, KVC_TEST_NHD,
+                      KVC_TEST_DENSE, 2, kSpanLens, NULL, kSpanIndptr, kSpans, 1000, 1, 1, KVC_POOL_AVG,
+                      KVC_REDUCE_MEAN, (uint64_t)(350 + i)};
+    check_gemm_case(&c);
+    score_case_t s = {KVC_SCORE_SNAPKV, KVC_DTYPE_F32, 72, 2, 4, 16, KVC_TEST_HND, KVC_TEST_CSR, 2, kSpanLens, NULL,
+                      kSpanIndptr, kSpans, 250, 5, 1, KVC_POOL_AVG, KVC_REDUCE_MAX, (uint64_t)(360 + i)};
+    check_gemm_case(&s);
+  }
+}
+
+/* A batch whose short sequence (90 queries) stays on the fused kernels at the default threshold
+ * while the long one (517 queries) takes the GEMM path: both in one call. */
+Test(score_emu, gemm_and_fused_domains_in_one_batch) {
+  force_gemm(128, 200, 0);
+  static const int32_t lens[] = {90, 517};
+  score_case_t c = {KVC_SCORE_H2O, KVC_DTYPE_F16, 128, 2, 4, 16, KVC_TEST_NHD, KVC_TEST_DENSE, 2, lens, NULL, NULL,
+                    NULL, 1000, 1, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN, 370};
+  check_gemm_case(&c);
+}
+
+Test(score_emu, gemm_accumulate_adds_to_the_scores) {
+  force_gemm(0, 64, 100);
+  score_case_t c = {KVC_SCORE_H2O, KVC_DTYPE_BF16, 64, 2, 2, 16, KVC_TEST_HND, KVC_TEST_DENSE, 2, kGemmLens, NULL,
+                    NULL, NULL, 1000, 1, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN, 380};
+  score_run_t r;
+  score_both(&c, 1, &r);
+  assert_scores_match(&c, &r);
+  score_run_free(&r);
+}
+
+/* The selection made from GEMM-path scores equals the CPU's up to ties (fair eviction on spans). */
+Test(score_emu, gemm_selection_from_cuda_scores_matches) {
+  force_gemm(0, 48, 32);
+  score_case_t c;
+  selection_case(&c, KVC_SCORE_H2O, 390);
+  c.window = 1000;
+  score_run_t r;
+  score_both(&c, 0, &r);
+  int64_t elems = r.info.keep_elems;
+  int32_t *keep_cpu = malloc(sizeof(int32_t) * (size_t)elems), *keep_cuda = malloc(sizeof(int32_t) * (size_t)elems);
+  select_into(r.cpu, r.cpu_plan, r.cpu_scores, keep_cpu);
+  select_into(r.cpu, r.cpu_plan, r.cuda_scores, keep_cuda);
+  assert_same_selection(&c, &r, keep_cpu, keep_cuda, "H2O through the GEMM path");
+  free(keep_cpu);
+  free(keep_cuda);
+  score_run_free(&r);
+}
+
+/* The bracketed GEMM terms of kvc_plan_workspace_size's formula, at the default threshold and
+ * tile shape: all domains on the GEMM path (C = 1), and a mix (C as for the fused kernels). */
+Test(score_emu, gemm_workspace_matches_the_documented_formula) {
+  static const int32_t seq_lens[] = {100, 7000, 300};
+  static const int32_t windows[] = {5000, 200, 100};
+  kvc_context_t cuda = NULL;
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CUDA, 0, &cuda), KVC_SUCCESS);
+  for (int w = 0; w < 3; ++w)
+    for (int dtype = 0; dtype < 3; ++dtype) {
+      kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;
+      desc.num_kv_heads = 2;
+      desc.num_q_heads = 6;
+      desc.head_dim = 64;
+      desc.dtype = (kvc_dtype_t)dtype;
+      desc.batch = 3;
+      desc.seq_lens = desc.budgets = seq_lens;
+      desc.method = KVC_SCORE_H2O;
+      desc.window = windows[w];
+      kvc_plan_t plan = NULL;
+      cr_assert_eq(kvc_plan_create(cuda, &desc, &plan), KVC_SUCCESS, "%s", kvc_last_error(cuda));
+      kvc_plan_info_t info;
+      kvc_plan_get_info(plan, &info);
+      /* queries per domain: min(window, n) for 100, 7000, 300 */
+      size_t q[3], q_max = 0;
+      int any_gemm = 0, all_gemm = 1;
+      for (int b = 0; b < 3; ++b) {
+        q[b] = (size_t)(windows[w] < seq_lens[b] ? windows[w] : seq_lens[b]);
+        q_max = q[b] > q_max ? q[b] : q_max;
+        any_gemm |= q[b] > 128;
+        all_gemm &= q[b] > 128;
+      }
+      size_t n_max = 7000, per_chunk = (n_max + 63) / 64 > 256 ? (n_max + 63) / 64 : 256;
+      size_t chunks = all_gemm ? 1 : (n_max + per_chunk - 1) / per_chunk, query_heads = (size_t)info.obs_total * 6;
+      size_t elem = dtype == KVC_DTYPE_F32 ? 4 : 2, group = 3, tile_keys = 1024;
+      size_t tile_queries = 4096 / group < q_max ? 4096 / group : q_max;
+      size_t expect = align256(query_heads * chunks * 8) + align256(query_heads * 4);
+      if (any_gemm)
+        expect += align256((size_t)4 << 20) + align256(tile_keys * 64 * elem) +
+                  align256(group * tile_queries * tile_keys * 4);
+      expect += 6 * (size_t)info.total_tokens * 4;
+      size_t bytes = 0;
+      cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_SCORE, &bytes), KVC_SUCCESS);
+      cr_assert_eq(bytes, expect, "window %d dtype %d: workspace %zu, documented %zu", windows[w], dtype, bytes,
+                   expect);
+      kvc_plan_destroy(plan);
+    }
+  kvc_context_destroy(cuda);
+}

@@ -19,40 +19,7 @@
 #include "select_oracle.h"
 #include "test_util.h"
 
-#define MAX_BATCH 16
-#define MAX_SPANS 512
 static const int32_t kGuard = 64, kGuardValue = -12345;
-
-typedef struct {
-  kvc_score_method_t method;
-  int32_t num_kv_heads, batch;
-  int32_t seq_lens[MAX_BATCH], budgets[MAX_BATCH];
-  int32_t span_indptr[MAX_BATCH + 1];
-  kvc_span_t spans[MAX_SPANS];
-  int has_spans;
-  int32_t sink, recent, window;
-  float fairness;
-  kvc_score_pattern_t pattern;
-  uint64_t seed;
-} select_case_t;
-
-static kvc_plan_desc_t case_desc(const select_case_t *c) {
-  kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;
-  desc.num_kv_heads = c->num_kv_heads;
-  desc.num_q_heads = c->num_kv_heads;
-  desc.head_dim = 64;
-  desc.batch = c->batch;
-  desc.seq_lens = c->seq_lens;
-  desc.budgets = c->budgets;
-  desc.span_indptr = c->has_spans ? c->span_indptr : NULL;
-  desc.spans = c->has_spans ? c->spans : NULL;
-  desc.method = c->method;
-  desc.window = c->window > 0 ? c->window : 16;
-  desc.sink_tokens = c->sink;
-  desc.recent_tokens = c->recent;
-  desc.fairness = c->fairness;
-  return desc;
-}
 
 static void *alloc_ws(kvc_plan_t plan, size_t *bytes) {
   cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_SELECT, bytes), KVC_SUCCESS);
@@ -68,7 +35,8 @@ static void run_select(kvc_context_t ctx, kvc_plan_t plan, const float *scores, 
 }
 
 /* First differing element of two keep layouts, as (sequence, head, index) for the message. */
-static void assert_same_keep(const select_case_t *c, const int32_t *got, const int32_t *want, const char *what) {
+static void assert_same_keep(const kvc_test_select_case_t *c, const int32_t *got, const int32_t *want,
+                             const char *what) {
   int64_t at = 0;
   for (int32_t b = 0; b < c->batch; ++b) {
     const int32_t n = c->seq_lens[b], k = c->budgets[b] < n ? c->budgets[b] : n;
@@ -80,8 +48,8 @@ static void assert_same_keep(const select_case_t *c, const int32_t *got, const i
   }
 }
 
-static void check_case(const select_case_t *c) {
-  kvc_plan_desc_t desc = case_desc(c);
+static void check_case(const kvc_test_select_case_t *c) {
+  kvc_plan_desc_t desc = kvc_test_select_case_desc(c);
   kvc_context_t cpu = NULL, cuda = NULL;
   kvc_plan_t cpu_plan = NULL, cuda_plan = NULL;
   cr_assert_eq(kvc_context_create(KVC_BACKEND_CPU, 0, &cpu), KVC_SUCCESS);
@@ -113,36 +81,6 @@ static void check_case(const select_case_t *c) {
   kvc_context_destroy(cpu), kvc_context_destroy(cuda);
 }
 
-/* A batch of the given lengths, budgets as a fraction of n (at least `min_budget`). */
-static select_case_t make_case(kvc_score_method_t method, int32_t heads, int32_t batch, const int32_t *lens,
-                               double keep_fraction, int32_t min_budget, kvc_score_pattern_t pattern, uint64_t seed) {
-  select_case_t c;
-  memset(&c, 0, sizeof c);
-  c.method = method;
-  c.num_kv_heads = heads;
-  c.batch = batch;
-  c.pattern = pattern;
-  c.seed = seed;
-  for (int32_t b = 0; b < batch; ++b) {
-    c.seq_lens[b] = lens[b];
-    int32_t budget = (int32_t)(keep_fraction * lens[b]);
-    c.budgets[b] = budget < min_budget ? min_budget : budget;
-  }
-  return c;
-}
-
-/* Adds random FAIR and PROTECT spans to every sequence of c. */
-static void add_spans(select_case_t *c, int32_t fair, int32_t protect, int equal_weights) {
-  kvc_rng_t rng = {c->seed ^ 0x5eed};
-  c->has_spans = 1;
-  c->span_indptr[0] = 0;
-  for (int32_t b = 0; b < c->batch; ++b) {
-    int32_t made = kvc_test_random_spans(&rng, c->seq_lens[b], fair, protect, equal_weights, c->spans,
-                                         c->span_indptr[b], MAX_SPANS);
-    c->span_indptr[b + 1] = c->span_indptr[b] + made;
-  }
-}
-
 static const int32_t kMixedLens[] = {1, 5, 31, 64, 512, 513, 1000, 2048, 4099};
 #define MIXED_BATCH ((int32_t)(sizeof kMixedLens / sizeof kMixedLens[0]))
 
@@ -152,7 +90,8 @@ static const kvc_score_pattern_t kPatterns[] = {KVC_SCORES_RANDOM, KVC_SCORES_FE
 /* Plain top-k with sinks and recents, short and long rows in one batch, every pattern. */
 Test(select_emu, plain_topk_all_patterns) {
   for (int i = 0; i < 5; ++i) {
-    select_case_t c = make_case(KVC_SCORE_KNORM, 2, MIXED_BATCH, kMixedLens, 0.3, 4, kPatterns[i], 100 + i);
+    kvc_test_select_case_t c =
+        kvc_test_select_case(KVC_SCORE_KNORM, 2, MIXED_BATCH, kMixedLens, 0.3, 4, kPatterns[i], 100 + i);
     c.sink = 2, c.recent = 2;
     check_case(&c);
   }
@@ -163,10 +102,11 @@ Test(select_emu, fair_spans_every_fairness) {
   const float fairness[] = {0.0f, 0.5f, 1.0f};
   for (int f = 0; f < 3; ++f)
     for (int i = 0; i < 5; ++i) {
-      select_case_t c = make_case(KVC_SCORE_KNORM, 2, MIXED_BATCH, kMixedLens, 0.4, 8, kPatterns[i], 200 + 10 * f + i);
+      kvc_test_select_case_t c =
+          kvc_test_select_case(KVC_SCORE_KNORM, 2, MIXED_BATCH, kMixedLens, 0.4, 8, kPatterns[i], 200 + 10 * f + i);
       c.fairness = fairness[f];
       c.sink = 1, c.recent = 1;
-      add_spans(&c, 3, 2, 0);
+      kvc_test_select_case_add_spans(&c, 3, 2, 0);
       check_case(&c);
     }
 }
@@ -177,10 +117,10 @@ Test(select_emu, many_partitions) {
   const float fairness[] = {0.0f, 0.5f, 1.0f};
   for (int f = 0; f < 3; ++f)
     for (int p = 0; p < 2; ++p) {
-      select_case_t c = make_case(KVC_SCORE_KNORM, 1, 3, lens, 0.25, 64, p ? KVC_SCORES_FEW_VALUES : KVC_SCORES_RANDOM,
-                                  300 + 10 * f + p);
+      kvc_test_select_case_t c = kvc_test_select_case(KVC_SCORE_KNORM, 1, 3, lens, 0.25, 64,
+                                                      p ? KVC_SCORES_FEW_VALUES : KVC_SCORES_RANDOM, 300 + 10 * f + p);
       c.fairness = fairness[f];
-      add_spans(&c, 40, 10, 0);
+      kvc_test_select_case_add_spans(&c, 40, 10, 0);
       check_case(&c);
     }
 }
@@ -192,14 +132,15 @@ Test(select_emu, quota_extremes) {
   const double fractions[] = {0.97, 0.02};
   for (int e = 0; e < 2; ++e)
     for (int i = 0; i < 3; ++i) {
-      select_case_t c = make_case(KVC_SCORE_KNORM, 2, 2, lens, fractions[e], 12, kPatterns[i], 400 + 10 * e + i);
+      kvc_test_select_case_t c =
+          kvc_test_select_case(KVC_SCORE_KNORM, 2, 2, lens, fractions[e], 12, kPatterns[i], 400 + 10 * e + i);
       c.fairness = e == 0 ? 1.0f : 0.0f;
-      add_spans(&c, 4, 1, 0);
+      kvc_test_select_case_add_spans(&c, 4, 1, 0);
       check_case(&c);
     }
   /* one heavy span: its quota saturates at its length while the light ones get little */
   const int32_t one[] = {3000};
-  select_case_t c = make_case(KVC_SCORE_KNORM, 1, 1, one, 0.5, 1, KVC_SCORES_RANDOM, 420);
+  kvc_test_select_case_t c = kvc_test_select_case(KVC_SCORE_KNORM, 1, 1, one, 0.5, 1, KVC_SCORES_RANDOM, 420);
   c.fairness = 1.0f;
   c.has_spans = 1;
   c.span_indptr[0] = 0, c.span_indptr[1] = 3;
@@ -210,7 +151,7 @@ Test(select_emu, quota_extremes) {
   int32_t quotas[3];
   kvc_context_t cpu;
   kvc_plan_t plan;
-  kvc_plan_desc_t desc = case_desc(&c);
+  kvc_plan_desc_t desc = kvc_test_select_case_desc(&c);
   kvc_context_create(KVC_BACKEND_CPU, 0, &cpu);
   cr_assert_eq(kvc_plan_create(cpu, &desc, &plan), KVC_SUCCESS);
   kvc_plan_span_quotas(plan, quotas, NULL);
@@ -222,27 +163,28 @@ Test(select_emu, quota_extremes) {
 /* k = n (untouched rows next to compressed ones), k = |P|, n = 1. */
 Test(select_emu, budget_edges) {
   const int32_t lens[] = {1, 1, 600, 600, 2000, 7};
-  select_case_t c = make_case(KVC_SCORE_KNORM, 3, 6, lens, 1.0, 1, KVC_SCORES_FEW_VALUES, 500);
-  c.budgets[1] = 5;     /* budget > n = 1 */
-  c.budgets[3] = 601;   /* k = n on a long row */
+  kvc_test_select_case_t c = kvc_test_select_case(KVC_SCORE_KNORM, 3, 6, lens, 1.0, 1, KVC_SCORES_FEW_VALUES, 500);
+  c.budgets[1] = 5;   /* budget > n = 1 */
+  c.budgets[3] = 601; /* k = n on a long row */
   c.sink = 3, c.recent = 3;
-  c.budgets[2] = 6;     /* k = |P| = sinks + recents */
+  c.budgets[2] = 6; /* k = |P| = sinks + recents */
   c.budgets[4] = 6;
-  c.budgets[5] = 6;     /* short row, k = |P| = 6 of 7 */
+  c.budgets[5] = 6; /* short row, k = |P| = 6 of 7 */
   for (int i = 0; i < 5; ++i) {
     c.pattern = kPatterns[i];
     c.seed = 500 + i;
     check_case(&c);
   }
   /* k = |P| with PROTECT spans and SNAPKV's window */
-  select_case_t s = make_case(KVC_SCORE_SNAPKV, 2, 2, (const int32_t[]){900, 300}, 0.0, 1, KVC_SCORES_RANDOM, 510);
+  kvc_test_select_case_t s =
+      kvc_test_select_case(KVC_SCORE_SNAPKV, 2, 2, (const int32_t[]){900, 300}, 0.0, 1, KVC_SCORES_RANDOM, 510);
   s.window = 8;
-  add_spans(&s, 2, 3, 1);
+  kvc_test_select_case_add_spans(&s, 2, 3, 1);
   kvc_context_t cpu;
   kvc_plan_t probe;
   kvc_context_create(KVC_BACKEND_CPU, 0, &cpu);
   s.budgets[0] = s.seq_lens[0], s.budgets[1] = s.seq_lens[1];
-  kvc_plan_desc_t desc = case_desc(&s);
+  kvc_plan_desc_t desc = kvc_test_select_case_desc(&s);
   cr_assert_eq(kvc_plan_create(cpu, &desc, &probe), KVC_SUCCESS, "%s", kvc_last_error(cpu));
   for (int32_t b = 0; b < 2; ++b) s.budgets[b] = kvc_test_protected_count(probe, &desc, b);
   kvc_plan_destroy(probe);
@@ -254,9 +196,9 @@ Test(select_emu, budget_edges) {
 Test(select_emu, tova_shared_heads) {
   const int32_t lens[] = {200, 1500, 3};
   for (int i = 0; i < 3; ++i) {
-    select_case_t c = make_case(KVC_SCORE_TOVA, 4, 3, lens, 0.3, 6, kPatterns[i], 600 + i);
+    kvc_test_select_case_t c = kvc_test_select_case(KVC_SCORE_TOVA, 4, 3, lens, 0.3, 6, kPatterns[i], 600 + i);
     c.fairness = 0.5f;
-    add_spans(&c, 2, 1, 1);
+    kvc_test_select_case_add_spans(&c, 2, 1, 1);
     check_case(&c);
   }
 }
@@ -265,10 +207,10 @@ Test(select_emu, tova_shared_heads) {
 Test(select_emu, snapkv_window_protected) {
   const int32_t lens[] = {100, 1200};
   for (int i = 0; i < 2; ++i) {
-    select_case_t c = make_case(KVC_SCORE_SNAPKV, 2, 2, lens, 0.2, 40, kPatterns[i], 700 + i);
+    kvc_test_select_case_t c = kvc_test_select_case(KVC_SCORE_SNAPKV, 2, 2, lens, 0.2, 40, kPatterns[i], 700 + i);
     c.window = 32;
     c.fairness = 1.0f;
-    add_spans(&c, 2, 0, 1);
+    kvc_test_select_case_add_spans(&c, 2, 0, 1);
     check_case(&c);
   }
 }
@@ -279,10 +221,11 @@ Test(select_emu, randomized) {
   for (int trial = 0; trial < 40; ++trial) {
     int32_t lens[4], batch = kvc_rng_range(&rng, 1, 4);
     for (int32_t b = 0; b < batch; ++b) lens[b] = kvc_rng_range(&rng, 1, kvc_rng_range(&rng, 0, 3) ? 600 : 3000);
-    select_case_t c = make_case(KVC_SCORE_KNORM, kvc_rng_range(&rng, 1, 3), batch, lens, kvc_rng_uniform(&rng), 1,
-                                kPatterns[kvc_rng_range(&rng, 0, 4)], 900 + trial);
+    kvc_test_select_case_t c =
+        kvc_test_select_case(KVC_SCORE_KNORM, kvc_rng_range(&rng, 1, 3), batch, lens, kvc_rng_uniform(&rng), 1,
+                             kPatterns[kvc_rng_range(&rng, 0, 4)], 900 + trial);
     c.fairness = (float)kvc_rng_range(&rng, 0, 4) / 4.0f;
-    add_spans(&c, kvc_rng_range(&rng, 0, 6), 0, kvc_rng_range(&rng, 0, 1));
+    kvc_test_select_case_add_spans(&c, kvc_rng_range(&rng, 0, 6), 0, kvc_rng_range(&rng, 0, 1));
     check_case(&c);
   }
 }

@@ -20,7 +20,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   kvc_plan_desc_t d = KVC_PLAN_DESC_INIT;
   if (fuzz_u8(&in) == 0xFF) d.struct_size -= 4;
   d.num_kv_heads = fuzz_int(&in, 1, 4);
-  d.num_q_heads = d.num_kv_heads * fuzz_int(&in, 1, 4);
+  int32_t group = fuzz_int(&in, 1, 4); /* usually a valid GQA group; raw values test the checks */
+  d.num_q_heads = d.num_kv_heads > 0 && d.num_kv_heads < 64 && group > 0 && group < 64 ? d.num_kv_heads * group : group;
   d.head_dim = fuzz_int(&in, 1, 260);
   d.dtype = (kvc_dtype_t)fuzz_int(&in, 0, 3);
   d.batch = fuzz_int(&in, 1, MAX_BATCH);

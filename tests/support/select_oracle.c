@@ -19,12 +19,21 @@ void kvc_test_fill_scores(float *scores, int64_t count, kvc_score_pattern_t patt
   const float special[] = {NAN, -NAN, INFINITY, -INFINITY, 0.0f, -0.0f, 1e-45f, -1e-45f, 1.0f, -1.0f, 3.0e38f};
   for (int64_t i = 0; i < count; ++i) {
     switch (pattern) {
-      case KVC_SCORES_RANDOM: scores[i] = (float)kvc_rng_normal(&rng); break;
-      case KVC_SCORES_FEW_VALUES: scores[i] = few[kvc_rng_range(&rng, 0, 4)]; break;
-      case KVC_SCORES_SPECIAL: scores[i] = special[kvc_rng_range(&rng, 0, 10)]; break;
-      case KVC_SCORES_EQUAL: scores[i] = 0.25f; break;
+      case KVC_SCORES_RANDOM:
+        scores[i] = (float)kvc_rng_normal(&rng);
+        break;
+      case KVC_SCORES_FEW_VALUES:
+        scores[i] = few[kvc_rng_range(&rng, 0, 4)];
+        break;
+      case KVC_SCORES_SPECIAL:
+        scores[i] = special[kvc_rng_range(&rng, 0, 10)];
+        break;
+      case KVC_SCORES_EQUAL:
+        scores[i] = 0.25f;
+        break;
       case KVC_SCORES_NAN: {
-        uint32_t bits = 0x7fc00000u | (uint32_t)kvc_rng_range(&rng, 0, 0x3fffff) | (kvc_rng_range(&rng, 0, 1) ? 0x80000000u : 0);
+        uint32_t bits =
+            0x7fc00000u | (uint32_t)kvc_rng_range(&rng, 0, 0x3fffff) | (kvc_rng_range(&rng, 0, 1) ? 0x80000000u : 0);
         memcpy(&scores[i], &bits, sizeof bits);
         break;
       }
@@ -197,4 +206,50 @@ int kvc_test_select_oracle(kvc_plan_t plan, const kvc_plan_desc_t *d, const floa
   }
   free(quotas), free(implicit), free(kept), free(member), free(scratch), free(o.obs_indptr), free(o.obs_pos);
   return status;
+}
+
+kvc_test_select_case_t kvc_test_select_case(kvc_score_method_t method, int32_t heads, int32_t batch,
+                                            const int32_t *lens, double keep_fraction, int32_t min_budget,
+                                            kvc_score_pattern_t pattern, uint64_t seed) {
+  kvc_test_select_case_t c;
+  memset(&c, 0, sizeof c);
+  c.method = method;
+  c.num_kv_heads = heads;
+  c.batch = batch;
+  c.pattern = pattern;
+  c.seed = seed;
+  for (int32_t b = 0; b < batch; ++b) {
+    int32_t budget = (int32_t)(keep_fraction * lens[b]);
+    c.seq_lens[b] = lens[b];
+    c.budgets[b] = budget < min_budget ? min_budget : budget;
+  }
+  return c;
+}
+
+void kvc_test_select_case_add_spans(kvc_test_select_case_t *c, int32_t fair, int32_t protect, int equal_weights) {
+  kvc_rng_t rng = {c->seed ^ 0x5eedu};
+  c->has_spans = 1;
+  c->span_indptr[0] = 0;
+  for (int32_t b = 0; b < c->batch; ++b)
+    c->span_indptr[b + 1] =
+        c->span_indptr[b] + kvc_test_random_spans(&rng, c->seq_lens[b], fair, protect, equal_weights, c->spans,
+                                                  c->span_indptr[b], KVC_TEST_SELECT_MAX_SPANS);
+}
+
+kvc_plan_desc_t kvc_test_select_case_desc(const kvc_test_select_case_t *c) {
+  kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;
+  desc.num_kv_heads = c->num_kv_heads;
+  desc.num_q_heads = c->num_kv_heads;
+  desc.head_dim = 64;
+  desc.batch = c->batch;
+  desc.seq_lens = c->seq_lens;
+  desc.budgets = c->budgets;
+  desc.span_indptr = c->has_spans ? c->span_indptr : NULL;
+  desc.spans = c->has_spans ? c->spans : NULL;
+  desc.method = c->method;
+  desc.window = c->window > 0 ? c->window : 16;
+  desc.sink_tokens = c->sink;
+  desc.recent_tokens = c->recent;
+  desc.fairness = c->fairness;
+  return desc;
 }

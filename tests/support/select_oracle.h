@@ -37,6 +37,32 @@ int32_t kvc_test_random_spans(kvc_rng_t *rng, int32_t n, int32_t fair, int32_t p
  * and TOVA; quotas from kvc_plan_span_quotas. Returns 0, or -1 if a plan read-out fails. */
 int kvc_test_select_oracle(kvc_plan_t plan, const kvc_plan_desc_t *desc, const float *scores, int32_t *keep);
 
+/* A selection test case: a batch, its budgets and spans, the plan knobs selection reads, and the
+ * score pattern. Fixed-size so tests can build cases on the stack. */
+#define KVC_TEST_SELECT_MAX_BATCH 16
+#define KVC_TEST_SELECT_MAX_SPANS 512
+typedef struct {
+  kvc_score_method_t method;
+  int32_t num_kv_heads, batch;
+  int32_t seq_lens[KVC_TEST_SELECT_MAX_BATCH], budgets[KVC_TEST_SELECT_MAX_BATCH];
+  int32_t span_indptr[KVC_TEST_SELECT_MAX_BATCH + 1];
+  kvc_span_t spans[KVC_TEST_SELECT_MAX_SPANS];
+  int has_spans;
+  int32_t sink, recent, window; /* window 0: 16 */
+  float fairness;
+  kvc_score_pattern_t pattern;
+  uint64_t seed;
+} kvc_test_select_case_t;
+
+/* A batch of the given lengths with budgets keep_fraction * n, at least min_budget; no spans. */
+kvc_test_select_case_t kvc_test_select_case(kvc_score_method_t method, int32_t heads, int32_t batch,
+                                            const int32_t *lens, double keep_fraction, int32_t min_budget,
+                                            kvc_score_pattern_t pattern, uint64_t seed);
+/* Random FAIR and PROTECT spans (kvc_test_random_spans) for every sequence of c. */
+void kvc_test_select_case_add_spans(kvc_test_select_case_t *c, int32_t fair, int32_t protect, int equal_weights);
+/* The plan descriptor of c (head_dim 64, num_q_heads = num_kv_heads); it points into c. */
+kvc_plan_desc_t kvc_test_select_case_desc(const kvc_test_select_case_t *c);
+
 /* Number of protected tokens of sequence b per the rules above (for budgets = |P| cases). */
 int32_t kvc_test_protected_count(kvc_plan_t plan, const kvc_plan_desc_t *desc, int32_t b);
 

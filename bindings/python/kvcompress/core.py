@@ -1,0 +1,582 @@
+"""Context, Span and Plan: the Python face of kvc_context_t / kvc_span_t / kvc_plan_t."""
+from __future__ import annotations
+
+import ctypes
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _arrays, _lib
+from .cache import PagedKV
+from .errors import error_for
+
+BACKENDS = {"auto": 0, "cpu": 1, "cuda": 2}
+BACKEND_NAMES = {1: "cpu", 2: "cuda"}
+DTYPE_TAGS = {"f32": 0, "f16": 1, "bf16": 2, "fp8_e4m3": 3}
+_DTYPE_ALIASES = {
+    "f32": "f32", "float32": "f32", "fp32": "f32", "float": "f32",
+    "f16": "f16", "float16": "f16", "fp16": "f16", "half": "f16",
+    "bf16": "bf16", "bfloat16": "bf16",
+    "fp8_e4m3": "fp8_e4m3", "fp8": "fp8_e4m3", "float8_e4m3fn": "fp8_e4m3", "e4m3": "fp8_e4m3",
+}
+METHODS = {"snapkv": 0, "h2o": 1, "tova": 2, "knorm": 3, "streaming": 4}
+POOLS = {"avg": 0, "max": 1}
+REDUCES = {"mean": 0, "max": 1}
+OPS = {"score": 0, "select": 1, "compact": 2, "retention": 3, "compress": 4}
+SPAN_KINDS = {"fair": 0, "protect": 1}
+
+
+def _dtype_tag(dtype):
+    if dtype is None:
+        return "f16"
+    name = getattr(dtype, "name", None) or str(dtype)
+    name = name.replace("torch.", "").lower()
+    if name not in _DTYPE_ALIASES:
+        raise ValueError(f"dtype: expected one of f32, f16, bf16, fp8_e4m3 (or a numpy/torch dtype), got {dtype!r}")
+    return _DTYPE_ALIASES[name]
+
+
+def _choice(table, value, name):
+    if isinstance(value, str) and value.lower() in table:
+        return table[value.lower()]
+    raise ValueError(f"{name}: expected one of {sorted(table)}, got {value!r}")
+
+
+def _raise(ctx_handle, status, function):
+    lib = _lib.lib()
+    name = lib.kvc_status_name(status).decode()
+    summary = lib.kvc_status_string(status).decode()
+    detail = lib.kvc_last_error(ctx_handle).decode() if ctx_handle else ""
+    raise error_for(status, name, function, detail, summary)
+
+
+# ============================================================================================
+# Context
+# ============================================================================================
+
+
+class Context:
+    """A libkvcompress context on one backend ('cpu', 'cuda' or 'auto') and CUDA device.
+
+    Use as a context manager or call close(); plans made from it keep it alive and are closed
+    first when it is closed.
+    """
+
+    def __init__(self, backend="auto", device=0):
+        lib = _lib.lib()
+        code = _choice(BACKENDS, backend, "backend")
+        if int(device) < 0:
+            raise ValueError(f"device: must be >= 0, got {device}")
+        handle = ctypes.c_void_p()
+        status = lib.kvc_context_create(code, int(device), ctypes.byref(handle))
+        if status != 0:
+            # no context exists to hold the detail: describe the request instead
+            name = lib.kvc_status_name(status).decode()
+            summary = lib.kvc_status_string(status).decode()
+            raise error_for(status, name, "kvc_context_create",
+                            f"backend {backend!r}, device {device}: {summary}", summary)
+        self._handle = handle
+        self._lib = lib
+        out = ctypes.c_int()
+        lib.kvc_context_backend(handle, ctypes.byref(out))
+        self.backend = BACKEND_NAMES[out.value]
+        self.device = int(device) if self.backend == "cuda" else 0
+        self._plans = weakref.WeakSet()
+
+    @property
+    def is_cuda(self):
+        return self.backend == "cuda"
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            raise ValueError("the context is closed")
+        return self._handle
+
+    @property
+    def closed(self):
+        return self._handle is None
+
+    @property
+    def last_error(self):
+        """kvc_last_error: the detail of the last failed call on this context ("" after a success)."""
+        return self._lib.kvc_last_error(self._handle).decode() if self._handle else ""
+
+    def close(self):
+        if getattr(self, "_handle", None) is None:
+            return
+        for plan in list(self._plans):
+            plan.close()
+        self._lib.kvc_context_destroy(self._handle)
+        self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        state = "closed" if self.closed else (f"cuda:{self.device}" if self.is_cuda else "cpu")
+        return f"Context({state})"
+
+    def _check(self, status, function):
+        if status != 0:
+            _raise(self._handle, status, function)
+
+    def plan(self, **kwargs):
+        """Builds a validated :class:`Plan`; see Plan for the keyword arguments."""
+        return Plan(self, **kwargs)
+
+
+# ============================================================================================
+# Spans
+# ============================================================================================
+
+
+@dataclass(frozen=True)
+class Span:
+    """Token range [start, end) of one sequence: kind 'fair' (an instruction partition with a quota
+    proportional to weight * length) or 'protect' (whitelisted: always kept)."""
+
+    start: int
+    end: int
+    kind: str = "fair"
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in SPAN_KINDS:
+            raise ValueError(f"Span.kind: expected 'fair' or 'protect', got {self.kind!r}")
+
+    def __len__(self):
+        return max(0, self.end - self.start)
+
+
+def _as_span(s, where):
+    if isinstance(s, Span):
+        return s
+    if isinstance(s, (tuple, list)) and 2 <= len(s) <= 4:
+        return Span(*s)
+    raise TypeError(f"{where}: expected a Span or a (start, end[, kind[, weight]]) tuple, got {s!r}")
+
+
+def _normalise_spans(spans, batch):
+    if spans is None:
+        return None
+    spans = list(spans)
+    if batch == 1 and spans and all(isinstance(s, Span) for s in spans):
+        spans = [spans]  # one sequence: a flat list is allowed
+    if len(spans) != batch:
+        raise ValueError(f"spans: expected one list of spans per sequence ({batch}), got {len(spans)}")
+    return [[_as_span(s, f"spans[{b}][{i}]") for i, s in enumerate(row or [])] for b, row in enumerate(spans)]
+
+
+# ============================================================================================
+# Plan
+# ============================================================================================
+
+
+@dataclass(frozen=True)
+class PlanInfo:
+    batch: int
+    num_kv_heads: int
+    total_tokens: int
+    total_kept: int
+    obs_total: int
+    score_elems: int
+    keep_elems: int
+    total_spans: int
+    count_elems: int
+    keep_offset_bytes: int
+
+
+class Plan:
+    """An immutable, validated compression plan (kvc_plan_t) for one batch; reuse it for every layer.
+
+    Keyword arguments (defaults are KVC_PLAN_DESC_INIT's):
+      num_q_heads, num_kv_heads, head_dim   required
+      seq_lens                              [batch] token counts
+      budgets                               [batch] tokens kept per KV head (an int applies to all)
+      spans=None                            per sequence a list of Span (or (start, end, kind, weight))
+      method='snapkv'                       'snapkv' | 'h2o' | 'tova' | 'knorm' | 'streaming'
+      dtype='f16'                           'f32' | 'f16' | 'bf16' | 'fp8_e4m3' (or a numpy/torch dtype)
+      window=64, pool_kernel=5, pool='avg', group_reduce='mean', scale=0.0 (= 1/sqrt(head_dim)),
+      span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0
+
+    Array layouts are the C ones, flat: scores float32 [score_elems] ("score layout"), keep int32
+    [keep_elems] ("keep layout"), counts int32 [count_elems] ("count layout"); score_rows /
+    keep_rows / count_rows split them into per-sequence (num_kv_heads, ...) views.
+    """
+
+    def __init__(self, context, *, num_q_heads, num_kv_heads, head_dim, seq_lens, budgets, spans=None,
+                 method="snapkv", dtype="f16", window=64, pool_kernel=5, pool="avg", group_reduce="mean",
+                 scale=0.0, span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0):
+        if not isinstance(context, Context):
+            raise TypeError(f"context: expected a kvcompress.Context, got {type(context).__name__}")
+        lib = context._lib
+        self.context = context  # keeps the context alive
+        self._handle = None
+        seq = _arrays.to_int32_host(seq_lens, "seq_lens").reshape(-1)
+        batch = int(seq.shape[0])
+        if batch < 1:
+            raise ValueError("seq_lens: needs at least one sequence")
+        if np.isscalar(budgets) or (isinstance(budgets, np.ndarray) and budgets.ndim == 0):
+            bud = np.full(batch, int(budgets), dtype=np.int32)
+        else:
+            bud = _arrays.to_int32_host(budgets, "budgets").reshape(-1)
+            if bud.shape[0] != batch:
+                raise ValueError(f"budgets: {bud.shape[0]} values for {batch} sequences (seq_lens)")
+        rows = _normalise_spans(spans, batch)
+
+        desc = _lib.PlanDescStruct()
+        lib.kvc_plan_desc_init(ctypes.byref(desc))
+        desc.num_q_heads = int(num_q_heads)
+        desc.num_kv_heads = int(num_kv_heads)
+        desc.head_dim = int(head_dim)
+        self.dtype = _dtype_tag(dtype)
+        desc.dtype = DTYPE_TAGS[self.dtype]
+        desc.batch = batch
+        desc.seq_lens = seq.ctypes.data
+        desc.budgets = bud.ctypes.data
+        span_arr = indptr = None
+        if rows is not None:
+            indptr = np.zeros(batch + 1, dtype=np.int32)
+            flat = [s for row in rows for s in row]
+            for b, row in enumerate(rows):
+                indptr[b + 1] = indptr[b] + len(row)
+            span_arr = (_lib.SpanStruct * max(1, len(flat)))()
+            for i, s in enumerate(flat):
+                span_arr[i].start, span_arr[i].end = int(s.start), int(s.end)
+                span_arr[i].kind = SPAN_KINDS[s.kind]
+                span_arr[i].weight = float(s.weight)
+            desc.span_indptr = indptr.ctypes.data
+            desc.spans = ctypes.addressof(span_arr)
+        self.method = method.lower() if isinstance(method, str) else method
+        desc.method = _choice(METHODS, method, "method")
+        desc.window = int(window)
+        desc.pool_kernel = int(pool_kernel)
+        desc.pool = _choice(POOLS, pool, "pool")
+        desc.group_reduce = _choice(REDUCES, group_reduce, "group_reduce")
+        desc.scale = float(scale)
+        desc.span_local = 1 if span_local else 0
+        desc.sink_tokens = int(sink_tokens)
+        desc.recent_tokens = int(recent_tokens)
+        desc.fairness = float(fairness)
+
+        handle = ctypes.c_void_p()
+        status = lib.kvc_plan_create(context.handle, ctypes.byref(desc), ctypes.byref(handle))
+        if status != 0:
+            _raise(context.handle, status, "kvc_plan_create")
+        self._handle = handle
+        self._lib = lib
+        context._plans.add(self)
+
+        self.num_q_heads, self.num_kv_heads, self.head_dim = int(num_q_heads), int(num_kv_heads), int(head_dim)
+        self.batch = batch
+        self.seq_lens = seq.copy()
+        self.budgets = bud.copy()
+        self.spans = rows
+        self.fairness = float(fairness)
+        self.max_seq_len = int(seq.max())
+        info = _lib.PlanInfoStruct()
+        self._call(lib.kvc_plan_get_info, "kvc_plan_get_info", handle, ctypes.byref(info))
+        self.info = PlanInfo(*(int(getattr(info, f)) for f, _ in _lib.PlanInfoStruct._fields_))
+        ip = np.zeros(batch + 1, dtype=np.int32)
+        pos = np.zeros(max(1, self.info.obs_total), dtype=np.int32)
+        self._call(lib.kvc_plan_obs_positions, "kvc_plan_obs_positions", handle, ip.ctypes.data, pos.ctypes.data)
+        self.obs_indptr = ip
+        self.obs_positions = pos[: self.info.obs_total]
+        nl = np.zeros(batch, dtype=np.int32)
+        self._call(lib.kvc_plan_new_lengths, "kvc_plan_new_lengths", handle, nl.ctypes.data)
+        self.new_lengths = nl
+        q = np.zeros(max(1, self.info.total_spans), dtype=np.int32)
+        imp = np.zeros(batch, dtype=np.int32)
+        self._call(lib.kvc_plan_span_quotas, "kvc_plan_span_quotas", handle, q.ctypes.data, imp.ctypes.data)
+        self.span_quotas = q[: self.info.total_spans]
+        self.implicit_quotas = imp
+        self._ws_sizes = {}
+        for op, code in OPS.items():
+            n = ctypes.c_size_t()
+            self._call(lib.kvc_plan_workspace_size, "kvc_plan_workspace_size", handle, code, ctypes.byref(n))
+            self._ws_sizes[op] = int(n.value)
+        self._workspaces = {}
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def _call(self, fn, name, *args):
+        status = fn(*args)
+        if status != 0:
+            _raise(self.context._handle, status, name)
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            raise ValueError("the plan is closed")
+        return self._handle
+
+    @property
+    def closed(self):
+        return self._handle is None
+
+    def close(self):
+        """Frees the plan and its cached workspaces. On CUDA, make sure queued work that uses the plan
+        has finished (e.g. synchronise the stream) first."""
+        if getattr(self, "_handle", None) is None:
+            return
+        self._lib.kvc_plan_destroy(self._handle)
+        self._handle = None
+        self._workspaces = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return (f"Plan(method={self.method!r}, dtype={self.dtype!r}, batch={self.batch}, heads="
+                f"{self.num_q_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, fairness={self.fairness}"
+                f"{', closed' if self.closed else ''})")
+
+    # -- read-outs --------------------------------------------------------------------------
+    @property
+    def keep_lens(self):
+        """k_b = min(budget, n) per sequence (same as new_lengths)."""
+        return self.new_lengths
+
+    def workspace_size(self, op):
+        """Bytes of workspace the execute call `op` ('score', 'select', 'compact', 'retention',
+        'compress') needs."""
+        _choice(OPS, op, "op")
+        return self._ws_sizes[op.lower()]
+
+    def obs_positions_of(self, b):
+        return self.obs_positions[self.obs_indptr[b]: self.obs_indptr[b + 1]]
+
+    def span_quotas_of(self, b):
+        return self.span_quotas[self._span_lo(b): self._span_lo(b + 1)]
+
+    def _span_lo(self, b):
+        if self.spans is None:
+            return 0
+        return sum(len(r) for r in self.spans[:b])
+
+    def _rows(self, arr, lens):
+        H = self.num_kv_heads
+        out, off = [], 0
+        for n in lens:
+            n = int(n)
+            out.append(arr[off: off + H * n].reshape(H, n))
+            off += H * n
+        return out
+
+    def score_rows(self, scores):
+        """Per sequence b a (num_kv_heads, n_b) view of a score-layout array."""
+        return self._rows(scores, self.seq_lens)
+
+    def keep_rows(self, keep):
+        """Per sequence b a (num_kv_heads, k_b) view of a keep-layout array."""
+        return self._rows(keep, self.new_lengths)
+
+    def count_rows(self, counts):
+        """Per sequence b a (num_kv_heads, spans_b) view of a count-layout array."""
+        return self._rows(counts, [len(r) for r in self.spans] if self.spans else [0] * self.batch)
+
+    def gather_queries(self, q):
+        """Builds the `queries` argument ([obs_total, num_q_heads, head_dim], C-contiguous) from an
+        HF-style query tensor (batch, num_q_heads, n, head_dim) of numpy / torch / cupy, whose
+        position p of sequence b is q[b, :, p]."""
+        b_idx = np.repeat(np.arange(self.batch), np.diff(self.obs_indptr)).astype(np.int64)
+        p_idx = self.obs_positions.astype(np.int64)
+        mod = type(q).__module__.split(".")[0]
+        if mod == "torch":
+            import torch
+
+            bi = torch.as_tensor(b_idx, device=q.device)
+            pi = torch.as_tensor(p_idx, device=q.device)
+            return q[bi, :, pi, :].contiguous()
+        if mod == "cupy":
+            import cupy
+
+            return cupy.ascontiguousarray(q[cupy.asarray(b_idx), :, cupy.asarray(p_idx), :])
+        return np.ascontiguousarray(np.asarray(q)[b_idx, :, p_idx, :])
+
+    # -- argument checks --------------------------------------------------------------------
+    def _device_ok(self, v):
+        ctx = self.context
+        if ctx.is_cuda:
+            if not v.is_cuda:
+                raise ValueError(f"{v.name} is on {v.where()} but the context runs on cuda:{ctx.device}")
+            if v.device[1] is not None and v.device[1] != ctx.device:
+                raise ValueError(f"{v.name} is on {v.where()} but the context runs on cuda:{ctx.device}")
+        elif v.device != _arrays.CPU:
+            raise ValueError(f"{v.name} is on {v.where()} but the context runs on the CPU backend (host arrays)")
+
+    def _flat(self, obj, name, tag, count, writable=False):
+        v = _arrays.view(obj, name)
+        self._device_ok(v)
+        want = {"f32": "float32", "i32": "int32"}[tag]
+        if v.dtype != tag:
+            raise TypeError(f"{name}: dtype must be {want}, got {v.dtype}")
+        if v.size != count:
+            raise ValueError(f"{name}: expected {count} elements ({'score' if tag == 'f32' else 'keep'} layout), "
+                             f"got shape {v.shape} ({v.size})")
+        if not v.is_c_contiguous():
+            raise ValueError(f"{name}: must be C-contiguous, got strides {v.strides} for shape {v.shape}")
+        if writable and isinstance(obj, np.ndarray) and not obj.flags.writeable:
+            raise ValueError(f"{name}: the array is read-only")
+        return v
+
+    def _cache(self, cache):
+        if not isinstance(cache, PagedKV):
+            raise TypeError(f"cache: expected a PagedKV (see hf_cache, vllm_cache, flashinfer_cache, paged_kv), "
+                            f"got {type(cache).__name__}")
+        if isinstance(cache.k, np.ndarray) and not (cache.k.flags.writeable and cache.v.flags.writeable):
+            raise ValueError("cache: the K/V arrays are read-only")
+        return cache.struct(self)
+
+    def _queries(self, queries):
+        if self.info.obs_total == 0:
+            if queries is None:
+                return None, 0
+        elif queries is None:
+            raise ValueError(f"queries: required, the plan has {self.info.obs_total} observation queries "
+                             f"(see plan.obs_positions / plan.gather_queries)")
+        v = _arrays.view(queries, "queries")
+        self._device_ok(v)
+        from .cache import _dtype_compatible, _suggest
+
+        if not _dtype_compatible(v.dtype, self.dtype):
+            raise TypeError(f"queries: dtype {v.dtype} does not match the plan's dtype {self.dtype} "
+                            f"(cache and queries share the plan's dtype; {_suggest(v.dtype)!r} would need dtype="
+                            f"{_suggest(v.dtype)!r})")
+        want = (self.info.obs_total, self.num_q_heads, self.head_dim)
+        if v.shape != want:
+            raise ValueError(f"queries: expected shape {want} (obs_total, num_q_heads, head_dim), got {v.shape}")
+        if not v.is_c_contiguous():
+            raise ValueError(f"queries: must be C-contiguous, got strides {v.strides} for shape {v.shape}")
+        return v, v.ptr
+
+    def _workspace(self, op, like):
+        nbytes = self._ws_sizes[op]
+        lib = _arrays.alloc_lib(like)
+        key = (op, lib, like.device)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            if nbytes == 0 and op != "compress":
+                return None, 0, 0
+            ws = _arrays.Workspace(lib, like.device, nbytes)
+            self._workspaces[key] = ws
+        return ws, ws.ptr, nbytes
+
+    def _stream(self, stream, like):
+        if not self.context.is_cuda:
+            return None
+        h = _arrays.stream_handle(stream)
+        if h is None:
+            h = _arrays.current_stream(_arrays.alloc_lib(like), like.device)
+        return h or None
+
+    def _out(self, out, like, count, tag, name):
+        if out is None:
+            return _arrays.empty(_arrays.alloc_lib(like), like.device, (count,), tag)
+        return out
+
+    # -- execute calls ----------------------------------------------------------------------
+    def score(self, cache, queries=None, out=None, accumulate=False, stream=None):
+        """Scores every token (kvc_score). Returns `out` (score layout, float32 [score_elems]),
+        allocated like the cache when None; accumulate=True adds to it instead."""
+        s = self._cache(cache)
+        qv, qptr = self._queries(queries)
+        if accumulate and out is None:
+            raise ValueError("out: accumulate=True needs the score array to add to")
+        like = cache._kview
+        out = self._out(out, like, self.info.score_elems, "f32", "out")
+        ov = self._flat(out, "out", "f32", self.info.score_elems, writable=True)
+        ws, wptr, wbytes = self._workspace("score", like)
+        self._call(self._lib.kvc_score, "kvc_score", self.context.handle, self.handle, ctypes.byref(s), qptr or None,
+                   ov.ptr, 1 if accumulate else 0, wptr or None, wbytes, self._stream(stream, like))
+        return out
+
+    def select(self, scores, out=None, stream=None):
+        """Selects the kept tokens (kvc_select). Returns `out` (keep layout, int32 [keep_elems])."""
+        sv = self._flat(scores, "scores", "f32", self.info.score_elems)
+        out = self._out(out, sv, self.info.keep_elems, "i32", "out")
+        ov = self._flat(out, "out", "i32", self.info.keep_elems, writable=True)
+        ws, wptr, wbytes = self._workspace("select", sv)
+        self._call(self._lib.kvc_select, "kvc_select", self.context.handle, self.handle, sv.ptr, ov.ptr,
+                   wptr or None, wbytes, self._stream(stream, sv))
+        return out
+
+    def compact(self, cache, keep, extras=(), stream=None):
+        """Moves the kept K/V rows (and the kept values of each float32 score-layout array in
+        `extras`) to the front of each sequence, in place (kvc_compact). Returns the cache."""
+        s = self._cache(cache)
+        kv = self._flat(keep, "keep", "i32", self.info.keep_elems)
+        extras = list(extras or ())
+        views = [self._flat(e, f"extras[{i}]", "f32", self.info.score_elems, writable=True)
+                 for i, e in enumerate(extras)]
+        ptrs = (ctypes.c_void_p * max(1, len(views)))(*[v.ptr for v in views])
+        like = cache._kview
+        ws, wptr, wbytes = self._workspace("compact", like)
+        self._call(self._lib.kvc_compact, "kvc_compact", self.context.handle, self.handle, ctypes.byref(s), kv.ptr,
+                   ptrs if views else None, len(views), wptr or None, wbytes, self._stream(stream, like))
+        return cache
+
+    def retention(self, keep, out=None, stream=None):
+        """Kept counts per (sequence, KV head, span) (kvc_retention). Returns `out` (count layout,
+        int32 [count_elems])."""
+        kv = self._flat(keep, "keep", "i32", self.info.keep_elems)
+        out = self._out(out, kv, self.info.count_elems, "i32", "out")
+        if self.info.count_elems == 0:
+            return out
+        ov = _arrays.view(out, "out")
+        self._device_ok(ov)
+        if ov.dtype != "i32" or ov.size != self.info.count_elems or not ov.is_c_contiguous():
+            raise ValueError(f"out: expected a C-contiguous int32 array of {self.info.count_elems} elements "
+                             f"(count layout), got {ov.dtype} shape {ov.shape}")
+        ws, wptr, wbytes = self._workspace("retention", kv)
+        self._call(self._lib.kvc_retention, "kvc_retention", self.context.handle, self.handle, kv.ptr, ov.ptr,
+                   wptr or None, wbytes, self._stream(stream, kv))
+        return out
+
+    def compress(self, cache, queries=None, stream=None):
+        """score + select + compact in one call (kvc_compress). Returns the keep indices (keep
+        layout), copied out of the plan's cached workspace."""
+        s = self._cache(cache)
+        qv, qptr = self._queries(queries)
+        like = cache._kview
+        ws, wptr, wbytes = self._workspace("compress", like)
+        self._call(self._lib.kvc_compress, "kvc_compress", self.context.handle, self.handle, ctypes.byref(s),
+                   qptr or None, wptr or None, wbytes, self._stream(stream, like))
+        return ws.read_i32(self.info.keep_offset_bytes, self.info.keep_elems)
+
+    def retention_rates(self, counts):
+        """Per sequence a (num_kv_heads, spans_b) float array: kept fraction of each span."""
+        host = np.asarray(counts if isinstance(counts, np.ndarray) else _to_host(counts))
+        out = []
+        for b, rows in enumerate(self.count_rows(host)):
+            lens = np.array([max(1, len(s)) for s in self.spans[b]], dtype=np.float64) if self.spans else np.ones(0)
+            out.append(rows / lens[None, :])
+        return out
+
+
+def _to_host(a):
+    mod = type(a).__module__.split(".")[0]
+    if mod == "torch":
+        return a.detach().cpu().numpy()
+    if mod == "cupy":
+        return a.get()
+    return np.asarray(a)
