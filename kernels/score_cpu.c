@@ -56,7 +56,7 @@ static void add_query_attention(const kvc_op_args_t *args, const int32_t *pages,
     load_key(args->cache, pages, b, t, h, dim, key);
     for (int32_t gi = 0; gi < G; ++gi) rows->dots[gi] = 0.0;
     for (int32_t d = 0; d < dim; ++d) /* heads innermost: G independent sums, each in d order */
-      for (int32_t gi = 0; gi < G; ++gi) rows->dots[gi] += rows->query[d] * key[d];
+      for (int32_t gi = 0; gi < G; ++gi) rows->dots[gi] += rows->query[gi * dim + d] * key[d];
     for (int32_t gi = 0; gi < G; ++gi) rows->probs[(int64_t)gi * L + t - lo] = (double)plan->scale * rows->dots[gi];
   }
   const int32_t scored_seen = (p < dom->scored_end ? p + 1 : dom->scored_end) - dom->start;

@@ -323,6 +323,7 @@ Test(compact_emu, corrupt_page_ids_touch_no_other_page) {
       cuda->indptr[c.batch] = cuda->indptr[c.batch - 1] + (c.seq_lens[c.batch - 1] + 15) / 16 - 1;
       skip[c.batch - 1] = 1;
     }
+    kvc_test_cache_t *cpu = kvc_test_cache_clone(cuda); /* the same corrupt table */
     float **extras_expected = kvc_test_extras_clone(r.extras, c.num_extras, r.info.score_elems);
     float **extras_cuda = kvc_test_extras_clone(r.extras, c.num_extras, r.info.score_elems);
     kvc_test_compact_oracle(r.before, expected, c.budgets, r.keep, r.extras, extras_expected, c.num_extras, skip);
@@ -331,7 +332,6 @@ Test(compact_emu, corrupt_page_ids_touch_no_other_page) {
     assert_matches(cuda, extras_cuda, expected, extras_expected, c.num_extras, r.info.score_elems,
                    i ? "CUDA with a corrupt CSR table" : "CUDA with a corrupt dense table");
     /* the CPU backend refuses the same table before touching anything */
-    kvc_test_cache_t *cpu = kvc_test_cache_clone(cuda);
     cr_assert_eq(compact_on(r.cpu, r.cpu_plan, &cpu->desc, r.keep, NULL, 0), KVC_ERROR_INVALID_VALUE);
     assert_same_bytes(cpu->k, r.before->k, r.before->pool_bytes, "K pool", "CPU", r.before);
     kvc_test_cache_free(cpu);

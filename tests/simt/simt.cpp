@@ -39,6 +39,17 @@
 #define SIMT_NO_ASAN
 #endif
 
+#if defined(__SANITIZE_THREAD__)
+#define SIMT_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define SIMT_TSAN 1
+#endif
+#endif
+#if defined(SIMT_TSAN)
+#include <sanitizer/tsan_interface.h>
+#endif
+
 uint3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
 
@@ -95,15 +106,21 @@ struct Context {
 #if defined(SIMT_ASAN)
   void *fake_stack = nullptr;
 #endif
+#if defined(SIMT_TSAN)
+  void *tsan_fiber = nullptr;  // created once per stack; switches synchronise, so no races
+#endif
 };
 
 // Runs `to` until something switches back to `from`. A context that will never run again says so
-// (dying), which lets ASan free its fake stack.
+// (dying), which lets ASan free its fake stack. The sanitizers must hear of every stack switch.
 void jump(Context &from, Context &to, bool dying) {
 #if defined(SIMT_ASAN)
   __sanitizer_start_switch_fiber(dying ? nullptr : &from.fake_stack, to.stack, to.stack_size);
 #else
   (void)dying;
+#endif
+#if defined(SIMT_TSAN)
+  __tsan_switch_to_fiber(to.tsan_fiber, 0);
 #endif
 #if defined(SIMT_ASM_SWITCH)
   kvc_simt_switch(&from.sp, to.sp);
@@ -551,6 +568,9 @@ int execute(const LaunchSpec &spec, const Config &cfg) {
   r.seeded = cfg.seed != 0;
   r.rng.s = g_rng_state;
   r.sched.stack = nullptr;
+#if defined(SIMT_TSAN)
+  r.sched.tsan_fiber = __tsan_get_current_fiber();
+#endif
   r.nthreads = spec.block.x * spec.block.y * spec.block.z;
   r.nwarps = (r.nthreads + 31) / 32;
   size_t total = (size_t)spec.grid.x * spec.grid.y * spec.grid.z;
@@ -583,6 +603,9 @@ int execute(const LaunchSpec &spec, const Config &cfg) {
       Fiber &f = s.fibers[t];
       f.ctx.stack = r.stacks.get(i * r.nthreads + t);
       f.ctx.stack_size = r.stacks.usable();
+#if defined(SIMT_TSAN)
+      if (!f.ctx.tsan_fiber) f.ctx.tsan_fiber = __tsan_create_fiber(0);
+#endif
       f.linear = t;
       f.tid = make_uint3(t % spec.block.x, t / spec.block.x % spec.block.y,
                          t / (spec.block.x * spec.block.y));
@@ -642,7 +665,7 @@ void load_config() {
   g_config_loaded = true;
   if (const char *v = getenv("SIMT_SEED")) g_config.seed = strtoull(v, nullptr, 0);
   if (const char *v = getenv("SIMT_INTERLEAVE")) g_config.interleave = std::max(1, atoi(v));
-#if defined(SIMT_ASAN)
+#if defined(SIMT_ASAN) || defined(SIMT_TSAN)
   size_t kib = 256;  // instrumented frames are much larger
 #else
   size_t kib = 64;
@@ -791,6 +814,18 @@ cudaError_t get_last_error() {
 cudaError_t peek_last_error() {
   std::lock_guard<std::mutex> lock(g_mutex);
   return g_sticky;
+}
+
+// The CUDA runtime's texts for the codes an emulated build meets.
+const char *error_string(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+    default: return "unrecognized error code";
+  }
 }
 
 }  // namespace simt

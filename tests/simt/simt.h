@@ -34,9 +34,11 @@ int last_launch_errors();
 int launch_errors();
 // The CUDA-like sticky error of the launches: cudaErrorInvalidConfiguration / cudaErrorInvalidValue
 // for a rejected launch, cudaErrorLaunchFailure for an error found while running. get_last_error
-// returns and clears it; cudaGetLastError / cudaPeekAtLastError in emulated code map to these.
+// returns and clears it. In emulated code cudaGetLastError, cudaPeekAtLastError and
+// cudaGetErrorString map to these three, so the emulated build needs no CUDA runtime library.
 cudaError_t get_last_error();
 cudaError_t peek_last_error();
+const char *error_string(cudaError_t error);
 
 // Byte pattern of fresh shared memory (static and dynamic, at every block start) and of a shuffle
 // read from a lane outside the mask: NaN for f32/f64/f16/bf16, -1 for signed integers.
@@ -143,6 +145,7 @@ inline constexpr int warpSize = 32;
 
 #define cudaGetLastError ::simt::get_last_error
 #define cudaPeekAtLastError ::simt::peek_last_error
+#define cudaGetErrorString ::simt::error_string
 
 // ---- barriers and warp ops ----------------------------------------------------------------------
 // The trailing file/line default to the caller's location, for divergence and deadlock reports.

@@ -241,7 +241,9 @@ Test(simt, deadlock_reported_and_recovered) {
   cr_assert(contains(text, "deadlock"));
   cr_assert(contains(text, "16 thread(s) at __shfl_sync (mask 0xffffffff)"), "%s", text.c_str());
   cr_assert(contains(text, "16 thread(s) at __syncthreads"), "%s", text.c_str());
-  cr_assert_eq(cudaGetLastError(), cudaErrorLaunchFailure);
+  cudaError_t error = cudaGetLastError();
+  cr_assert_eq(error, cudaErrorLaunchFailure);
+  cr_assert_str_eq(cudaGetErrorString(error), "unspecified launch failure");
   // the emulator is usable again
   std::vector<float> in(256, 1.f), sums(1);
   cr_assert_eq(run_block_reduce(in.data(), sums.data(), 256), 0);

@@ -30,8 +30,13 @@ SPAN_KINDS = {"fair": 0, "protect": 1}
 def _dtype_tag(dtype):
     if dtype is None:
         return "f16"
-    name = getattr(dtype, "name", None) or str(dtype)
-    name = name.replace("torch.", "").lower()
+    if isinstance(dtype, type):  # numpy scalar types: np.float32, ml_dtypes.bfloat16
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            pass
+    name = getattr(dtype, "name", None) if not isinstance(dtype, str) else dtype
+    name = str(name or dtype).replace("torch.", "").lower()
     if name not in _DTYPE_ALIASES:
         raise ValueError(f"dtype: expected one of f32, f16, bf16, fp8_e4m3 (or a numpy/torch dtype), got {dtype!r}")
     return _DTYPE_ALIASES[name]

@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""CPU benchmark: libkvcompress's CPU backend (through the Python bindings) against a numpy
+implementation of the same pipeline, on the same tensors, side by side in one run.
+
+The numpy peer is what a user without the library would write: kvpress's pipeline in numpy
+(float32, BLAS matmul), one sequence, HF layout [kv_heads, n, head_dim]:
+  snapkv     repeat_kv -> Q_win @ K^T * scale -> causal mask -> softmax -> drop window columns ->
+             mean over queries -> avg pool (5, zero padding, /5) -> group mean -> window = max+1
+  h2o        the full causal attention matrix over all n queries -> sum over queries / number of
+             queries that see the key -> group mean (kvpress ObservedAttentionPress)
+  knorm      -||k||_2
+  streaming  4 sinks + the most recent tokens (kvpress StreamingLLMPress)
+then np.argpartition top-k per KV head, sort the indices, gather K and V into new arrays.
+libkvcompress: plan.compress(cache, queries) (score + select + in-place compaction) on an
+hf_cache of the same K/V (copies: it compacts in place) and the same window queries.
+
+Both keep the same token sets up to ties and float rounding near the k-th score (the library
+scores in double, numpy in float32): for every point the script checks that the symmetric
+difference of the kept sets only holds tokens whose numpy score is within 1e-4 (relative) of the
+k-th score, and that the library's scores match numpy's (max relative error over scored keys).
+
+Timing: wall clock (time.perf_counter) around each call, `--reps` repetitions (>= 5) after one
+warm-up; median and p10/p90 (nearest rank). The library's CPU backend is single-threaded; numpy's
+BLAS is limited to --blas-threads (default 1) so the two use the same cores.
+
+  .venv-bench/bin/python bench/cpu_bench.py [--quick] [--reps 5] [--out bench/results/cpu_bench.jsonl]
+  (KVCOMPRESS_LIBRARY=build-bench/libkvcompress.so; bindings from bindings/python)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+_threads = "1"
+for i, a in enumerate(sys.argv):
+    if a == "--blas-threads" and i + 1 < len(sys.argv):
+        _threads = sys.argv[i + 1]
+    elif a.startswith("--blas-threads="):
+        _threads = a.split("=", 1)[1]
+for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = _threads
+
+import numpy as np  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(REPO, "bindings", "python"))
+if "KVCOMPRESS_LIBRARY" not in os.environ:
+    for cand in ("build-bench/libkvcompress.so", "build/libkvcompress.so"):
+        if os.path.exists(os.path.join(REPO, cand)):
+            os.environ["KVCOMPRESS_LIBRARY"] = os.path.join(REPO, cand)
+            break
+import kvcompress as kvc  # noqa: E402
+
+SINKS = 4
+
+
+def log(msg):
+    print(f"[cpu_bench] {msg}", file=sys.stderr, flush=True)
+
+
+def stats(times_ms):
+    t = sorted(times_ms)
+    at = lambda q: t[min(len(t) - 1, int(q * (len(t) - 1) + 0.5))]
+    median = t[len(t) // 2] if len(t) % 2 else 0.5 * (t[len(t) // 2 - 1] + t[len(t) // 2])
+    return {"median_ms": median, "p10_ms": at(0.1), "p90_ms": at(0.9), "reps": len(t)}
+
+
+def timed(fn, reps, setup=None):
+    """One untimed warm-up, then `reps` timed calls; setup() (untimed) before each call."""
+    if setup:
+        setup()
+    fn()
+    times = []
+    for _ in range(reps):
+        if setup:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return stats(times)
+
+
+def kept_of(n, ratio):
+    return max(1, int(n * (1.0 - ratio)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The numpy pipeline (kvpress semantics)
+# ---------------------------------------------------------------------------------------------
+
+
+def softmax_rows(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
+def np_scores(method, k, q, window, groups):
+    """Scores [kv_heads, n] (higher = keep) for one sequence. k: [Hkv, n, D]; q: [Hq, w, D]."""
+    hkv, n, d = k.shape
+    scale = np.float32(1.0 / np.sqrt(d))
+    if method == "knorm":
+        return -np.sqrt(np.einsum("hnd,hnd->hn", k, k))
+    if method == "streaming":
+        s = np.zeros((hkv, n), dtype=np.float32)
+        s[:, :SINKS] = 1.0
+        return s + np.arange(n, dtype=np.float32)[None, :] / n  # recency, sinks first (ties: none)
+    kr = np.repeat(k, groups, axis=0)  # repeat_kv (materialised, as transformers does)
+    if method == "snapkv":
+        w = window
+        logits = np.matmul(q, kr.transpose(0, 2, 1)) * scale  # [Hq, w, n]
+        rows = np.arange(w)[:, None]
+        cols = np.arange(n)[None, :]
+        logits[:, cols.repeat(w, 0) > (n - w + rows)] = -np.inf
+        attn = softmax_rows(logits)[..., : n - w]
+        scores = attn.mean(axis=1)  # [Hq, n - w]
+        padded = np.pad(scores, ((0, 0), (2, 2)))
+        pooled = sum(padded[:, i: i + n - w] for i in range(5)) / np.float32(5)
+        s = pooled.reshape(hkv, groups, n - w).mean(axis=1)
+        return np.concatenate([s, np.full((hkv, w), s.max() + 1, dtype=np.float32)], axis=1)
+    if method == "h2o":
+        logits = np.matmul(q, kr.transpose(0, 2, 1)) * scale  # [Hq, n, n]: every query
+        logits[:, np.triu(np.ones((n, n), dtype=bool), 1)] = -np.inf
+        attn = softmax_rows(logits)
+        s = attn.sum(axis=1) / np.arange(n, 0, -1, dtype=np.float32)
+        return s.reshape(hkv, groups, n).mean(axis=1)
+    raise ValueError(method)
+
+
+def np_pipeline(method, k, v, q, window, groups, n_kept):
+    scores = np_scores(method, k, q, window, groups)
+    idx = np.argpartition(-scores, n_kept - 1, axis=-1)[:, :n_kept]
+    idx.sort(axis=-1)
+    return np.take_along_axis(k, idx[..., None], axis=1), np.take_along_axis(v, idx[..., None], axis=1), idx, scores
+
+
+# ---------------------------------------------------------------------------------------------
+# One point
+# ---------------------------------------------------------------------------------------------
+
+
+def run_point(ctx, model, method, n, ratio, reps, rng):
+    name, hq, hkv, d = model
+    groups = hq // hkv
+    window = n if method == "h2o" else 64
+    n_kept = kept_of(n, ratio)
+    k = ((rng.random((hkv, n, d), dtype=np.float32) - 0.5) * 3.4).astype(np.float32)
+    v = ((rng.random((hkv, n, d), dtype=np.float32) - 0.5) * 3.4).astype(np.float32)
+    needs_q = method in ("snapkv", "h2o")
+    q = ((rng.random((hq, window, d), dtype=np.float32) - 0.5) * 3.4).astype(np.float32) if needs_q else None
+
+    plan = ctx.plan(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, seq_lens=[n], budgets=[n_kept], method=method,
+                    dtype="f32", window=window, pool_kernel=5 if method == "snapkv" else 1,
+                    sink_tokens=SINKS if method == "streaming" else 0)
+    # queries in the plan's row order: obs positions are the last `window` positions, ascending
+    assert plan.info.obs_total == (window if needs_q else 0), (plan.info.obs_total, window)
+    queries = np.ascontiguousarray(q.transpose(1, 0, 2)) if needs_q else None
+
+    kc = np.empty((1, hkv, n, d), dtype=np.float32)
+    vc = np.empty_like(kc)
+
+    def restore():
+        kc[0] = k
+        vc[0] = v
+
+    cache = kvc.hf_cache(kc, vc)
+    ours = timed(lambda: plan.compress(cache, queries), reps, setup=restore)
+    peer = timed(lambda: np_pipeline(method, k, v, q, window, groups, n_kept), reps)
+
+    # stage breakdown of ours (untimed check first)
+    restore()
+    lib_scores = plan.score(cache, queries)
+    lib_keep = plan.select(lib_scores)
+    st_score = timed(lambda: plan.score(cache, queries, out=lib_scores), max(3, reps // 2))
+    st_select = timed(lambda: plan.select(lib_scores, out=lib_keep), max(3, reps // 2))
+
+    # apples to apples: same kept sets (up to near-ties), same scores
+    restore()
+    keep = np.asarray(plan.compress(cache, queries)).reshape(hkv, n_kept)
+    k_np, v_np, idx, s_np = np_pipeline(method, k, v, q, window, groups, n_kept)
+    lib_s = np.asarray(lib_scores).reshape(hkv, n)
+    finite = np.isfinite(lib_s)
+    denom = np.maximum(np.abs(s_np[finite]).max(), 1e-30)
+    score_rel_err = float(np.abs(lib_s[finite] - s_np[finite]).max() / denom) if finite.any() else 0.0
+    overlap, boundary_only = 0, True
+    for h in range(hkv):
+        a, b = set(keep[h].tolist()), set(idx[h].tolist())
+        overlap += len(a & b)
+        diff = np.fromiter(a ^ b, dtype=np.int64)
+        if diff.size:
+            kth = np.partition(s_np[h], n - n_kept)[n - n_kept]
+            near = np.abs(s_np[h][diff] - kth) <= 1e-4 * max(abs(float(kth)), 1e-30)
+            boundary_only &= bool(near.all())
+    # compaction check: the library's compacted K rows equal the numpy gather of its own keep set
+    compact_ok = bool(np.array_equal(kc[0][:, :n_kept], np.take_along_axis(k, keep[..., None], axis=1)))
+
+    return {
+        "record": "result", "op": "compress", "impl": "kvc_cpu", "peer": "numpy", "model": name, "method": method,
+        "n": n, "batch": 1, "q_heads": hq, "kv_heads": hkv, "head_dim": d, "dtype": "f32", "ratio": ratio,
+        "window": window if needs_q else 0, "kept": n_kept, **ours,
+        "score_ms": st_score["median_ms"], "select_ms": st_select["median_ms"],
+        "peer_median_ms": peer["median_ms"], "peer_p10_ms": peer["p10_ms"], "peer_p90_ms": peer["p90_ms"],
+        "speedup": peer["median_ms"] / ours["median_ms"],
+        "same_sets_fraction": overlap / (hkv * n_kept), "differences_near_ties_only": boundary_only,
+        "score_max_rel_err": score_rel_err, "compaction_matches_gather": compact_ok,
+        "extra_bytes": plan.workspace_size("compress"),
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--quick", action="store_true", help="n = 1k only (a smoke test)")
+    p.add_argument("--blas-threads", default="1", help="numpy BLAS threads (read before numpy loads)")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "cpu_bench.jsonl"))
+    args = p.parse_args()
+    if args.reps < 5 and not args.quick:
+        p.error("--reps must be >= 5")
+
+    llama = ("llama", 32, 8, 128)
+    grid = [(llama, m, n) for m in ("snapkv", "knorm", "streaming") for n in (1024, 4096, 16384)]
+    grid += [(llama, "h2o", n) for n in (512, 1024, 2048)]
+    if args.quick:
+        grid = [g for g in grid if g[2] <= 1024]
+
+    ctx = kvc.Context("cpu")
+    rng = np.random.default_rng(1234)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    try:
+        import subprocess
+
+        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+    except Exception:
+        commit = "?"
+    cpu_model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except Exception:
+        pass
+    header = {"record": "device", "bench": "cpu_bench", "machine": platform.node(), "cpu": cpu_model,
+              "cores": os.cpu_count(), "numpy": np.__version__, "blas_threads": args.blas_threads,
+              "library": kvc.library_path(), "kvc_version": kvc.library_version(), "commit": commit,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "ratio": args.ratio, "reps": args.reps}
+    t_start = time.monotonic()
+    with open(args.out, "w") as out:
+        out.write(json.dumps(header) + "\n")
+        for i, (model, method, n) in enumerate(grid):
+            log(f"[{i + 1}/{len(grid)}] {model[0]} {method} n={n} ratio={args.ratio}")
+            rec = run_point(ctx, model, method, n, args.ratio, args.reps, rng)
+            out.write(json.dumps(rec) + "\n")
+            out.flush()
+            log(f"    kvc {rec['median_ms']:.1f} ms  numpy {rec['peer_median_ms']:.1f} ms  "
+                f"speedup {rec['speedup']:.2f}x  same sets {rec['same_sets_fraction']:.4f} "
+                f"(near-ties only: {rec['differences_near_ties_only']})  score err {rec['score_max_rel_err']:.1e}")
+    log(f"done in {time.monotonic() - t_start:.0f} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
