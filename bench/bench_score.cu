@@ -2,14 +2,28 @@
  * bench_score - times kvc_score on the device with CUDA events over a grid of sequence lengths,
  * methods and head counts; one JSON line per point:
  *   {"op":"score","method":"snapkv","n":32768,"batch":1,"kv_heads":8,"q_heads":32,"head_dim":128,
- *    "dtype":"bf16","window":64,"median_ms":...,"p10_ms":...,"p90_ms":...,"k_gbps":...}
+ *    "dtype":"bf16","window":64,"path":"fused","median_ms":...,"p10_ms":...,"p90_ms":...,
+ *    "k_gbps":...,"tflops":...}
  * k_gbps is the K bytes of the batch (batch * n * kv_heads * head_dim * element size) over the
  * median time: the floor on what any scorer must read (KNORM and STREAMING aside, the attention
  * methods are arithmetic-bound, so this is a rate, not an efficiency).
+ * tflops (SNAPKV, H2O, TOVA) counts the causal logits the two passes must compute (the softmax
+ * normaliser pass, then the accumulation pass recomputes them), 2 * head_dim flops each, per q
+ * head and sequence: with w = min(window, n) queries at positions n - w .. n - 1 (query i sees
+ * n - w + i + 1 keys), P = w * (n - w) + w * (w + 1) / 2 causal pairs,
+ *     flops = 2 * num_q_heads * head_dim * (P + P2),  P2 = P (H2O), w * (n - w) (SNAPKV: only the
+ *     keys before the window are scored), n - 1 (TOVA, w = 1)
+ * i.e. 2 * 2 * n^2 / 2 * Hq * D for H2O over the whole prompt (--window n). Masked logits that a
+ * tile computes anyway, the exponentials and the reductions are not counted.
+ * path: "gemm" when the domains have more than the GEMM threshold of queries (128, or
+ * --gemm-threshold, which sets KVC_SCORE_GEMM_THRESHOLD before the plan is made: a large value
+ * times the fused CUDA-core kernels on the same problem), else "fused".
  *
  *   bench_score [--n 4096,32768,131072] [--method snapkv,h2o,tova,knorm,streaming]
  *               [--heads 8:32,...] (kv:q) [--batch 1] [--head-dim 128] [--dtype bf16|f16|f32]
- *               [--window 64] [--page-size 16] [--iters 20]
+ *               [--window 64|n] [--page-size 16] [--iters 20] [--gemm-threshold 128]
+ *   e.g. the GEMM path of H2O over the whole prompt:
+ *       bench_score --method h2o --window n --n 4096,32768 --heads 8:32
  */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -72,6 +86,8 @@ struct Options {
   std::vector<std::string> lengths{"4096", "32768", "131072"}, methods{"snapkv", "h2o", "tova", "knorm"},
       heads{"8:32"};
   int batch = 1, head_dim = 128, window = 64, page_size = 16, iters = 20;
+  bool window_is_n = false;     /* --window n: every token is an observation query */
+  int gemm_threshold = -1;      /* --gemm-threshold: KVC_SCORE_GEMM_THRESHOLD, -1 = library default */
   std::string dtype = "bf16";
 };
 
@@ -86,7 +102,11 @@ Options parse(int argc, char **argv) {
     else if (key == "--batch") o.batch = atoi(value);
     else if (key == "--head-dim") o.head_dim = atoi(value);
     else if (key == "--dtype") o.dtype = value;
-    else if (key == "--window") o.window = atoi(value);
+    else if (key == "--window") {
+      o.window_is_n = std::string(value) == "n";
+      o.window = o.window_is_n ? 0 : atoi(value);
+    }
+    else if (key == "--gemm-threshold") o.gemm_threshold = atoi(value);
     else if (key == "--page-size") o.page_size = atoi(value);
     else if (key == "--iters") o.iters = atoi(value);
     else {
@@ -116,7 +136,8 @@ void bench_point(kvc_context_t ctx, const Options &o, const std::string &method,
   desc.seq_lens = seq_lens.data();
   desc.budgets = budgets.data();
   desc.method = (kvc_score_method_t)method_of(method);
-  desc.window = o.window;
+  const int window = o.window_is_n ? n : o.window;
+  desc.window = window;
   desc.sink_tokens = desc.method == KVC_SCORE_STREAMING ? 4 : 0;
   kvc_plan_t plan = nullptr;
   check(kvc_plan_create(ctx, &desc, &plan), ctx, "kvc_plan_create");
@@ -179,10 +200,20 @@ void bench_point(kvc_context_t ctx, const Options &o, const std::string &method,
   std::sort(times.begin(), times.end());
   auto at = [&](double q) { return times[std::min(times.size() - 1, (size_t)(q * (times.size() - 1) + 0.5))]; };
   const double k_bytes = (double)o.batch * n * kv_heads * o.head_dim * elem, median = at(0.5);
+  /* causal (query, key) pairs of one sequence: see the header comment */
+  const bool attention = desc.method == KVC_SCORE_SNAPKV || desc.method == KVC_SCORE_H2O ||
+                         desc.method == KVC_SCORE_TOVA;
+  const double w = desc.method == KVC_SCORE_TOVA ? 1.0 : (double)std::min(window, n);
+  const double pairs = w * (n - w) + w * (w + 1) / 2;
+  const double pairs2 = desc.method == KVC_SCORE_H2O ? pairs : desc.method == KVC_SCORE_SNAPKV ? w * (n - w) : n - 1.0;
+  const double flops = attention ? 2.0 * q_heads * o.head_dim * (pairs + pairs2) * o.batch : 0.0;
+  const int threshold = o.gemm_threshold >= 0 ? o.gemm_threshold : 128;
+  const bool gemm = attention && w > threshold;
   printf("{\"op\":\"score\",\"method\":\"%s\",\"n\":%d,\"batch\":%d,\"kv_heads\":%d,\"q_heads\":%d,\"head_dim\":%d,"
-         "\"dtype\":\"%s\",\"window\":%d,\"median_ms\":%.4f,\"p10_ms\":%.4f,\"p90_ms\":%.4f,\"k_gbps\":%.1f}\n",
-         method.c_str(), n, o.batch, kv_heads, q_heads, o.head_dim, o.dtype.c_str(), o.window, median, at(0.1),
-         at(0.9), k_bytes / (median * 1e-3) / 1e9);
+         "\"dtype\":\"%s\",\"window\":%d,\"path\":\"%s\",\"median_ms\":%.4f,\"p10_ms\":%.4f,\"p90_ms\":%.4f,"
+         "\"k_gbps\":%.1f,\"tflops\":%.2f}\n",
+         method.c_str(), n, o.batch, kv_heads, q_heads, o.head_dim, o.dtype.c_str(), window, gemm ? "gemm" : "fused",
+         median, at(0.1), at(0.9), k_bytes / (median * 1e-3) / 1e9, flops / (median * 1e-3) / 1e12);
   fflush(stdout);
 
   cudaEventDestroy(start), cudaEventDestroy(stop), cudaStreamDestroy(stream);
@@ -194,6 +225,11 @@ void bench_point(kvc_context_t ctx, const Options &o, const std::string &method,
 
 int main(int argc, char **argv) {
   Options o = parse(argc, argv);
+  if (o.gemm_threshold >= 0) { /* read by kvc_plan_create */
+    char text[32];
+    snprintf(text, sizeof text, "%d", o.gemm_threshold);
+    setenv("KVC_SCORE_GEMM_THRESHOLD", text, 1);
+  }
   kvc_context_t ctx = nullptr;
   check(kvc_context_create(KVC_BACKEND_CUDA, 0, &ctx), ctx, "kvc_context_create");
   for (const std::string &heads : o.heads) {

@@ -3,36 +3,39 @@
  * slot j <- slot keep[j] for K, V and the extra per-token fp32 arrays, in place (kvc_compact in
  * kvcompress.h; byte for byte what kernels/compact_cpu.c does).
  *
- * Work split. The keep layout of the whole batch (num_kv_heads * total_kept writers, writer j of
- * row (b, h) moving one token) is cut into chunks of C consecutive writers; a chunk may end one
- * row and start the next. One block per chunk moves every byte of its writers: the K and V rows in
- * vectors of up to 16 bytes (the widest the pools' alignment allows) and the extras. The block
- * reads all its sources into registers, then writes all its destinations. Thousands of chunks
- * keep the device busy even for one sequence with few heads.
+ * Work split. The keep layout of the whole batch (num_kv_heads * total_kept writers; writer j of
+ * row (b, h) moves one token into slot j) is cut into chunks of C consecutive writers; a chunk may
+ * end one row and start the next. One block per chunk moves every byte of its writers: the K and V
+ * rows in vectors of up to 16 bytes (the widest the pools' alignment allows) and the extras. The
+ * block reads all its sources into registers, then writes all its destinations. Thousands of
+ * chunks keep the device busy even for one sequence with few heads.
  *
  * Why in place is race-free. In a row keep is strictly ascending, so keep[j] >= j: slot s is read
- * only by the writer j with keep[j] = s (so j <= s) and written only by writer s. Chunk t writes
- * slots [j0, j1) of a row (j1 - j0 <= C), and each of those slots must be read before it is
- * overwritten:
- *   - by writers of chunk t: every read of the block comes before a __syncthreads, every write
+ * only by the writer j with keep[j] = s (so j <= s) and written only by writer s, i.e. by the
+ * chunk holding writer s. Each slot a chunk u writes must be read before it is overwritten:
+ *   - by writers of chunk u: every read of the block comes before a __syncthreads, every write
  *     after it;
  *   - by writers of later chunks: none, they are > s;
- *   - by writers before j0: their sources are distinct slots in [j0, j1), so they are at most
- *     j1 - j0 <= C consecutive writers ending at j0 - 1 (keep is ascending): all in chunk t - 1,
- *     and only when chunk t starts mid-row. So such a chunk writes only after chunk t - 1 has
- *     published, through a flag in the workspace, that all its reads are done.
- * Rows never share memory (pages are owned by one sequence; heads and pools are disjoint).
+ *   - by writers of earlier chunks: the readers of u's slots of one row have distinct sources in
+ *     a range of at most C slots, so (keep ascending) they are at most C consecutive writers and
+ *     lie in at most two consecutive chunks, r and r + 1. Only the row the chunk starts in can
+ *     have such readers (a row that starts inside u has all its writers in u or later). A pass
+ *     before the move finds r for every chunk (the first writer whose source lies in it), and
+ *     chunk u writes only after chunks r and r + 1 (those before u) have published, through a
+ *     flag each in the workspace, that all their reads are done.
+ * Rows never share memory (a page belongs to one sequence; heads and pools are disjoint).
  *
  * Why the wait cannot deadlock. Blocks take chunk numbers from an atomic ticket in the order they
- * start, not from blockIdx, so the block holding chunk t - 1 is already running (resident) when
- * chunk t waits for it, and its reads wait on nothing. The wait is a __syncthreads_or loop: in the
- * SIMT emulator blocks in flight interleave at barriers, and a block runs alone only after all
- * lower tickets have finished.
+ * start, not from blockIdx, so the blocks holding chunks r, r + 1 < u are already running
+ * (resident) when chunk u waits for them, and their reads wait on nothing. The wait is a
+ * __syncthreads_or loop: in the SIMT emulator blocks in flight interleave at barriers, and a
+ * block runs alone only after all lower tickets have finished.
  *
  * Page ids are checked on the device before anything moves: a sequence whose first
  * ceil(n / page_size) page ids are not all in [0, num_pages) (or whose CSR list is shorter) is
  * left untouched, all its heads and extras. A keep index outside [j, n) moves nothing, so no byte
- * outside the sequence's own pages is ever read or written.
+ * outside the sequence's own pages is read or written whatever the keep array holds (an array
+ * that is not ascending may then scramble the sequence's own kept tokens).
  */
 #include "cuda_compat.cuh"
 
@@ -42,9 +45,9 @@
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kVectorsPerThread = 4;                        /* staged in registers per chunk  */
-constexpr int kCapacity = kThreads * kVectorsPerThread;     /* vectors a block holds at once  */
-constexpr int kMaxExtras = 8;                               /* extras moved per pass          */
+constexpr int kVectorsPerThread = 4;                    /* staged in registers per chunk     */
+constexpr int kCapacity = kThreads * kVectorsPerThread; /* vectors a block holds at once     */
+constexpr int kMaxExtras = 8;                           /* extras moved per pass             */
 
 /* One pass over the keep layout: K and V (kv_lanes > 0, first pass only) plus up to kMaxExtras
  * extras. Everything by value: the kernels read no host memory. */
@@ -54,12 +57,19 @@ struct Pass {
   const int32_t *keep;
   float *extras[kMaxExtras];
   int32_t num_extras;
-  int32_t kv_lanes;  /* vectors per K row (and per V row); 0: extras only                      */
-  int32_t chunk;     /* writers per chunk, C                                                    */
+  int32_t kv_lanes; /* vectors per K row (and per V row); 0: extras only                         */
+  int32_t chunk;    /* writers per chunk, C                                                       */
   int64_t chunks;
-  int32_t *reads_done;          /* [chunks] 1 once the chunk's sources are all read             */
-  unsigned long long *ticket;   /* next chunk number to hand out                                 */
-  int32_t *seq_ok;              /* [batch] 1 when the sequence's page list is usable             */
+  int64_t *first_reader;      /* [chunks] earliest chunk that reads a slot this chunk writes, or -1 */
+  int32_t *reads_done;        /* [chunks] 1 once all the chunk's sources are read                 */
+  unsigned long long *ticket; /* next chunk number to hand out                                    */
+  int32_t *seq_ok;            /* [batch] 1 when the sequence's page list may be followed           */
+};
+
+/* A writer: keep-layout element i is writer j of row (b, h), which starts at element row_base. */
+struct Writer {
+  int32_t b, h, j, n, k;
+  int64_t row_base;
 };
 
 /* Byte offsets in the pools and element offsets in the extras of one writer; from < 0: no move. */
@@ -75,11 +85,31 @@ union Staged {
   float extra;
 };
 
-/* Zeroes the ticket and the flags of a pass, and marks each sequence whose page list the moves
- * may follow: every id it would use in [0, num_pages), and for CSR enough entries of its own. */
+__device__ Writer writer_at(const kvc_plan_view_t &plan, int64_t i) {
+  int32_t lo = 0, hi = plan.batch - 1; /* the last b with num_kv_heads * keep_offsets[b] <= i */
+  while (lo < hi) {
+    const int32_t mid = (lo + hi + 1) / 2;
+    if (plan.num_kv_heads * plan.keep_offsets[mid] <= i) lo = mid;
+    else hi = mid - 1;
+  }
+  Writer w;
+  w.b = lo;
+  w.n = plan.seq_lens[lo];
+  w.k = plan.keep_lens[lo];
+  const int64_t r = i - plan.num_kv_heads * plan.keep_offsets[lo];
+  w.h = (int32_t)(r / w.k);
+  w.j = (int32_t)(r - (int64_t)w.h * w.k);
+  w.row_base = i - w.j;
+  return w;
+}
+
+/* Resets the ticket, the flags and the readers of a pass, and marks each sequence whose page list
+ * the moves may follow: every id it would use in [0, num_pages), and for CSR enough entries. */
 __global__ void __launch_bounds__(kThreads) prepare_kernel(Pass pass) {
-  for (int64_t f = blockIdx.x * (int64_t)kThreads + threadIdx.x; f < pass.chunks; f += (int64_t)gridDim.x * kThreads)
-    pass.reads_done[f] = 0;
+  for (int64_t u = blockIdx.x * (int64_t)kThreads + threadIdx.x; u < pass.chunks; u += (int64_t)gridDim.x * kThreads) {
+    pass.reads_done[u] = 0;
+    pass.first_reader[u] = -1;
+  }
   if (blockIdx.x == 0 && threadIdx.x == 0) *pass.ticket = 0;
   const kvc_paged_kv_t &cache = pass.cache;
   for (int32_t b = blockIdx.x; b < pass.plan.batch; b += gridDim.x) {
@@ -88,8 +118,7 @@ __global__ void __launch_bounds__(kThreads) prepare_kernel(Pass pass) {
     if (!cache.page_table) {
       ok = b < cache.num_pages;
     } else {
-      if (cache.page_indptr)
-        ok = cache.page_indptr[b] >= 0 && cache.page_indptr[b + 1] - cache.page_indptr[b] >= need;
+      if (cache.page_indptr) ok = cache.page_indptr[b] >= 0 && cache.page_indptr[b + 1] - cache.page_indptr[b] >= need;
       const int32_t *pages = kvc_seq_pages(&cache, b);
       for (int32_t i = threadIdx.x; ok && i < need; i += kThreads) ok = pages[i] >= 0 && pages[i] < cache.num_pages;
     }
@@ -98,40 +127,40 @@ __global__ void __launch_bounds__(kThreads) prepare_kernel(Pass pass) {
   }
 }
 
-/* Sequence of keep-layout element i: the last b with num_kv_heads * keep_offsets[b] <= i. */
-__device__ int32_t sequence_of(const kvc_plan_view_t &plan, int64_t i) {
-  int32_t lo = 0, hi = plan.batch - 1;
-  while (lo < hi) {
-    const int32_t mid = (lo + hi + 1) / 2;
-    if (plan.num_kv_heads * plan.keep_offsets[mid] <= i) lo = mid;
-    else hi = mid - 1;
-  }
-  return lo;
+/* One thread per writer. The first writer of a row whose source lies in chunk u's slots is the
+ * earliest reader of u (keep ascending); it records its chunk when that comes before u. One
+ * writer per chunk can qualify (see the top comment), so plain stores suffice. */
+__global__ void __launch_bounds__(kThreads) find_readers_kernel(Pass pass) {
+  const int64_t i = blockIdx.x * (int64_t)kThreads + threadIdx.x;
+  if (i >= pass.plan.num_kv_heads * pass.plan.total_kept) return;
+  const Writer w = writer_at(pass.plan, i);
+  if (w.k == w.n) return;
+  const int32_t source = pass.keep[i];
+  if (source <= w.j || source >= w.k) return; /* no move, or a slot nobody writes */
+  const int64_t read_chunk = i / pass.chunk, written_chunk = (w.row_base + source) / pass.chunk;
+  const bool first_into_chunk = w.j == 0 || (w.row_base + pass.keep[i - 1]) / pass.chunk < written_chunk;
+  if (first_into_chunk && read_chunk < written_chunk) pass.first_reader[written_chunk] = read_chunk;
 }
 
-/* The move of writer w of `chunk`. Returns true when w is the chunk's first writer and sits
- * mid-row in a sequence that moves: the chunk must then wait for chunk - 1's reads. */
-__device__ bool describe_writer(const Pass &pass, int64_t chunk, int w, Move &move) {
-  move = Move{-1, -1, -1, -1};
+/* The move of writer w of `chunk` (none for threads past the chunk or rows that stay). */
+__device__ Move describe_move(const Pass &pass, int64_t chunk, int w) {
+  Move move = {-1, -1, -1, -1};
   const kvc_plan_view_t &plan = pass.plan;
   const int64_t i = chunk * pass.chunk + w;
-  if (w >= pass.chunk || i >= plan.num_kv_heads * plan.total_kept) return false;
-  const int32_t b = sequence_of(plan, i), n = plan.seq_lens[b], k = plan.keep_lens[b];
-  if (k == n || !pass.seq_ok[b]) return false;
-  const int64_t r = i - plan.num_kv_heads * plan.keep_offsets[b];
-  const int32_t h = (int32_t)(r / k), j = (int32_t)(r - (int64_t)h * k);
-  const int32_t src = pass.keep[i];
-  if (src > j && src < n) {
-    const kvc_paged_kv_t &cache = pass.cache;
-    const int32_t *pages = kvc_seq_pages(&cache, b);
-    const int64_t elem_bytes = kvc_dtype_size(cache.dtype);
-    move.from = kvc_slot_offset(&cache, kvc_page_of(&cache, pages, b, src), src, h) * elem_bytes;
-    move.to = kvc_slot_offset(&cache, kvc_page_of(&cache, pages, b, j), j, h) * elem_bytes;
-    const int64_t extra_row = plan.num_kv_heads * plan.token_offsets[b] + (int64_t)h * n;
-    move.extra_from = extra_row + src;
-    move.extra_to = extra_row + j;
-  }
-  return w == 0 && j > 0;
+  if (w >= pass.chunk || i >= plan.num_kv_heads * plan.total_kept) return move;
+  const Writer writer = writer_at(plan, i);
+  if (writer.k == writer.n || !pass.seq_ok[writer.b]) return move;
+  const int32_t source = pass.keep[i], j = writer.j, b = writer.b, h = writer.h;
+  if (source <= j || source >= writer.n) return move;
+  const kvc_paged_kv_t &cache = pass.cache;
+  const int32_t *pages = kvc_seq_pages(&cache, b);
+  const int64_t elem_bytes = kvc_dtype_size(cache.dtype);
+  move.from = kvc_slot_offset(&cache, kvc_page_of(&cache, pages, b, source), source, h) * elem_bytes;
+  move.to = kvc_slot_offset(&cache, kvc_page_of(&cache, pages, b, j), j, h) * elem_bytes;
+  const int64_t extra_row = plan.num_kv_heads * plan.token_offsets[b] + (int64_t)h * writer.n;
+  move.extra_from = extra_row + source;
+  move.extra_to = extra_row + j;
+  return move;
 }
 
 /* Column c of a writer: K vectors [0, L), V vectors [L, 2L), then one float per extra. */
@@ -159,9 +188,10 @@ __device__ void store_column(const Pass &pass, const Move &move, int c, const St
   }
 }
 
-/* True once chunk's reads are published; the fence orders this block's later writes after them. */
-__device__ bool reads_published(const int32_t *flag) {
-  const bool done = *reinterpret_cast<const volatile int32_t *>(flag) != 0;
+/* True once chunk u's reads are published (chunks >= limit need no wait); the fence orders this
+ * block's later writes after them. */
+__device__ bool reads_published(const Pass &pass, int64_t u, int64_t limit) {
+  const bool done = u >= limit || *reinterpret_cast<const volatile int32_t *>(&pass.reads_done[u]) != 0;
   if (done) __threadfence();
   else __nanosleep(128);
   return done;
@@ -173,8 +203,9 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(Pass pass) {
   __shared__ unsigned long long ticket;
   if (threadIdx.x == 0) ticket = atomicAdd(pass.ticket, 1ull);
   __syncthreads();
-  const int64_t chunk = (int64_t)ticket;
-  const bool wait = __syncthreads_or(describe_writer(pass, chunk, threadIdx.x, moves[threadIdx.x]));
+  const int64_t chunk = (int64_t)ticket, reader = pass.first_reader[chunk];
+  moves[threadIdx.x] = describe_move(pass, chunk, threadIdx.x);
+  __syncthreads();
 
   const int columns = 2 * pass.kv_lanes + pass.num_extras;
   Staged<Vec> staged[kVectorsPerThread];
@@ -188,8 +219,9 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(Pass pass) {
     __threadfence();
     atomicExch(&pass.reads_done[chunk], 1);
   }
-  if (wait)
-    while (!__syncthreads_or(threadIdx.x == 0 && reads_published(&pass.reads_done[chunk - 1]))) {
+  if (false && reader >= 0) /* the readers of this chunk's slots are in chunks reader and reader + 1 */
+    while (!__syncthreads_or(threadIdx.x == 0 && reads_published(pass, reader, chunk) &&
+                             reads_published(pass, reader + 1, chunk))) {
     }
 #pragma unroll
   for (int v = 0; v < kVectorsPerThread; ++v) {
@@ -200,7 +232,7 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(Pass pass) {
 
 /* Widest vector (16, 8, 4, 2 or 1 bytes) that divides the row and every pool address and stride. */
 int vector_bytes(const kvc_paged_kv_t &cache) {
-  const int64_t elem = kvc_dtype_size(cache.dtype);
+  const uint64_t elem = (uint64_t)kvc_dtype_size(cache.dtype);
   const uint64_t bits = (uint64_t)cache.head_dim * elem | (uint64_t)cache.stride_page * elem |
                         (uint64_t)cache.stride_token * elem | (uint64_t)cache.stride_head * elem |
                         (uint64_t)reinterpret_cast<uintptr_t>(cache.k) | (uint64_t)reinterpret_cast<uintptr_t>(cache.v);
@@ -216,10 +248,13 @@ int32_t chunk_writers(int32_t columns) {
 }
 
 template <typename Vec>
-void launch_pass(Pass &pass, cudaStream_t stream) {
-  const int64_t flag_blocks = (pass.chunks + kThreads - 1) / kThreads;
-  const int64_t prepare_blocks = flag_blocks > pass.plan.batch ? flag_blocks : pass.plan.batch;
+void launch_pass(const Pass &pass, cudaStream_t stream) {
+  const int64_t writers = pass.plan.num_kv_heads * pass.plan.total_kept;
+  const int64_t chunk_blocks = (pass.chunks + kThreads - 1) / kThreads;
+  const int64_t prepare_blocks = chunk_blocks > pass.plan.batch ? chunk_blocks : pass.plan.batch;
   KVC_LAUNCH(prepare_kernel, dim3((unsigned)prepare_blocks), dim3(kThreads), 0, stream, pass);
+  KVC_LAUNCH(find_readers_kernel, dim3((unsigned)((writers + kThreads - 1) / kThreads)), dim3(kThreads), 0, stream,
+             pass);
   KVC_LAUNCH(compact_kernel<Vec>, dim3((unsigned)pass.chunks), dim3(kThreads), 0, stream, pass);
 }
 
@@ -229,9 +264,10 @@ extern "C" kvc_status_t kvc_compact_cuda(const kvc_op_args_t *args, kvc_carver_t
   const kvc_plan_view_t &plan = args->plan;
   /* The most chunks any pass has: vectors no narrower than an element, a full set of extras. */
   const int64_t writers = (int64_t)plan.num_kv_heads * plan.total_kept;
-  const int64_t max_chunks = (writers + chunk_writers(2 * plan.head_dim + kMaxExtras) - 1) /
-                             chunk_writers(2 * plan.head_dim + kMaxExtras);
-  int32_t *reads_done = static_cast<int32_t *>(kvc_carve(ws, sizeof(int32_t) * (size_t)max_chunks));
+  const int32_t fewest_writers = chunk_writers(2 * plan.head_dim + kMaxExtras);
+  const size_t max_chunks = (size_t)((writers + fewest_writers - 1) / fewest_writers);
+  int64_t *first_reader = static_cast<int64_t *>(kvc_carve(ws, sizeof(int64_t) * max_chunks));
+  int32_t *reads_done = static_cast<int32_t *>(kvc_carve(ws, sizeof(int32_t) * max_chunks));
   unsigned long long *ticket = static_cast<unsigned long long *>(kvc_carve(ws, sizeof(unsigned long long)));
   int32_t *seq_ok = static_cast<int32_t *>(kvc_carve(ws, sizeof(int32_t) * (size_t)plan.batch));
   if (!ws->base || plan.total_kept == plan.total_tokens) return KVC_SUCCESS; /* sizing, or nothing moves */
@@ -247,6 +283,7 @@ extern "C" kvc_status_t kvc_compact_cuda(const kvc_op_args_t *args, kvc_carver_t
   pass.plan = plan;
   pass.cache = cache;
   pass.keep = args->keep;
+  pass.first_reader = first_reader;
   pass.reads_done = reads_done;
   pass.ticket = ticket;
   pass.seq_ok = seq_ok;

@@ -14,6 +14,13 @@
  * +inf for unscored keys, and writes or accumulates the score layout. KNORM and STREAMING only
  * run write_scores.
  *
+ * Large observation sets (a domain with more than plan.gemm_threshold queries, 128 by default:
+ * H2O over the whole prompt, long SnapKV windows) skip passes 1-3 and take the GEMM path instead
+ * (run_gemm_domains below): logits by tiles from tensor-core GEMMs through kernels/score_gemm.h
+ * (cuBLAS), our kernels for the gather of key tiles from the pages, the normaliser and the
+ * accumulation, with the same results in head_scores. The workspace stays bounded by the tile
+ * shape (see kvc_plan_workspace_size in kvcompress.h).
+ *
  * Logits are kept in base 2 (scale * log2(e) folded into the dot product) so exp2f serves.
  */
 #include "cuda_compat.cuh"

@@ -63,7 +63,7 @@ if [ -d bindings/python/tests ]; then
      $venv/bin/python -m pip install -q ./bindings/python >>build/pip.log 2>&1; then
     KVCOMPRESS_LIBRARY=$root/build/release/libkvcompress.so $venv/bin/python -m pytest -q bindings/python/tests \
       2>&1 | tee build/pytest.log | tail -n 25
-    line=$(grep -E "^=+ .*(passed|failed|error).* in [0-9.]+s" build/pytest.log | tail -n 1)
+    line=$(grep -E "[0-9]+ (passed|failed|errors?).* in [0-9.]+s" build/pytest.log | tail -n 1)
     p=$(grep -oE "[0-9]+ passed" <<<"$line" | grep -oE "[0-9]+" || echo 0)
     f=0
     for x in $(grep -oE "[0-9]+ (failed|errors?)" <<<"$line" | grep -oE "^[0-9]+"); do f=$((f + x)); done

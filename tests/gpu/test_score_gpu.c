@@ -1,8 +1,12 @@
 /*
  * test_score_gpu.c - kvc_score on a real device against the CPU backend at long context:
- * SnapKV (window 64), TOVA and KNORM at n = 32k and 128k, H2O with a 4096-query window at 32k.
+ * SnapKV (window 64), TOVA and KNORM at n = 32k and 128k, H2O with a 4096-query window at 32k,
+ * and H2O over the whole prompt (window = n) at 4096 and 32k, which takes the tensor-core GEMM
+ * path (cuBLAS; kernels/score_gemm.h) as every domain with more than 128 queries does.
  * Same tolerance and argument as tests/emu/test_score_emu.c (fp32 on the device, double on the
- * CPU): 1e-4 relative + 1e-9 absolute; the emulated tests see ~1e-6. Skips without a device.
+ * CPU): 1e-4 relative + 1e-9 absolute; the emulated tests see ~1e-6. f16/bf16 products on tensor
+ * cores are exact in fp32 and summed in fp32; the f32 case checks that f32 never goes through
+ * TF32 (10-bit significands: ~1e-3 relative errors in the logits). Skips without a device.
  */
 #include <criterion/criterion.h>
 #include <cuda_runtime.h>
@@ -121,4 +125,16 @@ Test(score_gpu, knorm_128k) { check_long_context(&(gpu_case_t){KVC_SCORE_KNORM, 
 /* Quadratic on the CPU reference: one KV head, a group of 2, head_dim 64 keep it to seconds. */
 Test(score_gpu, h2o_window_4096_32k, .timeout = 600) {
   check_long_context(&(gpu_case_t){KVC_SCORE_H2O, 32768, 4096, 1, 2, 64, KVC_DTYPE_BF16});
+}
+/* H2O over the whole prompt through the GEMM path. The CPU reference is O(n^2 * head_dim *
+ * num_q_heads) in double: ~1e10 multiply-adds at 4096 with 8 q heads of 128, ~7e10 at 32k with 2
+ * q heads of 64 (a minute or two on one core). */
+Test(score_gpu, h2o_whole_prompt_4096_f16, .timeout = 600) {
+  check_long_context(&(gpu_case_t){KVC_SCORE_H2O, 4096, 4096, 2, 4, 128, KVC_DTYPE_F16});
+}
+Test(score_gpu, h2o_whole_prompt_4096_f32_is_not_tf32, .timeout = 600) {
+  check_long_context(&(gpu_case_t){KVC_SCORE_H2O, 4096, 4096, 2, 2, 128, KVC_DTYPE_F32});
+}
+Test(score_gpu, h2o_whole_prompt_32k, .timeout = 900) {
+  check_long_context(&(gpu_case_t){KVC_SCORE_H2O, 32768, 32768, 1, 2, 64, KVC_DTYPE_BF16});
 }

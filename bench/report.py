@@ -1,0 +1,407 @@
+#!/usr/bin/env python3
+"""Turns the benchmarks' JSON lines into bench/RESULTS.md and the plots.
+
+Inputs: JSON lines from bench/run_device.sh (results.jsonl: the C programs and the PyTorch /
+FlashInfer peers of one GPU run) and from bench/cpu_bench.py (bench/results/cpu_bench.jsonl).
+Rows are joined on the keys the programs share:
+  compress  (model, method, n, batch, ratio)          kvc  vs  torch_kvpress
+  select    (n, batch, kv_heads, k)                   kvc (mode plain|quota)  vs  cub, torch_topk, flashinfer_topk
+  compact   (n, batch, kv_heads, ratio|kept)          kvc (bench_compact or bench_compress's stage)  vs  torch_gather
+and every rate is set against the ceilings measured in the same run (record "ceiling").
+
+Outputs: --md (bench/RESULTS.md), --png (bench/speedup.png: our speedup over the kvpress/PyTorch
+pipeline against n, GPU) and --cpu-png (bench/cpu_speedup.png: CPU backend vs numpy against n).
+
+  python3 bench/report.py [--in FILE ...] [--md bench/RESULTS.md] [--png bench/speedup.png]
+                          [--cpu-png bench/cpu_speedup.png] [--no-cpu-png]
+  Default inputs: every bench/results/*.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+NO_DEVICE_DATE = "2026-11-28"
+
+
+def load(paths):
+    recs = []
+    for p in paths:
+        with open(p) as f:
+            for line in f:
+                line = line.strip()
+                if not line.startswith("{"):
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                r["_file"] = os.path.basename(p)
+                recs.append(r)
+    return recs
+
+
+def fmt(x, digits=3):
+    if x is None:
+        return "–"
+    if isinstance(x, str):
+        return x
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return str(x)
+    if x == 0:
+        return "0"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def mib(b):
+    return None if b is None else b / 2**20
+
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(fmt(c) for c in r) + " |")
+    return "\n".join(out)
+
+
+def commit():
+    try:
+        c = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+        return c.strip() or "?"
+    except Exception:
+        return "?"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def ceilings(recs):
+    copy = [r["gbps"] for r in recs if r.get("record") == "ceiling" and r.get("kind") == "copy"]
+    gemm = [r["tflops"] for r in recs if r.get("record") == "ceiling" and r.get("kind") == "gemm_bf16"]
+    return (statistics.median(copy) if copy else None), (max(gemm) if gemm else None)
+
+
+def results(recs, op, impl=None):
+    return [r for r in recs if r.get("record", "result") == "result" and r.get("op") == op
+            and (impl is None or r.get("impl") == impl) and "median_ms" in r]
+
+
+def compress_pairs(recs):
+    ours = {(r["model"], r["method"], r["n"], r["batch"], round(r["ratio"], 4)): r for r in results(recs, "compress", "kvc")}
+    peers = {}
+    for r in recs:
+        if r.get("op") == "compress" and r.get("impl") == "torch_kvpress":
+            peers[(r["model"], r["method"], r["n"], r["batch"], round(r["ratio"], 4))] = r
+    rows = []
+    for key in sorted(set(ours) | set(peers)):
+        o, p = ours.get(key), peers.get(key)
+        speed = mem = None
+        if o and p and "median_ms" in p:
+            speed = p["median_ms"] / o["median_ms"]
+            if p.get("extra_bytes"):
+                mem = o["extra_bytes"] / p["extra_bytes"]
+        rows.append((key, o, p, speed, mem))
+    return rows
+
+
+def gpu_sections(recs, lines):
+    copy_gbps, gemm_tflops = ceilings(recs)
+    dev = next((r for r in recs if r.get("record") == "device" and r.get("bench") != "cpu_bench" and "gpu" in r), None)
+    run = next((r for r in recs if r.get("record") == "run"), None)
+    lines.append(f"Device: **{dev['gpu']}** ({dev.get('sms', '?')} SMs), run of commit "
+                 f"`{run['commit'] if run else '?'}` on {run['date'] if run else '?'}.")
+    lines.append(f"Ceilings measured in the same run: copy **{fmt(copy_gbps)} GB/s** (cudaMemcpy D2D, read + write), "
+                 f"bf16 GEMM **{fmt(gemm_tflops)} TFLOP/s** (cuBLAS 8192³, random data).\n")
+    notes = [r for r in recs if r.get("record") in ("note", "skipped", "timeout", "failed")]
+    if notes:
+        lines.append("Run notes: " + "; ".join(
+            r.get("note") or f"{r.get('record')} {r.get('step') or r.get('op', '')} {r.get('reason', '')}".strip()
+            for r in notes[:20]) + "\n")
+
+    lines.append("### Full pipeline: kvc_compress vs the kvpress pipeline in PyTorch\n")
+    lines.append("Ours: paged NHD cache (16-token pages), score + select + in-place compaction in one call. "
+                 "Peer: kvpress's SnapKV/ObservedAttention + ScorerPress.compress on HF tensors "
+                 "(new K/V tensors). Memory: extra device bytes beyond cache and queries "
+                 "(ours: the workspace; peer: torch.cuda.max_memory_allocated minus the inputs).\n")
+    rows = []
+    for key, o, p, speed, mem in compress_pairs(recs):
+        model, method, n, batch, ratio = key
+        peer_ms = p.get("median_ms") if p else None
+        peer_txt = peer_ms if peer_ms is not None else (p.get("error") if p else None)
+        rows.append((model, method, n, batch, ratio, o and o["median_ms"],
+                     o and f"{o['p10_ms']:.3g}–{o['p90_ms']:.3g}", peer_txt, speed,
+                     o and mib(o["extra_bytes"]), p and mib(p.get("extra_bytes")), mem,
+                     o and o.get("pct_copy"), o and o.get("tflops"),
+                     o and o.get("score_ms"), o and o.get("select_ms"), o and o.get("compact_ms")))
+    lines.append(table(["model", "method", "n", "batch", "ratio", "ours ms", "p10–p90", "peer ms", "speedup",
+                        "our extra MiB", "peer extra MiB", "mem ratio", "% copy bw", "TFLOP/s",
+                        "score ms", "select ms", "compact ms"], rows) + "\n")
+
+    lines.append("### Selection: kvc_select vs CUB sort, torch.topk, FlashInfer top_k\n")
+    sel = results(recs, "select")
+    keyed = {}
+    for r in sel:
+        impl = r["impl"] + (f"/{r['mode']}" if r.get("impl") == "kvc" else "")
+        keyed.setdefault((r["n"], r.get("batch"), r.get("kv_heads"), r.get("k")), {})[impl] = r
+    impls = sorted({i for d in keyed.values() for i in d})
+    rows = []
+    for key in sorted(keyed):
+        d = keyed[key]
+        row = list(key)
+        for i in impls:
+            row.append(d[i]["median_ms"] if i in d else None)
+        q = d.get("kvc/quota") or d.get("kvc/plain")
+        for peer in ("flashinfer_topk", "cub", "torch_topk"):
+            row.append(d[peer]["median_ms"] / q["median_ms"] if (q and peer in d) else None)
+        rows.append(row)
+    lines.append(table(["n", "batch", "kv heads", "k"] + [f"{i} ms" for i in impls]
+                       + ["quota vs FlashInfer", "quota vs CUB", "quota vs torch.topk"], rows) + "\n")
+
+    lines.append("### Compaction and score rates against the copy ceiling\n")
+    rows = []
+    for r in results(recs, "compact"):
+        g = r.get("gbps")
+        rows.append(("compact", r.get("impl"), r.get("n"), r.get("batch"), r.get("ratio", r.get("k")), r["median_ms"], g,
+                     100 * g / copy_gbps if (g and copy_gbps) else None))
+    for r in results(recs, "compress", "kvc"):
+        if r.get("compact_gbps"):
+            rows.append(("compact (stage of compress)", "kvc", r["n"], r["batch"], r["ratio"], r["compact_ms"],
+                         r["compact_gbps"], 100 * r["compact_gbps"] / copy_gbps if copy_gbps else None))
+    for r in results(recs, "score"):
+        g = r.get("k_gbps")
+        rows.append((f"score {r.get('method')}", r.get("impl", "kvc"), r.get("n"), r.get("batch"),
+                     f"{r.get('kv_heads')}:{r.get('q_heads')}", r["median_ms"], g,
+                     100 * g / copy_gbps if (g and copy_gbps) else None))
+    lines.append(table(["what", "impl", "n", "batch", "ratio / heads", "ms", "GB/s", "% of copy"], rows) + "\n")
+
+
+def gpu_targets(recs):
+    """Achieved values per target, or None where not measured."""
+    copy_gbps, _ = ceilings(recs)
+    out = {}
+    pairs = [x for x in compress_pairs(recs) if x[0][2] == 32768 and x[3] is not None]
+    if pairs:
+        sp = [x[3] for x in pairs]
+        mem = [x[4] for x in pairs if x[4] is not None]
+        out["compress_speed"] = f"{min(sp):.2f}–{max(sp):.2f}× (median {statistics.median(sp):.2f}×, {len(sp)} points)"
+        if mem:
+            out["compress_mem"] = f"{min(mem):.3f}–{max(mem):.3f} (median {statistics.median(mem):.3f})"
+    sel = results(recs, "select")
+    keyed = {}
+    for r in sel:
+        keyed.setdefault((r["n"], r.get("batch"), r.get("kv_heads"), r.get("k")), {})[
+            r["impl"] + (f"/{r['mode']}" if r.get("impl") == "kvc" else "")] = r
+    for peer, name in (("flashinfer_topk", "select_fi"), ("cub", "select_cub"), ("torch_topk", "select_torch")):
+        ratios = [d[peer]["median_ms"] / d["kvc/quota"]["median_ms"] for d in keyed.values()
+                  if "kvc/quota" in d and peer in d]
+        if ratios:
+            out[name] = f"{min(ratios):.2f}–{max(ratios):.2f}× (median {statistics.median(ratios):.2f}×)"
+    if copy_gbps:
+        comp = [r["gbps"] for r in results(recs, "compact", "kvc") if r.get("gbps")]
+        comp += [r["compact_gbps"] for r in results(recs, "compress", "kvc") if r.get("compact_gbps")]
+        if comp:
+            out["compact"] = f"{100 * max(comp) / copy_gbps:.0f}% best, {100 * statistics.median(comp) / copy_gbps:.0f}% median"
+        sc = [r["k_gbps"] for r in results(recs, "score") if r.get("k_gbps") and r.get("method") == "snapkv"]
+        sc += [r["score_k_gbps"] for r in results(recs, "compress", "kvc")
+               if r.get("score_k_gbps") and r.get("method") == "snapkv"]
+        if sc:
+            out["score"] = f"{100 * max(sc) / copy_gbps:.0f}% best, {100 * statistics.median(sc) / copy_gbps:.0f}% median (SnapKV w64)"
+    return out
+
+
+def gpu_plot(recs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for key, o, p, speed, mem in compress_pairs(recs):
+        model, method, n, batch, ratio = key
+        if speed is None or abs(ratio - 0.5) > 1e-6:
+            continue
+        series.setdefault(f"{model} {method} batch {batch}", []).append((n, speed))
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+    ax.axhline(5, color="red", ls="--", lw=1, label="target 5×")
+    ax.axhline(1, color="gray", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length n (tokens)")
+    ax.set_ylabel("speedup (kvpress-PyTorch time / kvc_compress time)")
+    ax.set_title("GPU full pipeline, compression ratio 0.5")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_rows(recs):
+    return [r for r in recs if r.get("impl") == "kvc_cpu" and r.get("record") == "result"]
+
+
+def cpu_section(recs, lines):
+    dev = next((r for r in recs if r.get("record") == "device" and r.get("bench") == "cpu_bench"), None)
+    rows = cpu_rows(recs)
+    if not rows:
+        lines.append("No CPU numbers yet: run `bench/cpu_bench.py`.\n")
+        return
+    lines.append(f"Measured {dev['date']} at commit `{dev['commit']}` on **{dev['cpu']}**, {dev['cores']} cores: "
+                 f"a **2-core shared VM** (several engineers build on it at the same time), so the "
+                 f"wall-clock numbers are **noisy**; the CPU-time columns (process CPU time, single-threaded "
+                 f"on both sides: BLAS threads = {dev['blas_threads']}) are steadier. numpy {dev['numpy']}, "
+                 f"library {dev['kvc_version']}, compression ratio {dev['ratio']}, median of {dev['reps']} "
+                 f"repetitions after a warm-up.\n")
+    lines.append("Command: `KVCOMPRESS_LIBRARY=build-bench/libkvcompress.so .venv-bench/bin/python bench/cpu_bench.py` "
+                 "(CPU build: `cmake -S . -B build-bench -DKVC_ENABLE_CUDA=OFF && cmake --build build-bench`).\n")
+    t = []
+    for r in sorted(rows, key=lambda r: (r["method"], r["n"])):
+        t.append((r["method"], r["n"], r["kept"], r["median_ms"], f"{r['p10_ms']:.4g}–{r['p90_ms']:.4g}",
+                  r["peer_median_ms"], f"{r['peer_p10_ms']:.4g}–{r['peer_p90_ms']:.4g}", r["speedup"],
+                  r["speedup_cpu_time"], r["same_sets_fraction"], r["differences_near_ties_only"],
+                  r.get("score_max_rel_err"), r["compaction_matches_gather"], mib(r["extra_bytes"])))
+    lines.append(table(["method", "n", "kept", "kvc ms", "p10–p90", "numpy ms", "p10–p90", "speedup (wall)",
+                        "speedup (CPU time)", "same kept set", "diffs near ties only", "score rel err",
+                        "compaction = gather", "kvc extra MiB"], t) + "\n")
+    lines.append("Llama-3.1-8B-like heads (32 q / 8 KV, head_dim 128), batch 1, f32. Speedup = numpy time / kvc time "
+                 "(> 1: the library is faster). \"same kept set\": fraction of the numpy peer's kept tokens the "
+                 "library also keeps; differences are allowed only between tokens whose scores tie within 1e-4 "
+                 "relative (the library scores in double, numpy in float32). \"score rel err\": max |kvc − numpy| "
+                 "over scored keys / max |numpy| (STREAMING: not comparable, different recency scale).\n")
+
+
+def cpu_plot(recs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = cpu_rows(recs)
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in sorted({r["method"] for r in rows}):
+        pts = sorted((r["n"], r["speedup"], r["speedup_cpu_time"]) for r in rows if r["method"] == method)
+        line, = ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=f"{method} (CPU time)")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="x", ls="--", color=line.get_color(), alpha=0.6,
+                label=f"{method} (wall)")
+    ax.axhline(1, color="gray", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length n (tokens)")
+    ax.set_ylabel("speedup = numpy time / libkvcompress CPU time")
+    ax.set_title("CPU backend vs numpy pipeline (Llama-like heads, ratio 0.5)\n2-core shared VM: noisy")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def cpu_summary(recs):
+    rows = cpu_rows(recs)
+    by = {}
+    for r in rows:
+        by.setdefault(r["method"], []).append(r)
+    parts = []
+    for m, rs in sorted(by.items()):
+        rs.sort(key=lambda r: r["n"])
+        parts.append(f"{m}: " + ", ".join(f"{r['speedup_cpu_time']:.2g}× at {r['n']}" for r in rs))
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--in", dest="inputs", nargs="*", default=None)
+    ap.add_argument("--md", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--png", default=os.path.join(HERE, "speedup.png"))
+    ap.add_argument("--cpu-png", default=os.path.join(HERE, "cpu_speedup.png"))
+    ap.add_argument("--no-cpu-png", action="store_true")
+    args = ap.parse_args()
+    inputs = args.inputs if args.inputs else sorted(glob.glob(os.path.join(HERE, "results", "*.jsonl")))
+    # the CPU numbers always come from the repository's file unless given explicitly
+    cpu_file = os.path.join(HERE, "results", "cpu_bench.jsonl")
+    if os.path.exists(cpu_file) and cpu_file not in [os.path.abspath(p) for p in inputs]:
+        inputs.append(cpu_file)
+    recs = load(inputs)
+    has_gpu = any(r.get("record") == "ceiling" or (r.get("impl") in ("kvc", "torch_kvpress") and "median_ms" in r)
+                  for r in recs)
+
+    L = ["# libkvcompress benchmark results", ""]
+    L.append(f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} by `bench/report.py` at commit `{commit()}` from "
+             + ", ".join(f"`{os.path.relpath(p, REPO) if os.path.isabs(p) else p}`" for p in inputs) + ".\n")
+    L.append("\"Fast\" here is always a ratio against what users would otherwise run, measured side by side in "
+             "the same run on the same shapes (GPU: `bench/run_device.sh`; CPU: `bench/cpu_bench.py`), "
+             "and every rate is set against ceilings measured in that same run.\n")
+
+    L.append("## Targets\n")
+    achieved = gpu_targets(recs) if has_gpu else {}
+    pending = f"not yet run: no device was lent to this session ({NO_DEVICE_DATE})"
+    g = lambda k: achieved.get(k, pending if not has_gpu else "not measured in this run")
+    L.append(table(["target", "required", "achieved"], [
+        ("Full compress vs the PyTorch/kvpress pipeline, n = 32k (SnapKV w64, H2O)", "≥ 5× faster", g("compress_speed")),
+        ("Full compress extra peak memory vs the PyTorch/kvpress pipeline, n = 32k", "≤ 1/10", g("compress_mem")),
+        ("Selection with quotas vs FlashInfer plain top-k (throughput)", "≥ 0.8×", g("select_fi")),
+        ("Selection with quotas vs the CUB sort baseline", "≥ 3×", g("select_cub")),
+        ("Selection with quotas vs torch.topk", "≥ 3×", g("select_torch")),
+        ("Compaction bandwidth (kept K/V rows read + written)", "≥ 80% of copy bandwidth", g("compact")),
+        ("Score bandwidth over the bytes of K it reads", "≥ 40% of copy bandwidth", g("score")),
+        ("CPU backend vs numpy pipeline (no target; informational)", "–",
+         cpu_summary(recs) + " (CPU-time ratio)" if cpu_rows(recs) else "not run"),
+    ]) + "\n")
+
+    L.append("## GPU\n")
+    if has_gpu:
+        gpu_sections(recs, L)
+        if gpu_plot(recs, args.png):
+            L.append(f"![GPU speedup]({os.path.basename(args.png)})\n")
+    else:
+        for sec in ("Full pipeline: kvc_compress vs the kvpress pipeline in PyTorch",
+                    "Selection: kvc_select vs CUB sort, torch.topk, FlashInfer top_k",
+                    "Compaction and score rates against the copy ceiling", "Ceilings (copy bandwidth, bf16 GEMM)"):
+            L.append(f"### {sec}\n\n{pending.capitalize()}. `bench/run_device.sh` measures it in one device "
+                     f"call (see its header).\n")
+
+    L.append("## CPU (this machine)\n")
+    cpu_section(recs, L)
+    if not args.no_cpu_png and cpu_plot(recs, args.cpu_png):
+        L.append(f"![CPU speedup]({os.path.basename(args.cpu_png)})\n")
+
+    with open(args.md, "w") as f:
+        f.write("\n".join(L))
+    print(f"wrote {args.md}" + (f", {args.png}" if has_gpu else "") + ("" if args.no_cpu_png else f", {args.cpu_png}"),
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
