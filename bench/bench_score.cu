@@ -6,7 +6,10 @@
  *    "k_gbps":...,"tflops":...}
  * k_gbps is the K bytes of the batch (batch * n * kv_heads * head_dim * element size) over the
  * median time: the floor on what any scorer must read (KNORM and STREAMING aside, the attention
- * methods are arithmetic-bound, so this is a rate, not an efficiency).
+ * methods are arithmetic-bound, so this is a rate, not an efficiency); pct_copy sets it against the
+ * cudaMemcpy D2D bandwidth measured at the start of the same run. Timing (cold L2 per repetition),
+ * statistics and JSON: bench_util.cuh; lines also carry "record":"result", "impl":"kvc" and
+ * "extra_bytes" (the score workspace).
  * tflops (SNAPKV, H2O, TOVA) counts the causal logits the two passes must compute (the softmax
  * normaliser pass, then the accumulation pass recomputes them), 2 * head_dim flops each, per q
  * head and sequence: with w = min(window, n) queries at positions n - w .. n - 1 (query i sees
@@ -36,43 +39,13 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.cuh"
 #include "kvcompress.h"
 
 namespace {
 
-#define CHECK_CUDA(call)                                                                      \
-  do {                                                                                        \
-    cudaError_t err_ = (call);                                                                \
-    if (err_ != cudaSuccess) {                                                                \
-      fprintf(stderr, "bench_score: %s: %s\n", #call, cudaGetErrorString(err_));              \
-      exit(1);                                                                                \
-    }                                                                                         \
-  } while (0)
-
-/* Deterministic pseudo-random N(0,1)-ish values of the element type, written on the device. */
-__global__ void fill_random(unsigned short *half_bits, float *floats, size_t count, kvc_dtype_t dtype,
-                            unsigned seed) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
-    unsigned x = (unsigned)i * 2654435761u ^ seed;
-    x ^= x >> 15, x *= 2246822519u, x ^= x >> 13;
-    float value = ((x & 0xffffu) / 65536.0f - 0.5f) * 3.4f;
-    if (dtype == KVC_DTYPE_F32) floats[i] = value;
-    else if (dtype == KVC_DTYPE_F16) half_bits[i] = __half_as_ushort(__float2half(value));
-    else half_bits[i] = __bfloat16_as_ushort(__float2bfloat16(value));
-  }
-}
-
-std::vector<std::string> split(const char *list) {
-  std::vector<std::string> out;
-  std::string s(list);
-  for (size_t at = 0; at <= s.size();) {
-    size_t comma = s.find(',', at);
-    if (comma == std::string::npos) comma = s.size();
-    if (comma > at) out.push_back(s.substr(at, comma - at));
-    at = comma + 1;
-  }
-  return out;
-}
+#define CHECK_CUDA KVC_BENCH_CHECK
+using bench::split;
 
 int method_of(const std::string &name) {
   static const char *names[] = {"snapkv", "h2o", "tova", "knorm", "streaming"};
@@ -123,6 +96,10 @@ void check(kvc_status_t status, kvc_context_t ctx, const char *what) {
   exit(1);
 }
 
+/* The copy ceiling of this run and the L2 flusher, shared by every point (bench_util.cuh). */
+double g_copy_gbps = 0;
+bench::L2Flusher *g_flusher = nullptr;
+
 void bench_point(kvc_context_t ctx, const Options &o, const std::string &method, int n, int kv_heads, int q_heads) {
   const kvc_dtype_t dtype = o.dtype == "f32" ? KVC_DTYPE_F32 : o.dtype == "f16" ? KVC_DTYPE_F16 : KVC_DTYPE_BF16;
   const size_t elem = dtype == KVC_DTYPE_F32 ? 4 : 2;
@@ -162,9 +139,8 @@ void bench_point(kvc_context_t ctx, const Options &o, const std::string &method,
   CHECK_CUDA(cudaMalloc(&scores, sizeof(float) * (size_t)info.score_elems));
   CHECK_CUDA(cudaMalloc(&workspace, std::max<size_t>(ws_bytes, 1)));
   CHECK_CUDA(cudaMemcpy(dev_table, table.data(), sizeof(int32_t) * num_pages, cudaMemcpyHostToDevice));
-  fill_random<<<1024, 256>>>((unsigned short *)k, (float *)k, pool_elems, dtype, 1u);
-  if (query_elems) fill_random<<<256, 256>>>((unsigned short *)queries, (float *)queries, query_elems, dtype, 2u);
-  CHECK_CUDA(cudaGetLastError());
+  bench::fill_random(k, pool_elems, dtype, 1u);
+  bench::fill_random(queries, query_elems, dtype, 2u);
 
   kvc_paged_kv_t cache = {};
   cache.k = k;
@@ -182,24 +158,13 @@ void bench_point(kvc_context_t ctx, const Options &o, const std::string &method,
 
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  check(kvc_score(ctx, plan, &cache, queries, scores, 0, workspace, ws_bytes, (kvc_stream_t)stream), ctx, "warm-up");
-  std::vector<float> times;
-  for (int i = 0; i < o.iters; ++i) {
-    CHECK_CUDA(cudaEventRecord(start, stream));
-    check(kvc_score(ctx, plan, &cache, queries, scores, 0, workspace, ws_bytes, (kvc_stream_t)stream), ctx,
-          "kvc_score");
-    CHECK_CUDA(cudaEventRecord(stop, stream));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms);
-  }
-  std::sort(times.begin(), times.end());
-  auto at = [&](double q) { return times[std::min(times.size() - 1, (size_t)(q * (times.size() - 1) + 0.5))]; };
-  const double k_bytes = (double)o.batch * n * kv_heads * o.head_dim * elem, median = at(0.5);
+  /* bench_util.cuh: one warm-up, then o.iters repetitions between events, each from a cold L2 */
+  const bench::Stats st = bench::time_gpu(
+      [&](cudaStream_t s) {
+        check(kvc_score(ctx, plan, &cache, queries, scores, 0, workspace, ws_bytes, (kvc_stream_t)s), ctx, "kvc_score");
+      },
+      stream, 1, o.iters, g_flusher);
+  const double k_bytes = (double)o.batch * n * kv_heads * o.head_dim * elem, median = st.median_ms;
   /* causal (query, key) pairs of one sequence: see the header comment */
   const bool attention = desc.method == KVC_SCORE_SNAPKV || desc.method == KVC_SCORE_H2O ||
                          desc.method == KVC_SCORE_TOVA;
@@ -209,14 +174,16 @@ void bench_point(kvc_context_t ctx, const Options &o, const std::string &method,
   const double flops = attention ? 2.0 * q_heads * o.head_dim * (pairs + pairs2) * o.batch : 0.0;
   const int threshold = o.gemm_threshold >= 0 ? o.gemm_threshold : 128;
   const bool gemm = attention && w > threshold;
-  printf("{\"op\":\"score\",\"method\":\"%s\",\"n\":%d,\"batch\":%d,\"kv_heads\":%d,\"q_heads\":%d,\"head_dim\":%d,"
-         "\"dtype\":\"%s\",\"window\":%d,\"path\":\"%s\",\"median_ms\":%.4f,\"p10_ms\":%.4f,\"p90_ms\":%.4f,"
-         "\"k_gbps\":%.1f,\"tflops\":%.2f}\n",
-         method.c_str(), n, o.batch, kv_heads, q_heads, o.head_dim, o.dtype.c_str(), window, gemm ? "gemm" : "fused",
-         median, at(0.1), at(0.9), k_bytes / (median * 1e-3) / 1e9, flops / (median * 1e-3) / 1e12);
-  fflush(stdout);
+  const double k_gbps = k_bytes / (median * 1e-3) / 1e9;
+  bench::Json()
+      .add("record", "result").add("op", "score").add("impl", "kvc").add("method", method).add("n", n)
+      .add("batch", o.batch).add("kv_heads", kv_heads).add("q_heads", q_heads).add("head_dim", o.head_dim)
+      .add("dtype", o.dtype).add("window", window).add("path", gemm ? "gemm" : "fused").add_stats(st)
+      .add("k_gbps", k_gbps).add("pct_copy", g_copy_gbps > 0 ? 100.0 * k_gbps / g_copy_gbps : 0.0)
+      .add("tflops", flops / (median * 1e-3) / 1e12).add("extra_bytes", (long long)ws_bytes)
+      .print();
 
-  cudaEventDestroy(start), cudaEventDestroy(stop), cudaStreamDestroy(stream);
+  cudaStreamDestroy(stream);
   cudaFree(k), cudaFree(v), cudaFree(queries), cudaFree(dev_table), cudaFree(scores), cudaFree(workspace);
   kvc_plan_destroy(plan);
 }
@@ -232,6 +199,10 @@ int main(int argc, char **argv) {
   }
   kvc_context_t ctx = nullptr;
   check(kvc_context_create(KVC_BACKEND_CUDA, 0, &ctx), ctx, "kvc_context_create");
+  g_copy_gbps = bench::print_device_and_copy_ceiling("bench_score");
+  bench::L2Flusher flusher;
+  g_flusher = &flusher;
+  bench::Progress progress("bench_score", (int)(o.heads.size() * o.lengths.size() * o.methods.size()));
   for (const std::string &heads : o.heads) {
     int kv = 0, q = 0;
     if (sscanf(heads.c_str(), "%d:%d", &kv, &q) != 2) {
@@ -239,7 +210,10 @@ int main(int argc, char **argv) {
       return 2;
     }
     for (const std::string &n : o.lengths)
-      for (const std::string &method : o.methods) bench_point(ctx, o, method, atoi(n.c_str()), kv, q);
+      for (const std::string &method : o.methods) {
+        progress.step("%s n=%s heads %s", method.c_str(), n.c_str(), heads.c_str());
+        bench_point(ctx, o, method, atoi(n.c_str()), kv, q);
+      }
   }
   kvc_context_destroy(ctx);
   return 0;

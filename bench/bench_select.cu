@@ -5,7 +5,10 @@
  *   {"op":"select","impl":"kvc","mode":"plain","n":131072,"batch":4,"kv_heads":8,"k":13107,
  *    "median_ms":...,"p10_ms":...,"p90_ms":...,"score_gbps":...}
  * score_gbps is the batch's scores (rows * n * 4 bytes) over the median time: what any selection
- * must read once, so it compares directly with the device's copy bandwidth.
+ * must read once, so it compares directly with the device's copy bandwidth (pct_copy: against the
+ * cudaMemcpy D2D bandwidth measured at the start of the same run). Timing, L2 flush between
+ * repetitions, statistics and JSON: bench_util.cuh. Every line also has "record":"result" and
+ * "extra_bytes" (the implementation's workspace); the first lines are the device and the copy ceiling.
  * Rows = batch * kv_heads, every row n tokens; 4 sinks and 64 recent tokens are protected; the
  * quota mode adds 4 equal FAIR spans and fairness 1. The CUB baseline has no quotas (plain only).
  *
@@ -22,40 +25,15 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.cuh"
 #include "kvcompress.h"
 #include "select_cub.h"
 
 namespace {
 
-#define CHECK_CUDA(call)                                                                      \
-  do {                                                                                        \
-    cudaError_t err_ = (call);                                                                \
-    if (err_ != cudaSuccess) {                                                                \
-      fprintf(stderr, "bench_select: %s: %s\n", #call, cudaGetErrorString(err_));             \
-      exit(1);                                                                                \
-    }                                                                                         \
-  } while (0)
+#define CHECK_CUDA KVC_BENCH_CHECK
 
-/* Deterministic pseudo-random scores in [-1.7, 1.7), written on the device. */
-__global__ void fill_scores(float *scores, size_t count, unsigned seed) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
-    unsigned x = (unsigned)i * 2654435761u ^ seed;
-    x ^= x >> 15, x *= 2246822519u, x ^= x >> 13;
-    scores[i] = ((x & 0xffffffu) / 16777216.0f - 0.5f) * 3.4f;
-  }
-}
-
-std::vector<std::string> split(const char *list) {
-  std::vector<std::string> out;
-  std::string s(list);
-  for (size_t at = 0; at <= s.size();) {
-    size_t comma = s.find(',', at);
-    if (comma == std::string::npos) comma = s.size();
-    if (comma > at) out.push_back(s.substr(at, comma - at));
-    at = comma + 1;
-  }
-  return out;
-}
+using bench::split;
 
 struct Options {
   std::vector<int> n = {4096, 32768, 131072, 1048576};
@@ -106,32 +84,22 @@ void check(kvc_status_t status, kvc_context_t ctx, const char *what) {
   exit(1);
 }
 
-/* Runs `launch` once to warm up, then o.iters times between events; prints the JSON line. */
+/* Shared by every point: the copy ceiling of this run and the L2 flusher (bench_util.cuh). */
+double g_copy_gbps = 0;
+bench::L2Flusher *g_flusher = nullptr;
+
+/* bench::time_gpu: one warm-up, then o.iters repetitions between events, each from a cold L2;
+ * prints the JSON line. extra_bytes: the device memory the implementation needs beyond scores and
+ * keep indices (its workspace). */
 void time_and_print(const Options &o, cudaStream_t stream, const char *impl, const std::string &mode, int n, int k,
-                    const std::function<void()> &launch) {
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  launch();
-  CHECK_CUDA(cudaStreamSynchronize(stream));
-  std::vector<float> times;
-  for (int i = 0; i < o.iters; ++i) {
-    CHECK_CUDA(cudaEventRecord(start, stream));
-    launch();
-    CHECK_CUDA(cudaEventRecord(stop, stream));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms);
-  }
-  std::sort(times.begin(), times.end());
-  auto at = [&](double q) { return times[std::min(times.size() - 1, (size_t)(q * (times.size() - 1) + 0.5))]; };
-  const double score_bytes = 4.0 * o.batch * o.heads * (double)n, median = at(0.5);
-  printf("{\"op\":\"select\",\"impl\":\"%s\",\"mode\":\"%s\",\"n\":%d,\"batch\":%d,\"kv_heads\":%d,\"k\":%d,"
-         "\"median_ms\":%.4f,\"p10_ms\":%.4f,\"p90_ms\":%.4f,\"score_gbps\":%.1f}\n",
-         impl, mode.c_str(), n, o.batch, o.heads, k, median, at(0.1), at(0.9), score_bytes / (median * 1e-3) / 1e9);
-  fflush(stdout);
-  cudaEventDestroy(start), cudaEventDestroy(stop);
+                    size_t extra_bytes, const std::function<void()> &launch) {
+  const bench::Stats s = bench::time_gpu([&](cudaStream_t) { launch(); }, stream, 1, o.iters, g_flusher);
+  const double score_bytes = 4.0 * o.batch * o.heads * (double)n, gbps = score_bytes / (s.median_ms * 1e-3) / 1e9;
+  bench::Json()
+      .add("record", "result").add("op", "select").add("impl", impl).add("mode", mode).add("n", n)
+      .add("batch", o.batch).add("kv_heads", o.heads).add("k", k).add_stats(s).add("score_gbps", gbps)
+      .add("pct_copy", g_copy_gbps > 0 ? 100.0 * gbps / g_copy_gbps : 0.0).add("extra_bytes", (long long)extra_bytes)
+      .print();
 }
 
 void bench_point(kvc_context_t ctx, const Options &o, cudaStream_t stream, const std::string &mode, int n,
@@ -171,10 +139,9 @@ void bench_point(kvc_context_t ctx, const Options &o, cudaStream_t stream, const
   CHECK_CUDA(cudaMalloc(&scores, sizeof(float) * (size_t)info.score_elems));
   CHECK_CUDA(cudaMalloc(&keep, sizeof(int32_t) * (size_t)info.keep_elems));
   CHECK_CUDA(cudaMalloc(&workspace, std::max<size_t>(ws_bytes, 1)));
-  fill_scores<<<1024, 256, 0, stream>>>(scores, (size_t)info.score_elems, 7u + (unsigned)n);
-  CHECK_CUDA(cudaGetLastError());
+  bench::fill_random(scores, (size_t)info.score_elems, KVC_DTYPE_F32, 7u + (unsigned)n, stream);
 
-  time_and_print(o, stream, "kvc", mode, n, k, [&] {
+  time_and_print(o, stream, "kvc", mode, n, k, ws_bytes, [&] {
     check(kvc_select(ctx, plan, scores, keep, workspace, ws_bytes, (kvc_stream_t)stream), ctx, "kvc_select");
   });
 
@@ -191,7 +158,7 @@ void bench_point(kvc_context_t ctx, const Options &o, cudaStream_t stream, const
     CHECK_CUDA(cudaMemcpy(dev_bits, bits.data(), sizeof(uint32_t) * words, cudaMemcpyHostToDevice));
     CHECK_CUDA(kvc_select_cub_baseline(nullptr, &cub_bytes, scores, dev_bits, rows, n, k, keep, stream));
     CHECK_CUDA(cudaMalloc(&cub_ws, cub_bytes));
-    time_and_print(o, stream, "cub_segmented_sort", mode, n, k, [&] {
+    time_and_print(o, stream, "cub_segmented_sort", mode, n, k, cub_bytes, [&] {
       CHECK_CUDA(kvc_select_cub_baseline(cub_ws, &cub_bytes, scores, dev_bits, rows, n, k, keep, stream));
     });
     cudaFree(dev_bits), cudaFree(cub_ws);
@@ -206,11 +173,20 @@ int main(int argc, char **argv) {
   Options o = parse(argc, argv);
   kvc_context_t ctx = nullptr;
   check(kvc_context_create(KVC_BACKEND_CUDA, 0, &ctx), ctx, "kvc_context_create");
+  g_copy_gbps = bench::print_device_and_copy_ceiling("bench_select");
+  bench::L2Flusher flusher;
+  g_flusher = &flusher;
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
+  int points = 0;
+  for (const std::string &mode : o.modes) points += (int)(o.n.size() * o.keep.size());
+  bench::Progress progress("bench_select", points);
   for (const std::string &mode : o.modes)
     for (int n : o.n)
-      for (double keep : o.keep) bench_point(ctx, o, stream, mode, n, keep);
+      for (double keep : o.keep) {
+        progress.step("%s n=%d keep=%.2f", mode.c_str(), n, keep);
+        bench_point(ctx, o, stream, mode, n, keep);
+      }
   cudaStreamDestroy(stream);
   kvc_context_destroy(ctx);
   return 0;

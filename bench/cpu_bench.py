@@ -19,6 +19,9 @@ scores in double, numpy in float32): for every point the script checks that the 
 difference of the kept sets only holds tokens whose numpy score is within 1e-4 (relative) of the
 k-th score, and that the library's scores match numpy's (max relative error over scored keys).
 
+Memory: the library's kvc_compress workspace (it compacts in place) against the numpy pipeline's
+peak traced allocation (tracemalloc, one untimed call; includes the new K/V arrays it gathers into).
+
 Timing: wall clock (time.perf_counter) around each call, `--reps` repetitions (>= 5) after one
 warm-up; median and p10/p90 (nearest rank). The library's CPU backend is single-threaded; numpy's
 BLAS is limited to --blas-threads (default 1) so the two use the same cores.
@@ -34,6 +37,7 @@ import os
 import platform
 import sys
 import time
+import tracemalloc
 
 _threads = "1"
 for i, a in enumerate(sys.argv):
@@ -183,6 +187,11 @@ def run_point(ctx, model, method, n, ratio, reps, rng):
     # compaction check: the library's compacted K rows equal the numpy gather of its own keep set
     compact_ok = bool(np.array_equal(kc[0][:, :n_kept], np.take_along_axis(k, keep[..., None], axis=1)))
     peer, (k_np, v_np, idx, s_np) = timed(lambda: np_pipeline(method, k, v, q, window, groups, n_kept), reps)
+    # the numpy pipeline's peak extra memory (numpy reports its buffers to tracemalloc), untimed
+    tracemalloc.start()
+    np_pipeline(method, k, v, q, window, groups, n_kept)
+    peer_extra = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
 
     # apples to apples: same kept sets (up to near-ties); same scores where the two scales agree
     # (STREAMING's numpy score is a different but order-equivalent recency scale). One untimed
@@ -218,7 +227,7 @@ def run_point(ctx, model, method, n, ratio, reps, rng):
         "speedup_cpu_time": peer["cpu_ms"] / ours["cpu_ms"],
         "same_sets_fraction": overlap / (hkv * n_kept), "differences_near_ties_only": boundary_only,
         "score_max_rel_err": score_rel_err, "compaction_matches_gather": compact_ok,
-        "extra_bytes": plan.workspace_size("compress"),
+        "extra_bytes": plan.workspace_size("compress"), "peer_extra_bytes": peer_extra,
     }
 
 

@@ -65,6 +65,10 @@ def fmt(x, digits=3):
     return f"{x:.{digits}g}"
 
 
+def span(a, b):
+    return f"{fmt(a)}–{fmt(b)}"
+
+
 def mib(b):
     return None if b is None else b / 2**20
 
@@ -98,6 +102,21 @@ def ceilings(recs):
 def results(recs, op, impl=None):
     return [r for r in recs if r.get("record", "result") == "result" and r.get("op") == op
             and (impl is None or r.get("impl") == impl) and "median_ms" in r]
+
+
+def impl_name(r):
+    """kvc/<mode> for our selection rows; every CUB variant as 'cub'."""
+    impl = r.get("impl", "kvc")
+    if impl.startswith("cub"):
+        return "cub"
+    return impl + (f"/{r['mode']}" if impl == "kvc" and r.get("mode") else "")
+
+
+def select_table(recs):
+    keyed = {}
+    for r in results(recs, "select"):
+        keyed.setdefault((r["n"], r.get("batch"), r.get("kv_heads"), r.get("k")), {})[impl_name(r)] = r
+    return keyed
 
 
 def compress_pairs(recs):
@@ -143,7 +162,7 @@ def gpu_sections(recs, lines):
         peer_ms = p.get("median_ms") if p else None
         peer_txt = peer_ms if peer_ms is not None else (p.get("error") if p else None)
         rows.append((model, method, n, batch, ratio, o and o["median_ms"],
-                     o and f"{o['p10_ms']:.3g}–{o['p90_ms']:.3g}", peer_txt, speed,
+                     o and span(o['p10_ms'], o['p90_ms']), peer_txt, speed,
                      o and mib(o["extra_bytes"]), p and mib(p.get("extra_bytes")), mem,
                      o and o.get("pct_copy"), o and o.get("tflops"),
                      o and o.get("score_ms"), o and o.get("select_ms"), o and o.get("compact_ms")))
@@ -152,11 +171,7 @@ def gpu_sections(recs, lines):
                         "score ms", "select ms", "compact ms"], rows) + "\n")
 
     lines.append("### Selection: kvc_select vs CUB sort, torch.topk, FlashInfer top_k\n")
-    sel = results(recs, "select")
-    keyed = {}
-    for r in sel:
-        impl = r["impl"] + (f"/{r['mode']}" if r.get("impl") == "kvc" else "")
-        keyed.setdefault((r["n"], r.get("batch"), r.get("kv_heads"), r.get("k")), {})[impl] = r
+    keyed = select_table(recs)
     impls = sorted({i for d in keyed.values() for i in d})
     rows = []
     for key in sorted(keyed):
@@ -198,13 +213,14 @@ def gpu_targets(recs):
         sp = [x[3] for x in pairs]
         mem = [x[4] for x in pairs if x[4] is not None]
         out["compress_speed"] = f"{min(sp):.2f}–{max(sp):.2f}× (median {statistics.median(sp):.2f}×, {len(sp)} points)"
+    oom = [x for x in compress_pairs(recs) if x[0][2] == 32768 and x[1] and x[2] and x[2].get("error") == "oom"]
+    if oom:
+        out["compress_speed"] = out.get("compress_speed", "–") + (
+            f"; the peer ran out of device memory at {len(oom)} more point(s) "
+            f"({', '.join(sorted({x[0][1] for x in oom}))}) that the library ran")
         if mem:
             out["compress_mem"] = f"{min(mem):.3f}–{max(mem):.3f} (median {statistics.median(mem):.3f})"
-    sel = results(recs, "select")
-    keyed = {}
-    for r in sel:
-        keyed.setdefault((r["n"], r.get("batch"), r.get("kv_heads"), r.get("k")), {})[
-            r["impl"] + (f"/{r['mode']}" if r.get("impl") == "kvc" else "")] = r
+    keyed = select_table(recs)
     for peer, name in (("flashinfer_topk", "select_fi"), ("cub", "select_cub"), ("torch_topk", "select_torch")):
         ratios = [d[peer]["median_ms"] / d["kvc/quota"]["median_ms"] for d in keyed.values()
                   if "kvc/quota" in d and peer in d]
@@ -281,18 +297,23 @@ def cpu_section(recs, lines):
                  "(CPU build: `cmake -S . -B build-bench -DKVC_ENABLE_CUDA=OFF && cmake --build build-bench`).\n")
     t = []
     for r in sorted(rows, key=lambda r: (r["method"], r["n"])):
-        t.append((r["method"], r["n"], r["kept"], r["median_ms"], f"{r['p10_ms']:.4g}–{r['p90_ms']:.4g}",
-                  r["peer_median_ms"], f"{r['peer_p10_ms']:.4g}–{r['peer_p90_ms']:.4g}", r["speedup"],
+        t.append((r["method"], r["n"], r["kept"], r["median_ms"], span(r["p10_ms"], r["p90_ms"]),
+                  r["peer_median_ms"], span(r["peer_p10_ms"], r["peer_p90_ms"]), r["speedup"],
                   r["speedup_cpu_time"], r["same_sets_fraction"], r["differences_near_ties_only"],
-                  r.get("score_max_rel_err"), r["compaction_matches_gather"], mib(r["extra_bytes"])))
+                  r.get("score_max_rel_err"), r["compaction_matches_gather"], mib(r["extra_bytes"]),
+                  mib(r.get("peer_extra_bytes")),
+                  r["extra_bytes"] / r["peer_extra_bytes"] if r.get("peer_extra_bytes") else None))
     lines.append(table(["method", "n", "kept", "kvc ms", "p10–p90", "numpy ms", "p10–p90", "speedup (wall)",
                         "speedup (CPU time)", "same kept set", "diffs near ties only", "score rel err",
-                        "compaction = gather", "kvc extra MiB"], t) + "\n")
+                        "compaction = gather", "kvc extra MiB", "numpy extra MiB", "memory ratio"], t) + "\n")
     lines.append("Llama-3.1-8B-like heads (32 q / 8 KV, head_dim 128), batch 1, f32. Speedup = numpy time / kvc time "
                  "(> 1: the library is faster). \"same kept set\": fraction of the numpy peer's kept tokens the "
                  "library also keeps; differences are allowed only between tokens whose scores tie within 1e-4 "
                  "relative (the library scores in double, numpy in float32). \"score rel err\": max |kvc − numpy| "
-                 "over scored keys / max |numpy| (STREAMING: not comparable, different recency scale).\n")
+                 "over scored keys / max |numpy| (STREAMING: not comparable, different recency scale; – where the "
+                 "extra score call was skipped because one call takes over 8 s). Extra memory: the library's "
+                 "kvc_compress workspace (it compacts in place) vs the numpy pipeline's peak traced allocation "
+                 "(tracemalloc, one untimed call; includes the new K/V arrays it gathers into).\n")
 
 
 def cpu_plot(recs, path):
@@ -314,10 +335,10 @@ def cpu_plot(recs, path):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length n (tokens)")
-    ax.set_ylabel("speedup = numpy time / libkvcompress CPU time")
+    ax.set_ylabel("speedup = numpy time / libkvcompress time")
     ax.set_title("CPU backend vs numpy pipeline (Llama-like heads, ratio 0.5)\n2-core shared VM: noisy")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, ncol=2, loc="center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -363,6 +384,10 @@ def main():
              "the same run on the same shapes (GPU: `bench/run_device.sh`; CPU: `bench/cpu_bench.py`), "
              "and every rate is set against ceilings measured in that same run.\n")
 
+    L.append("How to reproduce: GPU, one device call of `bench/run_device.sh` (its header says how; it builds "
+             "for sm_90, runs `ctest -L gpu`, `bench_ceilings`, `bench_compress`, `bench_select`, `bench_score`, "
+             "`bench_compact` and `bench/peers/kvpress_torch.py`, and writes `results.jsonl`); copy that file to "
+             "`bench/results/` and run `bench/report.py`. CPU: `bench/cpu_bench.py` (command below).\n")
     L.append("## Targets\n")
     achieved = gpu_targets(recs) if has_gpu else {}
     pending = f"not yet run: no device was lent to this session ({NO_DEVICE_DATE})"

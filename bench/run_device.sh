@@ -6,18 +6,23 @@
 #
 # How to call it through the device tool (one call; leave time to rerun: timeout_s 560):
 #
-#   run(command="bash bench/run_device.sh", timeout_s=560)
+#   run(command="KVC_COMMIT=<git rev-parse --short HEAD, typed in> bash bench/run_device.sh", timeout_s=560)
+#
+# (the working tree travels without .git, so the commit is passed in; KVC_DEVICE_BUDGET_S overrides the
+# 470 s budget; KVC_DEVICE_CUDA=OFF, KVC_DEVICE_TESTS=OFF and KVC_PYTHON=<python> exercise the script's flow on a CPU machine.)
 #
 # Optional extras, prepared HERE before the call (both folders are git-ignored by .gitignore):
 #   FlashInfer (the selection peer; skipped, and said so, when absent): flashinfer-python is not in
-#     the device image. Download its wheel and the wheels of its missing requirements (README.md of
-#     the device tool, "nvidia-h200" note) into .whl/, e.g.
+#     the device image (KINDS.md). flashinfer.top_k(input, k, sorted=False) is the radix top-k API of
+#     current releases (docs.flashinfer.ai/generated/flashinfer.top_k.html). Since 0.6 the wheel is
+#     pure Python and JIT-compiles its kernels with the device's nvcc on first use (the peer's warm-up
+#     absorbs that; the step's timeout bounds it); its requirements include apache-tvm-ffi,
+#     nvidia-cudnn-frontend and nvidia-cutlass-dsl (large: check that .whl/ stays under the 64 MiB
+#     carry limit). Download them into .whl/ as the device tool's README says ("nvidia-h200" note):
 #       python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
+#         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #         flashinfer-python==<version> apache-tvm-ffi==<version> ...
-#     then call with carry=[".whl"]; this script installs them with pip --no-index into /tmp/site.
-#     (Its kernels are JIT-compiled on first use with the device's nvcc: the first top_k call of each
-#     shape can take tens of seconds; the peer's warm-up absorbs it, the step's timeout bounds it.)
+#     and call with carry=[".whl"]: this script pip-installs them (--no-index) into /tmp/site.
 #   Criterion (the C test framework; the GPU tests are skipped, and said so, without it): put the
 #     device OS's .deb files of libcriterion-dev, libcriterion3 and their libraries in .debs/ and
 #     call with carry=[".debs"]; they are unpacked under /tmp/debs (never over /).
@@ -27,8 +32,9 @@
 #   results.jsonl  every JSON line of every benchmark and peer (bench/report.py's input)
 #   RESULTS.md     bench/report.py's tables for this run;  speedup.png  its plot
 #   ctest.log      the GPU tests' output;  build.log  the full build output
-# Afterwards, here: python3 bench/report.py --in <files_at>/results.jsonl (writes bench/RESULTS.md and
-# bench/speedup.png in the repository, keeping the CPU section).
+# Afterwards, here: cp <files_at>/results.jsonl bench/results/gpu_h200_<date>.jsonl, then
+# .venv-bench/bin/python bench/report.py (reads every bench/results/*.jsonl; writes bench/RESULTS.md,
+# bench/speedup.png and bench/cpu_speedup.png, the CPU section from bench/results/cpu_bench.jsonl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -76,13 +82,14 @@ step() {
   return "$rc"
 }
 
-say "device run of $(git rev-parse --short HEAD 2>/dev/null || echo '?') at $(date -u +%FT%TZ)"
+say "device run at $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | head -3
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+commit=${KVC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 dirty=$(git status --porcelain 2>/dev/null | grep -vc '^??' || true)
 echo "{\"record\":\"run\",\"commit\":\"$commit\",\"dirty_files\":$dirty,\"date\":\"$(date -u +%FT%TZ)\",\"host\":\"$(hostname)\"}" >>"$RES"
 
 # --- optional carried extras -------------------------------------------------------------------
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} # for FlashInfer's JIT
 if ls .whl/*.whl >/dev/null 2>&1; then
   say "installing carried wheels: $(ls .whl | tr '\n' ' ')"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
@@ -95,8 +102,8 @@ if ! pkg-config --exists criterion 2>/dev/null && ls .debs/*.deb >/dev/null 2>&1
   export PKG_CONFIG_PATH=$libdir${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH} PKG_CONFIG_SYSROOT_DIR=/tmp/debs
   export LD_LIBRARY_PATH=$(find /tmp/debs -name 'libcriterion.so*' -printf '%h\n' | head -1)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
-tests=ON
-if ! pkg-config --exists criterion 2>/dev/null; then
+tests=${KVC_DEVICE_TESTS:-ON}
+if [ "$tests" = ON ] && ! pkg-config --exists criterion 2>/dev/null; then
   tests=OFF
   say "NOTE: Criterion is absent on this machine: the GPU tests are NOT built or run (see the top of this script)"
   echo '{"record":"note","note":"GPU tests skipped: Criterion absent on the device"}' >>"$RES"
@@ -107,7 +114,7 @@ B=$root/build-device
 gen=""
 command -v ninja >/dev/null && gen="-G Ninja"
 say "configure (tests $tests)"
-if ! cmake -S "$root" -B "$B" $gen -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 -DKVC_ENABLE_CUDA=ON \
+if ! cmake -S "$root" -B "$B" $gen -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 -DKVC_ENABLE_CUDA=${KVC_DEVICE_CUDA:-ON} \
     -DKVC_BUILD_TESTS=$tests -DKVC_BUILD_BENCH=ON >"$OUT/build.log" 2>&1; then
   tail -n 40 "$OUT/build.log"; say "configure FAILED"; exit 1
 fi
@@ -126,8 +133,9 @@ run_bin() { # name budget args...
   if [ -x "$BIN/$name" ]; then step "$name" "$budget" "$BIN/$name" "$@"
   else say "SKIP $name: not built"; echo "{\"record\":\"skipped\",\"step\":\"$name\",\"reason\":\"not built\"}" >>"$RES"; fi
 }
+PY=${KVC_PYTHON:-python3}
 PEER=bench/peers/kvpress_torch.py
-python3 -c "import flashinfer" >/dev/null 2>&1 && say "flashinfer importable: FlashInfer peer ON" ||
+$PY -c "import flashinfer" >/dev/null 2>&1 && say "flashinfer importable: FlashInfer peer ON" ||
   say "flashinfer NOT importable: the FlashInfer top-k peer is skipped (carry its wheels, see the top)"
 
 # Ordered by what the targets need most, so a tight budget cuts the least important steps.
@@ -135,7 +143,7 @@ python3 -c "import flashinfer" >/dev/null 2>&1 && say "flashinfer importable: Fl
 run_bin bench_ceilings 15
 run_bin bench_compress 45 --models llama:32:8:128,qwen:40:8:128 --n 4096,32768,131072 --batch 1,8 \
   --ratios 0.1,0.5,0.9 --methods snapkv --iters 10 --max-seconds 38
-step peers_compress 70 python3 $PEER --ops compress --methods snapkv --models llama:32:8:128,qwen:40:8:128 \
+step peers_compress 70 $PY $PEER --ops compress --methods snapkv --models llama:32:8:128,qwen:40:8:128 \
   --n 4096,32768,131072 --batch 1,8 --ratios 0.1,0.5,0.9 --iters 10 --max-seconds 55
 
 # --- 3. GPU tests ----------------------------------------------------------------------------------
@@ -146,13 +154,13 @@ fi
 
 # --- 4. selection (ours, CUB sort baseline | torch.topk, FlashInfer top_k) and compaction --------
 run_bin bench_select 25
-step peers_select_compact 40 python3 $PEER --ops select,compact --n 4096,32768,131072 --batch 1,8 \
+step peers_select_compact 40 $PY $PEER --ops select,compact --n 4096,32768,131072 --batch 1,8 \
   --ratios 0.1,0.5,0.9 --iters 10 --max-seconds 30
 
 # --- 5. H2O over all queries (window = n: the GEMM path), ratio 0.5 --------------------------------
 run_bin bench_compress 30 --models llama:32:8:128,qwen:40:8:128 --n 4096,32768 --batch 1,8 --ratios 0.5 \
   --methods h2o --iters 5 --warmup 1 --max-seconds 24
-step peers_compress_h2o 25 python3 $PEER --ops compress --methods h2o --models llama:32:8:128,qwen:40:8:128 \
+step peers_compress_h2o 25 $PY $PEER --ops compress --methods h2o --models llama:32:8:128,qwen:40:8:128 \
   --n 4096,32768 --batch 1,8 --ratios 0.5 --iters 5 --warmup 1 --max-seconds 18
 
 # --- 6. the stage benches and the 9-ratio sweep -----------------------------------------------------
@@ -166,6 +174,6 @@ run_bin bench_compress 10 --models llama:32:8:128 --n 32768 --batch 1 --ratios 0
   --methods snapkv --iters 10 --max-seconds 8
 
 # --- 7. report -------------------------------------------------------------------------------------
-step report 20 python3 bench/report.py --in "$RES" --md "$OUT/RESULTS.md" --png "$OUT/speedup.png" --no-cpu-png
+step report 20 $PY bench/report.py --in "$RES" --md "$OUT/RESULTS.md" --png "$OUT/speedup.png" --no-cpu-png
 say "finished in $(($(date +%s) - t0))s; results: $(grep -c '"record":"result"' "$RES") result lines"
 ls -la "$OUT"

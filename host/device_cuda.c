@@ -56,6 +56,12 @@ kvc_status_t kvc_blas_create(void **handle, char *detail, size_t cap) {
   if (status != CUBLAS_STATUS_SUCCESS)
     return kvc_fail_detail(detail, cap, status == CUBLAS_STATUS_ALLOC_FAILED ? KVC_ERROR_OUT_OF_MEMORY : KVC_ERROR_CUDA,
                            "cublasCreate: %s (%s)", cublasGetStatusName(status), cublasGetStatusString(status));
+  /* the default math mode: f32 products stay fp32 (never TF32); scoring asks CUBLAS_COMPUTE_32F */
+  status = cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH);
+  if (status != CUBLAS_STATUS_SUCCESS) {
+    cublasDestroy(blas);
+    return kvc_fail_detail(detail, cap, KVC_ERROR_CUDA, "cublasSetMathMode: %s", cublasGetStatusName(status));
+  }
   *handle = blas;
   return KVC_SUCCESS;
 }

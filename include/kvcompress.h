@@ -340,9 +340,9 @@ typedef enum {
  * the last rounded up to a multiple of 256:
  *     obs_total * num_q_heads * C * 8     softmax partials (max, sum) per key chunk
  *   + obs_total * num_q_heads * 4         softmax normalisers (log-sum-exp)
- *   [ + 4 MiB                             cuBLAS's workspace (it never allocates its own)
+ *   [ + 4 MiB                             cuBLAS's workspace (so it allocates nothing)
  *     + T * head_dim * E                  one tile of keys gathered from the pages
- *     + G * R * T * 4 ]                   one tile of logits (<= 16 MiB)
+ *     + G * R * T * 4 ]                   one tile of logits (<= 16 MiB while G <= 4096)
  *   + num_q_heads * total_tokens * 4      attention per query head, before pooling
  * The bracketed terms exist when some domain has more than 128 observation queries (H2O over the
  * whole prompt, long SnapKV windows): such a domain's logits come from tensor-core GEMMs (cuBLAS)

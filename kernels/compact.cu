@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(Pass pass) {
     __threadfence();
     atomicExch(&pass.reads_done[chunk], 1);
   }
-  if (false && reader >= 0) /* the readers of this chunk's slots are in chunks reader and reader + 1 */
+  if (reader >= 0) /* the readers of this chunk's slots are in chunks reader and reader + 1 */
     while (!__syncthreads_or(threadIdx.x == 0 && reads_published(pass, reader, chunk) &&
                              reads_published(pass, reader + 1, chunk))) {
     }

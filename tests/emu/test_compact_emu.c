@@ -208,13 +208,14 @@ ParameterizedTest(combo_t *combo, compact_emu, every_layout_dtype_page_size) {
   check_case(&c);
 }
 
-/* Long rows whose sources sit just past their destinations: each chunk overwrites slots the
- * previous chunk still has to read. Eight heads, so chunks also end mid-row at every head. */
+/* Long rows whose sources sit just past their destinations (shift by one, one drop in 37) or far
+ * past them (every other, the last tenth): each chunk overwrites slots an earlier chunk, the one
+ * before or one far back, still has to read. Four heads: chunks also end mid-row at every head. */
 Test(compact_emu, in_place_hazard_long_rows) {
   const combo_t layouts[] = {{KVC_TEST_NHD, KVC_TEST_DENSE, KVC_DTYPE_BF16, 16},
                              {KVC_TEST_HND, KVC_TEST_CSR, KVC_DTYPE_F16, 64}};
   for (int i = 0; i < 2; ++i) {
-    compact_case_t c = {layouts[i], 128, 8, 4, {4000, 3000, 2000, 2500}, {3999, 2919, 1000, 250}, 1, i, 77 + i};
+    compact_case_t c = {layouts[i], 128, 4, 4, {4000, 3000, 2000, 2500}, {3999, 2919, 1000, 250}, 1, i, 77 + i};
     check_case(&c);
   }
 }

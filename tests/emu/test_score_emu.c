@@ -460,9 +460,9 @@ static void check_gemm_case(const score_case_t *c) {
 static const int32_t kGemmLens[] = {301, 517};
 
 /* H2O over the whole prompt (window >= n): every dtype, group 1 and 4, generic and specialised
- * head_dim, every layout and table kind; 96-key tiles and 64-row GEMMs (16 queries x 4 heads). */
+ * head_dim, every layout and table kind; 96-key tiles and 128-row GEMMs (32 queries x 4 heads). */
 Test(score_emu, gemm_h2o_whole_prompt_every_dtype) {
-  force_gemm(0, 96, 64);
+  force_gemm(0, 96, 128);
   static const kvc_dtype_t dtypes[] = {KVC_DTYPE_F32, KVC_DTYPE_F16, KVC_DTYPE_BF16};
   static const int32_t dims[] = {64, 128, 40};
   int index = 0;
