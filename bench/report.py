@@ -253,7 +253,7 @@ def gpu_plot(recs, path):
         series.setdefault(f"{model} {method} batch {batch}", []).append((n, speed))
     if not series:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for label, pts in sorted(series.items()):
         pts.sort()
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
@@ -265,7 +265,7 @@ def gpu_plot(recs, path):
     ax.set_ylabel("speedup (kvpress-PyTorch time / kvc_compress time)")
     ax.set_title("GPU full pipeline, compression ratio 0.5")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -325,7 +325,7 @@ def cpu_plot(recs, path):
     rows = cpu_rows(recs)
     if not rows:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for method in sorted({r["method"] for r in rows}):
         pts = sorted((r["n"], r["speedup"], r["speedup_cpu_time"]) for r in rows if r["method"] == method)
         line, = ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=f"{method} (CPU time)")
@@ -338,7 +338,7 @@ def cpu_plot(recs, path):
     ax.set_ylabel("speedup = numpy time / libkvcompress time")
     ax.set_title("CPU backend vs numpy pipeline (Llama-like heads, ratio 0.5)\n2-core shared VM: noisy")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="center")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

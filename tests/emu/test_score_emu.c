@@ -3,7 +3,8 @@
  * the CPU backend (double precision, kernels/score_cpu.c) on the same caches and queries, through
  * the public API: every method x dtype x head_dim (64, 128, 256 and a generic 40) with the layout,
  * page table kind and GQA group (1, 4) rotating; span-local domains, pooling at domain borders,
- * window > n, accumulate, and the selection made from either backend's scores.
+ * window > n, accumulate, and the selection made from either backend's scores. The second half
+ * (gemm_*) forces the large-observation-set path (tiled GEMM logits, kernels/score_gemm.h).
  *
  * Tolerance: |cuda - cpu| <= kRelTol * |cpu| + kAbsTol, infinities equal. The CUDA kernels
  * accumulate in fp32 what the CPU does in double. An attention probability exp(s - lse) carries
