@@ -379,8 +379,11 @@ KVC_API kvc_status_t kvc_select(kvc_context_t ctx, kvc_plan_t plan, const float 
  * each of the `num_extras` per-token fp32 arrays extras[e] (score layout, e.g. accumulated H2O
  * scores: after the call, row (b, h) of an extra holds its k_b kept values at the front of the row,
  * the rest is unchanged). `extras` is a host array of num_extras pointers (NULL when 0). `keep`
- * must come from kvc_select with this plan (ascending, in range); slots >= k_b keep stale data and
- * pages past ceil(k_b / page_size) are the engine's to free. Positions are not rewritten: cached
+ * must come from kvc_select with this plan (strictly ascending, in [0, n_b)): the CPU backend checks
+ * every row and returns INVALID_VALUE before moving anything; the CUDA backend ignores out-of-range
+ * entries, and a non-ascending row can scramble that sequence's own tokens but never touches
+ * another sequence's pages. On CUDA the pools must be aligned to their element size. Slots >= k_b
+ * keep stale data and pages past ceil(k_b / page_size) are the engine's to free. Positions are not rewritten: cached
  * keys keep their RoPE and the engine continues positions from the old length. Sequences whose
  * budget >= length are not touched. */
 KVC_API kvc_status_t kvc_compact(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
