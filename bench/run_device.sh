@@ -11,7 +11,8 @@
 # (the working tree travels without .git, so the commit is passed in; KVC_DEVICE_BUDGET_S overrides the
 # 470 s budget; KVC_DEVICE_CUDA=OFF, KVC_DEVICE_TESTS=OFF and KVC_PYTHON=<python> exercise the script's flow on a CPU machine.)
 #
-# Optional extras, prepared HERE before the call (both folders are git-ignored by .gitignore):
+# Optional extras, prepared HERE before the call (.whl/ is in .gitignore; for .debs/ first run
+# `echo /.debs/ >> .git/info/exclude`):
 #   FlashInfer (the selection peer; skipped, and said so, when absent): flashinfer-python is not in
 #     the device image (KINDS.md). flashinfer.top_k(input, k, sorted=False) is the radix top-k API of
 #     current releases (docs.flashinfer.ai/generated/flashinfer.top_k.html). Since 0.6 the wheel is

@@ -349,7 +349,10 @@ typedef enum {
  * on tiles of T = min(1024, n_max) keys x R = min(max(1, floor(4096 / G)), Q_max) queries per q
  * head, so the extra space does not grow with n beyond those caps. C = 1 when every domain with
  * queries takes that path, else C = ceil(n_max / max(256, ceil(n_max / 64))) <= 64 key chunks.
- * Never the [heads x window x n] attention matrix. 0 for KNORM and STREAMING. COMPRESS is
+ * Never the [heads x window x n] attention matrix. 0 for KNORM and STREAMING. The three caps
+ * (128 queries, 1024 keys, 4096 rows) can be changed for testing and tuning through the
+ * environment variables KVC_SCORE_GEMM_THRESHOLD, KVC_SCORE_GEMM_KEYS and KVC_SCORE_GEMM_ROWS,
+ * which kvc_plan_create reads once into the plan. COMPRESS is
  * score + select + compact workspace plus the score and keep layouts.
  * INVALID_VALUE if plan or bytes is NULL or op unknown. */
 KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_t *bytes);
