@@ -75,15 +75,13 @@ def stats(times_ms):
 
 
 def timed(fn, reps, setup=None):
-    """One untimed warm-up (skipped when the first call takes over a second: nothing left to warm),
-    then `reps` timed calls; setup() (untimed) before each call. Wall-clock statistics, plus the
-    median process CPU time (cpu_ms: less sensitive to other tenants of a shared machine).
+    """One untimed warm-up call, then `reps` timed calls; setup() (untimed) before each call.
+    Wall-clock statistics, plus the median process CPU time (cpu_ms: less sensitive to other
+    tenants of a shared machine).
     Returns (stats, result of the last call)."""
     if setup:
         setup()
-    t0 = time.perf_counter()
     fn()
-    warm_s = time.perf_counter() - t0
     times, cpu, result = [], [], None
     for i in range(reps):
         if setup:

@@ -197,7 +197,7 @@ def bench_compress(args, timer, gen, deadline):
                 attn = eager_attention(keys, queries)
                 rec["press_only_ms"] = timer(lambda: compress_tail(h2o_scores(keys, attn), keys, values, n_kept),
                                              args.warmup, args.iters)["median_ms"]
-                del attn
+                attn = None
             emit(rec)
         except torch.cuda.OutOfMemoryError as e:
             attn_bytes = batch * hq * window * n * (4 + 2 + 2)
@@ -205,7 +205,7 @@ def bench_compress(args, timer, gen, deadline):
                   "detail": str(e).splitlines()[0][:200]})
             log(f"  out of memory (the attention matrix alone is ~{attn_bytes / 2**30:.0f} GiB)")
         finally:
-            del keys, values, queries
+            keys = values = queries = None  # (not `del`: the timed lambdas close over these names)
             torch.cuda.empty_cache()
 
 
@@ -233,7 +233,7 @@ def bench_select(args, timer, gen, deadline, flashinfer):
                 emit({"record": "result", "op": "select", "impl": impl, "mode": "plain", "n": n,
                       "batch": args.select_batch, "kv_heads": args.select_heads, "k": k,
                       "error": type(e).__name__, "detail": str(e).splitlines()[0][:200] if str(e) else ""})
-        del scores
+        scores = None
         torch.cuda.empty_cache()
 
 
@@ -256,7 +256,7 @@ def bench_compact(args, timer, gen, deadline):
                 emit({"record": "result", "op": "compact", "impl": "torch_gather", "model": name, "n": n,
                       "batch": batch, "kv_heads": hkv, "head_dim": d, "dtype": "bf16", "ratio": ratio, "kept": kept,
                       **st, "gbps": moved / (st["median_ms"] * 1e-3) / 1e9})
-                del keys, values, idx
+                keys = values = idx = None
                 torch.cuda.empty_cache()
 
 
@@ -319,7 +319,7 @@ def main():
     b = torch.empty_like(a)
     st = timer(lambda: b.copy_(a), 2, 10)
     emit({"record": "ceiling", "bench": "kvpress_torch", "kind": "copy", "gbps": 2 * a.numel() / (st["median_ms"] * 1e-3) / 1e9})
-    del a, b
+    a = b = None
 
     deadline = time.monotonic() + args.max_seconds if args.max_seconds > 0 else None
     torch.backends.cuda.matmul.allow_tf32 = False
