@@ -8,7 +8,7 @@
 #   3. runs the threading test under ThreadSanitizer;
 #   4. runs each libFuzzer target for a bounded minute (clang);
 #   5. runs the Python package's pytest suite in a fresh venv;
-# and ends with one summary line: "total: N passed, N failed".
+# and ends with one summary line: "total: N passed, N failed, N skipped" (GPU tests skip without a device).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -22,14 +22,15 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "could not install ${need[*]}"; exit 1; }
 fi
 
-passed=0; failed=0
-tally() { # reads a ctest log, adds its counts
-  local line total bad
+passed=0; failed=0; skipped=0
+tally() { # reads a ctest log, adds its counts; skipped tests (no GPU) are neither passed nor failed
+  local line total bad skip
   line=$(grep -E "tests passed, [0-9]+ tests? failed out of [0-9]+" "$1" | tail -n 1)
   if [ -z "$line" ]; then failed=$((failed + 1)); echo "!! no ctest summary in $1"; return; fi
   bad=$(sed -E 's/.* ([0-9]+) tests? failed out of ([0-9]+).*/\1/' <<<"$line")
   total=$(sed -E 's/.* failed out of ([0-9]+).*/\1/' <<<"$line")
-  passed=$((passed + total - bad)); failed=$((failed + bad))
+  skip=$(grep -cE "\(Skipped\)$" "$1")
+  passed=$((passed + total - bad - skip)); failed=$((failed + bad)); skipped=$((skipped + skip))
 }
 
 run_suite() { # name, build dir, ctest args, cmake args...
@@ -65,6 +66,8 @@ if [ -d bindings/python/tests ]; then
       2>&1 | tee build/pytest.log | tail -n 25
     line=$(grep -E "[0-9]+ (passed|failed|errors?).* in [0-9.]+s" build/pytest.log | tail -n 1)
     p=$(grep -oE "[0-9]+ passed" <<<"$line" | grep -oE "[0-9]+" || echo 0)
+    s_=$(grep -oE "[0-9]+ skipped" <<<"$line" | grep -oE "[0-9]+" || echo 0)
+    skipped=$((skipped + s_))
     f=0
     for x in $(grep -oE "[0-9]+ (failed|errors?)" <<<"$line" | grep -oE "^[0-9]+"); do f=$((f + x)); done
     [ -n "$line" ] || f=1
@@ -74,5 +77,5 @@ if [ -d bindings/python/tests ]; then
   fi
 fi
 
-echo "total: $passed passed, $failed failed"
+echo "total: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ]
