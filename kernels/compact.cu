@@ -40,6 +40,7 @@
 #include "cuda_compat.cuh"
 
 #include "common.h"
+#include "launch.cuh"
 #include "ops.h"
 
 namespace {
@@ -304,9 +305,5 @@ extern "C" kvc_status_t kvc_compact_cuda(const kvc_op_args_t *args, kvc_carver_t
       default: launch_pass<uint8_t>(pass, stream); break;
     }
   }
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_CUDA, "kvc_compact: kernel launch failed: %s",
-                           cudaGetErrorString(err));
-  return KVC_SUCCESS;
+  return kvc_launch_status(args, "kvc_compact");
 }

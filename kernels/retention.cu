@@ -7,6 +7,7 @@
 #include "cuda_compat.cuh"
 
 #include "common.h"
+#include "launch.cuh"
 #include "ops.h"
 
 namespace {
@@ -58,9 +59,5 @@ extern "C" kvc_status_t kvc_retention_cuda(const kvc_op_args_t *args, kvc_carver
   if (!args->keep || !args->counts || elems == 0) return KVC_SUCCESS;
   KVC_LAUNCH(retention_kernel, dim3((unsigned)((elems + kThreads - 1) / kThreads)), dim3(kThreads), 0,
              static_cast<cudaStream_t>(args->stream), plan, args->keep, args->counts);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_CUDA, "kvc_retention: kernel launch failed: %s",
-                           cudaGetErrorString(err));
-  return KVC_SUCCESS;
+  return kvc_launch_status(args, "kvc_retention");
 }

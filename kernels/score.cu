@@ -31,6 +31,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "launch.cuh"
 #include "ops.h"
 #include "score_gemm.h"
 
@@ -667,9 +668,5 @@ extern "C" kvc_status_t kvc_score_cuda(const kvc_op_args_t *args, kvc_carver_t *
       status = launch_score<float, 0>(args, run);
   }
   if (status != KVC_SUCCESS) return status;
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_CUDA, "kvc_score: kernel launch failed: %s",
-                           cudaGetErrorString(err));
-  return KVC_SUCCESS;
+  return kvc_launch_status(args, "kvc_score");
 }

@@ -22,6 +22,7 @@
 #include "cuda_compat.cuh"
 
 #include "common.h"
+#include "launch.cuh"
 #include "ops.h"
 
 namespace {
@@ -309,9 +310,5 @@ extern "C" kvc_status_t kvc_select_cuda(const kvc_op_args_t *args, kvc_carver_t 
   if (long_rows)
     KVC_LAUNCH(select_long_rows_kernel, dim3((unsigned)rows), dim3(kBlockThreads), 0, stream, plan, args->scores,
                args->keep, thresholds, row_heads);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_CUDA, "kvc_select: kernel launch failed: %s",
-                           cudaGetErrorString(err));
-  return KVC_SUCCESS;
+  return kvc_launch_status(args, "kvc_select");
 }
