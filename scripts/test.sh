@@ -7,7 +7,8 @@
 #      and runs the same CPU and emulator tests;
 #   3. runs the threading test under ThreadSanitizer;
 #   4. runs each libFuzzer target for a bounded minute (clang);
-#   5. runs the Python package's pytest suite in a fresh venv;
+#   5. runs the Python package's pytest suite in a fresh venv, and the eviction-bias study's
+#      model and compression checks (SmolLM2 from the package index);
 # and ends with one summary line: "total: N passed, N failed, N skipped" (GPU tests skip without a device).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +57,17 @@ run_suite "fuzz" build/fuzz "-L fuzz" -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPI
   -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVC_ENABLE_CUDA=OFF -DKVC_BUILD_TESTS=OFF -DKVC_BUILD_BENCH=OFF \
   -DKVC_BUILD_FUZZERS=ON
 
+pytest_tally() { # reads a pytest log, adds its counts
+  local line p f k x
+  line=$(grep -E "[0-9]+ (passed|failed|errors?|skipped).* in [0-9.]+s" "$1" | tail -n 1)
+  if [ -z "$line" ]; then failed=$((failed + 1)); echo "!! no pytest summary in $1"; return; fi
+  p=$(grep -oE "[0-9]+ passed" <<<"$line" | grep -oE "^[0-9]+" || true)
+  k=$(grep -oE "[0-9]+ skipped" <<<"$line" | grep -oE "^[0-9]+" || true)
+  f=0
+  for x in $(grep -oE "[0-9]+ (failed|errors?)" <<<"$line" | grep -oE "^[0-9]+"); do f=$((f + x)); done
+  passed=$((passed + ${p:-0})); skipped=$((skipped + ${k:-0})); failed=$((failed + f))
+}
+
 if [ -d bindings/python/tests ]; then
   echo "== python: venv, package, pytest"
   venv=build/venv
@@ -64,16 +76,25 @@ if [ -d bindings/python/tests ]; then
      $venv/bin/python -m pip install -q ./bindings/python >>build/pip.log 2>&1; then
     KVCOMPRESS_LIBRARY=$root/build/release/libkvcompress.so $venv/bin/python -m pytest -q bindings/python/tests \
       2>&1 | tee build/pytest.log | tail -n 25
-    line=$(grep -E "[0-9]+ (passed|failed|errors?).* in [0-9.]+s" build/pytest.log | tail -n 1)
-    p=$(grep -oE "[0-9]+ passed" <<<"$line" | grep -oE "[0-9]+" || echo 0)
-    s_=$(grep -oE "[0-9]+ skipped" <<<"$line" | grep -oE "[0-9]+" || echo 0)
-    skipped=$((skipped + s_))
-    f=0
-    for x in $(grep -oE "[0-9]+ (failed|errors?)" <<<"$line" | grep -oE "^[0-9]+"); do f=$((f + x)); done
-    [ -n "$line" ] || f=1
-    passed=$((passed + p)); failed=$((failed + ${f:-0}))
+    pytest_tally build/pytest.log
   else
     tail -n 20 build/pip.log; failed=$((failed + 1))
+  fi
+fi
+
+if [ -f bench/quality/setup_venv.sh ]; then
+  echo "== study: SmolLM2 forward pass and compression checks"
+  qvenv=build/venv-quality
+  if { [ -x $qvenv/bin/python ] || bash bench/quality/setup_venv.sh $qvenv >build/quality-pip.log 2>&1; } &&
+     $qvenv/bin/python -m pip install -q --no-deps ./bindings/python >>build/quality-pip.log 2>&1; then
+    KVCOMPRESS_LIBRARY=$root/build/release/libkvcompress.so $qvenv/bin/python -m pytest -q -rs bench/quality \
+      2>&1 | tee build/pytest-quality.log | tail -n 25
+    pytest_tally build/pytest-quality.log
+  else
+    # the model comes from the package index; without it the checks cannot run: say so, count it
+    tail -n 5 build/quality-pip.log
+    echo "!! study checks skipped: the package index is unreachable (see build/quality-pip.log)"
+    skipped=$((skipped + 1))
   fi
 fi
 
