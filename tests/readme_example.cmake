@@ -1,5 +1,6 @@
 # Extracts the C example that follows "<!-- readme-example -->" in README.md, compiles it against
-# the built shared library and runs it. Arguments: README, OUT_DIR, CC, INCLUDE_DIR, GENERATED_INCLUDE_DIR, LIB.
+# the built shared library and runs it. Arguments: README, OUT_DIR, CC, INCLUDE_DIR, GENERATED_INCLUDE_DIR, LIB,
+# SANITIZE (the library's sanitizers, which the example must be built with too).
 file(READ ${README} text)
 string(FIND "${text}" "<!-- readme-example -->" at)
 if(at EQUAL -1)
@@ -12,6 +13,9 @@ string(FIND "${code}" "```" end)
 string(SUBSTRING "${code}" 0 ${end} code)
 file(WRITE ${OUT_DIR}/readme_example.c "${code}")
 set(flags -I${INCLUDE_DIR} -I${GENERATED_INCLUDE_DIR})
+if(SANITIZE)
+  list(APPEND flags -fsanitize=${SANITIZE})
+endif()
 get_filename_component(libdir ${LIB} DIRECTORY)
 execute_process(COMMAND ${CC} -Wall -Werror ${flags} ${OUT_DIR}/readme_example.c -o ${OUT_DIR}/readme_example
                         -L${libdir} -lkvcompress -Wl,-rpath,${libdir} -lm
