@@ -116,11 +116,13 @@ typedef enum {
 } kvc_backend_t;
 
 /* Creates a context on `backend`; `device` is the CUDA device ordinal (ignored on CPU).
- * The context owns no device memory; it selects the device for the calls made through it (each
- * CUDA call sets the device and restores the caller's current device before returning).
+ * A CUDA context owns one cuBLAS handle (made here, so that execute calls never allocate; scoring
+ * uses it for large observation sets) and selects the device for the calls made through it (each
+ * call sets the device and restores the caller's current device before returning).
  * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (out is NULL, backend unknown, device < 0 or not
  * present); KVC_ERROR_NO_DEVICE (CUDA asked for and the library was built without CUDA or no device
- * is usable); KVC_ERROR_OUT_OF_MEMORY. On failure *out is set to NULL. Synchronous. */
+ * is usable); KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA (cuBLAS could not be initialised). On
+ * failure *out is set to NULL. Synchronous. */
 KVC_API kvc_status_t kvc_context_create(kvc_backend_t backend, int device, kvc_context_t *out);
 /* Destroys a context; accepts NULL. Plans created on it must be destroyed first. */
 KVC_API kvc_status_t kvc_context_destroy(kvc_context_t ctx);

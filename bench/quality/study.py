@@ -149,8 +149,8 @@ def forward_batch(model, ids, cache, start_pos):
     causal = np.triu(np.full((m, m), -np.inf, dtype=np.float32), k=1)
     new = []
     for li, L in enumerate(model.layers):
-        h = _rms_norm(x, L["attn_norm"], c.rms_eps)
-        qkv = h @ L["wqkv_t"]
+        h = _rms_norm(x, L["attn_norm"], c.rms_eps).reshape(B * m, -1)
+        qkv = (h @ L["wqkv_t"]).reshape(B, m, -1)  # one GEMM for the whole batch
         q = qkv[..., : nh * hd].reshape(B, m, nh, hd).transpose(0, 2, 1, 3)
         k = qkv[..., nh * hd: (nh + nkv) * hd].reshape(B, m, nkv, hd).transpose(0, 2, 1, 3)
         v = qkv[..., (nh + nkv) * hd:].reshape(B, m, nkv, hd).transpose(0, 2, 1, 3)
@@ -170,11 +170,11 @@ def forward_batch(model, ids, cache, start_pos):
         s /= s.sum(axis=-1, keepdims=True)
         o = np.matmul(s.reshape(B, nkv, grp * m, n_prev + m), V)
         o = o.reshape(B, nh, m, hd).transpose(0, 2, 1, 3).reshape(B, m, nh * hd)
-        x = x + o @ L["wo_t"]
-        h = _rms_norm(x, L["ffn_norm"], c.rms_eps)
+        x = x + (o.reshape(B * m, -1) @ L["wo_t"]).reshape(B, m, -1)
+        h = _rms_norm(x, L["ffn_norm"], c.rms_eps).reshape(B * m, -1)
         gu = h @ L["wgu_t"]
-        a = _silu(gu[..., : c.d_ff]) * gu[..., c.d_ff:]
-        x = x + a @ L["wdown_t"]
+        a = _silu(gu[:, : c.d_ff]) * gu[:, c.d_ff:]
+        x = x + (a @ L["wdown_t"]).reshape(B, m, -1)
     logits = _rms_norm(x[:, -1], model.out_norm, c.rms_eps) @ model.out_t
     return logits, new
 
