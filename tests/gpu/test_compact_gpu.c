@@ -14,25 +14,10 @@
 
 #include "compact_oracle.h"
 #include "kvcompress.h"
+#include "gpu_util.h"
 #include "test_util.h"
 
 #define NUM_EXTRAS 2
-
-static void require_device(void) {
-  int count = 0; /* without a driver the call fails and leaves the count unset */
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) cr_skip("no CUDA device");
-}
-
-static void *upload(const void *host, size_t bytes) {
-  void *dev = NULL;
-  cr_assert_eq(cudaMalloc(&dev, bytes ? bytes : 1), cudaSuccess);
-  if (bytes && host) cr_assert_eq(cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice), cudaSuccess);
-  return dev;
-}
-
-static void download(void *host, const void *dev, size_t bytes) {
-  cr_assert_eq(cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
-}
 
 /* A device copy of a test cache: pools and tables in device memory, the same strides. */
 typedef struct {
@@ -42,13 +27,13 @@ typedef struct {
 
 static device_cache_t device_cache_new(const kvc_test_cache_t *c) {
   device_cache_t d = {c->desc, c->pool_bytes};
-  d.desc.k = upload(c->k, c->pool_bytes);
-  d.desc.v = upload(c->v, c->pool_bytes);
+  d.desc.k = kvc_gpu_upload(c->k, c->pool_bytes);
+  d.desc.v = kvc_gpu_upload(c->v, c->pool_bytes);
   if (c->table_kind == KVC_TEST_DENSE)
-    d.desc.page_table = upload(c->table, sizeof(int32_t) * (size_t)c->batch * (size_t)c->desc.max_pages);
+    d.desc.page_table = kvc_gpu_upload(c->table, sizeof(int32_t) * (size_t)c->batch * (size_t)c->desc.max_pages);
   if (c->table_kind == KVC_TEST_CSR) {
-    d.desc.page_table = upload(c->table, sizeof(int32_t) * (size_t)c->indptr[c->batch]);
-    d.desc.page_indptr = upload(c->indptr, sizeof(int32_t) * (size_t)(c->batch + 1));
+    d.desc.page_table = kvc_gpu_upload(c->table, sizeof(int32_t) * (size_t)c->indptr[c->batch]);
+    d.desc.page_indptr = kvc_gpu_upload(c->indptr, sizeof(int32_t) * (size_t)(c->batch + 1));
   }
   return d;
 }
@@ -60,8 +45,8 @@ static void device_cache_refill(device_cache_t *d, const kvc_test_cache_t *c) {
 }
 
 static void device_cache_download(const device_cache_t *d, kvc_test_cache_t *into) {
-  download(into->k, d->desc.k, d->pool_bytes);
-  download(into->v, d->desc.v, d->pool_bytes);
+  kvc_gpu_download(into->k, d->desc.k, d->pool_bytes);
+  kvc_gpu_download(into->v, d->desc.v, d->pool_bytes);
 }
 
 static void device_cache_free(device_cache_t *d) {
@@ -116,13 +101,13 @@ static void check_device_compaction(const kvc_test_cache_t *before, int32_t head
   kvc_test_compact_oracle(before, expected, budgets, keep, extras, expected_extras, NUM_EXTRAS, NULL);
 
   device_cache_t dev = device_cache_new(before);
-  int32_t *dev_keep = upload(keep, sizeof(int32_t) * (size_t)keep_elems);
+  int32_t *dev_keep = kvc_gpu_upload(keep, sizeof(int32_t) * (size_t)keep_elems);
   const size_t extra_bytes = sizeof(float) * (size_t)info.score_elems;
   float *dev_extras[NUM_EXTRAS];
-  for (int e = 0; e < NUM_EXTRAS; ++e) dev_extras[e] = upload(extras[e], extra_bytes);
+  for (int e = 0; e < NUM_EXTRAS; ++e) dev_extras[e] = kvc_gpu_upload(extras[e], extra_bytes);
   size_t bytes = 0;
   cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_COMPACT, &bytes), KVC_SUCCESS);
-  void *ws = upload(NULL, bytes);
+  void *ws = kvc_gpu_upload(NULL, bytes);
   kvc_status_t status = kvc_compact(cuda, plan, &dev.desc, dev_keep, dev_extras, NUM_EXTRAS, ws, bytes, NULL);
   cr_assert_eq(status, KVC_SUCCESS, "%s: %s (%s)", who, kvc_status_name(status), kvc_last_error(cuda));
   cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess, "%s: %s", who, cudaGetErrorString(cudaGetLastError()));
@@ -131,7 +116,7 @@ static void check_device_compaction(const kvc_test_cache_t *before, int32_t head
   assert_same_bytes(got->v, expected->v, before->pool_bytes, "V pool", who);
   float *got_extra = malloc(extra_bytes);
   for (int e = 0; e < NUM_EXTRAS; ++e) {
-    download(got_extra, dev_extras[e], extra_bytes);
+    kvc_gpu_download(got_extra, dev_extras[e], extra_bytes);
     assert_same_bytes(got_extra, expected_extras[e], extra_bytes, "an extra", who);
   }
   if (with_cpu) {
@@ -165,7 +150,7 @@ static void check_device_compaction(const kvc_test_cache_t *before, int32_t head
 }
 
 Test(compact_gpu, every_layout_and_dtype) {
-  require_device();
+  kvc_gpu_require_device();
   const int32_t seq_lens[] = {37, 300, 1110, 700, 1500, 64, 129, 1}, budgets[] = {1, 299, 1080, 350, 150, 100, 129, 1};
   const int32_t head_dims[] = {64, 40, 128, 24};
   for (int layout = 0; layout < 2; ++layout)
@@ -184,7 +169,7 @@ Test(compact_gpu, every_layout_and_dtype) {
 /* One long sequence, Llama-like 8 KV heads x 128 bf16, NHD pages of 16: kept 90 %, 50 % and 10 %
  * at 32k (every keep pattern across the heads) and 10 % at 128k. */
 Test(compact_gpu, long_rows, .timeout = 300) {
-  require_device();
+  kvc_gpu_require_device();
   const struct {
     int32_t n, budget;
   } cases[] = {{32768, 29491}, {32768, 16384}, {32768, 3277}, {131072, 13107}};
@@ -199,7 +184,7 @@ Test(compact_gpu, long_rows, .timeout = 300) {
 }
 
 Test(compact_gpu, retention_counts) {
-  require_device();
+  kvc_gpu_require_device();
   const int32_t seq_lens[] = {37, 3000, 700}, budgets[] = {20, 1500, 70}, span_indptr[] = {0, 2, 5, 6};
   const kvc_span_t spans[] = {{0, 10, KVC_SPAN_FAIR, 1}, {10, 37, KVC_SPAN_FAIR, 1}, {0, 1000, KVC_SPAN_FAIR, 1},
                               {500, 503, KVC_SPAN_PROTECT, 1}, {1000, 3000, KVC_SPAN_FAIR, 2},
@@ -216,10 +201,10 @@ Test(compact_gpu, retention_counts) {
   int32_t *keep = kvc_test_keep_new(3, seq_lens, budgets, 4, 0, 3, &keep_elems);
   int32_t *want = malloc(sizeof(int32_t) * (size_t)info.count_elems), *got = malloc(sizeof(int32_t) * (size_t)info.count_elems);
   kvc_test_retention_oracle(3, seq_lens, budgets, 4, span_indptr, spans, keep, want);
-  int32_t *dev_keep = upload(keep, sizeof(int32_t) * (size_t)keep_elems);
-  int32_t *dev_counts = upload(NULL, sizeof(int32_t) * (size_t)info.count_elems);
+  int32_t *dev_keep = kvc_gpu_upload(keep, sizeof(int32_t) * (size_t)keep_elems);
+  int32_t *dev_counts = kvc_gpu_upload(NULL, sizeof(int32_t) * (size_t)info.count_elems);
   cr_assert_eq(kvc_retention(cuda, plan, dev_keep, dev_counts, NULL, 0, NULL), KVC_SUCCESS, "%s", kvc_last_error(cuda));
-  download(got, dev_counts, sizeof(int32_t) * (size_t)info.count_elems);
+  kvc_gpu_download(got, dev_counts, sizeof(int32_t) * (size_t)info.count_elems);
   for (int64_t i = 0; i < info.count_elems; ++i) cr_assert_eq(got[i], want[i], "count %lld", (long long)i);
   cudaFree(dev_keep);
   cudaFree(dev_counts);
@@ -234,7 +219,7 @@ Test(compact_gpu, retention_counts) {
  * each replay equals the CPU backend's kvc_compress (cache bytes and the keep layout left in the
  * workspace). STREAMING with span-local fair eviction: exact scores on both backends. */
 Test(compact_gpu, compress_in_a_cuda_graph) {
-  require_device();
+  kvc_gpu_require_device();
   const int32_t seq_lens[] = {5000, 1200, 300}, budgets[] = {1000, 1100, 300}, span_indptr[] = {0, 2, 4, 5};
   const kvc_span_t spans[] = {{0, 1000, KVC_SPAN_FAIR, 1}, {1000, 5000, KVC_SPAN_FAIR, 1},
                               {0, 600, KVC_SPAN_FAIR, 1}, {600, 1200, KVC_SPAN_FAIR, 3}, {0, 300, KVC_SPAN_FAIR, 1}};
@@ -264,7 +249,7 @@ Test(compact_gpu, compress_in_a_cuda_graph) {
                kvc_last_error(cpu));
 
   device_cache_t dev = device_cache_new(before);
-  void *ws = upload(NULL, bytes);
+  void *ws = kvc_gpu_upload(NULL, bytes);
   cudaStream_t stream;
   cr_assert_eq(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
   cudaGraph_t graph;
@@ -283,7 +268,7 @@ Test(compact_gpu, compress_in_a_cuda_graph) {
     cr_assert_eq(cudaStreamSynchronize(stream), cudaSuccess, "replay %d: %s", replay,
                  cudaGetErrorString(cudaGetLastError()));
     device_cache_download(&dev, got);
-    download(keep, (char *)ws + info.keep_offset_bytes, keep_bytes);
+    kvc_gpu_download(keep, (char *)ws + info.keep_offset_bytes, keep_bytes);
     assert_same_bytes(keep, (char *)cpu_ws + cpu_info.keep_offset_bytes, keep_bytes, "keep layout", "graph replay");
     assert_same_bytes(got->k, want->k, before->pool_bytes, "K pool", "graph replay");
     assert_same_bytes(got->v, want->v, before->pool_bytes, "V pool", "graph replay");

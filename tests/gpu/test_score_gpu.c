@@ -16,21 +16,10 @@
 #include <string.h>
 
 #include "kvcompress.h"
+#include "gpu_util.h"
 #include "test_util.h"
 
 static const double kRelTol = 1e-4, kAbsTol = 1e-9;
-
-static void require_device(void) {
-  int count = 0; /* without a driver the call fails and leaves the count unset */
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) cr_skip("no CUDA device");
-}
-
-static void *upload(const void *host, size_t bytes) {
-  void *dev = NULL;
-  cr_assert_eq(cudaMalloc(&dev, bytes ? bytes : 1), cudaSuccess);
-  if (bytes) cr_assert_eq(cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice), cudaSuccess);
-  return dev;
-}
 
 typedef struct {
   kvc_score_method_t method;
@@ -39,7 +28,7 @@ typedef struct {
 } gpu_case_t;
 
 static void check_long_context(const gpu_case_t *c) {
-  require_device();
+  kvc_gpu_require_device();
   kvc_context_t cpu = NULL, cuda = NULL;
   cr_assert_eq(kvc_context_create(KVC_BACKEND_CPU, 0, &cpu), KVC_SUCCESS);
   cr_assert_eq(kvc_context_create(KVC_BACKEND_CUDA, 0, &cuda), KVC_SUCCESS);
@@ -78,13 +67,13 @@ static void check_long_context(const gpu_case_t *c) {
   free(ws);
 
   kvc_paged_kv_t dev = cache->desc;
-  dev.k = upload(cache->k, cache->pool_bytes);
-  dev.v = upload(cache->v, cache->pool_bytes);
-  dev.page_table = upload(cache->table, sizeof(int32_t) * (size_t)dev.max_pages);
-  void *dev_queries = upload(queries, query_bytes);
-  float *dev_scores = upload(NULL, score_bytes);
+  dev.k = kvc_gpu_upload(cache->k, cache->pool_bytes);
+  dev.v = kvc_gpu_upload(cache->v, cache->pool_bytes);
+  dev.page_table = kvc_gpu_upload(cache->table, sizeof(int32_t) * (size_t)dev.max_pages);
+  void *dev_queries = kvc_gpu_upload(queries, query_bytes);
+  float *dev_scores = kvc_gpu_upload(NULL, score_bytes);
   kvc_plan_workspace_size(cuda_plan, KVC_OP_SCORE, &bytes);
-  void *dev_ws = upload(NULL, bytes);
+  void *dev_ws = kvc_gpu_upload(NULL, bytes);
   cudaEvent_t start, stop;
   cudaEventCreate(&start);
   cudaEventCreate(&stop);

@@ -14,19 +14,8 @@
 #include "kvcompress.h"
 #include "select_cub.h"
 #include "select_oracle.h"
+#include "gpu_util.h"
 #include "test_util.h"
-
-static void require_device(void) {
-  int count = 0; /* without a driver the call fails and leaves the count unset */
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) cr_skip("no CUDA device");
-}
-
-static void *device_copy(const void *host, size_t bytes) {
-  void *dev = NULL;
-  cr_assert_eq(cudaMalloc(&dev, bytes ? bytes : 1), cudaSuccess);
-  if (host && bytes) cr_assert_eq(cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice), cudaSuccess);
-  return dev;
-}
 
 static void assert_same(const int32_t *got, const int32_t *want, int64_t count, const char *what,
                         const kvc_test_select_case_t *c) {
@@ -39,7 +28,7 @@ static void assert_same(const int32_t *got, const int32_t *want, int64_t count, 
  * uniform plain top-k batch (one n, one k, sinks and recents only) also checked against the CUB
  * baseline. */
 static void check_case(const kvc_test_select_case_t *c, int cub) {
-  require_device();
+  kvc_gpu_require_device();
   kvc_plan_desc_t desc = kvc_test_select_case_desc(c);
   kvc_context_t cpu = NULL, cuda = NULL;
   kvc_plan_t cpu_plan = NULL, cuda_plan = NULL;
@@ -64,10 +53,10 @@ static void check_case(const kvc_test_select_case_t *c, int cub) {
   free(ws);
   assert_same(cpu_keep, want, info.keep_elems, "CPU vs oracle", c);
 
-  float *dev_scores = device_copy(scores, score_bytes);
-  int32_t *dev_keep = device_copy(NULL, keep_bytes);
+  float *dev_scores = kvc_gpu_upload(scores, score_bytes);
+  int32_t *dev_keep = kvc_gpu_upload(NULL, keep_bytes);
   kvc_plan_workspace_size(cuda_plan, KVC_OP_SELECT, &bytes);
-  void *dev_ws = device_copy(NULL, bytes);
+  void *dev_ws = kvc_gpu_upload(NULL, bytes);
   cudaEvent_t start, stop;
   cudaEventCreate(&start), cudaEventCreate(&stop);
   cudaEventRecord(start, NULL);
@@ -87,12 +76,12 @@ static void check_case(const kvc_test_select_case_t *c, int cub) {
     uint32_t *bits = calloc((size_t)words, sizeof(uint32_t));
     for (int32_t t = 0; t < n; ++t)
       if (t < c->sink || t >= n - c->recent) bits[t / 32] |= 1u << (t % 32);
-    uint32_t *dev_bits = device_copy(bits, sizeof(uint32_t) * (size_t)words);
+    uint32_t *dev_bits = kvc_gpu_upload(bits, sizeof(uint32_t) * (size_t)words);
     size_t cub_bytes = 0;
     const int32_t rows = c->batch * c->num_kv_heads;
     cr_assert_eq(kvc_select_cub_baseline(NULL, &cub_bytes, dev_scores, dev_bits, rows, n, k, dev_keep, NULL),
                  cudaSuccess);
-    void *cub_ws = device_copy(NULL, cub_bytes);
+    void *cub_ws = kvc_gpu_upload(NULL, cub_bytes);
     cudaMemset(dev_keep, 0xff, keep_bytes);
     cr_assert_eq(kvc_select_cub_baseline(cub_ws, &cub_bytes, dev_scores, dev_bits, rows, n, k, dev_keep, NULL),
                  cudaSuccess);
