@@ -56,10 +56,30 @@ static kvc_status_t check_cache(kvc_context_t ctx, const char *fn, const kvc_pla
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
                     "%s: cache strides (page %lld, token %lld, head %lld) must all be > 0", fn,
                     (long long)c->stride_page, (long long)c->stride_token, (long long)c->stride_head);
-  if (c->stride_token < plan->head_dim && c->stride_head < plan->head_dim)
-    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                    "%s: cache strides (token %lld, head %lld) overlap a head_dim of %d", fn,
-                    (long long)c->stride_token, (long long)c->stride_head, plan->head_dim);
+  if (c->k == c->v)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->k and cache->v are the same pool %p", fn, c->k);
+  /* No two rows (page, slot, head) of the pools may overlap, or compacting one sequence could write
+   * into another's tokens. Sufficient and cheap: taken by increasing stride, each axis steps past
+   * everything the finer axes span (any nesting order of page, token and head is fine). */
+  struct { int64_t stride, count; } axes[3] = {
+      {c->stride_token, c->page_size}, {c->stride_head, plan->num_kv_heads}, {c->stride_page, c->num_pages}};
+  for (int i = 1; i < 3; ++i)
+    for (int j = i; j > 0 && axes[j].stride < axes[j - 1].stride; --j) {
+      int64_t stride = axes[j].stride, count = axes[j].count;
+      axes[j] = axes[j - 1];
+      axes[j - 1].stride = stride, axes[j - 1].count = count;
+    }
+  int64_t span = plan->head_dim;
+  for (int i = 0; i < 3; ++i) {
+    if (axes[i].count < 2) continue;
+    if (axes[i].stride < span)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: cache strides (page %lld, token %lld, head %lld) overlap: a stride of %lld is below the %lld "
+                      "elements spanned by the finer axes (head_dim %d, page_size %d, %d heads)", fn,
+                      (long long)c->stride_page, (long long)c->stride_token, (long long)c->stride_head,
+                      (long long)axes[i].stride, (long long)span, plan->head_dim, c->page_size, plan->num_kv_heads);
+    span = axes[i].stride > (INT64_MAX - span) / (axes[i].count - 1) ? INT64_MAX : span + (axes[i].count - 1) * axes[i].stride;
+  }
   if (!c->page_table) {
     if (plan->max_seq_len > c->page_size)
       return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,

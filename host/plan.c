@@ -55,6 +55,10 @@ static kvc_status_t validate_scalars(kvc_context_t ctx, const kvc_plan_desc_t *d
                     "%s: dtype KVC_DTYPE_FP8_E4M3 can only be compacted: scoring it needs method STREAMING", where);
   if (d->batch < 1)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: batch is %d, must be >= 1", where, d->batch);
+  /* the CUDA kernels put sequences and KV heads on grid axes limited to 65535 blocks */
+  if (ctx->backend == KVC_BACKEND_CUDA && (d->batch > 65535 || d->num_kv_heads > 65535))
+    return kvc_fail(ctx, KVC_ERROR_NOT_SUPPORTED, "%s: batch %d / num_kv_heads %d: the CUDA backend handles at most 65535 of each",
+                    where, d->batch, d->num_kv_heads);
   if (!d->seq_lens) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: seq_lens is NULL", where);
   if (!d->budgets) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: budgets is NULL", where);
   if (d->span_indptr && !d->spans && d->span_indptr[d->batch] > 0)
@@ -108,7 +112,7 @@ static kvc_status_t validate_sequences(kvc_context_t ctx, const kvc_plan_desc_t 
         return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
                         "%s: spans[%d] (sequence %d): range [%d, %d) is empty or outside [0, seq_lens[%d] = %d)",
                         where, i, b, s->start, s->end, b, n);
-      if (!(s->weight > 0.0f) || !isfinite(s->weight))
+      if (s->kind == KVC_SPAN_FAIR && (!(s->weight > 0.0f) || !isfinite(s->weight)))
         return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
                         "%s: spans[%d] (sequence %d): weight is %g, must be finite and > 0", where, i, b,
                         (double)s->weight);
@@ -556,6 +560,12 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
 
   plan_counts_t counts;
   count_arrays(desc, &counts);
+  if (counts.obs > INT32_MAX || counts.parts > INT32_MAX || counts.domains > INT32_MAX) {
+    kvc_plan_destroy(plan);
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "kvc_plan_create: %lld observation queries in the batch: at most 2^31 - 1 are supported",
+                    (long long)counts.obs);
+  }
   plan_arrays_t arrays;
   size_t bytes = layout_arrays(&arrays, NULL, desc->batch, &counts);
   plan->host_blob = calloc(1, bytes);

@@ -157,7 +157,9 @@ typedef enum {
  *                                                                  is page b, "one page per sequence")
  * Only the first ceil(n_b / page_size) entries of pages_b are ever read, and only those pages are
  * read or written. Page ids must lie in [0, num_pages): the CPU backend checks every id it would
- * use, and that no page is used by two sequences, before touching memory (KVC_ERROR_INVALID_VALUE);
+ * use before touching memory, and kvc_compact / kvc_compress also check that no page is used by
+ * two sequences (KVC_ERROR_INVALID_VALUE). The strides must not let two rows or two pages overlap,
+ * and k and v must be different pools (both backends check);
  * the CUDA backend cannot read the table on the host, so its kernels skip any row whose page id is
  * out of range instead (that row is left unmodified) - validate ids in the engine if it matters.
  *
@@ -194,7 +196,8 @@ typedef enum {
 
 /* Token range [start, end) of one sequence. Per sequence, spans are sorted by start; FAIR spans
  * do not overlap each other and PROTECT spans do not overlap each other, but a PROTECT span may
- * lie inside (or across) FAIR spans. weight (> 0, finite) matters for FAIR spans only. */
+ * lie inside (or across) FAIR spans. weight (> 0, finite) matters for FAIR spans only and is not
+ * checked for PROTECT spans. */
 typedef struct {
   int32_t start, end;
   int32_t kind;  /* kvc_span_kind_t */

@@ -33,6 +33,24 @@ KVC_HD int32_t kvc_page_of(const kvc_paged_kv_t *c, const int32_t *pages, int32_
   return pages ? pages[t / c->page_size] : b;
 }
 
+/* The page of token t of sequence b, or -1 where the table cannot hold it: a CSR list shorter than
+ * the token needs or with a negative offset, or an id outside [0, num_pages). The CUDA ops guard
+ * with it because they cannot validate tables on the host (the CPU backend validates up front). */
+KVC_HD int32_t kvc_page_checked(const kvc_paged_kv_t *c, int32_t b, int32_t t) {
+  const int32_t i = t / c->page_size;
+  int32_t page;
+  if (!c->page_table) {
+    page = b;
+  } else if (c->page_indptr) {
+    const int32_t first = c->page_indptr[b];
+    if (first < 0 || i >= c->page_indptr[b + 1] - first) return -1;
+    page = c->page_table[first + i];
+  } else {
+    page = c->page_table[(int64_t)b * c->max_pages + i];
+  }
+  return page >= 0 && page < c->num_pages ? page : -1;
+}
+
 /* Element offset of (token t of a sequence on `page`, head h, dim 0) in the k or v pool. */
 KVC_HD int64_t kvc_slot_offset(const kvc_paged_kv_t *c, int32_t page, int32_t t, int32_t h) {
   return (int64_t)page * c->stride_page + (int64_t)(t % c->page_size) * c->stride_token +

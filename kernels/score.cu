@@ -64,17 +64,17 @@ __device__ inline float to_float(__half x) { return __half2float(x); }
 __device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 /* Row-major [kKeys][kStride] fp32 copy of keys [t0, t0 + count) of (b, h); rows past count and rows
- * on a page id outside [0, num_pages) read as zeros (the CUDA backend cannot validate the table). */
+ * the table cannot hold (kvc_page_checked) read as zeros (the CUDA backend cannot validate it). */
 template <typename T, int D>
-__device__ void load_key_tile(float *tile, const kvc_paged_kv_t &cache, const int32_t *pages, int32_t b,
-                              int32_t h, int32_t t0, int32_t count, int32_t dim) {
+__device__ void load_key_tile(float *tile, const kvc_paged_kv_t &cache, int32_t b, int32_t h, int32_t t0,
+                              int32_t count, int32_t dim) {
   const T *pool = static_cast<const T *>(cache.k);
   for (int e = threadIdx.x; e < Tile<D>::kKeys * dim; e += kThreads) {
     int row = e / dim, col = e - row * dim;
     float value = 0.0f;
     if (row < count) {
-      int32_t t = t0 + row, page = kvc_page_of(&cache, pages, b, t);
-      if (page >= 0 && page < cache.num_pages) value = to_float(pool[kvc_slot_offset(&cache, page, t, h) + col]);
+      const int32_t t = t0 + row, page = kvc_page_checked(&cache, b, t);
+      if (page >= 0) value = to_float(pool[kvc_slot_offset(&cache, page, t, h) + col]);
     }
     tile[row * Tile<D>::kStride + col] = value;
   }
@@ -171,7 +171,6 @@ __global__ void __launch_bounds__(kThreads)
   const int32_t n = plan.seq_lens[b], c0 = blockIdx.x * chunk_keys;
   if (c0 >= n) return;
   const int32_t c1 = min(n, c0 + chunk_keys);
-  const int32_t *pages = kvc_seq_pages(&cache, b);
   const int key = threadIdx.x % S::kKeys, group = threadIdx.x / S::kKeys;
   const float scale2 = plan.scale * kLog2e;
 
@@ -197,7 +196,7 @@ __global__ void __launch_bounds__(kThreads)
         }
         for (int32_t t0 = key_lo; t0 < key_hi; t0 += S::kKeys) {
           __syncthreads();
-          load_key_tile<T, D>(tile, cache, pages, b, h, t0, min(S::kKeys, key_hi - t0), dim);
+          load_key_tile<T, D>(tile, cache, b, h, t0, min(S::kKeys, key_hi - t0), dim);
           __syncthreads();
           float dots[S::kQueriesPerThread];
           tile_dots<D>(tile, chunk, key, group, dim, dots);
@@ -266,7 +265,7 @@ __global__ void __launch_bounds__(kThreads)
   const int key = threadIdx.x % S::kKeys, group = threadIdx.x / S::kKeys;
   const int32_t j = t0 + key;
   const float scale2 = plan.scale * kLog2e;
-  load_key_tile<T, D>(tile, cache, kvc_seq_pages(&cache, b), b, h, t0, t1 - t0, dim);
+  load_key_tile<T, D>(tile, cache, b, h, t0, t1 - t0, dim);
 
   for (int32_t d = plan.domain_indptr[b]; d < plan.domain_indptr[b + 1]; ++d) {
     const kvc_domain_t dom = plan.domains[d];
@@ -340,10 +339,10 @@ __global__ void __launch_bounds__(kThreads)
   if (method == KVC_SCORE_KNORM) {
     /* coalesced tile loads, then one thread per key sums its row */
     float *tile = reinterpret_cast<float *>(tile4);
-    const int32_t dim = D ? D : plan.head_dim, *pages = kvc_seq_pages(&cache, b);
+    const int32_t dim = D ? D : plan.head_dim;
     for (int32_t s0 = j0; s0 < min(n, j0 + kThreads); s0 += S::kKeys) {
       __syncthreads();
-      load_key_tile<T, D>(tile, cache, pages, b, h, s0, min(S::kKeys, n - s0), dim);
+      load_key_tile<T, D>(tile, cache, b, h, s0, min(S::kKeys, n - s0), dim);
       __syncthreads();
       if (threadIdx.x < S::kKeys) {
         const float4 *k4 = reinterpret_cast<const float4 *>(tile + threadIdx.x * S::kStride);
@@ -400,19 +399,18 @@ constexpr int kGemmThreads = 256;
 constexpr int kGemmWarps = kGemmThreads / 32;
 
 /* Keys [t0, t0 + count) of (b, h) from the pages into tile[count][dim], in the cache dtype (bits
- * copied); a row on a page id outside [0, num_pages) reads as zeros, like load_key_tile. */
+ * copied); a row the table cannot hold reads as zeros, like load_key_tile. */
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     gather_keys_kernel(kvc_paged_kv_t cache, int32_t b, int32_t h, int32_t t0, int32_t count, int32_t dim, T *tile) {
   using Bits = typename std::conditional<sizeof(T) == 4, uint32_t, uint16_t>::type;
   const Bits *pool = static_cast<const Bits *>(cache.k);
   Bits *out = reinterpret_cast<Bits *>(tile);
-  const int32_t *pages = kvc_seq_pages(&cache, b);
   const int64_t total = (int64_t)count * dim;
   for (int64_t e = (int64_t)blockIdx.x * kThreads + threadIdx.x; e < total; e += (int64_t)gridDim.x * kThreads) {
     const int32_t row = (int32_t)(e / dim), col = (int32_t)(e - (int64_t)row * dim), t = t0 + row;
-    const int32_t page = kvc_page_of(&cache, pages, b, t);
-    out[e] = page >= 0 && page < cache.num_pages ? pool[kvc_slot_offset(&cache, page, t, h) + col] : Bits(0);
+    const int32_t page = kvc_page_checked(&cache, b, t);
+    out[e] = page >= 0 ? pool[kvc_slot_offset(&cache, page, t, h) + col] : Bits(0);
   }
 }
 

@@ -269,6 +269,8 @@ static kvc_status_t run_exec_case(exec_fixture_t *x, const bad_exec_t *c) {
     case 18: x->desc.max_pages = 2; break;    /* sequence 0 needs 3 pages of 16 */
     case 19: x->desc.k = NULL; break;
     case 20: ws = (char *)x->workspace + 8; break;
+    case 21: x->desc.stride_page = x->desc.stride_token * 4; break; /* pages of 16 slots, 4 slots apart */
+    case 22: x->desc.v = x->desc.k; break;
   }
   switch (c->op) {
     case KVC_OP_SCORE: return kvc_score(x->ctx, plan, cache, queries, scores, 0, ws, ws_bytes, NULL);
@@ -300,6 +302,8 @@ static bad_exec_t bad_exec_cases[] = {
     {"max_pages too small", 18, KVC_OP_COMPACT, KVC_ERROR_INVALID_VALUE, "cache->max_pages is 2"},
     {"k pool NULL", 19, KVC_OP_COMPRESS, KVC_ERROR_INVALID_VALUE, "cache->k is NULL"},
     {"workspace misaligned", 20, KVC_OP_COMPRESS, KVC_ERROR_INVALID_VALUE, "aligned"},
+    {"pages overlap", 21, KVC_OP_COMPACT, KVC_ERROR_INVALID_VALUE, "overlap: a stride of 128 is below the 512"},
+    {"k and v one pool", 22, KVC_OP_COMPACT, KVC_ERROR_INVALID_VALUE, "are the same pool"},
 };
 
 ParameterizedTestParameters(bad_input, execute) {
