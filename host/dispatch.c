@@ -161,10 +161,9 @@ static kvc_status_t check_workspace(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t
 static char no_workspace[KVC_WORKSPACE_ALIGN];
 
 /* Runs one op on its slice of the workspace, with the device selected around the call. */
-static kvc_status_t run_op(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, kvc_op_args_t *args, void *workspace,
-                           int32_t **page_scratch) {
+static kvc_status_t run_op(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, kvc_op_args_t *args, void *workspace) {
   kvc_carver_t ws = {workspace ? (char *)workspace : no_workspace, 0};
-  kvc_carve_validation(&plan->host, plan->backend, op, &ws, page_scratch);
+  kvc_carve_validation(&plan->host, plan->backend, op, &ws, NULL); /* checked by check_cache_for */
   args->plan = plan->view;
   args->host_plan = &plan->host;
   args->blas = ctx->blas;
@@ -207,7 +206,7 @@ kvc_status_t kvc_score(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t 
   args.scores = scores;
   args.accumulate = accumulate != 0;
   args.stream = stream;
-  return run_op(ctx, plan, KVC_OP_SCORE, &args, workspace, NULL);
+  return run_op(ctx, plan, KVC_OP_SCORE, &args, workspace);
 }
 
 kvc_status_t kvc_select(kvc_context_t ctx, kvc_plan_t plan, const float *scores, int32_t *keep, void *workspace,
@@ -223,7 +222,7 @@ kvc_status_t kvc_select(kvc_context_t ctx, kvc_plan_t plan, const float *scores,
   args.scores = (float *)scores; /* read only: the op's argument block is shared by all ops */
   args.keep = keep;
   args.stream = stream;
-  return run_op(ctx, plan, KVC_OP_SELECT, &args, workspace, NULL);
+  return run_op(ctx, plan, KVC_OP_SELECT, &args, workspace);
 }
 
 kvc_status_t kvc_compact(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache, const int32_t *keep,
@@ -247,7 +246,7 @@ kvc_status_t kvc_compact(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_
   args.extras = extras;
   args.num_extras = num_extras;
   args.stream = stream;
-  return run_op(ctx, plan, KVC_OP_COMPACT, &args, workspace, NULL);
+  return run_op(ctx, plan, KVC_OP_COMPACT, &args, workspace);
 }
 
 kvc_status_t kvc_retention(kvc_context_t ctx, kvc_plan_t plan, const int32_t *keep, int32_t *counts, void *workspace,
@@ -264,7 +263,7 @@ kvc_status_t kvc_retention(kvc_context_t ctx, kvc_plan_t plan, const int32_t *ke
   args.keep = (int32_t *)keep; /* read only */
   args.counts = counts;
   args.stream = stream;
-  return run_op(ctx, plan, KVC_OP_RETENTION, &args, workspace, NULL);
+  return run_op(ctx, plan, KVC_OP_RETENTION, &args, workspace);
 }
 
 kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache, const void *queries,
