@@ -159,9 +159,11 @@ typedef enum {
  * read or written. Page ids must lie in [0, num_pages): the CPU backend checks every id it would
  * use before touching memory, and kvc_compact / kvc_compress also check that no page is used by
  * two sequences (KVC_ERROR_INVALID_VALUE). The strides must not let two rows or two pages overlap,
- * and k and v must be different pools (both backends check);
- * the CUDA backend cannot read the table on the host, so its kernels skip any row whose page id is
- * out of range instead (that row is left unmodified) - validate ids in the engine if it matters.
+ * and k and v must be different pools (both backends check). The CUDA backend cannot read the
+ * table on the host, so its kernels guard instead: compaction leaves a sequence untouched if any
+ * page id it uses lies outside [0, num_pages) or its CSR list is too short, and scoring reads such
+ * tokens as zero keys. A page shared by two sequences cannot be detected on CUDA: validate the
+ * table in the engine if it can be corrupt.
  *
  *   NHD (vLLM, FlashInfer default): stride_token = H*D, stride_head = D, stride_page = page_size*H*D
  *   HND (TensorRT-LLM, FlashInfer HND): stride_head = page_size*D, stride_token = D
@@ -391,8 +393,8 @@ KVC_API kvc_status_t kvc_select(kvc_context_t ctx, kvc_plan_t plan, const float 
  * every row and returns INVALID_VALUE before moving anything; the CUDA backend ignores out-of-range
  * entries, and a non-ascending row can scramble that sequence's own tokens but never touches
  * another sequence's pages. On CUDA the pools must be aligned to their element size. Slots >= k_b
- * keep stale data and pages past ceil(k_b / page_size) are the engine's to free. Positions are not rewritten: cached
- * keys keep their RoPE and the engine continues positions from the old length. Sequences whose
+ * keep stale data and pages past ceil(k_b / page_size) are the engine's to free. Positions are not
+ * rewritten: cached keys keep their RoPE and the engine continues positions from the old length. Sequences whose
  * budget >= length are not touched. */
 KVC_API kvc_status_t kvc_compact(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                  const int32_t *keep, float *const *extras, int32_t num_extras,
