@@ -41,6 +41,7 @@
 
 #include "common.h"
 #include "launch.cuh"
+#include "search.cuh"
 #include "ops.h"
 
 namespace {
@@ -87,12 +88,7 @@ union Staged {
 };
 
 __device__ Writer writer_at(const kvc_plan_view_t &plan, int64_t i) {
-  int32_t lo = 0, hi = plan.batch - 1; /* the last b with num_kv_heads * keep_offsets[b] <= i */
-  while (lo < hi) {
-    const int32_t mid = (lo + hi + 1) / 2;
-    if (plan.num_kv_heads * plan.keep_offsets[mid] <= i) lo = mid;
-    else hi = mid - 1;
-  }
+  const int32_t lo = last_offset_at_or_below(plan.keep_offsets, plan.batch, plan.num_kv_heads, i);
   Writer w;
   w.b = lo;
   w.n = plan.seq_lens[lo];

@@ -8,6 +8,7 @@
 
 #include "common.h"
 #include "launch.cuh"
+#include "search.cuh"
 #include "ops.h"
 
 namespace {
@@ -27,13 +28,7 @@ __device__ int32_t count_below(const int32_t *keep, int32_t k, int32_t bound) {
 
 /* Sequence of count-layout element e: the last b with num_kv_heads * span_indptr[b] <= e. */
 __device__ int32_t sequence_of(const kvc_plan_view_t &plan, int64_t e) {
-  int32_t lo = 0, hi = plan.batch - 1;
-  while (lo < hi) {
-    const int32_t mid = (lo + hi + 1) / 2;
-    if ((int64_t)plan.num_kv_heads * plan.span_indptr[mid] <= e) lo = mid;
-    else hi = mid - 1;
-  }
-  return lo;
+  return last_offset_at_or_below(plan.span_indptr, plan.batch, plan.num_kv_heads, e);
 }
 
 __global__ void __launch_bounds__(kThreads)

@@ -32,6 +32,7 @@
 
 #include "common.h"
 #include "launch.cuh"
+#include "search.cuh"
 #include "ops.h"
 #include "score_gemm.h"
 
@@ -148,13 +149,8 @@ __device__ inline int32_t domain_of(const kvc_plan_view_t &plan, int32_t b, int3
 /* The scoring domain of observation query row `row` (its sequence by binary search over
  * obs_indptr, then the domain holding its position). */
 __device__ inline const kvc_domain_t &domain_of_row(const kvc_plan_view_t &plan, int64_t row) {
-  int32_t lo = 0, hi = plan.batch - 1;
-  while (lo < hi) { /* the last sequence whose rows start at or before `row` */
-    const int32_t mid = (lo + hi + 1) / 2;
-    if (plan.obs_indptr[mid] <= row) lo = mid;
-    else hi = mid - 1;
-  }
-  return plan.domains[domain_of(plan, lo, plan.obs_pos[row])];
+  const int32_t b = last_offset_at_or_below(plan.obs_indptr, plan.batch, 1, row);
+  return plan.domains[domain_of(plan, b, plan.obs_pos[row])];
 }
 
 /* Pass 1: grid (key chunk, KV head, sequence). partials[(row * num_q_heads + g) * num_chunks + chunk]
