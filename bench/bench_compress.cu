@@ -146,7 +146,7 @@ void run_point(kvc_context_t ctx, const Options &o, const Point &pt, double copy
 
   bench::Stats total = bench::time_gpu(
       [&](cudaStream_t s) {
-        bench::check_kvc(kvc_compress(ctx, plan, &cache.desc, queries, workspace, ws_compress, (kvc_stream_t)s), ctx,
+        bench::check_kvc(kvc_compress(ctx, plan, &cache.desc, queries, NULL, workspace, ws_compress, (kvc_stream_t)s), ctx,
                          "kvc_compress");
       },
       stream, o.warmup, o.iters, &flusher);
@@ -168,7 +168,7 @@ void run_point(kvc_context_t ctx, const Options &o, const Point &pt, double copy
     KVC_BENCH_CHECK(cudaMalloc(&ws, std::max<size_t>(ws_stage, 256)));
     stage_extra = ws_stage + sizeof(float) * info.score_elems + sizeof(int32_t) * info.keep_elems;
     auto score = [&](cudaStream_t s) {
-      bench::check_kvc(kvc_score(ctx, plan, &cache.desc, queries, scores, 0, ws, ws_score, (kvc_stream_t)s), ctx,
+      bench::check_kvc(kvc_score(ctx, plan, &cache.desc, queries, NULL, scores, 0, ws, ws_score, (kvc_stream_t)s), ctx,
                        "kvc_score");
     };
     auto select = [&](cudaStream_t s) {

@@ -161,7 +161,7 @@ void bench_point(kvc_context_t ctx, const Options &o, const std::string &method,
   /* bench_util.cuh: one warm-up, then o.iters repetitions between events, each from a cold L2 */
   const bench::Stats st = bench::time_gpu(
       [&](cudaStream_t s) {
-        check(kvc_score(ctx, plan, &cache, queries, scores, 0, workspace, ws_bytes, (kvc_stream_t)s), ctx, "kvc_score");
+        check(kvc_score(ctx, plan, &cache, queries, NULL, scores, 0, workspace, ws_bytes, (kvc_stream_t)s), ctx, "kvc_score");
       },
       stream, 1, o.iters, g_flusher);
   const double k_bytes = (double)o.batch * n * kv_heads * o.head_dim * elem, median = st.median_ms;

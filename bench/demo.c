@@ -138,7 +138,7 @@ static int run(kvc_context_t ctx, kvc_backend_t backend, const demo_cache_t *hos
   free(zeroed);
   kvc_paged_kv_t cache = {cache_k, cache_v, KVC_DTYPE_F32, KV_HEADS, HEAD_DIM, N, 1,
                           (int64_t)KV_HEADS * N * HEAD_DIM, HEAD_DIM, (int64_t)N * HEAD_DIM, NULL, NULL, 0};
-  int status = check(kvc_compress(ctx, plan, &cache, queries, workspace, ws_bytes, NULL), ctx, "kvc_compress");
+  int status = check(kvc_compress(ctx, plan, &cache, queries, NULL, workspace, ws_bytes, NULL), ctx, "kvc_compress");
   int32_t keep[KV_HEADS * N];
   if (!status) to_host(backend, keep, (char *)workspace + info.keep_offset_bytes, sizeof(int32_t) * (size_t)info.keep_elems);
   if (!status) {

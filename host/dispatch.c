@@ -189,7 +189,8 @@ static kvc_status_t check_cache_for(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t
 }
 
 kvc_status_t kvc_score(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache, const void *queries,
-                       float *scores, int accumulate, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
+                       const float *lse, float *scores, int accumulate, void *workspace, size_t workspace_bytes,
+                       kvc_stream_t stream) {
   const char *fn = "kvc_score";
   kvc_status_t status = check_common(ctx, plan, fn);
   if (status == KVC_SUCCESS) status = check_workspace(ctx, plan, KVC_OP_SCORE, fn, workspace, workspace_bytes);
@@ -203,6 +204,7 @@ kvc_status_t kvc_score(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t 
   memset(&args, 0, sizeof args);
   args.cache = cache;
   args.queries = queries;
+  args.lse = lse;
   args.scores = scores;
   args.accumulate = accumulate != 0;
   args.stream = stream;
@@ -267,7 +269,7 @@ kvc_status_t kvc_retention(kvc_context_t ctx, kvc_plan_t plan, const int32_t *ke
 }
 
 kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache, const void *queries,
-                          void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
+                          const float *lse, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
   const char *fn = "kvc_compress";
   kvc_status_t status = check_common(ctx, plan, fn);
   if (status == KVC_SUCCESS) status = check_workspace(ctx, plan, KVC_OP_COMPRESS, fn, workspace, workspace_bytes);
@@ -278,7 +280,7 @@ kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv
   char *stage = base + plan->compress_stage_offset;
   size_t stage_bytes = workspace_bytes - plan->compress_stage_offset;
   /* the stage calls re-check their own arguments; a failure names the stage's function */
-  status = kvc_score(ctx, plan, cache, queries, scores, 0, stage, stage_bytes, stream);
+  status = kvc_score(ctx, plan, cache, queries, lse, scores, 0, stage, stage_bytes, stream);
   if (status == KVC_SUCCESS) status = kvc_select(ctx, plan, scores, keep, stage, stage_bytes, stream);
   if (status == KVC_SUCCESS) status = kvc_compact(ctx, plan, cache, keep, NULL, 0, stage, stage_bytes, stream);
   return status;

@@ -374,10 +374,20 @@ KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_
 
 /* Scores every token. `queries`: [obs_total][num_q_heads][head_dim] in the plan's dtype, row order
  * of kvc_plan_obs_positions (NULL allowed when obs_total is 0). `scores`: score layout, written,
- * or added to when accumulate != 0 (H2O accumulated across decode steps). The cache is only read. */
+ * or added to when accumulate != 0 (H2O accumulated across decode steps). The cache is only read.
+ *
+ * `lse` (optional; NULL: the library computes it) is the softmax normaliser of every observation
+ * row, as the engine's attention kernel already has it: float [obs_total][num_q_heads] (same
+ * memory space as `queries`), row r and q head g holding the natural-log log-sum-exp
+ *     lse[r][g] = ln( sum over the keys j the row sees of exp(scale * <q_rg, k_hj>) )
+ * with the plan's resolved scale (1/sqrt(head_dim) when desc.scale is 0), over exactly the keys
+ * [lo_r, p_r] of the scoring semantics above: without span_local that is the causal prefix
+ * [0, p_r], i.e. what a causal prefill's attention normalises over. With it the attention methods
+ * skip their normaliser pass. Ignored by KNORM and STREAMING. A NaN or inf entry makes that row's
+ * contribution NaN, as a non-finite logit would. */
 KVC_API kvc_status_t kvc_score(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
-                               const void *queries, float *scores, int accumulate, void *workspace,
-                               size_t workspace_bytes, kvc_stream_t stream);
+                               const void *queries, const float *lse, float *scores, int accumulate,
+                               void *workspace, size_t workspace_bytes, kvc_stream_t stream);
 
 /* Selects the kept tokens from `scores` (score layout, read only) into `keep` (keep layout):
  * exactly k_b ascending indices per row, by the selection semantics of the plan. */
@@ -406,11 +416,12 @@ KVC_API kvc_status_t kvc_retention(kvc_context_t ctx, kvc_plan_t plan, const int
                                    kvc_stream_t stream);
 
 /* kvc_score (accumulate = 0) + kvc_select + kvc_compact (no extras) on the caller's workspace
- * (kvc_plan_workspace_size(plan, KVC_OP_COMPRESS)). Afterwards the keep layout is left in the
- * workspace at byte offset kvc_plan_info_t.keep_offset_bytes, e.g. for kvc_retention. */
+ * (kvc_plan_workspace_size(plan, KVC_OP_COMPRESS)). `lse` as for kvc_score (may be NULL).
+ * Afterwards the keep layout is left in the workspace at byte offset
+ * kvc_plan_info_t.keep_offset_bytes, e.g. for kvc_retention. */
 KVC_API kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
-                                  const void *queries, void *workspace, size_t workspace_bytes,
-                                  kvc_stream_t stream);
+                                  const void *queries, const float *lse, void *workspace,
+                                  size_t workspace_bytes, kvc_stream_t stream);
 
 #ifdef __cplusplus
 }

@@ -39,6 +39,7 @@ typedef struct {
   kvc_plan_view_t plan;
   const kvc_paged_kv_t *cache;
   const void *queries;
+  const float *lse; /* [obs_total][num_q_heads] natural-log normalisers, or NULL: compute them */
   float *scores;
   int accumulate;
   int32_t *keep;

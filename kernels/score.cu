@@ -242,6 +242,13 @@ __global__ void __launch_bounds__(kThreads)
   lse[idx] = m + log2f(l);
 }
 
+/* Pass 2 with the engine's normalisers: lse2[idx] = lse[idx] * log2(e) (kvc_score's natural-log
+ * convention to this file's base-2 logits). */
+__global__ void __launch_bounds__(kThreads) import_lse_kernel(const float *lse, float *lse2, int64_t count) {
+  const int64_t idx = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (idx < count) lse2[idx] = lse[idx] * kLog2e;
+}
+
 /* Pass 3: grid (key tile, KV head, sequence). head_scores row (b, g) (score layout with num_q_heads
  * rows) gets, for every scored key j of a domain, sum_i a_gij / #(queries of the domain that see j). */
 template <typename T, int D>
@@ -518,7 +525,7 @@ kvc_status_t run_gemm_domains(const kvc_op_args_t *args, const GemmBuffers &buf,
       const int32_t first_query = host.obs_pos[dom.obs_begin], queries_end = host.obs_pos[dom.obs_end - 1] + 1;
       for (int32_t h = 0; h < plan.num_kv_heads; ++h) {
         const int32_t g0 = h * group;
-        for (int pass = 0; pass < 2; ++pass) {
+        for (int pass = args->lse ? 1 : 0; pass < 2; ++pass) { /* pass 0 computes what `lse` gives */
           const int32_t key_end = pass == 0 ? queries_end : dom.scored_end;
           for (int32_t t0 = dom.start; t0 < key_end; t0 += buf.tile_keys) {
             const int32_t tile = min(buf.tile_keys, key_end - t0);
@@ -573,12 +580,17 @@ kvc_status_t launch_score(const kvc_op_args_t *args, const ScoreLaunch &run) {
   const kvc_paged_kv_t cache = *args->cache;
   const T *queries = static_cast<const T *>(args->queries);
   cudaStream_t stream = static_cast<cudaStream_t>(args->stream);
+  const int64_t rows = plan.obs_total * plan.num_q_heads;
+  if ((run.fused || run.gemm) && args->lse)
+    KVC_LAUNCH(import_lse_kernel, dim3((unsigned)((rows + kThreads - 1) / kThreads)), dim3(kThreads), 0, stream,
+               args->lse, run.lse, rows);
   if (run.fused) {
-    KVC_LAUNCH((softmax_partials_kernel<T, D>), dim3(run.num_chunks, plan.num_kv_heads, plan.batch), dim3(kThreads),
-               0, stream, plan, cache, queries, run.partials, run.chunk_keys, run.num_chunks);
-    const int64_t rows = plan.obs_total * plan.num_q_heads;
-    KVC_LAUNCH(softmax_lse_kernel, dim3((unsigned)((rows + kThreads - 1) / kThreads)), dim3(kThreads), 0, stream,
-               plan, run.partials, run.lse, run.chunk_keys, run.num_chunks, (int)run.gemm);
+    if (!args->lse) {
+      KVC_LAUNCH((softmax_partials_kernel<T, D>), dim3(run.num_chunks, plan.num_kv_heads, plan.batch),
+                 dim3(kThreads), 0, stream, plan, cache, queries, run.partials, run.chunk_keys, run.num_chunks);
+      KVC_LAUNCH(softmax_lse_kernel, dim3((unsigned)((rows + kThreads - 1) / kThreads)), dim3(kThreads), 0, stream,
+                 plan, run.partials, run.lse, run.chunk_keys, run.num_chunks, (int)run.gemm);
+    }
     const int32_t tiles = (plan.max_seq_len + Tile<D>::kKeys - 1) / Tile<D>::kKeys;
     KVC_LAUNCH((head_attention_kernel<T, D>), dim3(tiles, plan.num_kv_heads, plan.batch), dim3(kThreads), 0, stream,
                plan, cache, queries, run.lse, run.head_scores);

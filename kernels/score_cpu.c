@@ -239,6 +239,11 @@ static void add_block_attention(const kvc_op_args_t *args, const int32_t *pages,
     const int32_t scored_seen = (p < dom->scored_end ? p + 1 : dom->scored_end) - dom->start;
     for (int32_t gi = 0; gi < G; ++gi) {
       double *restrict probs = rows->logits + ((r - r0) * G + gi) * L, *restrict head = rows->heads + (int64_t)gi * L;
+      if (args->lse) { /* the engine's normaliser: a_gij = exp(logit - lse) */
+        const double lse = args->lse[r * plan->num_q_heads + (int64_t)h * G + gi];
+        for (int32_t i = 0; i < scored_seen; ++i) head[i] += exp(probs[i] - lse);
+        continue;
+      }
       double max = -INFINITY, sum = 0.0;
       for (int32_t i = 0; i < seen; ++i) max = probs[i] > max ? probs[i] : max;
       for (int32_t i = 0; i < seen; ++i) {

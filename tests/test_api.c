@@ -273,10 +273,10 @@ static kvc_status_t run_exec_case(exec_fixture_t *x, const bad_exec_t *c) {
     case 22: x->desc.v = x->desc.k; break;
   }
   switch (c->op) {
-    case KVC_OP_SCORE: return kvc_score(x->ctx, plan, cache, queries, scores, 0, ws, ws_bytes, NULL);
+    case KVC_OP_SCORE: return kvc_score(x->ctx, plan, cache, queries, NULL, scores, 0, ws, ws_bytes, NULL);
     case KVC_OP_SELECT: return kvc_select(x->ctx, plan, scores, keep, ws, ws_bytes, NULL);
     case KVC_OP_COMPACT: return kvc_compact(x->ctx, plan, cache, keep, NULL, num_extras, ws, ws_bytes, NULL);
-    default: return kvc_compress(x->ctx, plan, cache, queries, ws, ws_bytes, NULL);
+    default: return kvc_compress(x->ctx, plan, cache, queries, NULL, ws, ws_bytes, NULL);
   }
 }
 

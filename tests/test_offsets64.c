@@ -65,7 +65,7 @@ static void check_knorm_compaction(sparse_cache_t *c) {
   void *ws = kvc_test_workspace_new(bytes);
   /* the oracle: norms are ((t*37 + h*11) % LEN + 1) * ||1/(d+1)||, so KNORM keeps the BUDGET
    * tokens with the smallest hash value, per head */
-  cr_assert_eq(kvc_compress(ctx, plan, &c->desc, NULL, ws, bytes, NULL), KVC_SUCCESS, "%s", kvc_last_error(ctx));
+  cr_assert_eq(kvc_compress(ctx, plan, &c->desc, NULL, NULL, ws, bytes, NULL), KVC_SUCCESS, "%s", kvc_last_error(ctx));
   const int32_t *keep = (const int32_t *)ws;
   for (int32_t h = 0; h < KV_HEADS; ++h) {
     int32_t j = 0;

@@ -141,7 +141,7 @@ static void run_open(score_run_t *run, const score_case_t *c) {
 }
 
 static void run_score(score_run_t *run, float *scores, int accumulate) {
-  kvc_status_t status = kvc_score(run->ctx, run->plan, &run->cache->desc, run->queries, scores, accumulate,
+  kvc_status_t status = kvc_score(run->ctx, run->plan, &run->cache->desc, run->queries, NULL, scores, accumulate,
                                   run->workspace, run->workspace_bytes, NULL);
   cr_assert_eq(status, KVC_SUCCESS, "%s: kvc_score: %s", run->name, kvc_last_error(run->ctx));
 }
@@ -434,6 +434,50 @@ Test(score_cpu, head_dims_and_explicit_scale) {
     }
 }
 
+/* ---- engine-supplied normalisers (kvc_score's `lse`) --------------------------------------------- */
+
+/* With the engine's normalisers the scores match the oracle up to the float rounding of the
+ * normaliser itself: exp(l - lse) moves by |lse| * 2^-24 relative, far inside 1e-5. */
+static void check_lse_case(const score_case_t *c) {
+  score_run_t run;
+  run_open(&run, c);
+  float *lse = kvc_test_lse(&run.desc, run.plan, run.cache, run.queries), *got = new_scores(&run, NAN);
+  cr_assert_eq(kvc_score(run.ctx, run.plan, &run.cache->desc, run.queries, lse, got, 0, run.workspace,
+                         run.workspace_bytes, NULL),
+               KVC_SUCCESS, "%s: %s", run.name, kvc_last_error(run.ctx));
+  double *expect = oracle_scores(&run);
+  for (int64_t i = 0; i < run.info.score_elems; ++i) {
+    const int ok = isinf(expect[i]) ? got[i] == INFINITY : fabs(got[i] - expect[i]) <= 1e-5 * fabs(expect[i]);
+    cr_assert(ok, "%s with lse: score %lld is %.9g, oracle %.17g", run.name, (long long)i, (double)got[i], expect[i]);
+  }
+  /* and it is really used: a normaliser larger by ln 2 halves every attention probability, so
+   * every finite score halves (pooling and the group reduce are linear or scale-invariant) */
+  for (int64_t i = 0; i < run.info.obs_total * run.desc.num_q_heads; ++i) lse[i] += (float)M_LN2;
+  float *halved = new_scores(&run, NAN);
+  cr_assert_eq(kvc_score(run.ctx, run.plan, &run.cache->desc, run.queries, lse, halved, 0, run.workspace,
+                         run.workspace_bytes, NULL),
+               KVC_SUCCESS);
+  for (int64_t i = 0; i < run.info.score_elems; ++i)
+    cr_assert(isinf(expect[i]) ? halved[i] == INFINITY : fabs(halved[i] - 0.5 * got[i]) <= 1e-5 * fabs(got[i]),
+              "%s: lse + ln 2 gives %.9g for score %lld, expected half of %.9g", run.name, (double)halved[i],
+              (long long)i, (double)got[i]);
+  free(halved);
+  free(expect);
+  free(got);
+  free(lse);
+  run_close(&run);
+}
+
+Test(score_cpu, engine_lse_gives_the_same_scores) {
+  for (int m = KVC_SCORE_SNAPKV; m <= KVC_SCORE_TOVA; ++m)
+    for (int w = 0; w < 2; ++w) {
+      score_case_t c = base_case((kvc_score_method_t)m, m == KVC_SCORE_H2O ? KVC_DTYPE_F32 : KVC_DTYPE_BF16, 9500 + 10 * m + w);
+      c.group = 4;
+      c.window = w ? 150 : 5;
+      check_lse_case(&c);
+    }
+}
+
 /* ---- span-local domains ------------------------------------------------------------------------ */
 
 /* Sequence 0 (n 60): three FAIR spans, PROTECT spans over the gaps and one inside a FAIR span.
@@ -467,6 +511,15 @@ Test(score_cpu, span_local_domains_every_method) {
       c.table = group == 4 ? KVC_TEST_CSR : KVC_TEST_DENSE;
       check_case(&c);
     }
+}
+
+/* span_local: the normaliser runs over the row's own span only ([span start, p]). */
+Test(score_cpu, engine_lse_span_local) {
+  for (int m = KVC_SCORE_SNAPKV; m <= KVC_SCORE_TOVA; ++m) {
+    score_case_t c = span_case((kvc_score_method_t)m, 9600 + m);
+    c.group = 2;
+    check_lse_case(&c);
+  }
 }
 
 /* Which keys are +inf, from the spans alone (no oracle): tokens outside FAIR spans with span_local,
@@ -630,7 +683,7 @@ Test(score_cpu, knorm_and_streaming_need_no_workspace) {
     cr_assert_eq(run.workspace_bytes, 0u, "%s", run.name);
     cr_assert_eq(run.info.obs_total, 0, "%s", run.name);
     float *got = new_scores(&run, NAN);
-    cr_assert_eq(kvc_score(run.ctx, run.plan, &run.cache->desc, NULL, got, 0, NULL, 0, NULL), KVC_SUCCESS, "%s: %s",
+    cr_assert_eq(kvc_score(run.ctx, run.plan, &run.cache->desc, NULL, NULL, got, 0, NULL, 0, NULL), KVC_SUCCESS, "%s: %s",
                  run.name, kvc_last_error(run.ctx));
     for (int64_t i = 0; i < run.info.score_elems; ++i) cr_assert(isfinite(got[i]), "%s: score %lld", run.name, (long long)i);
     free(got);
@@ -698,7 +751,7 @@ static void hand_scores(const hand_case_t *hc, float *out) {
   size_t bytes;
   cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_SCORE, &bytes), KVC_SUCCESS);
   void *ws = kvc_test_workspace_new(bytes);
-  cr_assert_eq(kvc_score(ctx, plan, &cache, hc->queries, out, 0, ws, bytes, NULL), KVC_SUCCESS, "%s",
+  cr_assert_eq(kvc_score(ctx, plan, &cache, hc->queries, NULL, out, 0, ws, bytes, NULL), KVC_SUCCESS, "%s",
                kvc_last_error(ctx));
   free(ws);
   kvc_plan_destroy(plan);

@@ -36,7 +36,7 @@ static void *compress_job(void *arg) {
   for (int round = 0; round < ROUNDS && job->status == KVC_SUCCESS; ++round) {
     kvc_test_cache_free(job->cache);
     job->cache = kvc_test_cache_clone(job->original);
-    job->status = kvc_compress(ctx, job->plan, &job->cache->desc, job->queries, ws, bytes, NULL);
+    job->status = kvc_compress(ctx, job->plan, &job->cache->desc, job->queries, NULL, ws, bytes, NULL);
   }
   memcpy(job->keep, (char *)ws + info.keep_offset_bytes, sizeof(int32_t) * (size_t)job->keep_elems);
   free(ws);

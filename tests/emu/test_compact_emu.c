@@ -438,7 +438,7 @@ Test(compact_emu, compress_matches_cpu_backend) {
       cr_assert_eq(kvc_plan_workspace_size(plan[backend], KVC_OP_COMPRESS, &bytes), KVC_SUCCESS);
       ws[backend] = kvc_test_workspace_new(bytes);
       after[backend] = kvc_test_cache_clone(before);
-      status = kvc_compress(ctx[backend], plan[backend], &after[backend]->desc, NULL, ws[backend], bytes, NULL);
+      status = kvc_compress(ctx[backend], plan[backend], &after[backend]->desc, NULL, NULL, ws[backend], bytes, NULL);
       cr_assert_eq(status, KVC_SUCCESS, "%s: %s (%s)", backend ? "CUDA" : "CPU", kvc_status_name(status),
                    kvc_last_error(ctx[backend]));
     }

@@ -41,6 +41,7 @@ typedef struct {
   kvc_pool_t pool;
   kvc_reduce_t reduce;
   uint64_t seed;
+  int cuda_lse; /* 1: the CUDA run gets the test's own normalisers (kvc_score's `lse`), the CPU none */
 } score_case_t;
 
 /* Both backends' scores of one case. */
@@ -81,11 +82,11 @@ static kvc_plan_desc_t case_desc(const score_case_t *c, int32_t *budgets) {
 }
 
 static void run_score(kvc_context_t ctx, kvc_plan_t plan, const kvc_test_cache_t *cache, const void *queries,
-                      float *scores, int accumulate) {
+                      const float *lse, float *scores, int accumulate) {
   size_t bytes = 0;
   cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_SCORE, &bytes), KVC_SUCCESS);
   void *ws = kvc_test_workspace_new(bytes);
-  kvc_status_t status = kvc_score(ctx, plan, &cache->desc, queries, scores, accumulate, ws, bytes, NULL);
+  kvc_status_t status = kvc_score(ctx, plan, &cache->desc, queries, lse, scores, accumulate, ws, bytes, NULL);
   cr_assert_eq(status, KVC_SUCCESS, "kvc_score: %s (%s)", kvc_status_name(status), kvc_last_error(ctx));
   free(ws);
 }
@@ -115,8 +116,10 @@ static void score_both(const score_case_t *c, int accumulate, score_run_t *r) {
   kvc_rng_t rng = {c->seed + 2};
   for (int64_t i = 0; i < r->info.score_elems; ++i)
     r->cpu_scores[i] = r->cuda_scores[i] = accumulate ? (float)kvc_rng_uniform(&rng) : NAN;
-  run_score(r->cpu, r->cpu_plan, r->cache, r->queries, r->cpu_scores, accumulate);
-  run_score(r->cuda, r->cuda_plan, r->cache, r->queries, r->cuda_scores, accumulate);
+  float *lse = c->cuda_lse && r->queries ? kvc_test_lse(&desc, r->cpu_plan, r->cache, r->queries) : NULL;
+  run_score(r->cpu, r->cpu_plan, r->cache, r->queries, NULL, r->cpu_scores, accumulate);
+  run_score(r->cuda, r->cuda_plan, r->cache, r->queries, lse, r->cuda_scores, accumulate);
+  free(lse);
 }
 
 static void score_run_free(score_run_t *r) {
@@ -254,6 +257,22 @@ Test(score_emu, window_longer_than_sequence) {
                       (uint64_t)(40 + m)};
     check_case(&c);
   }
+}
+
+/* The engine's normalisers (computed by the test in double) in place of the normaliser pass, for
+ * the fused kernels and, with a lowered threshold, the GEMM path: the same scores as the CPU
+ * computing its own, within the usual tolerance. */
+Test(score_emu, engine_lse_matches_cpu_scores) {
+  static const int32_t seq_lens[] = {301, 96};
+  for (int m = KVC_SCORE_SNAPKV; m <= KVC_SCORE_TOVA; ++m) {
+    score_case_t c = {(kvc_score_method_t)m, m == KVC_SCORE_TOVA ? KVC_DTYPE_F32 : KVC_DTYPE_BF16, 64, 2, 4, 16,
+                      KVC_TEST_HND, KVC_TEST_CSR, 2, seq_lens, NULL, NULL, NULL, m == KVC_SCORE_H2O ? 400 : 24, 5, 0,
+                      KVC_POOL_AVG, KVC_REDUCE_MEAN, (uint64_t)(60 + m), 1};
+    check_case(&c);
+  }
+  score_case_t c = {KVC_SCORE_SNAPKV, KVC_DTYPE_F16, 64, 2, 4, 16, KVC_TEST_NHD, KVC_TEST_DENSE, 2, kSpanLens, NULL,
+                    kSpanIndptr, kSpans, 25, 5, 1, KVC_POOL_AVG, KVC_REDUCE_MEAN, 64, 1};
+  check_case(&c);
 }
 
 Test(score_emu, accumulate_adds_to_the_scores) {
@@ -475,6 +494,14 @@ Test(score_emu, gemm_h2o_whole_prompt_every_dtype) {
                         (uint64_t)(300 + index)};
       check_gemm_case(&c);
     }
+}
+
+/* The engine's normalisers on the GEMM path: its row-statistics pass is skipped. */
+Test(score_emu, gemm_engine_lse) {
+  force_gemm(0, 96, 128);
+  score_case_t c = {KVC_SCORE_H2O, KVC_DTYPE_BF16, 64, 2, 4, 16, KVC_TEST_NHD, KVC_TEST_DENSE, 2, kGemmLens, NULL,
+                    NULL, NULL, 1000, 1, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN, 320, 1};
+  check_gemm_case(&c);
 }
 
 /* The default tile shape: one tile of min(1024, n) keys and every query in one GEMM. */

@@ -102,7 +102,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   uint8_t *queries = malloc(qbytes + 1);
   for (size_t i = 0; i < qbytes; ++i) queries[i] = fuzz_u8(&in);
 
-  kvc_status_t status = kvc_compress(ctx, plan, &c, queries, ws, bytes, NULL);
+  kvc_status_t status = kvc_compress(ctx, plan, &c, queries, NULL, ws, bytes, NULL);
   if (status == KVC_SUCCESS) {
     const int32_t *keep = (const int32_t *)ws;
     int64_t row = 0;

@@ -245,7 +245,7 @@ Test(compact_gpu, compress_in_a_cuda_graph) {
   cr_assert_eq(kvc_plan_workspace_size(cpu_plan, KVC_OP_COMPRESS, &cpu_bytes), KVC_SUCCESS);
   cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_COMPRESS, &bytes), KVC_SUCCESS);
   void *cpu_ws = kvc_test_workspace_new(cpu_bytes);
-  cr_assert_eq(kvc_compress(cpu, cpu_plan, &want->desc, NULL, cpu_ws, cpu_bytes, NULL), KVC_SUCCESS, "%s",
+  cr_assert_eq(kvc_compress(cpu, cpu_plan, &want->desc, NULL, NULL, cpu_ws, cpu_bytes, NULL), KVC_SUCCESS, "%s",
                kvc_last_error(cpu));
 
   device_cache_t dev = device_cache_new(before);
@@ -255,7 +255,7 @@ Test(compact_gpu, compress_in_a_cuda_graph) {
   cudaGraph_t graph;
   cudaGraphExec_t exec;
   cr_assert_eq(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
-  kvc_status_t status = kvc_compress(cuda, plan, &dev.desc, NULL, ws, bytes, (kvc_stream_t)stream);
+  kvc_status_t status = kvc_compress(cuda, plan, &dev.desc, NULL, NULL, ws, bytes, (kvc_stream_t)stream);
   cr_assert_eq(cudaStreamEndCapture(stream, &graph), cudaSuccess);
   cr_assert_eq(status, KVC_SUCCESS, "captured kvc_compress: %s (%s)", kvc_status_name(status), kvc_last_error(cuda));
   cr_assert_eq(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);

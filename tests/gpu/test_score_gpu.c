@@ -62,7 +62,7 @@ static void check_long_context(const gpu_case_t *c) {
   size_t bytes = 0;
   kvc_plan_workspace_size(cpu_plan, KVC_OP_SCORE, &bytes);
   void *ws = kvc_test_workspace_new(bytes);
-  cr_assert_eq(kvc_score(cpu, cpu_plan, &cache->desc, queries, cpu_scores, 0, ws, bytes, NULL), KVC_SUCCESS, "%s",
+  cr_assert_eq(kvc_score(cpu, cpu_plan, &cache->desc, queries, NULL, cpu_scores, 0, ws, bytes, NULL), KVC_SUCCESS, "%s",
                kvc_last_error(cpu));
   free(ws);
 
@@ -78,7 +78,7 @@ static void check_long_context(const gpu_case_t *c) {
   cudaEventCreate(&start);
   cudaEventCreate(&stop);
   cudaEventRecord(start, NULL);
-  kvc_status_t status = kvc_score(cuda, cuda_plan, &dev, dev_queries, dev_scores, 0, dev_ws, bytes, NULL);
+  kvc_status_t status = kvc_score(cuda, cuda_plan, &dev, dev_queries, NULL, dev_scores, 0, dev_ws, bytes, NULL);
   cudaEventRecord(stop, NULL);
   cr_assert_eq(status, KVC_SUCCESS, "%s", kvc_last_error(cuda));
   cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);

@@ -260,3 +260,34 @@ void *kvc_test_queries_new(int64_t rows, int32_t num_q_heads, int32_t head_dim, 
   for (int64_t i = 0; i < count; ++i) store(q, dtype, i, (float)kvc_rng_normal(&rng), &rng);
   return q;
 }
+
+float *kvc_test_lse(const kvc_plan_desc_t *d, kvc_plan_t plan, const kvc_test_cache_t *cache, const void *queries) {
+  kvc_plan_info_t info;
+  kvc_plan_get_info(plan, &info);
+  const int32_t H = d->num_kv_heads, Hq = d->num_q_heads, D = d->head_dim, G = Hq / H;
+  const double scale = d->scale > 0.0f ? (double)d->scale : 1.0 / sqrt((double)D);
+  int32_t *indptr = (int32_t *)malloc(sizeof(int32_t) * (size_t)(d->batch + 1));
+  int32_t *pos = (int32_t *)malloc(sizeof(int32_t) * (size_t)(info.obs_total + 1));
+  float *lse = (float *)malloc(sizeof(float) * (size_t)(info.obs_total * Hq + 1));
+  kvc_plan_obs_positions(plan, indptr, pos);
+  for (int32_t b = 0; b < d->batch; ++b)
+    for (int32_t r = indptr[b]; r < indptr[b + 1]; ++r) {
+      int32_t lo = 0;
+      for (int32_t i = d->span_indptr ? d->span_indptr[b] : 0; d->span_local && i < d->span_indptr[b + 1]; ++i)
+        if (d->spans[i].kind == KVC_SPAN_FAIR && pos[r] >= d->spans[i].start && pos[r] < d->spans[i].end)
+          lo = d->spans[i].start;
+      for (int32_t g = 0; g < Hq; ++g) {
+        double total = 0.0;
+        for (int32_t j = lo; j <= pos[r]; ++j) {
+          double dot = 0.0;
+          for (int32_t x = 0; x < D; ++x)
+            dot += kvc_test_load(queries, d->dtype, ((int64_t)r * Hq + g) * D + x) * kvc_test_k(cache, b, j, g / G, x);
+          total += exp(scale * dot);
+        }
+        lse[(int64_t)r * Hq + g] = (float)log(total);
+      }
+    }
+  free(indptr);
+  free(pos);
+  return lse;
+}

@@ -66,6 +66,11 @@ size_t kvc_test_row_bytes(const kvc_test_cache_t *c);
 /* Random queries [rows][num_q_heads][head_dim] in `dtype` (malloc'd; free with free()). */
 void *kvc_test_queries_new(int64_t rows, int32_t num_q_heads, int32_t head_dim, kvc_dtype_t dtype,
                            uint64_t seed);
+/* The natural-log softmax normaliser of every (observation row, q head) of a plan made from `desc`
+ * (kvc_score's `lse` argument), in double from the test's own page mapping, as float
+ * [obs_total][num_q_heads] (malloc'd). Row r sees keys [lo, p]: lo = 0, or with span_local the
+ * start of the FAIR span holding p. */
+float *kvc_test_lse(const kvc_plan_desc_t *desc, kvc_plan_t plan, const kvc_test_cache_t *cache, const void *queries);
 /* Zeroed, 256-byte aligned (the workspace alignment the API requires); free with free(). */
 void *kvc_test_workspace_new(size_t bytes);
 /* Element i of an array of `dtype` as double. */

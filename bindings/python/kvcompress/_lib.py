@@ -166,11 +166,11 @@ def _declare(lib):
         "kvc_plan_new_lengths": (st, [P, P]),
         "kvc_plan_span_quotas": (st, [P, P, P]),
         "kvc_plan_workspace_size": (st, [P, c.c_int, c.POINTER(c.c_size_t)]),
-        "kvc_score": (st, [P, P, c.POINTER(PagedKVStruct), P, P, c.c_int, P, c.c_size_t, P]),
+        "kvc_score": (st, [P, P, c.POINTER(PagedKVStruct), P, P, P, c.c_int, P, c.c_size_t, P]),
         "kvc_select": (st, [P, P, P, P, P, c.c_size_t, P]),
         "kvc_compact": (st, [P, P, c.POINTER(PagedKVStruct), P, P, c.c_int32, P, c.c_size_t, P]),
         "kvc_retention": (st, [P, P, P, P, P, c.c_size_t, P]),
-        "kvc_compress": (st, [P, P, c.POINTER(PagedKVStruct), P, P, c.c_size_t, P]),
+        "kvc_compress": (st, [P, P, c.POINTER(PagedKVStruct), P, P, P, c.c_size_t, P]),
     }
     for name, (res, args) in proto.items():
         fn = getattr(lib, name)  # AttributeError: the library is not libkvcompress

@@ -474,6 +474,20 @@ class Plan:
             raise ValueError(f"queries: must be C-contiguous, got strides {v.strides} for shape {v.shape}")
         return v, v.ptr
 
+    def _lse(self, lse):
+        if lse is None:
+            return None
+        v = _arrays.view(lse, "lse")
+        self._device_ok(v)
+        want = (self.info.obs_total, self.num_q_heads)
+        if v.dtype != "f32":
+            raise TypeError(f"lse: dtype must be float32, got {v.dtype}")
+        if v.shape != want and not (v.ndim == 1 and v.size == want[0] * want[1]):
+            raise ValueError(f"lse: expected shape {want} (obs_total, num_q_heads), got {v.shape}")
+        if not v.is_c_contiguous():
+            raise ValueError(f"lse: must be C-contiguous, got strides {v.strides} for shape {v.shape}")
+        return v.ptr
+
     def _workspace(self, op, like):
         nbytes = self._ws_sizes[op]
         lib = _arrays.alloc_lib(like)
@@ -500,11 +514,14 @@ class Plan:
         return out
 
     # -- execute calls ----------------------------------------------------------------------
-    def score(self, cache, queries=None, out=None, accumulate=False, stream=None):
+    def score(self, cache, queries=None, out=None, accumulate=False, stream=None, lse=None):
         """Scores every token (kvc_score). Returns `out` (score layout, float32 [score_elems]),
-        allocated like the cache when None; accumulate=True adds to it instead."""
+        allocated like the cache when None; accumulate=True adds to it instead. `lse`: optional
+        float32 [obs_total, num_q_heads] natural-log normalisers of the observation rows (the
+        engine's attention log-sum-exp, see kvc_score in kvcompress.h)."""
         s = self._cache(cache)
         qv, qptr = self._queries(queries)
+        lptr = self._lse(lse)
         if accumulate and out is None:
             raise ValueError("out: accumulate=True needs the score array to add to")
         like = cache._kview
@@ -512,7 +529,7 @@ class Plan:
         ov = self._flat(out, "out", "f32", self.info.score_elems, writable=True)
         ws, wptr, wbytes = self._workspace("score", like)
         self._call(self._lib.kvc_score, "kvc_score", self.context.handle, self.handle, ctypes.byref(s), qptr or None,
-                   ov.ptr, 1 if accumulate else 0, wptr or None, wbytes, self._stream(stream, like))
+                   lptr, ov.ptr, 1 if accumulate else 0, wptr or None, wbytes, self._stream(stream, like))
         return out
 
     def select(self, scores, out=None, stream=None):
@@ -557,15 +574,16 @@ class Plan:
                    wptr or None, wbytes, self._stream(stream, kv))
         return out
 
-    def compress(self, cache, queries=None, stream=None):
+    def compress(self, cache, queries=None, stream=None, lse=None):
         """score + select + compact in one call (kvc_compress). Returns the keep indices (keep
-        layout), copied out of the plan's cached workspace."""
+        layout), copied out of the plan's cached workspace. `lse` as for score()."""
         s = self._cache(cache)
         qv, qptr = self._queries(queries)
+        lptr = self._lse(lse)
         like = cache._kview
         ws, wptr, wbytes = self._workspace("compress", like)
         self._call(self._lib.kvc_compress, "kvc_compress", self.context.handle, self.handle, ctypes.byref(s),
-                   qptr or None, wptr or None, wbytes, self._stream(stream, like))
+                   qptr or None, lptr, wptr or None, wbytes, self._stream(stream, like))
         return ws.read_i32(self.info.keep_offset_bytes, self.info.keep_elems)
 
     def retention_rates(self, counts):
