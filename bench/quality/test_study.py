@@ -199,6 +199,21 @@ def test_smoke_study(env, tmp_path):
     assert data["keep_table"] and data["leak_table"]
     assert "Keep rate per span" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "keep_rates.png").stat().st_size > 10000
+    # the likelihood stage at the quick default ratio 0.5: the uncompressed row and one per config
+    assert [(x["method"], x["variant"], x["ratio"]) for x in r["lik"]] == (
+        [("none", "uncompressed", 0.0)] + [(m, v, 0.5) for m in ("snapkv", "streaming") for v in study.VARIANTS])
+    for x in r["lik"]:
+        assert sorted(k for k in x if k not in ("method", "variant", "ratio")) == sorted(study.QUICK_REPLIES)
+        for mean_lp, total in (x[k] for k in study.QUICK_REPLIES):
+            assert mean_lp < 0 and total < mean_lp
+    assert set(r["lik_absent"]) == {"no_defense", "no_directive"} and "lik_follow" not in r
+    assert data["lik_table"] and data["run"]["command"].startswith("study.py --directives json")
+    assert "Teacher-forced likelihoods" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "likelihoods.png").stat().st_size > 10000
+    # the report is rewritten from the records alone
+    (tmp_path / "results.md").unlink()
+    study.main(["--report-only", str(tmp_path / "results.json"), "--no-plot"])
+    assert "Teacher-forced likelihoods" in (tmp_path / "results.md").read_text()
     fair = [x for x in r["keep"] if x["variant"] == "fair"]
     for x in fair:  # fairness 1: keep rates equalised up to rounding
         assert abs(x["defense"] - x["directive"]) < 0.05
