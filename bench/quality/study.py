@@ -250,32 +250,36 @@ def run_prompt(job):
 
     note("generation")
     t1 = time.perf_counter()
-    base = [("none", "uncompressed", None)]
-    # leakage
-    texts = evaluate(D.ATTACK, 0.0, base)
-    for r in job["gen_ratios"]:
-        if kept.get(r):
-            texts += evaluate(D.ATTACK, r, kept[r])
-    items = base + [(m_, v_, None) for r in job["gen_ratios"] for m_, v_, _ in kept.get(r, [])]
-    ratios = [0.0] + [r for r in job["gen_ratios"] for _ in kept.get(r, [])]
-    for (m_, v_, _), r, t in zip(items, ratios, texts):
-        rl_dir = rouge.score(d["text"], t)["rougeL"].recall
-        rl_def = rouge.score(D.DEFENSE_TEXT, t)["rougeL"].recall
-        refusal = D.REFUSAL.lower() in t.lower().replace("\u2019", "'")
-        rec["leak"].append(dict(method=m_, variant=v_, ratio=r, rouge_directive=rl_dir, rouge_defense=rl_def,
-                                refusal=bool(refusal), response=t))
-    # instruction following
-    if "check" in d and job["follow_ratios"]:
-        texts = evaluate(d["probe"], 0.0, base)
-        items = list(base)
-        ratios = [0.0]
-        for r in job["follow_ratios"]:
+    reused = job.get("reuse")
+    if reused is not None:  # the greedy responses of an earlier run of this grid (--reuse-generation)
+        rec["leak"], rec["follow"] = reused["leak"], reused["follow"]
+    else:
+        base = [("none", "uncompressed", None)]
+        # leakage
+        texts = evaluate(D.ATTACK, 0.0, base)
+        for r in job["gen_ratios"]:
             if kept.get(r):
-                texts += evaluate(d["probe"], r, kept[r])
-                items += [(m_, v_, None) for m_, v_, _ in kept[r]]
-                ratios += [r] * len(kept[r])
+                texts += evaluate(D.ATTACK, r, kept[r])
+        items = base + [(m_, v_, None) for r in job["gen_ratios"] for m_, v_, _ in kept.get(r, [])]
+        ratios = [0.0] + [r for r in job["gen_ratios"] for _ in kept.get(r, [])]
         for (m_, v_, _), r, t in zip(items, ratios, texts):
-            rec["follow"].append(dict(method=m_, variant=v_, ratio=r, ok=bool(d["check"](t)), response=t))
+            rl_dir = rouge.score(d["text"], t)["rougeL"].recall
+            rl_def = rouge.score(D.DEFENSE_TEXT, t)["rougeL"].recall
+            refusal = D.REFUSAL.lower() in t.lower().replace("\u2019", "'")
+            rec["leak"].append(dict(method=m_, variant=v_, ratio=r, rouge_directive=rl_dir, rouge_defense=rl_def,
+                                    refusal=bool(refusal), response=t))
+        # instruction following
+        if "check" in d and job["follow_ratios"]:
+            texts = evaluate(d["probe"], 0.0, base)
+            items = list(base)
+            ratios = [0.0]
+            for r in job["follow_ratios"]:
+                if kept.get(r):
+                    texts += evaluate(d["probe"], r, kept[r])
+                    items += [(m_, v_, None) for m_, v_, _ in kept[r]]
+                    ratios += [r] * len(kept[r])
+            for (m_, v_, _), r, t in zip(items, ratios, texts):
+                rec["follow"].append(dict(method=m_, variant=v_, ratio=r, ok=bool(d["check"](t)), response=t))
     note("likelihoods")
     t2 = time.perf_counter()
     if job.get("lik_ratios"):
@@ -516,7 +520,10 @@ def write_report(records, cfg, run, out, draw=True):
             f"budget = int(n·(1−ratio)) per KV head.\n\nCommand: `{run['command']}`. Wall time "
             f"{run['wall_seconds']:.0f} s with {run['workers']} worker(s) on {run.get('cpus', '?')} CPUs, "
             f"{run['load']}; CPU time of the prompts {cpu:.0f} s; likelihood stage {lik_wall:.0f} s wall "
-            "summed over prompts.\n")
+            "summed over prompts."
+            + (f" The greedy responses were not generated again but taken from `{run['reused_generation']}` "
+               "as it was before this run (`--reuse-generation`)."
+               if run.get("reused_generation") else "") + "\n")
     md = [head,
           "## Keep rate per span (both orders)\n\nKept fraction of the span's tokens, mean over 30 layers × 3 KV "
           "heads × prompts (from `plan.retention`). *first*/*second*: the instruction that comes first/second in "
@@ -550,6 +557,22 @@ def write_report(records, cfg, run, out, draw=True):
     return head, ktab, ltab, ftab, lik_entries, lik_levels
 
 
+def attach_generation(jobs, cfg, path):
+    """Give each job the greedy responses of its prompt from an earlier results.json whose
+    generation grid (methods, generation ratios, directives, orders) is this one's."""
+    with open(path) as f:
+        old = json.load(f)
+    for key in ("methods", "gen_ratios", "follow_ratios"):
+        if old["config"][key] != cfg[key]:
+            raise SystemExit(f"--reuse-generation {path}: its {key} {old['config'][key]} differ from {cfg[key]}")
+    by_prompt = {(r["directive"], r["order"]): r for r in old["records"]}
+    for j in jobs:
+        r = by_prompt.get((j["directive"], j["order"]))
+        if r is None:
+            raise SystemExit(f"--reuse-generation {path}: no record of {j['directive']} / {j['order']}")
+        j["reuse"] = dict(leak=r["leak"], follow=r["follow"])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = ap.add_mutually_exclusive_group()
@@ -565,6 +588,9 @@ def main(argv=None):
     ap.add_argument("--methods", default=None, help="comma-separated methods (override)")
     ap.add_argument("--orders", default=None, help="defense_first,directive_first (override)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--reuse-generation", metavar="RESULTS_JSON", default=None,
+                    help="take the greedy responses (leakage, instruction following) from an earlier "
+                         "results.json of the same grid instead of generating them again")
     ap.add_argument("--report-only", metavar="RESULTS_JSON", default=None,
                     help="rewrite results.md, results.json and the plots from the records of an existing "
                          "results.json (in its folder) and exit")
@@ -599,6 +625,8 @@ def main(argv=None):
                  follow_ratios=cfg["follow_ratios"], lik_ratios=cfg["lik_ratios"],
                  lik_replies=list(cfg["lik_replies"]), methods=cfg["methods"])
             for d in cfg["directives"] for o in cfg["orders"]]
+    if args.reuse_generation:
+        attach_generation(jobs, cfg, args.reuse_generation)
     # checked directives first: they carry the extra follow-up generations
     jobs.sort(key=lambda j: "check" not in D.BY_ID[j["directive"]])
     try:
@@ -639,7 +667,8 @@ def main(argv=None):
     order_ix = {(j["directive"], j["order"]): i for i, j in enumerate(jobs)}
     records.sort(key=lambda r: order_ix[(r["directive"], r["order"])])
     run = dict(command=command, wall_seconds=time.perf_counter() - t0, workers=workers, cpus=os.cpu_count(),
-               load=f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+               load=f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
+               reused_generation=args.reuse_generation)
     head, ktab, ltab, ftab, lik_entries, lik_levels = write_report(records, cfg, run, out, draw=not args.no_plot)
     print(head)
     print("Keep rate per span (both orders):\n" + keep_table_md(ktab, "both"))
