@@ -518,7 +518,10 @@ def write_report(records, cfg, run, out, draw=True):
             f"libkvcompress CPU backend. {len(records)} prompts ({len(cfg['directives'])} directives x "
             f"{len(cfg['orders'])} orders), prompt length {n_tokens[0]}–{n_tokens[-1]} tokens; "
             f"budget = int(n·(1−ratio)) per KV head.\n\nCommand: `{run['command']}`. Wall time "
-            f"{run['wall_seconds']:.0f} s with {run['workers']} worker(s) on {run.get('cpus', '?')} CPUs, "
+            f"{run['wall_seconds']:.0f} s"
+            + (f" (in {run['resumed']} + {len(records) - run['resumed']} prompts: interrupted and resumed with "
+               "`--resume`; the interruption not counted)" if run.get("resumed") else "")
+            + f" with {run['workers']} worker(s) on {run.get('cpus', '?')} CPUs, "
             f"{run['load']}; CPU time of the prompts {cpu:.0f} s; likelihood stage {lik_wall:.0f} s wall "
             "summed over prompts."
             + (f" The greedy responses were not generated again but taken from `{run['reused_generation']}` "
@@ -573,6 +576,28 @@ def attach_generation(jobs, cfg, path):
         j["reuse"] = dict(leak=r["leak"], follow=r["follow"])
 
 
+PARTIAL = "records.partial.jsonl"
+
+
+def _job_key(job):
+    """What a prompt's record depends on (not the reused responses themselves)."""
+    return json.dumps({k: v for k, v in job.items() if k != "reuse"}, sort_keys=True)
+
+
+def load_partial(path, jobs):
+    """(records of interrupted runs that match these jobs exactly, the wall time those runs took
+    up to their last finished prompt)."""
+    keys = {_job_key(j) for j in jobs}
+    if not os.path.exists(path):
+        return [], 0.0
+    with open(path) as f:
+        lines = [x for x in (json.loads(t) for t in f if t.strip()) if x["job"] in keys]
+    last = {}
+    for x in lines:
+        last[x["started"]] = max(last.get(x["started"], 0.0), x["finished"])
+    return [x["record"] for x in lines], sum(t - t0 for t0, t in last.items())
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = ap.add_mutually_exclusive_group()
@@ -591,6 +616,9 @@ def main(argv=None):
     ap.add_argument("--reuse-generation", metavar="RESULTS_JSON", default=None,
                     help="take the greedy responses (leakage, instruction following) from an earlier "
                          "results.json of the same grid instead of generating them again")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the prompts already finished by an interrupted run into the same --out "
+                         "(records.partial.jsonl there) and run only the others")
     ap.add_argument("--report-only", metavar="RESULTS_JSON", default=None,
                     help="rewrite results.md, results.json and the plots from the records of an existing "
                          "results.json (in its folder) and exit")
@@ -635,23 +663,35 @@ def main(argv=None):
         tqdm = None
     command = "study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     print(f"study ({cfg['name']}): {len(jobs)} prompts x {len(cfg['methods'])} methods x {len(VARIANTS)} variants x "
           f"{len(cfg['ratios'])} ratios; generation at ratios {cfg['gen_ratios']}; likelihoods at ratios "
           f"{cfg['lik_ratios']}; {workers} worker(s)",
           file=sys.stderr)
-    bar = tqdm(total=len(jobs), desc="prompts", file=sys.stderr) if tqdm else None
-    records = []
+    partial = os.path.join(out, PARTIAL)
+    records, earlier_wall = load_partial(partial, jobs) if args.resume else ([], 0.0)
+    done = {(r["directive"], r["order"]) for r in records}
+    todo = [j for j in jobs if (j["directive"], j["order"]) not in done]
+    if not args.resume and os.path.exists(partial):
+        os.remove(partial)
+    bar = tqdm(total=len(jobs), initial=len(records), desc="prompts", file=sys.stderr) if tqdm else None
+
+    def finished(job, rec):
+        records.append(rec)
+        with open(partial, "a") as f:  # one line per finished prompt, so that --resume can go on
+            f.write(json.dumps(dict(job=_job_key(job), record=rec, started=started, finished=time.time()),
+                               separators=(",", ":")) + "\n")
+        bar and bar.update(1)
+
     if workers <= 1:
         if not _W:
             _worker_init()
         if bar:
             bar.set_postfix_str(f"model loaded {time.perf_counter() - t0:.0f}s")
-        for j in jobs:
+        for j in todo:
             if bar:
                 _W["progress"] = lambda stage, j=j: bar.set_postfix_str(f"{j['directive']}, {j['order']}: {stage}")
-            records.append(run_prompt(j))
-            bar and bar.update(1)
+            finished(j, run_prompt(j))
         _W.pop("progress", None)
     else:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -659,17 +699,18 @@ def main(argv=None):
         import multiprocessing as mp
 
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as ex:
-            futs = [ex.submit(run_prompt, j) for j in jobs]
+            futs = {ex.submit(run_prompt, j): j for j in todo}
             for f in as_completed(futs):
-                records.append(f.result())
-                bar and bar.update(1)
+                finished(futs[f], f.result())
     bar and bar.close()
     order_ix = {(j["directive"], j["order"]): i for i, j in enumerate(jobs)}
     records.sort(key=lambda r: order_ix[(r["directive"], r["order"])])
-    run = dict(command=command, wall_seconds=time.perf_counter() - t0, workers=workers, cpus=os.cpu_count(),
+    run = dict(command=command, wall_seconds=earlier_wall + time.perf_counter() - t0, resumed=len(done),
+               workers=workers, cpus=os.cpu_count(),
                load=f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
                reused_generation=args.reuse_generation)
     head, ktab, ltab, ftab, lik_entries, lik_levels = write_report(records, cfg, run, out, draw=not args.no_plot)
+    os.remove(partial)
     print(head)
     print("Keep rate per span (both orders):\n" + keep_table_md(ktab, "both"))
     print("\n" + infeasible_md(records))

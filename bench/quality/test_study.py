@@ -217,3 +217,28 @@ def test_smoke_study(env, tmp_path):
     fair = [x for x in r["keep"] if x["variant"] == "fair"]
     for x in fair:  # fairness 1: keep rates equalised up to rounding
         assert abs(x["defense"] - x["directive"]) < 0.05
+
+
+def test_resume_keeps_finished_prompts(env, tmp_path, monkeypatch):
+    """--resume takes the prompts an interrupted run finished from records.partial.jsonl and
+    runs only the others; a fresh run discards the file."""
+    args = ["--directives", "json", "--ratios", "0.5", "--methods", "streaming", "--gen-ratios", "",
+            "--lik-ratios", "", "--out", str(tmp_path), "--no-plot"]
+    first = study.main(args + ["--orders", "defense_first"])
+    job = dict(directive="json", order="defense_first", ratios=[0.5], gen_ratios=[], follow_ratios=[],
+               lik_ratios=[], lik_replies=list(study.QUICK_REPLIES), methods=["streaming"])
+    line = dict(job=study._job_key(job), record=first[0], started=100.0, finished=130.0)
+    (tmp_path / study.PARTIAL).write_text(json.dumps(line) + "\n")
+    ran = []
+    real = study.run_prompt
+    monkeypatch.setattr(study, "run_prompt", lambda j: ran.append((j["directive"], j["order"])) or real(j))
+    recs = study.main(args + ["--resume"])
+    assert ran == [("json", "directive_first")]
+    assert recs[0] == first[0] and recs[1]["order"] == "directive_first"
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["run"]["resumed"] == 1 and data["run"]["wall_seconds"] >= 30.0
+    assert not (tmp_path / study.PARTIAL).exists()
+    (tmp_path / study.PARTIAL).write_text(json.dumps(line) + "\n")
+    ran.clear()
+    study.main(args + ["--orders", "defense_first"])  # no --resume: runs it again
+    assert ran == [("json", "defense_first")]
