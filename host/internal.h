@@ -27,6 +27,7 @@ struct kvc_plan {
   void *host_blob, *device_blob;
   int32_t *span_quotas;     /* [total_spans]: FAIR -> q_p, PROTECT -> length      */
   int32_t *implicit_quotas; /* [batch]: implicit partition's q_p or -1            */
+  int32_t *outcomes;        /* [batch]: kvc_outcome_t of each sequence             */
   size_t workspace[KVC_OP_COMPRESS + 1];
   size_t compress_scores_offset, compress_stage_offset; /* inside the compress workspace (keep at 0) */
 };

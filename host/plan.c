@@ -83,6 +83,9 @@ static kvc_status_t validate_scalars(kvc_context_t ctx, const kvc_plan_desc_t *d
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: recent_tokens is %d, must be >= 0", where, d->recent_tokens);
   if (!(d->fairness >= 0.0f && d->fairness <= 1.0f)) /* also rejects NaN */
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: fairness is %g, must be in [0, 1]", where, (double)d->fairness);
+  if ((unsigned)d->budget_policy > KVC_BUDGET_SKIP)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: budget_policy is %d, not a kvc_budget_policy_t", where,
+                    (int)d->budget_policy);
   return KVC_SUCCESS;
 }
 
@@ -335,8 +338,23 @@ static int32_t count_bits(const uint32_t *bits, int32_t from, int32_t to) {
   return count;
 }
 
-/* Fills the arrays for every sequence; returns BUDGET / INVALID_VALUE with a detail on ctx. */
-static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, plan_arrays_t *a, kvc_plan_view_t *v) {
+/* The keep length of a sequence of length n whose budget keeps `k` and which protects
+ * `protected_total` tokens, by the desc's budget policy; *outcome says what happened. Returns -1
+ * when the policy is to fail. */
+static int32_t keep_length(const kvc_plan_desc_t *d, int32_t n, int32_t k, int32_t protected_total, int32_t *outcome) {
+  *outcome = k < n ? KVC_OUTCOME_COMPRESSED : KVC_OUTCOME_WITHIN_BUDGET;
+  if (protected_total <= k) return k;
+  switch (d->budget_policy) {
+    case KVC_BUDGET_CLAMP: *outcome = KVC_OUTCOME_CLAMPED; return protected_total;
+    case KVC_BUDGET_SKIP: *outcome = KVC_OUTCOME_SKIPPED; return n;
+    default: return -1;
+  }
+}
+
+/* Fills the arrays for every sequence and the per-sequence outcomes (host [batch]); returns
+ * BUDGET / INVALID_VALUE with a detail on ctx. */
+static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, plan_arrays_t *a, kvc_plan_view_t *v,
+                                int32_t *outcomes) {
   int32_t obs = 0, ndom = 0, npart = 0, max_parts = 1;
   int64_t words = 0, tokens = 0, kept = 0;
   for (int32_t b = 0; b < d->batch; ++b) max_parts = max_parts > fair_span_count(d, b) + 1 ? max_parts : fair_span_count(d, b) + 1;
@@ -350,15 +368,13 @@ static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, pla
   kvc_status_t status = KVC_SUCCESS;
   a->span_indptr[0] = 0;
   for (int32_t b = 0; b < d->batch && status == KVC_SUCCESS; ++b) {
-    const int32_t n = d->seq_lens[b], k = d->budgets[b] < n ? d->budgets[b] : n;
+    const int32_t n = d->seq_lens[b], budget_k = d->budgets[b] < n ? d->budgets[b] : n;
     const kvc_span_t *spans = d->span_indptr ? d->spans + d->span_indptr[b] : NULL;
     const int32_t nspans = span_count(d, b), nfair = fair_span_count(d, b);
     a->seq_lens[b] = n;
-    a->keep_lens[b] = k;
     a->token_offsets[b] = tokens;
     a->keep_offsets[b] = kept;
     tokens += n;
-    kept += k;
     if (nspans) memcpy(a->spans + a->span_indptr[b], spans, sizeof(kvc_span_t) * (size_t)nspans);
     a->span_indptr[b + 1] = a->span_indptr[b] + nspans;
 
@@ -403,13 +419,17 @@ static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, pla
     for (int32_t i = 0; i < nspans; ++i)
       if (spans[i].kind == KVC_SPAN_PROTECT) set_bits(bits, spans[i].start, spans[i].end);
     int32_t protected_total = count_bits(bits, 0, n);
-    if (protected_total > k) {
+    const int32_t k = keep_length(d, n, budget_k, protected_total, &outcomes[b]);
+    if (k < 0) {
       status = kvc_fail(ctx, KVC_ERROR_BUDGET,
                         "kvc_plan_create: sequence %d protects %d tokens (sinks %d, recent %d, PROTECT spans, the "
-                        "method's own) but its budget keeps %d of %d",
-                        b, protected_total, d->sink_tokens, d->recent_tokens, k, n);
+                        "method's own) but its budget keeps %d of %d (budget_policy KVC_BUDGET_CLAMP or "
+                        "KVC_BUDGET_SKIP would keep the batch going)",
+                        b, protected_total, d->sink_tokens, d->recent_tokens, budget_k, n);
       break;
     }
+    a->keep_lens[b] = k;
+    kept += k;
 
     /* partitions: FAIR spans in order, then the implicit one */
     a->part_indptr[b] = npart;
@@ -571,12 +591,13 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
   plan->host_blob = calloc(1, bytes);
   plan->span_quotas = (int32_t *)calloc((size_t)counts.spans + 1, sizeof(int32_t));
   plan->implicit_quotas = (int32_t *)calloc((size_t)desc->batch, sizeof(int32_t));
-  if (!plan->host_blob || !plan->span_quotas || !plan->implicit_quotas) {
+  plan->outcomes = (int32_t *)calloc((size_t)desc->batch, sizeof(int32_t));
+  if (!plan->host_blob || !plan->span_quotas || !plan->implicit_quotas || !plan->outcomes) {
     kvc_plan_destroy(plan);
     return kvc_fail(ctx, KVC_ERROR_OUT_OF_MEMORY, "kvc_plan_create: out of host memory (%zu bytes)", bytes);
   }
   layout_arrays(&arrays, (char *)plan->host_blob, desc->batch, &counts);
-  status = fill_arrays(ctx, desc, &arrays, v);
+  status = fill_arrays(ctx, desc, &arrays, v, plan->outcomes);
   if (status != KVC_SUCCESS) {
     kvc_plan_destroy(plan);
     return status;
@@ -632,6 +653,7 @@ kvc_status_t kvc_plan_destroy(kvc_plan_t plan) {
   free(plan->host_blob);
   free(plan->span_quotas);
   free(plan->implicit_quotas);
+  free(plan->outcomes);
   free(plan);
   return KVC_SUCCESS;
 }
@@ -662,6 +684,12 @@ kvc_status_t kvc_plan_obs_positions(kvc_plan_t plan, int32_t *indptr, int32_t *p
 kvc_status_t kvc_plan_new_lengths(kvc_plan_t plan, int32_t *new_lens) {
   if (!plan || !new_lens) return KVC_ERROR_INVALID_VALUE;
   memcpy(new_lens, plan->host.keep_lens, sizeof(int32_t) * (size_t)plan->host.batch);
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_plan_outcomes(kvc_plan_t plan, int32_t *outcomes) {
+  if (!plan || !outcomes) return KVC_ERROR_INVALID_VALUE;
+  memcpy(outcomes, plan->outcomes, sizeof(int32_t) * (size_t)plan->host.batch);
   return KVC_SUCCESS;
 }
 

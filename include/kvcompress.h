@@ -223,6 +223,23 @@ typedef enum { KVC_REDUCE_MEAN = 0, KVC_REDUCE_MAX = 1 } kvc_reduce_t;
 
 typedef struct kvc_plan *kvc_plan_t;
 
+/* What kvc_plan_create does with a sequence whose protected tokens exceed its budget
+ * (|P| > min(budget, n), selection rule 1 below). */
+typedef enum {
+  KVC_BUDGET_FAIL = 0,  /* the whole plan fails with KVC_ERROR_BUDGET, naming the sequence (default) */
+  KVC_BUDGET_CLAMP = 1, /* the sequence's budget is raised to |P|: it keeps exactly its protected tokens */
+  KVC_BUDGET_SKIP = 2   /* the sequence is left uncompressed: k = n, nothing of it moves            */
+} kvc_budget_policy_t;
+
+/* What the plan does to each sequence (kvc_plan_outcomes). Explicit values; only ever appended. */
+typedef enum {
+  KVC_OUTCOME_COMPRESSED = 0,    /* k = budget < n: the sequence is compressed as asked              */
+  KVC_OUTCOME_WITHIN_BUDGET = 1, /* budget >= n: k = n, nothing to evict, nothing moves              */
+  KVC_OUTCOME_CLAMPED = 2,       /* KVC_BUDGET_CLAMP raised k from the budget to |P| (<= n; k = n
+                                    means nothing moves)                                            */
+  KVC_OUTCOME_SKIPPED = 3        /* KVC_BUDGET_SKIP left it uncompressed: k = n, nothing moves       */
+} kvc_outcome_t;
+
 /*
  * Scoring semantics (n = sequence length; a domain is [0, n), or with span_local each FAIR span):
  *   Observation queries: without span_local, the last min(window, n) positions. With span_local the
@@ -243,7 +260,9 @@ typedef struct kvc_plan *kvc_plan_t;
  *
  * Selection semantics for one (sequence b, KV head h), k = min(budgets[b], n):
  *   1. Protected set P = first sink_tokens + last recent_tokens + PROTECT spans + the method's own
- *      protected positions. |P| > k is KVC_ERROR_BUDGET at plan time.
+ *      protected positions. |P| > k is KVC_ERROR_BUDGET at plan time, unless budget_policy says
+ *      otherwise: KVC_BUDGET_CLAMP sets k = |P|, KVC_BUDGET_SKIP sets k = n (then every token is
+ *      kept and nothing moves). Everything below uses that k.
  *   2. Partitions: the FAIR spans in order, then one implicit partition (weight 1) of every token
  *      in no FAIR span, if any. Partition p has length L_p, weight w_p, protected count lo_p.
  *   3. F = max(sum lo_p, floor(fairness * k + 0.5)); integer quotas lo_p <= q_p <= L_p, sum q_p = F,
@@ -277,12 +296,14 @@ typedef struct {
   int32_t sink_tokens;         /* >= 0, protected prefix; default 0                                 */
   int32_t recent_tokens;       /* >= 0, protected suffix; default 0                                 */
   float fairness;              /* lambda in [0, 1]: 0 = plain policy, 1 = fully fair; default 0     */
+  kvc_budget_policy_t budget_policy; /* a sequence with |P| > its budget: fail the plan (default),
+                                  clamp its budget or skip it; kvc_plan_outcomes says which happened */
 } kvc_plan_desc_t;
 
 #define KVC_PLAN_DESC_INIT                                                                         \
   {                                                                                                \
     sizeof(kvc_plan_desc_t), 0, 0, 0, KVC_DTYPE_F16, 0, NULL, NULL, NULL, NULL, KVC_SCORE_SNAPKV, \
-        64, 5, KVC_POOL_AVG, KVC_REDUCE_MEAN, 0.0f, 0, 0, 0, 0.0f                                 \
+        64, 5, KVC_POOL_AVG, KVC_REDUCE_MEAN, 0.0f, 0, 0, 0, 0.0f, KVC_BUDGET_FAIL                \
   }
 
 /* Fills *desc with the defaults of KVC_PLAN_DESC_INIT (for callers that cannot use the macro,
@@ -294,7 +315,8 @@ KVC_API void kvc_plan_desc_init(kvc_plan_desc_t *desc);
  * to the device (synchronously); this is the only place the pipeline allocates.
  * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (any bad field: the detail names field, sequence,
  * span and value); KVC_ERROR_NOT_SUPPORTED (head_dim or dtype the backend does not handle);
- * KVC_ERROR_BUDGET (protected tokens exceed a budget: the detail names the sequence and counts);
+ * KVC_ERROR_BUDGET (protected tokens exceed a budget and budget_policy is KVC_BUDGET_FAIL: the
+ * detail names the sequence and counts);
  * KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA. On failure *out is NULL. Synchronous. */
 KVC_API kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc_plan_t *out);
 /* Frees the plan (host and device memory). Accepts NULL. The caller must make sure no work that
@@ -324,8 +346,16 @@ KVC_API kvc_status_t kvc_plan_get_info(kvc_plan_t plan, kvc_plan_info_t *info);
  * positions[r] of its sequence. Either output may be NULL. INVALID_VALUE if plan is NULL. */
 KVC_API kvc_status_t kvc_plan_obs_positions(kvc_plan_t plan, int32_t *indptr, int32_t *positions);
 
-/* New length of every sequence after compaction: min(budgets[b], seq_lens[b]). host [batch]. */
+/* New length of every sequence after compaction: k_b, i.e. min(budgets[b], seq_lens[b]), or what
+ * budget_policy made of it (|P| when clamped, n when skipped). host [batch]. The keep layout's rows
+ * have these lengths. INVALID_VALUE if plan or new_lens is NULL. */
 KVC_API kvc_status_t kvc_plan_new_lengths(kvc_plan_t plan, int32_t *new_lens);
+
+/* What the plan does to every sequence: host int32 [batch] of kvc_outcome_t values (COMPRESSED,
+ * WITHIN_BUDGET, CLAMPED, SKIPPED), e.g. to tell the scheduler which sequences did not shrink to
+ * their budget. With the default KVC_BUDGET_FAIL only COMPRESSED and WITHIN_BUDGET occur.
+ * INVALID_VALUE if plan or outcomes is NULL. Host only, no device work. */
+KVC_API kvc_status_t kvc_plan_outcomes(kvc_plan_t plan, int32_t *outcomes);
 
 /* Per user span (CSR order of the desc): FAIR span -> its quota q_p (tokens of it kept for sure);
  * PROTECT span -> its length. host [total_spans]. `implicit` (host [batch], may be NULL) gets the
