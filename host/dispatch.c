@@ -139,6 +139,10 @@ static kvc_status_t check_common(kvc_context_t ctx, kvc_plan_t plan, const char 
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
                     "%s: the plan was made for backend %d device %d, the context runs backend %d device %d", fn,
                     (int)plan->backend, plan->device, (int)ctx->backend, ctx->device);
+  if (plan->backend == KVC_BACKEND_CUDA && !plan->view_on_device)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: the plan has no device copy yet (device_memory KVC_PLAN_MEMORY_CALLER): call "
+                    "kvc_plan_upload first", fn);
   return KVC_SUCCESS;
 }
 

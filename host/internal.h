@@ -12,6 +12,11 @@
 
 #define KVC_DETAIL_CAP 512
 
+/* Sizes of the plan's metadata arrays (host/plan.c): they fix the layout of its blob. */
+typedef struct {
+  int64_t obs, domains, parts, protect_words, spans;
+} kvc_plan_counts_t;
+
 struct kvc_context {
   kvc_backend_t backend; /* CPU or CUDA, never AUTO */
   int device;
@@ -24,7 +29,10 @@ struct kvc_plan {
   int device;
   kvc_plan_view_t host;  /* arrays in host_blob                                    */
   kvc_plan_view_t view;  /* what ops get: == host on CPU, arrays in device_blob on CUDA */
-  void *host_blob, *device_blob;
+  void *host_blob, *device_blob; /* device_blob: the plan's own device copy (KVC_PLAN_MEMORY_OWNED) */
+  kvc_plan_counts_t counts;      /* the layout of both blobs                                         */
+  size_t blob_bytes;
+  int view_on_device;            /* CUDA: `view` points into device memory (own blob or kvc_plan_upload's) */
   int32_t *span_quotas;     /* [total_spans]: FAIR -> q_p, PROTECT -> length      */
   int32_t *implicit_quotas; /* [batch]: implicit partition's q_p or -1            */
   int32_t *outcomes;        /* [batch]: kvc_outcome_t of each sequence             */

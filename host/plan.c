@@ -14,9 +14,7 @@
 #include "score_gemm.h"
 
 /* Sizes of the plan arrays, counted in a first pass so all of them fit one allocation. */
-typedef struct {
-  int64_t obs, domains, parts, protect_words, spans;
-} plan_counts_t;
+typedef kvc_plan_counts_t plan_counts_t;
 
 static int is_attention_method(kvc_score_method_t m) {
   return m == KVC_SCORE_SNAPKV || m == KVC_SCORE_H2O || m == KVC_SCORE_TOVA;
@@ -86,6 +84,9 @@ static kvc_status_t validate_scalars(kvc_context_t ctx, const kvc_plan_desc_t *d
   if ((unsigned)d->budget_policy > KVC_BUDGET_SKIP)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: budget_policy is %d, not a kvc_budget_policy_t", where,
                     (int)d->budget_policy);
+  if ((unsigned)d->device_memory > KVC_PLAN_MEMORY_CALLER)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: device_memory is %d, not a kvc_plan_memory_t", where,
+                    (int)d->device_memory);
   return KVC_SUCCESS;
 }
 
@@ -504,6 +505,16 @@ static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, pla
   return KVC_SUCCESS;
 }
 
+/* Points the ops' view of a CUDA plan at a device copy of its blob at `base` (NULL: none yet, every
+ * array pointer NULL). The scalars stay those of the host view. */
+static void bind_view(kvc_plan_t plan, void *base) {
+  plan_arrays_t arrays;
+  memset(&arrays, 0, sizeof arrays);
+  if (base) layout_arrays(&arrays, (char *)base, plan->host.batch, &plan->counts);
+  point_view(&plan->view, &arrays);
+  plan->view_on_device = base != NULL;
+}
+
 /* An integer from the environment in [lo, hi], else `fallback`: the test overrides of scoring's
  * GEMM path (kernels/score_gemm.h), read once here so that the plan carries them. */
 static int32_t env_int(const char *name, int32_t fallback, int32_t lo, int32_t hi) {
@@ -614,23 +625,26 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
       plan->implicit_quotas[b] = v->parts[v->part_indptr[b + 1] - 1].quota;
   }
 
+  plan->counts = counts;
+  plan->blob_bytes = bytes;
   plan->view = plan->host;
   if (plan->backend == KVC_BACKEND_CUDA) {
-    int previous;
-    status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
-    if (status == KVC_SUCCESS) {
-      status = kvc_device_alloc(&plan->device_blob, bytes, ctx->detail, sizeof ctx->detail);
-      if (status == KVC_SUCCESS)
-        status = kvc_device_upload(plan->device_blob, plan->host_blob, bytes, ctx->detail, sizeof ctx->detail);
-      kvc_device_restore(previous);
+    bind_view(plan, NULL); /* no device copy yet: nothing may follow the view's arrays */
+    if (desc->device_memory == KVC_PLAN_MEMORY_OWNED) {
+      int previous;
+      status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
+      if (status == KVC_SUCCESS) {
+        status = kvc_device_alloc(&plan->device_blob, bytes, ctx->detail, sizeof ctx->detail);
+        if (status == KVC_SUCCESS)
+          status = kvc_device_upload(plan->device_blob, plan->host_blob, bytes, ctx->detail, sizeof ctx->detail);
+        kvc_device_restore(previous);
+      }
+      if (status != KVC_SUCCESS) {
+        kvc_plan_destroy(plan);
+        return status;
+      }
+      bind_view(plan, plan->device_blob);
     }
-    if (status != KVC_SUCCESS) {
-      kvc_plan_destroy(plan);
-      return status;
-    }
-    plan_arrays_t device_arrays;
-    layout_arrays(&device_arrays, (char *)plan->device_blob, desc->batch, &counts);
-    point_view(&plan->view, &device_arrays);
   }
   status = size_workspaces(ctx, plan);
   if (status != KVC_SUCCESS) {
@@ -703,5 +717,93 @@ kvc_status_t kvc_plan_span_quotas(kvc_plan_t plan, int32_t *quotas, int32_t *imp
 kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_t *bytes) {
   if (!plan || !bytes || (unsigned)op > KVC_OP_COMPRESS) return KVC_ERROR_INVALID_VALUE;
   *bytes = plan->workspace[op];
+  return KVC_SUCCESS;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Plans in a caller's device buffer (CUDA graphs)
+ */
+
+kvc_status_t kvc_plan_device_bytes(kvc_plan_t plan, size_t *bytes) {
+  if (!plan || !bytes) return KVC_ERROR_INVALID_VALUE;
+  *bytes = plan->backend == KVC_BACKEND_CUDA ? plan->blob_bytes : 0;
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_plan_host_image(kvc_plan_t plan, const void **image, size_t *bytes) {
+  if (!plan || !image || !bytes) return KVC_ERROR_INVALID_VALUE;
+  *image = plan->host_blob;
+  *bytes = plan->blob_bytes;
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_plan_upload(kvc_context_t ctx, kvc_plan_t plan, void *device_buffer, size_t bytes,
+                             kvc_stream_t stream) {
+  const char *fn = "kvc_plan_upload";
+  if (!ctx) return KVC_ERROR_INVALID_VALUE;
+  ctx->detail[0] = '\0';
+  if (!plan) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: plan is NULL", fn);
+  if (plan->backend != ctx->backend || plan->device != ctx->device)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: the plan was made for backend %d device %d, the context runs backend %d device %d", fn,
+                    (int)plan->backend, plan->device, (int)ctx->backend, ctx->device);
+  if (plan->backend != KVC_BACKEND_CUDA) return KVC_SUCCESS; /* the CPU backend reads the host image itself */
+  if (!device_buffer) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: device_buffer is NULL", fn);
+  if ((uintptr_t)device_buffer % KVC_WORKSPACE_ALIGN != 0)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: device_buffer %p is not %d-byte aligned", fn, device_buffer,
+                    KVC_WORKSPACE_ALIGN);
+  if (bytes < plan->blob_bytes)
+    return kvc_fail(ctx, KVC_ERROR_WORKSPACE_TOO_SMALL, "%s: bytes is %zu, the plan needs %zu (kvc_plan_device_bytes)",
+                    fn, bytes, plan->blob_bytes);
+  int previous;
+  kvc_status_t status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
+  if (status != KVC_SUCCESS) return status;
+  status = kvc_device_upload_async(device_buffer, plan->host_blob, plan->blob_bytes, stream, ctx->detail,
+                                   sizeof ctx->detail);
+  kvc_device_restore(previous);
+  if (status == KVC_SUCCESS) bind_view(plan, device_buffer);
+  return status;
+}
+
+/* Equal bytes at a and b, `count` elements of `size` each. */
+static int same_array(const void *a, const void *b, int64_t count, size_t size) {
+  return count <= 0 || memcmp(a, b, (size_t)count * size) == 0;
+}
+
+/* The by-value scalars of a plan's view, with every array pointer NULL. Copied bytewise from the
+ * calloc'd plan, so padding bytes (if the struct ever has any) are zero and memcmp compares fields. */
+static void view_scalars(kvc_plan_t plan, kvc_plan_view_t *v) {
+  plan_arrays_t none;
+  memset(&none, 0, sizeof none);
+  memcpy(v, &plan->host, sizeof *v);
+  point_view(v, &none);
+}
+
+/* Everything a captured execute call depends on besides the contents of the device blob: the
+ * scalars its kernels get by value, the blob layout (so every array pointer is the same once both
+ * plans sit in one buffer), the workspace carving, and what the CUDA launchers read on the host to
+ * shape their launches (args->host_plan: lengths, observation rows, domains, partition counts).
+ * An op that starts reading more of the host plan must add it here. */
+kvc_status_t kvc_plan_compatible(kvc_plan_t a, kvc_plan_t b, int *compatible) {
+  if (!a || !b || !compatible) return KVC_ERROR_INVALID_VALUE;
+  const kvc_plan_view_t *x = &a->host, *y = &b->host;
+  kvc_plan_view_t xs, ys;
+  view_scalars(a, &xs);
+  view_scalars(b, &ys);
+  int same = a->backend == b->backend && a->device == b->device && a->blob_bytes == b->blob_bytes &&
+             memcmp(&a->counts, &b->counts, sizeof a->counts) == 0 && memcmp(&xs, &ys, sizeof xs) == 0 &&
+             memcmp(a->workspace, b->workspace, sizeof a->workspace) == 0 &&
+             a->compress_scores_offset == b->compress_scores_offset &&
+             a->compress_stage_offset == b->compress_stage_offset;
+  same = same && same_array(x->seq_lens, y->seq_lens, x->batch, sizeof(int32_t)) &&
+         same_array(x->keep_lens, y->keep_lens, x->batch, sizeof(int32_t)) &&
+         same_array(x->obs_indptr, y->obs_indptr, x->batch + 1, sizeof(int32_t)) &&
+         same_array(x->obs_pos, y->obs_pos, x->obs_total, sizeof(int32_t)) &&
+         same_array(x->obs_lo, y->obs_lo, x->obs_total, sizeof(int32_t)) &&
+         same_array(x->domain_indptr, y->domain_indptr, x->batch + 1, sizeof(int32_t)) &&
+         same_array(x->domains, y->domains, x->domain_indptr[x->batch], sizeof(kvc_domain_t)) &&
+         same_array(x->part_indptr, y->part_indptr, x->batch + 1, sizeof(int32_t)) &&
+         same_array(x->span_indptr, y->span_indptr, x->batch + 1, sizeof(int32_t));
+  *compatible = same;
   return KVC_SUCCESS;
 }

@@ -36,8 +36,9 @@
  *     least that large (256-byte aligned, owned by the caller, contents need not be initialised
  *     and are garbage afterwards, except as documented for kvc_compress).
  *   - Threads: the library has no global mutable state. A context may be used by one thread at a
- *     time (it holds the last error). A plan is immutable after creation and may be shared
- *     read-only by any number of threads and contexts of the same backend and device.
+ *     time (it holds the last error). A plan is immutable after creation (except that
+ *     kvc_plan_upload points it at another device buffer) and may be shared read-only by any
+ *     number of threads and contexts of the same backend and device.
  *
  * Layouts of the per-token arrays ("score layout", "keep layout")
  *
@@ -231,6 +232,12 @@ typedef enum {
   KVC_BUDGET_SKIP = 2   /* the sequence is left uncompressed: k = n, nothing of it moves            */
 } kvc_budget_policy_t;
 
+/* Where a CUDA plan's metadata lives on the device (see "Plans in a caller's device buffer"). */
+typedef enum {
+  KVC_PLAN_MEMORY_OWNED = 0, /* kvc_plan_create allocates it and uploads it synchronously (default) */
+  KVC_PLAN_MEMORY_CALLER = 1 /* the caller's buffer, filled by kvc_plan_upload on a stream          */
+} kvc_plan_memory_t;
+
 /* What the plan does to each sequence (kvc_plan_outcomes). Explicit values; only ever appended. */
 typedef enum {
   KVC_OUTCOME_COMPRESSED = 0,    /* k = budget < n: the sequence is compressed as asked              */
@@ -298,12 +305,16 @@ typedef struct {
   float fairness;              /* lambda in [0, 1]: 0 = plain policy, 1 = fully fair; default 0     */
   kvc_budget_policy_t budget_policy; /* a sequence with |P| > its budget: fail the plan (default),
                                   clamp its budget or skip it; kvc_plan_outcomes says which happened */
+  kvc_plan_memory_t device_memory; /* CUDA: OWNED (default) allocates and uploads the plan's device
+                                  copy in kvc_plan_create; CALLER allocates nothing and waits for
+                                  kvc_plan_upload into the caller's buffer. Ignored on CPU.         */
 } kvc_plan_desc_t;
 
 #define KVC_PLAN_DESC_INIT                                                                         \
   {                                                                                                \
     sizeof(kvc_plan_desc_t), 0, 0, 0, KVC_DTYPE_F16, 0, NULL, NULL, NULL, NULL, KVC_SCORE_SNAPKV, \
-        64, 5, KVC_POOL_AVG, KVC_REDUCE_MEAN, 0.0f, 0, 0, 0, 0.0f, KVC_BUDGET_FAIL                \
+        64, 5, KVC_POOL_AVG, KVC_REDUCE_MEAN, 0.0f, 0, 0, 0, 0.0f, KVC_BUDGET_FAIL,               \
+        KVC_PLAN_MEMORY_OWNED                                                                      \
   }
 
 /* Fills *desc with the defaults of KVC_PLAN_DESC_INIT (for callers that cannot use the macro,
@@ -311,16 +322,19 @@ typedef struct {
 KVC_API void kvc_plan_desc_init(kvc_plan_desc_t *desc);
 
 /* Validates `desc` and builds an immutable plan on ctx's backend. Copies everything it needs: the
- * desc's arrays may be freed after the call. On CUDA it allocates and uploads the plan's metadata
- * to the device (synchronously); this is the only place the pipeline allocates.
+ * desc's arrays may be freed after the call. On CUDA with device_memory KVC_PLAN_MEMORY_OWNED (the
+ * default) it allocates and uploads the plan's metadata to the device (synchronously); this is the
+ * only place the pipeline allocates. With KVC_PLAN_MEMORY_CALLER it touches no device memory and
+ * the plan needs kvc_plan_upload before any execute call.
  * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (any bad field: the detail names field, sequence,
  * span and value); KVC_ERROR_NOT_SUPPORTED (head_dim or dtype the backend does not handle);
  * KVC_ERROR_BUDGET (protected tokens exceed a budget and budget_policy is KVC_BUDGET_FAIL: the
  * detail names the sequence and counts);
  * KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA. On failure *out is NULL. Synchronous. */
 KVC_API kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc_plan_t *out);
-/* Frees the plan (host and device memory). Accepts NULL. The caller must make sure no work that
- * uses the plan is still queued on a stream (e.g. synchronise first). */
+/* Frees the plan (its host memory and the device copy it owns; never a kvc_plan_upload buffer).
+ * Accepts NULL. The caller must make sure no work that uses the plan, its upload included, is
+ * still queued on a stream (e.g. synchronise first). */
 KVC_API kvc_status_t kvc_plan_destroy(kvc_plan_t plan);
 
 /* Host read-outs of a plan. */
@@ -393,6 +407,81 @@ typedef enum {
  * score + select + compact workspace plus the score and keep layouts.
  * INVALID_VALUE if plan or bytes is NULL or op unknown. */
 KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_t *bytes);
+
+/* ============================================================================================= */
+/* Plans in a caller's device buffer (CUDA graphs)                                               */
+/* ============================================================================================= */
+/*
+ * FlashInfer-style plan/run: a CUDA plan made with device_memory KVC_PLAN_MEMORY_CALLER allocates
+ * no device memory; kvc_plan_upload copies its metadata (the "image", host memory the plan owns)
+ * into a device buffer the caller owns, asynchronously on a stream, and points the plan at it.
+ * The execute calls then read that buffer. An engine keeps one buffer (and one workspace, cache
+ * descriptor, query and lse buffers at fixed addresses) and captures kvc_compress (or the stage
+ * calls) into a CUDA graph once; at every later event of the same shapes it builds the event's
+ * plan, uploads it into the same buffer on the graph's stream and replays the graph.
+ *
+ * Why "the same shapes". A graph freezes each kernel's grid and its by-value arguments. The
+ * kernels get the plan by value: its scalars (batch, heads, head_dim, dtype, method, pooling,
+ * scale, token / kept / observation totals and maxima) and its array pointers, which are fixed
+ * offsets into the buffer once the arrays have the same sizes. The launchers also read part of the
+ * plan on the host while enqueuing (per-sequence lengths, observation rows, scoring domains,
+ * partition counts). Only the contents of the device arrays may differ between replays: span
+ * boundaries, kinds and weights, quotas, the protected-token bitmask, the global fill. So two
+ * plans are interchangeable exactly when kvc_plan_compatible says so, which holds when their descs
+ * differ only in
+ *     span start / end / kind / weight (the same number of spans per sequence, the same number of
+ *     FAIR spans, and tokens outside every FAIR span in both or in neither), sink_tokens,
+ *     recent_tokens, fairness, budgets and budget_policy (as long as every sequence keeps the same
+ *     number of tokens), and device_memory;
+ * with span_local the FAIR spans must also sit where they sat (they are the scoring domains).
+ * Everything else, seq_lens and the resulting keep lengths included, must be equal: a graph does
+ * not replay across different lengths. Steady-state decode re-compression is the case that does:
+ * every sequence compressed to its budget, then grown by the same N decode steps, gives the same
+ * lengths at every event. (Moving the totals out of the by-value view, into device arrays with
+ * capacity-sized grids, would lift that restriction; it is not done.)
+ * The scoring path for long observation windows (cuBLAS, see kvc_plan_workspace_size) is captured
+ * like the kernels. kvc_plan_upload itself is not meant to be captured: enqueue it before the
+ * replay on the same stream.
+ *
+ * The CPU backend has no device memory: kvc_plan_device_bytes gives 0, device_memory is ignored,
+ * kvc_plan_upload checks ctx and plan and does nothing else, and plans always read their image.
+ */
+
+/* Bytes of device memory the plan's metadata takes (the size kvc_plan_upload needs); 0 on CPU.
+ * INVALID_VALUE if plan or bytes is NULL. Host only. */
+KVC_API kvc_status_t kvc_plan_device_bytes(kvc_plan_t plan, size_t *bytes);
+
+/* The plan's host image, the source kvc_plan_upload copies from: *image (owned by the plan, valid
+ * and unchanged until kvc_plan_destroy) and *bytes (kvc_plan_device_bytes on CUDA). A caller that
+ * wants the copy truly asynchronous may page-lock it (cudaHostRegister(image, bytes, 0), and
+ * cudaHostUnregister before destroying the plan); from pageable memory the CUDA runtime stages the
+ * copy itself. INVALID_VALUE if an argument is NULL. Host only. */
+KVC_API kvc_status_t kvc_plan_host_image(kvc_plan_t plan, const void **image, size_t *bytes);
+
+/* Enqueues on `stream` the copy of the plan's image into `device_buffer` (device memory of ctx's
+ * device, at least kvc_plan_device_bytes bytes, 256-byte aligned; owned by the caller, who frees
+ * it after the plan's last use) and makes every later execute call with the plan read that buffer.
+ * Works on OWNED plans too (they then read the caller's buffer; their own copy stays until
+ * destroy). Asynchronous: returns once the copy is enqueued (cudaMemcpyAsync, no device
+ * synchronisation, no allocation). Work on `stream` after it sees the new metadata; work on other
+ * streams must be ordered after it by the caller (events). The image must stay valid until the
+ * stream has passed the copy, so do not destroy the plan before that; nor may the buffer be
+ * overwritten (by uploading another plan into it) while work that reads it is still queued,
+ * unless that upload is on the same stream, behind that work. This call changes the plan: do not
+ * make it while another thread uses the same plan.
+ * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (ctx or plan NULL, plan from another backend or
+ * device, device_buffer NULL or not 256-byte aligned); KVC_ERROR_WORKSPACE_TOO_SMALL (bytes below
+ * kvc_plan_device_bytes); KVC_ERROR_CUDA (the copy could not be enqueued). On failure the plan is
+ * unchanged. CPU backend: KVC_SUCCESS and nothing happens (device_buffer and bytes are ignored). */
+KVC_API kvc_status_t kvc_plan_upload(kvc_context_t ctx, kvc_plan_t plan, void *device_buffer, size_t bytes,
+                                     kvc_stream_t stream);
+
+/* *compatible = 1 when a graph captured with plan `a` replays plan `b`'s event correctly once `b`
+ * is uploaded into the buffer `a` read during the capture (the same workspace, cache descriptor,
+ * queries and lse buffers, at the same addresses, holding `b`'s event); else 0. See "Why the same
+ * shapes" above for what may differ. Symmetric. Host only, reads both plans' host data.
+ * INVALID_VALUE if an argument is NULL. */
+KVC_API kvc_status_t kvc_plan_compatible(kvc_plan_t a, kvc_plan_t b, int *compatible);
 
 /* ============================================================================================= */
 /* Execute calls (never allocate, never synchronise; see the conventions at the top)             */

@@ -49,7 +49,9 @@ typedef struct {
   void *stream;  /* cudaStream_t on CUDA */
   void *blas;    /* the context's cublasHandle_t on CUDA (NULL while sizing and on CPU)          */
   const kvc_plan_view_t *host_plan; /* the plan with host arrays (== &plan on CPU): what host code
-                                       of a CUDA op may read (e.g. to enqueue per-domain work)   */
+                                       of a CUDA op may read (e.g. to enqueue per-domain work).
+                                       A captured graph freezes what it reads: kvc_plan_compatible
+                                       (host/plan.c) must compare every array read here.         */
   char *detail;  /* error detail buffer of the context, detail_cap bytes */
   size_t detail_cap;
 } kvc_op_args_t;
