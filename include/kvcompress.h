@@ -15,6 +15,7 @@
  *   kvc_compact         moves kept K/V rows to the front of each sequence's own pages, in place.
  *   kvc_retention       kept counts per (sequence, KV head, span): the eviction-bias monitor.
  *   kvc_compress        score + select + compact in one call.
+ *   kvc_gather_queries  the observation queries the plan needs, from the engine's packed q.
  *
  * Conventions that hold for every function below
  *
@@ -26,12 +27,12 @@
  *   - Memory: on the CPU backend every pointer is host memory. On the CUDA backend the pointers
  *     passed to execute calls (cache pools, page tables, queries, scores, keep indices, extras,
  *     counts, workspace) are device memory of the context's device; plan descriptors are host.
- *   - Execute calls (kvc_score, kvc_select, kvc_compact, kvc_retention, kvc_compress) never
- *     allocate, never synchronise and never read device memory on the host: on CUDA they only
- *     enqueue kernels on `stream` and return, so they can be captured in a CUDA graph. Their
- *     outputs are ready when the stream reaches that point. A kernel fault surfaces on the next
- *     synchronising CUDA call of the caller. On the CPU backend they run to completion before
- *     returning and `stream` is ignored.
+ *   - Execute calls (kvc_score, kvc_select, kvc_compact, kvc_retention, kvc_compress,
+ *     kvc_gather_queries) never allocate, never synchronise and never read device memory on the
+ *     host: on CUDA they only enqueue kernels on `stream` and return, so they can be captured in a
+ *     CUDA graph. Their outputs are ready when the stream reaches that point. A kernel fault
+ *     surfaces on the next synchronising CUDA call of the caller. On the CPU backend they run to
+ *     completion before returning and `stream` is ignored.
  *   - Workspace follows CUB's two-phase pattern: ask kvc_plan_workspace_size, pass a buffer at
  *     least that large (256-byte aligned, owned by the caller, contents need not be initialised
  *     and are garbage afterwards, except as documented for kvc_compress).
@@ -541,6 +542,60 @@ KVC_API kvc_status_t kvc_retention(kvc_context_t ctx, kvc_plan_t plan, const int
 KVC_API kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                   const void *queries, const float *lse, void *workspace,
                                   size_t workspace_bytes, kvc_stream_t stream);
+
+/* ============================================================================================= */
+/* Observation queries from the engine's packed q                                                */
+/* ============================================================================================= */
+/*
+ * Engines keep the queries of a forward pass packed, FlashInfer / vLLM style: q [tokens][Hq][D]
+ * with qo_indptr [batch+1], sequence b's tokens being rows qo_indptr[b] .. qo_indptr[b+1]. Those
+ * rows are the sequence's NEWEST len_b = qo_indptr[b+1] - qo_indptr[b] tokens: they hold positions
+ * [n_b - len_b, n_b) in order, where n_b = seq_lens[b] of the plan, the convention FlashInfer's
+ * causal mask uses (query i of a request sits at kv_len - qo_len + i). So a whole prefill
+ * (len_b = n_b), the last chunk of a chunked prefill and a decode step (len_b = 1) are all
+ * described by qo_indptr alone. kvc_gather_queries copies the plan's observation rows out of it.
+ *
+ * Compressing layer by layer inside the forward pass (nothing stashed, the usual choice):
+ *     plan = kvc_plan_create(...)                      once per event, before the forward pass
+ *     for each layer l:
+ *         attention(q_l, k_l, v_l) writes layer l's K/V into its pages   (the engine's kernel)
+ *         kvc_gather_queries(ctx, plan, q_l, tokens, 0, qo_indptr, queries, stream)
+ *         kvc_compress(ctx, plan, &cache_l, queries, lse_l or NULL, ws, ws_bytes, stream)
+ * One `queries` buffer (obs_total * Hq * D elements) and one workspace serve every layer: each
+ * layer's gather is ordered after the previous layer's compress on the stream. Later layers are
+ * computed from the uncompressed hidden states, as kvpress does; the next step's attention sees
+ * kvc_plan_new_lengths tokens per sequence. Stashing instead (gather every layer's rows during the
+ * pass, compress all layers afterwards) costs num_layers * obs_total * Hq * D elements of memory
+ * but keeps the forward pass free of compression kernels. With a chunked prefill, compress after
+ * the last chunk; if that chunk is shorter than the observation window (or span_local puts
+ * observation rows in earlier chunks), stash those rows from earlier chunks yourself or lower
+ * `window`: the gather reads only the packed rows it is given.
+ */
+
+/* Gathers the plan's observation queries from packed q into `queries`
+ * ([obs_total][num_q_heads][head_dim], row order of kvc_plan_obs_positions, kvc_score's layout).
+ * packed_q: num_tokens rows, token t's element (head g, dim d) at
+ *     packed_q[t * token_stride + g * head_dim + d]      (plan dtype; heads contiguous in a row)
+ * token_stride in elements, 0 = num_q_heads * head_dim (packed q), larger for q inside a fused qkv
+ * tensor. qo_indptr: int32 [batch+1] as described above. Row r, of sequence b at position p, gets
+ * packed row qo_indptr[b] + p - (n_b - len_b). packed_q and queries must not overlap.
+ * Memory: packed_q, qo_indptr and queries are device memory on CUDA (host memory on CPU).
+ * On CUDA the pointers must be aligned to the dtype's size; rows are copied in 16-byte vectors
+ * when the pointers and the byte stride allow. Nothing is allocated; asynchronous on CUDA like
+ * every execute call (capturable in a graph), synchronous on CPU.
+ * Bad rows: the CPU backend checks qo_indptr first and copies nothing when qo_indptr[0] < 0, an
+ * entry is below the one before or past num_tokens, a sequence has more packed rows than tokens,
+ * or its packed rows do not reach back to its first observation position. The CUDA backend, which
+ * cannot read qo_indptr on the host, writes every row it cannot find that way as zeros (and reads
+ * nothing outside [0, num_tokens) rows of packed_q).
+ * With obs_total 0 (KNORM, STREAMING) nothing is read or written and the pointers may be NULL.
+ * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (NULL ctx / plan / pointer, plan of another backend
+ * or without its device copy, num_tokens < 0, token_stride below num_q_heads * head_dim, an
+ * extent past 64-bit offsets, CUDA: a misaligned pointer, CPU: the qo_indptr checks above);
+ * KVC_ERROR_CUDA (the launch failed). */
+KVC_API kvc_status_t kvc_gather_queries(kvc_context_t ctx, kvc_plan_t plan, const void *packed_q, int64_t num_tokens,
+                                        int64_t token_stride, const int32_t *qo_indptr, void *queries,
+                                        kvc_stream_t stream);
 
 #ifdef __cplusplus
 }
