@@ -131,7 +131,7 @@ static kvc_status_t check_cache(kvc_context_t ctx, const char *fn, const kvc_pla
   return KVC_SUCCESS;
 }
 
-static kvc_status_t check_common(kvc_context_t ctx, kvc_plan_t plan, const char *fn) {
+kvc_status_t kvc_check_plan_context(kvc_context_t ctx, kvc_plan_t plan, const char *fn) {
   if (!ctx) return KVC_ERROR_INVALID_VALUE;
   ctx->detail[0] = '\0';
   if (!plan) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: plan is NULL", fn);
@@ -139,6 +139,12 @@ static kvc_status_t check_common(kvc_context_t ctx, kvc_plan_t plan, const char 
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
                     "%s: the plan was made for backend %d device %d, the context runs backend %d device %d", fn,
                     (int)plan->backend, plan->device, (int)ctx->backend, ctx->device);
+  return KVC_SUCCESS;
+}
+
+static kvc_status_t check_common(kvc_context_t ctx, kvc_plan_t plan, const char *fn) {
+  kvc_status_t status = kvc_check_plan_context(ctx, plan, fn);
+  if (status != KVC_SUCCESS) return status;
   if (plan->backend == KVC_BACKEND_CUDA && !plan->view_on_device)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
                     "%s: the plan has no device copy yet (device_memory KVC_PLAN_MEMORY_CALLER): call "

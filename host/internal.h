@@ -54,6 +54,9 @@ kvc_status_t kvc_fail_detail(char *detail, size_t cap, kvc_status_t status, cons
 #endif
     ;
 
+/* Clears ctx's detail and checks that plan is not NULL and was made for ctx's backend and device
+ * (host/dispatch.c); `fn` names the caller in the detail. */
+kvc_status_t kvc_check_plan_context(kvc_context_t ctx, kvc_plan_t plan, const char *fn);
 /* The op table of a backend (host/dispatch.c). */
 kvc_op_fn kvc_op_for(kvc_backend_t backend, kvc_op_t op);
 /* Workspace the dispatch layer itself carves before the op (CPU page-id validation scratch). */

@@ -740,13 +740,8 @@ kvc_status_t kvc_plan_host_image(kvc_plan_t plan, const void **image, size_t *by
 kvc_status_t kvc_plan_upload(kvc_context_t ctx, kvc_plan_t plan, void *device_buffer, size_t bytes,
                              kvc_stream_t stream) {
   const char *fn = "kvc_plan_upload";
-  if (!ctx) return KVC_ERROR_INVALID_VALUE;
-  ctx->detail[0] = '\0';
-  if (!plan) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: plan is NULL", fn);
-  if (plan->backend != ctx->backend || plan->device != ctx->device)
-    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                    "%s: the plan was made for backend %d device %d, the context runs backend %d device %d", fn,
-                    (int)plan->backend, plan->device, (int)ctx->backend, ctx->device);
+  kvc_status_t status = kvc_check_plan_context(ctx, plan, fn);
+  if (status != KVC_SUCCESS) return status;
   if (plan->backend != KVC_BACKEND_CUDA) return KVC_SUCCESS; /* the CPU backend reads the host image itself */
   if (!device_buffer) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: device_buffer is NULL", fn);
   if ((uintptr_t)device_buffer % KVC_WORKSPACE_ALIGN != 0)
@@ -756,7 +751,7 @@ kvc_status_t kvc_plan_upload(kvc_context_t ctx, kvc_plan_t plan, void *device_bu
     return kvc_fail(ctx, KVC_ERROR_WORKSPACE_TOO_SMALL, "%s: bytes is %zu, the plan needs %zu (kvc_plan_device_bytes)",
                     fn, bytes, plan->blob_bytes);
   int previous;
-  kvc_status_t status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
+  status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
   if (status != KVC_SUCCESS) return status;
   status = kvc_device_upload_async(device_buffer, plan->host_blob, plan->blob_bytes, stream, ctx->detail,
                                    sizeof ctx->detail);

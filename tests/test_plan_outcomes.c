@@ -34,8 +34,17 @@ ParameterizedTestParameters(plan_outcomes, policies) {
   return cr_make_param_array(policy_case_t, cases, n);
 }
 
-static kvc_status_t create(kvc_context_t ctx, const kvc_plan_desc_t *d, kvc_plan_t *plan) {
-  return kvc_plan_create(ctx, d, plan);
+static kvc_context_t cpu_context(void) {
+  kvc_context_t ctx = NULL;
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CPU, 0, &ctx), KVC_SUCCESS);
+  return ctx;
+}
+
+/* The first case: SNAPKV, window 64, lengths 300 / 100 / 40, budgets 75 / 25 / 10. */
+static kvc_test_outcome_case_t window64_case(void) {
+  kvc_test_outcome_case_t cases[8];
+  kvc_test_outcome_cases(cases);
+  return cases[0];
 }
 
 static void *workspace_for(kvc_plan_t plan, kvc_op_t op, size_t *bytes) {
@@ -47,14 +56,13 @@ ParameterizedTest(policy_case_t *pc, plan_outcomes, policies) {
   const kvc_test_outcome_case_t *c = &pc->c;
   const char *policy_names[] = {"fail", "clamp", "skip"};
   const char *who = policy_names[pc->policy];
-  kvc_context_t ctx = NULL;
-  cr_assert_eq(kvc_context_create(KVC_BACKEND_CPU, 0, &ctx), KVC_SUCCESS);
+  kvc_context_t ctx = cpu_context();
   int32_t want_k[KVC_TEST_OUTCOME_MAX_BATCH], want_outcome[KVC_TEST_OUTCOME_MAX_BATCH];
   const int feasible = kvc_test_outcome_expect(c, pc->policy, want_k, want_outcome) == 0;
 
   kvc_plan_desc_t d = kvc_test_outcome_desc(c, c->budgets, pc->policy);
   kvc_plan_t plan = NULL;
-  kvc_status_t status = create(ctx, &d, &plan);
+  kvc_status_t status = kvc_plan_create(ctx, &d, &plan);
   if (!feasible) {
     char needle[64];
     snprintf(needle, sizeof needle, "sequence %d protects %d tokens", c->first_over_budget,
@@ -82,7 +90,7 @@ ParameterizedTest(policy_case_t *pc, plan_outcomes, policies) {
   /* the reference: the same batch with the outcome's keep lengths as budgets, under FAIL */
   kvc_plan_desc_t ref_desc = kvc_test_outcome_desc(c, want_k, KVC_BUDGET_FAIL);
   kvc_plan_t ref = NULL;
-  cr_assert_eq(create(ctx, &ref_desc, &ref), KVC_SUCCESS, "reference plan: %s", kvc_last_error(ctx));
+  cr_assert_eq(kvc_plan_create(ctx, &ref_desc, &ref), KVC_SUCCESS, "reference plan: %s", kvc_last_error(ctx));
   kvc_plan_info_t info, ref_info;
   cr_assert_eq(kvc_plan_get_info(plan, &info), KVC_SUCCESS);
   cr_assert_eq(kvc_plan_get_info(ref, &ref_info), KVC_SUCCESS);
@@ -135,11 +143,8 @@ ParameterizedTest(policy_case_t *pc, plan_outcomes, policies) {
 
 /* Without an over-budget sequence every policy gives the same plan: COMPRESSED / WITHIN_BUDGET. */
 Test(plan_outcomes, no_conflict_is_policy_independent) {
-  kvc_context_t ctx = NULL;
-  cr_assert_eq(kvc_context_create(KVC_BACKEND_CPU, 0, &ctx), KVC_SUCCESS);
-  kvc_test_outcome_case_t base[8];
-  kvc_test_outcome_cases(base);
-  kvc_test_outcome_case_t c = base[0];
+  kvc_context_t ctx = cpu_context();
+  kvc_test_outcome_case_t c = window64_case();
   c.budgets[1] = 64, c.budgets[2] = 40; /* exactly the protected counts; 40 = n */
   for (int p = KVC_BUDGET_FAIL; p <= KVC_BUDGET_SKIP; ++p) {
     kvc_plan_desc_t d = kvc_test_outcome_desc(&c, c.budgets, (kvc_budget_policy_t)p);
@@ -158,11 +163,9 @@ Test(plan_outcomes, no_conflict_is_policy_independent) {
 }
 
 Test(plan_outcomes, bad_arguments) {
-  kvc_context_t ctx = NULL;
-  cr_assert_eq(kvc_context_create(KVC_BACKEND_CPU, 0, &ctx), KVC_SUCCESS);
-  kvc_test_outcome_case_t base[8];
-  kvc_test_outcome_cases(base);
-  kvc_plan_desc_t d = kvc_test_outcome_desc(&base[0], base[0].budgets, (kvc_budget_policy_t)3);
+  kvc_context_t ctx = cpu_context();
+  const kvc_test_outcome_case_t c = window64_case();
+  kvc_plan_desc_t d = kvc_test_outcome_desc(&c, c.budgets, (kvc_budget_policy_t)3);
   kvc_plan_t plan = NULL;
   cr_assert_eq(kvc_plan_create(ctx, &d, &plan), KVC_ERROR_INVALID_VALUE);
   cr_assert(strstr(kvc_last_error(ctx), "budget_policy is 3"), "%s", kvc_last_error(ctx));
