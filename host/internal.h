@@ -30,6 +30,7 @@ struct kvc_plan {
   kvc_plan_view_t host;  /* arrays in host_blob                                    */
   kvc_plan_view_t view;  /* what ops get: == host on CPU, arrays in device_blob on CUDA */
   void *host_blob, *device_blob; /* device_blob: the plan's own device copy (KVC_PLAN_MEMORY_OWNED) */
+  void *host_alloc;              /* the allocation host_blob sits in, page-aligned inside it         */
   kvc_plan_counts_t counts;      /* the layout of both blobs                                         */
   size_t blob_bytes;
   int view_on_device;            /* CUDA: `view` points into device memory (own blob or kvc_plan_upload's) */

@@ -505,6 +505,14 @@ static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, pla
   return KVC_SUCCESS;
 }
 
+/* The host image (zeroed) in whole pages of its own, so that a caller can page-lock it
+ * (cudaHostRegister) without pinning, or overlapping, anything else. *raw gets what to free. */
+static void *image_alloc(size_t bytes, void **raw) {
+  const size_t page = 4096;
+  *raw = bytes < SIZE_MAX - 2 * page ? calloc(1, (bytes + page - 1) / page * page + page) : NULL;
+  return *raw ? (char *)*raw + (page - (uintptr_t)*raw % page) % page : NULL;
+}
+
 /* Points the ops' view of a CUDA plan at a device copy of its blob at `base` (NULL: none yet, every
  * array pointer NULL). The scalars stay those of the host view. */
 static void bind_view(kvc_plan_t plan, void *base) {
@@ -599,7 +607,7 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
   }
   plan_arrays_t arrays;
   size_t bytes = layout_arrays(&arrays, NULL, desc->batch, &counts);
-  plan->host_blob = calloc(1, bytes);
+  plan->host_blob = image_alloc(bytes, &plan->host_alloc);
   plan->span_quotas = (int32_t *)calloc((size_t)counts.spans + 1, sizeof(int32_t));
   plan->implicit_quotas = (int32_t *)calloc((size_t)desc->batch, sizeof(int32_t));
   plan->outcomes = (int32_t *)calloc((size_t)desc->batch, sizeof(int32_t));
@@ -664,7 +672,7 @@ kvc_status_t kvc_plan_destroy(kvc_plan_t plan) {
       kvc_device_restore(previous);
     }
   }
-  free(plan->host_blob);
+  free(plan->host_alloc);
   free(plan->span_quotas);
   free(plan->implicit_quotas);
   free(plan->outcomes);

@@ -453,10 +453,11 @@ KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_
 KVC_API kvc_status_t kvc_plan_device_bytes(kvc_plan_t plan, size_t *bytes);
 
 /* The plan's host image, the source kvc_plan_upload copies from: *image (owned by the plan, valid
- * and unchanged until kvc_plan_destroy) and *bytes (kvc_plan_device_bytes on CUDA). A caller that
- * wants the copy truly asynchronous may page-lock it (cudaHostRegister(image, bytes, 0), and
- * cudaHostUnregister before destroying the plan); from pageable memory the CUDA runtime stages the
- * copy itself. INVALID_VALUE if an argument is NULL. Host only. */
+ * and unchanged until kvc_plan_destroy; page-aligned, in pages no other allocation shares) and
+ * *bytes (kvc_plan_device_bytes on CUDA). A caller that wants the copy truly asynchronous may
+ * page-lock it (cudaHostRegister(image, bytes, 0), and cudaHostUnregister before destroying the
+ * plan); from pageable memory the CUDA runtime stages the copy itself. INVALID_VALUE if an
+ * argument is NULL. Host only. */
 KVC_API kvc_status_t kvc_plan_host_image(kvc_plan_t plan, const void **image, size_t *bytes);
 
 /* Enqueues on `stream` the copy of the plan's image into `device_buffer` (device memory of ctx's
@@ -562,11 +563,12 @@ KVC_API kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_
  *         kvc_gather_queries(ctx, plan, q_l, tokens, 0, qo_indptr, queries, stream)
  *         kvc_compress(ctx, plan, &cache_l, queries, lse_l or NULL, ws, ws_bytes, stream)
  * One `queries` buffer (obs_total * Hq * D elements) and one workspace serve every layer: each
- * layer's gather is ordered after the previous layer's compress on the stream. Later layers are
- * computed from the uncompressed hidden states, as kvpress does; the next step's attention sees
+ * layer's gather is ordered after the previous layer's compress on the stream (kvpress compresses
+ * in the same place, a forward hook after each attention layer); the next step's attention sees
  * kvc_plan_new_lengths tokens per sequence. Stashing instead (gather every layer's rows during the
  * pass, compress all layers afterwards) costs num_layers * obs_total * Hq * D elements of memory
- * but keeps the forward pass free of compression kernels. With a chunked prefill, compress after
+ * but keeps the forward pass free of compression kernels. Either way the prefill's own outputs do
+ * not change: layer l's attention ran on its full K/V before layer l was compressed. With a chunked prefill, compress after
  * the last chunk; if that chunk is shorter than the observation window (or span_local puts
  * observation rows in earlier chunks), stash those rows from earlier chunks yourself or lower
  * `window`: the gather reads only the packed rows it is given.

@@ -5,6 +5,7 @@
  * nothing, a CALLER plan runs as an OWNED one), and bad arguments.
  */
 #include <criterion/criterion.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -53,6 +54,7 @@ Test(plan_upload, cpu_has_no_device_copy) {
   cr_expect_eq(bytes, 0);
   cr_assert_eq(kvc_plan_host_image(caller, &image, &image_bytes), KVC_SUCCESS);
   cr_expect(image != NULL && image_bytes > 0);
+  cr_expect_eq((uintptr_t)image % 4096, 0, "the image is page-aligned, so it can be page-locked alone");
   cr_expect_eq(kvc_plan_upload(ctx, caller, NULL, 0, NULL), KVC_SUCCESS, "%s", kvc_last_error(ctx));
 
   kvc_test_event_t e;
