@@ -603,7 +603,8 @@ def main(argv=None):
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="short run (default)")
     g.add_argument("--full", action="store_true", help="full grid")
-    ap.add_argument("--workers", type=int, default=None, help="processes (default: 1 quick, 2 full)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="processes, each with one BLAS thread (default 2; 1 = in this process, BLAS as set)")
     ap.add_argument("--out", default=None, help="output folder (default bench/quality/results/<quick|full>)")
     ap.add_argument("--directives", default=None, help="comma-separated directive ids (override)")
     ap.add_argument("--ratios", default=None, help="comma-separated ratios for keep rates (override)")
@@ -646,7 +647,10 @@ def main(argv=None):
         cfg["methods"] = args.methods.split(",")
     if args.orders:
         cfg["orders"] = args.orders.split(",")
-    workers = args.workers or (2 if args.full else 1)
+    # Two single-threaded workers, not one process with two BLAS threads: on a shared 2-core box
+    # OpenBLAS's threads spin against the other load (quick run at load ~5: 660 s wall against 188 s
+    # with one thread).
+    workers = args.workers
     out = args.out or os.path.join(HERE, "results", cfg["name"])
     os.makedirs(out, exist_ok=True)
     jobs = [dict(directive=d, order=o, ratios=cfg["ratios"], gen_ratios=cfg["gen_ratios"],

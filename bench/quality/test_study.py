@@ -187,7 +187,7 @@ def test_batched_generation_matches_model(env, prompt):
 
 
 def test_smoke_study(env, tmp_path):
-    recs = study.main(["--directives", "json", "--orders", "defense_first", "--ratios", "0.5",
+    recs = study.main(["--workers", "1", "--directives", "json", "--orders", "defense_first", "--ratios", "0.5",
                        "--methods", "snapkv,streaming", "--out", str(tmp_path)])
     assert len(recs) == 1
     r = recs[0]
@@ -207,7 +207,7 @@ def test_smoke_study(env, tmp_path):
         for mean_lp, total in (x[k] for k in study.QUICK_REPLIES):
             assert mean_lp < 0 and total < mean_lp
     assert set(r["lik_absent"]) == {"no_defense", "no_directive"} and "lik_follow" not in r
-    assert data["lik_table"] and data["run"]["command"].startswith("study.py --directives json")
+    assert data["lik_table"] and data["run"]["command"].startswith("study.py --workers 1 --directives json")
     assert "Teacher-forced likelihoods" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "likelihoods.png").stat().st_size > 10000
     # the report is rewritten from the records alone
@@ -222,7 +222,7 @@ def test_smoke_study(env, tmp_path):
 def test_resume_keeps_finished_prompts(env, tmp_path, monkeypatch):
     """--resume takes the prompts an interrupted run finished from records.partial.jsonl and
     runs only the others; a fresh run discards the file."""
-    args = ["--directives", "json", "--ratios", "0.5", "--methods", "streaming", "--gen-ratios", "",
+    args = ["--workers", "1", "--directives", "json", "--ratios", "0.5", "--methods", "streaming", "--gen-ratios", "",
             "--lik-ratios", "", "--out", str(tmp_path), "--no-plot"]
     first = study.main(args + ["--orders", "defense_first"])
     job = dict(directive="json", order="defense_first", ratios=[0.5], gen_ratios=[], follow_ratios=[],
