@@ -22,13 +22,46 @@ import numpy as np
 from model import _rms_norm, _silu
 
 
+def _rope_tables(model, positions):
+    """cos, sin [m, 1, head_dim / 2] float32 of the adjacent-pair RoPE (Model._rope's values),
+    computed once per pass instead of twice per layer."""
+    ang = positions.astype(np.float64)[:, None] * model._inv_freq[None, :]
+    return np.cos(ang).astype(np.float32)[:, None], np.sin(ang).astype(np.float32)[:, None]
+
+
+def _rope_pairs(x, cos, sin):
+    """x [..., m, heads, hd/2, 2] rotated pair-wise: Model._rope's arithmetic, for the query and
+    key heads in one call."""
+    x0, x1 = x[..., 0], x[..., 1]
+    out = np.empty_like(x)
+    np.subtract(x0 * cos, x1 * sin, out=out[..., 0])
+    np.add(x0 * sin, x1 * cos, out=out[..., 1])
+    return out
+
+
+def _swiglu(gu, d_ff):
+    """silu(gate) * up from the fused [rows, 2 d_ff] projection (model._silu's arithmetic) in one
+    buffer."""
+    g = gu[:, :d_ff]
+    a = np.negative(g)
+    np.exp(a, out=a)
+    a += 1.0
+    np.divide(g, a, out=a)
+    a *= gu[:, d_ff:]
+    return a
+
+
 def forward_batch(model, ids, cache, positions, mask=None, keep_cache=True):
     """The model's forward pass for B caches at once.
 
     ids [m] (the same new tokens for every cache) or [B, m]; cache per layer (K, V), each
     [B, n_kv, k, head_dim] (one k for all B); positions [m] RoPE positions of the new tokens;
     mask [m, m] additive (0 / -inf) among the new tokens, default causal; every cached entry is
-    visible.  Returns (final-normed hidden states [B, m, d], new cache per layer or None)."""
+    visible.  Returns (final-normed hidden states [B, m, d], new cache per layer or None).
+
+    Model._forward's arithmetic, except that the softmax is normalised after the product with V
+    (one division per output element instead of one per score; equal to float rounding) and the
+    1/sqrt(head_dim) scale goes on the queries (exact: it is a power of two for head_dim 64)."""
     c = model.cfg
     K0 = cache[0][0]
     B = K0.shape[0]
@@ -42,45 +75,52 @@ def forward_batch(model, ids, cache, positions, mask=None, keep_cache=True):
     hd, nh, nkv = c.head_dim, c.n_heads, c.n_kv_heads
     grp = nh // nkv
     scale = np.float32(1.0 / np.sqrt(hd))
+    cos, sin = _rope_tables(model, positions)
     x = model.tok_embd[ids]  # [B, m, d]
     new = [] if keep_cache else None
     for li, L in enumerate(model.layers):
         h = _rms_norm(x, L["attn_norm"], c.rms_eps).reshape(B * m, -1)
         qkv = (h @ L["wqkv_t"]).reshape(B, m, -1)  # one GEMM for the whole batch
-        q = qkv[..., : nh * hd].reshape(B, m, nh, hd).transpose(0, 2, 1, 3)
-        k = qkv[..., nh * hd: (nh + nkv) * hd].reshape(B, m, nkv, hd).transpose(0, 2, 1, 3)
+        qk = _rope_pairs(qkv[..., : (nh + nkv) * hd].reshape(B, m, nh + nkv, hd // 2, 2), cos, sin)
+        qk = qk.reshape(B, m, nh + nkv, hd)
+        q = qk[:, :, :nh].transpose(0, 2, 1, 3) * scale  # [B, nh, m, hd]
+        k = qk[:, :, nh:].transpose(0, 2, 1, 3)
         v = qkv[..., (nh + nkv) * hd:].reshape(B, m, nkv, hd).transpose(0, 2, 1, 3)
-        q = model._rope(q, positions)
-        k = model._rope(k, positions)
         Kc, Vc = cache[li]
         K = np.concatenate([Kc, k], axis=2)
-        V = np.concatenate([Vc, np.ascontiguousarray(v)], axis=2)
+        V = np.concatenate([Vc, v], axis=2)
         n_prev = Kc.shape[2]
         if keep_cache:
             new.append((K, V))
         qg = q.reshape(B, nkv, grp * m, hd)  # query heads of a group stacked along rows
-        s = np.matmul(qg, K.transpose(0, 1, 3, 2)) * scale
-        s = s.reshape(B, nkv, grp, m, n_prev + m)
-        s[..., n_prev:] += mask
+        s = np.matmul(qg, K.transpose(0, 1, 3, 2))
+        s5 = s.reshape(B, nkv, grp, m, n_prev + m)
+        s5[..., n_prev:] += mask
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
-        s /= s.sum(axis=-1, keepdims=True)
-        o = np.matmul(s.reshape(B, nkv, grp * m, n_prev + m), V)
-        o = o.reshape(B, nh, m, hd).transpose(0, 2, 1, 3).reshape(B, m, nh * hd)
-        x = x + (o.reshape(B * m, -1) @ L["wo_t"]).reshape(B, m, -1)
+        o = np.matmul(s, V)  # [B, nkv, grp*m, hd], unnormalised
+        o /= s.sum(axis=-1, keepdims=True)
+        o = o.reshape(B, nh, m, hd).transpose(0, 2, 1, 3).reshape(B * m, nh * hd)
+        x = x + (o @ L["wo_t"]).reshape(B, m, -1)
         h = _rms_norm(x, L["ffn_norm"], c.rms_eps).reshape(B * m, -1)
-        gu = h @ L["wgu_t"]
-        a = _silu(gu[:, : c.d_ff]) * gu[:, c.d_ff:]
-        x = x + (a @ L["wdown_t"]).reshape(B, m, -1)
+        x = x + (_swiglu(h @ L["wgu_t"], c.d_ff) @ L["wdown_t"]).reshape(B, m, -1)
     return _rms_norm(x, model.out_norm, c.rms_eps), new
 
 
-def log_softmax_at(model, hidden, targets):
-    """log p(targets[i] | row i) from final-normed hidden rows [R, d]: float64 [R]."""
-    logits = hidden @ model.out_t  # [R, vocab] float32, as the model samples from
-    mx = logits.max(axis=1, keepdims=True)
-    lse = mx[:, 0].astype(np.float64) + np.log(np.exp(logits - mx).sum(axis=1, dtype=np.float64))
-    return logits[np.arange(len(targets)), targets].astype(np.float64) - lse
+def log_softmax_at(model, hidden, targets, chunk=1024):
+    """log p(targets[i] | row i) from final-normed hidden rows [R, d]: float64 [R].  The logits
+    are float32, as the model samples from; each row's sum of exponentials is float64.  Rows go
+    through the vocabulary GEMM `chunk` at a time (a 200 MB float32 buffer)."""
+    out = np.empty(len(targets), dtype=np.float64)
+    for i in range(0, len(targets), chunk):
+        logits = hidden[i:i + chunk] @ model.out_t  # [rows, vocab]
+        t = targets[i:i + chunk]
+        picked = logits[np.arange(len(t)), t].astype(np.float64)
+        mx = logits.max(axis=1, keepdims=True)
+        logits -= mx
+        np.exp(logits, out=logits)
+        out[i:i + chunk] = picked - mx[:, 0] - np.log(logits.sum(axis=1, dtype=np.float64))
+    return out
 
 
 @dataclass
@@ -134,8 +174,9 @@ def reply_logprobs(model, caches, orig_len, prefix, replies, packed=None):
     all_rows = np.concatenate(P.rows)
     all_targets = np.concatenate(P.targets)
     splits = np.cumsum([len(t) for t in P.targets])[:-1]
-    return [np.split(log_softmax_at(model, hidden[b, all_rows], all_targets), splits)
-            for b in range(len(caches))]
+    B = len(caches)  # every cache's rows through the vocabulary GEMM together
+    lp = log_softmax_at(model, hidden[:, all_rows].reshape(B * len(all_rows), -1), np.tile(all_targets, B))
+    return [np.split(x, splits) for x in lp.reshape(B, -1)]
 
 
 def reply_ids(tok, user_text, reply):
