@@ -499,8 +499,15 @@ def config(args):
     if args.full:
         dirs = [d["id"] for d in D.DIRECTIVES]
         ratios = [round(0.1 * i, 1) for i in range(1, 10)]
+        # Likelihoods at 4 of the 9 ratios: at all 9 a prompt costs ~93 s of CPU (most of it the
+        # 132-token defense leak, ~0.55 s of GEMMs per configuration), which the shared 2-core box
+        # (load 8-10) could not give 50 prompts in time; see README.
         return dict(name="full", directives=dirs, orders=ORDERS, ratios=ratios, gen_ratios=[0.5, 0.7],
-                    follow_ratios=[0.5, 0.7], lik_ratios=ratios, lik_replies=LEAK_REPLIES, methods=METHODS)
+                    follow_ratios=[0.5, 0.7], lik_ratios=[0.3, 0.5, 0.7, 0.9], lik_replies=LEAK_REPLIES,
+                    methods=METHODS,
+                    note="Teacher-forced likelihoods at ratios 0.3 / 0.5 / 0.7 / 0.9 only (keep rates at every "
+                         "ratio 0.1–0.9): at all nine a prompt cost ~93 s of CPU, which the shared 2-core "
+                         "machine could not give 50 prompts before the deadline.")
     return dict(name="quick", directives=["lowercase", "json", "french"], orders=ORDERS,
                 ratios=[0.3, 0.5, 0.7], gen_ratios=[0.5], follow_ratios=[0.5], lik_ratios=[0.5],
                 lik_replies=QUICK_REPLIES, methods=METHODS)
@@ -524,6 +531,7 @@ def write_report(records, cfg, run, out, draw=True):
             + f" with {run['workers']} worker(s) on {run.get('cpus', '?')} CPUs, "
             f"{run['load']}; CPU time of the prompts {cpu:.0f} s; likelihood stage {lik_wall:.0f} s wall "
             "summed over prompts."
+            + (f" {cfg['note']}" if cfg.get("note") else "")
             + (f" The greedy responses were not generated again but taken from `{run['reused_generation']}` "
                "as it was before this run (`--reuse-generation`)."
                if run.get("reused_generation") else "") + "\n")
@@ -584,14 +592,41 @@ def _job_key(job):
     return json.dumps({k: v for k, v in job.items() if k != "reuse"}, sort_keys=True)
 
 
+def _fewer_lik_ratios(job):
+    """A job's key without its likelihood ratios, and those ratios."""
+    rest = {k: v for k, v in json.loads(_job_key(job)).items() if k != "lik_ratios"}
+    return json.dumps(rest, sort_keys=True), set(job.get("lik_ratios", []))
+
+
+def _served(old_job, jobs_by_rest, record):
+    """`record` as the job of `jobs_by_rest` it serves, or None.  A record serves its own job, and
+    one that asks for the likelihoods at a subset of its ratios: each ratio is scored in its own
+    forward passes (one cache length per batch), so keeping the rows of the asked ratios gives
+    what that job computes."""
+    rest, ratios = _fewer_lik_ratios(json.loads(old_job))
+    job = jobs_by_rest.get(rest)
+    if job is None or not set(job.get("lik_ratios", [])) <= ratios:
+        return None
+    keep = set(job.get("lik_ratios", [])) | {0.0}
+    record = dict(record)
+    for field in ("lik", "lik_follow"):
+        if field in record:
+            record[field] = [row for row in record[field] if row["ratio"] in keep]
+    return record
+
+
 def load_partial(path, jobs):
-    """(records of interrupted runs that match these jobs exactly, the wall time those runs took
-    up to their last finished prompt)."""
-    keys = {_job_key(j) for j in jobs}
+    """(records of interrupted runs that serve these jobs (`_served`), the wall time those runs
+    took up to their last finished prompt)."""
+    jobs_by_rest = {_fewer_lik_ratios(j)[0]: j for j in jobs}
     if not os.path.exists(path):
         return [], 0.0
     with open(path) as f:
-        lines = [x for x in (json.loads(t) for t in f if t.strip()) if x["job"] in keys]
+        lines = []
+        for x in (json.loads(t) for t in f if t.strip()):
+            rec = _served(x["job"], jobs_by_rest, x["record"])
+            if rec is not None:
+                lines.append(dict(x, record=rec))
     last = {}
     for x in lines:
         last[x["started"]] = max(last.get(x["started"], 0.0), x["finished"])

@@ -242,3 +242,28 @@ def test_resume_keeps_finished_prompts(env, tmp_path, monkeypatch):
     ran.clear()
     study.main(args + ["--orders", "defense_first"])  # no --resume: runs it again
     assert ran == [("json", "defense_first")]
+
+
+def test_resume_takes_a_record_with_more_likelihood_ratios(env, tmp_path, monkeypatch):
+    """A record scored at likelihood ratios 0.3 and 0.5 serves a job that asks for 0.5 alone: its
+    rows at 0.5 and the uncompressed row equal those of a run at 0.5; a job that asks for a ratio
+    the record lacks runs again."""
+    args = ["--workers", "1", "--directives", "json", "--orders", "defense_first", "--ratios", "0.3,0.5",
+            "--methods", "streaming", "--gen-ratios", "", "--out", str(tmp_path), "--no-plot"]
+    wide = study.main(args + ["--lik-ratios", "0.3,0.5"])[0]
+    narrow = study.main(args + ["--lik-ratios", "0.5"])[0]
+    assert sorted({x["ratio"] for x in wide["lik"]}) == [0.0, 0.3, 0.5]
+    job = dict(directive="json", order="defense_first", ratios=[0.3, 0.5], gen_ratios=[], follow_ratios=[],
+               lik_ratios=[0.3, 0.5], lik_replies=list(study.QUICK_REPLIES), methods=["streaming"])
+    line = json.dumps(dict(job=study._job_key(job), record=wide, started=100.0, finished=130.0)) + "\n"
+    ran = []
+    real = study.run_prompt
+    monkeypatch.setattr(study, "run_prompt", lambda j: ran.append(j["lik_ratios"]) or real(j))
+    (tmp_path / study.PARTIAL).write_text(line)
+    got = study.main(args + ["--lik-ratios", "0.5", "--resume"])[0]
+    assert ran == []
+    assert got["lik"] == narrow["lik"] and got["lik_absent"] == narrow["lik_absent"]
+    assert got["keep"] == narrow["keep"]
+    (tmp_path / study.PARTIAL).write_text(line)
+    study.main(args + ["--lik-ratios", "0.5,0.7", "--resume"])
+    assert ran == [[0.5, 0.7]]
