@@ -15,6 +15,7 @@
 #include <cuda_bf16.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
@@ -59,7 +60,9 @@ enum class Op : unsigned char {
   Ballot,
   Any,
   All,
-  SyncWarp
+  SyncWarp,
+  Mma,      // warp-wide matrix instructions: value points at the lane's operands
+  Ldmatrix
 };
 
 int block_sync(Op op, int pred, const char *file, int line);
@@ -204,6 +207,40 @@ inline void __syncwarp(unsigned mask = 0xffffffffu, SIMT_SITE) {
 }
 // No divergence tracking: the warp's lanes that have not exited.
 inline unsigned __activemask() { return ::simt::detail::active_mask(); }
+
+// ---- warp-level matrix instructions and asynchronous copies -------------------------------------
+// What kernels/mma.cuh calls under the emulator in place of the PTX instructions, with the same
+// operands. Fragments are laid out exactly as the PTX ISA defines them for each lane (see
+// simt.cpp). mma and ldmatrix are .sync.aligned: every lane of the warp must execute the same one
+// (an exited lane, or lanes at different ones, is reported).
+
+namespace simt {
+
+enum class MmaType : int { F16 = 0, BF16 = 1 };
+
+// mma.sync.aligned.m16n8k16.row.col.f32.<type>.<type>.f32 {d}, {a}, {b}, {c}: the warp's
+// D (16x8) = A (16x16) * B (16x8) + C. Products are exact (f16 and bf16 products fit fp32); each
+// D element is the sum of its 16 products and C, rounded to fp32 once.
+void mma_m16n8k16(MmaType type, float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
+                  SIMT_SITE);
+// ldmatrix.sync.aligned.m8n8.x<count>.shared.b16 {r}, [row]: count (1, 2, 4) 8x8 matrices of
+// 16-bit elements; lane 8i + r gives the 16-byte aligned address of row r of matrix i; lane t gets
+// elements (t / 4, 2 (t % 4)) and (t / 4, 2 (t % 4) + 1) of matrix i in r[i] (low half first).
+void ldmatrix(int count, uint32_t *r, const void *row, SIMT_SITE);
+// cp.async.cg.shared.global [smem], [global], 16, src_bytes: the first src_bytes (0..16) bytes of
+// global, then zeros, to the 16 bytes at smem. The source is read now; shared memory is written
+// only when a cp.async.wait_group that covers the copy's group runs (the latest the PTX ISA
+// allows), so a read of the destination before the wait (or, by another thread, before the wait
+// and a barrier) sees the old contents. A thread that exits with copies not waited for is
+// reported.
+void cp_async_16(void *smem, const void *global, int src_bytes, SIMT_SITE);
+// cp.async.commit_group: the copies issued since the previous commit become one group.
+void cp_async_commit(SIMT_SITE);
+// cp.async.wait_group pending: completes the oldest committed groups until at most `pending`
+// remain (copies not yet committed are not waited for).
+void cp_async_wait(int pending, SIMT_SITE);
+
+}  // namespace simt
 
 #undef SIMT_SITE
 

@@ -1,7 +1,6 @@
 // test_simt.cpp - self-tests of the SIMT emulator (kernels in test_kernels.cu). Registered twice:
 // plain, and with SIMT_SEED / SIMT_INTERLEAVE set, which every test must pass as well.
 #include <criterion/criterion.h>
-#include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
@@ -9,33 +8,10 @@
 #include <vector>
 
 #include "simt.h"
+#include "test_capture.h"
 #include "test_kernels.h"
 
 namespace {
-
-// Runs fn with stderr captured; returns what it printed (also echoed, for the test log).
-template <class F>
-std::string capture_stderr(F fn) {
-  fflush(stderr);
-  int saved = dup(2);
-  FILE *tmp = tmpfile();
-  dup2(fileno(tmp), 2);
-  fn();
-  fflush(stderr);
-  dup2(saved, 2);
-  close(saved);
-  std::string text;
-  rewind(tmp);
-  char buf[4096];
-  for (size_t n; (n = fread(buf, 1, sizeof buf, tmp)) > 0;) text.append(buf, n);
-  fclose(tmp);
-  fputs(text.c_str(), stderr);
-  return text;
-}
-
-bool contains(const std::string &text, const std::string &what) {
-  return text.find(what) != std::string::npos;
-}
 
 int poison_int() {
   int v;
