@@ -1,5 +1,4 @@
-/* context.c - contexts: backend choice, the CUDA context's cuBLAS handle and the per-context
- * last-error detail. */
+/* context.c - contexts: backend choice and the per-context last-error detail. */
 #include <stdlib.h>
 
 #include "device.h"
@@ -25,31 +24,11 @@ kvc_status_t kvc_context_create(kvc_backend_t backend, int device, kvc_context_t
   if (!ctx) return KVC_ERROR_OUT_OF_MEMORY;
   ctx->backend = backend;
   ctx->device = backend == KVC_BACKEND_CUDA ? device : 0;
-  if (backend == KVC_BACKEND_CUDA) {
-    /* the cuBLAS handle (scoring's GEMM path): made here so that execute calls never allocate */
-    int previous;
-    kvc_status_t status = kvc_device_enter(device, &previous, ctx->detail, sizeof ctx->detail);
-    if (status == KVC_SUCCESS) {
-      status = kvc_blas_create(&ctx->blas, ctx->detail, sizeof ctx->detail);
-      kvc_device_restore(previous);
-    }
-    if (status != KVC_SUCCESS) {
-      free(ctx);
-      return status;
-    }
-  }
   *out = ctx;
   return KVC_SUCCESS;
 }
 
 kvc_status_t kvc_context_destroy(kvc_context_t ctx) {
-  if (ctx && ctx->blas) {
-    int previous;
-    if (kvc_device_enter(ctx->device, &previous, NULL, 0) == KVC_SUCCESS) {
-      kvc_blas_destroy(ctx->blas);
-      kvc_device_restore(previous);
-    }
-  }
   free(ctx);
   return KVC_SUCCESS;
 }

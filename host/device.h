@@ -20,10 +20,5 @@ kvc_status_t kvc_device_alloc(void **ptr, size_t bytes, char *detail, size_t cap
 void kvc_device_free(void *ptr);
 /* Synchronous host-to-device copy. */
 kvc_status_t kvc_device_upload(void *dst, const void *src, size_t bytes, char *detail, size_t cap);
-/* The context's BLAS handle (a cublasHandle_t on CUDA), made on the current device when a CUDA
- * context is created, so that execute calls never allocate one; destroy accepts NULL. The build
- * without CUDA has none (*handle = NULL); the emulator gives a dummy non-NULL one. */
-kvc_status_t kvc_blas_create(void **handle, char *detail, size_t cap);
-void kvc_blas_destroy(void *handle);
 
 #endif /* KVC_DEVICE_H */

@@ -166,7 +166,6 @@ static kvc_status_t run_op(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, kvc_
   kvc_carve_validation(&plan->host, plan->backend, op, &ws, NULL); /* checked by check_cache_for */
   args->plan = plan->view;
   args->host_plan = &plan->host;
-  args->blas = ctx->blas;
   args->detail = ctx->detail;
   args->detail_cap = sizeof ctx->detail;
   if (plan->backend != KVC_BACKEND_CUDA) return kvc_op_for(plan->backend, op)(args, &ws);

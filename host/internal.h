@@ -15,7 +15,6 @@
 struct kvc_context {
   kvc_backend_t backend; /* CPU or CUDA, never AUTO */
   int device;
-  void *blas;                  /* CUDA: cublasHandle_t made with the context (host/device.h), else NULL */
   char detail[KVC_DETAIL_CAP]; /* kvc_last_error */
 };
 

@@ -47,7 +47,6 @@ typedef struct {
   int32_t num_extras;
   int32_t *counts;
   void *stream;  /* cudaStream_t on CUDA */
-  void *blas;    /* the context's cublasHandle_t on CUDA (NULL while sizing and on CPU)          */
   const kvc_plan_view_t *host_plan; /* the plan with host arrays (== &plan on CPU): what host code
                                        of a CUDA op may read (e.g. to enqueue per-domain work)   */
   char *detail;  /* error detail buffer of the context, detail_cap bytes */

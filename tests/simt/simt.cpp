@@ -266,6 +266,7 @@ bool g_config_loaded;
 unsigned long long g_rng_state;
 int g_last_errors, g_total_errors;
 cudaError_t g_sticky = cudaSuccess;
+std::vector<std::pair<const void *, size_t>> g_smem_limits;  // kernels given more than 48 KiB
 
 // ---- reports ------------------------------------------------------------------------------------
 
@@ -811,6 +812,13 @@ bool valid_launch(const LaunchSpec &spec, cudaError_t *code) {
     why = "dynamic shared memory exceeds 227 KiB";
     *code = cudaErrorInvalidValue;
   }
+  size_t limit = 48u * 1024u;
+  for (const auto &entry : g_smem_limits)
+    if (entry.first == spec.entry) limit = entry.second;
+  if (!why && spec.smem > limit) {
+    why = "dynamic shared memory exceeds the kernel's limit (48 KiB unless raised with cudaFuncSetAttribute)";
+    *code = cudaErrorInvalidValue;
+  }
   if (!why) return true;
   fprintf(
       stderr,
@@ -971,6 +979,18 @@ int last_launch_errors() {
 int launch_errors() {
   std::lock_guard<std::mutex> lock(g_mutex);
   return g_total_errors;
+}
+
+cudaError_t set_max_dynamic_smem(const void *kernel, size_t bytes) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (bytes > 227u * 1024u) return cudaErrorInvalidValue;
+  for (auto &entry : g_smem_limits)
+    if (entry.first == kernel) {
+      entry.second = bytes;
+      return cudaSuccess;
+    }
+  g_smem_limits.emplace_back(kernel, bytes);
+  return cudaSuccess;
 }
 
 cudaError_t get_last_error() {

@@ -38,6 +38,8 @@ int launch_errors();
 // returns and clears it. In emulated code cudaGetLastError, cudaPeekAtLastError and
 // cudaGetErrorString map to these three, so the emulated build needs no CUDA runtime library.
 cudaError_t get_last_error();
+// The kernel's dynamic shared memory limit (default 48 KiB, at most 227 KiB: cudaErrorInvalidValue).
+cudaError_t set_max_dynamic_smem(const void *kernel, size_t bytes);
 cudaError_t peek_last_error();
 const char *error_string(cudaError_t error);
 
@@ -72,6 +74,7 @@ unsigned active_mask();
 extern unsigned char *dyn_smem;
 
 struct LaunchSpec {
+  const void *entry;  // the kernel function, for its attributes
   dim3 grid, block;
   size_t smem;
   const char *kernel, *file;  // kernel expression and launch site, for reports
@@ -108,8 +111,8 @@ template <class... P>
 Launcher<P...> make_launcher(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
                              cudaStream_t /* launches are synchronous */, const char *name,
                              const char *file, int line) {
-  return Launcher<P...>(
-      kernel, {grid, block, smem, name, file, line, nullptr, nullptr, &tls_anchor_address});
+  return Launcher<P...>(kernel, {reinterpret_cast<const void *>(kernel), grid, block, smem, name, file, line,
+                                 nullptr, nullptr, &tls_anchor_address});
 }
 
 template <class T>
@@ -145,6 +148,11 @@ inline constexpr int warpSize = 32;
 #define KVC_LAUNCH(kernel, grid, block, smem, stream, ...)                                    \
   ::simt::detail::make_launcher(kernel, grid, block, smem, static_cast<cudaStream_t>(stream), \
                                 #kernel, __FILE__, __LINE__)(__VA_ARGS__)
+
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes): a launch with
+// more than 48 KiB of dynamic shared memory fails unless its kernel was given at least that much.
+#define KVC_SET_MAX_DYNAMIC_SMEM(kernel, bytes) \
+  ::simt::set_max_dynamic_smem(reinterpret_cast<const void *>(kernel), (bytes))
 
 #define cudaGetLastError ::simt::get_last_error
 #define cudaPeekAtLastError ::simt::peek_last_error

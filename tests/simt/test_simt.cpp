@@ -313,3 +313,16 @@ Test(simt, intrinsics) {
   cr_assert_eq(min(2.f, NAN), 2.f);
   cr_assert_eq(fmaxf(1.f, 2.f), 2.f);
 }
+
+// As on a GPU: more than 48 KiB of dynamic shared memory only after cudaFuncSetAttribute.
+Test(simt, dynamic_smem_over_48k_needs_the_kernel_attribute) {
+  int out = 0, errors = -1;
+  const size_t bytes = 100 * 1024;
+  std::string text = capture_stderr([&] { errors = run_big_dynamic_smem(&out, bytes, false); });
+  cr_assert_eq(errors, 1);
+  cr_assert(contains(text, "exceeds the kernel's limit"), "%s", text.c_str());
+  cr_assert_eq(cudaGetLastError(), cudaErrorInvalidValue);
+  cr_assert_eq(run_big_dynamic_smem(&out, bytes, true), 0);
+  cr_assert_eq(out, (int)(bytes / sizeof(int)) - 1);
+  cr_assert_eq(cudaGetLastError(), cudaSuccess);
+}
