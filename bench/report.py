@@ -432,6 +432,12 @@ def main():
             L.append(f"### {sec}\n\n{pending.capitalize()}. `bench/run_device.sh` measures it in one device "
                      f"call (see its header).\n")
 
+    model = os.path.join(HERE, "results", "cost_model.md")
+    if os.path.exists(model):  # written by bench/cost_model_table (bench/cost_model.h)
+        L.append("## Analytic floors (the cost model: computed, not measured)\n")
+        with open(model) as f:
+            L.append(f.read().strip() + "\n")
+
     L.append("## CPU (this machine)\n")
     cpu_section(recs, L)
     if not args.no_cpu_png and cpu_plot(recs, args.cpu_png):

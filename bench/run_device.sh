@@ -158,14 +158,16 @@ run_bin bench_select 25
 step peers_select_compact 40 $PY $PEER --ops select,compact --n 4096,32768,131072 --batch 1,8 \
   --ratios 0.1,0.5,0.9 --iters 10 --max-seconds 30
 
-# --- 5. H2O over all queries (window = n: the GEMM path), ratio 0.5 --------------------------------
+# --- 5. H2O over all queries (window = n), ratio 0.5 ------------------------------------------------
 run_bin bench_compress 30 --models llama:32:8:128,qwen:40:8:128 --n 4096,32768 --batch 1,8 --ratios 0.5 \
   --methods h2o --iters 5 --warmup 1 --max-seconds 24
 step peers_compress_h2o 25 $PY $PEER --ops compress --methods h2o --models llama:32:8:128,qwen:40:8:128 \
   --n 4096,32768 --batch 1,8 --ratios 0.5 --iters 5 --warmup 1 --max-seconds 18
 
 # --- 6. the stage benches and the 9-ratio sweep -----------------------------------------------------
-run_bin bench_score 20 --n 4096,32768,131072 --heads 8:32,8:40 --method snapkv,knorm --batch 1 --iters 10
+run_bin bench_score 20 --n 4096,32768,131072 --heads 8:32,8:40 --method snapkv,tova,knorm --batch 1 --iters 10
+run_bin bench_score 20 --n 4096,32768,131072 --heads 8:32 --method snapkv --engine-lse 1 --batch 1 --iters 10
+run_bin bench_score 30 --n 4096,32768 --heads 8:32 --method h2o --window n --batch 1 --iters 3
 [ -f bench/bench_compact.cu ] && run_bin bench_compact 20
 for f in bench/bench_*.cu; do # any other bench program a colleague added
   n=$(basename "$f" .cu)

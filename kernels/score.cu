@@ -90,18 +90,24 @@ __device__ inline const T *key_row(const kvc_paged_kv_t &cache, int32_t b, int32
   return page >= 0 ? static_cast<const T *>(cache.k) + kvc_slot_offset(&cache, page, t, h) : nullptr;
 }
 
-/* Enqueues the block's cp.async copies of a 64-row tile: row r from src[r] (NULL: zeros), dim
+/* Enqueues the block's cp.async copies of a 64-row tile: row r from row_of(r) (NULL: zeros), dim
  * elements, 16 bytes a copy, consecutive threads on consecutive chunks of a row. `dummy` is any
  * valid global address (not read). */
-template <class T>
-__device__ void stage_tile(T *tile, const T *const *src, int32_t dim, int32_t stride, const T *dummy) {
+template <class T, class RowOf>
+__device__ void stage_rows(T *tile, RowOf row_of, int32_t dim, int32_t stride, const T *dummy) {
   constexpr int kPerChunk = 16 / (int)sizeof(T);
   const int32_t chunks = dim / kPerChunk;
   for (int32_t e = threadIdx.x; e < kTileRows * chunks; e += kThreads) {
     const int32_t r = e / chunks, c = e - r * chunks;
-    const T *row = src[r];
+    const T *row = row_of(r);
     cp_async_16(tile + r * stride + c * kPerChunk, row ? row + c * kPerChunk : dummy, row ? 16 : 0);
   }
+}
+
+/* The same from a table of row addresses in shared memory (K rows, resolved once per row). */
+template <class T>
+__device__ void stage_tile(T *tile, const T *const *src, int32_t dim, int32_t stride, const T *dummy) {
+  stage_rows(tile, [src](int32_t r) { return src[r]; }, dim, stride, dummy);
 }
 
 /* The mma k-steps read columns [dim, padded_dim) of every tile: zeros, written once per block
@@ -231,16 +237,10 @@ __global__ void __launch_bounds__(kThreads)
 
   zero_padding<T>(smem, 3, dim, stride);
   /* the block's queries (rows past the last pair are zeros) and the first K tile, one group */
-  {
-    constexpr int kPerChunk = 16 / (int)sizeof(T);
-    const int32_t chunks = dim / kPerChunk;
-    for (int32_t e = threadIdx.x; e < kTileRows * chunks; e += kThreads) {
-      const int32_t r = e / chunks, c = e - r * chunks;
-      const int64_t p = p0 + r;
-      const T *row = p < pairs ? queries + ((int64_t)(obs0 + p / G) * plan.num_q_heads + h * G + p % G) * dim : nullptr;
-      cp_async_16(q_tile + r * stride + c * kPerChunk, row ? row + c * kPerChunk : queries, row ? 16 : 0);
-    }
-  }
+  stage_rows(q_tile, [&](int32_t r) -> const T * {
+    const int64_t p = p0 + r;
+    return p < pairs ? queries + ((int64_t)(obs0 + p / G) * plan.num_q_heads + h * G + p % G) * dim : nullptr;
+  }, dim, stride, queries);
   if (threadIdx.x < kTileRows) {
     const int32_t j = first_key + threadIdx.x;
     k_src[threadIdx.x] = j < key_hi ? key_row<T>(cache, b, j, h) : nullptr;
@@ -401,19 +401,14 @@ __global__ void __launch_bounds__(kThreads)
 
   /* Rows [64 st, 64 st + 64) of group gi into a query tile (zeros past the group's end). */
   auto stage_queries = [&](int64_t stage, T *tile) {
-    constexpr int kPerChunk = 16 / (int)sizeof(T);
-    const int32_t chunks = dim / kPerChunk, gi = (int32_t)(stage / stages_per_group);
+    const int32_t gi = (int32_t)(stage / stages_per_group);
     const int64_t i0 = (stage % stages_per_group) * kTileRows;
-    for (int32_t e = threadIdx.x; e < kTileRows * chunks; e += kThreads) {
-      const int32_t r = e / chunks, c = e - r * chunks;
-      const T *row = nullptr;
-      if (i0 + r < groups.size()) {
-        int32_t obs, head;
-        groups.at(gi, i0 + r, &obs, &head);
-        row = queries + ((int64_t)obs * plan.num_q_heads + h * G + head) * dim;
-      }
-      cp_async_16(tile + r * stride + c * kPerChunk, row ? row + c * kPerChunk : queries, row ? 16 : 0);
-    }
+    stage_rows(tile, [&](int32_t r) -> const T * {
+      if (i0 + r >= groups.size()) return nullptr;
+      int32_t obs, head;
+      groups.at(gi, i0 + r, &obs, &head);
+      return queries + ((int64_t)obs * plan.num_q_heads + h * G + head) * dim;
+    }, dim, stride, queries);
   };
   stage_tile<T>(k_tile, k_src, dim, stride, static_cast<const T *>(cache.k));
   stage_queries(0, q_tiles);
