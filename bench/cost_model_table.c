@@ -30,7 +30,8 @@ int main(int argc, char **argv) {
       {"H2O, every query", KVC_SCORE_H2O, 1, 0, 0},     {"H2O, every query, engine lse", KVC_SCORE_H2O, 1, 0, 1},
       {"TOVA", KVC_SCORE_TOVA, 0, 1, 0},                 {"KNORM", KVC_SCORE_KNORM, 0, 1, 0},
   };
-  printf("Computed by `cost_model_table%s%s` from `bench/cost_model.h`%s%s%s: **analytic floors, not measurements** "
+  printf("Computed by `cost_model_table%s%s > bench/results/cost_model.md` (`cmake --build <dir> --target "
+         "cost_model_table`; no device needed) from `bench/cost_model.h`%s%s%s: **analytic floors, not measurements** "
          "(no GPU has run these kernels yet). kvc_score of one layer, Llama-3.1-8B attention (32 q heads, 8 KV heads, "
          "head_dim 128), bf16, one sequence; floor = max(bytes moved / copy bandwidth, tensor flops / tensor peak, "
          "exp2 / MUFU rate). The flops and exponentials are those of the two-pass kernels (the normaliser pass over "

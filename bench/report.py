@@ -440,7 +440,7 @@ def main():
 
     L.append("## CPU (this machine)\n")
     cpu_section(recs, L)
-    if not args.no_cpu_png and cpu_plot(recs, args.cpu_png):
+    if (cpu_plot(recs, args.cpu_png) if not args.no_cpu_png else os.path.exists(args.cpu_png)):
         L.append(f"![CPU speedup]({os.path.basename(args.cpu_png)})\n")
 
     with open(args.md, "w") as f:
