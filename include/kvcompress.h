@@ -381,14 +381,14 @@ KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_
  * [lo_r, p_r] of the scoring semantics above: without span_local that is the causal prefix
  * [0, p_r], i.e. what a causal prefill's attention normalises over. With it the attention methods
  * skip their normaliser pass (on CUDA the normaliser kernel: about half of the scoring work).
- * Ignored by KNORM and STREAMING. A NaN or inf entry makes that row's contribution NaN, as a
- * non-finite logit would; a non-finite logit then makes its own (row, key) contribution NaN (the
- * rest of the row is not re-read to find it, which is the pass the engine's normaliser replaces).
+ * Ignored by KNORM and STREAMING. With `lse`, a NaN or inf entry makes that row's contribution NaN
+ * (as a non-finite logit does without it), and a non-finite logit makes its own (row, key)
+ * contribution NaN (finding it elsewhere in the row would take the pass that `lse` replaces).
  * Where an engine has it:
- *   FlashAttention (flash_attn_func / flash_attn_varlen_func with return_attn_probs=True, FA3's
- *   forward): softmax_lse is exactly this (natural log, times softmax_scale inside), laid out
- *   [batch][num_heads][seqlen_q] or, varlen, [num_heads][total_q]: take the observation rows and
- *   transpose to [row][head].
+ *   FlashAttention (flash_attn_func / flash_attn_varlen_func with return_attn_probs=True; FA3's
+ *   flash_attn_func returns it too): softmax_lse is exactly this (natural log, of the logits times
+ *   softmax_scale), laid out [batch][num_heads][seqlen_q] or, varlen, [num_heads][total_q]: take
+ *   the observation rows and transpose to [row][head].
  *   FlashInfer (the prefill / decode wrappers' run(..., return_lse=True)): [total_q][num_qo_heads],
  *   but in base 2 by default (its kernels fold log2 e into the scale and return
  *   max + log2(sum of exp2), i.e. this lse divided by ln 2): multiply by ln 2 = 0.6931471806
