@@ -16,7 +16,9 @@
  *      keeps an online-softmax (max, sum of exp2) over the keys it sees. With one split it writes
  *      the row's log2-sum-exp; with several, (max, sum) partials that combine_normalisers_kernel
  *      merges in split order. Splits give short row sets (SnapKV's window) enough blocks to fill
- *      the device; long ones (H2O over the prompt) have enough rows.
+ *      the device; long ones (H2O over the prompt) have enough rows. A split's K tiles are read
+ *      once per block of 64 rows (G * window / 64 times: 4 for Llama-3.1-8B's SnapKV), by blocks
+ *      next to each other in the grid, so all but the first read come from L2.
  *   2. column_sums_kernel: a block owns (64 keys, sequence, KV head) and keeps its K tile
  *      resident while the rows that see those keys stream through in tiles of 64 (per q head for
  *      SNAPKV and H2O; TOVA's single query rows of all q heads together, as TOVA averages over
