@@ -402,16 +402,25 @@ bool in_shared(const void *p, size_t bytes) {
   return g_run.tls_size && c >= g_run.tls && c + bytes <= g_run.tls + g_run.tls_size;
 }
 
-float element(MmaType type, uint32_t reg, int half) {
-  const uint16_t bits = (uint16_t)(reg >> (16 * half));
-  if (type == MmaType::F16) {
+// Every f16 value as float, by its bits (built at load time: no guard on the hot path).
+const std::vector<float> g_f16_values = [] {
+  std::vector<float> table(65536);
+  for (uint32_t i = 0; i < 65536; ++i) {
     __half_raw raw;
-    raw.x = bits;
-    return __half2float(__half(raw));
+    raw.x = (unsigned short)i;
+    table[i] = __half2float(__half(raw));
   }
-  __nv_bfloat16_raw raw;
-  raw.x = bits;
-  return __bfloat162float(__nv_bfloat16(raw));
+  return table;
+}();
+
+// Element `half` (0: the low 16 bits) of a register of f16 or bf16 pairs, widened exactly.
+inline double element(MmaType type, uint32_t reg, int half) {
+  const uint16_t bits = (uint16_t)(reg >> (16 * half));
+  if (type == MmaType::F16) return g_f16_values[bits];
+  const uint32_t u = (uint32_t)bits << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
 }
 
 // The PTX ISA's fragments of mma.m16n8k16 (f16 / bf16 multiplicands, f32 accumulators), with
@@ -420,7 +429,7 @@ float element(MmaType type, uint32_t reg, int half) {
 //   B (16x8, col):  b0,b1 (k = 2t..2t+1, n = g)  b2,b3 (k = 2t+8..2t+9, n = g)
 //   C, D (16x8):    c0,c1 (g, 2t..2t+1)  c2,c3 (g+8, 2t..2t+1)
 void complete_mma(Fiber *lanes, MmaType type) {
-  float a[16][16], b[16][8], c[16][8];
+  double a[16][16], b[16][8], d[16][8];
   for (int lane = 0; lane < 32; ++lane) {
     const MmaLane &in = *reinterpret_cast<const MmaLane *>(lanes[lane].value);
     const int g = lane >> 2, t = lane % 4;
@@ -429,17 +438,17 @@ void complete_mma(Fiber *lanes, MmaType type) {
       a[row][col] = element(type, in.a[e / 2], e % 2);
     }
     for (int e = 0; e < 4; ++e) b[2 * t + (e % 2) + (e >= 2 ? 8 : 0)][g] = element(type, in.b[e / 2], e % 2);
-    for (int e = 0; e < 4; ++e) c[g + (e >= 2 ? 8 : 0)][2 * t + (e % 2)] = in.c[e];
+    for (int e = 0; e < 4; ++e) d[g + (e >= 2 ? 8 : 0)][2 * t + (e % 2)] = in.c[e];
   }
+  // D = C + sum over k of A(., k) B(k, .), each element summed in k order in double (exact: the
+  // products are exact in fp32); k outermost, so the 128 sums proceed side by side
+  for (int k = 0; k < 16; ++k)
+    for (int row = 0; row < 16; ++row)
+      for (int col = 0; col < 8; ++col) d[row][col] += a[row][k] * b[k][col];
   for (int lane = 0; lane < 32; ++lane) {  // every C is read above: d may alias c
     const MmaLane &out = *reinterpret_cast<const MmaLane *>(lanes[lane].value);
     const int g = lane >> 2, t = lane % 4;
-    for (int e = 0; e < 4; ++e) {
-      const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e % 2);
-      double sum = c[row][col];  // exact: the products are exact in fp32, the sum in double
-      for (int k = 0; k < 16; ++k) sum += (double)a[row][k] * (double)b[k][col];
-      out.d[e] = (float)sum;
-    }
+    for (int e = 0; e < 4; ++e) out.d[e] = (float)d[g + (e >= 2 ? 8 : 0)][2 * t + (e % 2)];
   }
 }
 
