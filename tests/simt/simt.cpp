@@ -428,7 +428,9 @@ inline double element(MmaType type, uint32_t reg, int half) {
 //   A (16x16, row): a0,a1 (g, 2t..2t+1)  a2,a3 (g+8, 2t..)  a4,a5 (g, 2t+8..)  a6,a7 (g+8, 2t+8..)
 //   B (16x8, col):  b0,b1 (k = 2t..2t+1, n = g)  b2,b3 (k = 2t+8..2t+9, n = g)
 //   C, D (16x8):    c0,c1 (g, 2t..2t+1)  c2,c3 (g+8, 2t..2t+1)
-void complete_mma(Fiber *lanes, MmaType type) {
+// Its arrays are its own and its operands the lanes' registers (locals): not instrumented under ASan,
+// where it is the emulator's hottest function.
+SIMT_NO_ASAN void complete_mma(Fiber *lanes, MmaType type) {
   double a[16][16], b[16][8], d[16][8];
   for (int lane = 0; lane < 32; ++lane) {
     const MmaLane &in = *reinterpret_cast<const MmaLane *>(lanes[lane].value);
