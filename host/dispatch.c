@@ -167,6 +167,7 @@ static kvc_status_t run_op(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, kvc_
   args->plan = plan->view;
   args->host_plan = &plan->host;
   args->blas = ctx->blas;
+  args->workers = ctx->workers;
   args->detail = ctx->detail;
   args->detail_cap = sizeof ctx->detail;
   if (plan->backend != KVC_BACKEND_CUDA) return kvc_op_for(plan->backend, op)(args, &ws);
