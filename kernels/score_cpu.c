@@ -17,8 +17,10 @@
  * are the lanes of float vectors; keys are converted to float once per tile of KEY_TILE keys and
  * every vector of the block takes its logits against the tile (kernels/score_cpu_simd.h: FMA
  * micro-kernel, then per vector exp, double sums and column sums). The block's logits are kept
- * (at most LOGITS_CAP floats, or one row when that alone is larger), so every logit is computed
- * once; with the engine's normaliser the exp pass is fused into the column sums. The [heads x
+ * (LOGITS_CAP floats, or MIN_VECTORS vectors' worth when that is more: the micro-kernel wants 4
+ * query vectors per key broadcast), so every logit is computed once; a domain's rows are split
+ * into blocks of equal size. With the engine's normaliser the exp pass is fused into the column
+ * sums. Buffer size barely matters here (1 to 8 MiB measured within noise at n = 1k-16k). The [heads x
  * window x n] attention matrix never exists. The inner loops are built three times - AVX-512,
  * AVX2+FMA (x86, picked at run time) and portable (GCC/Clang vector extensions) - and agree up to
  * the order of lane sums; KVC_CPU_ISA=1|2|3 (read at plan creation) caps the choice for tests.
@@ -44,7 +46,8 @@ enum {
   KEY_GROUP = 24, /* the micro-kernel's key counts (accumulators / vectors, 1..4 vectors) divide it */
   KEY_TILE = 96   /* keys converted to float per tile (a multiple of KEY_GROUP)                      */
 };
-#define LOGITS_CAP ((int64_t)1 << 20) /* floats of a block's logits, unless one row needs more */
+#define LOGITS_CAP ((int64_t)1 << 18) /* floats of a block's logits (1 MiB), unless MIN_VECTORS vectors need more */
+#define MIN_VECTORS 4                 /* vectors of a block when the domain has the rows (micro-kernel width) */
 
 /* One block: what kernels/score_cpu_simd.h computes, and the thread's scratch it uses. */
 typedef struct {
@@ -182,6 +185,7 @@ static void run_block(isa_t isa, const score_block_t *blk) {
 typedef struct {
   isa_t isa;
   int32_t lanes, block_rows, vectors; /* V, B, M of the workspace comment */
+  int32_t whole_rows;                 /* rows of a block that fill whole vectors come in multiples of it */
   int64_t logits_keys;                /* Lp */
 } score_shape_t;
 
@@ -205,10 +209,13 @@ static score_shape_t shape_of(const kvc_plan_view_t *plan) {
   s.lanes = isa_lanes(s.isa);
   s.logits_keys = ((int64_t)plan->max_seq_len + KEY_GROUP - 1) / KEY_GROUP * KEY_GROUP;
   const int64_t G = plan->group_size, whole = s.lanes / gcd(plan->group_size, s.lanes); /* rows filling whole vectors */
+  const int64_t fewest = (MIN_VECTORS * s.lanes + G - 1) / G;                            /* rows of MIN_VECTORS vectors */
   int64_t rows = LOGITS_CAP / (G * s.logits_keys);
-  if (rows >= whole) rows = rows / whole * whole;
+  rows = rows > fewest ? rows : fewest;
+  rows = (rows + whole - 1) / whole * whole;
   if (rows > plan->max_obs_per_domain) rows = plan->max_obs_per_domain;
   s.block_rows = rows < 1 ? 1 : (int32_t)rows;
+  s.whole_rows = (int32_t)whole;
   s.vectors = (int32_t)((G * s.block_rows + s.lanes - 1) / s.lanes);
   return s;
 }
@@ -316,10 +323,12 @@ static void group_attention(const score_job_t *job, const score_scratch_t *s, in
     for (int32_t i = 0; i < scored; ++i) s->heads[(int64_t)gi * L + i] = 0.0;
   for (int32_t t = dom->start; t <= plan->obs_pos[dom->obs_end - 1]; ++t)
     s->key_offset[t - dom->start] = kvc_slot_offset(cache, kvc_page_of(cache, pages, b, t), t, h);
-  for (int64_t r0 = dom->obs_begin; r0 < dom->obs_end; r0 += job->shape.block_rows) {
-    const int64_t r1 = r0 + job->shape.block_rows < dom->obs_end ? r0 + job->shape.block_rows : dom->obs_end;
-    add_block(job, s, dom, h, r0, r1);
-  }
+  /* blocks of equal size (a multiple of whole_rows where that fits), at most block_rows each */
+  const int64_t rows = dom->obs_end - dom->obs_begin, blocks = (rows + job->shape.block_rows - 1) / job->shape.block_rows;
+  int64_t step = (rows + blocks - 1) / blocks;
+  step = (step + job->shape.whole_rows - 1) / job->shape.whole_rows * job->shape.whole_rows;
+  step = step < job->shape.block_rows ? step : job->shape.block_rows;
+  for (int64_t r0 = dom->obs_begin; r0 < dom->obs_end; r0 += step) add_block(job, s, dom, h, r0, r0 + step < dom->obs_end ? r0 + step : dom->obs_end);
   /* Queries are ascending, so those that see key j are a suffix; the last one is the domain's
    * last token, so every key has at least one. */
   int64_t first_seeing = dom->obs_begin;
@@ -444,7 +453,7 @@ static void store_unscored(float *seq_rows, int32_t n, int32_t heads, int32_t fr
 
 kvc_status_t kvc_score_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
   const kvc_plan_view_t *plan = &args->plan;
-  score_job_t job = {args, {ISA_PORTABLE, 0, 0, 0, 0}, NULL, 0, NULL, 0};
+  score_job_t job = {args, {ISA_PORTABLE, 0, 0, 0, 0, 0}, NULL, 0, NULL, 0};
   if (is_attention_method(plan->method)) { /* the workspace comment at the top */
     job.shape = shape_of(plan);
     if (plan->method == KVC_SCORE_TOVA)
