@@ -78,10 +78,14 @@ try:  # the PyTorch peer: torch, kvpress's lines (bench/peers/kvpress_torch.py),
 except Exception as e:  # ImportError: no torch in this interpreter
     torch, kvpress_lines, _torch_missing = None, None, f"{type(e).__name__}: {e}"
 try:
+    import importlib.metadata
+    import types
+
     import kvpress  # noqa: E402
-    from kvpress import ObservedAttentionPress  # noqa: E402
+
+    _kvpress_version = importlib.metadata.version("kvpress")
 except Exception as e:
-    kvpress, ObservedAttentionPress, _kvpress_missing = None, None, f"{type(e).__name__}: {e}"
+    kvpress, _kvpress_missing = None, f"{type(e).__name__}: {e}"
 
 
 def log(msg):
@@ -176,27 +180,35 @@ def np_pipeline(method, k, v, q, window, groups, n_kept):
 # ---------------------------------------------------------------------------------------------
 
 
-def torch_scores(method, kt, vt, qt, window):
-    """Scores [1, kv_heads, n] as kvpress computes them. kt, vt: [1, Hkv, n, D]; qt: [1, Hq, w, D]."""
+def torch_scores(method, kt, vt, qt, window, ratio):
+    """Scores [1, kv_heads, n] as kvpress computes them. kt, vt: [1, Hkv, n, D]; qt: [1, Hq, w, D].
+    With kvpress importable its presses' own score() run on the attention weights that kvpress
+    would get (SnapKV: compute_window_attention's lines with the queries given; H2O: HF eager
+    attention over all queries); without it, the same lines from bench/peers/kvpress_torch.py."""
     n = kt.shape[2]
+    module = types.SimpleNamespace(config=types.SimpleNamespace(num_attention_heads=qt.shape[1] if qt is not None else 0))
+    hidden = torch.empty((1, n, 1))  # only its length is read (SnapKVPress asserts n > window)
     if method == "snapkv":
-        return kvpress_lines.snapkv_scores(kt, qt, window, 5)
+        if kvpress is None:
+            return kvpress_lines.snapkv_scores(kt, qt, window, 5)
+        attn = kvpress_lines.window_attention(kt, qt, window)
+        return kvpress.SnapKVPress(window_size=window, kernel_size=5).score(module, hidden, kt, vt, attn, {})
     if method == "h2o":
         attn = kvpress_lines.eager_attention(kt, qt)
-        if ObservedAttentionPress is not None:
-            return ObservedAttentionPress().score(None, None, kt, vt, attn, {})
-        return kvpress_lines.h2o_scores(kt, attn)
-    if method == "knorm":  # KnormPress.score
-        return -kt.norm(dim=-1)
-    if method == "streaming":  # StreamingLLMPress.score: sinks and the most recent tokens
-        scores = torch.zeros(kt.shape[:-1], dtype=kt.dtype)
-        scores[..., :SINKS] = 1.0
-        return scores + torch.arange(n, dtype=kt.dtype) / n
+        if kvpress is None:
+            return kvpress_lines.h2o_scores(kt, attn)
+        return kvpress.ObservedAttentionPress().score(module, hidden, kt, vt, attn, {})
+    if method == "knorm":
+        return kvpress.KnormPress().score(module, hidden, kt, vt, None, {}) if kvpress else -kt.norm(dim=-1)
+    if method == "streaming":  # sinks and the most recent tokens
+        if kvpress is not None:
+            return kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=SINKS).score(module, hidden, kt, vt, None, {})
+        return torch.cat([torch.ones((1, kt.shape[1], SINKS)), torch.arange(n - SINKS, dtype=kt.dtype).expand(1, kt.shape[1], -1) / n], -1)
     raise ValueError(method)
 
 
-def torch_pipeline(method, kt, vt, qt, window, n_kept):
-    scores = torch_scores(method, kt, vt, qt, window)
+def torch_pipeline(method, kt, vt, qt, window, n_kept, ratio):
+    scores = torch_scores(method, kt, vt, qt, window, ratio)
     idx = scores.topk(n_kept, dim=-1).indices  # ScorerPress.compress
     gather = idx.unsqueeze(-1).expand(-1, -1, -1, kt.shape[-1])
     return kt.gather(2, gather).contiguous(), vt.gather(2, gather).contiguous(), idx[0], scores[0]
@@ -278,7 +290,7 @@ def run_point(ctx, model, method, n, ratio, reps, rng, threads):
         kt, vt = torch.from_numpy(k[None]), torch.from_numpy(v[None])
         qt = torch.from_numpy(q[None]) if needs_q else None
         with torch.no_grad():
-            tp, (_, _, idx_t, s_t) = timed(lambda: torch_pipeline(method, kt, vt, qt, window, n_kept), reps)
+            tp, (_, _, idx_t, s_t) = timed(lambda: torch_pipeline(method, kt, vt, qt, window, n_kept, ratio), reps)
         same_t, near_t = kept_agreement(keep, idx_t.numpy(), s_t.float().numpy(), n, n_kept)
         torch_rec = {"torch_median_ms": tp["median_ms"], "torch_p10_ms": tp["p10_ms"], "torch_p90_ms": tp["p90_ms"],
                      "torch_cpu_ms": tp["cpu_ms"], "speedup_torch": tp["median_ms"] / ours["median_ms"],
@@ -337,7 +349,7 @@ def main():
               "cores": os.cpu_count(), "numpy": np.__version__, "threads": args.threads,
               "torch": torch.__version__ if torch is not None else None,
               "torch_missing": None if torch is not None else _torch_missing,
-              "kvpress": getattr(kvpress, "__version__", "?") if kvpress is not None else None,
+              "kvpress": _kvpress_version if kvpress is not None else None,
               "kvpress_missing": None if kvpress is not None else _kvpress_missing,
               "library": kvc.library_path(), "kvc_version": kvc.library_version(), "commit": commit,
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "ratio": args.ratio, "reps": args.reps}
