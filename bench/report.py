@@ -290,6 +290,9 @@ def gpu_plot(recs, path):
 # ---------------------------------------------------------------------------------------------
 
 
+CPU_PEAK_GFLOPS = 2.1 * 2 * 16 * 2  # the bench machine's single-core fp32 FMA peak (AVX-512, 2.1 GHz)
+
+
 def cpu_rows(recs):
     return [r for r in recs if r.get("impl") == "kvc_cpu" and r.get("record") == "result"]
 
@@ -305,8 +308,10 @@ def cpu_section(recs, lines):
                                                 f" (kvpress not importable: {dev.get('kvpress_missing')}; its lines "
                                                 f"from bench/peers/kvpress_torch.py)")
                   if dev.get("torch") else f"no PyTorch peer ({dev.get('torch_missing')})")
+    stretch = sorted(r["median_ms"] / r["cpu_ms"] for r in rows if r.get("cpu_ms"))
     lines.append(f"Measured {dev['date']} at commit `{dev['commit']}` on **{dev['cpu']}**, {dev['cores']} cores: "
-                 f"a **2-core VM shared with other engineers' builds and tests while it ran**, so the wall-clock "
+                 f"a **2-core VM shared with other engineers' builds and tests while it ran** (the library's wall "
+                 f"time was on median {stretch[len(stretch) // 2]:.1f}× its process CPU time), so the wall-clock "
                  f"numbers are **noisy**; the CPU-time columns (process CPU time) are steadier. **{threads} "
                  f"thread(s) for every implementation** (the library's context, numpy's BLAS, torch). numpy "
                  f"{dev['numpy']}, {torch_note}, library {dev['kvc_version']}, compression ratio {dev['ratio']}, "
@@ -340,9 +345,10 @@ def cpu_section(recs, lines):
                  "takes over 8 s). Extra memory: the library's kvc_compress workspace (it compacts in place) vs the "
                  "numpy pipeline's peak traced allocation (tracemalloc, one untimed call; includes the new K/V arrays "
                  "it gathers into). Analytic floor of the attention methods: 2·32·w·n·128 flops of QKᵀ (w = 64 "
-                 "window queries for SnapKV; H2O's causal triangle ≈ n²/2 pairs), at this CPU's single-core fp32 "
-                 "peak of 2.1 GHz × 2 FMA × 16 lanes × 2 = 134 GFLOP/s (AVX-512); the \"GFLOP/s\" figures below "
-                 "are those flops over kvc's median time.\n")
+                 "window queries for SnapKV; H2O's causal triangle n(n+1)/2 pairs), against this CPU's single-core "
+                 "fp32 peak of 2.1 GHz × 2 FMA × 16 lanes × 2 = 134 GFLOP/s (AVX-512); the \"GFLOP/s\" figures "
+                 "below are those flops over kvc's median time (the whole kvc_compress call: scoring, selection, "
+                 "compaction).\n")
     att = [r for r in sorted(rows, key=lambda r: (r["method"], r["n"])) if r["method"] in ("snapkv", "h2o")]
     if att:
         g = []
@@ -350,8 +356,10 @@ def cpu_section(recs, lines):
             w = r["window"] if r["method"] == "snapkv" else None
             pairs = w * r["n"] if w else r["n"] * (r["n"] + 1) / 2
             flops = 2 * r["q_heads"] * pairs * r["head_dim"]
-            g.append((r["method"], r["n"], flops / 1e9, flops / (r["median_ms"] * 1e-3) / 1e9))
-        lines.append(table(["method", "n", "QKᵀ GFLOP", "kvc GFLOP/s (wall)"], g) + "\n")
+            g.append((r["method"], r["n"], flops / 1e9, flops / (r["cpu_ms"] * 1e-3) / 1e9,
+                      flops / (r["cpu_ms"] * 1e-3) / 1e9 / CPU_PEAK_GFLOPS, flops / (r["median_ms"] * 1e-3) / 1e9))
+        lines.append(table(["method", "n", "QKᵀ GFLOP", "kvc GFLOP/s (CPU time)", "fraction of peak", "kvc GFLOP/s (wall)"],
+                           g) + "\n")
 
 
 def cpu_plot(recs, path):
