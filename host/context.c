@@ -1,5 +1,5 @@
-/* context.c - contexts: backend choice, the CUDA context's cuBLAS handle and the per-context
- * last-error detail. */
+/* context.c - contexts: backend choice, the CUDA context's cuBLAS handle, the CPU context's
+ * threads and the per-context last-error detail. */
 #include <stdlib.h>
 
 #include "device.h"
@@ -25,6 +25,7 @@ kvc_status_t kvc_context_create(kvc_backend_t backend, int device, kvc_context_t
   if (!ctx) return KVC_ERROR_OUT_OF_MEMORY;
   ctx->backend = backend;
   ctx->device = backend == KVC_BACKEND_CUDA ? device : 0;
+  ctx->threads = 1;
   if (backend == KVC_BACKEND_CUDA) {
     /* the cuBLAS handle (scoring's GEMM path): made here so that execute calls never allocate */
     int previous;
@@ -43,6 +44,7 @@ kvc_status_t kvc_context_create(kvc_backend_t backend, int device, kvc_context_t
 }
 
 kvc_status_t kvc_context_destroy(kvc_context_t ctx) {
+  if (ctx) kvc_workers_destroy(ctx->workers);
   if (ctx && ctx->blas) {
     int previous;
     if (kvc_device_enter(ctx->device, &previous, NULL, 0) == KVC_SUCCESS) {
@@ -51,6 +53,34 @@ kvc_status_t kvc_context_destroy(kvc_context_t ctx) {
     }
   }
   free(ctx);
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_context_set_threads(kvc_context_t ctx, int32_t threads) {
+  if (!ctx) return KVC_ERROR_INVALID_VALUE;
+  ctx->detail[0] = '\0';
+  if (threads < 1 || threads > KVC_MAX_THREADS)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "kvc_context_set_threads: threads is %d, must be in [1, %d]", threads,
+                    KVC_MAX_THREADS);
+  if (ctx->backend != KVC_BACKEND_CPU && threads != 1)
+    return kvc_fail(ctx, KVC_ERROR_NOT_SUPPORTED,
+                    "kvc_context_set_threads: threads is %d, but only a CPU context runs on host threads", threads);
+  if (threads == ctx->threads) return KVC_SUCCESS;
+  kvc_workers_destroy(ctx->workers);
+  ctx->workers = NULL;
+  ctx->threads = 1;
+  if (threads > 1) {
+    kvc_status_t status = kvc_workers_create(threads, &ctx->workers);
+    if (status != KVC_SUCCESS)
+      return kvc_fail(ctx, status, "kvc_context_set_threads: could not start %d threads; the context keeps 1", threads);
+    ctx->threads = threads;
+  }
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_context_threads(kvc_context_t ctx, int32_t *out) {
+  if (!ctx || !out) return KVC_ERROR_INVALID_VALUE;
+  *out = ctx->threads;
   return KVC_SUCCESS;
 }
 

@@ -175,6 +175,7 @@ static kvc_status_t run_fn(kvc_context_t ctx, kvc_plan_t plan, kvc_op_fn fn, kvc
   args->plan = plan->view;
   args->host_plan = &plan->host;
   args->blas = ctx->blas;
+  args->workers = ctx->workers;
   args->detail = ctx->detail;
   args->detail_cap = sizeof ctx->detail;
   if (plan->backend != KVC_BACKEND_CUDA) return fn(args, ws);

@@ -524,7 +524,8 @@ static void bind_view(kvc_plan_t plan, void *base) {
 }
 
 /* An integer from the environment in [lo, hi], else `fallback`: the test overrides of scoring's
- * GEMM path (kernels/score_gemm.h), read once here so that the plan carries them. */
+ * GEMM path (kernels/score_gemm.h) and of the CPU scoring's instruction set, read once here so
+ * that the plan carries them. */
 static int32_t env_int(const char *name, int32_t fallback, int32_t lo, int32_t hi) {
   const char *text = getenv(name);
   if (!text || !*text) return fallback;
@@ -596,6 +597,8 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
   v->gemm_threshold = env_int("KVC_SCORE_GEMM_THRESHOLD", KVC_GEMM_THRESHOLD, 0, INT32_MAX);
   v->gemm_tile_keys = env_int("KVC_SCORE_GEMM_KEYS", KVC_GEMM_TILE_KEYS, 1, KVC_GEMM_MAX_TILE_KEYS);
   v->gemm_tile_rows = env_int("KVC_SCORE_GEMM_ROWS", KVC_GEMM_TILE_ROWS, 1, KVC_GEMM_TILE_ROWS);
+  v->cpu_threads = ctx->threads;
+  v->cpu_isa = env_int("KVC_CPU_ISA", 0, 0, 3);
 
   plan_counts_t counts;
   count_arrays(desc, &counts);

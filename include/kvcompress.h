@@ -39,7 +39,8 @@
  *   - Threads: the library has no global mutable state. A context may be used by one thread at a
  *     time (it holds the last error). A plan is immutable after creation (except that
  *     kvc_plan_upload points it at another device buffer) and may be shared read-only by any
- *     number of threads and contexts of the same backend and device.
+ *     number of threads and contexts of the same backend and device. A CPU context may itself
+ *     use several threads for one call (kvc_context_set_threads).
  *
  * Layouts of the per-token arrays ("score layout", "keep layout")
  *
@@ -128,6 +129,24 @@ typedef enum {
 KVC_API kvc_status_t kvc_context_create(kvc_backend_t backend, int device, kvc_context_t *out);
 /* Destroys a context; accepts NULL. Plans created on it must be destroyed first. */
 KVC_API kvc_status_t kvc_context_destroy(kvc_context_t ctx);
+/* Threads of a CPU context (default 1). With threads > 1 the context owns threads - 1 worker
+ * threads, started here (execute calls never create threads) and joined by kvc_context_destroy or
+ * the next kvc_context_set_threads; between calls they sleep. What runs in parallel: kvc_score and
+ * the scoring stage of kvc_compress, split by (scoring domain, KV head), on the calling thread and
+ * the workers; selection, compaction and retention stay on the calling thread. Determinism: every
+ * score is computed by one thread in one fixed order, so results are bit-identical for any thread
+ * count (they may differ in the last bits between CPUs with different vector instruction sets).
+ * Plans: a plan's workspace holds scratch for the thread count its context had when the plan was
+ * created, and a call uses min(that count, the calling context's count) threads: set threads
+ * before creating plans. The context-per-thread rule stands: one thread at a time calls into a
+ * context; its workers are the library's own. threads must be in [1, 256]; a CUDA context
+ * accepts only 1.
+ * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (ctx is NULL, threads out of range);
+ * KVC_ERROR_NOT_SUPPORTED (threads > 1 on a CUDA context); KVC_ERROR_OUT_OF_MEMORY (the threads
+ * could not be started; the context is left with 1 thread). Synchronous. */
+KVC_API kvc_status_t kvc_context_set_threads(kvc_context_t ctx, int32_t threads);
+/* The context's thread count. INVALID_VALUE if ctx or out is NULL. */
+KVC_API kvc_status_t kvc_context_threads(kvc_context_t ctx, int32_t *out);
 /* The backend the context runs on (never AUTO). INVALID_VALUE if ctx or out is NULL. */
 KVC_API kvc_status_t kvc_context_backend(kvc_context_t ctx, kvc_backend_t *out);
 /* Detail of the last failure of a call made with ctx: which argument, which sequence, which value.

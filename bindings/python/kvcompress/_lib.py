@@ -159,6 +159,8 @@ def _declare(lib):
         "kvc_context_create": (st, [c.c_int, c.c_int, c.POINTER(P)]),
         "kvc_context_destroy": (st, [P]),
         "kvc_context_backend": (st, [P, c.POINTER(c.c_int)]),
+        "kvc_context_set_threads": (st, [P, c.c_int32]),
+        "kvc_context_threads": (st, [P, c.POINTER(c.c_int32)]),
         "kvc_last_error": (c.c_char_p, [P]),
         "kvc_plan_desc_init": (None, [c.POINTER(PlanDescStruct)]),
         "kvc_plan_create": (st, [P, c.POINTER(PlanDescStruct), c.POINTER(P)]),

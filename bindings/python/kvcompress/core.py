@@ -68,11 +68,15 @@ def _raise(ctx_handle, status, function):
 class Context:
     """A libkvcompress context on one backend ('cpu', 'cuda' or 'auto') and CUDA device.
 
+    threads: host threads a CPU context scores with (kvc_context_set_threads; default 1, results
+    bit-identical for any count). Plans size their workspace for the count the context has when
+    they are made, so set it here or before making plans. A CUDA context takes only 1.
+
     Use as a context manager or call close(); plans made from it keep it alive and are closed
     first when it is closed.
     """
 
-    def __init__(self, backend="auto", device=0):
+    def __init__(self, backend="auto", device=0, threads=1):
         lib = _lib.lib()
         code = _choice(BACKENDS, backend, "backend")
         if int(device) < 0:
@@ -92,6 +96,21 @@ class Context:
         self.backend = BACKEND_NAMES[out.value]
         self.device = int(device) if self.backend == "cuda" else 0
         self._plans = weakref.WeakSet()
+        if threads != 1:
+            self.threads = threads
+
+    @property
+    def threads(self):
+        """Host threads of the context (kvc_context_threads)."""
+        out = ctypes.c_int32()
+        self._lib.kvc_context_threads(self.handle, ctypes.byref(out))
+        return out.value
+
+    @threads.setter
+    def threads(self, count):
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"threads: must be an int, got {count!r}")
+        self._check(self._lib.kvc_context_set_threads(self.handle, count), "kvc_context_set_threads")
 
     @property
     def is_cuda(self):
