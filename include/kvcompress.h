@@ -158,12 +158,25 @@ typedef enum {
  * Only the first ceil(n_b / page_size) entries of pages_b are ever read, and only those pages are
  * read or written. Page ids must lie in [0, num_pages): the CPU backend checks every id it would
  * use before touching memory, and kvc_compact / kvc_compress also check that no page is used by
- * two sequences (KVC_ERROR_INVALID_VALUE). The strides must not let two rows or two pages overlap,
- * and k and v must be different pools (both backends check). The CUDA backend cannot read the
- * table on the host, so its kernels guard instead: compaction leaves a sequence untouched if any
- * page id it uses lies outside [0, num_pages) or its CSR list is too short, and scoring reads such
- * tokens as zero keys. A page shared by two sequences cannot be detected on CUDA: validate the
- * table in the engine if it can be corrupt.
+ * two sequences (KVC_ERROR_INVALID_VALUE). The CUDA backend cannot read the table on the host, so
+ * its kernels guard instead: compaction leaves a sequence untouched if any page id it uses lies
+ * outside [0, num_pages) or its CSR list is too short, and scoring reads such tokens as zero keys.
+ * A page shared by two sequences is detected by compaction on the device (see kvc_compact).
+ *
+ * Layout rules, checked by both backends from the descriptor alone (KVC_ERROR_INVALID_VALUE, the
+ * detail naming the field and value) before any byte is touched:
+ *   - Offsets are bounded: the pool extent, (num_pages - 1) * stride_page + (page_size - 1) *
+ *     stride_token + (num_kv_heads - 1) * stride_head + head_dim elements, and its size in bytes
+ *     must fit int64, and k, v plus that many bytes must not pass the end of the address space.
+ *     Every element and byte offset the descriptor can address is then below it.
+ *   - No two rows (page, slot, head) of a pool overlap: taken by increasing stride, each axis with
+ *     more than one position steps at least past everything the finer axes span (head_dim for the
+ *     finest). Any nesting order of page, slot and head is fine.
+ *   - k and v are aligned to the element size (so they are a whole number of elements apart).
+ *   - No K row overlaps a V row: K and V may share one allocation (vLLM's (2, blocks, ...) halves,
+ *     FlashInfer's (pages, 2, ...) pages where K and V rows alternate) or lie anywhere apart, as
+ *     long as no element of any K row (p, s, h), p < num_pages, is an element of any V row. k == v
+ *     is always rejected.
  *
  *   NHD (vLLM, FlashInfer default): stride_token = H*D, stride_head = D, stride_page = page_size*H*D
  *   HND (TensorRT-LLM, FlashInfer HND): stride_head = page_size*D, stride_token = D
@@ -367,9 +380,11 @@ KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_
 /* ============================================================================================= */
 /* Execute calls (never allocate, never synchronise; see the conventions at the top)             */
 /* Each returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (NULL ctx/plan/pointer, plan from another   */
-/* backend, cache descriptor not matching the plan, bad strides or page size, CPU: page id out   */
-/* of range or shared); KVC_ERROR_WORKSPACE_TOO_SMALL; KVC_ERROR_NOT_SUPPORTED; KVC_ERROR_CUDA   */
-/* (a launch failed).                                                                            */
+/* backend, cache descriptor not matching the plan or breaking its layout rules, bad page size,  */
+/* CPU: page id out of range or shared); KVC_ERROR_WORKSPACE_TOO_SMALL; KVC_ERROR_NOT_SUPPORTED; */
+/* KVC_ERROR_CUDA (a launch failed, or an error of the caller's earlier CUDA work was already    */
+/* pending on the calling thread: then nothing is enqueued, the detail says so and the error is */
+/* left pending, since cudaGetLastError would otherwise report it as the library's).             */
 /* ============================================================================================= */
 
 /* Scores every token. `queries`: [obs_total][num_q_heads][head_dim] in the plan's dtype, row order
