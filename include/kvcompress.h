@@ -286,7 +286,9 @@ typedef struct {
   kvc_reduce_t group_reduce;   /* default MEAN                                                      */
   float scale;                 /* softmax scale, finite, >= 0; 0 = 1/sqrt(head_dim) (default)       */
   int32_t span_local;          /* 0 or 1: each FAIR span is its own scoring domain; then every token
-                                  outside FAIR spans must be protected                              */
+                                  outside FAIR spans must be protected, and SNAPKV / H2O need
+                                  window >= the number of FAIR spans of every sequence (one query
+                                  per span at least)                                                */
   int32_t sink_tokens;         /* >= 0, protected prefix; default 0                                 */
   int32_t recent_tokens;       /* >= 0, protected suffix; default 0                                 */
   float fairness;              /* lambda in [0, 1]: 0 = plain policy, 1 = fully fair; default 0     */
@@ -308,7 +310,11 @@ KVC_API void kvc_plan_desc_init(kvc_plan_desc_t *desc);
  * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (any bad field: the detail names field, sequence,
  * span and value); KVC_ERROR_NOT_SUPPORTED (head_dim or dtype the backend does not handle);
  * KVC_ERROR_BUDGET (protected tokens exceed a budget: the detail names the sequence and counts);
- * KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA. On failure *out is NULL. Synchronous. */
+ * KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA. On failure *out is NULL. Synchronous.
+ * Sizes: every array and workspace size is computed with overflow checks. A plan may have at most
+ * 2^48 (query head, token) pairs, num_q_heads * sum of seq_lens (a 1 PiB score array), which keeps
+ * every size it implies inside 64 bits; a larger one, or one whose workspace would still pass
+ * SIZE_MAX, is KVC_ERROR_INVALID_VALUE (the detail names the counts), never a wrapped size. */
 KVC_API kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc_plan_t *out);
 /* Frees the plan (host and device memory). Accepts NULL. The caller must make sure no work that
  * uses the plan is still queued on a stream (e.g. synchronise first). */
