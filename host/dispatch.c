@@ -292,7 +292,11 @@ static kvc_status_t run_op(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, kvc_
   int previous;
   kvc_status_t status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
   if (status != KVC_SUCCESS) return status;
-  status = kvc_op_for(plan->backend, op)(args, &ws);
+  /* An error the caller's earlier CUDA work left pending would be read back by the ops' launch
+   * check as theirs: report it as the caller's before enqueuing, and leave it pending. */
+  static const char *const names[] = {"kvc_score", "kvc_select", "kvc_compact", "kvc_retention"};
+  status = kvc_device_check_pending(names[op], ctx->detail, sizeof ctx->detail);
+  if (status == KVC_SUCCESS) status = kvc_op_for(plan->backend, op)(args, &ws);
   kvc_device_restore(previous);
   return status;
 }

@@ -122,8 +122,15 @@ typedef enum {
  * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (out is NULL, backend unknown, device < 0 or not
  * present); KVC_ERROR_NO_DEVICE (CUDA asked for and the library was built without CUDA or no device
  * is usable); KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA (cuBLAS could not be initialised). On
- * failure *out is set to NULL. Synchronous. */
+ * failure *out is set to NULL. Synchronous. A failed creation has no context to keep its reason
+ * in (and the library has no global state): use kvc_context_create_with_detail to get it. */
 KVC_API kvc_status_t kvc_context_create(kvc_backend_t backend, int device, kvc_context_t *out);
+/* kvc_context_create that also explains a failure: `detail` (caller's buffer of detail_bytes,
+ * may be NULL) receives a NUL-terminated sentence, truncated to fit, naming the argument and value
+ * or the runtime's reason (e.g. "cudaGetDeviceCount: cudaErrorNoDevice: no CUDA-capable device is
+ * detected", "libkvcompress was built without CUDA"); "" on success. Same statuses. */
+KVC_API kvc_status_t kvc_context_create_with_detail(kvc_backend_t backend, int device, kvc_context_t *out,
+                                                    char *detail, size_t detail_bytes);
 /* Destroys a context; accepts NULL. Plans created on it must be destroyed first. */
 KVC_API kvc_status_t kvc_context_destroy(kvc_context_t ctx);
 /* The backend the context runs on (never AUTO). INVALID_VALUE if ctx or out is NULL. */
