@@ -260,6 +260,11 @@ typedef struct kvc_plan *kvc_plan_t;
  *   STREAMING  j, or (j - lo) / (hi - lo) with span_local. No queries.
  *   Keys a method does not score (protected query positions, keys outside every domain) get +inf.
  *   pool_kernel applies to SNAPKV only; group_reduce to SNAPKV and H2O.
+ *   Non-finite data, one rule on both backends (as torch and kvpress behave): a NaN or +-inf among
+ *   a query row's logits makes that whole softmax row NaN, so every key it observes gets a NaN
+ *   contribution; MAX pooling and MAX group-reduce propagate NaN; pool_kernel 1 is the identity;
+ *   KNORM is computed without intermediate overflow (finite for every finite key). Selection
+ *   orders NaN below -inf.
  *
  * Selection semantics for one (sequence b, KV head h), k = min(budgets[b], n):
  *   1. Protected set P = first sink_tokens + last recent_tokens + PROTECT spans + the method's own
