@@ -126,6 +126,8 @@ class ArrayView:
         return self.device[0] == "cuda"
 
     def is_c_contiguous(self):
+        if self.size == 0:
+            return True  # nothing to lay out (numpy reports zero strides for empty arrays)
         expect = 1
         for dim, stride in zip(reversed(self.shape), reversed(self.strides)):
             if dim != 1 and stride != expect:

@@ -58,10 +58,12 @@ def test_every_output_refuses_read_only_memory(ctx, rng):
         plan.select(scores, out=ro_keep)
     with pytest.raises(ValueError, match="read-only"):
         plan.compact(cache, plan.select(scores), extras=[ro_scores])
-    ro_q = np.zeros((plan.info.obs_total, H, D), dtype=np.float32)
+    snap = spans_plan(ctx, method="snapkv", window=4, pool_kernel=1)
+    ro_q = np.zeros((snap.info.obs_total, H, D), dtype=np.float32)
     ro_q.flags.writeable = False
     with pytest.raises(ValueError, match="out: the array is read-only"):
-        plan.gather_packed_queries(np.zeros((16, H, D), np.float32), np.array([0, 16], np.int32), out=ro_q)
+        snap.gather_packed_queries(np.ones((16, H, D), np.float32), np.array([0, 16], np.int32), out=ro_q)
+    assert not ro_q.any()
     buf = mmap.mmap(-1, k.nbytes, prot=mmap.PROT_READ)  # a read-only mapping as the K pool
     ro_k = np.frombuffer(buf, dtype=np.float32).reshape(k.shape)
     with pytest.raises(ValueError, match="read-only"):
