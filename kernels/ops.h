@@ -25,9 +25,19 @@ typedef struct {
   size_t used; /* bytes carved so far (aligned) */
 } kvc_carver_t;
 
-/* Next KVC_WORKSPACE_ALIGN-aligned piece of `bytes`; NULL while sizing. */
+/* Next KVC_WORKSPACE_ALIGN-aligned piece of `bytes`; NULL while sizing. A total that would pass
+ * SIZE_MAX saturates there for good (the plan rejects such a workspace, so an op never runs on a
+ * saturated carver): the sum of an op's pieces cannot wrap around to a small size. */
 static inline void *kvc_carve(kvc_carver_t *c, size_t bytes) {
+  if (c->used > (size_t)-1 - (KVC_WORKSPACE_ALIGN - 1)) {
+    c->used = (size_t)-1;
+    return NULL;
+  }
   size_t at = (c->used + KVC_WORKSPACE_ALIGN - 1) / KVC_WORKSPACE_ALIGN * KVC_WORKSPACE_ALIGN;
+  if (bytes > (size_t)-1 - at) {
+    c->used = (size_t)-1;
+    return NULL;
+  }
   c->used = at + bytes;
   return c->base ? (void *)(c->base + at) : NULL;
 }

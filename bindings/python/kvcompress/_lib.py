@@ -157,6 +157,7 @@ def _declare(lib):
         "kvc_version": (c.c_uint, []),
         "kvc_version_string": (c.c_char_p, []),
         "kvc_context_create": (st, [c.c_int, c.c_int, c.POINTER(P)]),
+        "kvc_context_create_with_detail": (st, [c.c_int, c.c_int, c.POINTER(P), c.c_char_p, c.c_size_t]),
         "kvc_context_destroy": (st, [P]),
         "kvc_context_backend": (st, [P, c.POINTER(c.c_int)]),
         "kvc_context_set_threads": (st, [P, c.c_int32]),
