@@ -81,6 +81,8 @@ class PlanDescStruct(ctypes.Structure):
         ("sink_tokens", ctypes.c_int32),
         ("recent_tokens", ctypes.c_int32),
         ("fairness", ctypes.c_float),
+        ("quota_rounding", ctypes.c_int),
+        ("window_protection", ctypes.c_int),
     ]
 
 

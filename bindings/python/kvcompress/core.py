@@ -25,6 +25,8 @@ POOLS = {"avg": 0, "max": 1}
 REDUCES = {"mean": 0, "max": 1}
 OPS = {"score": 0, "select": 1, "compact": 2, "retention": 3, "compress": 4}
 SPAN_KINDS = {"fair": 0, "protect": 1}
+QUOTA_ROUNDINGS = {"largest_remainder": 0, "later_first": 1}
+WINDOW_PROTECTIONS = {"protected": 0, "ranked": 1}
 
 
 def _dtype_tag(dtype):
@@ -213,7 +215,9 @@ class Plan:
       method='snapkv'                       'snapkv' | 'h2o' | 'tova' | 'knorm' | 'streaming'
       dtype='f16'                           'f32' | 'f16' | 'bf16' | 'fp8_e4m3' (or a numpy/torch dtype)
       window=64, pool_kernel=5, pool='avg', group_reduce='mean', scale=0.0 (= 1/sqrt(head_dim)),
-      span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0
+      span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0,
+      quota_rounding='largest_remainder'    | 'later_first' (kvc_quota_rounding_t)
+      window_protection='protected'         | 'ranked' (kvc_window_protection_t)
 
     Array layouts are the C ones, flat: scores float32 [score_elems] ("score layout"), keep int32
     [keep_elems] ("keep layout"), counts int32 [count_elems] ("count layout"); score_rows /
@@ -222,7 +226,8 @@ class Plan:
 
     def __init__(self, context, *, num_q_heads, num_kv_heads, head_dim, seq_lens, budgets, spans=None,
                  method="snapkv", dtype="f16", window=64, pool_kernel=5, pool="avg", group_reduce="mean",
-                 scale=0.0, span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0):
+                 scale=0.0, span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0,
+                 quota_rounding="largest_remainder", window_protection="protected"):
         if not isinstance(context, Context):
             raise TypeError(f"context: expected a kvcompress.Context, got {type(context).__name__}")
         lib = context._lib
@@ -274,6 +279,8 @@ class Plan:
         desc.sink_tokens = int(sink_tokens)
         desc.recent_tokens = int(recent_tokens)
         desc.fairness = float(fairness)
+        desc.quota_rounding = _choice(QUOTA_ROUNDINGS, quota_rounding, "quota_rounding")
+        desc.window_protection = _choice(WINDOW_PROTECTIONS, window_protection, "window_protection")
 
         handle = ctypes.c_void_p()
         status = lib.kvc_plan_create(context.handle, ctypes.byref(desc), ctypes.byref(handle))

@@ -83,6 +83,10 @@ def test_plan_defaults_equal_kvc_plan_desc_init():
         assert defaults[name] == getattr(desc, name), name
     assert defaults["scale"] == desc.scale and defaults["fairness"] == desc.fairness
     assert int(defaults["span_local"]) == desc.span_local
+    from kvcompress.core import QUOTA_ROUNDINGS, WINDOW_PROTECTIONS
+
+    assert QUOTA_ROUNDINGS[defaults["quota_rounding"]] == desc.quota_rounding
+    assert WINDOW_PROTECTIONS[defaults["window_protection"]] == desc.window_protection
     assert defaults["spans"] is None
 
 
