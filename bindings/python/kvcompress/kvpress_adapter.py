@@ -91,9 +91,11 @@ def _locate(prompt, text, what):
     return at, at + len(text)
 
 
-def _token_range(offsets, c0, c1):
+def _token_range(offsets, c0, c1, what):
     """Tokens whose characters overlap [c0, c1) (a token straddling an edge belongs to the text)."""
     hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < c1 and b > c0]
+    if not hits:
+        raise ValueError(f"{what}: the text maps to no token of the prompt (offsets missing?)")
     return hits[0], hits[-1] + 1
 
 
@@ -133,7 +135,7 @@ def find_spans(tokenizer, prompt, fair=(), protect=(), add_special_tokens=False,
     found = sorted((_locate(text, t, f"fair[{i}]") + (i,) for i, t in enumerate(fair)))
     spans = []
     for c0, c1, i in found:
-        s, e = _token_range(offsets, c0, c1)
+        s, e = _token_range(offsets, c0, c1, f"fair[{i}]")
         if spans and s < spans[-1][1]:
             if found[len(spans) - 1][1] > c0:
                 raise ValueError(f"fair[{i}] overlaps fair[{found[len(spans) - 1][2]}] in the prompt")
@@ -148,7 +150,8 @@ def find_spans(tokenizer, prompt, fair=(), protect=(), add_special_tokens=False,
     fair_spans = [None] * len(found)  # back to the order the texts were given in
     for (_, _, i), span in zip(found, spans):
         fair_spans[i] = span
-    prot = [_token_range(offsets, *_locate(text, t, f"protect[{i}]")) for i, t in enumerate(protect)]
+    prot = [_token_range(offsets, *_locate(text, t, f"protect[{i}]"), f"protect[{i}]")
+            for i, t in enumerate(protect)]
     return PromptSpans(input_ids, fair_spans, prot)
 
 
