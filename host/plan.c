@@ -95,6 +95,12 @@ static kvc_status_t validate_scalars(kvc_context_t ctx, const kvc_plan_desc_t *d
   if ((unsigned)d->device_memory > KVC_PLAN_MEMORY_CALLER)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: device_memory is %d, not a kvc_plan_memory_t", where,
                     (int)d->device_memory);
+  if ((unsigned)d->quota_rounding > KVC_QUOTA_LATER_FIRST)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: quota_rounding is %d, not a kvc_quota_rounding_t", where,
+                    (int)d->quota_rounding);
+  if ((unsigned)d->window_protection > KVC_WINDOW_RANKED)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: window_protection is %d, not a kvc_window_protection_t", where,
+                    (int)d->window_protection);
   return KVC_SUCCESS;
 }
 
@@ -164,9 +170,10 @@ static long double bounded_total(const long double *c, const int32_t *lo, const 
 /* Solves sum_p clamp(mu * c_p, lo_p, hi_p) = F for mu by walking the sorted breakpoints, then
  * recomputes the free partitions' shares from the exact ratio (F - fixed) * c_p / sum(c_free) so
  * equal partitions get bit-equal fractions, and rounds by largest remainder (ties to the later
- * partition). `scratch` holds 3 * np long doubles and np ints. */
-static void apportion(const long double *c, const int32_t *lo, const int32_t *hi, int np, int64_t F, int32_t *q,
-                      long double *scratch, int *order) {
+ * partition) or, later_first, hands the leftover to the latest partitions. `scratch` holds 3 * np
+ * long doubles and np ints. */
+static void apportion(const long double *c, const int32_t *lo, const int32_t *hi, int np, int64_t F, int later_first,
+                      int32_t *q, long double *scratch, int *order) {
   long double *breaks = scratch, *share = scratch + 2 * np;
   int nb = 0;
   for (int p = 0; p < np; ++p) {
@@ -224,11 +231,15 @@ static void apportion(const long double *c, const int32_t *lo, const int32_t *hi
     }
     assigned += q[p];
   }
-  /* largest remainder first; equal remainders: the later partition first */
+  /* Who gets a leftover token first: the largest remainder, equal remainders the later partition;
+   * later_first: among the partitions with a remainder, the later one (the leftover count is the
+   * sum of the remainders, so it never reaches a partition without one). */
   for (int i = 1; i < np; ++i)
     for (int j = i; j > 0; --j) {
       int a = order[j - 1], b = order[j];
-      if (share[b] > share[a] || (share[b] == share[a] && b > a)) {
+      int b_first = later_first ? (share[b] > 0) > (share[a] > 0) || ((share[b] > 0) == (share[a] > 0) && b > a)
+                                : share[b] > share[a] || (share[b] == share[a] && b > a);
+      if (b_first) {
         order[j - 1] = b;
         order[j] = a;
       } else {
@@ -419,7 +430,8 @@ static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, pla
       }
       dom->obs_end = obs;
       dom->scored_end = (d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_TOVA) ? end - q : end;
-      if (d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_TOVA) set_bits(bits, end - q, end);
+      /* unscored, they score +inf: protected, or only ranked first (KVC_WINDOW_RANKED) */
+      if (dom->scored_end < end && d->window_protection == KVC_WINDOW_PROTECTED) set_bits(bits, end - q, end);
     }
     a->obs_indptr[b + 1] = obs;
     a->domain_indptr[b + 1] = ndom;
@@ -490,7 +502,8 @@ static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, pla
     }
     int64_t F = (int64_t)floor((double)d->fairness * k + 0.5);
     if (F < sum_lo) F = sum_lo;
-    apportion(scratch, lohi, lohi + max_parts, nparts, F, lohi + 2 * max_parts, scratch + nparts, order);
+    apportion(scratch, lohi, lohi + max_parts, nparts, F, d->quota_rounding == KVC_QUOTA_LATER_FIRST,
+              lohi + 2 * max_parts, scratch + nparts, order);
     for (int32_t i = 0; i < nparts; ++i) a->parts[npart + i].quota = lohi[2 * max_parts + i];
     a->fill[b] = (int32_t)(k - F);
     npart += nparts;

@@ -262,6 +262,26 @@ typedef enum {
 typedef enum { KVC_POOL_AVG = 0, KVC_POOL_MAX = 1 } kvc_pool_t;
 typedef enum { KVC_REDUCE_MEAN = 0, KVC_REDUCE_MAX = 1 } kvc_reduce_t;
 
+/* How the quotas' rounding remainder is shared (selection step 3). */
+typedef enum {
+  KVC_QUOTA_LARGEST_REMAINDER = 0, /* the largest fractional shares get the leftover tokens (default) */
+  KVC_QUOTA_LATER_FIRST = 1        /* every partition gets the floor of its share; the leftover tokens
+                                      go one each to the latest partitions with room, last first. For
+                                      two spans this is the paper code's floor(k * L_1 / n) for the
+                                      earlier and the rest for the later */
+} kvc_quota_rounding_t;
+
+/* Whether the method's own observation positions (SNAPKV's window, TOVA's last token of each
+ * domain) are protected (selection step 1). */
+typedef enum {
+  KVC_WINDOW_PROTECTED = 0, /* always kept: they count in P, raise their partition's lower bound lo_p
+                               and |P| > k is KVC_ERROR_BUDGET (default) */
+  KVC_WINDOW_RANKED = 1     /* not in P: they keep their +inf score, so they rank first in their
+                               partition but count against its quota like any token; a quota smaller
+                               than the window keeps its latest positions. The paper code's rule
+                               (window keys get their span's highest score) */
+} kvc_window_protection_t;
+
 typedef struct kvc_plan *kvc_plan_t;
 
 /* What kvc_plan_create does with a sequence whose protected tokens exceed its budget
@@ -312,14 +332,16 @@ typedef enum {
  *
  * Selection semantics for one (sequence b, KV head h), k = min(budgets[b], n):
  *   1. Protected set P = first sink_tokens + last recent_tokens + PROTECT spans + the method's own
- *      protected positions. |P| > k is KVC_ERROR_BUDGET at plan time, unless budget_policy says
- *      otherwise: KVC_BUDGET_CLAMP sets k = |P|, KVC_BUDGET_SKIP sets k = n (then every token is
- *      kept and nothing moves). Everything below uses that k.
+ *      protected positions (unless window_protection is KVC_WINDOW_RANKED). |P| > k is
+ *      KVC_ERROR_BUDGET at plan time, unless budget_policy says otherwise: KVC_BUDGET_CLAMP
+ *      sets k = |P|, KVC_BUDGET_SKIP sets k = n (then every token is kept and nothing moves).
+ *      Everything below uses that k.
  *   2. Partitions: the FAIR spans in order, then one implicit partition (weight 1) of every token
  *      in no FAIR span, if any. Partition p has length L_p, weight w_p, protected count lo_p.
  *   3. F = max(sum lo_p, floor(fairness * k + 0.5)); integer quotas lo_p <= q_p <= L_p, sum q_p = F,
  *      q_p = clamp(mu * w_p * L_p, lo_p, L_p) with mu solving the sum exactly, rounded by largest
- *      remainder, ties to the later partition.
+ *      remainder, ties to the later partition (or, with KVC_QUOTA_LATER_FIRST, floors plus one
+ *      leftover token each for the latest partitions).
  *   4. Keep P; in each partition its top (q_p - lo_p) unprotected tokens; then the top (k - F) of
  *      all tokens not yet kept.
  *   5. "Top" orders by score descending, equal scores by position descending, NaN below -inf
@@ -355,13 +377,15 @@ typedef struct {
   kvc_plan_memory_t device_memory; /* CUDA: OWNED (default) allocates and uploads the plan's device
                                   copy in kvc_plan_create; CALLER allocates nothing and waits for
                                   kvc_plan_upload into the caller's buffer. Ignored on CPU.         */
+  kvc_quota_rounding_t quota_rounding;       /* default KVC_QUOTA_LARGEST_REMAINDER              */
+  kvc_window_protection_t window_protection; /* default KVC_WINDOW_PROTECTED                     */
 } kvc_plan_desc_t;
 
 #define KVC_PLAN_DESC_INIT                                                                         \
   {                                                                                                \
     sizeof(kvc_plan_desc_t), 0, 0, 0, KVC_DTYPE_F16, 0, NULL, NULL, NULL, NULL, KVC_SCORE_SNAPKV, \
         64, 5, KVC_POOL_AVG, KVC_REDUCE_MEAN, 0.0f, 0, 0, 0, 0.0f, KVC_BUDGET_FAIL,               \
-        KVC_PLAN_MEMORY_OWNED                                                                      \
+        KVC_PLAN_MEMORY_OWNED, KVC_QUOTA_LARGEST_REMAINDER, KVC_WINDOW_PROTECTED                   \
   }
 
 /* Fills *desc with the defaults of KVC_PLAN_DESC_INIT (for callers that cannot use the macro,
@@ -556,7 +580,9 @@ KVC_API kvc_status_t kvc_plan_compatible(kvc_plan_t a, kvc_plan_t b, int *compat
  * with the plan's resolved scale (1/sqrt(head_dim) when desc.scale is 0), over exactly the keys
  * [lo_r, p_r] of the scoring semantics above: without span_local that is the causal prefix
  * [0, p_r], i.e. what a causal prefill's attention normalises over. With it the attention methods
- * skip their normaliser pass. Ignored by KNORM and STREAMING. A NaN or inf entry makes that row's
+ * skip their normaliser pass. Under span_local, passing the causal prefix's normaliser instead
+ * (what the engine's attention has) scores each span with the full causal softmax sliced to the
+ * span's keys, as the paper's code does, rather than a softmax over the span alone. Ignored by KNORM and STREAMING. A NaN or inf entry makes that row's
  * contribution NaN, as a non-finite logit would. */
 KVC_API kvc_status_t kvc_score(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                const void *queries, const float *lse, float *scores, int accumulate,

@@ -2,10 +2,11 @@
 
 Discovery order (the first that loads wins):
   1. the environment variable KVCOMPRESS_LIBRARY (a path to the shared library);
-  2. when this package sits inside the libkvcompress repository (an editable install or a run
+  2. the library bundled inside this package (kvcompress/libkvcompress.so: what the wheel ships);
+  3. when this package sits inside the libkvcompress repository (an editable install or a run
      from the source tree): <repo>/build/*/libkvcompress.so and <repo>/build/libkvcompress.so,
      newest first;
-  3. the install prefix / system: ctypes.util.find_library('kvcompress'), then the bare soname.
+  4. the install prefix / system: ctypes.util.find_library('kvcompress'), then the bare soname.
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ class PlanDescStruct(ctypes.Structure):
         ("fairness", ctypes.c_float),
         ("budget_policy", ctypes.c_int),
         ("device_memory", ctypes.c_int),
+        ("quota_rounding", ctypes.c_int),
+        ("window_protection", ctypes.c_int),
     ]
 
 
@@ -127,6 +130,9 @@ def candidates():
     if env:
         out.append(("$KVCOMPRESS_LIBRARY", env))
         return out  # an explicit choice is never silently replaced by another library
+    bundled = os.path.join(os.path.dirname(os.path.abspath(__file__)), _soname())
+    if os.path.isfile(bundled):
+        out.append(("bundled with the package", bundled))
     root = repo_root()
     if root is not None:
         name = _soname()

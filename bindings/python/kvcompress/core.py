@@ -29,6 +29,8 @@ BUDGET_POLICIES = {"fail": 0, "clamp": 1, "skip": 2}
 DEVICE_MEMORY = {"owned": 0, "caller": 1}
 #: kvc_outcome_t by value: what a plan does to each sequence (Plan.outcomes, Plan.outcome_names).
 OUTCOMES = ("compressed", "within_budget", "clamped", "skipped")
+QUOTA_ROUNDINGS = {"largest_remainder": 0, "later_first": 1}
+WINDOW_PROTECTIONS = {"protected": 0, "ranked": 1}
 
 
 def _dtype_tag(dtype):
@@ -246,6 +248,8 @@ class Plan:
                                             keeps exactly its protected tokens, or stays
                                             uncompressed; `outcomes` says what happened
       device_memory='owned'                 'owned' | 'caller' (CUDA: see upload())
+      quota_rounding='largest_remainder'    | 'later_first' (kvc_quota_rounding_t)
+      window_protection='protected'         | 'ranked' (kvc_window_protection_t)
 
     Array layouts are the C ones, flat: scores float32 [score_elems] ("score layout"), keep int32
     [keep_elems] ("keep layout"), counts int32 [count_elems] ("count layout"); score_rows /
@@ -255,7 +259,8 @@ class Plan:
     def __init__(self, context, *, num_q_heads, num_kv_heads, head_dim, seq_lens, budgets, spans=None,
                  method="snapkv", dtype="f16", window=64, pool_kernel=5, pool="avg", group_reduce="mean",
                  scale=0.0, span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0, budget_policy="fail",
-                 device_memory="owned"):
+                 device_memory="owned",
+                 quota_rounding="largest_remainder", window_protection="protected"):
         if not isinstance(context, Context):
             raise TypeError(f"context: expected a kvcompress.Context, got {type(context).__name__}")
         lib = context._lib
@@ -322,6 +327,8 @@ class Plan:
         desc.fairness = fairness
         desc.budget_policy = _choice(BUDGET_POLICIES, budget_policy, "budget_policy")
         desc.device_memory = _choice(DEVICE_MEMORY, device_memory, "device_memory")
+        desc.quota_rounding = _choice(QUOTA_ROUNDINGS, quota_rounding, "quota_rounding")
+        desc.window_protection = _choice(WINDOW_PROTECTIONS, window_protection, "window_protection")
 
         handle = ctypes.c_void_p()
         status = lib.kvc_plan_create(context.handle, ctypes.byref(desc), ctypes.byref(handle))
