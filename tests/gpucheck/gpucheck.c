@@ -636,7 +636,7 @@ kvc_test_cache_t *gc_problem_cache(gc_run_t *r, const gc_problem_t *p, int32_t g
   if (p->nonfinite) {
     /* in owned K rows only: slots nobody owns must keep the 0xCD sentinel */
     const int huge = d->method == KVC_SCORE_KNORM && d->dtype == KVC_DTYPE_F32 && gc_chance(r, 0.5);
-    for (int i = 0, m = kvc_rng_range(&r->rng, 0, 2); i < m; ++i) {
+    for (int i = 0, m = kvc_rng_range(&r->rng, 1, 2); i < m; ++i) {
       const int32_t b = kvc_rng_range(&r->rng, 0, d->batch - 1), t = kvc_rng_range(&r->rng, 0, p->seq_lens[b] - 1);
       const int32_t h = kvc_rng_range(&r->rng, 0, d->num_kv_heads - 1);
       char where[64];
