@@ -5,10 +5,11 @@
  *   kvc-gpucheck [--seed S] [--cases N] [--max-n M] [--time-budget SECONDS] [--family a,b]
  *                [--shard K/N] [--max-work W] [--verbose] [--list]
  *
- * Case i (i = 0, 1, ...) has seed S + i; its family is families[seed % count] and every parameter
- * comes from the seed, so `--seed <seed> --cases 1 --max-n M` reruns exactly one case. --family
- * runs only the cases whose seed maps to those families (still N of them). --shard K/N runs the
- * K-th of N interleaved slices (blocks of one seed per family), so N processes can share a GPU.
+ * Case i (i = 0, 1, ...) has seed S + i and runs family active[seed % count], where `active` is the
+ * --family list (default: every family, in the table's order); every parameter comes from the seed
+ * alone, so `--family F --seed <seed> --cases 1 --max-n M` reruns exactly one case, whatever
+ * families are added later. --shard K/N runs the K-th of N interleaved slices (blocks of one seed
+ * per active family), so N processes can share a GPU.
  * --time-budget stops starting cases after that many seconds (the cases not started are reported,
  * not counted). Exit status: 0 when at least one case passed and none failed, 1 on a failure, 77 when
  * there is no device.
@@ -29,7 +30,7 @@
 #include "device.h"
 #include "select_oracle.h"
 
-/* The families, in the order seed % count picks them. Append new ones at the end. */
+/* Every family; --family picks some of them. */
 static const gc_family_t *const kFamilies[] = {&gc_family_score,    &gc_family_select, &gc_family_compact,
                                                &gc_family_compress, &gc_family_graph,  &gc_family_corrupt,
                                                &gc_family_nonfinite};
@@ -688,12 +689,28 @@ typedef struct {
   const char *families;
 } options_t;
 
-static int family_selected(const options_t *o, const char *name) {
-  if (!o->families) return 1;
-  const size_t len = strlen(name);
-  for (const char *at = o->families; (at = strstr(at, name)) != NULL; at += len)
-    if ((at == o->families || at[-1] == ',') && (at[len] == '\0' || at[len] == ',')) return 1;
-  return 0;
+/* The families named in --family (all when NULL), in the table's order; 0 if a name is unknown. */
+static int active_families(const char *list, const gc_family_t **active) {
+  int count = 0;
+  for (int f = 0; f < NUM_FAMILIES; ++f) {
+    const char *name = kFamilies[f]->name;
+    const size_t len = strlen(name);
+    int named = !list;
+    for (const char *at = list; !named && at && (at = strstr(at, name)) != NULL; at += len)
+      named = (at == list || at[-1] == ',') && (at[len] == '\0' || at[len] == ',');
+    if (named) active[count++] = kFamilies[f];
+  }
+  for (const char *at = list; at && *at;) { /* every name must be known */
+    const size_t len = strcspn(at, ",");
+    int known = 0;
+    for (int f = 0; f < NUM_FAMILIES; ++f) known |= strlen(kFamilies[f]->name) == len && !strncmp(at, kFamilies[f]->name, len);
+    if (!known) {
+      fprintf(stderr, "kvc-gpucheck: unknown family '%.*s' (--list shows them)\n", (int)len, at);
+      return 0;
+    }
+    at += len + (at[len] == ',');
+  }
+  return count;
 }
 
 static void usage(void) {
@@ -734,6 +751,9 @@ int main(int argc, char **argv) {
     for (int f = 0; f < NUM_FAMILIES; ++f) printf("%-9s %s\n", kFamilies[f]->name, kFamilies[f]->what);
     return 0;
   }
+  const gc_family_t *active[NUM_FAMILIES];
+  const int num_active = active_families(o.families, active);
+  if (!num_active) return 2;
   for (size_t i = 0; i < GC_GUARD_BYTES; ++i) g_guard[i] = guard_byte(i);
   setvbuf(stdout, NULL, _IOLBF, 0);
   g_verbose = o.verbose;
@@ -771,13 +791,9 @@ int main(int argc, char **argv) {
     const char *family;
   } slowest[5] = {{0}};
   for (uint64_t i = 0; ran < o.cases; ++i) {
-    if ((int)((i / NUM_FAMILIES) % (uint64_t)o.shards) != o.shard) continue;
+    if ((int)((i / (uint64_t)num_active) % (uint64_t)o.shards) != o.shard) continue;
     const uint64_t seed = o.seed + i;
-    const gc_family_t *family = kFamilies[seed % NUM_FAMILIES];
-    if (!family_selected(&o, family->name)) {
-      if (i > (uint64_t)o.cases * NUM_FAMILIES * (uint64_t)o.shards + 1000) break; /* no family matched */
-      continue;
-    }
+    const gc_family_t *family = active[seed % (uint64_t)num_active];
     if (o.time_budget > 0 && now_s() - t0 > o.time_budget) {
       not_started = o.cases - ran;
       break;
@@ -788,8 +804,8 @@ int main(int argc, char **argv) {
     r->failed = r->skipped = r->ncover = 0;
     r->seed = seed;
     r->rng.state = seed * 0x9e3779b97f4a7c15ull ^ 0x243f6a8885a308d3ull;
-    snprintf(g_current, sizeof g_current, "seed=%llu family=%s (rerun: --seed %llu --cases 1 --max-n %d)",
-             (unsigned long long)seed, family->name, (unsigned long long)seed, o.max_n);
+    snprintf(g_current, sizeof g_current, "seed=%llu family=%s (rerun: --family %s --seed %llu --cases 1 --max-n %d)",
+             (unsigned long long)seed, family->name, family->name, (unsigned long long)seed, o.max_n);
     const double start = now_s();
     family->run(r);
     release(r);
@@ -797,8 +813,8 @@ int main(int argc, char **argv) {
     if (r->failed) {
       failed++;
       tally_coverage(r);
-      printf("FAIL seed=%llu family=%s: %s\n     case: %s\n     rerun: kvc-gpucheck%s --seed %llu --cases 1 --max-n %d\n",
-             (unsigned long long)seed, family->name, r->failure, r->desc, r->emulated ? "-emu" : "",
+      printf("FAIL seed=%llu family=%s: %s\n     case: %s\n     rerun: kvc-gpucheck%s --family %s --seed %llu --cases 1 --max-n %d\n",
+             (unsigned long long)seed, family->name, r->failure, r->desc, r->emulated ? "-emu" : "", family->name,
              (unsigned long long)seed, o.max_n);
       if (!r->emulated && gc_device_sync() != 0) {
         printf("kvc-gpucheck: the device is in an error state (%s): the remaining cases cannot run\n", gc_device_error());

@@ -3,8 +3,8 @@
  * random cases, as a plain program (no Criterion: a GPU machine has none).
  *
  * Every case is drawn from one 64-bit seed by one "family" (a case generator: score, select,
- * compact, compress, graph, corrupt, ...; gpucheck.c lists them). The seed picks the family and
- * every parameter, so `kvc-gpucheck --seed S --cases 1 --max-n M` reruns exactly the case that
+ * compact, compress, graph, corrupt, nonfinite; gpucheck.c lists them). The seed gives every
+ * parameter, so `kvc-gpucheck --family F --seed S --cases 1 --max-n M` reruns exactly the case that
  * failed, on the GPU or on the emulator (kvc-gpucheck-emu), which is how a GPU failure becomes a
  * regression case CI runs.
  *
