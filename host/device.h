@@ -2,7 +2,8 @@
  * device.h - the few device-runtime calls the host layer makes (plan upload, device selection).
  * Three implementations: host/device_cuda.c (the CUDA runtime), host/device_none.c (a build without
  * CUDA: no device) and tests/simt/device_emu.c (the SIMT emulator: device memory is host memory).
- * Only plan creation/destruction and context creation/destruction call these; execute calls never do.
+ * Only plan creation/upload/destruction and context creation/destruction call these; execute calls
+ * never do.
  */
 #ifndef KVC_DEVICE_H
 #define KVC_DEVICE_H
@@ -20,6 +21,10 @@ kvc_status_t kvc_device_alloc(void **ptr, size_t bytes, char *detail, size_t cap
 void kvc_device_free(void *ptr);
 /* Synchronous host-to-device copy. */
 kvc_status_t kvc_device_upload(void *dst, const void *src, size_t bytes, char *detail, size_t cap);
+/* Host-to-device copy enqueued on `stream` (kvc_plan_upload); `src` must stay valid until the
+ * stream passes it. Never synchronises the device. */
+kvc_status_t kvc_device_upload_async(void *dst, const void *src, size_t bytes, kvc_stream_t stream, char *detail,
+                                     size_t cap);
 /* The context's BLAS handle (a cublasHandle_t on CUDA), made on the current device when a CUDA
  * context is created, so that execute calls never allocate one; destroy accepts NULL. The build
  * without CUDA has none (*handle = NULL); the emulator gives a dummy non-NULL one. */

@@ -49,6 +49,15 @@ kvc_status_t kvc_device_upload(void *dst, const void *src, size_t bytes, char *d
   return KVC_SUCCESS;
 }
 
+kvc_status_t kvc_device_upload_async(void *dst, const void *src, size_t bytes, kvc_stream_t stream, char *detail,
+                                     size_t cap) {
+  cudaError_t err = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, (cudaStream_t)stream);
+  if (err != cudaSuccess)
+    return kvc_fail_detail(detail, cap, KVC_ERROR_CUDA, "cudaMemcpyAsync(plan upload, %zu bytes): %s", bytes,
+                           cudaGetErrorString(err));
+  return KVC_SUCCESS;
+}
+
 kvc_status_t kvc_blas_create(void **handle, char *detail, size_t cap) {
   cublasHandle_t blas = NULL;
   cublasStatus_t status = cublasCreate(&blas);

@@ -22,6 +22,11 @@ kvc_status_t kvc_device_upload(void *dst, const void *src, size_t bytes, char *d
   return kvc_fail_detail(detail, cap, KVC_ERROR_NO_DEVICE, "libkvcompress was built without CUDA");
 }
 
+kvc_status_t kvc_device_upload_async(void *dst, const void *src, size_t bytes, kvc_stream_t stream, char *detail,
+                                     size_t cap) {
+  return kvc_fail_detail(detail, cap, KVC_ERROR_NO_DEVICE, "libkvcompress was built without CUDA");
+}
+
 kvc_status_t kvc_blas_create(void **handle, char *detail, size_t cap) {
   (void)detail, (void)cap;
   *handle = NULL;

@@ -131,7 +131,7 @@ static kvc_status_t check_cache(kvc_context_t ctx, const char *fn, const kvc_pla
   return KVC_SUCCESS;
 }
 
-static kvc_status_t check_common(kvc_context_t ctx, kvc_plan_t plan, const char *fn) {
+kvc_status_t kvc_check_plan_context(kvc_context_t ctx, kvc_plan_t plan, const char *fn) {
   if (!ctx) return KVC_ERROR_INVALID_VALUE;
   ctx->detail[0] = '\0';
   if (!plan) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: plan is NULL", fn);
@@ -139,6 +139,16 @@ static kvc_status_t check_common(kvc_context_t ctx, kvc_plan_t plan, const char 
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
                     "%s: the plan was made for backend %d device %d, the context runs backend %d device %d", fn,
                     (int)plan->backend, plan->device, (int)ctx->backend, ctx->device);
+  return KVC_SUCCESS;
+}
+
+static kvc_status_t check_common(kvc_context_t ctx, kvc_plan_t plan, const char *fn) {
+  kvc_status_t status = kvc_check_plan_context(ctx, plan, fn);
+  if (status != KVC_SUCCESS) return status;
+  if (plan->backend == KVC_BACKEND_CUDA && !plan->view_on_device)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: the plan has no device copy yet (device_memory KVC_PLAN_MEMORY_CALLER): call "
+                    "kvc_plan_upload first", fn);
   return KVC_SUCCESS;
 }
 
@@ -160,22 +170,27 @@ static kvc_status_t check_workspace(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t
  * plan needs none and the caller passed NULL) gets this non-NULL base, of which it carves 0 bytes. */
 static char no_workspace[KVC_WORKSPACE_ALIGN];
 
-/* Runs one op on its slice of the workspace, with the device selected around the call. */
-static kvc_status_t run_op(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, kvc_op_args_t *args, void *workspace) {
-  kvc_carver_t ws = {workspace ? (char *)workspace : no_workspace, 0};
-  kvc_carve_validation(&plan->host, plan->backend, op, &ws, NULL); /* checked by check_cache_for */
+/* Runs `fn` with the plan and the context in args, with the device selected around the call. */
+static kvc_status_t run_fn(kvc_context_t ctx, kvc_plan_t plan, kvc_op_fn fn, kvc_op_args_t *args, kvc_carver_t *ws) {
   args->plan = plan->view;
   args->host_plan = &plan->host;
   args->blas = ctx->blas;
   args->detail = ctx->detail;
   args->detail_cap = sizeof ctx->detail;
-  if (plan->backend != KVC_BACKEND_CUDA) return kvc_op_for(plan->backend, op)(args, &ws);
+  if (plan->backend != KVC_BACKEND_CUDA) return fn(args, ws);
   int previous;
   kvc_status_t status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
   if (status != KVC_SUCCESS) return status;
-  status = kvc_op_for(plan->backend, op)(args, &ws);
+  status = fn(args, ws);
   kvc_device_restore(previous);
   return status;
+}
+
+/* Runs one op on its slice of the workspace. */
+static kvc_status_t run_op(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, kvc_op_args_t *args, void *workspace) {
+  kvc_carver_t ws = {workspace ? (char *)workspace : no_workspace, 0};
+  kvc_carve_validation(&plan->host, plan->backend, op, &ws, NULL); /* checked by check_cache_for */
+  return run_fn(ctx, plan, kvc_op_for(plan->backend, op), args, &ws);
 }
 
 /* Validates the cache for an op that touches it; the scratch for the CPU's page check is carved
@@ -284,4 +299,81 @@ kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv
   if (status == KVC_SUCCESS) status = kvc_select(ctx, plan, scores, keep, stage, stage_bytes, stream);
   if (status == KVC_SUCCESS) status = kvc_compact(ctx, plan, cache, keep, NULL, 0, stage, stage_bytes, stream);
   return status;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * kvc_gather_queries: observation rows from the engine's packed q
+ */
+
+/* The gather needs no workspace, so it is not one of kvc_op_t's ops: its own entry. */
+static kvc_op_fn gather_op_for(kvc_backend_t backend) {
+#ifdef KVC_WITH_CUDA
+  if (backend == KVC_BACKEND_CUDA) return kvc_gather_cuda;
+#endif
+  return kvc_gather_cpu;
+}
+
+/* CPU: qo_indptr is host memory, so every sequence's packed rows are checked against its
+ * observation positions before anything is copied (CUDA guards in the kernel instead). */
+static kvc_status_t check_qo_indptr(kvc_context_t ctx, const char *fn, const kvc_plan_view_t *plan,
+                                    const int32_t *qo_indptr, int64_t num_tokens) {
+  if (qo_indptr[0] < 0) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: qo_indptr[0] is %d, must be >= 0", fn, qo_indptr[0]);
+  for (int32_t b = 0; b < plan->batch; ++b) {
+    const int32_t start = qo_indptr[b], end = qo_indptr[b + 1], n = plan->seq_lens[b];
+    if (end < start)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: qo_indptr[%d] = %d is below qo_indptr[%d] = %d", fn, b + 1,
+                      end, b, start);
+    if (end > num_tokens)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: qo_indptr[%d] = %d is past num_tokens = %lld", fn, b + 1, end,
+                      (long long)num_tokens);
+    if (end - start > n)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: sequence %d has %d packed rows (qo_indptr [%d, %d)) but only %d tokens", fn, b, end - start,
+                      start, end, n);
+    const int32_t first_obs = plan->obs_indptr[b];
+    if (first_obs < plan->obs_indptr[b + 1] && plan->obs_pos[first_obs] < n - (end - start))
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: sequence %d's %d packed rows (qo_indptr [%d, %d)) hold its positions [%d, %d), but its "
+                      "observation queries start at position %d", fn, b, end - start, start, end, n - (end - start),
+                      n, plan->obs_pos[first_obs]);
+  }
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_gather_queries(kvc_context_t ctx, kvc_plan_t plan, const void *packed_q, int64_t num_tokens,
+                                int64_t token_stride, const int32_t *qo_indptr, void *queries, kvc_stream_t stream) {
+  const char *fn = "kvc_gather_queries";
+  kvc_status_t status = check_common(ctx, plan, fn);
+  if (status != KVC_SUCCESS) return status;
+  const kvc_plan_view_t *host = &plan->host;
+  const int64_t row = (int64_t)host->num_q_heads * host->head_dim, elem = kvc_dtype_size(host->dtype);
+  if (num_tokens < 0)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: num_tokens is %lld, must be >= 0", fn, (long long)num_tokens);
+  if (token_stride == 0) token_stride = row;
+  if (token_stride < row)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: token_stride is %lld, must be 0 or >= num_q_heads * head_dim = %lld", fn,
+                    (long long)token_stride, (long long)row);
+  if (num_tokens > 0 && token_stride > INT64_MAX / elem / num_tokens)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: num_tokens %lld x token_stride %lld elements overflows a 64-bit byte offset", fn,
+                    (long long)num_tokens, (long long)token_stride);
+  if (host->obs_total == 0) return KVC_SUCCESS; /* nothing to read or write */
+  if (!packed_q) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: packed_q is NULL", fn);
+  if (!qo_indptr) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: qo_indptr is NULL", fn);
+  if (!queries) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: queries is NULL", fn);
+  if (plan->backend == KVC_BACKEND_CPU) {
+    status = check_qo_indptr(ctx, fn, host, qo_indptr, num_tokens);
+    if (status != KVC_SUCCESS) return status;
+  }
+  kvc_op_args_t args;
+  memset(&args, 0, sizeof args);
+  args.packed_q = packed_q;
+  args.packed_tokens = num_tokens;
+  args.packed_stride = token_stride;
+  args.qo_indptr = qo_indptr;
+  args.gathered = queries;
+  args.stream = stream;
+  kvc_carver_t ws = {no_workspace, 0};
+  return run_fn(ctx, plan, gather_op_for(plan->backend), &args, &ws);
 }

@@ -57,6 +57,16 @@ KVC_HD int64_t kvc_slot_offset(const kvc_paged_kv_t *c, int32_t page, int32_t t,
          (int64_t)h * c->stride_head;
 }
 
+/* The packed q row (kvc_gather_queries) holding position p of a sequence of n tokens whose packed
+ * rows are [start, end) of `tokens`: they hold its last end - start positions. -1 when they cannot
+ * hold p: a negative or reversed range, a range past `tokens`, more rows than the sequence has
+ * tokens, or p before the first packed position. */
+KVC_HD int64_t kvc_packed_row(int32_t n, int32_t start, int32_t end, int64_t tokens, int32_t p) {
+  const int64_t len = (int64_t)end - start;
+  if (start < 0 || len < 0 || end > tokens || len > n || p < n - len) return -1;
+  return start + (p - (n - len));
+}
+
 /* Selection key: larger = kept first. Orders by score (NaN below -inf, -0 == +0) in the high 32
  * bits and by position in the low 32 bits, so equal scores prefer the later token. */
 KVC_HD uint32_t kvc_score_bits(float s) {

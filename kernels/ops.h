@@ -46,10 +46,17 @@ typedef struct {
   float *const *extras;
   int32_t num_extras;
   int32_t *counts;
+  /* kvc_gather_queries: observation rows of `queries` layout gathered from the engine's packed q */
+  const void *packed_q;      /* [packed_tokens] rows of packed_stride elements, heads contiguous  */
+  int64_t packed_tokens, packed_stride;
+  const int32_t *qo_indptr;  /* [batch+1] packed rows per sequence                              */
+  void *gathered;            /* [obs_total][num_q_heads][head_dim]                              */
   void *stream;  /* cudaStream_t on CUDA */
   void *blas;    /* the context's cublasHandle_t on CUDA (NULL while sizing and on CPU)          */
   const kvc_plan_view_t *host_plan; /* the plan with host arrays (== &plan on CPU): what host code
-                                       of a CUDA op may read (e.g. to enqueue per-domain work)   */
+                                       of a CUDA op may read (e.g. to enqueue per-domain work).
+                                       A captured graph freezes what it reads: kvc_plan_compatible
+                                       (host/plan.c) must compare every array read here.         */
   char *detail;  /* error detail buffer of the context, detail_cap bytes */
   size_t detail_cap;
 } kvc_op_args_t;
@@ -63,11 +70,13 @@ kvc_status_t kvc_score_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
 kvc_status_t kvc_select_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
 kvc_status_t kvc_compact_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
 kvc_status_t kvc_retention_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
+kvc_status_t kvc_gather_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
 
 kvc_status_t kvc_score_cuda(const kvc_op_args_t *args, kvc_carver_t *ws);
 kvc_status_t kvc_select_cuda(const kvc_op_args_t *args, kvc_carver_t *ws);
 kvc_status_t kvc_compact_cuda(const kvc_op_args_t *args, kvc_carver_t *ws);
 kvc_status_t kvc_retention_cuda(const kvc_op_args_t *args, kvc_carver_t *ws);
+kvc_status_t kvc_gather_cuda(const kvc_op_args_t *args, kvc_carver_t *ws);
 
 #ifdef __cplusplus
 }

@@ -3,7 +3,8 @@
  * small random caches and page tables (ids out of range, pages shared between sequences, short
  * CSR lists, NaN/inf data). After each run: kept indices are valid (exactly k per row, ascending,
  * in range), pages the plan does not own are byte-identical, and a rejected compaction touched
- * nothing.
+ * nothing. Then kvc_gather_queries with a packed q and a qo_indptr from the input: on success
+ * every observation row is its packed row, on failure the output is untouched.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +24,33 @@ static int owned(const kvc_paged_kv_t *c, const int32_t *lens, int32_t batch, in
     }
   }
   return 0;
+}
+
+/* kvc_gather_queries with packed rows and qo_indptr entries from the input (read last, so that
+ * older inputs still drive the pipeline above the same way). */
+static void check_gather(kvc_context_t ctx, kvc_plan_t plan, const kvc_plan_desc_t *d, fuzz_input_t *in, int elem) {
+  enum { MAX_TOKENS = 3 * MAX_LEN };
+  kvc_plan_info_t info;
+  kvc_plan_get_info(plan, &info);
+  const int64_t row = (int64_t)d->num_q_heads * d->head_dim, stride = row + fuzz_u8(in) % 3;
+  const int64_t tokens = fuzz_u8(in) % (MAX_TOKENS + 1);
+  int32_t qo[MAX_BATCH + 1], indptr[MAX_BATCH + 1], positions[MAX_BATCH * MAX_LEN];
+  for (int32_t b = 0; b <= d->batch; ++b) qo[b] = (int32_t)(fuzz_u8(in) % (MAX_TOKENS + 8)) - 4;
+  const size_t packed_bytes = (size_t)(tokens * stride) * (size_t)elem, out_bytes = (size_t)(info.obs_total * row) * (size_t)elem;
+  uint8_t *packed = malloc(packed_bytes + 1), *out = malloc(out_bytes + 1);
+  for (size_t i = 0; i < packed_bytes; ++i) packed[i] = (uint8_t)(i * 7u + 1u);
+  memset(out, 0xEE, out_bytes + 1);
+  kvc_status_t status = kvc_gather_queries(ctx, plan, packed, tokens, stride, qo, out, NULL);
+  kvc_plan_obs_positions(plan, indptr, positions);
+  for (int32_t b = 0; b < d->batch && info.obs_total > 0; ++b)
+    for (int32_t r = indptr[b]; r < indptr[b + 1]; ++r) {
+      const int64_t first = d->seq_lens[b] - (qo[b + 1] - qo[b]), token = qo[b] + positions[r] - first;
+      const uint8_t *want = status == KVC_SUCCESS ? packed + (size_t)(token * stride) * (size_t)elem : NULL;
+      for (size_t e = 0; e < (size_t)row * (size_t)elem; ++e)
+        if (out[(size_t)r * (size_t)row * (size_t)elem + e] != (want ? want[e] : 0xEE)) abort();
+    }
+  if (out[out_bytes] != 0xEE) abort(); /* wrote past the last observation row */
+  free(packed), free(out);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
@@ -121,6 +149,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     abort(); /* a rejected call must not have touched the cache */
   }
   free(ws), free(queries), free(k), free(v), free(k0), free(v0);
+  check_gather(ctx, plan, &d, &in, elem);
   kvc_plan_destroy(plan);
   return 0;
 }

@@ -52,6 +52,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     span_indptr[b + 1] = total;
   }
   if (fuzz_u8(&in) == 0xEE) span_indptr[fuzz_u8(&in) % (d.batch + 1)] += fuzz_int(&in, -3, 3);
+  d.budget_policy = (kvc_budget_policy_t)fuzz_int(&in, 0, 2); /* read last: older inputs mean FAIL */
   d.seq_lens = seq_lens, d.budgets = budgets, d.span_indptr = span_indptr, d.spans = spans;
   /* span_indptr entries may now point past the spans array: only the bounded, validated prefix
    * may be read. Clamp the last entry so the array bound itself is always honest. */
@@ -65,11 +66,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   }
   /* invariants of an accepted plan */
   kvc_plan_info_t info;
-  int32_t new_lens[MAX_BATCH], indptr[MAX_BATCH + 1], implicit[MAX_BATCH], quotas[MAX_SPANS + 1];
-  if (kvc_plan_get_info(plan, &info) || kvc_plan_new_lengths(plan, new_lens)) abort();
+  int32_t new_lens[MAX_BATCH], outcomes[MAX_BATCH], indptr[MAX_BATCH + 1], implicit[MAX_BATCH], quotas[MAX_SPANS + 1];
+  if (kvc_plan_get_info(plan, &info) || kvc_plan_new_lengths(plan, new_lens) || kvc_plan_outcomes(plan, outcomes))
+    abort();
   int64_t tokens = 0, kept = 0;
   for (int32_t b = 0; b < d.batch; ++b) {
-    if (new_lens[b] != (budgets[b] < seq_lens[b] ? budgets[b] : seq_lens[b])) abort();
+    const int32_t n = seq_lens[b], k = budgets[b] < n ? budgets[b] : n;
+    switch (outcomes[b]) { /* each outcome's keep length, and only the policy's own outcomes */
+      case KVC_OUTCOME_COMPRESSED: if (new_lens[b] != k || k == n) abort(); break;
+      case KVC_OUTCOME_WITHIN_BUDGET: if (new_lens[b] != n || k != n) abort(); break;
+      case KVC_OUTCOME_CLAMPED: if (d.budget_policy != KVC_BUDGET_CLAMP || new_lens[b] <= k || new_lens[b] > n) abort(); break;
+      case KVC_OUTCOME_SKIPPED: if (d.budget_policy != KVC_BUDGET_SKIP || new_lens[b] != n || k == n) abort(); break;
+      default: abort();
+    }
     tokens += seq_lens[b], kept += new_lens[b];
   }
   if (info.total_tokens != tokens || info.total_kept != kept) abort();

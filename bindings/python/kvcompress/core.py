@@ -25,6 +25,10 @@ POOLS = {"avg": 0, "max": 1}
 REDUCES = {"mean": 0, "max": 1}
 OPS = {"score": 0, "select": 1, "compact": 2, "retention": 3, "compress": 4}
 SPAN_KINDS = {"fair": 0, "protect": 1}
+BUDGET_POLICIES = {"fail": 0, "clamp": 1, "skip": 2}
+DEVICE_MEMORY = {"owned": 0, "caller": 1}
+#: kvc_outcome_t by value: what a plan does to each sequence (Plan.outcomes, Plan.outcome_names).
+OUTCOMES = ("compressed", "within_budget", "clamped", "skipped")
 
 
 def _dtype_tag(dtype):
@@ -214,6 +218,11 @@ class Plan:
       dtype='f16'                           'f32' | 'f16' | 'bf16' | 'fp8_e4m3' (or a numpy/torch dtype)
       window=64, pool_kernel=5, pool='avg', group_reduce='mean', scale=0.0 (= 1/sqrt(head_dim)),
       span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0
+      budget_policy='fail'                  'fail' | 'clamp' | 'skip': a sequence protecting more
+                                            tokens than its budget fails the plan (BudgetError),
+                                            keeps exactly its protected tokens, or stays
+                                            uncompressed; `outcomes` says what happened
+      device_memory='owned'                 'owned' | 'caller' (CUDA: see upload())
 
     Array layouts are the C ones, flat: scores float32 [score_elems] ("score layout"), keep int32
     [keep_elems] ("keep layout"), counts int32 [count_elems] ("count layout"); score_rows /
@@ -222,7 +231,8 @@ class Plan:
 
     def __init__(self, context, *, num_q_heads, num_kv_heads, head_dim, seq_lens, budgets, spans=None,
                  method="snapkv", dtype="f16", window=64, pool_kernel=5, pool="avg", group_reduce="mean",
-                 scale=0.0, span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0):
+                 scale=0.0, span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0, budget_policy="fail",
+                 device_memory="owned"):
         if not isinstance(context, Context):
             raise TypeError(f"context: expected a kvcompress.Context, got {type(context).__name__}")
         lib = context._lib
@@ -274,6 +284,8 @@ class Plan:
         desc.sink_tokens = int(sink_tokens)
         desc.recent_tokens = int(recent_tokens)
         desc.fairness = float(fairness)
+        desc.budget_policy = _choice(BUDGET_POLICIES, budget_policy, "budget_policy")
+        desc.device_memory = _choice(DEVICE_MEMORY, device_memory, "device_memory")
 
         handle = ctypes.c_void_p()
         status = lib.kvc_plan_create(context.handle, ctypes.byref(desc), ctypes.byref(handle))
@@ -301,6 +313,12 @@ class Plan:
         nl = np.zeros(batch, dtype=np.int32)
         self._call(lib.kvc_plan_new_lengths, "kvc_plan_new_lengths", handle, nl.ctypes.data)
         self.new_lengths = nl
+        oc = np.zeros(batch, dtype=np.int32)
+        self._call(lib.kvc_plan_outcomes, "kvc_plan_outcomes", handle, oc.ctypes.data)
+        self.outcomes = oc
+        nbytes = ctypes.c_size_t()
+        self._call(lib.kvc_plan_device_bytes, "kvc_plan_device_bytes", handle, ctypes.byref(nbytes))
+        self.device_bytes = int(nbytes.value)
         q = np.zeros(max(1, self.info.total_spans), dtype=np.int32)
         imp = np.zeros(batch, dtype=np.int32)
         self._call(lib.kvc_plan_span_quotas, "kvc_plan_span_quotas", handle, q.ctypes.data, imp.ctypes.data)
@@ -361,6 +379,11 @@ class Plan:
         """k_b = min(budget, n) per sequence (same as new_lengths)."""
         return self.new_lengths
 
+    @property
+    def outcome_names(self):
+        """Per sequence the name of its outcome: 'compressed', 'within_budget', 'clamped', 'skipped'."""
+        return [OUTCOMES[int(o)] for o in self.outcomes]
+
     def workspace_size(self, op):
         """Bytes of workspace the execute call `op` ('score', 'select', 'compact', 'retention',
         'compress') needs."""
@@ -417,6 +440,78 @@ class Plan:
 
             return cupy.ascontiguousarray(q[cupy.asarray(b_idx), :, cupy.asarray(p_idx), :])
         return np.ascontiguousarray(np.asarray(q)[b_idx, :, p_idx, :])
+
+    def gather_packed_queries(self, packed_q, qo_indptr, out=None, stream=None):
+        """The `queries` argument gathered from an engine's packed q (kvc_gather_queries).
+
+        packed_q: (tokens, num_q_heads, head_dim) with heads and head_dim contiguous, or
+        (tokens, num_q_heads * head_dim) with the columns contiguous (e.g. the q slice of a fused
+        qkv tensor); any token stride. qo_indptr: int32 [batch + 1]; sequence b's packed rows
+        qo_indptr[b] .. qo_indptr[b+1] are its newest tokens, positions [n_b - len_b, n_b). Both in
+        the context's memory space. Returns `out` ((obs_total, num_q_heads, head_dim), allocated
+        like packed_q when None)."""
+        qv = _arrays.view(packed_q, "packed_q")
+        self._device_ok(qv)
+        from .cache import _dtype_compatible
+
+        if not _dtype_compatible(qv.dtype, self.dtype):
+            raise TypeError(f"packed_q: dtype {qv.dtype} does not match the plan's dtype {self.dtype}")
+        row = self.num_q_heads * self.head_dim
+        if qv.ndim == 3 and qv.shape[1:] == (self.num_q_heads, self.head_dim):
+            ok = (self.head_dim == 1 or qv.strides[2] == 1) and (self.num_q_heads == 1 or qv.strides[1] == self.head_dim)
+        elif qv.ndim == 2 and qv.shape[1] == row:
+            ok = row == 1 or qv.strides[1] == 1
+        else:
+            raise ValueError(f"packed_q: expected shape (tokens, {self.num_q_heads}, {self.head_dim}) or "
+                             f"(tokens, {row}), got {qv.shape}")
+        if not ok:
+            raise ValueError(f"packed_q: each token's {row} elements must be contiguous, got strides {qv.strides}")
+        tokens = qv.shape[0]
+        token_stride = qv.strides[0] if tokens > 1 else row
+        if token_stride < row:
+            raise ValueError(f"packed_q: token stride {token_stride} is below num_q_heads * head_dim = {row}")
+        iv = _arrays.view(qo_indptr, "qo_indptr")
+        self._device_ok(iv)
+        if iv.dtype != "i32" or iv.size != self.batch + 1 or not iv.is_c_contiguous():
+            raise ValueError(f"qo_indptr: expected a C-contiguous int32 array of {self.batch + 1} elements, got "
+                             f"{iv.dtype} shape {iv.shape}")
+        shape = (self.info.obs_total, self.num_q_heads, self.head_dim)
+        if out is None:
+            out = _empty_like(packed_q, shape)
+        ov = _arrays.view(out, "out")
+        self._device_ok(ov)
+        if ov.dtype != qv.dtype or ov.shape != shape or not ov.is_c_contiguous():
+            raise ValueError(f"out: expected a C-contiguous {qv.dtype} array of shape {shape}, got {ov.dtype} {ov.shape}")
+        self._call(self._lib.kvc_gather_queries, "kvc_gather_queries", self.context.handle, self.handle, qv.ptr or None,
+                   tokens, token_stride, iv.ptr or None, ov.ptr or None, self._stream(stream, qv))
+        return out
+
+    # -- plans in a caller's device buffer (CUDA graphs) ------------------------------------
+    def upload(self, buffer, stream=None):
+        """kvc_plan_upload: enqueues the copy of the plan's metadata into `buffer` (a device array of
+        at least `device_bytes` bytes, 256-byte aligned, which must outlive the plan's use) and makes
+        the plan read it. A no-op on the CPU backend (device_bytes is 0). Keep the plan alive until
+        the stream has passed the copy."""
+        if not self.context.is_cuda:
+            self._call(self._lib.kvc_plan_upload, "kvc_plan_upload", self.context.handle, self.handle, None, 0, None)
+            return
+        bv = _arrays.view(buffer, "buffer")
+        self._device_ok(bv)
+        nbytes = bv.size * bv.itemsize
+        if not bv.is_c_contiguous():
+            raise ValueError(f"buffer: must be contiguous, got strides {bv.strides}")
+        self._call(self._lib.kvc_plan_upload, "kvc_plan_upload", self.context.handle, self.handle, bv.ptr or None,
+                   nbytes, self._stream(stream, bv))
+        self._upload_buffer = buffer  # the plan reads it from now on
+
+    def compatible(self, other):
+        """kvc_plan_compatible: True when a CUDA graph captured with this plan replays `other`'s event
+        once `other` is uploaded into this plan's buffer."""
+        if not isinstance(other, Plan):
+            raise TypeError(f"other: expected a Plan, got {type(other).__name__}")
+        out = ctypes.c_int()
+        self._call(self._lib.kvc_plan_compatible, "kvc_plan_compatible", self.handle, other.handle, ctypes.byref(out))
+        return bool(out.value)
 
     # -- argument checks --------------------------------------------------------------------
     def _device_ok(self, v):
@@ -594,6 +689,23 @@ class Plan:
             lens = np.array([max(1, len(s)) for s in self.spans[b]], dtype=np.float64) if self.spans else np.ones(0)
             out.append(rows / lens[None, :])
         return out
+
+
+def _empty_like(a, shape):
+    """An uninitialised array of a's library, dtype and device."""
+    mod = type(a).__module__.split(".")[0]
+    if mod == "torch":
+        import torch
+
+        return torch.empty(shape, dtype=a.dtype, device=a.device)
+    if mod == "cupy":
+        import cupy
+
+        with a.device:
+            return cupy.empty(shape, dtype=a.dtype)
+    if isinstance(a, np.ndarray):
+        return np.empty(shape, dtype=a.dtype)
+    raise TypeError(f"out: cannot allocate an array like a {type(a).__name__}: pass out=")
 
 
 def _to_host(a):
