@@ -277,7 +277,7 @@ if [ "$dry" = 1 ]; then
   say "the checker on the emulator: configure and build $E"
   if cmake -S "$root" -B "$E" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVC_ENABLE_CUDA=OFF -DKVC_BUILD_BENCH=OFF >"$E.configure.log" 2>&1 &&
      nice cmake --build "$E" -j2 --target kvc-gpucheck-emu >"$E.build.log" 2>&1; then
-    step gpucheck_emu 150 bash -c "$(declare -f run_gpucheck); OUT='$OUT'; run_gpucheck '$E/tests/kvc-gpucheck-emu' 50 2 --seed 7 --cases 1000000 --max-n 768 --family score,select,compact,compress,graph,corrupt" ||
+    step gpucheck_emu 150 bash -c "$(declare -f run_gpucheck); OUT='$OUT'; run_gpucheck '$E/tests/kvc-gpucheck-emu' 50 2 --seed 7 --cases 1000000 --max-n 768 --exclude nonfinite" ||
       problem "kvc-gpucheck-emu found failures (gpucheck.log)"
     "$E/tests/kvc-gpucheck-emu" --family nonfinite --cases 30 --max-n 256 --seed 1 >"$OUT/nonfinite.log" 2>&1
     say "informational: the nonfinite family on the emulator: $(tail -n 1 "$OUT/nonfinite.log") (the CUDA backend does not implement DESIGN.md's non-finite rule yet)"

@@ -3,10 +3,10 @@
  * loop, the shared helpers (guarded device memory, comparisons, drawing problems) and the summary.
  *
  *   kvc-gpucheck [--seed S] [--cases N] [--max-n M] [--time-budget SECONDS] [--family a,b]
- *                [--shard K/N] [--max-work W] [--verbose] [--list]
+ *                [--exclude a,b] [--shard K/N] [--max-work W] [--verbose] [--list]
  *
  * Case i (i = 0, 1, ...) has seed S + i and runs family active[seed % count], where `active` is the
- * --family list (default: every family, in the table's order); every parameter comes from the seed
+ * --family list (default: every family, in the table's order) less --exclude; every parameter comes from the seed
  * alone, so `--family F --seed <seed> --cases 1 --max-n M` reruns exactly one case, whatever
  * families are added later. --shard K/N runs the K-th of N interleaved slices (blocks of one seed
  * per active family), so N processes can share a GPU.
@@ -31,9 +31,9 @@
 #include "select_oracle.h"
 
 /* Every family; --family picks some of them. */
-static const gc_family_t *const kFamilies[] = {&gc_family_score,    &gc_family_select, &gc_family_compact,
-                                               &gc_family_compress, &gc_family_graph,  &gc_family_corrupt,
-                                               &gc_family_nonfinite};
+static const gc_family_t *const kFamilies[] = {&gc_family_score,   &gc_family_select,    &gc_family_compact,
+                                               &gc_family_compress, &gc_family_graph,   &gc_family_corrupt,
+                                               &gc_family_gather,   &gc_family_nonfinite};
 #define NUM_FAMILIES ((int)(sizeof kFamilies / sizeof kFamilies[0]))
 
 /* ============================================================================================== */
@@ -539,6 +539,8 @@ void gc_draw_problem(gc_run_t *r, const gc_problem_opts_t *opts, gc_problem_t *p
   d->scale = gc_chance(r, 0.2) ? (float)(0.02 + 0.3 * kvc_rng_uniform(&r->rng)) : 0.0f;
   d->sink_tokens = d->method == KVC_SCORE_STREAMING && gc_chance(r, 0.7) ? 4 : gc_chance(r, 0.3) ? kvc_rng_range(&r->rng, 1, 8) : 0;
   d->recent_tokens = gc_chance(r, 0.3) ? kvc_rng_range(&r->rng, 1, 32) : 0;
+  const double policy = kvc_rng_uniform(&r->rng);
+  d->budget_policy = policy < 0.7 ? KVC_BUDGET_FAIL : policy < 0.85 ? KVC_BUDGET_CLAMP : KVC_BUDGET_SKIP;
   static const float fairness[] = {0.0f, 0.5f, 1.0f};
   d->fairness = gc_chance(r, 0.8) ? fairness[kvc_rng_range(&r->rng, 0, 2)] : (float)kvc_rng_uniform(&r->rng);
   const double s = kvc_rng_uniform(&r->rng);
@@ -567,6 +569,8 @@ void gc_draw_problem(gc_run_t *r, const gc_problem_opts_t *opts, gc_problem_t *p
               p->layout == KVC_TEST_NHD ? "NHD" : "HND",
               p->table == KVC_TEST_DENSE ? "dense" : p->table == KVC_TEST_CSR ? "csr" : "contiguous", p->page_size,
               p->nonfinite ? " nonfinite" : "", p->with_lse ? " lse" : "");
+  static const char *policies[] = {"fail", "clamp", "skip"};
+  gc_describe(r, " budget_policy=%s", policies[d->budget_policy]);
   gc_cover(r, "method", gc_method_name(d->method));
   gc_cover(r, "dtype", gc_dtype_name(d->dtype));
   static const char *dim_names[] = {"64", "128", "256", "other"};
@@ -608,6 +612,28 @@ int gc_make_plans(gc_run_t *r, gc_problem_t *p, kvc_plan_t *cpu, kvc_plan_t *cud
             kvc_last_error(r->cuda));
     return 1;
   }
+  /* budget_policy may have clamped or skipped sequences: from here on budgets[b] is the k_b the plan
+   * keeps (every check computes k = min(budget, n)); both backends must agree on it */
+  int32_t cpu_lens[GC_MAX_BATCH], cuda_lens[GC_MAX_BATCH], outcomes[GC_MAX_BATCH];
+  if (kvc_plan_new_lengths(*cpu, cpu_lens) != KVC_SUCCESS || kvc_plan_new_lengths(*cuda, cuda_lens) != KVC_SUCCESS ||
+      kvc_plan_outcomes(*cpu, outcomes) != KVC_SUCCESS) {
+    gc_fail(r, __FILE__, __LINE__, "kvc_plan_new_lengths / kvc_plan_outcomes failed");
+    return 1;
+  }
+  int clamped = 0, skipped = 0;
+  for (int32_t b = 0; b < p->desc.batch; ++b) {
+    if (cpu_lens[b] != cuda_lens[b]) {
+      gc_fail(r, __FILE__, __LINE__, "sequence %d keeps %d tokens in the CPU plan, %d in the CUDA plan", b, cpu_lens[b],
+              cuda_lens[b]);
+      return 1;
+    }
+    p->budgets[b] = cpu_lens[b];
+    clamped += outcomes[b] == KVC_OUTCOME_CLAMPED;
+    skipped += outcomes[b] == KVC_OUTCOME_SKIPPED;
+  }
+  if (clamped) gc_cover(r, "outcome", "clamped");
+  if (skipped) gc_cover(r, "outcome", "skipped");
+  if (clamped || skipped) gc_describe(r, " outcomes: %d clamped, %d skipped", clamped, skipped);
   return 0;
 }
 
@@ -686,29 +712,33 @@ typedef struct {
   uint64_t seed;
   int cases, max_n, verbose, list, shard, shards;
   double time_budget, max_work;
-  const char *families;
+  const char *families, *exclude;
 } options_t;
 
-/* The families named in --family (all when NULL), in the table's order; 0 if a name is unknown. */
-static int active_families(const char *list, const gc_family_t **active) {
-  int count = 0;
-  for (int f = 0; f < NUM_FAMILIES; ++f) {
-    const char *name = kFamilies[f]->name;
-    const size_t len = strlen(name);
-    int named = !list;
-    for (const char *at = list; !named && at && (at = strstr(at, name)) != NULL; at += len)
-      named = (at == list || at[-1] == ',') && (at[len] == '\0' || at[len] == ',');
-    if (named) active[count++] = kFamilies[f];
-  }
-  for (const char *at = list; at && *at;) { /* every name must be known */
+/* 1 if `name` is in the comma-separated `list`; -1 (with a message) if `list` names an unknown family. */
+static int named_in(const char *list, const char *name) {
+  int found = 0;
+  for (const char *at = list; at && *at;) {
     const size_t len = strcspn(at, ",");
     int known = 0;
     for (int f = 0; f < NUM_FAMILIES; ++f) known |= strlen(kFamilies[f]->name) == len && !strncmp(at, kFamilies[f]->name, len);
     if (!known) {
       fprintf(stderr, "kvc-gpucheck: unknown family '%.*s' (--list shows them)\n", (int)len, at);
-      return 0;
+      return -1;
     }
+    found |= strlen(name) == len && !strncmp(at, name, len);
     at += len + (at[len] == ',');
+  }
+  return found;
+}
+
+/* The families of --family (all when not given) less those of --exclude, in the table's order. */
+static int active_families(const char *only, const char *exclude, const gc_family_t **active) {
+  int count = 0;
+  for (int f = 0; f < NUM_FAMILIES; ++f) {
+    const int in = only ? named_in(only, kFamilies[f]->name) : 1, out = named_in(exclude, kFamilies[f]->name);
+    if (in < 0 || out < 0) return 0;
+    if (in && !out) active[count++] = kFamilies[f];
   }
   return count;
 }
@@ -716,11 +746,11 @@ static int active_families(const char *list, const gc_family_t **active) {
 static void usage(void) {
   fprintf(stderr,
           "usage: kvc-gpucheck [--seed S] [--cases N] [--max-n M] [--time-budget SECONDS] [--family a,b]\n"
-          "                    [--shard K/N] [--max-work W] [--verbose] [--list]\n");
+          "                    [--exclude a,b] [--shard K/N] [--max-work W] [--verbose] [--list]\n");
 }
 
 static int parse(int argc, char **argv, options_t *o) {
-  *o = (options_t){1, 200, 4096, 0, 0, 0, 1, 0.0, 0.0, NULL};
+  *o = (options_t){1, 200, 4096, 0, 0, 0, 1, 0.0, 0.0, NULL, NULL};
   for (int i = 1; i < argc; ++i) {
     const char *key = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
     if (!strcmp(key, "--verbose")) o->verbose = 1;
@@ -732,6 +762,7 @@ static int parse(int argc, char **argv, options_t *o) {
     else if (!strcmp(key, "--time-budget")) o->time_budget = atof(value), ++i;
     else if (!strcmp(key, "--max-work")) o->max_work = atof(value), ++i;
     else if (!strcmp(key, "--family")) o->families = value, ++i;
+    else if (!strcmp(key, "--exclude")) o->exclude = value, ++i;
     else if (!strcmp(key, "--shard")) {
       if (sscanf(value, "%d/%d", &o->shard, &o->shards) != 2 || o->shards < 1 || o->shard < 0 || o->shard >= o->shards)
         return usage(), 0;
@@ -752,7 +783,7 @@ int main(int argc, char **argv) {
     return 0;
   }
   const gc_family_t *active[NUM_FAMILIES];
-  const int num_active = active_families(o.families, active);
+  const int num_active = active_families(o.families, o.exclude, active);
   if (!num_active) return 2;
   for (size_t i = 0; i < GC_GUARD_BYTES; ++i) g_guard[i] = guard_byte(i);
   setvbuf(stdout, NULL, _IOLBF, 0);
@@ -776,9 +807,9 @@ int main(int argc, char **argv) {
   signal(SIGBUS, on_fatal_signal);
   signal(SIGFPE, on_fatal_signal);
   signal(SIGABRT, on_fatal_signal);
-  printf("kvc-gpucheck: %s; seeds from %llu, %d cases, max-n %d, max-work %.3g%s", device,
-         (unsigned long long)o.seed, o.cases, o.max_n, r->max_work, o.families ? ", families " : "");
-  if (o.families) printf("%s", o.families);
+  printf("kvc-gpucheck: %s; seeds from %llu, %d cases, max-n %d, max-work %.3g, families", device,
+         (unsigned long long)o.seed, o.cases, o.max_n, r->max_work);
+  for (int f = 0; f < num_active; ++f) printf("%s%s", f ? "," : " ", active[f]->name);
   if (o.shards > 1) printf(", shard %d/%d", o.shard, o.shards);
   if (o.time_budget > 0) printf(", time budget %.0f s", o.time_budget);
   printf("\n");

@@ -3,7 +3,7 @@
  * random cases, as a plain program (no Criterion: a GPU machine has none).
  *
  * Every case is drawn from one 64-bit seed by one "family" (a case generator: score, select,
- * compact, compress, graph, corrupt, nonfinite; gpucheck.c lists them). The seed gives every
+ * compact, compress, graph, corrupt, gather, nonfinite; gpucheck.c lists them). The seed gives every
  * parameter, so `kvc-gpucheck --family F --seed S --cases 1 --max-n M` reruns exactly the case that
  * failed, on the GPU or on the emulator (kvc-gpucheck-emu), which is how a GPU failure becomes a
  * regression case CI runs.
@@ -226,6 +226,6 @@ int gc_check_selection(gc_run_t *r, const kvc_plan_desc_t *d, kvc_plan_t cpu_pla
 
 /* The families (family_*.c). */
 extern const gc_family_t gc_family_score, gc_family_select, gc_family_compact, gc_family_compress,
-    gc_family_graph, gc_family_corrupt, gc_family_nonfinite;
+    gc_family_graph, gc_family_corrupt, gc_family_gather, gc_family_nonfinite;
 
 #endif /* KVC_GPUCHECK_H */
