@@ -31,8 +31,9 @@
 #   cp <files_at>/results.jsonl bench/results/gpu_h200_$(date +%F).jsonl
 #   <venv with numpy + matplotlib>/bin/python bench/report.py   # rewrites bench/RESULTS.md (all results)
 #   commit both with the date, device, commit and clocks (bench/RESULTS.md shows them); give every
-#   checker failure a regression case: `kvc-gpucheck-emu --seed S --cases 1 --max-n M` reruns the
-#   failing case on the emulator here (the seed is in gpucheck.log), then fix it.
+#   checker failure a regression case: the "rerun:" line under it in gpucheck.log
+#   (`kvc-gpucheck-emu --family F --seed S --cases 1 --max-n M`) reruns that case on the emulator
+#   here (build/emu-check/tests/kvc-gpucheck-emu after a dry run), then fix it.
 #
 # ---- Knobs ------------------------------------------------------------------------------------------
 #   --dry-run               run every non-GPU step here (build, carry size, loadability of the carried
