@@ -16,6 +16,14 @@
 /* Sizes of the plan arrays, counted in a first pass so all of them fit one allocation. */
 typedef kvc_plan_counts_t plan_counts_t;
 
+/* The most (query head, token) pairs a plan may have: num_q_heads * sum of seq_lens. Every count
+ * an op or the plan sizes memory by (score, keep and count layouts, observation rows times heads,
+ * partitions times heads) is at most twice that, and the ops multiply such counts by small
+ * factors only (element sizes, key chunks, tile shapes: well under 2^14), so no size computed
+ * from a plan that passes can overflow 64 bits; kvc_carve saturates any sum of them. 2^48 pairs
+ * is a 1 PiB score array: far past any real prompt, and it leaves that headroom. */
+#define KVC_MAX_HEAD_TOKENS ((int64_t)1 << 48)
+
 static int is_attention_method(kvc_score_method_t m) {
   return m == KVC_SCORE_SNAPKV || m == KVC_SCORE_H2O || m == KVC_SCORE_TOVA;
 }
@@ -72,7 +80,7 @@ static kvc_status_t validate_scalars(kvc_context_t ctx, const kvc_plan_desc_t *d
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: group_reduce is %d, not a kvc_reduce_t", where,
                     (int)d->group_reduce);
   if (!isfinite(d->scale) || d->scale < 0.0f)
-    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: scale is %g, must be finite and >= 0", where, (double)d->scale);
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: scale is %.9g, must be finite and >= 0", where, (double)d->scale);
   if (d->span_local != 0 && d->span_local != 1)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: span_local is %d, must be 0 or 1", where, d->span_local);
   if (d->sink_tokens < 0)
@@ -80,7 +88,7 @@ static kvc_status_t validate_scalars(kvc_context_t ctx, const kvc_plan_desc_t *d
   if (d->recent_tokens < 0)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: recent_tokens is %d, must be >= 0", where, d->recent_tokens);
   if (!(d->fairness >= 0.0f && d->fairness <= 1.0f)) /* also rejects NaN */
-    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: fairness is %g, must be in [0, 1]", where, (double)d->fairness);
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: fairness is %.9g, must be in [0, 1]", where, (double)d->fairness);
   if ((unsigned)d->budget_policy > KVC_BUDGET_SKIP)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: budget_policy is %d, not a kvc_budget_policy_t", where,
                     (int)d->budget_policy);
@@ -118,7 +126,7 @@ static kvc_status_t validate_sequences(kvc_context_t ctx, const kvc_plan_desc_t 
                         where, i, b, s->start, s->end, b, n);
       if (s->kind == KVC_SPAN_FAIR && (!(s->weight > 0.0f) || !isfinite(s->weight)))
         return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                        "%s: spans[%d] (sequence %d): weight is %g, must be finite and > 0", where, i, b,
+                        "%s: spans[%d] (sequence %d): weight is %.9g, must be finite and > 0", where, i, b,
                         (double)s->weight);
       if (i > first && s->start < prev_start)
         return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
@@ -305,11 +313,11 @@ static int32_t fair_span_count(const kvc_plan_desc_t *d, int32_t b) {
 
 /* Number of observation queries of a domain of length `len`, given what is left of the window
  * and how many domains (this one included) still need queries. */
-static int32_t domain_queries(const kvc_plan_desc_t *d, int32_t len, int32_t window_left, int32_t domains_left) {
+static int32_t domain_queries(const kvc_plan_desc_t *d, int32_t len, int64_t window_left, int32_t domains_left) {
   if (d->method == KVC_SCORE_TOVA) return 1;
   if (!(d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_H2O)) return 0;
-  int32_t even = (int32_t)(((int64_t)window_left + domains_left - 1) / domains_left);
-  return len < even ? len : even;
+  int64_t even = (window_left + domains_left - 1) / domains_left;
+  return len < even ? len : (int32_t)even;
 }
 
 static void count_arrays(const kvc_plan_desc_t *d, plan_counts_t *n) {
@@ -386,7 +394,9 @@ static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, pla
     memset(bits, 0, sizeof(uint32_t) * (size_t)ceil_div(n, 32));
     a->obs_indptr[b] = obs;
     a->domain_indptr[b] = ndom;
-    int32_t window_left = d->window, domains_total = d->span_local ? nfair : 1, domain_index = 0;
+    /* int64: the window of TOVA, KNORM and STREAMING is not validated (they ignore it) */
+    int64_t window_left = d->window;
+    int32_t domains_total = d->span_local ? nfair : 1, domain_index = 0;
     for (int32_t i = -1; i < nspans; ++i) {
       int32_t start, end;
       if (!d->span_local) {
@@ -524,7 +534,8 @@ static void bind_view(kvc_plan_t plan, void *base) {
 }
 
 /* An integer from the environment in [lo, hi], else `fallback`: the test overrides of scoring's
- * GEMM path (kernels/score_gemm.h), read once here so that the plan carries them. */
+ * GEMM path (kernels/score_gemm.h) and of the CPU scoring's instruction set, read once here so
+ * that the plan carries them. */
 static int32_t env_int(const char *name, int32_t fallback, int32_t lo, int32_t hi) {
   const char *text = getenv(name);
   if (!text || !*text) return fallback;
@@ -533,8 +544,11 @@ static int32_t env_int(const char *name, int32_t fallback, int32_t lo, int32_t h
   return *end == '\0' && value >= lo && value <= hi ? (int32_t)value : fallback;
 }
 
-/* Workspace of each op, and the compress layout: [keep][scores][scratch shared by the stages]. */
+/* Workspace of each op, and the compress layout: [keep][scores][scratch shared by the stages].
+ * A size that saturated the carver (it cannot, under KVC_MAX_HEAD_TOKENS, but an op's sizing is
+ * not trusted to stay under it) is rejected rather than handed out wrapped. */
 static kvc_status_t size_workspaces(kvc_context_t ctx, kvc_plan_t plan) {
+  static const char *const names[] = {"kvc_score", "kvc_select", "kvc_compact", "kvc_retention", "kvc_compress"};
   for (int op = KVC_OP_SCORE; op <= KVC_OP_RETENTION; ++op) {
     kvc_carver_t ws = {NULL, 0};
     kvc_op_args_t args;
@@ -548,14 +562,25 @@ static kvc_status_t size_workspaces(kvc_context_t ctx, kvc_plan_t plan) {
     if (status != KVC_SUCCESS) return status;
     plan->workspace[op] = ws.used;
   }
+  /* the layouts' products are below 2^49 elements (KVC_MAX_HEAD_TOKENS); a piece of `bytes`
+   * carved last starts at used - bytes */
   kvc_carver_t ws = {NULL, 0};
-  kvc_carve(&ws, sizeof(int32_t) * (size_t)(plan->host.num_kv_heads * plan->host.total_kept));
-  plan->compress_scores_offset = (ws.used + KVC_WORKSPACE_ALIGN - 1) / KVC_WORKSPACE_ALIGN * KVC_WORKSPACE_ALIGN;
-  kvc_carve(&ws, sizeof(float) * (size_t)(plan->host.num_kv_heads * plan->host.total_tokens));
-  plan->compress_stage_offset = (ws.used + KVC_WORKSPACE_ALIGN - 1) / KVC_WORKSPACE_ALIGN * KVC_WORKSPACE_ALIGN;
+  const size_t keep_bytes = sizeof(int32_t) * (size_t)((int64_t)plan->host.num_kv_heads * plan->host.total_kept);
+  const size_t score_bytes = sizeof(float) * (size_t)((int64_t)plan->host.num_kv_heads * plan->host.total_tokens);
   size_t stage = 0;
   for (int op = KVC_OP_SCORE; op <= KVC_OP_COMPACT; ++op) stage = plan->workspace[op] > stage ? plan->workspace[op] : stage;
-  plan->workspace[KVC_OP_COMPRESS] = plan->compress_stage_offset + stage;
+  kvc_carve(&ws, keep_bytes);
+  kvc_carve(&ws, score_bytes);
+  plan->compress_scores_offset = ws.used - score_bytes;
+  kvc_carve(&ws, stage);
+  plan->compress_stage_offset = ws.used - stage;
+  plan->workspace[KVC_OP_COMPRESS] = ws.used;
+  for (int op = KVC_OP_SCORE; op <= KVC_OP_COMPRESS; ++op)
+    if (plan->workspace[op] == (size_t)-1)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "kvc_plan_create: the workspace of %s would exceed SIZE_MAX bytes (num_q_heads %d, %lld tokens, "
+                      "%lld observation queries)", names[op], plan->host.num_q_heads,
+                      (long long)plan->host.total_tokens, (long long)plan->host.obs_total);
   return KVC_SUCCESS;
 }
 
@@ -596,6 +621,8 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
   v->gemm_threshold = env_int("KVC_SCORE_GEMM_THRESHOLD", KVC_GEMM_THRESHOLD, 0, INT32_MAX);
   v->gemm_tile_keys = env_int("KVC_SCORE_GEMM_KEYS", KVC_GEMM_TILE_KEYS, 1, KVC_GEMM_MAX_TILE_KEYS);
   v->gemm_tile_rows = env_int("KVC_SCORE_GEMM_ROWS", KVC_GEMM_TILE_ROWS, 1, KVC_GEMM_TILE_ROWS);
+  v->cpu_threads = ctx->threads;
+  v->cpu_isa = env_int("KVC_CPU_ISA", 0, 0, 3);
 
   plan_counts_t counts;
   count_arrays(desc, &counts);
@@ -604,6 +631,15 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
                     "kvc_plan_create: %lld observation queries in the batch: at most 2^31 - 1 are supported",
                     (long long)counts.obs);
+  }
+  int64_t tokens = 0;
+  for (int32_t b = 0; b < desc->batch; ++b) tokens += desc->seq_lens[b];
+  if (tokens > KVC_MAX_HEAD_TOKENS / desc->num_q_heads) {
+    kvc_plan_destroy(plan);
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "kvc_plan_create: num_q_heads %d x %lld tokens (the sum of seq_lens) exceeds the 2^48 (query head, "
+                    "token) pairs a plan may have: its arrays and workspaces could not be sized",
+                    desc->num_q_heads, (long long)tokens);
   }
   plan_arrays_t arrays;
   size_t bytes = layout_arrays(&arrays, NULL, desc->batch, &counts);

@@ -39,7 +39,8 @@
  *   - Threads: the library has no global mutable state. A context may be used by one thread at a
  *     time (it holds the last error). A plan is immutable after creation (except that
  *     kvc_plan_upload points it at another device buffer) and may be shared read-only by any
- *     number of threads and contexts of the same backend and device.
+ *     number of threads and contexts of the same backend and device. A CPU context may itself
+ *     use several threads for one call (kvc_context_set_threads).
  *
  * Layouts of the per-token arrays ("score layout", "keep layout")
  *
@@ -124,10 +125,35 @@ typedef enum {
  * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (out is NULL, backend unknown, device < 0 or not
  * present); KVC_ERROR_NO_DEVICE (CUDA asked for and the library was built without CUDA or no device
  * is usable); KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA (cuBLAS could not be initialised). On
- * failure *out is set to NULL. Synchronous. */
+ * failure *out is set to NULL. Synchronous. A failed creation has no context to keep its reason
+ * in (and the library has no global state): use kvc_context_create_with_detail to get it. */
 KVC_API kvc_status_t kvc_context_create(kvc_backend_t backend, int device, kvc_context_t *out);
+/* kvc_context_create that also explains a failure: `detail` (caller's buffer of detail_bytes,
+ * may be NULL) receives a NUL-terminated sentence, truncated to fit, naming the argument and value
+ * or the runtime's reason (e.g. "cudaGetDeviceCount: cudaErrorNoDevice: no CUDA-capable device is
+ * detected", "libkvcompress was built without CUDA"); "" on success. Same statuses. */
+KVC_API kvc_status_t kvc_context_create_with_detail(kvc_backend_t backend, int device, kvc_context_t *out,
+                                                    char *detail, size_t detail_bytes);
 /* Destroys a context; accepts NULL. Plans created on it must be destroyed first. */
 KVC_API kvc_status_t kvc_context_destroy(kvc_context_t ctx);
+/* Threads of a CPU context (default 1). With threads > 1 the context owns threads - 1 worker
+ * threads, started here (execute calls never create threads) and joined by kvc_context_destroy or
+ * the next kvc_context_set_threads; between calls they sleep. What runs in parallel: kvc_score and
+ * the scoring stage of kvc_compress, split by (scoring domain, KV head), on the calling thread and
+ * the workers; selection, compaction and retention stay on the calling thread. Determinism: every
+ * score is computed by one thread in one fixed order, so results are bit-identical for any thread
+ * count (they may differ in the last bits between CPUs with different vector instruction sets).
+ * Plans: a plan's workspace holds scratch for the thread count its context had when the plan was
+ * created, and a call uses min(that count, the calling context's count) threads: set threads
+ * before creating plans. The context-per-thread rule stands: one thread at a time calls into a
+ * context; its workers are the library's own. threads must be in [1, 256]; a CUDA context
+ * accepts only 1.
+ * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (ctx is NULL, threads out of range);
+ * KVC_ERROR_NOT_SUPPORTED (threads > 1 on a CUDA context); KVC_ERROR_OUT_OF_MEMORY (the threads
+ * could not be started; the context is left with 1 thread). Synchronous. */
+KVC_API kvc_status_t kvc_context_set_threads(kvc_context_t ctx, int32_t threads);
+/* The context's thread count. INVALID_VALUE if ctx or out is NULL. */
+KVC_API kvc_status_t kvc_context_threads(kvc_context_t ctx, int32_t *out);
 /* The backend the context runs on (never AUTO). INVALID_VALUE if ctx or out is NULL. */
 KVC_API kvc_status_t kvc_context_backend(kvc_context_t ctx, kvc_backend_t *out);
 /* Detail of the last failure of a call made with ctx: which argument, which sequence, which value.
@@ -160,12 +186,25 @@ typedef enum {
  * Only the first ceil(n_b / page_size) entries of pages_b are ever read, and only those pages are
  * read or written. Page ids must lie in [0, num_pages): the CPU backend checks every id it would
  * use before touching memory, and kvc_compact / kvc_compress also check that no page is used by
- * two sequences (KVC_ERROR_INVALID_VALUE). The strides must not let two rows or two pages overlap,
- * and k and v must be different pools (both backends check). The CUDA backend cannot read the
- * table on the host, so its kernels guard instead: compaction leaves a sequence untouched if any
- * page id it uses lies outside [0, num_pages) or its CSR list is too short, and scoring reads such
- * tokens as zero keys. A page shared by two sequences cannot be detected on CUDA: validate the
- * table in the engine if it can be corrupt.
+ * two sequences (KVC_ERROR_INVALID_VALUE). The CUDA backend cannot read the table on the host, so
+ * its kernels guard instead: compaction leaves a sequence untouched if any page id it uses lies
+ * outside [0, num_pages) or its CSR list is too short, and scoring reads such tokens as zero keys.
+ * A page shared by two sequences is detected by compaction on the device (see kvc_compact).
+ *
+ * Layout rules, checked by both backends from the descriptor alone (KVC_ERROR_INVALID_VALUE, the
+ * detail naming the field and value) before any byte is touched:
+ *   - Offsets are bounded: the pool extent, (num_pages - 1) * stride_page + (page_size - 1) *
+ *     stride_token + (num_kv_heads - 1) * stride_head + head_dim elements, and its size in bytes
+ *     must fit int64, and k, v plus that many bytes must not pass the end of the address space.
+ *     Every element and byte offset the descriptor can address is then below it.
+ *   - No two rows (page, slot, head) of a pool overlap: taken by increasing stride, each axis with
+ *     more than one position steps at least past everything the finer axes span (head_dim for the
+ *     finest). Any nesting order of page, slot and head is fine.
+ *   - k and v are aligned to the element size (so they are a whole number of elements apart).
+ *   - No K row overlaps a V row: K and V may share one allocation (vLLM's (2, blocks, ...) halves,
+ *     FlashInfer's (pages, 2, ...) pages where K and V rows alternate) or lie anywhere apart, as
+ *     long as no element of any K row (p, s, h), p < num_pages, is an element of any V row. k == v
+ *     is always rejected.
  *
  *   NHD (vLLM, FlashInfer default): stride_token = H*D, stride_head = D, stride_page = page_size*H*D
  *   HND (TensorRT-LLM, FlashInfer HND): stride_head = page_size*D, stride_token = D
@@ -265,6 +304,11 @@ typedef enum {
  *   STREAMING  j, or (j - lo) / (hi - lo) with span_local. No queries.
  *   Keys a method does not score (protected query positions, keys outside every domain) get +inf.
  *   pool_kernel applies to SNAPKV only; group_reduce to SNAPKV and H2O.
+ *   Non-finite data, one rule on both backends (as torch and kvpress behave): a NaN or +-inf among
+ *   a query row's logits makes that whole softmax row NaN, so every key it observes gets a NaN
+ *   contribution; MAX pooling and MAX group-reduce propagate NaN; pool_kernel 1 is the identity;
+ *   KNORM is computed without intermediate overflow (finite for every finite key). Selection
+ *   orders NaN below -inf.
  *
  * Selection semantics for one (sequence b, KV head h), k = min(budgets[b], n):
  *   1. Protected set P = first sink_tokens + last recent_tokens + PROTECT spans + the method's own
@@ -300,7 +344,9 @@ typedef struct {
   kvc_reduce_t group_reduce;   /* default MEAN                                                      */
   float scale;                 /* softmax scale, finite, >= 0; 0 = 1/sqrt(head_dim) (default)       */
   int32_t span_local;          /* 0 or 1: each FAIR span is its own scoring domain; then every token
-                                  outside FAIR spans must be protected                              */
+                                  outside FAIR spans must be protected, and SNAPKV / H2O need
+                                  window >= the number of FAIR spans of every sequence (one query
+                                  per span at least)                                                */
   int32_t sink_tokens;         /* >= 0, protected prefix; default 0                                 */
   int32_t recent_tokens;       /* >= 0, protected suffix; default 0                                 */
   float fairness;              /* lambda in [0, 1]: 0 = plain policy, 1 = fully fair; default 0     */
@@ -331,7 +377,11 @@ KVC_API void kvc_plan_desc_init(kvc_plan_desc_t *desc);
  * span and value); KVC_ERROR_NOT_SUPPORTED (head_dim or dtype the backend does not handle);
  * KVC_ERROR_BUDGET (protected tokens exceed a budget and budget_policy is KVC_BUDGET_FAIL: the
  * detail names the sequence and counts);
- * KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA. On failure *out is NULL. Synchronous. */
+ * KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA. On failure *out is NULL. Synchronous.
+ * Sizes: every array and workspace size is computed with overflow checks. A plan may have at most
+ * 2^48 (query head, token) pairs, num_q_heads * sum of seq_lens (a 1 PiB score array), which keeps
+ * every size it implies inside 64 bits; a larger one, or one whose workspace would still pass
+ * SIZE_MAX, is KVC_ERROR_INVALID_VALUE (the detail names the counts), never a wrapped size. */
 KVC_API kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc_plan_t *out);
 /* Frees the plan (its host memory and the device copy it owns; never a kvc_plan_upload buffer).
  * Accepts NULL. The caller must make sure no work that uses the plan, its upload included, is
@@ -488,9 +538,11 @@ KVC_API kvc_status_t kvc_plan_compatible(kvc_plan_t a, kvc_plan_t b, int *compat
 /* ============================================================================================= */
 /* Execute calls (never allocate, never synchronise; see the conventions at the top)             */
 /* Each returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (NULL ctx/plan/pointer, plan from another   */
-/* backend, cache descriptor not matching the plan, bad strides or page size, CPU: page id out   */
-/* of range or shared); KVC_ERROR_WORKSPACE_TOO_SMALL; KVC_ERROR_NOT_SUPPORTED; KVC_ERROR_CUDA   */
-/* (a launch failed).                                                                            */
+/* backend, cache descriptor not matching the plan or breaking its layout rules, bad page size,  */
+/* CPU: page id out of range or shared); KVC_ERROR_WORKSPACE_TOO_SMALL; KVC_ERROR_NOT_SUPPORTED; */
+/* KVC_ERROR_CUDA (a launch failed, or an error of the caller's earlier CUDA work was already    */
+/* pending on the calling thread: then nothing is enqueued, the detail says so and the error is */
+/* left pending, since cudaGetLastError would otherwise report it as the library's).             */
 /* ============================================================================================= */
 
 /* Scores every token. `queries`: [obs_total][num_q_heads][head_dim] in the plan's dtype, row order

@@ -42,6 +42,10 @@ typedef struct {
    * gemm_tile_rows logits rows. Defaults KVC_GEMM_*; kvc_plan_create reads test overrides from
    * the environment (KVC_SCORE_GEMM_THRESHOLD, _KEYS, _ROWS). */
   int32_t gemm_threshold, gemm_tile_keys, gemm_tile_rows;
+  /* CPU backend: threads the workspace holds scratch for (the context's thread count when the
+   * plan was made) and a cap on the instruction set of the scoring loops (0: none; tests set
+   * KVC_CPU_ISA = 1 portable, 2 AVX2, 3 AVX-512, read by kvc_plan_create). */
+  int32_t cpu_threads, cpu_isa;
 
   const int32_t *seq_lens;       /* [batch] n_b                                                */
   const int32_t *keep_lens;      /* [batch] k_b = min(budget, n)                               */

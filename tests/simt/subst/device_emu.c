@@ -6,7 +6,10 @@
 #include "device.h"
 #include "internal.h"
 
-int kvc_device_count(void) { return 1; }
+int kvc_device_count(char *detail, size_t cap) {
+  (void)detail, (void)cap;
+  return 1;
+}
 
 kvc_status_t kvc_device_enter(int device, int *previous, char *detail, size_t cap) {
   *previous = 0;
