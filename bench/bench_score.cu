@@ -3,10 +3,12 @@
  * methods and head counts; one JSON line per point:
  *   {"op":"score","method":"snapkv","n":32768,"batch":1,"kv_heads":8,"q_heads":32,"head_dim":128,
  *    "dtype":"bf16","window":64,"engine_lse":0,"median_ms":...,"p10_ms":...,"p90_ms":...,
- *    "k_gbps":...,"tflops":...,"floor_ms":...,"floor_bound":"tensor","x_floor":...}
- * Every line also prints the analytic floor of the point (bench/cost_model.h: max of bytes / copy
- * bandwidth, tensor flops / tensor peak, exp2 / MUFU rate on an H200) and x_floor = median / floor:
- * 1 would be the floor itself.
+ *    "k_gbps":...,"tflops":...,"floor_bytes":...,"floor_flops":...,"floor_exps":...,"floor_ms":...,
+ *    "pct_of_floor":...,"floor_h200_ms":...,"floor_bound":"tensor"}
+ * Every line also carries the analytic floor of the point: its counts from bench/cost_model.h
+ * (kvc_floor_score: bytes, tensor flops, exponentials), floor_ms against this run's measured copy
+ * and GEMM ceilings (bench_util.cuh's add_floor; pct_of_floor = floor / median), and
+ * floor_h200_ms / floor_bound, the same counts against the H200 ceilings of cost_model.h.
  * k_gbps is the K bytes of the batch (batch * n * kv_heads * head_dim * element size) over the
  * median time: the floor on what any scorer must read (KNORM and STREAMING aside, the attention
  * methods are arithmetic-bound, so this is a rate, not an efficiency); pct_copy sets it against the
@@ -175,15 +177,16 @@ void bench_point(kvc_context_t ctx, const Options &o, const std::string &method,
                                             (int)elem, lse != nullptr);
   const double flops = elem == 2 ? floor.tensor_flops : 2.0 * o.head_dim * floor.exps;
   const double k_gbps = k_bytes / (median * 1e-3) / 1e9;
-  bench::Json()
-      .add("record", "result").add("op", "score").add("impl", "kvc").add("method", method).add("n", n)
+  bench::Json j;
+  j.add("record", "result").add("op", "score").add("impl", "kvc").add("method", method).add("n", n)
       .add("batch", o.batch).add("kv_heads", kv_heads).add("q_heads", q_heads).add("head_dim", o.head_dim)
       .add("dtype", o.dtype).add("window", window).add("engine_lse", lse != nullptr ? 1 : 0).add_stats(st)
       .add("k_gbps", k_gbps).add("pct_copy", g_copy_gbps > 0 ? 100.0 * k_gbps / g_copy_gbps : 0.0)
-      .add("tflops", flops / (median * 1e-3) / 1e12).add("extra_bytes", (long long)ws_bytes)
-      .add("floor_ms", floor.floor_s * 1e3).add("floor_bound", kvc_bound_name(floor.bound))
-      .add("x_floor", median / (floor.floor_s * 1e3))
-      .print();
+      .add("tflops", flops / (median * 1e-3) / 1e12).add("extra_bytes", (long long)ws_bytes);
+  bench::Floor counts;
+  counts.bytes = floor.bytes, counts.flops = floor.tensor_flops, counts.exps = floor.exps;
+  bench::add_floor(j, counts, st);
+  j.add("floor_h200_ms", floor.floor_s * 1e3).add("floor_bound", kvc_bound_name(floor.bound)).print();
 
   cudaStreamDestroy(stream);
   cudaFree(k), cudaFree(v), cudaFree(queries), cudaFree(dev_table), cudaFree(scores), cudaFree(workspace), cudaFree(lse);

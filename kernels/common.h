@@ -23,6 +23,9 @@ KVC_HD int kvc_dtype_size(kvc_dtype_t dtype) {
   return dtype == KVC_DTYPE_F32 ? 4 : dtype == KVC_DTYPE_FP8_E4M3 ? 1 : 2;
 }
 
+/* Pages that n tokens fill, in int64: n + page_size - 1 overflows int32 for long pages. */
+KVC_HD int64_t kvc_pages_needed(int64_t n, int32_t page_size) { return (n + page_size - 1) / page_size; }
+
 /* Page list of sequence b (NULL: sequence b is page b). */
 KVC_HD const int32_t *kvc_seq_pages(const kvc_paged_kv_t *c, int32_t b) {
   if (!c->page_table) return 0;
@@ -43,7 +46,7 @@ KVC_HD int32_t kvc_page_checked(const kvc_paged_kv_t *c, int32_t b, int32_t t) {
     page = b;
   } else if (c->page_indptr) {
     const int32_t first = c->page_indptr[b];
-    if (first < 0 || i >= c->page_indptr[b + 1] - first) return -1;
+    if (first < 0 || i >= (int64_t)c->page_indptr[b + 1] - first) return -1; /* int64: no overflow */
     page = c->page_table[first + i];
   } else {
     page = c->page_table[(int64_t)b * c->max_pages + i];
@@ -51,10 +54,25 @@ KVC_HD int32_t kvc_page_checked(const kvc_paged_kv_t *c, int32_t b, int32_t t) {
   return page >= 0 && page < c->num_pages ? page : -1;
 }
 
-/* Element offset of (token t of a sequence on `page`, head h, dim 0) in the k or v pool. */
+/* Element offset of (token t of a sequence on `page`, head h, dim 0) in the k or v pool.
+ * Cannot overflow for the arguments the ops pass: page in [0, num_pages) (validated on the host or
+ * guarded by kvc_page_checked), t % page_size in [0, page_size), h in [0, num_kv_heads), strides
+ * > 0. Each product is then at most its axis' (count - 1) * stride and the sum at most the pool
+ * extent minus head_dim, which the host (host/dispatch.c, check_layout) proved fits int64 — also
+ * in bytes, so offset * element size and offset + a column below head_dim fit as well. */
 KVC_HD int64_t kvc_slot_offset(const kvc_paged_kv_t *c, int32_t page, int32_t t, int32_t h) {
   return (int64_t)page * c->stride_page + (int64_t)(t % c->page_size) * c->stride_token +
          (int64_t)h * c->stride_head;
+}
+
+/* The packed q row (kvc_gather_queries) holding position p of a sequence of n tokens whose packed
+ * rows are [start, end) of `tokens`: they hold its last end - start positions. -1 when they cannot
+ * hold p: a negative or reversed range, a range past `tokens`, more rows than the sequence has
+ * tokens, or p before the first packed position. */
+KVC_HD int64_t kvc_packed_row(int32_t n, int32_t start, int32_t end, int64_t tokens, int32_t p) {
+  const int64_t len = (int64_t)end - start;
+  if (start < 0 || len < 0 || end > tokens || len > n || p < n - len) return -1;
+  return start + (p - (n - len));
 }
 
 /* Selection key: larger = kept first. Orders by score (NaN below -inf, -0 == +0) in the high 32

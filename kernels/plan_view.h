@@ -37,6 +37,10 @@ typedef struct {
   int32_t pool_kernel, span_local;
   float scale; /* resolved: never 0 */
   int32_t max_seq_len, max_keep_len, max_obs_per_domain;
+  /* CPU backend: threads the workspace holds scratch for (the context's thread count when the
+   * plan was made) and a cap on the instruction set of the scoring loops (0: none; tests set
+   * KVC_CPU_ISA = 1 portable, 2 AVX2, 3 AVX-512, read by kvc_plan_create). */
+  int32_t cpu_threads, cpu_isa;
 
   const int32_t *seq_lens;       /* [batch] n_b                                                */
   const int32_t *keep_lens;      /* [batch] k_b = min(budget, n)                               */

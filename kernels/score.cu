@@ -40,6 +40,7 @@
  */
 #include "cuda_compat.cuh"
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -497,8 +498,9 @@ __device__ float reduce_heads(const kvc_plan_view_t &plan, const float *head_row
 }
 
 /* ||row||_2 of dim elements, by the 2 lanes (lane ^ 1) that share the row, each summing half: scaled
- * by the power of two of the row's max-abs, so no square overflows or underflows to 0; inf / NaN
- * when the row has one. Both lanes must call it (it shuffles). */
+ * by the power of two of the row's max-abs, so no square overflows or underflows to 0; at most
+ * FLT_MAX for a finite row (as the CPU backend stores it), inf / NaN when the row has one. Both
+ * lanes must call it (it shuffles). */
 template <class T>
 __device__ float pair_norm(const T *row, int32_t dim) {
   const int32_t half = dim / 2, d0 = (threadIdx.x & 1) * half;
@@ -512,7 +514,7 @@ __device__ float pair_norm(const T *row, int32_t dim) {
     squares = fmaf(x, x, squares);
   }
   squares += __shfl_xor_sync(0xffffffffu, squares, 1);
-  return is_finite(top) && top > 0.0f ? ldexpf(sqrtf(squares), exponent) : top;
+  return is_finite(top) && top > 0.0f ? fminf(ldexpf(sqrtf(squares), exponent), FLT_MAX) : top;
 }
 
 /* Grid (block of kThreads keys, KV head row set, sequence); TOVA has one row set that writes every

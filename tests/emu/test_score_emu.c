@@ -24,6 +24,7 @@
  * magnitude). KNORM: sqrt of a sum of D squares, relative ~ D * 2^-24 < 2e-5. STREAMING is exact.
  */
 #include <criterion/criterion.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -715,8 +716,9 @@ Test(score_emu, nonfinite_engine_lse_poisons_its_rows) {
   }
 }
 
-/* KNORM: keys far beyond sqrt(FLT_MAX) (whose squares overflow fp32) keep finite norms; an inf
- * element gives -inf, a NaN one NaN; the CPU (double) computes the same. */
+/* KNORM: keys far beyond sqrt(FLT_MAX) (whose squares overflow fp32) keep finite norms, and a norm
+ * past FLT_MAX is stored as -FLT_MAX (finite for every finite key); an inf element gives -inf, a
+ * NaN one NaN; the CPU (double) computes the same. */
 static void plant_large_keys(kvc_test_cache_t *cache, void *queries, int32_t Hq) {
   (void)queries, (void)Hq;
   const kvc_dtype_t dtype = cache->desc.dtype;
@@ -727,6 +729,8 @@ static void plant_large_keys(kvc_test_cache_t *cache, void *queries, int32_t Hq)
   set_element(kvc_test_k_ptr(cache, 1, 7, 0), dtype, 2, INFINITY);
   set_element(kvc_test_k_ptr(cache, 1, 8, 1), dtype, 5, NAN);
   set_element(kvc_test_k_ptr(cache, 1, 9, 0), dtype, 0, 1e-30f); /* tiny keys: no underflow to 0 either */
+  if (dtype != KVC_DTYPE_F16) /* a finite key whose norm exceeds FLT_MAX: scored -FLT_MAX */
+    for (int32_t x = 0; x < cache->desc.head_dim; ++x) set_element(kvc_test_k_ptr(cache, 1, 10, 1), dtype, x, 3e38f);
 }
 
 Test(score_emu, nonfinite_knorm_large_and_nonfinite_keys) {
@@ -754,6 +758,10 @@ Test(score_emu, nonfinite_knorm_large_and_nonfinite_keys) {
     cr_assert_eq(infs, 1, "one inf key");
     const double big0 = r.cpu_scores[(int64_t)1 * 150 + 3]; /* sequence 0, head 1, token 3 */
     cr_assert(isfinite(big0) && big0 < -1e3, "a large key keeps a finite norm: %g", big0);
+    if (c.dtype != KVC_DTYPE_F16) { /* sequence 1, head 1, token 10 */
+      const float top = r.cuda_scores[(int64_t)2 * 150 + 90 + 10];
+      cr_assert_eq(top, -FLT_MAX, "a finite key past FLT_MAX: CUDA %g, want -FLT_MAX", top);
+    }
     score_run_free(&r);
   }
 }
