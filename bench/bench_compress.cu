@@ -28,7 +28,7 @@
  *                  [--ratios 0.1,0.3,0.5,0.7,0.9] [--methods snapkv,h2o] [--window 64]
  *                  [--h2o-max-n 32768] [--layout paged|hf] [--page-size 16] [--dtype bf16]
  *                  [--iters 10] [--warmup 2] [--stages 1] [--max-seconds 0 (no limit)]
- *   H2O runs with window = n (every query observes: the GEMM path).
+ *   H2O runs with window = n (every query observes).
  */
 #include <chrono>
 

@@ -14,7 +14,7 @@
  *                                program starts, 20 ms before each measured point
  *   bench::time_gpu(fn, ...)     cudaEvent timing: a busy spell, `warmup` untimed calls, then
  *                                `iters` timed ones, each after an L2 flush; returns the statistics
- *   bench::Floor, Json::add_floor  the analytic floor of a point (least bytes moved, least flops)
+ *   bench::Floor, add_floor      the analytic floor of a point (least bytes moved, flops, exponentials)
  *                                beside its time; see "Floors" below
  *   bench::Stats                 median, p10, p90 (ms) of a set of times
  *   bench::copy_bandwidth_gbps() cudaMemcpy device-to-device of a buffer >> L2, counting bytes read
@@ -50,6 +50,7 @@
 #include <string>
 #include <vector>
 
+#include "cost_model.h"
 #include "kvcompress.h"
 
 #define KVC_BENCH_CHECK(call)                                                                  \
@@ -354,15 +355,15 @@ inline Json device_json(const char *bench_name) {
 /* ------------------------------------------------------------------------------------------ */
 
 /* The analytic floor of one measured point: the fewest bytes any implementation must move
- * through device memory and the fewest flops it must do (METHOD.md's "two numbers"). Its time is
- * the larger of bytes / the copy ceiling and flops / the bf16 GEMM ceiling, both measured in the
- * same run (the copy one by print_device_and_copy_ceiling in every program; the GEMM one by
- * bench_ceilings, passed on by bench/run_device.sh as KVC_BENCH_GEMM_TFLOPS).
- * HOOK: bench/cost_model.h (the scoring issue's cost model) will give each op's Floor; a program
- * then writes j.add_floor(floor) beside its times. Until it lands, the programs give none and
- * bench/report.py shows the floor columns as "–" ("no floor: bench/cost_model.h pending"). */
+ * through device memory, the tensor flops and the exponentials of the algorithm (METHOD.md's "two
+ * numbers", plus the MUFU term of attention). Its time is the largest of bytes / the copy ceiling
+ * and flops / the bf16 GEMM ceiling, both measured in the same run (the copy one by
+ * print_device_and_copy_ceiling in every program; the GEMM one by bench_ceilings, passed on by
+ * bench/run_device.sh as KVC_BENCH_GEMM_TFLOPS), and exps / the MUFU rate of bench/cost_model.h
+ * (derived from the chip's clock and unit count, not measured). bench/cost_model.h gives each op's
+ * counts (kvc_floor_<op>); a program writes add_floor(j, floor, stats) beside its times. */
 struct Floor {
-  double bytes = 0, flops = 0;
+  double bytes = 0, flops = 0, exps = 0;
 };
 
 /* The run's ceilings: copy GB/s (read + written), bf16 GEMM TFLOP/s (0 when not measured). */
@@ -384,7 +385,8 @@ inline double floor_ms(const Floor &f) {
   if ((f.bytes > 0 && c.copy_gbps <= 0) || (f.flops > 0 && c.gemm_tflops <= 0)) return 0;
   const double memory_ms = f.bytes > 0 ? f.bytes / (c.copy_gbps * 1e9) * 1e3 : 0;
   const double math_ms = f.flops > 0 ? f.flops / (c.gemm_tflops * 1e12) * 1e3 : 0;
-  return std::max(memory_ms, math_ms);
+  const double mufu_ms = f.exps / KVC_H200_MUFU_EXP2_PER_S * 1e3;
+  return std::max(std::max(memory_ms, math_ms), mufu_ms);
 }
 
 /* Prints the device line and the copy ceiling line, after keeping the GPU busy for kStartBusyMs;
@@ -402,7 +404,7 @@ inline double print_device_and_copy_ceiling(const char *bench_name) {
  * times of a point whose stats were added with add_stats. */
 inline Json &add_floor(Json &j, const Floor &f, const Stats &s) {
   const double ms = floor_ms(f);
-  j.add("floor_bytes", f.bytes).add("floor_flops", f.flops);
+  j.add("floor_bytes", f.bytes).add("floor_flops", f.flops).add("floor_exps", f.exps);
   if (ms > 0) j.add("floor_ms", ms).add("pct_of_floor", s.median_ms > 0 ? 100.0 * ms / s.median_ms : 0.0);
   return j;
 }

@@ -12,7 +12,8 @@ and every rate is set against the ceilings measured in the same run (record "cei
 Besides the timings: the GPU checker's totals (record "gpucheck"), the Python CUDA tests ("pytest"),
 the clocks of every step ("clocks": SM / memory MHz at its start and end and sampled during it),
 which peers ran, and each point's analytic floor (floor_ms / pct_of_floor, written by the programs
-through bench_util.cuh's add_floor once bench/cost_model.h gives them; "–" until then).
+through bench_util.cuh's add_floor from bench/cost_model.h's counts; "–" where a program gives none),
+and bench/results/cost_model.md (bench/cost_model_table: the model's floors, computed, not measured).
 
 Outputs: --md (bench/RESULTS.md), --png (bench/speedup.png: our speedup over the kvpress/PyTorch
 pipeline against n, GPU) and --cpu-png (bench/cpu_speedup.png: CPU backend vs numpy against n).
@@ -227,8 +228,8 @@ def gpu_sections(recs, lines):
     lines.append(table(["what", "impl", "n", "batch", "kept fraction", "ms", "floor ms", "% of floor", "GB/s",
                         "% of copy", "% of memcpy"], rows) + "\n")
     if not any(r.get("floor_ms") for r in recs if r.get("record", "result") == "result"):
-        lines.append("Floors: none in this run (\"–\"): the programs add them through bench_util.cuh's "
-                     "`add_floor` once `bench/cost_model.h` gives each op's least bytes and flops.\n")
+        lines.append("Floors: none in this run (\"–\"): bench_score adds them (bench_util.cuh's `add_floor` from "
+                     "`bench/cost_model.h`); the other programs until their stages get a `kvc_floor_<op>` there.\n")
 
 
 def run_sections(recs, lines):
@@ -578,9 +579,15 @@ def main():
             L.append(f"### {sec}\n\n{pending.capitalize()}. `bench/run_device.sh` measures it in one device "
                      f"call (see its header).\n")
 
+    model = os.path.join(HERE, "results", "cost_model.md")
+    if os.path.exists(model):  # written by bench/cost_model_table (bench/cost_model.h)
+        L.append("## Analytic floors (the cost model: computed, not measured)\n")
+        with open(model) as f:
+            L.append(f.read().strip() + "\n")
+
     L.append("## CPU (this machine)\n")
     cpu_section(recs, L)
-    if not args.no_cpu_png and cpu_plot(recs, args.cpu_png):
+    if (cpu_plot(recs, args.cpu_png) if not args.no_cpu_png else os.path.exists(args.cpu_png)):
         L.append(f"![CPU speedup]({os.path.basename(args.cpu_png)})\n")
 
     with open(args.md, "w") as f:

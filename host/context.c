@@ -1,5 +1,5 @@
-/* context.c - contexts: backend choice, the CUDA context's cuBLAS handle, the CPU context's
- * threads and the per-context last-error detail. */
+/* context.c - contexts: backend choice, the CPU context's threads and the per-context last-error
+ * detail. */
 #include <stdlib.h>
 
 #include "device.h"
@@ -35,20 +35,6 @@ static kvc_status_t create(kvc_backend_t backend, int device, kvc_context_t *out
   ctx->backend = backend;
   ctx->device = backend == KVC_BACKEND_CUDA ? device : 0;
   ctx->threads = 1;
-  if (backend == KVC_BACKEND_CUDA) {
-    /* the cuBLAS handle (scoring's GEMM path): made here so that execute calls never allocate */
-    int previous;
-    kvc_status_t status = kvc_device_enter(device, &previous, ctx->detail, sizeof ctx->detail);
-    if (status == KVC_SUCCESS) {
-      status = kvc_blas_create(&ctx->blas, ctx->detail, sizeof ctx->detail);
-      kvc_device_restore(previous);
-    }
-    if (status != KVC_SUCCESS) {
-      kvc_fail_detail(detail, cap, status, "%s: backend CUDA, device %d: %s", fn, device, ctx->detail);
-      free(ctx);
-      return status;
-    }
-  }
   *out = ctx;
   return KVC_SUCCESS;
 }
@@ -65,13 +51,6 @@ kvc_status_t kvc_context_create_with_detail(kvc_backend_t backend, int device, k
 
 kvc_status_t kvc_context_destroy(kvc_context_t ctx) {
   if (ctx) kvc_workers_destroy(ctx->workers);
-  if (ctx && ctx->blas) {
-    int previous;
-    if (kvc_device_enter(ctx->device, &previous, NULL, 0) == KVC_SUCCESS) {
-      kvc_blas_destroy(ctx->blas);
-      kvc_device_restore(previous);
-    }
-  }
   free(ctx);
   return KVC_SUCCESS;
 }

@@ -33,11 +33,6 @@ kvc_status_t kvc_device_upload(void *dst, const void *src, size_t bytes, char *d
  * stream passes it. Never synchronises the device. */
 kvc_status_t kvc_device_upload_async(void *dst, const void *src, size_t bytes, kvc_stream_t stream, char *detail,
                                      size_t cap);
-/* The context's BLAS handle (a cublasHandle_t on CUDA), made on the current device when a CUDA
- * context is created, so that execute calls never allocate one; destroy accepts NULL. The build
- * without CUDA has none (*handle = NULL); the emulator gives a dummy non-NULL one. */
-kvc_status_t kvc_blas_create(void **handle, char *detail, size_t cap);
-void kvc_blas_destroy(void *handle);
 
 #ifdef __cplusplus
 }

@@ -1,6 +1,4 @@
-/* device_cuda.c - the device runtime through the CUDA runtime API (plan upload, device choice) and
- * the context's cuBLAS handle. */
-#include <cublas_v2.h>
+/* device_cuda.c - the device runtime through the CUDA runtime API (plan upload, device choice). */
 #include <cuda_runtime_api.h>
 
 #include "device.h"
@@ -71,25 +69,4 @@ kvc_status_t kvc_device_upload_async(void *dst, const void *src, size_t bytes, k
     return kvc_fail_detail(detail, cap, KVC_ERROR_CUDA, "cudaMemcpyAsync(plan upload, %zu bytes): %s", bytes,
                            cudaGetErrorString(err));
   return KVC_SUCCESS;
-}
-
-kvc_status_t kvc_blas_create(void **handle, char *detail, size_t cap) {
-  cublasHandle_t blas = NULL;
-  cublasStatus_t status = cublasCreate(&blas);
-  *handle = NULL;
-  if (status != CUBLAS_STATUS_SUCCESS)
-    return kvc_fail_detail(detail, cap, status == CUBLAS_STATUS_ALLOC_FAILED ? KVC_ERROR_OUT_OF_MEMORY : KVC_ERROR_CUDA,
-                           "cublasCreate: %s (%s)", cublasGetStatusName(status), cublasGetStatusString(status));
-  /* the default math mode: f32 products stay fp32 (never TF32); scoring asks CUBLAS_COMPUTE_32F */
-  status = cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH);
-  if (status != CUBLAS_STATUS_SUCCESS) {
-    cublasDestroy(blas);
-    return kvc_fail_detail(detail, cap, KVC_ERROR_CUDA, "cublasSetMathMode: %s", cublasGetStatusName(status));
-  }
-  *handle = blas;
-  return KVC_SUCCESS;
-}
-
-void kvc_blas_destroy(void *handle) {
-  if (handle) cublasDestroy((cublasHandle_t)handle);
 }

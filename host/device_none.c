@@ -34,11 +34,3 @@ kvc_status_t kvc_device_upload_async(void *dst, const void *src, size_t bytes, k
                                      size_t cap) {
   return kvc_fail_detail(detail, cap, KVC_ERROR_NO_DEVICE, "libkvcompress was built without CUDA");
 }
-
-kvc_status_t kvc_blas_create(void **handle, char *detail, size_t cap) {
-  (void)detail, (void)cap;
-  *handle = NULL;
-  return KVC_SUCCESS;
-}
-
-void kvc_blas_destroy(void *handle) { (void)handle; }

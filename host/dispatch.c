@@ -295,7 +295,6 @@ static kvc_status_t run_fn(kvc_context_t ctx, kvc_plan_t plan, const char *name,
                            kvc_carver_t *ws) {
   args->plan = plan->view;
   args->host_plan = &plan->host;
-  args->blas = ctx->blas;
   args->workers = ctx->workers;
   args->detail = ctx->detail;
   args->detail_cap = sizeof ctx->detail;

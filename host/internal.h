@@ -20,7 +20,6 @@ typedef struct {
 struct kvc_context {
   kvc_backend_t backend; /* CPU or CUDA, never AUTO */
   int device;
-  void *blas;                  /* CUDA: cublasHandle_t made with the context (host/device.h), else NULL */
   int32_t threads;             /* kvc_context_set_threads (1 by default)                            */
   kvc_workers_t *workers;      /* CPU: its threads - 1 workers (host/pool.c), NULL for one thread */
   char detail[KVC_DETAIL_CAP]; /* kvc_last_error */

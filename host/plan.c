@@ -11,7 +11,6 @@
 
 #include "device.h"
 #include "internal.h"
-#include "score_gemm.h"
 
 /* Sizes of the plan arrays, counted in a first pass so all of them fit one allocation. */
 typedef kvc_plan_counts_t plan_counts_t;
@@ -546,9 +545,8 @@ static void bind_view(kvc_plan_t plan, void *base) {
   plan->view_on_device = base != NULL;
 }
 
-/* An integer from the environment in [lo, hi], else `fallback`: the test overrides of scoring's
- * GEMM path (kernels/score_gemm.h) and of the CPU scoring's instruction set, read once here so
- * that the plan carries them. */
+/* An integer from the environment in [lo, hi], else `fallback`: the test override of the CPU
+ * scoring's instruction set, read once here so that the plan carries it. */
 static int32_t env_int(const char *name, int32_t fallback, int32_t lo, int32_t hi) {
   const char *text = getenv(name);
   if (!text || !*text) return fallback;
@@ -567,7 +565,7 @@ static kvc_status_t size_workspaces(kvc_context_t ctx, kvc_plan_t plan) {
     kvc_op_args_t args;
     memset(&args, 0, sizeof args);
     args.plan = plan->view;
-    args.host_plan = &plan->host; /* no blas handle: sizing enqueues nothing */
+    args.host_plan = &plan->host;
     args.detail = ctx->detail;
     args.detail_cap = sizeof ctx->detail;
     kvc_carve_validation(&plan->host, plan->backend, (kvc_op_t)op, &ws, NULL);
@@ -631,9 +629,6 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
   v->pool_kernel = desc->pool_kernel;
   v->span_local = desc->span_local;
   v->scale = desc->scale > 0.0f ? desc->scale : 1.0f / sqrtf((float)desc->head_dim);
-  v->gemm_threshold = env_int("KVC_SCORE_GEMM_THRESHOLD", KVC_GEMM_THRESHOLD, 0, INT32_MAX);
-  v->gemm_tile_keys = env_int("KVC_SCORE_GEMM_KEYS", KVC_GEMM_TILE_KEYS, 1, KVC_GEMM_MAX_TILE_KEYS);
-  v->gemm_tile_rows = env_int("KVC_SCORE_GEMM_ROWS", KVC_GEMM_TILE_ROWS, 1, KVC_GEMM_TILE_ROWS);
   v->cpu_threads = ctx->threads;
   v->cpu_isa = env_int("KVC_CPU_ISA", 0, 0, 3);
 

@@ -119,14 +119,13 @@ typedef enum {
 } kvc_backend_t;
 
 /* Creates a context on `backend`; `device` is the CUDA device ordinal (ignored on CPU).
- * A CUDA context owns one cuBLAS handle (made here, so that execute calls never allocate; scoring
- * uses it for large observation sets) and selects the device for the calls made through it (each
- * call sets the device and restores the caller's current device before returning).
+ * A CUDA context selects the device for the calls made through it (each call sets the device and
+ * restores the caller's current device before returning); it holds no library handles.
  * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (out is NULL, backend unknown, device < 0 or not
  * present); KVC_ERROR_NO_DEVICE (CUDA asked for and the library was built without CUDA or no device
- * is usable); KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA (cuBLAS could not be initialised). On
- * failure *out is set to NULL. Synchronous. A failed creation has no context to keep its reason
- * in (and the library has no global state): use kvc_context_create_with_detail to get it. */
+ * is usable); KVC_ERROR_OUT_OF_MEMORY. On failure *out is set to NULL. Synchronous. A failed
+ * creation has no context to keep its reason in (and the library has no global state): use
+ * kvc_context_create_with_detail to get it. */
 KVC_API kvc_status_t kvc_context_create(kvc_backend_t backend, int device, kvc_context_t *out);
 /* kvc_context_create that also explains a failure: `detail` (caller's buffer of detail_bytes,
  * may be NULL) receives a NUL-terminated sentence, truncated to fit, naming the argument and value
@@ -460,26 +459,21 @@ typedef enum {
 } kvc_op_t;
 
 /* Workspace bytes the execute call `op` needs with this plan on its backend (may be 0; a NULL
- * workspace is then fine). The CUDA score workspace of SNAPKV, H2O and TOVA is, with n_max the
- * longest sequence, Q_max the most observation queries of one scoring domain, G = num_q_heads /
- * num_kv_heads and E the dtype's size in bytes, the sum of these terms, in this order, each but
- * the last rounded up to a multiple of 256:
- *     obs_total * num_q_heads * C * 8     softmax partials (max, sum) per key chunk
- *   + obs_total * num_q_heads * 4         softmax normalisers (log-sum-exp)
- *   [ + 4 MiB                             cuBLAS's workspace (so it allocates nothing)
- *     + T * head_dim * E                  one tile of keys gathered from the pages
- *     + G * R * T * 4 ]                   one tile of logits (<= 16 MiB while G <= 4096)
+ * workspace is then fine). The CUDA score workspace of SNAPKV, H2O and TOVA is the sum of these
+ * terms, in this order, each but the last rounded up to a multiple of 256:
+ *   [ obs_total * num_q_heads * C * 8 ]   normaliser partials (max, sum) per key split; only when
+ *                                         C > 1
+ *   + obs_total * num_q_heads * 4         normalisers (log-sum-exp), carved even when kvc_score
+ *                                         gets the engine's `lse`
  *   + num_q_heads * total_tokens * 4      attention per query head, before pooling
- * The bracketed terms exist when some domain has more than 128 observation queries (H2O over the
- * whole prompt, long SnapKV windows): such a domain's logits come from tensor-core GEMMs (cuBLAS)
- * on tiles of T = min(1024, n_max) keys x R = min(max(1, floor(4096 / G)), Q_max) queries per q
- * head, so the extra space does not grow with n beyond those caps. C = 1 when every domain with
- * queries takes that path, else C = ceil(n_max / max(256, ceil(n_max / 64))) <= 64 key chunks.
- * Never the [heads x window x n] attention matrix. 0 for KNORM and STREAMING. The three caps
- * (128 queries, 1024 keys, 4096 rows) can be changed for testing and tuning through the
- * environment variables KVC_SCORE_GEMM_THRESHOLD, KVC_SCORE_GEMM_KEYS and KVC_SCORE_GEMM_ROWS,
- * which kvc_plan_create reads once into the plan. COMPRESS is
- * score + select + compact workspace plus the score and keep layouts.
+ * C is the number of splits of the keys for the normaliser kernel, chosen so that short
+ * observation sets (SnapKV's window) still fill the device: with n_max the longest sequence,
+ * G = num_q_heads / num_kv_heads, obs_b the observation queries of sequence b and
+ * R = num_kv_heads * sum_b ceil(G * obs_b / 64) (blocks of 64 (query, q head) rows),
+ *     C0 = max(1, min(ceil(1024 / R), ceil(n_max / 512))),  S = 64 * ceil(ceil(n_max / C0) / 64),
+ *     C = ceil(n_max / S)   (keys per split: S).
+ * Never the [heads x window x n] attention matrix, nor any logit. 0 for KNORM and STREAMING.
+ * COMPRESS is score + select + compact workspace plus the score and keep layouts.
  * INVALID_VALUE if plan or bytes is NULL or op unknown. */
 KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_t *bytes);
 
@@ -514,9 +508,8 @@ KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_
  * every sequence compressed to its budget, then grown by the same N decode steps, gives the same
  * lengths at every event. (Moving the totals out of the by-value view, into device arrays with
  * capacity-sized grids, would lift that restriction; it is not done.)
- * The scoring path for long observation windows (cuBLAS, see kvc_plan_workspace_size) is captured
- * like the kernels. kvc_plan_upload itself is not meant to be captured: enqueue it before the
- * replay on the same stream.
+ * kvc_plan_upload itself is not meant to be captured: enqueue it before the replay on the same
+ * stream.
  *
  * The CPU backend has no device memory: kvc_plan_device_bytes gives 0, device_memory is ignored,
  * kvc_plan_upload checks ctx and plan and does nothing else, and plans always read their image.
@@ -572,6 +565,10 @@ KVC_API kvc_status_t kvc_plan_compatible(kvc_plan_t a, kvc_plan_t b, int *compat
 /* Scores every token. `queries`: [obs_total][num_q_heads][head_dim] in the plan's dtype, row order
  * of kvc_plan_obs_positions (NULL allowed when obs_total is 0). `scores`: score layout, written,
  * or added to when accumulate != 0 (H2O accumulated across decode steps). The cache is only read.
+ * On CUDA the methods that read K (all but STREAMING) copy it and the queries 16 bytes at a time:
+ * the K pool's address, its three strides in bytes and `queries` must be multiples of 16 (true of
+ * every layout above with cudaMalloc'd pools, head_dim being a multiple of 8), else
+ * KVC_ERROR_NOT_SUPPORTED (the detail gives the values).
  *
  * `lse` (optional; NULL: the library computes it) is the softmax normaliser of every observation
  * row, as the engine's attention kernel already has it: float [obs_total][num_q_heads] (same
@@ -580,10 +577,25 @@ KVC_API kvc_status_t kvc_plan_compatible(kvc_plan_t a, kvc_plan_t b, int *compat
  * with the plan's resolved scale (1/sqrt(head_dim) when desc.scale is 0), over exactly the keys
  * [lo_r, p_r] of the scoring semantics above: without span_local that is the causal prefix
  * [0, p_r], i.e. what a causal prefill's attention normalises over. With it the attention methods
- * skip their normaliser pass. Under span_local, passing the causal prefix's normaliser instead
- * (what the engine's attention has) scores each span with the full causal softmax sliced to the
- * span's keys, as the paper's code does, rather than a softmax over the span alone. Ignored by KNORM and STREAMING. A NaN or inf entry makes that row's
- * contribution NaN, as a non-finite logit would. */
+ * skip their normaliser pass (on CUDA the normaliser kernel: about half of the scoring work).
+ * Ignored by KNORM and STREAMING. With `lse`, a NaN or inf entry makes that row's contribution NaN
+ * (as a non-finite logit does without it). A non-finite logit then poisons the whole row on the
+ * CPU backend, which computes every logit a row sees anyway, but only its own (row, key)
+ * contribution on CUDA, whose kernels see a row's logits in separate key tiles once the normaliser
+ * pass is gone (finding it would take that pass back).
+ * Where an engine has it:
+ *   FlashAttention (flash_attn_func / flash_attn_varlen_func with return_attn_probs=True; FA3's
+ *   flash_attn_func returns it too): softmax_lse is exactly this (natural log, of the logits times
+ *   softmax_scale), laid out [batch][num_heads][seqlen_q] or, varlen, [num_heads][total_q]: take
+ *   the observation rows and transpose to [row][head].
+ *   FlashInfer (the prefill / decode wrappers' run(..., return_lse=True)): [total_q][num_qo_heads],
+ *   but in base 2 by default (its kernels fold log2 e into the scale and return
+ *   max + log2(sum of exp2), i.e. this lse divided by ln 2): multiply by ln 2 = 0.6931471806
+ *   (releases that take lse_base="ln" return this convention directly), then take the rows.
+ *   Either way with the plan's scale as the softmax scale and causal. Under span_local, passing the
+ *   causal prefix's normaliser instead (what the engine's attention has) scores each span with the
+ *   full causal softmax sliced to the span's keys, as the paper's code does, rather than a softmax
+ *   over the span alone. */
 KVC_API kvc_status_t kvc_score(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                const void *queries, const float *lse, float *scores, int accumulate,
                                void *workspace, size_t workspace_bytes, kvc_stream_t stream);

@@ -62,7 +62,6 @@ typedef struct {
   const int32_t *qo_indptr;  /* [batch+1] packed rows per sequence                              */
   void *gathered;            /* [obs_total][num_q_heads][head_dim]                              */
   void *stream;  /* cudaStream_t on CUDA */
-  void *blas;    /* the context's cublasHandle_t on CUDA (NULL while sizing and on CPU)          */
   const kvc_plan_view_t *host_plan; /* the plan with host arrays (== &plan on CPU): what host code
                                        of a CUDA op may read (e.g. to enqueue per-domain work).
                                        A captured graph freezes what it reads: kvc_plan_compatible

@@ -37,11 +37,6 @@ typedef struct {
   int32_t pool_kernel, span_local;
   float scale; /* resolved: never 0 */
   int32_t max_seq_len, max_keep_len, max_obs_per_domain;
-  /* CUDA scoring's GEMM path (kernels/score_gemm.h): a domain with more than gemm_threshold
-   * observation queries gets its logits from tensor-core GEMMs on tiles of gemm_tile_keys keys x
-   * gemm_tile_rows logits rows. Defaults KVC_GEMM_*; kvc_plan_create reads test overrides from
-   * the environment (KVC_SCORE_GEMM_THRESHOLD, _KEYS, _ROWS). */
-  int32_t gemm_threshold, gemm_tile_keys, gemm_tile_rows;
   /* CPU backend: threads the workspace holds scratch for (the context's thread count when the
    * plan was made) and a cap on the instruction set of the scoring loops (0: none; tests set
    * KVC_CPU_ISA = 1 portable, 2 AVX2, 3 AVX-512, read by kvc_plan_create). */

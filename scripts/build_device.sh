@@ -3,8 +3,9 @@
 # into .device/ (ignored by git), so the device call of bench/run_device.sh compiles nothing:
 #
 #   .device/lib/libkvcompress.so.0   the library; the CUDA runtime is linked in (static, symbols
-#                                    hidden), so on the GPU machine it needs only the driver and
-#                                    libcublas.so.13 (the device image's CUDA 13 toolkit has it)
+#                                    hidden), so on the GPU machine it needs only the driver
+#                                    (bench_ceilings also needs libcublas.so.13, which the device
+#                                    image's CUDA 13 toolkit has)
 #   .device/bin/kvc-gpucheck         the GPU checker (tests/gpucheck), RUNPATH $ORIGIN/../lib
 #   .device/bin/bench_*              every benchmark program, RUNPATH $ORIGIN/../lib
 #   .device/whl/*.whl                Python wheels the device image lacks (KINDS.md's package list):
@@ -64,7 +65,8 @@ cp "$B/tests/kvc-gpucheck" "$D.new/bin/"
 for f in "$B"/bench/bench_*; do [ -x "$f" ] && [ -f "$f" ] && cp "$f" "$D.new/bin/"; done
 strip --strip-unneeded "$D.new/lib/libkvcompress.so.0" "$D.new"/bin/*
 
-# What the binaries need at run time: nothing beyond glibc, libstdc++, libcublas and ourselves.
+# What the binaries need at run time: nothing beyond glibc, libstdc++, ourselves, and libcublas for
+# bench_ceilings.
 bad=0
 for f in "$D.new/lib/libkvcompress.so.0" "$D.new"/bin/*; do
   needed=$(readelf -d "$f" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')
@@ -115,7 +117,7 @@ dirty=$(git status --porcelain --untracked-files=no | wc -l)
   echo "nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
   echo "flags -DCMAKE_CUDA_ARCHITECTURES=90 -DKVC_CUDART_STATIC=ON Release"
   echo "sass ${sass:-unknown (cuobjdump not installed)}"
-  echo "needs glibc >= ${glibc#GLIBC_}, libstdc++ ${glibcxx:-(none)}, libcublas.so.13"
+  echo "needs glibc >= ${glibc#GLIBC_}, libstdc++ ${glibcxx:-(none)}, libcublas.so.13 (bench_ceilings)"
   (cd "$D.new" && find . -type f -printf '%P %s\n' | sort)
 } >"$D.new/BUILD_INFO"
 rm -rf "$D"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what it needs, then
 #   1. builds the library (with the CUDA backend when nvcc is present) and runs ctest: CPU tests,
-#      the CUDA kernels through the SIMT emulator (plain and shuffled order), GPU tests (skip
-#      without a device), the C99 header check, the README example;
+#      the CUDA kernels through the SIMT emulator (plain and shuffled order), the SASS check of the
+#      scoring kernels (cuobjdump: the toolkit's or PyPI's), GPU tests (skip without a device), the
+#      C99 header check, the README example;
 #   2. rebuilds the CPU backend and the emulator under AddressSanitizer + UndefinedBehaviorSanitizer
 #      and runs the same CPU and emulator tests;
 #   3. runs the threading test under ThreadSanitizer;
@@ -48,8 +49,22 @@ run_suite() { # name, build dir, ctest args, cmake args...
 }
 
 mkdir -p build
+# cuobjdump for the SASS check (ctest -L sass): the toolkit's, else PyPI's nvidia-cuda-cuobjdump in a
+# venv here; without one that test reports itself skipped
+sass_args=()
+if command -v nvcc >/dev/null 2>&1; then
+  cuobjdump=$(dirname "$(command -v nvcc)")/cuobjdump
+  if [ ! -x "$cuobjdump" ]; then
+    tools=build/tools-venv
+    { [ -x $tools/bin/python ] || python3 -m venv $tools; } &&
+      $tools/bin/python -m pip install -q nvidia-cuda-cuobjdump >build/tools-pip.log 2>&1
+    cuobjdump=$(find "$root/$tools" -name cuobjdump -type f -perm -u+x 2>/dev/null | head -n 1)
+  fi
+  if [ -n "$cuobjdump" ] && [ -x "$cuobjdump" ]; then sass_args=(-DKVC_CUOBJDUMP="$cuobjdump")
+  else echo "!! no cuobjdump (see build/tools-pip.log): the SASS check will be skipped"; fi
+fi
 # KVC_BUILD_TESTS=ON: configuring fails, loudly, if Criterion is missing (the default would build no tests)
-run_suite "release" build/release "" -DCMAKE_BUILD_TYPE=Release -DKVC_BUILD_TESTS=ON
+run_suite "release" build/release "" -DCMAKE_BUILD_TYPE=Release -DKVC_BUILD_TESTS=ON "${sass_args[@]}"
 run_suite "asan+ubsan" build/asan "-L cpu|emu" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVC_ENABLE_CUDA=OFF \
   -DKVC_BUILD_BENCH=OFF -DKVC_SANITIZE=address,undefined -DKVC_BUILD_TESTS=ON
 

@@ -7,7 +7,7 @@
  * oracle applied with that keep layout, byte for byte (sentinels and guard pages included).
  * STREAMING scores are exact, so there the CUDA keep layout must also equal the CPU's.
  *
- * graph: kvc_compress run once uncaptured (modules and cuBLAS load lazily on first use), then
+ * graph: kvc_compress run once uncaptured (modules load lazily on first use), then
  * captured on a non-blocking stream, instantiated and replayed twice on fresh copies of the cache
  * with a garbage workspace; every replay must reproduce the uncaptured run's pools and keep layout.
  */
