@@ -25,5 +25,8 @@ kvc_status_t kvc_device_upload(void *dst, const void *src, size_t bytes, char *d
  * without CUDA has none (*handle = NULL); the emulator gives a dummy non-NULL one. */
 kvc_status_t kvc_blas_create(void **handle, char *detail, size_t cap);
 void kvc_blas_destroy(void *handle);
+/* 1 if host code may read `ptr` (page-locked host memory on CUDA; always in the emulator, whose
+ * device memory is host memory): the layer-batched score stage reads its pointer arrays there. */
+int kvc_device_host_readable(const void *ptr);
 
 #endif /* KVC_DEVICE_H */

@@ -66,6 +66,15 @@ kvc_status_t kvc_blas_create(void **handle, char *detail, size_t cap) {
   return KVC_SUCCESS;
 }
 
+int kvc_device_host_readable(const void *ptr) {
+  struct cudaPointerAttributes attributes;
+  if (cudaPointerGetAttributes(&attributes, ptr) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return attributes.type == cudaMemoryTypeHost;
+}
+
 void kvc_blas_destroy(void *handle) {
   if (handle) cublasDestroy((cublasHandle_t)handle);
 }

@@ -162,8 +162,11 @@ typedef enum {
  * and k and v must be different pools (both backends check). The CUDA backend cannot read the
  * table on the host, so its kernels guard instead: compaction leaves a sequence untouched if any
  * page id it uses lies outside [0, num_pages) or its CSR list is too short, and scoring reads such
- * tokens as zero keys. A page shared by two sequences cannot be detected on CUDA: validate the
- * table in the engine if it can be corrupt.
+ * tokens as zero keys. CUDA compaction also detects, on the device, a page used by two sequences
+ * (or twice by one) and leaves every sequence involved untouched. It reports what it skipped in a
+ * per-sequence status array it leaves in its workspace (kvc_compact_status_t, below), which the
+ * engine reads after the stream; the CPU backend fills the same array (all zeros: it refuses a bad
+ * table with KVC_ERROR_INVALID_VALUE before moving anything).
  *
  *   NHD (vLLM, FlashInfer default): stride_token = H*D, stride_head = D, stride_page = page_size*H*D
  *   HND (TensorRT-LLM, FlashInfer HND): stride_head = page_size*D, stride_token = D
@@ -313,6 +316,9 @@ typedef struct {
   int64_t total_spans;      /* span_indptr[batch]                                                 */
   int64_t count_elems;      /* int32 in the count layout = num_kv_heads * total_spans             */
   size_t keep_offset_bytes; /* where kvc_compress leaves the keep layout inside its workspace     */
+  size_t compact_status_offset_bytes;  /* where kvc_compact leaves its status array (int32 [batch],
+                                          kvc_compact_status_t) inside its workspace             */
+  size_t compress_status_offset_bytes; /* the same array inside kvc_compress's workspace          */
 } kvc_plan_info_t;
 
 /* INVALID_VALUE if plan or info is NULL. */
@@ -395,6 +401,21 @@ KVC_API kvc_status_t kvc_select(kvc_context_t ctx, kvc_plan_t plan, const float 
                                 int32_t *keep, void *workspace, size_t workspace_bytes,
                                 kvc_stream_t stream);
 
+/* Per-sequence result of a compaction, int32 flags ORed together; 0: the sequence was compacted
+ * (or needed no move). Nonzero: the sequence was left untouched, every head, pool and extra. The
+ * CUDA backend checks a sequence's first ceil(n_b / page_size) page-table entries on the device;
+ * the CPU backend refuses every such table with KVC_ERROR_INVALID_VALUE instead, so its array is
+ * all zeros after a successful call. */
+typedef enum {
+  KVC_COMPACT_OK = 0,
+  KVC_COMPACT_BAD_PAGE_ID = 1,     /* a page id it uses lies outside [0, num_pages)                   */
+  KVC_COMPACT_SHORT_PAGE_LIST = 2, /* CSR: page_indptr[b] < 0, or fewer entries than its tokens need  */
+  KVC_COMPACT_SHARED_PAGE = 4,     /* a page it uses is also used by another sequence, or twice by it
+                                      (every sequence using that page gets the flag)                */
+  KVC_COMPACT_BAD_POOL = 8         /* layer-batched call on CUDA: this layer's k or v is NULL, k == v,
+                                      or a pool is not aligned to the copy width (see kvc_compact)   */
+} kvc_compact_status_t;
+
 /* In place, for every (sequence, KV head) and j < k_b: slot j <- slot keep[j] for K and V, and for
  * each of the `num_extras` per-token fp32 arrays extras[e] (score layout, e.g. accumulated H2O
  * scores: after the call, row (b, h) of an extra holds its k_b kept values at the front of the row,
@@ -405,7 +426,10 @@ KVC_API kvc_status_t kvc_select(kvc_context_t ctx, kvc_plan_t plan, const float 
  * another sequence's pages. On CUDA the pools must be aligned to their element size. Slots >= k_b
  * keep stale data and pages past ceil(k_b / page_size) are the engine's to free. Positions are not
  * rewritten: cached keys keep their RoPE and the engine continues positions from the old length. Sequences whose
- * budget >= length are not touched. */
+ * budget >= length are not touched.
+ * Status: the call leaves int32 [batch] kvc_compact_status_t flags in its workspace at byte offset
+ * kvc_plan_info_t.compact_status_offset_bytes (valid once the stream has run the call, after a
+ * KVC_SUCCESS return; read it back like any device result). */
 KVC_API kvc_status_t kvc_compact(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                  const int32_t *keep, float *const *extras, int32_t num_extras,
                                  void *workspace, size_t workspace_bytes, kvc_stream_t stream);
@@ -418,10 +442,101 @@ KVC_API kvc_status_t kvc_retention(kvc_context_t ctx, kvc_plan_t plan, const int
 /* kvc_score (accumulate = 0) + kvc_select + kvc_compact (no extras) on the caller's workspace
  * (kvc_plan_workspace_size(plan, KVC_OP_COMPRESS)). `lse` as for kvc_score (may be NULL).
  * Afterwards the keep layout is left in the workspace at byte offset
- * kvc_plan_info_t.keep_offset_bytes, e.g. for kvc_retention. */
+ * kvc_plan_info_t.keep_offset_bytes, e.g. for kvc_retention, and compaction's status array at
+ * kvc_plan_info_t.compress_status_offset_bytes. */
 KVC_API kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                   const void *queries, const float *lse, void *workspace,
                                   size_t workspace_bytes, kvc_stream_t stream);
+
+/* ============================================================================================= */
+/* Every layer in one call                                                                       */
+/* ============================================================================================= */
+
+/*
+ * An engine compresses all layers of a model in one event: the same sequences, budgets and spans
+ * (one plan), the same page table and pool layout (one cache descriptor), but per-layer K and V
+ * pools and per-layer queries. The layer-batched calls below take them as arrays of num_layers
+ * pointers and run each stage once for all layers (one launch per kernel, the layer a grid axis),
+ * with results identical to num_layers single-layer calls.
+ *
+ * The cache descriptor passed beside kvc_layers_t gives the layout and the page table; its k and v
+ * must be NULL (the layers' pools replace them; a non-NULL one is KVC_ERROR_INVALID_VALUE, so a
+ * single-layer descriptor is not passed by mistake). Per-layer arrays of the other arguments are
+ * the single-layer layouts stacked: layer l's scores at scores + l * score_elems, its keep layout at
+ * keep + l * keep_elems, its counts at counts + l * count_elems (kvc_plan_info_t element counts).
+ *
+ * Memory of the pointer arrays: host memory on CPU. On CUDA, device memory the kernels read (so the
+ * call is capturable in a CUDA graph, and the pointers may change between replays without a new
+ * capture); the arrays are not read on the host, so the CUDA backend cannot check their entries:
+ * a layer whose k or v is NULL or equal is left untouched by compaction (KVC_COMPACT_BAD_POOL).
+ * The score stage on CUDA is the exception today: kvc_score_layers and the first stage of
+ * kvc_compress_layers run one scoring pass per layer from the host, so on CUDA they read k, v,
+ * queries and lse on the host and need them in page-locked host memory (cudaHostAlloc /
+ * cudaMallocHost), which the kernels can read too; device memory there is
+ * KVC_ERROR_NOT_SUPPORTED. The other stages are one launch per kernel for all layers.
+ */
+typedef struct {
+  int32_t num_layers;          /* L >= 1                                                          */
+  void *const *k;              /* [L] K pool of each layer (layout of the cache descriptor)      */
+  void *const *v;              /* [L] V pool of each layer                                       */
+  const void *const *queries;  /* [L] each as kvc_score's `queries`, or NULL (as a whole) when the
+                                  plan has no observation queries; read by scoring only          */
+  const float *const *lse;     /* [L] each as kvc_score's `lse` (an entry may be NULL: computed),
+                                  or NULL as a whole; read by scoring only                       */
+} kvc_layers_t;
+
+/* Workspace of the layer-batched call of `op` over num_layers layers (num_layers 1: the single-layer
+ * call's, kvc_plan_workspace_size), and where the call leaves its results in it:
+ *   keep_offset_bytes     COMPRESS: layer l's keep layout starts at keep_offset_bytes
+ *                         + l * 4 * keep_elems (0 for the other ops)
+ *   status_offset_bytes   COMPACT, COMPRESS: the int32 [num_layers][batch] kvc_compact_status_t
+ *                         array (layer l's sequence b at index l * batch + b; 0 for other ops)
+ * The layer-dependent terms of every op scale with num_layers (one copy per layer of the terms
+ * kvc_plan_workspace_size lists per layer); the rest is shared. So the plan needs no layer count:
+ * ask here for the L you will pass. INVALID_VALUE if plan or layout is NULL, op unknown or
+ * num_layers < 1 (or the size overflows). */
+typedef struct {
+  size_t workspace_bytes;
+  size_t keep_offset_bytes;
+  size_t status_offset_bytes;
+} kvc_workspace_layout_t;
+
+KVC_API kvc_status_t kvc_plan_workspace_layout(kvc_plan_t plan, kvc_op_t op, int32_t num_layers,
+                                               kvc_workspace_layout_t *layout);
+
+/* kvc_score for every layer: layer l scores from layers->k[l] (and v's layout) with
+ * layers->queries[l] and layers->lse[l] into its stacked score layout. accumulate as kvc_score. */
+KVC_API kvc_status_t kvc_score_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                      const kvc_layers_t *layers, float *scores, int accumulate,
+                                      void *workspace, size_t workspace_bytes, kvc_stream_t stream);
+
+/* kvc_select for every layer: num_layers stacked score layouts in, stacked keep layouts out. */
+KVC_API kvc_status_t kvc_select_layers(kvc_context_t ctx, kvc_plan_t plan, int32_t num_layers,
+                                       const float *scores, int32_t *keep, void *workspace,
+                                       size_t workspace_bytes, kvc_stream_t stream);
+
+/* kvc_compact for every layer: layer l's pools layers->k[l], layers->v[l] are compacted by its
+ * stacked keep layout; each extras[e] (host array of num_extras pointers) holds num_layers stacked
+ * score layouts. The page table is checked once for all layers; the status array is
+ * [num_layers][batch] (kvc_plan_workspace_layout). On CUDA every layer's pools must be aligned to
+ * the widest of 16, 8, 4, 2, 1 bytes that divides head_dim * element size and every byte stride
+ * (the pointers are not read on the host); a layer that is not is left untouched and flagged. */
+KVC_API kvc_status_t kvc_compact_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                        const kvc_layers_t *layers, const int32_t *keep,
+                                        float *const *extras, int32_t num_extras, void *workspace,
+                                        size_t workspace_bytes, kvc_stream_t stream);
+
+/* kvc_retention for every layer: stacked keep layouts in, stacked count layouts out. */
+KVC_API kvc_status_t kvc_retention_layers(kvc_context_t ctx, kvc_plan_t plan, int32_t num_layers,
+                                          const int32_t *keep, int32_t *counts, void *workspace,
+                                          size_t workspace_bytes, kvc_stream_t stream);
+
+/* kvc_compress for every layer (score, select, compact) on the workspace of
+ * kvc_plan_workspace_layout(plan, KVC_OP_COMPRESS, layers->num_layers), which tells where the
+ * stacked keep layouts and the status array are left. */
+KVC_API kvc_status_t kvc_compress_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                         const kvc_layers_t *layers, void *workspace,
+                                         size_t workspace_bytes, kvc_stream_t stream);
 
 #ifdef __cplusplus
 }
