@@ -56,7 +56,7 @@
  */
 #include "cuda_compat.cuh"
 
-#include "atomics.cuh"
+#include "device_memory.cuh"
 #include "common.h"
 #include "launch.cuh"
 #include "search.cuh"
@@ -69,7 +69,6 @@ constexpr int kVectorsPerThread = 4;                    /* staged in registers p
 constexpr int kCapacity = kThreads * kVectorsPerThread; /* vectors a block holds at once     */
 constexpr int kMaxExtras = 8;                           /* extras moved per pass             */
 constexpr int kChunksPerResidentBlock = 4;              /* chunk count the size C aims at    */
-constexpr int kEmulatedSms = 8;                         /* the SIMT emulator's small device  */
 constexpr unsigned long long kNoClaim = ~0ull;          /* an empty slot of the page table   */
 
 /* One pass over every layer's keep layout: K and V (kv_lanes > 0, first pass only) plus up to
@@ -251,7 +250,7 @@ __device__ Staged<Vec> load_column(const Pass &pass, const char *k, const char *
   const int32_t lanes = pass.kv_lanes;
   if (c < 2 * lanes) {
     const char *pool = c < lanes ? k : v;
-    value.vec = *reinterpret_cast<const Vec *>(pool + move.from + (int64_t)(c % lanes) * sizeof(Vec));
+    value.vec = kvc_load_streaming(reinterpret_cast<const Vec *>(pool + move.from + (int64_t)(c % lanes) * sizeof(Vec)));
   } else {
     value.extra = pass.extras[c - 2 * lanes][move.extra_from];
   }
@@ -263,7 +262,7 @@ __device__ void store_column(const Pass &pass, char *k, char *v, const Move &mov
   const int32_t lanes = pass.kv_lanes;
   if (c < 2 * lanes) {
     char *pool = c < lanes ? k : v;
-    *reinterpret_cast<Vec *>(pool + move.to + (int64_t)(c % lanes) * sizeof(Vec)) = value.vec;
+    kvc_store_streaming(reinterpret_cast<Vec *>(pool + move.to + (int64_t)(c % lanes) * sizeof(Vec)), value.vec);
   } else {
     pass.extras[c - 2 * lanes][move.extra_to] = value.extra;
   }
@@ -360,6 +359,7 @@ void launch_pass(const Pass &pass, bool check_table, cudaStream_t stream) {
 extern "C" kvc_status_t kvc_compact_cuda_geometry(int32_t *resident_blocks, char *detail, size_t cap) {
 #if defined(KVC_SIMT)
   (void)detail, (void)cap;
+  constexpr int kEmulatedSms = 8; /* the emulator stands for a small device */
   *resident_blocks = kEmulatedSms * (2048 / kThreads);
   return KVC_SUCCESS;
 #else

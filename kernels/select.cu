@@ -51,7 +51,7 @@
  */
 #include "cuda_compat.cuh"
 
-#include "atomics.cuh"
+#include "device_memory.cuh"
 #include "common.h"
 #include "launch.cuh"
 #include "ops.h"
@@ -66,7 +66,6 @@ constexpr int kWarpRowMax = 512;   /* a warp row: at most 16 tokens per lane */
 constexpr int kWarpsPerBlock = 8;  /* warp rows per block */
 constexpr int kBlockThreads = 512; /* block rows and split segments */
 constexpr int kItems = 4;          /* consecutive tokens per thread in the output sweep */
-constexpr int kEmulatedSms = 8;    /* the SIMT emulator stands for a small device */
 constexpr uint64_t kSelectNone = ~0ull; /* above every key (+inf's is 0xff800000'xxxxxxxx) */
 constexpr uint64_t kSelectAll = 0;
 static_assert(64 % kDigitBits == 0 && kBins % 32 == 0, "digits tile the key; bins tile a warp");
@@ -321,6 +320,7 @@ __device__ int32_t write_kept(RowGroup<kThreads> g, const RowBase &row, int32_t 
     }
     int32_t chunk_total;
     int32_t slot = written + group_exclusive_scan(g, __popc(kept), sh, &chunk_total);
+#pragma unroll
     for (int i = 0; i < kItems; ++i)
       if (kept >> i & 1u) {
         for (int32_t c = 0; c < copies; ++c) out[(int64_t)c * k + slot] = first + i;
@@ -415,6 +415,7 @@ __device__ void select_staged_row(RowGroup<kThreads> g, const Select &s, int32_t
   /* 4 */
   write_kept(g, row, 0, 0, n,
              [&](int32_t first, uint64_t *out_keys) {
+#pragma unroll
                for (int i = 0; i < kItems; ++i)
                  out_keys[i] = first + i < n ? (uint64_t)keys[first + i] << 32 | (uint32_t)(first + i) : 0;
              },
@@ -432,7 +433,8 @@ __device__ void decode_row(const Select &s, int64_t row, int32_t *layer, int32_t
 __device__ bool is_split(const kvc_plan_view_t &plan, int32_t b) { return plan.seq_lens[b] > plan.select_segment; }
 
 /* Warp rows: n <= kWarpRowMax and not split; one warp each, kWarpsPerBlock per block. */
-__global__ void __launch_bounds__(kWarpsPerBlock * 32) select_warp_rows_kernel(Select s) {
+/* four blocks an SM: 64 registers, no spills */
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 4) select_warp_rows_kernel(Select s) {
   __shared__ GroupShared shared[kWarpsPerBlock];
   __shared__ uint32_t keys[kWarpsPerBlock][kWarpRowMax];
   __shared__ uint32_t protect[kWarpsPerBlock][kWarpRowMax / 32];
@@ -652,6 +654,7 @@ __device__ void global_keys(const float *scores, int32_t first, int32_t lo, int3
     keys[3] = kvc_select_key(x.w, first + 3);
     return;
   }
+#pragma unroll
   for (int i = 0; i < kItems; ++i)
     keys[i] = first + i >= lo && first + i < hi ? kvc_select_key(scores[first + i], first + i) : 0;
 }
@@ -680,6 +683,7 @@ __global__ void __launch_bounds__(kBlockThreads) select_split_output_kernel(Sele
       for (int32_t first = base + g.rank * kItems; first < seg.hi; first += kBlockThreads * kItems) {
         uint64_t keys[kItems];
         keys_at(first, keys);
+#pragma unroll
         for (int i = 0; i < kItems; ++i) {
           const int32_t t = first + i;
           if (t >= seg.lo && t < seg.hi &&
@@ -732,6 +736,7 @@ size_t staged_bytes(int32_t tokens) { return sizeof(uint32_t) * ((size_t)tokens 
 extern "C" kvc_status_t kvc_select_cuda_geometry(int32_t *resident_blocks, char *detail, size_t cap) {
 #if defined(KVC_SIMT)
   (void)detail, (void)cap;
+  constexpr int kEmulatedSms = 8; /* the emulator stands for a small device */
   *resident_blocks = kEmulatedSms * (2048 / kBlockThreads);
   return KVC_SUCCESS;
 #else

@@ -1,10 +1,16 @@
 /*
- * atomics.cuh - the device-scope acquire/release operations the multi-block kernels synchronise
- * through (compaction's flags, selection's arrival counters), behind one small interface.
+ * device_memory.cuh - the device-scope acquire/release operations the multi-block kernels
+ * synchronise through (compaction's flags, selection's arrival counters), and the streaming global
+ * loads and stores of compaction's copy, behind one small interface.
  *
  * Under nvcc they are cuda::atomic_ref operations at thread_scope_device: ld.acquire.gpu,
  * st.release.gpu and atom.acq_rel.gpu, which order memory for every thread of the device without
  * the system-scope fences (membar.sys) a __threadfence_system or a volatile flag would need.
+ *
+ * kvc_load_streaming / kvc_store_streaming are ld.global.cg / st.global.cg (__ldcg, __stcg): global
+ * accesses cached in L2 only, for data a kernel touches once (compaction moves each byte once);
+ * they also tell the compiler the address is global, which pointers read from a device array of
+ * layer pools do not.
  *
  * Under the SIMT emulator one OS thread runs every fiber and switches only at barriers and warp
  * operations, so a plain access is already atomic and ordered: the emulator side is plain loads,
@@ -12,8 +18,8 @@
  * barrier (the emulator would not switch to the block they wait for); see the protocols in
  * compact.cu and select.cu.
  */
-#ifndef KVC_ATOMICS_CUH
-#define KVC_ATOMICS_CUH
+#ifndef KVC_DEVICE_MEMORY_CUH
+#define KVC_DEVICE_MEMORY_CUH
 
 #include "cuda_compat.cuh"
 
@@ -36,6 +42,16 @@ template <typename T>
 __device__ inline T kvc_fetch_add_acq_rel(T *address, T value) {
   return cuda::atomic_ref<T, cuda::thread_scope_device>(*address).fetch_add(value, cuda::memory_order_acq_rel);
 }
+
+template <typename T>
+__device__ inline T kvc_load_streaming(const T *address) {
+  return __ldcg(address);
+}
+
+template <typename T>
+__device__ inline void kvc_store_streaming(T *address, T value) {
+  __stcg(address, value);
+}
 #else
 template <typename T>
 inline T kvc_load_acquire(const T *address) {
@@ -53,6 +69,16 @@ inline T kvc_fetch_add_acq_rel(T *address, T value) {
   *address = old + value;
   return old;
 }
+
+template <typename T>
+inline T kvc_load_streaming(const T *address) {
+  return *address;
+}
+
+template <typename T>
+inline void kvc_store_streaming(T *address, T value) {
+  *address = value;
+}
 #endif
 
-#endif /* KVC_ATOMICS_CUH */
+#endif /* KVC_DEVICE_MEMORY_CUH */
