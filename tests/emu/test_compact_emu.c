@@ -797,3 +797,6 @@ Test(compact_emu, compress_layers_matches_single_layer_calls) {
     kvc_test_cache_free(base);
   }
 }
+
+/* The CUDA score stage of the layer-batched calls (one scoring pass per layer today). */
+Test(compact_emu, score_layers_match_single_layer_calls) { kvc_test_score_layers_match_single_calls(KVC_BACKEND_CUDA); }

@@ -39,6 +39,10 @@ kvc_layers_t kvc_test_layers_view(kvc_test_layers_t *layers);
 int32_t *kvc_test_keep_layers_new(int32_t num_layers, int32_t batch, const int32_t *seq_lens, const int32_t *budgets,
                                   int32_t heads, int32_t pattern_shift, uint64_t seed, int64_t *elems);
 
+/* kvc_score_layers on `backend` (SNAPKV over 3 layers, per-layer queries, one layer's lse left to
+ * the library) == one kvc_score per layer, bit for bit; NULL queries are refused. */
+void kvc_test_score_layers_match_single_calls(kvc_backend_t backend);
+
 #ifdef __cplusplus
 }
 #endif
