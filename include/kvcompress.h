@@ -365,8 +365,21 @@ typedef enum {
  * Never the [heads x window x n] attention matrix. 0 for KNORM and STREAMING. The three caps
  * (128 queries, 1024 keys, 4096 rows) can be changed for testing and tuning through the
  * environment variables KVC_SCORE_GEMM_THRESHOLD, KVC_SCORE_GEMM_KEYS and KVC_SCORE_GEMM_ROWS,
- * which kvc_plan_create reads once into the plan. COMPRESS is
- * score + select + compact workspace plus the score and keep layouts.
+ * which kvc_plan_create reads once into the plan.
+ * SELECT on CUDA, with R = num_kv_heads rows per sequence (1 for TOVA) and P the batch's partitions
+ * (FAIR spans, plus one implicit partition per sequence that has tokens outside them): 16 * R * P
+ * bytes of partition thresholds; and for the rows split across blocks (sequences longer than the
+ * plan's segment length S, 4k..16k tokens chosen for the device so that every resident block gets a
+ * segment; KVC_SELECT_SEGMENT overrides it, read once by kvc_plan_create) 1 KiB per (row, split
+ * partition) of global histograms, 20 bytes per row of state and arrival counter and 4 per (row,
+ * segment of S tokens). On CPU 17 bytes per token of the longest sequence (one row at a time).
+ * COMPACT: the status array, int32 [batch], first; then on CPU 4 * total_tokens (the page-id check's
+ * scratch); on CUDA 12 bytes per chunk of consecutive keep-layout writers (at most
+ * num_kv_heads * total_kept of them, fewer at large sizes), 8 + 4 * batch, and the page-claim table
+ * of the shared-page check: 8 * 2^ceil(log2(2 * total_tokens)) bytes (one slot for every page a
+ * sequence could use, at page size 1). RETENTION needs none. COMPRESS is the keep and score
+ * layouts, then the largest of the score, select and compact workspaces (compaction's status
+ * array at its start). The layer-batched calls: kvc_plan_workspace_layout.
  * INVALID_VALUE if plan or bytes is NULL or op unknown. */
 KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_t *bytes);
 
@@ -491,8 +504,11 @@ typedef struct {
  *                         + l * 4 * keep_elems (0 for the other ops)
  *   status_offset_bytes   COMPACT, COMPRESS: the int32 [num_layers][batch] kvc_compact_status_t
  *                         array (layer l's sequence b at index l * batch + b; 0 for other ops)
- * The layer-dependent terms of every op scale with num_layers (one copy per layer of the terms
- * kvc_plan_workspace_size lists per layer); the rest is shared. So the plan needs no layer count:
+ * Which terms of kvc_plan_workspace_size's list scale with num_layers: SELECT on CUDA all of them
+ * (each layer's thresholds and split-row histograms), on CPU none (one row at a time); COMPACT the
+ * status array and the chunk flags, while the page-table check (CPU scratch, CUDA claim table) is
+ * done once for all layers; SCORE none (the layers are scored one after another today);
+ * COMPRESS the keep and score layouts, then the largest stage. So the plan needs no layer count:
  * ask here for the L you will pass. INVALID_VALUE if plan or layout is NULL, op unknown or
  * num_layers < 1 (or the size overflows). */
 typedef struct {
