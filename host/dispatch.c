@@ -254,7 +254,9 @@ static kvc_status_t score_layers(kvc_context_t ctx, kvc_plan_t plan, const char 
                                  int accumulate, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
   kvc_status_t status = check_common(ctx, plan, fn);
   if (status == KVC_SUCCESS && layers) status = check_layers(ctx, fn, layers);
-  if (status == KVC_SUCCESS) status = check_workspace(ctx, plan, KVC_OP_SCORE, layers ? layers->num_layers : 1, fn, workspace, workspace_bytes, NULL);
+  if (status == KVC_SUCCESS)
+    status = check_workspace(ctx, plan, KVC_OP_SCORE, layers ? layers->num_layers : 1, fn, workspace, workspace_bytes,
+                             NULL);
   if (status == KVC_SUCCESS) status = check_cache_for(ctx, plan, KVC_OP_SCORE, 1, fn, cache, layers != NULL, workspace);
   if (status != KVC_SUCCESS) return status;
   if (!scores) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: scores is NULL", fn);

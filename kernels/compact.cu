@@ -357,25 +357,7 @@ void launch_pass(const Pass &pass, bool check_table, cudaStream_t stream) {
 }  // namespace
 
 extern "C" kvc_status_t kvc_compact_cuda_geometry(int32_t *resident_blocks, char *detail, size_t cap) {
-#if defined(KVC_SIMT)
-  (void)detail, (void)cap;
-  constexpr int kEmulatedSms = 8; /* the emulator stands for a small device */
-  *resident_blocks = kEmulatedSms * (2048 / kThreads);
-  return KVC_SUCCESS;
-#else
-  int device = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, compact_kernel<uint4>, kThreads, 0);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    return kvc_fail_detail(detail, cap, KVC_ERROR_CUDA, "kvc_plan_create: compaction kernel geometry: %s",
-                           cudaGetErrorString(err));
-  }
-  *resident_blocks = sms * (per_sm > 0 ? per_sm : 1);
-  return KVC_SUCCESS;
-#endif
+  return kvc_resident_blocks(compact_kernel<uint4>, kThreads, 0, resident_blocks, "compaction", detail, cap);
 }
 
 extern "C" kvc_status_t kvc_compact_cuda(const kvc_op_args_t *args, kvc_carver_t *ws) {

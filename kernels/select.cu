@@ -526,7 +526,8 @@ __global__ void __launch_bounds__(kBlockThreads) select_split_init_kernel(Select
     RowBase rb = row_of<RowBase>(s, layer, b, h);
     for (int32_t p = 0; p < rb.num_parts; ++p) {
       const kvc_partition_t &part = rb.parts[p];
-      rb.states[p] = k == n ? initial_state(0, 1) : initial_state(part.quota - part.protected_count, part.length - part.protected_count);
+      rb.states[p] = k == n ? initial_state(0, 1)
+                            : initial_state(part.quota - part.protected_count, part.length - part.protected_count);
     }
     s.fill_states[row] = k == n ? initial_state(1, 1) : initial_state(fill, n - (k - fill));
     s.arrivals[row] = 0;
@@ -734,28 +735,17 @@ size_t staged_bytes(int32_t tokens) { return sizeof(uint32_t) * ((size_t)tokens 
 }  // namespace
 
 extern "C" kvc_status_t kvc_select_cuda_geometry(int32_t *resident_blocks, char *detail, size_t cap) {
-#if defined(KVC_SIMT)
-  (void)detail, (void)cap;
-  constexpr int kEmulatedSms = 8; /* the emulator stands for a small device */
-  *resident_blocks = kEmulatedSms * (2048 / kBlockThreads);
-  return KVC_SUCCESS;
-#else
-  int device = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(select_block_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               (int)staged_bytes(KVC_SELECT_MAX_SEGMENT));
-  if (err == cudaSuccess)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, select_split_pass_kernel, kBlockThreads, 0);
+#if !defined(KVC_SIMT)
+  /* block rows stage up to the longest segment: above the default 48 KiB of shared memory */
+  const cudaError_t err = cudaFuncSetAttribute(select_block_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               (int)staged_bytes(KVC_SELECT_MAX_SEGMENT));
   if (err != cudaSuccess) {
     (void)cudaGetLastError();
-    return kvc_fail_detail(detail, cap, KVC_ERROR_CUDA, "kvc_plan_create: selection kernel geometry: %s",
+    return kvc_fail_detail(detail, cap, KVC_ERROR_CUDA, "kvc_plan_create: selection shared memory limit: %s",
                            cudaGetErrorString(err));
   }
-  *resident_blocks = sms * (per_sm > 0 ? per_sm : 1);
-  return KVC_SUCCESS;
 #endif
+  return kvc_resident_blocks(select_split_pass_kernel, kBlockThreads, 0, resident_blocks, "selection", detail, cap);
 }
 
 extern "C" kvc_status_t kvc_select_cuda(const kvc_op_args_t *args, kvc_carver_t *ws) {

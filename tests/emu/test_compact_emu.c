@@ -389,6 +389,33 @@ Test(compact_emu, retention_counts) {
   kvc_context_destroy(cuda);
 }
 
+/* The plan of a kvc_compress case: two FAIR spans (weights 1 and 2) covering each sequence, 4
+ * sinks; span-local for STREAMING (whose scores are exact on both backends). */
+static kvc_plan_desc_t compress_desc(const compact_case_t *c, kvc_score_method_t method, float fairness,
+                                     int32_t *span_indptr, kvc_span_t *spans) {
+  span_indptr[0] = 0;
+  for (int32_t b = 0; b < c->batch; ++b) {
+    const int32_t n = c->seq_lens[b], cut = n / 3;
+    spans[2 * b] = (kvc_span_t){0, cut, KVC_SPAN_FAIR, 1.0f};
+    spans[2 * b + 1] = (kvc_span_t){cut, n, KVC_SPAN_FAIR, 2.0f};
+    span_indptr[b + 1] = 2 * (b + 1);
+  }
+  kvc_plan_desc_t d = KVC_PLAN_DESC_INIT;
+  d.num_q_heads = d.num_kv_heads = c->heads;
+  d.head_dim = c->head_dim;
+  d.dtype = c->combo.dtype;
+  d.batch = c->batch;
+  d.seq_lens = c->seq_lens;
+  d.budgets = c->budgets;
+  d.span_indptr = span_indptr;
+  d.spans = spans;
+  d.method = method;
+  d.span_local = method == KVC_SCORE_STREAMING;
+  d.sink_tokens = 4;
+  d.fairness = fairness;
+  return d;
+}
+
 /* kvc_compress end to end on the CUDA backend (score, select and compact, all emulated) against the
  * CPU backend: the cache afterwards and the keep layout left in the workspace. Scores that are
  * exact on both backends (STREAMING, span-local with fair eviction) or far apart (KNORM on this
@@ -403,25 +430,7 @@ Test(compact_emu, compress_matches_cpu_backend) {
     compact_case_t c = {cases[i].combo, 64, 2, 4, {300, 1110, 700, 50}, {120, 1000, 70, 64}, 0, 0, 90 + i};
     int32_t span_indptr[MAX_BATCH + 1] = {0};
     kvc_span_t spans[MAX_BATCH * 4];
-    for (int32_t b = 0; b < c.batch; ++b) { /* two FAIR spans covering the sequence */
-      const int32_t n = c.seq_lens[b], cut = n / 3;
-      spans[2 * b] = (kvc_span_t){0, cut, KVC_SPAN_FAIR, 1.0f};
-      spans[2 * b + 1] = (kvc_span_t){cut, n, KVC_SPAN_FAIR, 2.0f};
-      span_indptr[b + 1] = 2 * (b + 1);
-    }
-    kvc_plan_desc_t d = KVC_PLAN_DESC_INIT;
-    d.num_q_heads = d.num_kv_heads = c.heads;
-    d.head_dim = c.head_dim;
-    d.dtype = c.combo.dtype;
-    d.batch = c.batch;
-    d.seq_lens = c.seq_lens;
-    d.budgets = c.budgets;
-    d.span_indptr = span_indptr;
-    d.spans = spans;
-    d.method = cases[i].method;
-    d.span_local = cases[i].method == KVC_SCORE_STREAMING;
-    d.sink_tokens = 4;
-    d.fairness = 1.0f;
+    kvc_plan_desc_t d = compress_desc(&c, cases[i].method, 1.0f, span_indptr, spans);
     kvc_context_t ctx[2];
     kvc_plan_t plan[2];
     kvc_test_cache_t *before = kvc_test_cache_new(c.batch, c.seq_lens, c.heads, c.head_dim, c.combo.dtype,
@@ -723,25 +732,7 @@ Test(compact_emu, compress_layers_matches_single_layer_calls) {
     compact_case_t c = {cases[i].combo, 64, 2, 4, {300, 1110, 700, 50}, {120, 1000, 70, 64}, 0, 0, 95 + i};
     int32_t span_indptr[MAX_BATCH + 1] = {0};
     kvc_span_t spans[MAX_BATCH * 4];
-    for (int32_t b = 0; b < c.batch; ++b) {
-      const int32_t n = c.seq_lens[b], cut = n / 3;
-      spans[2 * b] = (kvc_span_t){0, cut, KVC_SPAN_FAIR, 1.0f};
-      spans[2 * b + 1] = (kvc_span_t){cut, n, KVC_SPAN_FAIR, 2.0f};
-      span_indptr[b + 1] = 2 * (b + 1);
-    }
-    kvc_plan_desc_t d = KVC_PLAN_DESC_INIT;
-    d.num_q_heads = d.num_kv_heads = c.heads;
-    d.head_dim = c.head_dim;
-    d.dtype = c.combo.dtype;
-    d.batch = c.batch;
-    d.seq_lens = c.seq_lens;
-    d.budgets = c.budgets;
-    d.span_indptr = span_indptr;
-    d.spans = spans;
-    d.method = cases[i].method;
-    d.span_local = cases[i].method == KVC_SCORE_STREAMING;
-    d.sink_tokens = 4;
-    d.fairness = 0.5f;
+    kvc_plan_desc_t d = compress_desc(&c, cases[i].method, 0.5f, span_indptr, spans);
     kvc_test_cache_t *base = kvc_test_cache_new(c.batch, c.seq_lens, c.heads, c.head_dim, c.combo.dtype,
                                                 c.combo.page_size, c.combo.layout, c.combo.table, 3, c.seed);
     kvc_test_layers_t *before = kvc_test_layers_new(base, L);
