@@ -341,14 +341,15 @@ Test(select_emu, split_rows_tova_and_snapkv) {
 /* ---- every layer in one call ----------------------------------------------------------------- */
 
 /* kvc_select_layers over 3 layers of different scores: CUDA == CPU == one kvc_select per layer on
- * the CPU, with rows staged whole and with rows split into segments of 300. */
+ * the CPU, with rows staged whole and with rows split into segments of 300 (and TOVA's one
+ * selection per sequence, split). */
 Test(select_emu, layers_in_one_call_match_single_layer_calls) {
   enum { L = 3 };
-  const char *segments[] = {"16384", "300"};
-  for (int s = 0; s < 2; ++s) {
+  const char *segments[] = {"16384", "300", "300"};
+  for (int s = 0; s < 3; ++s) {
     split_rows_at(segments[s]);
-    kvc_test_select_case_t c =
-        kvc_test_select_case(KVC_SCORE_KNORM, 2, MIXED_BATCH, kMixedLens, 0.3, 4, KVC_SCORES_FEW_VALUES, 1600 + s);
+    kvc_test_select_case_t c = kvc_test_select_case(s == 2 ? KVC_SCORE_TOVA : KVC_SCORE_KNORM, 2, MIXED_BATCH,
+                                                    kMixedLens, 0.3, 4, KVC_SCORES_FEW_VALUES, 1600 + s);
     c.fairness = 0.5f;
     c.sink = 2;
     kvc_test_select_case_add_spans(&c, 3, 1, 0);
