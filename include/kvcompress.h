@@ -426,7 +426,7 @@ typedef enum {
   KVC_COMPACT_SHARED_PAGE = 4,     /* a page it uses is also used by another sequence, or twice by it
                                       (every sequence using that page gets the flag)                */
   KVC_COMPACT_BAD_POOL = 8         /* layer-batched call on CUDA: this layer's k or v is NULL, k == v,
-                                      or a pool is not aligned to the copy width (see kvc_compact)   */
+                                      or a pool is not aligned to the copy width (kvc_compact_layers) */
 } kvc_compact_status_t;
 
 /* In place, for every (sequence, KV head) and j < k_b: slot j <- slot keep[j] for K and V, and for
@@ -478,7 +478,9 @@ KVC_API kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_
  * the single-layer layouts stacked: layer l's scores at scores + l * score_elems, its keep layout at
  * keep + l * keep_elems, its counts at counts + l * count_elems (kvc_plan_info_t element counts).
  *
- * Memory of the pointer arrays: host memory on CPU. On CUDA, device memory the kernels read (so the
+ * Memory of the pointer arrays: host memory on CPU, where every layer's pools are checked like a
+ * single-layer descriptor's (present, distinct) before anything moves, the failure naming the
+ * layer. On CUDA, device memory the kernels read (so the
  * call is capturable in a CUDA graph, and the pointers may change between replays without a new
  * capture); the arrays are not read on the host, so the CUDA backend cannot check their entries:
  * a layer whose k or v is NULL or equal is left untouched by compaction (KVC_COMPACT_BAD_POOL).
