@@ -19,13 +19,13 @@ static inline kvc_status_t kvc_launch_status(const kvc_op_args_t *args, const ch
 
 /* Blocks of `kernel` (at `threads` threads and `smem` bytes of dynamic shared memory) resident at
  * once on the current device: SM count times the occupancy the runtime reports. The SIMT emulator
- * stands for a small device of 8 SMs of 2048 threads. */
+ * stands for a small device of 4 SMs of 2048 threads. */
 template <typename Kernel>
 kvc_status_t kvc_resident_blocks(Kernel kernel, int threads, size_t smem, int32_t *blocks, const char *what,
                                  char *detail, size_t cap) {
 #if defined(KVC_SIMT)
   (void)kernel, (void)smem, (void)what, (void)detail, (void)cap;
-  *blocks = 8 * (2048 / threads);
+  *blocks = 4 * (2048 / threads);
   return KVC_SUCCESS;
 #else
   int device = 0, sms = 0, per_sm = 0;

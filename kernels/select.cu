@@ -109,7 +109,8 @@ template <int kThreads, class F>
 __device__ void for_each_score(RowGroup<kThreads> g, const float *scores, int32_t lo, int32_t hi, const F &f) {
   int32_t body = lo + (int32_t)((4 - (reinterpret_cast<uintptr_t>(scores + lo) / sizeof(float)) % 4) % 4);
   if (body > hi) body = hi;
-  for (int32_t t = lo + g.rank; t < body; t += kThreads) f(t, scores[t]);
+  /* int64 cursors: a row may be 2^31 - 1 tokens long */
+  for (int64_t t = lo + g.rank; t < body; t += kThreads) f((int32_t)t, scores[t]);
   const int32_t vectors = (hi - body) / 4;
   const float4 *vec = reinterpret_cast<const float4 *>(scores + body);
   for (int32_t i = g.rank; i < vectors; i += kThreads) {
@@ -120,7 +121,7 @@ __device__ void for_each_score(RowGroup<kThreads> g, const float *scores, int32_
     f(t + 2, x.z);
     f(t + 3, x.w);
   }
-  for (int32_t t = body + 4 * vectors + g.rank; t < hi; t += kThreads) f(t, scores[t]);
+  for (int64_t t = body + 4 * vectors + g.rank; t < hi; t += kThreads) f((int32_t)t, scores[t]);
 }
 
 /* One (sequence, head) row of one layer as the selection reads it. */
@@ -143,7 +144,7 @@ struct StagedRow : RowBase {
   const uint32_t *keys;
   template <int kThreads, class F>
   __device__ void for_each_key(RowGroup<kThreads> g, int32_t lo, int32_t hi, const F &f) const {
-    for (int32_t t = lo + g.rank; t < hi; t += kThreads) f(t, (uint64_t)keys[t] << 32 | (uint32_t)t);
+    for (int64_t t = lo + g.rank; t < hi; t += kThreads) f((int32_t)t, (uint64_t)keys[t] << 32 | (uint32_t)t);
   }
 };
 
@@ -305,15 +306,15 @@ __device__ int32_t write_kept(RowGroup<kThreads> g, const RowBase &row, int32_t 
                               const KeyAt &keys_at, uint64_t fill_threshold, int32_t *out, int32_t written0,
                               int32_t copies, int32_t k, GroupShared &sh) {
   int32_t written = written0, fair = 0;
-  for (int32_t c0 = base; c0 < hi; c0 += kThreads * kItems) {
-    const int32_t first = c0 + g.rank * kItems;
+  for (int64_t c0 = base; c0 < hi; c0 += kThreads * kItems) {
+    const int64_t first = c0 + g.rank * kItems;
     uint64_t keys[kItems];
     keys_at(first, keys);
     unsigned kept = 0;
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
-      const int32_t t = first + i;
-      if (t < lo || t >= hi) continue;
+      if (first + i < lo || first + i >= hi) continue;
+      const int32_t t = (int32_t)(first + i);
       if (row.is_protected(t) || keys[i] >= row.states[row.partition_of(t, fair)].threshold ||
           keys[i] >= fill_threshold)
         kept |= 1u << i;
@@ -323,7 +324,7 @@ __device__ int32_t write_kept(RowGroup<kThreads> g, const RowBase &row, int32_t 
 #pragma unroll
     for (int i = 0; i < kItems; ++i)
       if (kept >> i & 1u) {
-        for (int32_t c = 0; c < copies; ++c) out[(int64_t)c * k + slot] = first + i;
+        for (int32_t c = 0; c < copies; ++c) out[(int64_t)c * k + slot] = (int32_t)(first + i);
         ++slot;
       }
     written += chunk_total;
@@ -377,8 +378,8 @@ __device__ int32_t *row_keep(const Select &s, int32_t layer, int32_t b, int32_t 
 /* The row keeps everything (budget >= length): 0 .. n-1 to every copy. */
 template <int kThreads>
 __device__ void keep_all(RowGroup<kThreads> g, int32_t *out, int32_t n, int32_t copies) {
-  for (int32_t t = g.rank; t < n; t += kThreads)
-    for (int32_t c = 0; c < copies; ++c) out[(int64_t)c * n + t] = t;
+  for (int64_t t = g.rank; t < n; t += kThreads)
+    for (int32_t c = 0; c < copies; ++c) out[(int64_t)c * n + t] = (int32_t)t;
 }
 
 /* Stages row (layer, b, h) into keys / protect (shared memory) and selects it. */
@@ -414,7 +415,7 @@ __device__ void select_staged_row(RowGroup<kThreads> g, const Select &s, int32_t
 
   /* 4 */
   write_kept(g, row, 0, 0, n,
-             [&](int32_t first, uint64_t *out_keys) {
+             [&](int64_t first, uint64_t *out_keys) {
 #pragma unroll
                for (int i = 0; i < kItems; ++i)
                  out_keys[i] = first + i < n ? (uint64_t)keys[first + i] << 32 | (uint32_t)(first + i) : 0;
@@ -645,19 +646,20 @@ __global__ void __launch_bounds__(kBlockThreads) select_split_pass_kernel(Select
   }
 }
 
-/* Whether each of a thread's kItems tokens from `first` (16-byte aligned) is in and its key. */
-__device__ void global_keys(const float *scores, int32_t first, int32_t lo, int32_t hi, uint64_t *keys) {
+/* The keys of a thread's kItems tokens from `first` (16-byte aligned; 0 for tokens outside [lo, hi)). */
+__device__ void global_keys(const float *scores, int64_t first, int32_t lo, int32_t hi, uint64_t *keys) {
+  const int32_t t = (int32_t)first;
   if (first >= lo && first + kItems <= hi) {
     const float4 x = *reinterpret_cast<const float4 *>(scores + first);
-    keys[0] = kvc_select_key(x.x, first);
-    keys[1] = kvc_select_key(x.y, first + 1);
-    keys[2] = kvc_select_key(x.z, first + 2);
-    keys[3] = kvc_select_key(x.w, first + 3);
+    keys[0] = kvc_select_key(x.x, t);
+    keys[1] = kvc_select_key(x.y, t + 1);
+    keys[2] = kvc_select_key(x.z, t + 2);
+    keys[3] = kvc_select_key(x.w, t + 3);
     return;
   }
 #pragma unroll
   for (int i = 0; i < kItems; ++i)
-    keys[i] = first + i >= lo && first + i < hi ? kvc_select_key(scores[first + i], first + i) : 0;
+    keys[i] = first + i >= lo && first + i < hi ? kvc_select_key(scores[first + i], (int32_t)(first + i)) : 0;
 }
 static_assert(kItems == 4, "global_keys loads one float4 per thread");
 
@@ -678,18 +680,18 @@ __global__ void __launch_bounds__(kBlockThreads) select_split_output_kernel(Sele
     const uint64_t fill_threshold = s.fill_states[seg.row].threshold;
     const int32_t k = s.plan.keep_lens[seg.b], copies = s.plan.num_kv_heads / s.row_heads;
     const int32_t base = aligned_base(row.scores, seg.lo);
-    const auto keys_at = [&](int32_t first, uint64_t *keys) { global_keys(row.scores, first, seg.lo, seg.hi, keys); };
+    const auto keys_at = [&](int64_t first, uint64_t *keys) { global_keys(row.scores, first, seg.lo, seg.hi, keys); };
     if (count) {
       int32_t kept = 0, fair = 0;
-      for (int32_t first = base + g.rank * kItems; first < seg.hi; first += kBlockThreads * kItems) {
+      for (int64_t first = base + g.rank * kItems; first < seg.hi; first += kBlockThreads * kItems) {
         uint64_t keys[kItems];
         keys_at(first, keys);
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
-          const int32_t t = first + i;
-          if (t >= seg.lo && t < seg.hi &&
-              (row.is_protected(t) || keys[i] >= row.states[row.partition_of(t, fair)].threshold ||
-               keys[i] >= fill_threshold))
+          if (first + i < seg.lo || first + i >= seg.hi) continue;
+          const int32_t t = (int32_t)(first + i);
+          if (row.is_protected(t) || keys[i] >= row.states[row.partition_of(t, fair)].threshold ||
+              keys[i] >= fill_threshold)
             ++kept;
         }
       }
