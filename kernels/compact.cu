@@ -42,7 +42,8 @@
  *
  * Tables checked on the device, before anything moves (the host cannot read them). A first launch
  * resets the flags and an open-addressing hash table of page ids in the workspace; a second checks
- * each sequence's first ceil(n / page_size) entries: an id outside [0, num_pages) flags
+ * each sequence's first ceil(n / page_size) entries, 256 per block (a grid of sequences x page
+ * chunks, so a long sequence's pages are claimed in parallel): an id outside [0, num_pages) flags
  * KVC_COMPACT_BAD_PAGE_ID, a CSR list that starts below 0 or is too short KVC_COMPACT_SHORT_PAGE_LIST,
  * and every id in range is claimed in the table with one 64-bit compare-and-swap of (page, sequence):
  * a claim that finds the page already there flags KVC_COMPACT_SHARED_PAGE on both sequences (the
@@ -168,30 +169,30 @@ __device__ void claim_page(const Pass &pass, int32_t page, int32_t b) {
   }
 }
 
-/* One block per sequence: its page list checked and its pages claimed. */
+/* Sequence blockIdx.y's page list, kThreads entries per block (blockIdx.x): each entry checked and
+ * its page claimed. */
 __global__ void __launch_bounds__(kThreads) claim_pages_kernel(Pass pass) {
   const kvc_paged_kv_t &cache = pass.cache;
-  for (int32_t b = blockIdx.x; b < pass.plan.batch; b += gridDim.x) {
-    const int32_t need = (pass.plan.seq_lens[b] + cache.page_size - 1) / cache.page_size;
-    int32_t flags = 0, have = need;
-    if (!cache.page_table) {
-      flags = b < cache.num_pages ? 0 : KVC_COMPACT_BAD_PAGE_ID; /* page b: nothing to share */
-      have = 0;
-    } else if (cache.page_indptr) {
-      const int32_t first = cache.page_indptr[b], last = cache.page_indptr[b + 1];
-      have = first < 0 || last < first ? 0 : last - first < need ? last - first : need;
-      if (have < need) flags |= KVC_COMPACT_SHORT_PAGE_LIST;
-    }
-    const int32_t *pages = have ? kvc_seq_pages(&cache, b) : nullptr;
-    for (int32_t i = threadIdx.x; i < have; i += kThreads) {
-      const int32_t page = pages[i];
-      if (page < 0 || page >= cache.num_pages)
-        flags |= KVC_COMPACT_BAD_PAGE_ID;
-      else
-        claim_page(pass, page, b);
-    }
-    if (flags) atomicOr(&pass.table_status[b], flags);
+  const int32_t b = blockIdx.y, need = (pass.plan.seq_lens[b] + cache.page_size - 1) / cache.page_size;
+  const int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (blockIdx.x * (int64_t)kThreads >= need) return;
+  int32_t flags = 0, have = need;
+  if (!cache.page_table) {
+    flags = b < cache.num_pages ? 0 : KVC_COMPACT_BAD_PAGE_ID; /* page b: nothing to share */
+    have = 0;
+  } else if (cache.page_indptr) {
+    const int32_t first = cache.page_indptr[b], last = cache.page_indptr[b + 1];
+    have = first < 0 || last < first ? 0 : last - first < need ? last - first : need;
+    if (have < need) flags |= KVC_COMPACT_SHORT_PAGE_LIST;
   }
+  if (i < have) {
+    const int32_t page = kvc_seq_pages(&cache, b)[i];
+    if (page < 0 || page >= cache.num_pages)
+      flags |= KVC_COMPACT_BAD_PAGE_ID;
+    else
+      claim_page(pass, page, b);
+  }
+  if (flags) atomicOr(&pass.table_status[b], flags);
 }
 
 /* One thread per writer of every layer. The first writer of a row whose source lies in chunk u's
@@ -340,7 +341,7 @@ int32_t claim_bits_for(int64_t claims) {
 }
 
 template <typename Vec>
-void launch_pass(const Pass &pass, bool check_table, cudaStream_t stream) {
+void launch_pass(const Pass &pass, bool check_table, int32_t most_pages, cudaStream_t stream) {
   const int64_t writers = (int64_t)pass.num_layers * pass.plan.num_kv_heads * pass.plan.total_kept;
   const int64_t layer_chunks = (int64_t)pass.num_layers * pass.chunks;
   const int64_t slots = check_table && pass.claims ? (int64_t)1 << pass.claim_bits : 0;
@@ -348,7 +349,9 @@ void launch_pass(const Pass &pass, bool check_table, cudaStream_t stream) {
   resets = resets > pass.plan.batch ? resets : pass.plan.batch;
   KVC_LAUNCH(prepare_kernel, dim3((unsigned)((resets + kThreads - 1) / kThreads)), dim3(kThreads), 0, stream, pass,
              check_table);
-  if (check_table) KVC_LAUNCH(claim_pages_kernel, dim3((unsigned)pass.plan.batch), dim3(kThreads), 0, stream, pass);
+  if (check_table)
+    KVC_LAUNCH(claim_pages_kernel, dim3((unsigned)((most_pages + kThreads - 1) / kThreads), (unsigned)pass.plan.batch),
+               dim3(kThreads), 0, stream, pass);
   const int64_t statuses = (int64_t)pass.num_layers * pass.plan.batch, threads = writers > statuses ? writers : statuses;
   KVC_LAUNCH(find_readers_kernel, dim3((unsigned)((threads + kThreads - 1) / kThreads)), dim3(kThreads), 0, stream, pass);
   KVC_LAUNCH(compact_kernel<Vec>, dim3((unsigned)layer_chunks), dim3(kThreads), 0, stream, pass);
@@ -401,6 +404,7 @@ extern "C" kvc_status_t kvc_compact_cuda(const kvc_op_args_t *args, kvc_carver_t
   pass.status = args->compact_status;
   /* the claims this table can make: at most one per page a sequence uses */
   int64_t used = 0;
+  const int32_t most_pages = (host.max_seq_len + cache.page_size - 1) / cache.page_size;
   for (int32_t b = 0; b < host.batch; ++b) used += (host.seq_lens[b] + cache.page_size - 1) / cache.page_size;
   pass.claims = cache.page_table ? claims : nullptr;
   pass.claim_bits = claim_bits_for(used);
@@ -415,11 +419,11 @@ extern "C" kvc_status_t kvc_compact_cuda(const kvc_op_args_t *args, kvc_carver_t
     pass.chunk = chunk_writers(2 * pass.kv_lanes + pass.num_extras, writers * layers, plan.compact_resident_blocks);
     pass.chunks = (writers + pass.chunk - 1) / pass.chunk;
     switch (pass.kv_lanes ? vec : 4) {
-      case 16: launch_pass<uint4>(pass, p == 0, stream); break;
-      case 8: launch_pass<uint2>(pass, p == 0, stream); break;
-      case 4: launch_pass<uint32_t>(pass, p == 0, stream); break;
-      case 2: launch_pass<uint16_t>(pass, p == 0, stream); break;
-      default: launch_pass<uint8_t>(pass, p == 0, stream); break;
+      case 16: launch_pass<uint4>(pass, p == 0, most_pages, stream); break;
+      case 8: launch_pass<uint2>(pass, p == 0, most_pages, stream); break;
+      case 4: launch_pass<uint32_t>(pass, p == 0, most_pages, stream); break;
+      case 2: launch_pass<uint16_t>(pass, p == 0, most_pages, stream); break;
+      default: launch_pass<uint8_t>(pass, p == 0, most_pages, stream); break;
     }
   }
   return kvc_launch_status(args, "kvc_compact");
