@@ -290,6 +290,9 @@ def gpu_plot(recs, path):
 # ---------------------------------------------------------------------------------------------
 
 
+CPU_PEAK_GFLOPS = 2.1 * 2 * 16 * 2  # the bench machine's single-core fp32 FMA peak (AVX-512, 2.1 GHz)
+
+
 def cpu_rows(recs):
     return [r for r in recs if r.get("impl") == "kvc_cpu" and r.get("record") == "result"]
 
@@ -300,33 +303,63 @@ def cpu_section(recs, lines):
     if not rows:
         lines.append("No CPU numbers yet: run `bench/cpu_bench.py`.\n")
         return
+    threads = dev.get("threads", dev.get("blas_threads", 1))
+    torch_note = (f"PyTorch {dev['torch']}" + (f", kvpress {dev['kvpress']}" if dev.get("kvpress") else
+                                                f" (kvpress not importable: {dev.get('kvpress_missing')}; its lines "
+                                                f"from bench/peers/kvpress_torch.py)")
+                  if dev.get("torch") else f"no PyTorch peer ({dev.get('torch_missing')})")
+    stretch = sorted(r["median_ms"] / r["cpu_ms"] for r in rows if r.get("cpu_ms"))
     lines.append(f"Measured {dev['date']} at commit `{dev['commit']}` on **{dev['cpu']}**, {dev['cores']} cores: "
-                 f"a **2-core shared VM** (several engineers build on it at the same time), so the "
-                 f"wall-clock numbers are **noisy**; the CPU-time columns (process CPU time, single-threaded "
-                 f"on both sides: BLAS threads = {dev['blas_threads']}) are steadier. numpy {dev['numpy']}, "
-                 f"library {dev['kvc_version']}, compression ratio {dev['ratio']}, median of {dev['reps']} "
-                 f"repetitions after a warm-up.\n")
-    lines.append("Command: `KVCOMPRESS_LIBRARY=build-bench/libkvcompress.so .venv-bench/bin/python bench/cpu_bench.py` "
-                 "(CPU build: `cmake -S . -B build-bench -DKVC_ENABLE_CUDA=OFF && cmake --build build-bench`).\n")
+                 f"a **2-core VM shared with other engineers' builds and tests while it ran** (the library's wall "
+                 f"time was on median {stretch[len(stretch) // 2]:.1f}× its process CPU time), so the wall-clock "
+                 f"numbers are **noisy**; the CPU-time columns (process CPU time) are steadier. **{threads} "
+                 f"thread(s) for every implementation** (the library's context, numpy's BLAS, torch). numpy "
+                 f"{dev['numpy']}, {torch_note}, library {dev['kvc_version']}, compression ratio {dev['ratio']}, "
+                 f"median of {dev['reps']} repetitions after a warm-up, the three implementations one after the "
+                 f"other on each point's tensors.\n")
+    lines.append(f"Command: `KVCOMPRESS_LIBRARY=build/bench/libkvcompress.so nice build/venv-torch/bin/python "
+                 f"bench/cpu_bench.py --threads {threads}` (CPU build: `cmake -S . -B build/bench "
+                 f"-DKVC_ENABLE_CUDA=OFF && cmake --build build/bench`; venv: `python3 -m venv build/venv-torch && "
+                 f"build/venv-torch/bin/pip install kvpress numpy`).\n")
     t = []
     for r in sorted(rows, key=lambda r: (r["method"], r["n"])):
         t.append((r["method"], r["n"], r["kept"], r["median_ms"], span(r["p10_ms"], r["p90_ms"]),
-                  r["peer_median_ms"], span(r["peer_p10_ms"], r["peer_p90_ms"]), r["speedup"],
-                  r["speedup_cpu_time"], r["same_sets_fraction"], r["differences_near_ties_only"],
+                  r["peer_median_ms"], r.get("torch_median_ms"), r["speedup"], r["speedup_cpu_time"],
+                  r.get("speedup_torch"), r.get("speedup_torch_cpu_time"),
+                  f"{r['same_sets_fraction']:.4f} / " + (f"{r['same_sets_torch_fraction']:.4f}"
+                                                         if "same_sets_torch_fraction" in r else "–"),
+                  ("yes" if r["differences_near_ties_only"] else "NO") + " / " +
+                  (("yes" if r["torch_differences_near_ties_only"] else "NO") if "torch_differences_near_ties_only" in r else "–"),
                   r.get("score_max_rel_err"), r["compaction_matches_gather"], mib(r["extra_bytes"]),
-                  mib(r.get("peer_extra_bytes")),
-                  r["extra_bytes"] / r["peer_extra_bytes"] if r.get("peer_extra_bytes") else None))
-    lines.append(table(["method", "n", "kept", "kvc ms", "p10–p90", "numpy ms", "p10–p90", "speedup (wall)",
-                        "speedup (CPU time)", "same kept set", "diffs near ties only", "score rel err",
-                        "compaction = gather", "kvc extra MiB", "numpy extra MiB", "memory ratio"], t) + "\n")
-    lines.append("Llama-3.1-8B-like heads (32 q / 8 KV, head_dim 128), batch 1, f32. Speedup = numpy time / kvc time "
-                 "(> 1: the library is faster). \"same kept set\": fraction of the numpy peer's kept tokens the "
-                 "library also keeps; differences are allowed only between tokens whose scores tie within 1e-4 "
-                 "relative (the library scores in double, numpy in float32). \"score rel err\": max |kvc − numpy| "
-                 "over scored keys / max |numpy| (STREAMING: not comparable, different recency scale; – where the "
-                 "extra score call was skipped because one call takes over 8 s). Extra memory: the library's "
-                 "kvc_compress workspace (it compacts in place) vs the numpy pipeline's peak traced allocation "
-                 "(tracemalloc, one untimed call; includes the new K/V arrays it gathers into).\n")
+                  mib(r.get("peer_extra_bytes"))))
+    lines.append(table(["method", "n", "kept", "kvc ms", "p10–p90", "numpy ms", "torch ms", "vs numpy (wall)",
+                        "vs numpy (CPU time)", "vs torch (wall)", "vs torch (CPU time)", "same kept set numpy / torch",
+                        "diffs near ties only", "score rel err", "compaction = gather", "kvc extra MiB",
+                        "numpy extra MiB"], t) + "\n")
+    lines.append("Llama-3.1-8B-like heads (32 q / 8 KV, head_dim 128), batch 1, f32. \"vs numpy\" / \"vs torch\" = peer "
+                 "time / kvc time (> 1: the library is faster). \"same kept set\": fraction of the peer's kept tokens "
+                 "the library also keeps; differences are allowed only between tokens whose peer scores tie within "
+                 "1e-4 relative of its k-th score (both score in float32, in different orders, so near-ties may go "
+                 "either way). \"score rel err\": max |kvc − numpy| over scored keys / max |numpy| (STREAMING: not "
+                 "comparable, different recency scale; – where the extra score call was skipped because one call "
+                 "takes over 8 s). Extra memory: the library's kvc_compress workspace (it compacts in place) vs the "
+                 "numpy pipeline's peak traced allocation (tracemalloc, one untimed call; includes the new K/V arrays "
+                 "it gathers into). Analytic floor of the attention methods: 2·32·w·n·128 flops of QKᵀ (w = 64 "
+                 "window queries for SnapKV; H2O's causal triangle n(n+1)/2 pairs), against this CPU's single-core "
+                 "fp32 peak of 2.1 GHz × 2 FMA × 16 lanes × 2 = 134 GFLOP/s (AVX-512); the \"GFLOP/s\" figures "
+                 "below are those flops over kvc's median time (the whole kvc_compress call: scoring, selection, "
+                 "compaction).\n")
+    att = [r for r in sorted(rows, key=lambda r: (r["method"], r["n"])) if r["method"] in ("snapkv", "h2o")]
+    if att:
+        g = []
+        for r in att:
+            w = r["window"] if r["method"] == "snapkv" else None
+            pairs = w * r["n"] if w else r["n"] * (r["n"] + 1) / 2
+            flops = 2 * r["q_heads"] * pairs * r["head_dim"]
+            g.append((r["method"], r["n"], flops / 1e9, flops / (r["cpu_ms"] * 1e-3) / 1e9,
+                      flops / (r["cpu_ms"] * 1e-3) / 1e9 / CPU_PEAK_GFLOPS, flops / (r["median_ms"] * 1e-3) / 1e9))
+        lines.append(table(["method", "n", "QKᵀ GFLOP", "kvc GFLOP/s (CPU time)", "fraction of peak", "kvc GFLOP/s (wall)"],
+                           g) + "\n")
 
 
 def cpu_plot(recs, path):
@@ -339,22 +372,23 @@ def cpu_plot(recs, path):
     rows = cpu_rows(recs)
     if not rows:
         return False
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for method in sorted({r["method"] for r in rows}):
-        pts = sorted((r["n"], r["speedup"], r["speedup_cpu_time"]) for r in rows if r["method"] == method)
-        line, = ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=f"{method} (CPU time)")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="x", ls="--", color=line.get_color(), alpha=0.6,
-                label=f"{method} (wall)")
-    ax.axhline(1, color="gray", ls=":", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}×"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("sequence length n (tokens)")
-    ax.set_ylabel("speedup = numpy time / libkvcompress time")
-    ax.set_title("CPU backend vs numpy pipeline (Llama-like heads, ratio 0.5)\n2-core shared VM: noisy")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, key, peer in ((axes[0], "speedup_cpu_time", "numpy"), (axes[1], "speedup_torch_cpu_time", "kvpress on PyTorch")):
+        for method in sorted({r["method"] for r in rows}):
+            pts = sorted((r["n"], r[key]) for r in rows if r["method"] == method and r.get(key))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.axhline(1, color="gray", ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}×"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("sequence length n (tokens)")
+        ax.set_title(f"vs {peer} (CPU-time ratio)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("speedup = peer time / libkvcompress time")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("CPU backend, Llama-like heads, ratio 0.5, same thread count (2-core shared VM: noisy)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -369,7 +403,9 @@ def cpu_summary(recs):
     parts = []
     for m, rs in sorted(by.items()):
         rs.sort(key=lambda r: r["n"])
-        parts.append(f"{m}: " + ", ".join(f"{r['speedup_cpu_time']:.2g}× at {r['n']}" for r in rs))
+        parts.append(f"{m}: " + ", ".join(f"{r['speedup_cpu_time']:.2g}×" + (f" / {r['speedup_torch_cpu_time']:.2g}×"
+                                                                              if r.get("speedup_torch_cpu_time") else "")
+                                          + f" at {r['n']}" for r in rs))
     return "; ".join(parts)
 
 
@@ -416,8 +452,8 @@ def main():
         ("Selection with quotas vs torch.topk", "≥ 3×", g("select_torch")),
         ("Compaction bandwidth (kept K/V rows read + written)", "≥ 80% of copy bandwidth", g("compact")),
         ("Score bandwidth over the bytes of K it reads", "≥ 40% of copy bandwidth", g("score")),
-        ("CPU backend vs numpy pipeline (no target; informational)", "–",
-         cpu_summary(recs) + " (CPU-time ratio)" if cpu_rows(recs) else "not run"),
+        ("CPU backend vs numpy / vs kvpress on PyTorch (CPU, same threads), SnapKV n = 1k–16k, H2O n = 1k–4k",
+         "≥ 1.5× / ≥ 1×", cpu_summary(recs) + " (CPU-time ratios, numpy / torch)" if cpu_rows(recs) else "not run"),
     ]) + "\n")
 
     L.append("## GPU\n")

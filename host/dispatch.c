@@ -37,6 +37,95 @@ static int compare_ids(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
+/* The pools' layout: strides positive, every element and byte offset the descriptor can address
+ * inside int64 (and inside the address space), no two rows of a pool overlapping, and no K row
+ * overlapping a V row. Backend-independent: only the descriptor's scalars and pointers are read.
+ * Without `pools` (a layer-batched call's descriptor, whose k and v are NULL) only the layout:
+ * each layer's pools are then checked on their own (check_layer_pools, or on the device). */
+static kvc_status_t check_layout(kvc_context_t ctx, const char *fn, const kvc_plan_view_t *plan,
+                                 const kvc_paged_kv_t *c, int pools) {
+  if (c->stride_page < 1 || c->stride_token < 1 || c->stride_head < 1)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: cache strides (page %lld, token %lld, head %lld) must all be > 0", fn,
+                    (long long)c->stride_page, (long long)c->stride_token, (long long)c->stride_head);
+  /* The extent: 1 + the largest element offset, (num_pages - 1) stride_page + (page_size - 1)
+   * stride_token + (num_kv_heads - 1) stride_head + head_dim, and its bytes, in int64. Once it
+   * fits, every offset the ops compute (kernels/common.h, kvc_slot_offset, plus a column below
+   * head_dim, times the element size) is a sum of non-negative terms bounded by it. */
+  struct {
+    const char *name;
+    int64_t stride, count;
+  } terms[3] = {{"stride_page", c->stride_page, c->num_pages},
+                {"stride_token", c->stride_token, c->page_size},
+                {"stride_head", c->stride_head, plan->num_kv_heads}};
+  const int64_t elem_bytes = kvc_dtype_size(c->dtype);
+  /* Typed loads need it on both backends (C on the CPU, vector loads on CUDA); it also makes the
+   * distance between K and V a whole number of elements. */
+  for (int i = 0; i < 2 && pools; ++i) {
+    const void *pool = i ? c->v : c->k;
+    if ((uintptr_t)pool % (uintptr_t)elem_bytes != 0)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->%s %p is not aligned to its %lld-byte elements", fn,
+                      i ? "v" : "k", pool, (long long)elem_bytes);
+  }
+  int64_t extent = plan->head_dim;
+  int widest = 0; /* the axis that reaches furthest, named when the bytes overflow */
+  for (int i = 0; i < 3; ++i) {
+    if (terms[i].count > 1 && terms[i].stride > (INT64_MAX - extent) / (terms[i].count - 1))
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: cache->%s is %lld: with %lld positions on that axis the pool's element offsets "
+                      "overflow int64 (strides: page %lld, token %lld, head %lld; num_pages %d, page_size %d, "
+                      "%d heads, head_dim %d)", fn, terms[i].name, (long long)terms[i].stride,
+                      (long long)terms[i].count, (long long)c->stride_page, (long long)c->stride_token,
+                      (long long)c->stride_head, c->num_pages, c->page_size, plan->num_kv_heads, plan->head_dim);
+    extent += (terms[i].count - 1) * terms[i].stride;
+    if ((terms[i].count - 1) * terms[i].stride > (terms[widest].count - 1) * terms[widest].stride) widest = i;
+  }
+  if (extent > INT64_MAX / elem_bytes)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: cache->%s is %lld: the pools then span %lld elements of %lld bytes, whose byte offsets "
+                    "overflow int64 (strides: page %lld, token %lld, head %lld)", fn, terms[widest].name,
+                    (long long)terms[widest].stride, (long long)extent, (long long)elem_bytes,
+                    (long long)c->stride_page, (long long)c->stride_token, (long long)c->stride_head);
+  const int64_t extent_bytes = extent * elem_bytes;
+  for (int i = 0; i < 2 && pools; ++i) {
+    const void *pool = i ? c->v : c->k;
+    if ((uintptr_t)pool > UINTPTR_MAX - (uintptr_t)extent_bytes)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: cache->%s %p plus the pool's %lld bytes runs past the end of the address space", fn,
+                      i ? "v" : "k", pool, (long long)extent_bytes);
+  }
+  /* No two rows (page, slot, head) of a pool may overlap, or compacting one sequence could write
+   * into another's tokens. Taken by increasing stride, each axis must step past everything the
+   * finer axes span (any nesting order of page, token and head is fine). */
+  const kvc_pool_lattice_t lattice = kvc_pool_lattice(c, plan->num_kv_heads);
+  for (int i = 0; i < lattice.n; ++i) {
+    const int64_t span = plan->head_dim + lattice.reach[i];
+    if (lattice.axis[i].stride < span)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: cache strides (page %lld, token %lld, head %lld) overlap: a stride of %lld is below the %lld "
+                      "elements spanned by the finer axes (head_dim %d, page_size %d, %d heads)", fn,
+                      (long long)c->stride_page, (long long)c->stride_token, (long long)c->stride_head,
+                      (long long)lattice.axis[i].stride, (long long)span, plan->head_dim, c->page_size,
+                      plan->num_kv_heads);
+  }
+  /* K and V may share one allocation (vLLM's (2, blocks, ...) halves, FlashInfer's (pages, 2, ...)
+   * pages where K and V rows alternate) but no K row may overlap a V row. */
+  if (!pools) return KVC_SUCCESS;
+  if (c->k == c->v)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->k and cache->v are the same pool %p", fn, c->k);
+  if (kvc_kv_rows_overlap(&lattice, c->k, c->v, extent_bytes, elem_bytes, plan->head_dim))
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: cache->v %p is %s%lld bytes from cache->k %p, which makes K rows and V rows overlap "
+                    "(strides: page %lld, token %lld, head %lld; head_dim %d, %lld-byte elements): compaction "
+                    "would move one pool's data over the other's", fn, c->v,
+                    (uintptr_t)c->v < (uintptr_t)c->k ? "-" : "+",
+                    (long long)((uintptr_t)c->v < (uintptr_t)c->k ? (uintptr_t)c->k - (uintptr_t)c->v
+                                                                   : (uintptr_t)c->v - (uintptr_t)c->k),
+                    c->k, (long long)c->stride_page, (long long)c->stride_token, (long long)c->stride_head,
+                    plan->head_dim, (long long)elem_bytes);
+  return KVC_SUCCESS;
+}
+
 /* The cache descriptor and, on CPU, its page table. A layer-batched call (`layered`) takes its
  * pools from kvc_layers_t: the descriptor's must then be NULL, and its pools are checked per layer
  * (check_layer_pools) where the host can read them. */
@@ -62,34 +151,8 @@ static kvc_status_t check_cache(kvc_context_t ctx, const char *fn, const kvc_pla
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->page_size is %d, must be >= 1", fn, c->page_size);
   if (c->num_pages < 1)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->num_pages is %d, must be >= 1", fn, c->num_pages);
-  if (c->stride_page < 1 || c->stride_token < 1 || c->stride_head < 1)
-    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                    "%s: cache strides (page %lld, token %lld, head %lld) must all be > 0", fn,
-                    (long long)c->stride_page, (long long)c->stride_token, (long long)c->stride_head);
-  if (!layered && c->k == c->v)
-    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->k and cache->v are the same pool %p", fn, c->k);
-  /* No two rows (page, slot, head) of the pools may overlap, or compacting one sequence could write
-   * into another's tokens. Sufficient and cheap: taken by increasing stride, each axis steps past
-   * everything the finer axes span (any nesting order of page, token and head is fine). */
-  struct { int64_t stride, count; } axes[3] = {
-      {c->stride_token, c->page_size}, {c->stride_head, plan->num_kv_heads}, {c->stride_page, c->num_pages}};
-  for (int i = 1; i < 3; ++i)
-    for (int j = i; j > 0 && axes[j].stride < axes[j - 1].stride; --j) {
-      int64_t stride = axes[j].stride, count = axes[j].count;
-      axes[j] = axes[j - 1];
-      axes[j - 1].stride = stride, axes[j - 1].count = count;
-    }
-  int64_t span = plan->head_dim;
-  for (int i = 0; i < 3; ++i) {
-    if (axes[i].count < 2) continue;
-    if (axes[i].stride < span)
-      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                      "%s: cache strides (page %lld, token %lld, head %lld) overlap: a stride of %lld is below the %lld "
-                      "elements spanned by the finer axes (head_dim %d, page_size %d, %d heads)", fn,
-                      (long long)c->stride_page, (long long)c->stride_token, (long long)c->stride_head,
-                      (long long)axes[i].stride, (long long)span, plan->head_dim, c->page_size, plan->num_kv_heads);
-    span = axes[i].stride > (INT64_MAX - span) / (axes[i].count - 1) ? INT64_MAX : span + (axes[i].count - 1) * axes[i].stride;
-  }
+  kvc_status_t status = check_layout(ctx, fn, plan, c, !layered);
+  if (status != KVC_SUCCESS) return status;
   if (!c->page_table) {
     if (plan->max_seq_len > c->page_size)
       return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
@@ -101,10 +164,10 @@ static kvc_status_t check_cache(kvc_context_t ctx, const char *fn, const kvc_pla
                       c->num_pages, plan->batch);
     return KVC_SUCCESS;
   }
-  if (!c->page_indptr && c->max_pages < (plan->max_seq_len + c->page_size - 1) / c->page_size)
+  if (!c->page_indptr && c->max_pages < kvc_pages_needed(plan->max_seq_len, c->page_size))
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                    "%s: cache->max_pages is %d but the longest sequence (%d tokens) needs %d pages of %d", fn,
-                    c->max_pages, plan->max_seq_len, (plan->max_seq_len + c->page_size - 1) / c->page_size,
+                    "%s: cache->max_pages is %d but the longest sequence (%d tokens) needs %lld pages of %d", fn,
+                    c->max_pages, plan->max_seq_len, (long long)kvc_pages_needed(plan->max_seq_len, c->page_size),
                     c->page_size);
   if (c->page_indptr && c->page_indptr == c->page_table)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->page_indptr aliases page_table", fn);
@@ -113,13 +176,14 @@ static kvc_status_t check_cache(kvc_context_t ctx, const char *fn, const kvc_pla
   /* CPU: the tables are host memory, so every id used is checked here. */
   int64_t used = 0;
   for (int32_t b = 0; b < plan->batch; ++b) {
-    int32_t need = (plan->seq_lens[b] + c->page_size - 1) / c->page_size;
+    const int32_t need = (int32_t)kvc_pages_needed(plan->seq_lens[b], c->page_size);
     if (c->page_indptr) {
-      int32_t have = c->page_indptr[b + 1] - c->page_indptr[b];
-      if (c->page_indptr[b] < 0 || have < need)
+      /* in int64: an arbitrary indptr (INT_MIN, INT_MAX) must not overflow the difference */
+      const int64_t first = c->page_indptr[b], have = (int64_t)c->page_indptr[b + 1] - first;
+      if (first < 0 || have < need)
         return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                        "%s: cache->page_indptr gives sequence %d %d pages ([%d, %d)) but its %d tokens need %d", fn,
-                        b, have, c->page_indptr[b], c->page_indptr[b + 1], plan->seq_lens[b], need);
+                        "%s: cache->page_indptr gives sequence %d %lld pages ([%d, %d)) but its %d tokens need %d", fn,
+                        b, (long long)have, c->page_indptr[b], c->page_indptr[b + 1], plan->seq_lens[b], need);
     }
     const int32_t *pages = kvc_seq_pages(c, b);
     for (int32_t i = 0; i < need; ++i) {
@@ -141,7 +205,7 @@ static kvc_status_t check_cache(kvc_context_t ctx, const char *fn, const kvc_pla
   return KVC_SUCCESS;
 }
 
-static kvc_status_t check_common(kvc_context_t ctx, kvc_plan_t plan, const char *fn) {
+kvc_status_t kvc_check_plan_context(kvc_context_t ctx, kvc_plan_t plan, const char *fn) {
   if (!ctx) return KVC_ERROR_INVALID_VALUE;
   ctx->detail[0] = '\0';
   if (!plan) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: plan is NULL", fn);
@@ -149,6 +213,16 @@ static kvc_status_t check_common(kvc_context_t ctx, kvc_plan_t plan, const char 
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
                     "%s: the plan was made for backend %d device %d, the context runs backend %d device %d", fn,
                     (int)plan->backend, plan->device, (int)ctx->backend, ctx->device);
+  return KVC_SUCCESS;
+}
+
+static kvc_status_t check_common(kvc_context_t ctx, kvc_plan_t plan, const char *fn) {
+  kvc_status_t status = kvc_check_plan_context(ctx, plan, fn);
+  if (status != KVC_SUCCESS) return status;
+  if (plan->backend == KVC_BACKEND_CUDA && !plan->view_on_device)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: the plan has no device copy yet (device_memory KVC_PLAN_MEMORY_CALLER): call "
+                    "kvc_plan_upload first", fn);
   return KVC_SUCCESS;
 }
 
@@ -189,24 +263,36 @@ static kvc_status_t check_workspace(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t
  * plan needs none and the caller passed NULL) gets this non-NULL base, of which it carves 0 bytes. */
 static char no_workspace[KVC_WORKSPACE_ALIGN];
 
-/* Runs one op on its slice of the workspace, with the device selected around the call. */
+/* Runs `fn` (the op of the call named `name`) with the plan and the context in args, with the
+ * device selected around the call. */
+static kvc_status_t run_fn(kvc_context_t ctx, kvc_plan_t plan, const char *name, kvc_op_fn fn, kvc_op_args_t *args,
+                           kvc_carver_t *ws) {
+  args->plan = plan->view;
+  args->host_plan = &plan->host;
+  args->blas = ctx->blas;
+  args->workers = ctx->workers;
+  args->detail = ctx->detail;
+  args->detail_cap = sizeof ctx->detail;
+  if (plan->backend != KVC_BACKEND_CUDA) return fn(args, ws);
+  int previous;
+  kvc_status_t status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
+  if (status != KVC_SUCCESS) return status;
+  /* An error the caller's earlier CUDA work left pending would be read back by the ops' launch
+   * check as theirs: report it as the caller's before enqueuing, and leave it pending. */
+  status = kvc_device_check_pending(name, ctx->detail, sizeof ctx->detail);
+  if (status == KVC_SUCCESS) status = fn(args, ws);
+  kvc_device_restore(previous);
+  return status;
+}
+
+/* Runs one op on its slice of the workspace. */
 static kvc_status_t run_op(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, kvc_op_args_t *args, void *workspace) {
   kvc_carver_t ws = {workspace ? (char *)workspace : no_workspace, 0};
   if (args->num_layers < 1) args->num_layers = 1;
   /* the page scratch was checked by check_cache_for */
   kvc_carve_dispatch(&plan->host, plan->backend, op, args->num_layers, &ws, NULL, &args->compact_status);
-  args->plan = plan->view;
-  args->host_plan = &plan->host;
-  args->blas = ctx->blas;
-  args->detail = ctx->detail;
-  args->detail_cap = sizeof ctx->detail;
-  if (plan->backend != KVC_BACKEND_CUDA) return kvc_op_for(plan->backend, op)(args, &ws);
-  int previous;
-  kvc_status_t status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
-  if (status != KVC_SUCCESS) return status;
-  status = kvc_op_for(plan->backend, op)(args, &ws);
-  kvc_device_restore(previous);
-  return status;
+  static const char *const names[] = {"kvc_score", "kvc_select", "kvc_compact", "kvc_retention"};
+  return run_fn(ctx, plan, names[op], kvc_op_for(plan->backend, op), args, &ws);
 }
 
 /* Validates the cache for an op that touches it; the scratch for the CPU's page check is carved
@@ -485,4 +571,81 @@ kvc_status_t kvc_compress_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_p
   }
   return compress_layers(ctx, plan, "kvc_compress_layers", cache, layers, NULL, NULL, workspace, workspace_bytes,
                          stream);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * kvc_gather_queries: observation rows from the engine's packed q
+ */
+
+/* The gather needs no workspace, so it is not one of kvc_op_t's ops: its own entry. */
+static kvc_op_fn gather_op_for(kvc_backend_t backend) {
+#ifdef KVC_WITH_CUDA
+  if (backend == KVC_BACKEND_CUDA) return kvc_gather_cuda;
+#endif
+  return kvc_gather_cpu;
+}
+
+/* CPU: qo_indptr is host memory, so every sequence's packed rows are checked against its
+ * observation positions before anything is copied (CUDA guards in the kernel instead). */
+static kvc_status_t check_qo_indptr(kvc_context_t ctx, const char *fn, const kvc_plan_view_t *plan,
+                                    const int32_t *qo_indptr, int64_t num_tokens) {
+  if (qo_indptr[0] < 0) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: qo_indptr[0] is %d, must be >= 0", fn, qo_indptr[0]);
+  for (int32_t b = 0; b < plan->batch; ++b) {
+    const int32_t start = qo_indptr[b], end = qo_indptr[b + 1], n = plan->seq_lens[b];
+    if (end < start)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: qo_indptr[%d] = %d is below qo_indptr[%d] = %d", fn, b + 1,
+                      end, b, start);
+    if (end > num_tokens)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: qo_indptr[%d] = %d is past num_tokens = %lld", fn, b + 1, end,
+                      (long long)num_tokens);
+    if (end - start > n)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: sequence %d has %d packed rows (qo_indptr [%d, %d)) but only %d tokens", fn, b, end - start,
+                      start, end, n);
+    const int32_t first_obs = plan->obs_indptr[b];
+    if (first_obs < plan->obs_indptr[b + 1] && plan->obs_pos[first_obs] < n - (end - start))
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: sequence %d's %d packed rows (qo_indptr [%d, %d)) hold its positions [%d, %d), but its "
+                      "observation queries start at position %d", fn, b, end - start, start, end, n - (end - start),
+                      n, plan->obs_pos[first_obs]);
+  }
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_gather_queries(kvc_context_t ctx, kvc_plan_t plan, const void *packed_q, int64_t num_tokens,
+                                int64_t token_stride, const int32_t *qo_indptr, void *queries, kvc_stream_t stream) {
+  const char *fn = "kvc_gather_queries";
+  kvc_status_t status = check_common(ctx, plan, fn);
+  if (status != KVC_SUCCESS) return status;
+  const kvc_plan_view_t *host = &plan->host;
+  const int64_t row = (int64_t)host->num_q_heads * host->head_dim, elem = kvc_dtype_size(host->dtype);
+  if (num_tokens < 0)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: num_tokens is %lld, must be >= 0", fn, (long long)num_tokens);
+  if (token_stride == 0) token_stride = row;
+  if (token_stride < row)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: token_stride is %lld, must be 0 or >= num_q_heads * head_dim = %lld", fn,
+                    (long long)token_stride, (long long)row);
+  if (num_tokens > 0 && token_stride > INT64_MAX / elem / num_tokens)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: num_tokens %lld x token_stride %lld elements overflows a 64-bit byte offset", fn,
+                    (long long)num_tokens, (long long)token_stride);
+  if (host->obs_total == 0) return KVC_SUCCESS; /* nothing to read or write */
+  if (!packed_q) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: packed_q is NULL", fn);
+  if (!qo_indptr) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: qo_indptr is NULL", fn);
+  if (!queries) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: queries is NULL", fn);
+  if (plan->backend == KVC_BACKEND_CPU) {
+    status = check_qo_indptr(ctx, fn, host, qo_indptr, num_tokens);
+    if (status != KVC_SUCCESS) return status;
+  }
+  kvc_op_args_t args;
+  memset(&args, 0, sizeof args);
+  args.packed_q = packed_q;
+  args.packed_tokens = num_tokens;
+  args.packed_stride = token_stride;
+  args.qo_indptr = qo_indptr;
+  args.gathered = queries;
+  args.stream = stream;
+  kvc_carver_t ws = {no_workspace, 0};
+  return run_fn(ctx, plan, "kvc_gather_queries", gather_op_for(plan->backend), &args, &ws);
 }

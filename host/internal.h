@@ -12,10 +12,17 @@
 
 #define KVC_DETAIL_CAP 512
 
+/* Sizes of the plan's metadata arrays (host/plan.c): they fix the layout of its blob. */
+typedef struct {
+  int64_t obs, domains, parts, protect_words, spans;
+} kvc_plan_counts_t;
+
 struct kvc_context {
   kvc_backend_t backend; /* CPU or CUDA, never AUTO */
   int device;
   void *blas;                  /* CUDA: cublasHandle_t made with the context (host/device.h), else NULL */
+  int32_t threads;             /* kvc_context_set_threads (1 by default)                            */
+  kvc_workers_t *workers;      /* CPU: its threads - 1 workers (host/pool.c), NULL for one thread */
   char detail[KVC_DETAIL_CAP]; /* kvc_last_error */
 };
 
@@ -24,9 +31,14 @@ struct kvc_plan {
   int device;
   kvc_plan_view_t host;  /* arrays in host_blob                                    */
   kvc_plan_view_t view;  /* what ops get: == host on CPU, arrays in device_blob on CUDA */
-  void *host_blob, *device_blob;
+  void *host_blob, *device_blob; /* device_blob: the plan's own device copy (KVC_PLAN_MEMORY_OWNED) */
+  void *host_alloc;              /* the allocation host_blob sits in, page-aligned inside it         */
+  kvc_plan_counts_t counts;      /* the layout of both blobs                                         */
+  size_t blob_bytes;
+  int view_on_device;            /* CUDA: `view` points into device memory (own blob or kvc_plan_upload's) */
   int32_t *span_quotas;     /* [total_spans]: FAIR -> q_p, PROTECT -> length      */
   int32_t *implicit_quotas; /* [batch]: implicit partition's q_p or -1            */
+  int32_t *outcomes;        /* [batch]: kvc_outcome_t of each sequence             */
   size_t workspace[KVC_OP_COMPRESS + 1];
 };
 
@@ -44,6 +56,9 @@ kvc_status_t kvc_fail_detail(char *detail, size_t cap, kvc_status_t status, cons
 #endif
     ;
 
+/* Clears ctx's detail and checks that plan is not NULL and was made for ctx's backend and device
+ * (host/dispatch.c); `fn` names the caller in the detail. */
+kvc_status_t kvc_check_plan_context(kvc_context_t ctx, kvc_plan_t plan, const char *fn);
 /* The op table of a backend (host/dispatch.c). */
 kvc_op_fn kvc_op_for(kvc_backend_t backend, kvc_op_t op);
 /* Workspace the dispatch layer itself carves before the op: compaction's status array

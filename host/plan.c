@@ -14,9 +14,15 @@
 #include "score_gemm.h"
 
 /* Sizes of the plan arrays, counted in a first pass so all of them fit one allocation. */
-typedef struct {
-  int64_t obs, domains, parts, protect_words, spans;
-} plan_counts_t;
+typedef kvc_plan_counts_t plan_counts_t;
+
+/* The most (query head, token) pairs a plan may have: num_q_heads * sum of seq_lens. Every count
+ * an op or the plan sizes memory by (score, keep and count layouts, observation rows times heads,
+ * partitions times heads) is at most twice that, and the ops multiply such counts by small
+ * factors only (element sizes, key chunks, tile shapes: well under 2^14), so no size computed
+ * from a plan that passes can overflow 64 bits; kvc_carve saturates any sum of them. 2^48 pairs
+ * is a 1 PiB score array: far past any real prompt, and it leaves that headroom. */
+#define KVC_MAX_HEAD_TOKENS ((int64_t)1 << 48)
 
 static int is_attention_method(kvc_score_method_t m) {
   return m == KVC_SCORE_SNAPKV || m == KVC_SCORE_H2O || m == KVC_SCORE_TOVA;
@@ -74,7 +80,7 @@ static kvc_status_t validate_scalars(kvc_context_t ctx, const kvc_plan_desc_t *d
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: group_reduce is %d, not a kvc_reduce_t", where,
                     (int)d->group_reduce);
   if (!isfinite(d->scale) || d->scale < 0.0f)
-    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: scale is %g, must be finite and >= 0", where, (double)d->scale);
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: scale is %.9g, must be finite and >= 0", where, (double)d->scale);
   if (d->span_local != 0 && d->span_local != 1)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: span_local is %d, must be 0 or 1", where, d->span_local);
   if (d->sink_tokens < 0)
@@ -82,7 +88,13 @@ static kvc_status_t validate_scalars(kvc_context_t ctx, const kvc_plan_desc_t *d
   if (d->recent_tokens < 0)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: recent_tokens is %d, must be >= 0", where, d->recent_tokens);
   if (!(d->fairness >= 0.0f && d->fairness <= 1.0f)) /* also rejects NaN */
-    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: fairness is %g, must be in [0, 1]", where, (double)d->fairness);
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: fairness is %.9g, must be in [0, 1]", where, (double)d->fairness);
+  if ((unsigned)d->budget_policy > KVC_BUDGET_SKIP)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: budget_policy is %d, not a kvc_budget_policy_t", where,
+                    (int)d->budget_policy);
+  if ((unsigned)d->device_memory > KVC_PLAN_MEMORY_CALLER)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: device_memory is %d, not a kvc_plan_memory_t", where,
+                    (int)d->device_memory);
   return KVC_SUCCESS;
 }
 
@@ -114,7 +126,7 @@ static kvc_status_t validate_sequences(kvc_context_t ctx, const kvc_plan_desc_t 
                         where, i, b, s->start, s->end, b, n);
       if (s->kind == KVC_SPAN_FAIR && (!(s->weight > 0.0f) || !isfinite(s->weight)))
         return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                        "%s: spans[%d] (sequence %d): weight is %g, must be finite and > 0", where, i, b,
+                        "%s: spans[%d] (sequence %d): weight is %.9g, must be finite and > 0", where, i, b,
                         (double)s->weight);
       if (i > first && s->start < prev_start)
         return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
@@ -305,11 +317,11 @@ static int32_t fair_span_count(const kvc_plan_desc_t *d, int32_t b) {
 
 /* Number of observation queries of a domain of length `len`, given what is left of the window
  * and how many domains (this one included) still need queries. */
-static int32_t domain_queries(const kvc_plan_desc_t *d, int32_t len, int32_t window_left, int32_t domains_left) {
+static int32_t domain_queries(const kvc_plan_desc_t *d, int32_t len, int64_t window_left, int32_t domains_left) {
   if (d->method == KVC_SCORE_TOVA) return 1;
   if (!(d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_H2O)) return 0;
-  int32_t even = (int32_t)(((int64_t)window_left + domains_left - 1) / domains_left);
-  return len < even ? len : even;
+  int64_t even = (window_left + domains_left - 1) / domains_left;
+  return len < even ? len : (int32_t)even;
 }
 
 static void count_arrays(const kvc_plan_desc_t *d, plan_counts_t *n) {
@@ -339,8 +351,23 @@ static int32_t count_bits(const uint32_t *bits, int32_t from, int32_t to) {
   return count;
 }
 
-/* Fills the arrays for every sequence; returns BUDGET / INVALID_VALUE with a detail on ctx. */
-static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, plan_arrays_t *a, kvc_plan_view_t *v) {
+/* The keep length of a sequence of length n whose budget keeps `k` and which protects
+ * `protected_total` tokens, by the desc's budget policy; *outcome says what happened. Returns -1
+ * when the policy is to fail. */
+static int32_t keep_length(const kvc_plan_desc_t *d, int32_t n, int32_t k, int32_t protected_total, int32_t *outcome) {
+  *outcome = k < n ? KVC_OUTCOME_COMPRESSED : KVC_OUTCOME_WITHIN_BUDGET;
+  if (protected_total <= k) return k;
+  switch (d->budget_policy) {
+    case KVC_BUDGET_CLAMP: *outcome = KVC_OUTCOME_CLAMPED; return protected_total;
+    case KVC_BUDGET_SKIP: *outcome = KVC_OUTCOME_SKIPPED; return n;
+    default: return -1;
+  }
+}
+
+/* Fills the arrays for every sequence and the per-sequence outcomes (host [batch]); returns
+ * BUDGET / INVALID_VALUE with a detail on ctx. */
+static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, plan_arrays_t *a, kvc_plan_view_t *v,
+                                int32_t *outcomes) {
   int32_t obs = 0, ndom = 0, npart = 0, max_parts = 1;
   int64_t words = 0, tokens = 0, kept = 0;
   for (int32_t b = 0; b < d->batch; ++b) max_parts = max_parts > fair_span_count(d, b) + 1 ? max_parts : fair_span_count(d, b) + 1;
@@ -354,15 +381,13 @@ static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, pla
   kvc_status_t status = KVC_SUCCESS;
   a->span_indptr[0] = 0;
   for (int32_t b = 0; b < d->batch && status == KVC_SUCCESS; ++b) {
-    const int32_t n = d->seq_lens[b], k = d->budgets[b] < n ? d->budgets[b] : n;
+    const int32_t n = d->seq_lens[b], budget_k = d->budgets[b] < n ? d->budgets[b] : n;
     const kvc_span_t *spans = d->span_indptr ? d->spans + d->span_indptr[b] : NULL;
     const int32_t nspans = span_count(d, b), nfair = fair_span_count(d, b);
     a->seq_lens[b] = n;
-    a->keep_lens[b] = k;
     a->token_offsets[b] = tokens;
     a->keep_offsets[b] = kept;
     tokens += n;
-    kept += k;
     if (nspans) memcpy(a->spans + a->span_indptr[b], spans, sizeof(kvc_span_t) * (size_t)nspans);
     a->span_indptr[b + 1] = a->span_indptr[b] + nspans;
 
@@ -373,7 +398,9 @@ static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, pla
     memset(bits, 0, sizeof(uint32_t) * (size_t)ceil_div(n, 32));
     a->obs_indptr[b] = obs;
     a->domain_indptr[b] = ndom;
-    int32_t window_left = d->window, domains_total = d->span_local ? nfair : 1, domain_index = 0;
+    /* int64: the window of TOVA, KNORM and STREAMING is not validated (they ignore it) */
+    int64_t window_left = d->window;
+    int32_t domains_total = d->span_local ? nfair : 1, domain_index = 0;
     for (int32_t i = -1; i < nspans; ++i) {
       int32_t start, end;
       if (!d->span_local) {
@@ -407,13 +434,17 @@ static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, pla
     for (int32_t i = 0; i < nspans; ++i)
       if (spans[i].kind == KVC_SPAN_PROTECT) set_bits(bits, spans[i].start, spans[i].end);
     int32_t protected_total = count_bits(bits, 0, n);
-    if (protected_total > k) {
+    const int32_t k = keep_length(d, n, budget_k, protected_total, &outcomes[b]);
+    if (k < 0) {
       status = kvc_fail(ctx, KVC_ERROR_BUDGET,
                         "kvc_plan_create: sequence %d protects %d tokens (sinks %d, recent %d, PROTECT spans, the "
-                        "method's own) but its budget keeps %d of %d",
-                        b, protected_total, d->sink_tokens, d->recent_tokens, k, n);
+                        "method's own) but its budget keeps %d of %d (budget_policy KVC_BUDGET_CLAMP or "
+                        "KVC_BUDGET_SKIP would keep the batch going)",
+                        b, protected_total, d->sink_tokens, d->recent_tokens, budget_k, n);
       break;
     }
+    a->keep_lens[b] = k;
+    kept += k;
 
     /* partitions: FAIR spans in order, then the implicit one */
     a->part_indptr[b] = npart;
@@ -488,8 +519,27 @@ static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, pla
   return KVC_SUCCESS;
 }
 
+/* The host image (zeroed) in whole pages of its own, so that a caller can page-lock it
+ * (cudaHostRegister) without pinning, or overlapping, anything else. *raw gets what to free. */
+static void *image_alloc(size_t bytes, void **raw) {
+  const size_t page = 4096;
+  *raw = bytes < SIZE_MAX - 2 * page ? calloc(1, (bytes + page - 1) / page * page + page) : NULL;
+  return *raw ? (char *)*raw + (page - (uintptr_t)*raw % page) % page : NULL;
+}
+
+/* Points the ops' view of a CUDA plan at a device copy of its blob at `base` (NULL: none yet, every
+ * array pointer NULL). The scalars stay those of the host view. */
+static void bind_view(kvc_plan_t plan, void *base) {
+  plan_arrays_t arrays;
+  memset(&arrays, 0, sizeof arrays);
+  if (base) layout_arrays(&arrays, (char *)base, plan->host.batch, &plan->counts);
+  point_view(&plan->view, &arrays);
+  plan->view_on_device = base != NULL;
+}
+
 /* An integer from the environment in [lo, hi], else `fallback`: the test and tuning overrides
- * (scoring's GEMM path, kernels/score_gemm.h; selection's segment length), read once here so
+ * (scoring's GEMM path, kernels/score_gemm.h; the CPU scoring's instruction set; selection's
+ * segment length), read once here so
  * that the plan carries them. */
 static int32_t env_int(const char *name, int32_t fallback, int32_t lo, int32_t hi) {
   const char *text = getenv(name);
@@ -592,17 +642,32 @@ kvc_status_t kvc_plan_layout(kvc_plan_t plan, kvc_op_t op, int32_t num_layers, k
   return KVC_SUCCESS;
 }
 
-/* Workspace of each op for one layer (what the single-layer calls check against). */
+/* Workspace of each op for one layer (what the single-layer calls check against). A size that
+ * saturated the carver (it cannot, under KVC_MAX_HEAD_TOKENS, but an op's sizing is not trusted to
+ * stay under it) is rejected rather than handed out wrapped. */
 static kvc_status_t size_workspaces(kvc_context_t ctx, kvc_plan_t plan) {
+  static const char *const names[] = {"kvc_score", "kvc_select", "kvc_compact", "kvc_retention", "kvc_compress"};
   for (int op = KVC_OP_SCORE; op <= KVC_OP_RETENTION; ++op) {
     kvc_status_t status = op_bytes(plan, (kvc_op_t)op, 1, ctx->detail, sizeof ctx->detail, &plan->workspace[op]);
     if (status != KVC_SUCCESS) return status;
   }
   kvc_layout_t layout;
+  kvc_status_t status = KVC_SUCCESS;
   plan->workspace[KVC_OP_COMPRESS] = 0;
-  kvc_status_t status = kvc_plan_layout(plan, KVC_OP_COMPRESS, 1, &layout, ctx->detail, sizeof ctx->detail);
-  plan->workspace[KVC_OP_COMPRESS] = layout.bytes;
-  return status;
+  for (int op = KVC_OP_SCORE; op <= KVC_OP_RETENTION && status == KVC_SUCCESS; ++op)
+    if (plan->workspace[op] == (size_t)-1) status = KVC_ERROR_INVALID_VALUE;
+  if (status == KVC_SUCCESS) {
+    status = kvc_plan_layout(plan, KVC_OP_COMPRESS, 1, &layout, ctx->detail, sizeof ctx->detail);
+    if (status != KVC_SUCCESS) return status;
+    plan->workspace[KVC_OP_COMPRESS] = layout.bytes;
+  }
+  for (int op = KVC_OP_SCORE; op <= KVC_OP_COMPRESS; ++op)
+    if (plan->workspace[op] == (size_t)-1)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "kvc_plan_create: the workspace of %s would exceed SIZE_MAX bytes (num_q_heads %d, %lld tokens, "
+                      "%lld observation queries)", names[op], plan->host.num_q_heads,
+                      (long long)plan->host.total_tokens, (long long)plan->host.obs_total);
+  return KVC_SUCCESS;
 }
 
 void kvc_plan_desc_init(kvc_plan_desc_t *desc) {
@@ -642,6 +707,8 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
   v->gemm_threshold = env_int("KVC_SCORE_GEMM_THRESHOLD", KVC_GEMM_THRESHOLD, 0, INT32_MAX);
   v->gemm_tile_keys = env_int("KVC_SCORE_GEMM_KEYS", KVC_GEMM_TILE_KEYS, 1, KVC_GEMM_MAX_TILE_KEYS);
   v->gemm_tile_rows = env_int("KVC_SCORE_GEMM_ROWS", KVC_GEMM_TILE_ROWS, 1, KVC_GEMM_TILE_ROWS);
+  v->cpu_threads = ctx->threads;
+  v->cpu_isa = env_int("KVC_CPU_ISA", 0, 0, 3);
 
   plan_counts_t counts;
   count_arrays(desc, &counts);
@@ -651,17 +718,27 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
                     "kvc_plan_create: %lld observation queries in the batch: at most 2^31 - 1 are supported",
                     (long long)counts.obs);
   }
+  int64_t tokens = 0;
+  for (int32_t b = 0; b < desc->batch; ++b) tokens += desc->seq_lens[b];
+  if (tokens > KVC_MAX_HEAD_TOKENS / desc->num_q_heads) {
+    kvc_plan_destroy(plan);
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "kvc_plan_create: num_q_heads %d x %lld tokens (the sum of seq_lens) exceeds the 2^48 (query head, "
+                    "token) pairs a plan may have: its arrays and workspaces could not be sized",
+                    desc->num_q_heads, (long long)tokens);
+  }
   plan_arrays_t arrays;
   size_t bytes = layout_arrays(&arrays, NULL, desc->batch, &counts);
-  plan->host_blob = calloc(1, bytes);
+  plan->host_blob = image_alloc(bytes, &plan->host_alloc);
   plan->span_quotas = (int32_t *)calloc((size_t)counts.spans + 1, sizeof(int32_t));
   plan->implicit_quotas = (int32_t *)calloc((size_t)desc->batch, sizeof(int32_t));
-  if (!plan->host_blob || !plan->span_quotas || !plan->implicit_quotas) {
+  plan->outcomes = (int32_t *)calloc((size_t)desc->batch, sizeof(int32_t));
+  if (!plan->host_blob || !plan->span_quotas || !plan->implicit_quotas || !plan->outcomes) {
     kvc_plan_destroy(plan);
     return kvc_fail(ctx, KVC_ERROR_OUT_OF_MEMORY, "kvc_plan_create: out of host memory (%zu bytes)", bytes);
   }
   layout_arrays(&arrays, (char *)plan->host_blob, desc->batch, &counts);
-  status = fill_arrays(ctx, desc, &arrays, v);
+  status = fill_arrays(ctx, desc, &arrays, v, plan->outcomes);
   if (status != KVC_SUCCESS) {
     kvc_plan_destroy(plan);
     return status;
@@ -684,23 +761,26 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
     return status;
   }
 
+  plan->counts = counts;
+  plan->blob_bytes = bytes;
   plan->view = plan->host;
   if (plan->backend == KVC_BACKEND_CUDA) {
-    int previous;
-    status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
-    if (status == KVC_SUCCESS) {
-      status = kvc_device_alloc(&plan->device_blob, bytes, ctx->detail, sizeof ctx->detail);
-      if (status == KVC_SUCCESS)
-        status = kvc_device_upload(plan->device_blob, plan->host_blob, bytes, ctx->detail, sizeof ctx->detail);
-      kvc_device_restore(previous);
+    bind_view(plan, NULL); /* no device copy yet: nothing may follow the view's arrays */
+    if (desc->device_memory == KVC_PLAN_MEMORY_OWNED) {
+      int previous;
+      status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
+      if (status == KVC_SUCCESS) {
+        status = kvc_device_alloc(&plan->device_blob, bytes, ctx->detail, sizeof ctx->detail);
+        if (status == KVC_SUCCESS)
+          status = kvc_device_upload(plan->device_blob, plan->host_blob, bytes, ctx->detail, sizeof ctx->detail);
+        kvc_device_restore(previous);
+      }
+      if (status != KVC_SUCCESS) {
+        kvc_plan_destroy(plan);
+        return status;
+      }
+      bind_view(plan, plan->device_blob);
     }
-    if (status != KVC_SUCCESS) {
-      kvc_plan_destroy(plan);
-      return status;
-    }
-    plan_arrays_t device_arrays;
-    layout_arrays(&device_arrays, (char *)plan->device_blob, desc->batch, &counts);
-    point_view(&plan->view, &device_arrays);
   }
   status = size_workspaces(ctx, plan);
   if (status != KVC_SUCCESS) {
@@ -720,9 +800,10 @@ kvc_status_t kvc_plan_destroy(kvc_plan_t plan) {
       kvc_device_restore(previous);
     }
   }
-  free(plan->host_blob);
+  free(plan->host_alloc);
   free(plan->span_quotas);
   free(plan->implicit_quotas);
+  free(plan->outcomes);
   free(plan);
   return KVC_SUCCESS;
 }
@@ -760,6 +841,12 @@ kvc_status_t kvc_plan_new_lengths(kvc_plan_t plan, int32_t *new_lens) {
   return KVC_SUCCESS;
 }
 
+kvc_status_t kvc_plan_outcomes(kvc_plan_t plan, int32_t *outcomes) {
+  if (!plan || !outcomes) return KVC_ERROR_INVALID_VALUE;
+  memcpy(outcomes, plan->outcomes, sizeof(int32_t) * (size_t)plan->host.batch);
+  return KVC_SUCCESS;
+}
+
 kvc_status_t kvc_plan_span_quotas(kvc_plan_t plan, int32_t *quotas, int32_t *implicit) {
   if (!plan || (!quotas && !implicit)) return KVC_ERROR_INVALID_VALUE;
   if (quotas) memcpy(quotas, plan->span_quotas, sizeof(int32_t) * (size_t)plan->host.total_spans);
@@ -781,5 +868,88 @@ kvc_status_t kvc_plan_workspace_layout(kvc_plan_t plan, kvc_op_t op, int32_t num
   layout->workspace_bytes = l.bytes;
   layout->keep_offset_bytes = op == KVC_OP_COMPRESS ? l.keep_offset : 0;
   layout->status_offset_bytes = op == KVC_OP_COMPRESS || op == KVC_OP_COMPACT ? l.status_offset : 0;
+  return KVC_SUCCESS;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Plans in a caller's device buffer (CUDA graphs)
+ */
+
+kvc_status_t kvc_plan_device_bytes(kvc_plan_t plan, size_t *bytes) {
+  if (!plan || !bytes) return KVC_ERROR_INVALID_VALUE;
+  *bytes = plan->backend == KVC_BACKEND_CUDA ? plan->blob_bytes : 0;
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_plan_host_image(kvc_plan_t plan, const void **image, size_t *bytes) {
+  if (!plan || !image || !bytes) return KVC_ERROR_INVALID_VALUE;
+  *image = plan->host_blob;
+  *bytes = plan->blob_bytes;
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_plan_upload(kvc_context_t ctx, kvc_plan_t plan, void *device_buffer, size_t bytes,
+                             kvc_stream_t stream) {
+  const char *fn = "kvc_plan_upload";
+  kvc_status_t status = kvc_check_plan_context(ctx, plan, fn);
+  if (status != KVC_SUCCESS) return status;
+  if (plan->backend != KVC_BACKEND_CUDA) return KVC_SUCCESS; /* the CPU backend reads the host image itself */
+  if (!device_buffer) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: device_buffer is NULL", fn);
+  if ((uintptr_t)device_buffer % KVC_WORKSPACE_ALIGN != 0)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: device_buffer %p is not %d-byte aligned", fn, device_buffer,
+                    KVC_WORKSPACE_ALIGN);
+  if (bytes < plan->blob_bytes)
+    return kvc_fail(ctx, KVC_ERROR_WORKSPACE_TOO_SMALL, "%s: bytes is %zu, the plan needs %zu (kvc_plan_device_bytes)",
+                    fn, bytes, plan->blob_bytes);
+  int previous;
+  status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
+  if (status != KVC_SUCCESS) return status;
+  status = kvc_device_upload_async(device_buffer, plan->host_blob, plan->blob_bytes, stream, ctx->detail,
+                                   sizeof ctx->detail);
+  kvc_device_restore(previous);
+  if (status == KVC_SUCCESS) bind_view(plan, device_buffer);
+  return status;
+}
+
+/* Equal bytes at a and b, `count` elements of `size` each. */
+static int same_array(const void *a, const void *b, int64_t count, size_t size) {
+  return count <= 0 || memcmp(a, b, (size_t)count * size) == 0;
+}
+
+/* The by-value scalars of a plan's view, with every array pointer NULL. Copied bytewise from the
+ * calloc'd plan, so padding bytes (if the struct ever has any) are zero and memcmp compares fields. */
+static void view_scalars(kvc_plan_t plan, kvc_plan_view_t *v) {
+  plan_arrays_t none;
+  memset(&none, 0, sizeof none);
+  memcpy(v, &plan->host, sizeof *v);
+  point_view(v, &none);
+}
+
+/* Everything a captured execute call depends on besides the contents of the device blob: the
+ * scalars its kernels get by value, the blob layout (so every array pointer is the same once both
+ * plans sit in one buffer), the workspace carving, and what the CUDA launchers read on the host to
+ * shape their launches (args->host_plan: lengths, observation rows, domains, partition counts).
+ * An op that starts reading more of the host plan must add it here. */
+kvc_status_t kvc_plan_compatible(kvc_plan_t a, kvc_plan_t b, int *compatible) {
+  if (!a || !b || !compatible) return KVC_ERROR_INVALID_VALUE;
+  const kvc_plan_view_t *x = &a->host, *y = &b->host;
+  kvc_plan_view_t xs, ys;
+  view_scalars(a, &xs);
+  view_scalars(b, &ys);
+  int same = a->backend == b->backend && a->device == b->device && a->blob_bytes == b->blob_bytes &&
+             memcmp(&a->counts, &b->counts, sizeof a->counts) == 0 && memcmp(&xs, &ys, sizeof xs) == 0 &&
+             memcmp(a->workspace, b->workspace, sizeof a->workspace) == 0;
+  same = same && same_array(x->seq_lens, y->seq_lens, x->batch, sizeof(int32_t)) &&
+         same_array(x->keep_lens, y->keep_lens, x->batch, sizeof(int32_t)) &&
+         same_array(x->obs_indptr, y->obs_indptr, x->batch + 1, sizeof(int32_t)) &&
+         same_array(x->obs_pos, y->obs_pos, x->obs_total, sizeof(int32_t)) &&
+         same_array(x->obs_lo, y->obs_lo, x->obs_total, sizeof(int32_t)) &&
+         same_array(x->domain_indptr, y->domain_indptr, x->batch + 1, sizeof(int32_t)) &&
+         same_array(x->domains, y->domains, x->domain_indptr[x->batch], sizeof(kvc_domain_t)) &&
+         same_array(x->part_indptr, y->part_indptr, x->batch + 1, sizeof(int32_t)) &&
+         same_array(x->split_segments, y->split_segments, x->batch + 1, sizeof(int64_t)) &&
+         same_array(x->split_parts, y->split_parts, x->batch + 1, sizeof(int64_t)) &&
+         same_array(x->span_indptr, y->span_indptr, x->batch + 1, sizeof(int32_t));
+  *compatible = same;
   return KVC_SUCCESS;
 }

@@ -15,6 +15,7 @@
  *   kvc_compact         moves kept K/V rows to the front of each sequence's own pages, in place.
  *   kvc_retention       kept counts per (sequence, KV head, span): the eviction-bias monitor.
  *   kvc_compress        score + select + compact in one call.
+ *   kvc_gather_queries  the observation queries the plan needs, from the engine's packed q.
  *
  * Conventions that hold for every function below
  *
@@ -26,18 +27,20 @@
  *   - Memory: on the CPU backend every pointer is host memory. On the CUDA backend the pointers
  *     passed to execute calls (cache pools, page tables, queries, scores, keep indices, extras,
  *     counts, workspace) are device memory of the context's device; plan descriptors are host.
- *   - Execute calls (kvc_score, kvc_select, kvc_compact, kvc_retention, kvc_compress) never
- *     allocate, never synchronise and never read device memory on the host: on CUDA they only
- *     enqueue kernels on `stream` and return, so they can be captured in a CUDA graph. Their
- *     outputs are ready when the stream reaches that point. A kernel fault surfaces on the next
- *     synchronising CUDA call of the caller. On the CPU backend they run to completion before
- *     returning and `stream` is ignored.
+ *   - Execute calls (kvc_score, kvc_select, kvc_compact, kvc_retention, kvc_compress,
+ *     kvc_gather_queries) never allocate, never synchronise and never read device memory on the
+ *     host: on CUDA they only enqueue kernels on `stream` and return, so they can be captured in a
+ *     CUDA graph. Their outputs are ready when the stream reaches that point. A kernel fault
+ *     surfaces on the next synchronising CUDA call of the caller. On the CPU backend they run to
+ *     completion before returning and `stream` is ignored.
  *   - Workspace follows CUB's two-phase pattern: ask kvc_plan_workspace_size, pass a buffer at
  *     least that large (256-byte aligned, owned by the caller, contents need not be initialised
  *     and are garbage afterwards, except as documented for kvc_compress).
  *   - Threads: the library has no global mutable state. A context may be used by one thread at a
- *     time (it holds the last error). A plan is immutable after creation and may be shared
- *     read-only by any number of threads and contexts of the same backend and device.
+ *     time (it holds the last error). A plan is immutable after creation (except that
+ *     kvc_plan_upload points it at another device buffer) and may be shared read-only by any
+ *     number of threads and contexts of the same backend and device. A CPU context may itself
+ *     use several threads for one call (kvc_context_set_threads).
  *
  * Layouts of the per-token arrays ("score layout", "keep layout")
  *
@@ -122,10 +125,35 @@ typedef enum {
  * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (out is NULL, backend unknown, device < 0 or not
  * present); KVC_ERROR_NO_DEVICE (CUDA asked for and the library was built without CUDA or no device
  * is usable); KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA (cuBLAS could not be initialised). On
- * failure *out is set to NULL. Synchronous. */
+ * failure *out is set to NULL. Synchronous. A failed creation has no context to keep its reason
+ * in (and the library has no global state): use kvc_context_create_with_detail to get it. */
 KVC_API kvc_status_t kvc_context_create(kvc_backend_t backend, int device, kvc_context_t *out);
+/* kvc_context_create that also explains a failure: `detail` (caller's buffer of detail_bytes,
+ * may be NULL) receives a NUL-terminated sentence, truncated to fit, naming the argument and value
+ * or the runtime's reason (e.g. "cudaGetDeviceCount: cudaErrorNoDevice: no CUDA-capable device is
+ * detected", "libkvcompress was built without CUDA"); "" on success. Same statuses. */
+KVC_API kvc_status_t kvc_context_create_with_detail(kvc_backend_t backend, int device, kvc_context_t *out,
+                                                    char *detail, size_t detail_bytes);
 /* Destroys a context; accepts NULL. Plans created on it must be destroyed first. */
 KVC_API kvc_status_t kvc_context_destroy(kvc_context_t ctx);
+/* Threads of a CPU context (default 1). With threads > 1 the context owns threads - 1 worker
+ * threads, started here (execute calls never create threads) and joined by kvc_context_destroy or
+ * the next kvc_context_set_threads; between calls they sleep. What runs in parallel: kvc_score and
+ * the scoring stage of kvc_compress, split by (scoring domain, KV head), on the calling thread and
+ * the workers; selection, compaction and retention stay on the calling thread. Determinism: every
+ * score is computed by one thread in one fixed order, so results are bit-identical for any thread
+ * count (they may differ in the last bits between CPUs with different vector instruction sets).
+ * Plans: a plan's workspace holds scratch for the thread count its context had when the plan was
+ * created, and a call uses min(that count, the calling context's count) threads: set threads
+ * before creating plans. The context-per-thread rule stands: one thread at a time calls into a
+ * context; its workers are the library's own. threads must be in [1, 256]; a CUDA context
+ * accepts only 1.
+ * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (ctx is NULL, threads out of range);
+ * KVC_ERROR_NOT_SUPPORTED (threads > 1 on a CUDA context); KVC_ERROR_OUT_OF_MEMORY (the threads
+ * could not be started; the context is left with 1 thread). Synchronous. */
+KVC_API kvc_status_t kvc_context_set_threads(kvc_context_t ctx, int32_t threads);
+/* The context's thread count. INVALID_VALUE if ctx or out is NULL. */
+KVC_API kvc_status_t kvc_context_threads(kvc_context_t ctx, int32_t *out);
 /* The backend the context runs on (never AUTO). INVALID_VALUE if ctx or out is NULL. */
 KVC_API kvc_status_t kvc_context_backend(kvc_context_t ctx, kvc_backend_t *out);
 /* Detail of the last failure of a call made with ctx: which argument, which sequence, which value.
@@ -158,15 +186,29 @@ typedef enum {
  * Only the first ceil(n_b / page_size) entries of pages_b are ever read, and only those pages are
  * read or written. Page ids must lie in [0, num_pages): the CPU backend checks every id it would
  * use before touching memory, and kvc_compact / kvc_compress also check that no page is used by
- * two sequences (KVC_ERROR_INVALID_VALUE). The strides must not let two rows or two pages overlap,
- * and k and v must be different pools (both backends check). The CUDA backend cannot read the
- * table on the host, so its kernels guard instead: compaction leaves a sequence untouched if any
- * page id it uses lies outside [0, num_pages) or its CSR list is too short, and scoring reads such
- * tokens as zero keys. CUDA compaction also detects, on the device, a page used by two sequences
- * (or twice by one) and leaves every sequence involved untouched. It reports what it skipped in a
- * per-sequence status array it leaves in its workspace (kvc_compact_status_t, below), which the
- * engine reads after the stream; the CPU backend fills the same array (all zeros: it refuses a bad
- * table with KVC_ERROR_INVALID_VALUE before moving anything).
+ * two sequences (KVC_ERROR_INVALID_VALUE). The CUDA backend cannot read the table on the host, so
+ * its kernels guard instead: compaction leaves a sequence untouched if any page id it uses lies
+ * outside [0, num_pages) or its CSR list is too short, and scoring reads such tokens as zero keys.
+ * CUDA compaction also detects, on the device, a page used by two sequences (or twice by one) and
+ * leaves every sequence involved untouched. It reports what it skipped in a per-sequence status
+ * array it leaves in its workspace (kvc_compact_status_t, below), which the engine reads after the
+ * stream; the CPU backend fills the same array (all zeros: it refuses a bad table with
+ * KVC_ERROR_INVALID_VALUE before moving anything).
+ *
+ * Layout rules, checked by both backends from the descriptor alone (KVC_ERROR_INVALID_VALUE, the
+ * detail naming the field and value) before any byte is touched:
+ *   - Offsets are bounded: the pool extent, (num_pages - 1) * stride_page + (page_size - 1) *
+ *     stride_token + (num_kv_heads - 1) * stride_head + head_dim elements, and its size in bytes
+ *     must fit int64, and k, v plus that many bytes must not pass the end of the address space.
+ *     Every element and byte offset the descriptor can address is then below it.
+ *   - No two rows (page, slot, head) of a pool overlap: taken by increasing stride, each axis with
+ *     more than one position steps at least past everything the finer axes span (head_dim for the
+ *     finest). Any nesting order of page, slot and head is fine.
+ *   - k and v are aligned to the element size (so they are a whole number of elements apart).
+ *   - No K row overlaps a V row: K and V may share one allocation (vLLM's (2, blocks, ...) halves,
+ *     FlashInfer's (pages, 2, ...) pages where K and V rows alternate) or lie anywhere apart, as
+ *     long as no element of any K row (p, s, h), p < num_pages, is an element of any V row. k == v
+ *     is always rejected.
  *
  *   NHD (vLLM, FlashInfer default): stride_token = H*D, stride_head = D, stride_page = page_size*H*D
  *   HND (TensorRT-LLM, FlashInfer HND): stride_head = page_size*D, stride_token = D
@@ -226,6 +268,29 @@ typedef enum { KVC_REDUCE_MEAN = 0, KVC_REDUCE_MAX = 1 } kvc_reduce_t;
 
 typedef struct kvc_plan *kvc_plan_t;
 
+/* What kvc_plan_create does with a sequence whose protected tokens exceed its budget
+ * (|P| > min(budget, n), selection rule 1 below). */
+typedef enum {
+  KVC_BUDGET_FAIL = 0,  /* the whole plan fails with KVC_ERROR_BUDGET, naming the sequence (default) */
+  KVC_BUDGET_CLAMP = 1, /* the sequence's budget is raised to |P|: it keeps exactly its protected tokens */
+  KVC_BUDGET_SKIP = 2   /* the sequence is left uncompressed: k = n, nothing of it moves            */
+} kvc_budget_policy_t;
+
+/* Where a CUDA plan's metadata lives on the device (see "Plans in a caller's device buffer"). */
+typedef enum {
+  KVC_PLAN_MEMORY_OWNED = 0, /* kvc_plan_create allocates it and uploads it synchronously (default) */
+  KVC_PLAN_MEMORY_CALLER = 1 /* the caller's buffer, filled by kvc_plan_upload on a stream          */
+} kvc_plan_memory_t;
+
+/* What the plan does to each sequence (kvc_plan_outcomes). Explicit values; only ever appended. */
+typedef enum {
+  KVC_OUTCOME_COMPRESSED = 0,    /* k = budget < n: the sequence is compressed as asked              */
+  KVC_OUTCOME_WITHIN_BUDGET = 1, /* budget >= n: k = n, nothing to evict, nothing moves              */
+  KVC_OUTCOME_CLAMPED = 2,       /* KVC_BUDGET_CLAMP raised k from the budget to |P| (<= n; k = n
+                                    means nothing moves)                                            */
+  KVC_OUTCOME_SKIPPED = 3        /* KVC_BUDGET_SKIP left it uncompressed: k = n, nothing moves       */
+} kvc_outcome_t;
+
 /*
  * Scoring semantics (n = sequence length; a domain is [0, n), or with span_local each FAIR span):
  *   Observation queries: without span_local, the last min(window, n) positions. With span_local the
@@ -243,10 +308,17 @@ typedef struct kvc_plan *kvc_plan_t;
  *   STREAMING  j, or (j - lo) / (hi - lo) with span_local. No queries.
  *   Keys a method does not score (protected query positions, keys outside every domain) get +inf.
  *   pool_kernel applies to SNAPKV only; group_reduce to SNAPKV and H2O.
+ *   Non-finite data, one rule on both backends (as torch and kvpress behave): a NaN or +-inf among
+ *   a query row's logits makes that whole softmax row NaN, so every key it observes gets a NaN
+ *   contribution; MAX pooling and MAX group-reduce propagate NaN; pool_kernel 1 is the identity;
+ *   KNORM is computed without intermediate overflow (finite for every finite key). Selection
+ *   orders NaN below -inf.
  *
  * Selection semantics for one (sequence b, KV head h), k = min(budgets[b], n):
  *   1. Protected set P = first sink_tokens + last recent_tokens + PROTECT spans + the method's own
- *      protected positions. |P| > k is KVC_ERROR_BUDGET at plan time.
+ *      protected positions. |P| > k is KVC_ERROR_BUDGET at plan time, unless budget_policy says
+ *      otherwise: KVC_BUDGET_CLAMP sets k = |P|, KVC_BUDGET_SKIP sets k = n (then every token is
+ *      kept and nothing moves). Everything below uses that k.
  *   2. Partitions: the FAIR spans in order, then one implicit partition (weight 1) of every token
  *      in no FAIR span, if any. Partition p has length L_p, weight w_p, protected count lo_p.
  *   3. F = max(sum lo_p, floor(fairness * k + 0.5)); integer quotas lo_p <= q_p <= L_p, sum q_p = F,
@@ -276,16 +348,24 @@ typedef struct {
   kvc_reduce_t group_reduce;   /* default MEAN                                                      */
   float scale;                 /* softmax scale, finite, >= 0; 0 = 1/sqrt(head_dim) (default)       */
   int32_t span_local;          /* 0 or 1: each FAIR span is its own scoring domain; then every token
-                                  outside FAIR spans must be protected                              */
+                                  outside FAIR spans must be protected, and SNAPKV / H2O need
+                                  window >= the number of FAIR spans of every sequence (one query
+                                  per span at least)                                                */
   int32_t sink_tokens;         /* >= 0, protected prefix; default 0                                 */
   int32_t recent_tokens;       /* >= 0, protected suffix; default 0                                 */
   float fairness;              /* lambda in [0, 1]: 0 = plain policy, 1 = fully fair; default 0     */
+  kvc_budget_policy_t budget_policy; /* a sequence with |P| > its budget: fail the plan (default),
+                                  clamp its budget or skip it; kvc_plan_outcomes says which happened */
+  kvc_plan_memory_t device_memory; /* CUDA: OWNED (default) allocates and uploads the plan's device
+                                  copy in kvc_plan_create; CALLER allocates nothing and waits for
+                                  kvc_plan_upload into the caller's buffer. Ignored on CPU.         */
 } kvc_plan_desc_t;
 
 #define KVC_PLAN_DESC_INIT                                                                         \
   {                                                                                                \
     sizeof(kvc_plan_desc_t), 0, 0, 0, KVC_DTYPE_F16, 0, NULL, NULL, NULL, NULL, KVC_SCORE_SNAPKV, \
-        64, 5, KVC_POOL_AVG, KVC_REDUCE_MEAN, 0.0f, 0, 0, 0, 0.0f                                 \
+        64, 5, KVC_POOL_AVG, KVC_REDUCE_MEAN, 0.0f, 0, 0, 0, 0.0f, KVC_BUDGET_FAIL,               \
+        KVC_PLAN_MEMORY_OWNED                                                                      \
   }
 
 /* Fills *desc with the defaults of KVC_PLAN_DESC_INIT (for callers that cannot use the macro,
@@ -293,15 +373,23 @@ typedef struct {
 KVC_API void kvc_plan_desc_init(kvc_plan_desc_t *desc);
 
 /* Validates `desc` and builds an immutable plan on ctx's backend. Copies everything it needs: the
- * desc's arrays may be freed after the call. On CUDA it allocates and uploads the plan's metadata
- * to the device (synchronously); this is the only place the pipeline allocates.
+ * desc's arrays may be freed after the call. On CUDA with device_memory KVC_PLAN_MEMORY_OWNED (the
+ * default) it allocates and uploads the plan's metadata to the device (synchronously); this is the
+ * only place the pipeline allocates. With KVC_PLAN_MEMORY_CALLER it touches no device memory and
+ * the plan needs kvc_plan_upload before any execute call.
  * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (any bad field: the detail names field, sequence,
  * span and value); KVC_ERROR_NOT_SUPPORTED (head_dim or dtype the backend does not handle);
- * KVC_ERROR_BUDGET (protected tokens exceed a budget: the detail names the sequence and counts);
- * KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA. On failure *out is NULL. Synchronous. */
+ * KVC_ERROR_BUDGET (protected tokens exceed a budget and budget_policy is KVC_BUDGET_FAIL: the
+ * detail names the sequence and counts);
+ * KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA. On failure *out is NULL. Synchronous.
+ * Sizes: every array and workspace size is computed with overflow checks. A plan may have at most
+ * 2^48 (query head, token) pairs, num_q_heads * sum of seq_lens (a 1 PiB score array), which keeps
+ * every size it implies inside 64 bits; a larger one, or one whose workspace would still pass
+ * SIZE_MAX, is KVC_ERROR_INVALID_VALUE (the detail names the counts), never a wrapped size. */
 KVC_API kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc_plan_t *out);
-/* Frees the plan (host and device memory). Accepts NULL. The caller must make sure no work that
- * uses the plan is still queued on a stream (e.g. synchronise first). */
+/* Frees the plan (its host memory and the device copy it owns; never a kvc_plan_upload buffer).
+ * Accepts NULL. The caller must make sure no work that uses the plan, its upload included, is
+ * still queued on a stream (e.g. synchronise first). */
 KVC_API kvc_status_t kvc_plan_destroy(kvc_plan_t plan);
 
 /* Host read-outs of a plan. */
@@ -330,8 +418,16 @@ KVC_API kvc_status_t kvc_plan_get_info(kvc_plan_t plan, kvc_plan_info_t *info);
  * positions[r] of its sequence. Either output may be NULL. INVALID_VALUE if plan is NULL. */
 KVC_API kvc_status_t kvc_plan_obs_positions(kvc_plan_t plan, int32_t *indptr, int32_t *positions);
 
-/* New length of every sequence after compaction: min(budgets[b], seq_lens[b]). host [batch]. */
+/* New length of every sequence after compaction: k_b, i.e. min(budgets[b], seq_lens[b]), or what
+ * budget_policy made of it (|P| when clamped, n when skipped). host [batch]. The keep layout's rows
+ * have these lengths. INVALID_VALUE if plan or new_lens is NULL. */
 KVC_API kvc_status_t kvc_plan_new_lengths(kvc_plan_t plan, int32_t *new_lens);
+
+/* What the plan does to every sequence: host int32 [batch] of kvc_outcome_t values (COMPRESSED,
+ * WITHIN_BUDGET, CLAMPED, SKIPPED), e.g. to tell the scheduler which sequences did not shrink to
+ * their budget. With the default KVC_BUDGET_FAIL only COMPRESSED and WITHIN_BUDGET occur.
+ * INVALID_VALUE if plan or outcomes is NULL. Host only, no device work. */
+KVC_API kvc_status_t kvc_plan_outcomes(kvc_plan_t plan, int32_t *outcomes);
 
 /* Per user span (CSR order of the desc): FAIR span -> its quota q_p (tokens of it kept for sure);
  * PROTECT span -> its length. host [total_spans]. `implicit` (host [batch], may be NULL) gets the
@@ -384,11 +480,89 @@ typedef enum {
 KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_t *bytes);
 
 /* ============================================================================================= */
+/* Plans in a caller's device buffer (CUDA graphs)                                               */
+/* ============================================================================================= */
+/*
+ * FlashInfer-style plan/run: a CUDA plan made with device_memory KVC_PLAN_MEMORY_CALLER allocates
+ * no device memory; kvc_plan_upload copies its metadata (the "image", host memory the plan owns)
+ * into a device buffer the caller owns, asynchronously on a stream, and points the plan at it.
+ * The execute calls then read that buffer. An engine keeps one buffer (and one workspace, cache
+ * descriptor, query and lse buffers at fixed addresses) and captures kvc_compress (or the stage
+ * calls) into a CUDA graph once; at every later event of the same shapes it builds the event's
+ * plan, uploads it into the same buffer on the graph's stream and replays the graph.
+ *
+ * Why "the same shapes". A graph freezes each kernel's grid and its by-value arguments. The
+ * kernels get the plan by value: its scalars (batch, heads, head_dim, dtype, method, pooling,
+ * scale, token / kept / observation totals and maxima) and its array pointers, which are fixed
+ * offsets into the buffer once the arrays have the same sizes. The launchers also read part of the
+ * plan on the host while enqueuing (per-sequence lengths, observation rows, scoring domains,
+ * partition counts). Only the contents of the device arrays may differ between replays: span
+ * boundaries, kinds and weights, quotas, the protected-token bitmask, the global fill. So two
+ * plans are interchangeable exactly when kvc_plan_compatible says so, which holds when their descs
+ * differ only in
+ *     span start / end / kind / weight (the same number of spans per sequence, the same number of
+ *     FAIR spans, and tokens outside every FAIR span in both or in neither), sink_tokens,
+ *     recent_tokens, fairness, budgets and budget_policy (as long as every sequence keeps the same
+ *     number of tokens), and device_memory;
+ * with span_local the FAIR spans must also sit where they sat (they are the scoring domains).
+ * Everything else, seq_lens and the resulting keep lengths included, must be equal: a graph does
+ * not replay across different lengths. Steady-state decode re-compression is the case that does:
+ * every sequence compressed to its budget, then grown by the same N decode steps, gives the same
+ * lengths at every event. (Moving the totals out of the by-value view, into device arrays with
+ * capacity-sized grids, would lift that restriction; it is not done.)
+ * The scoring path for long observation windows (cuBLAS, see kvc_plan_workspace_size) is captured
+ * like the kernels. kvc_plan_upload itself is not meant to be captured: enqueue it before the
+ * replay on the same stream.
+ *
+ * The CPU backend has no device memory: kvc_plan_device_bytes gives 0, device_memory is ignored,
+ * kvc_plan_upload checks ctx and plan and does nothing else, and plans always read their image.
+ */
+
+/* Bytes of device memory the plan's metadata takes (the size kvc_plan_upload needs); 0 on CPU.
+ * INVALID_VALUE if plan or bytes is NULL. Host only. */
+KVC_API kvc_status_t kvc_plan_device_bytes(kvc_plan_t plan, size_t *bytes);
+
+/* The plan's host image, the source kvc_plan_upload copies from: *image (owned by the plan, valid
+ * and unchanged until kvc_plan_destroy; page-aligned, in pages no other allocation shares) and
+ * *bytes (kvc_plan_device_bytes on CUDA). A caller that wants the copy truly asynchronous may
+ * page-lock it (cudaHostRegister(image, bytes, 0), and cudaHostUnregister before destroying the
+ * plan); from pageable memory the CUDA runtime stages the copy itself. INVALID_VALUE if an
+ * argument is NULL. Host only. */
+KVC_API kvc_status_t kvc_plan_host_image(kvc_plan_t plan, const void **image, size_t *bytes);
+
+/* Enqueues on `stream` the copy of the plan's image into `device_buffer` (device memory of ctx's
+ * device, at least kvc_plan_device_bytes bytes, 256-byte aligned; owned by the caller, who frees
+ * it after the plan's last use) and makes every later execute call with the plan read that buffer.
+ * Works on OWNED plans too (they then read the caller's buffer; their own copy stays until
+ * destroy). Asynchronous: returns once the copy is enqueued (cudaMemcpyAsync, no device
+ * synchronisation, no allocation). Work on `stream` after it sees the new metadata; work on other
+ * streams must be ordered after it by the caller (events). The image must stay valid until the
+ * stream has passed the copy, so do not destroy the plan before that; nor may the buffer be
+ * overwritten (by uploading another plan into it) while work that reads it is still queued,
+ * unless that upload is on the same stream, behind that work. This call changes the plan: do not
+ * make it while another thread uses the same plan.
+ * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (ctx or plan NULL, plan from another backend or
+ * device, device_buffer NULL or not 256-byte aligned); KVC_ERROR_WORKSPACE_TOO_SMALL (bytes below
+ * kvc_plan_device_bytes); KVC_ERROR_CUDA (the copy could not be enqueued). On failure the plan is
+ * unchanged. CPU backend: KVC_SUCCESS and nothing happens (device_buffer and bytes are ignored). */
+KVC_API kvc_status_t kvc_plan_upload(kvc_context_t ctx, kvc_plan_t plan, void *device_buffer, size_t bytes,
+                                     kvc_stream_t stream);
+
+/* *compatible = 1 when a graph captured with plan `a` replays plan `b`'s event correctly once `b`
+ * is uploaded into the buffer `a` read during the capture (the same workspace, cache descriptor,
+ * queries and lse buffers, at the same addresses, holding `b`'s event); else 0. See "Why the same
+ * shapes" above for what may differ. Symmetric. Host only, reads both plans' host data.
+ * INVALID_VALUE if an argument is NULL. */
+KVC_API kvc_status_t kvc_plan_compatible(kvc_plan_t a, kvc_plan_t b, int *compatible);
+
+/* ============================================================================================= */
 /* Execute calls (never allocate, never synchronise; see the conventions at the top)             */
 /* Each returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (NULL ctx/plan/pointer, plan from another   */
-/* backend, cache descriptor not matching the plan, bad strides or page size, CPU: page id out   */
-/* of range or shared); KVC_ERROR_WORKSPACE_TOO_SMALL; KVC_ERROR_NOT_SUPPORTED; KVC_ERROR_CUDA   */
-/* (a launch failed).                                                                            */
+/* backend, cache descriptor not matching the plan or breaking its layout rules, bad page size,  */
+/* CPU: page id out of range or shared); KVC_ERROR_WORKSPACE_TOO_SMALL; KVC_ERROR_NOT_SUPPORTED; */
+/* KVC_ERROR_CUDA (a launch failed, or an error of the caller's earlier CUDA work was already    */
+/* pending on the calling thread: then nothing is enqueued, the detail says so and the error is */
+/* left pending, since cudaGetLastError would otherwise report it as the library's).             */
 /* ============================================================================================= */
 
 /* Scores every token. `queries`: [obs_total][num_q_heads][head_dim] in the plan's dtype, row order
@@ -426,7 +600,8 @@ typedef enum {
   KVC_COMPACT_SHARED_PAGE = 4,     /* a page it uses is also used by another sequence, or twice by it
                                       (every sequence using that page gets the flag)                */
   KVC_COMPACT_BAD_POOL = 8         /* layer-batched call on CUDA: this layer's k or v is NULL, k == v,
-                                      or a pool is not aligned to the copy width (kvc_compact_layers) */
+                                      K and V rows overlap, a pool runs past the address space or is
+                                      not aligned to the copy width (kvc_compact_layers)            */
 } kvc_compact_status_t;
 
 /* In place, for every (sequence, KV head) and j < k_b: slot j <- slot keep[j] for K and V, and for
@@ -462,6 +637,61 @@ KVC_API kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_
                                   size_t workspace_bytes, kvc_stream_t stream);
 
 /* ============================================================================================= */
+/* Observation queries from the engine's packed q                                                */
+/* ============================================================================================= */
+/*
+ * Engines keep the queries of a forward pass packed, FlashInfer / vLLM style: q [tokens][Hq][D]
+ * with qo_indptr [batch+1], sequence b's tokens being rows qo_indptr[b] .. qo_indptr[b+1]. Those
+ * rows are the sequence's NEWEST len_b = qo_indptr[b+1] - qo_indptr[b] tokens: they hold positions
+ * [n_b - len_b, n_b) in order, where n_b = seq_lens[b] of the plan, the convention FlashInfer's
+ * causal mask uses (query i of a request sits at kv_len - qo_len + i). So a whole prefill
+ * (len_b = n_b), the last chunk of a chunked prefill and a decode step (len_b = 1) are all
+ * described by qo_indptr alone. kvc_gather_queries copies the plan's observation rows out of it.
+ *
+ * Compressing layer by layer inside the forward pass (nothing stashed, the usual choice):
+ *     plan = kvc_plan_create(...)                      once per event, before the forward pass
+ *     for each layer l:
+ *         attention(q_l, k_l, v_l) writes layer l's K/V into its pages   (the engine's kernel)
+ *         kvc_gather_queries(ctx, plan, q_l, tokens, 0, qo_indptr, queries, stream)
+ *         kvc_compress(ctx, plan, &cache_l, queries, lse_l or NULL, ws, ws_bytes, stream)
+ * One `queries` buffer (obs_total * Hq * D elements) and one workspace serve every layer: each
+ * layer's gather is ordered after the previous layer's compress on the stream (kvpress compresses
+ * in the same place, a forward hook after each attention layer); the next step's attention sees
+ * kvc_plan_new_lengths tokens per sequence. Stashing instead (gather every layer's rows during the
+ * pass, compress all layers afterwards) costs num_layers * obs_total * Hq * D elements of memory
+ * but keeps the forward pass free of compression kernels. Either way the prefill's own outputs do
+ * not change: layer l's attention ran on its full K/V before layer l was compressed. With a chunked prefill, compress after
+ * the last chunk; if that chunk is shorter than the observation window (or span_local puts
+ * observation rows in earlier chunks), stash those rows from earlier chunks yourself or lower
+ * `window`: the gather reads only the packed rows it is given.
+ */
+
+/* Gathers the plan's observation queries from packed q into `queries`
+ * ([obs_total][num_q_heads][head_dim], row order of kvc_plan_obs_positions, kvc_score's layout).
+ * packed_q: num_tokens rows, token t's element (head g, dim d) at
+ *     packed_q[t * token_stride + g * head_dim + d]      (plan dtype; heads contiguous in a row)
+ * token_stride in elements, 0 = num_q_heads * head_dim (packed q), larger for q inside a fused qkv
+ * tensor. qo_indptr: int32 [batch+1] as described above. Row r, of sequence b at position p, gets
+ * packed row qo_indptr[b] + p - (n_b - len_b). packed_q and queries must not overlap.
+ * Memory: packed_q, qo_indptr and queries are device memory on CUDA (host memory on CPU).
+ * On CUDA the pointers must be aligned to the dtype's size; rows are copied in 16-byte vectors
+ * when the pointers and the byte stride allow. Nothing is allocated; asynchronous on CUDA like
+ * every execute call (capturable in a graph), synchronous on CPU.
+ * Bad rows: the CPU backend checks qo_indptr first and copies nothing when qo_indptr[0] < 0, an
+ * entry is below the one before or past num_tokens, a sequence has more packed rows than tokens,
+ * or its packed rows do not reach back to its first observation position. The CUDA backend, which
+ * cannot read qo_indptr on the host, writes every row it cannot find that way as zeros (and reads
+ * nothing outside [0, num_tokens) rows of packed_q).
+ * With obs_total 0 (KNORM, STREAMING) nothing is read or written and the pointers may be NULL.
+ * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (NULL ctx / plan / pointer, plan of another backend
+ * or without its device copy, num_tokens < 0, token_stride below num_q_heads * head_dim, an
+ * extent past 64-bit offsets, CUDA: a misaligned pointer, CPU: the qo_indptr checks above);
+ * KVC_ERROR_CUDA (the launch failed). */
+KVC_API kvc_status_t kvc_gather_queries(kvc_context_t ctx, kvc_plan_t plan, const void *packed_q, int64_t num_tokens,
+                                        int64_t token_stride, const int32_t *qo_indptr, void *queries,
+                                        kvc_stream_t stream);
+
+/* ============================================================================================= */
 /* Every layer in one call                                                                       */
 /* ============================================================================================= */
 
@@ -482,8 +712,10 @@ KVC_API kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_
  * single-layer descriptor's (present, distinct) before anything moves, the failure naming the
  * layer. On CUDA, device memory the kernels read (so the
  * call is capturable in a CUDA graph, and the pointers may change between replays without a new
- * capture); the arrays are not read on the host, so the CUDA backend cannot check their entries:
- * a layer whose k or v is NULL or equal is left untouched by compaction (KVC_COMPACT_BAD_POOL).
+ * capture); the arrays are not read on the host, so the CUDA backend checks their entries on the
+ * device: a layer whose pools fail the checks a single-layer descriptor's pools get (present,
+ * distinct, no K row overlapping a V row, aligned) is left untouched by compaction
+ * (KVC_COMPACT_BAD_POOL).
  * The score stage on CUDA is the exception today: kvc_score_layers and the first stage of
  * kvc_compress_layers run one scoring pass per layer from the host, so on CUDA they read k, v,
  * queries and lse on the host and need them in page-locked host memory (cudaHostAlloc /

@@ -49,8 +49,9 @@
  * a claim that finds the page already there flags KVC_COMPACT_SHARED_PAGE on both sequences (the
  * same sequence twice included), so whichever claim wins, every sequence using a shared page is
  * flagged. A flagged sequence is left untouched, all its heads and extras, in every layer; on CUDA
- * a layer-batched call also flags a layer whose pools are NULL, equal or misaligned
- * (KVC_COMPACT_BAD_POOL). The flags are the status array the engine reads afterwards. A keep index
+ * a layer-batched call also flags a layer whose pools are NULL, equal, misaligned, run past the
+ * address space or have overlapping K and V rows (KVC_COMPACT_BAD_POOL: the checks the host makes
+ * of a single-layer descriptor's pools, kernels/common.h). The flags are the status array the engine reads afterwards. A keep index
  * outside [j, n) moves nothing, so no byte outside the sequence's own pages is read or written
  * whatever the keep array holds (an array that is not ascending may then scramble the sequence's
  * own kept tokens).
@@ -85,6 +86,8 @@ struct Pass {
   int32_t num_layers;
   int32_t kv_lanes;         /* vectors per K row (and per V row); 0: extras only                  */
   int32_t vec_bytes;        /* bytes per K/V vector                                               */
+  kvc_pool_lattice_t lattice; /* the layout's rows, for each layer's K/V overlap check (layered)    */
+  int64_t extent_bytes;     /* one pool's extent                                                  */
   int32_t chunk;            /* writers per chunk, C                                               */
   int64_t chunks;           /* per layer                                                          */
   int64_t *first_reader;    /* [layers][chunks] earliest chunk that reads a slot this one writes, or -1 */
@@ -204,9 +207,13 @@ __global__ void __launch_bounds__(kThreads) find_readers_kernel(Pass pass) {
   if (i < (int64_t)pass.num_layers * pass.plan.batch) {
     const int32_t layer = (int32_t)(i / pass.plan.batch), b = (int32_t)(i % pass.plan.batch);
     int32_t flags = pass.table_status[b];
-    if (pass.k_layers) {
+    if (pass.k_layers) { /* what the host checks for a single-layer descriptor's pools */
       const char *k = pool_of(pass, layer, false), *v = pool_of(pass, layer, true);
-      if (!k || !v || k == v || (reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) % pass.vec_bytes)
+      const uintptr_t pk = reinterpret_cast<uintptr_t>(k), pv = reinterpret_cast<uintptr_t>(v);
+      const uintptr_t last = UINTPTR_MAX - (uintptr_t)pass.extent_bytes;
+      if (!k || !v || k == v || (pk | pv) % pass.vec_bytes || pk > last || pv > last ||
+          kvc_kv_rows_overlap(&pass.lattice, k, v, pass.extent_bytes, kvc_dtype_size(pass.cache.dtype),
+                              pass.cache.head_dim))
         flags |= KVC_COMPACT_BAD_POOL;
     }
     pass.status[i] = flags;
@@ -397,6 +404,8 @@ extern "C" kvc_status_t kvc_compact_cuda(const kvc_op_args_t *args, kvc_carver_t
   pass.keep = args->keep;
   pass.num_layers = layers;
   pass.vec_bytes = vec;
+  pass.lattice = kvc_pool_lattice(&cache, plan.num_kv_heads);
+  pass.extent_bytes = (plan.head_dim + pass.lattice.reach[3]) * (int64_t)kvc_dtype_size(cache.dtype);
   pass.first_reader = first_reader;
   pass.reads_done = reads_done;
   pass.ticket = ticket;

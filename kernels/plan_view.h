@@ -49,6 +49,10 @@ typedef struct {
    * shorter row is one block's (staged whole in shared memory). KVC_SELECT_SEGMENT overrides the
    * segment length for tests. The CPU backend reads none of these. */
   int32_t select_resident_blocks, compact_resident_blocks, select_segment;
+  /* CPU backend: threads the workspace holds scratch for (the context's thread count when the
+   * plan was made) and a cap on the instruction set of the scoring loops (0: none; tests set
+   * KVC_CPU_ISA = 1 portable, 2 AVX2, 3 AVX-512, read by kvc_plan_create). */
+  int32_t cpu_threads, cpu_isa;
 
   const int32_t *seq_lens;       /* [batch] n_b                                                */
   const int32_t *keep_lens;      /* [batch] k_b = min(budget, n)                               */

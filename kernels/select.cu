@@ -33,7 +33,9 @@
  * __syncthreads), so a spinning block would never let the block it waits for run. So the passes are
  * separate launches, a fixed number independent of n, batch and layers:
  *     init; 4 digit passes for the partitions (stage 2); 4 for the fill (stage 3); count; write
- * (a stage no split row needs is not launched: fairness 0 has no stage 2, fairness 1 no stage 3).
+ * (all of them whenever a row is split: which selections are open depends on the quotas, which a
+ * plan compatible with the one a graph was captured for may change, kvc_plan_compatible; a pass
+ * in which a row has no open selection costs its segments one read of the row's states).
  * A digit pass: every segment block adds its candidates' digit counts into the row's global
  * histogram of each selection still open (device-scope atomicAdd), then bumps the row's arrival
  * counter with an acquire-release atomic after a __syncthreads. The block that arrives last
@@ -710,24 +712,6 @@ __global__ void __launch_bounds__(kBlockThreads) select_split_output_kernel(Sele
   }
 }
 
-/* Whether some split row (k < n) has a selection of 1 <= need < count in stage 2 (fill 0) or 3. */
-bool split_stage_needed(const kvc_plan_view_t &host, bool fill) {
-  for (int32_t b = 0; b < host.batch; ++b) {
-    const int32_t n = host.seq_lens[b], k = host.keep_lens[b];
-    if (n <= host.select_segment || k == n) continue;
-    if (fill) {
-      const int32_t need = host.fill[b];
-      if (need > 0 && need < n - (k - need)) return true;
-      continue;
-    }
-    for (int32_t p = host.part_indptr[b]; p < host.part_indptr[b + 1]; ++p) {
-      const int32_t need = host.parts[p].quota - host.parts[p].protected_count;
-      if (need > 0 && need < host.parts[p].length - host.parts[p].protected_count) return true;
-    }
-  }
-  return false;
-}
-
 unsigned grid_for(int64_t items, int32_t resident) {
   return (unsigned)(items < resident ? (items > 0 ? items : 1) : resident);
 }
@@ -793,11 +777,9 @@ extern "C" kvc_status_t kvc_select_cuda(const kvc_op_args_t *args, kvc_carver_t 
     const int64_t items = (int64_t)s.num_layers * s.row_heads * s.split_segments;
     const dim3 grid(grid_for(items, resident)), block(kBlockThreads);
     KVC_LAUNCH(select_split_init_kernel, grid, block, 0, stream, s);
-    for (int32_t fill = 0; fill < 2; ++fill) {
-      if (!split_stage_needed(host, fill != 0)) continue;
+    for (int32_t fill = 0; fill < 2; ++fill)
       for (int shift = 64 - kDigitBits; shift >= kScoreShift; shift -= kDigitBits)
         KVC_LAUNCH(select_split_pass_kernel, grid, block, 0, stream, s, fill, shift);
-    }
     KVC_LAUNCH(select_split_output_kernel, grid, block, 0, stream, s, 1);
     KVC_LAUNCH(select_split_output_kernel, grid, block, 0, stream, s, 0);
   }

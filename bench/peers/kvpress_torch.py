@@ -106,8 +106,9 @@ def repeat_kv(x, groups):
     return x[:, :, None, :, :].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
 
 
-def snapkv_scores(keys, queries, window, kernel):
-    """kvpress SnapKVPress.score (compute_window_attention with the queries given)."""
+def window_attention(keys, queries, window):
+    """kvpress SnapKVPress.compute_window_attention with the (post-RoPE) window queries given:
+    the window rows' attention over all keys, causal inside the window."""
     bsz, hkv, k_len, head_dim = keys.shape
     groups = queries.shape[1] // hkv
     key_states = repeat_kv(keys, groups)
@@ -115,8 +116,14 @@ def snapkv_scores(keys, queries, window, kernel):
     mask = torch.ones_like(attn) * float("-inf")
     mask = torch.triu(mask, diagonal=k_len - window + 1)
     attn += mask
-    attn = F.softmax(attn, dim=-1, dtype=torch.float32).to(queries.dtype)
-    attn = attn[..., :-window]
+    return F.softmax(attn, dim=-1, dtype=torch.float32).to(queries.dtype)
+
+
+def snapkv_scores(keys, queries, window, kernel):
+    """kvpress SnapKVPress.score (compute_window_attention with the queries given)."""
+    bsz, hkv, k_len, head_dim = keys.shape
+    groups = queries.shape[1] // hkv
+    attn = window_attention(keys, queries, window)[..., :-window]
     scores = attn.mean(dim=-2)
     scores = F.avg_pool1d(scores, kernel_size=kernel, padding=kernel // 2, stride=1)
     scores = scores.view(bsz, hkv, groups, k_len - window).mean(2)

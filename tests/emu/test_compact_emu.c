@@ -662,6 +662,36 @@ Test(compact_emu, layers_in_one_call_match_the_oracle) {
     free(shifted);
     kvc_test_layers_free(bad);
 
+    /* a layer whose V pool starts one page into its K pool (K and V rows overlap): flagged, and
+     * neither pool changes; the other layers compact */
+    const size_t page_bytes =
+        (size_t)before->desc.stride_page * (kvc_test_row_bytes(before->cache[1]) / (size_t)before->desc.head_dim);
+    unsigned char *both = malloc(before->cache[1]->pool_bytes + page_bytes);
+    memcpy(both, before->cache[1]->k, before->cache[1]->pool_bytes);
+    memcpy(both + before->cache[1]->pool_bytes, before->cache[1]->v + before->cache[1]->pool_bytes - page_bytes, page_bytes);
+    unsigned char *both_before = malloc(before->cache[1]->pool_bytes + page_bytes);
+    memcpy(both_before, both, before->cache[1]->pool_bytes + page_bytes);
+    kvc_test_layers_t *overlap = kvc_test_layers_clone(before);
+    void *k2[L] = {overlap->k[0], both, overlap->k[2]}, *v2[L] = {overlap->v[0], both + page_bytes, overlap->v[2]};
+    kvc_layers_t view2 = {L, k2, v2, NULL, NULL};
+    ws = kvc_test_workspace_new(layout.workspace_bytes);
+    cr_assert_eq(kvc_compact_layers(r.cuda, r.cuda_plan, &overlap->desc, &view2, keep, NULL, 0, ws,
+                                    layout.workspace_bytes, NULL),
+                 KVC_SUCCESS, "%s", kvc_last_error(r.cuda));
+    flags = (const int32_t *)((char *)ws + layout.status_offset_bytes);
+    for (int32_t l = 0; l < L; ++l)
+      for (int32_t b = 0; b < c.batch; ++b)
+        cr_assert_eq(flags[l * c.batch + b], l == 1 ? KVC_COMPACT_BAD_POOL : 0, "overlap, layer %d: status[%d] is %d",
+                     l, b, flags[l * c.batch + b]);
+    cr_assert_eq(memcmp(both, both_before, before->cache[1]->pool_bytes + page_bytes), 0,
+                 "the overlapping layer's pools changed");
+    assert_same_bytes(overlap->k[2], expected->cache[2]->k, before->cache[2]->pool_bytes, "K pool of a good layer",
+                      "CUDA", before->cache[2]);
+    free(ws);
+    free(both);
+    free(both_before);
+    kvc_test_layers_free(overlap);
+
     kvc_test_layers_free(before);
     kvc_test_layers_free(expected);
     kvc_test_layers_free(cpu);

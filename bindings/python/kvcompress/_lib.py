@@ -80,6 +80,8 @@ class PlanDescStruct(ctypes.Structure):
         ("sink_tokens", ctypes.c_int32),
         ("recent_tokens", ctypes.c_int32),
         ("fairness", ctypes.c_float),
+        ("budget_policy", ctypes.c_int),
+        ("device_memory", ctypes.c_int),
     ]
 
 
@@ -177,8 +179,11 @@ def _declare(lib):
         "kvc_version": (c.c_uint, []),
         "kvc_version_string": (c.c_char_p, []),
         "kvc_context_create": (st, [c.c_int, c.c_int, c.POINTER(P)]),
+        "kvc_context_create_with_detail": (st, [c.c_int, c.c_int, c.POINTER(P), c.c_char_p, c.c_size_t]),
         "kvc_context_destroy": (st, [P]),
         "kvc_context_backend": (st, [P, c.POINTER(c.c_int)]),
+        "kvc_context_set_threads": (st, [P, c.c_int32]),
+        "kvc_context_threads": (st, [P, c.POINTER(c.c_int32)]),
         "kvc_last_error": (c.c_char_p, [P]),
         "kvc_plan_desc_init": (None, [c.POINTER(PlanDescStruct)]),
         "kvc_plan_create": (st, [P, c.POINTER(PlanDescStruct), c.POINTER(P)]),
@@ -187,6 +192,12 @@ def _declare(lib):
         "kvc_plan_obs_positions": (st, [P, P, P]),
         "kvc_plan_new_lengths": (st, [P, P]),
         "kvc_plan_span_quotas": (st, [P, P, P]),
+        "kvc_plan_outcomes": (st, [P, P]),
+        "kvc_plan_device_bytes": (st, [P, c.POINTER(c.c_size_t)]),
+        "kvc_plan_host_image": (st, [P, c.POINTER(P), c.POINTER(c.c_size_t)]),
+        "kvc_plan_upload": (st, [P, P, P, c.c_size_t, P]),
+        "kvc_plan_compatible": (st, [P, P, c.POINTER(c.c_int)]),
+        "kvc_gather_queries": (st, [P, P, P, c.c_int64, c.c_int64, P, P, P]),
         "kvc_plan_workspace_size": (st, [P, c.c_int, c.POINTER(c.c_size_t)]),
         "kvc_score": (st, [P, P, c.POINTER(PagedKVStruct), P, P, P, c.c_int, P, c.c_size_t, P]),
         "kvc_select": (st, [P, P, P, P, P, c.c_size_t, P]),

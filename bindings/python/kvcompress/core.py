@@ -25,6 +25,10 @@ POOLS = {"avg": 0, "max": 1}
 REDUCES = {"mean": 0, "max": 1}
 OPS = {"score": 0, "select": 1, "compact": 2, "retention": 3, "compress": 4}
 SPAN_KINDS = {"fair": 0, "protect": 1}
+BUDGET_POLICIES = {"fail": 0, "clamp": 1, "skip": 2}
+DEVICE_MEMORY = {"owned": 0, "caller": 1}
+#: kvc_outcome_t by value: what a plan does to each sequence (Plan.outcomes, Plan.outcome_names).
+OUTCOMES = ("compressed", "within_budget", "clamped", "skipped")
 
 
 def _dtype_tag(dtype):
@@ -64,30 +68,49 @@ def _raise(ctx_handle, status, function):
 class Context:
     """A libkvcompress context on one backend ('cpu', 'cuda' or 'auto') and CUDA device.
 
+    threads: host threads a CPU context scores with (kvc_context_set_threads; default 1, results
+    bit-identical for any count). Plans size their workspace for the count the context has when
+    they are made, so set it here or before making plans. A CUDA context takes only 1.
+
     Use as a context manager or call close(); plans made from it keep it alive and are closed
     first when it is closed.
     """
 
-    def __init__(self, backend="auto", device=0):
+    def __init__(self, backend="auto", device=0, threads=1):
         lib = _lib.lib()
         code = _choice(BACKENDS, backend, "backend")
-        if int(device) < 0:
+        device = _arrays.integer(device, "device")
+        if device < 0:
             raise ValueError(f"device: must be >= 0, got {device}")
         handle = ctypes.c_void_p()
-        status = lib.kvc_context_create(code, int(device), ctypes.byref(handle))
+        detail = ctypes.create_string_buffer(512)  # no context exists yet to hold the reason
+        status = lib.kvc_context_create_with_detail(code, device, ctypes.byref(handle), detail, len(detail))
         if status != 0:
-            # no context exists to hold the detail: describe the request instead
             name = lib.kvc_status_name(status).decode()
             summary = lib.kvc_status_string(status).decode()
-            raise error_for(status, name, "kvc_context_create",
-                            f"backend {backend!r}, device {device}: {summary}", summary)
+            raise error_for(status, name, "kvc_context_create", detail.value.decode(errors="replace"), summary)
         self._handle = handle
         self._lib = lib
         out = ctypes.c_int()
         lib.kvc_context_backend(handle, ctypes.byref(out))
         self.backend = BACKEND_NAMES[out.value]
-        self.device = int(device) if self.backend == "cuda" else 0
+        self.device = device if self.backend == "cuda" else 0
         self._plans = weakref.WeakSet()
+        if threads != 1:
+            self.threads = threads
+
+    @property
+    def threads(self):
+        """Host threads of the context (kvc_context_threads)."""
+        out = ctypes.c_int32()
+        self._lib.kvc_context_threads(self.handle, ctypes.byref(out))
+        return out.value
+
+    @threads.setter
+    def threads(self, count):
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"threads: must be an int, got {count!r}")
+        self._check(self._lib.kvc_context_set_threads(self.handle, count), "kvc_context_set_threads")
 
     @property
     def is_cuda(self):
@@ -157,8 +180,12 @@ class Span:
     weight: float = 1.0
 
     def __post_init__(self):
-        if self.kind not in SPAN_KINDS:
+        if not isinstance(self.kind, str) or self.kind not in SPAN_KINDS:
             raise ValueError(f"Span.kind: expected 'fair' or 'protect', got {self.kind!r}")
+        # exact values, stored as plain Python numbers (the dataclass is frozen)
+        object.__setattr__(self, "start", _arrays.integer(self.start, "Span.start"))
+        object.__setattr__(self, "end", _arrays.integer(self.end, "Span.end"))
+        object.__setattr__(self, "weight", _arrays.real(self.weight, "Span.weight"))
 
     def __len__(self):
         return max(0, self.end - self.start)
@@ -230,6 +257,11 @@ class Plan:
       dtype='f16'                           'f32' | 'f16' | 'bf16' | 'fp8_e4m3' (or a numpy/torch dtype)
       window=64, pool_kernel=5, pool='avg', group_reduce='mean', scale=0.0 (= 1/sqrt(head_dim)),
       span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0
+      budget_policy='fail'                  'fail' | 'clamp' | 'skip': a sequence protecting more
+                                            tokens than its budget fails the plan (BudgetError),
+                                            keeps exactly its protected tokens, or stays
+                                            uncompressed; `outcomes` says what happened
+      device_memory='owned'                 'owned' | 'caller' (CUDA: see upload())
 
     Array layouts are the C ones, flat: scores float32 [score_elems] ("score layout"), keep int32
     [keep_elems] ("keep layout"), counts int32 [count_elems] ("count layout"); score_rows /
@@ -238,7 +270,8 @@ class Plan:
 
     def __init__(self, context, *, num_q_heads, num_kv_heads, head_dim, seq_lens, budgets, spans=None,
                  method="snapkv", dtype="f16", window=64, pool_kernel=5, pool="avg", group_reduce="mean",
-                 scale=0.0, span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0):
+                 scale=0.0, span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0, budget_policy="fail",
+                 device_memory="owned"):
         if not isinstance(context, Context):
             raise TypeError(f"context: expected a kvcompress.Context, got {type(context).__name__}")
         lib = context._lib
@@ -249,18 +282,31 @@ class Plan:
         if batch < 1:
             raise ValueError("seq_lens: needs at least one sequence")
         if np.isscalar(budgets) or (isinstance(budgets, np.ndarray) and budgets.ndim == 0):
-            bud = np.full(batch, int(budgets), dtype=np.int32)
+            bud = np.full(batch, _arrays.integer(budgets.item() if isinstance(budgets, np.ndarray) else budgets,
+                                                 "budgets"), dtype=np.int32)
         else:
             bud = _arrays.to_int32_host(budgets, "budgets").reshape(-1)
             if bud.shape[0] != batch:
                 raise ValueError(f"budgets: {bud.shape[0]} values for {batch} sequences (seq_lens)")
         rows = _normalise_spans(spans, batch)
 
+        # exact values only: ctypes would truncate floats and wrap integers past int32 silently
+        num_q_heads = _arrays.integer(num_q_heads, "num_q_heads")
+        num_kv_heads = _arrays.integer(num_kv_heads, "num_kv_heads")
+        head_dim = _arrays.integer(head_dim, "head_dim")
+        window = _arrays.integer(window, "window")
+        pool_kernel = _arrays.integer(pool_kernel, "pool_kernel")
+        sink_tokens = _arrays.integer(sink_tokens, "sink_tokens")
+        recent_tokens = _arrays.integer(recent_tokens, "recent_tokens")
+        span_local = _arrays.flag(span_local, "span_local")
+        scale = _arrays.real(scale, "scale")
+        fairness = _arrays.real(fairness, "fairness")
+
         desc = _lib.PlanDescStruct()
         lib.kvc_plan_desc_init(ctypes.byref(desc))
-        desc.num_q_heads = int(num_q_heads)
-        desc.num_kv_heads = int(num_kv_heads)
-        desc.head_dim = int(head_dim)
+        desc.num_q_heads = num_q_heads
+        desc.num_kv_heads = num_kv_heads
+        desc.head_dim = head_dim
         self.dtype = _dtype_tag(dtype)
         desc.dtype = DTYPE_TAGS[self.dtype]
         desc.batch = batch
@@ -281,15 +327,17 @@ class Plan:
             desc.spans = ctypes.addressof(span_arr)
         self.method = method.lower() if isinstance(method, str) else method
         desc.method = _choice(METHODS, method, "method")
-        desc.window = int(window)
-        desc.pool_kernel = int(pool_kernel)
+        desc.window = window
+        desc.pool_kernel = pool_kernel
         desc.pool = _choice(POOLS, pool, "pool")
         desc.group_reduce = _choice(REDUCES, group_reduce, "group_reduce")
-        desc.scale = float(scale)
-        desc.span_local = 1 if span_local else 0
-        desc.sink_tokens = int(sink_tokens)
-        desc.recent_tokens = int(recent_tokens)
-        desc.fairness = float(fairness)
+        desc.scale = scale
+        desc.span_local = span_local
+        desc.sink_tokens = sink_tokens
+        desc.recent_tokens = recent_tokens
+        desc.fairness = fairness
+        desc.budget_policy = _choice(BUDGET_POLICIES, budget_policy, "budget_policy")
+        desc.device_memory = _choice(DEVICE_MEMORY, device_memory, "device_memory")
 
         handle = ctypes.c_void_p()
         status = lib.kvc_plan_create(context.handle, ctypes.byref(desc), ctypes.byref(handle))
@@ -299,12 +347,12 @@ class Plan:
         self._lib = lib
         context._plans.add(self)
 
-        self.num_q_heads, self.num_kv_heads, self.head_dim = int(num_q_heads), int(num_kv_heads), int(head_dim)
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.batch = batch
         self.seq_lens = seq.copy()
         self.budgets = bud.copy()
         self.spans = rows
-        self.fairness = float(fairness)
+        self.fairness = fairness
         self.max_seq_len = int(seq.max())
         info = _lib.PlanInfoStruct()
         self._call(lib.kvc_plan_get_info, "kvc_plan_get_info", handle, ctypes.byref(info))
@@ -317,6 +365,12 @@ class Plan:
         nl = np.zeros(batch, dtype=np.int32)
         self._call(lib.kvc_plan_new_lengths, "kvc_plan_new_lengths", handle, nl.ctypes.data)
         self.new_lengths = nl
+        oc = np.zeros(batch, dtype=np.int32)
+        self._call(lib.kvc_plan_outcomes, "kvc_plan_outcomes", handle, oc.ctypes.data)
+        self.outcomes = oc
+        nbytes = ctypes.c_size_t()
+        self._call(lib.kvc_plan_device_bytes, "kvc_plan_device_bytes", handle, ctypes.byref(nbytes))
+        self.device_bytes = int(nbytes.value)
         q = np.zeros(max(1, self.info.total_spans), dtype=np.int32)
         imp = np.zeros(batch, dtype=np.int32)
         self._call(lib.kvc_plan_span_quotas, "kvc_plan_span_quotas", handle, q.ctypes.data, imp.ctypes.data)
@@ -377,6 +431,11 @@ class Plan:
     def keep_lens(self):
         """k_b = min(budget, n) per sequence (same as new_lengths)."""
         return self.new_lengths
+
+    @property
+    def outcome_names(self):
+        """Per sequence the name of its outcome: 'compressed', 'within_budget', 'clamped', 'skipped'."""
+        return [OUTCOMES[int(o)] for o in self.outcomes]
 
     def workspace_size(self, op):
         """Bytes of workspace the execute call `op` ('score', 'select', 'compact', 'retention',
@@ -459,6 +518,82 @@ class Plan:
             return cupy.ascontiguousarray(q[cupy.asarray(b_idx), :, cupy.asarray(p_idx), :])
         return np.ascontiguousarray(np.asarray(q)[b_idx, :, p_idx, :])
 
+    def gather_packed_queries(self, packed_q, qo_indptr, out=None, stream=None):
+        """The `queries` argument gathered from an engine's packed q (kvc_gather_queries).
+
+        packed_q: (tokens, num_q_heads, head_dim) with heads and head_dim contiguous, or
+        (tokens, num_q_heads * head_dim) with the columns contiguous (e.g. the q slice of a fused
+        qkv tensor); any token stride. qo_indptr: int32 [batch + 1]; sequence b's packed rows
+        qo_indptr[b] .. qo_indptr[b+1] are its newest tokens, positions [n_b - len_b, n_b). Both in
+        the context's memory space. Returns `out` ((obs_total, num_q_heads, head_dim), allocated
+        like packed_q when None)."""
+        qv = _arrays.view(packed_q, "packed_q")
+        self._device_ok(qv)
+        from .cache import _dtype_compatible
+
+        if not _dtype_compatible(qv.dtype, self.dtype):
+            raise TypeError(f"packed_q: dtype {qv.dtype} does not match the plan's dtype {self.dtype}")
+        row = self.num_q_heads * self.head_dim
+        if qv.ndim == 3 and qv.shape[1:] == (self.num_q_heads, self.head_dim):
+            ok = (self.head_dim == 1 or qv.strides[2] == 1) and (self.num_q_heads == 1 or qv.strides[1] == self.head_dim)
+        elif qv.ndim == 2 and qv.shape[1] == row:
+            ok = row == 1 or qv.strides[1] == 1
+        else:
+            raise ValueError(f"packed_q: expected shape (tokens, {self.num_q_heads}, {self.head_dim}) or "
+                             f"(tokens, {row}), got {qv.shape}")
+        if not ok:
+            raise ValueError(f"packed_q: each token's {row} elements must be contiguous, got strides {qv.strides}")
+        tokens = qv.shape[0]
+        token_stride = qv.strides[0] if tokens > 1 else row
+        if token_stride < row:
+            raise ValueError(f"packed_q: token stride {token_stride} is below num_q_heads * head_dim = {row}")
+        iv = _arrays.view(qo_indptr, "qo_indptr")
+        self._device_ok(iv)
+        if iv.dtype != "i32" or iv.size != self.batch + 1 or not iv.is_c_contiguous():
+            raise ValueError(f"qo_indptr: expected a C-contiguous int32 array of {self.batch + 1} elements, got "
+                             f"{iv.dtype} shape {iv.shape}")
+        shape = (self.info.obs_total, self.num_q_heads, self.head_dim)
+        if out is None:
+            out = _empty_like(packed_q, shape)
+        ov = _arrays.view(out, "out")
+        self._device_ok(ov)
+        if ov.dtype != qv.dtype or ov.shape != shape or not ov.is_c_contiguous():
+            raise ValueError(f"out: expected a C-contiguous {qv.dtype} array of shape {shape}, got {ov.dtype} {ov.shape}")
+        if ov.readonly:
+            raise ValueError("out: the array is read-only")
+        self._call(self._lib.kvc_gather_queries, "kvc_gather_queries", self.context.handle, self.handle, qv.ptr or None,
+                   tokens, token_stride, iv.ptr or None, ov.ptr or None, self._stream(stream, qv))
+        return out
+
+    # -- plans in a caller's device buffer (CUDA graphs) ------------------------------------
+    def upload(self, buffer, stream=None):
+        """kvc_plan_upload: enqueues the copy of the plan's metadata into `buffer` (a device array of
+        at least `device_bytes` bytes, 256-byte aligned, which must outlive the plan's use) and makes
+        the plan read it. A no-op on the CPU backend (device_bytes is 0). Keep the plan alive until
+        the stream has passed the copy."""
+        if not self.context.is_cuda:
+            self._call(self._lib.kvc_plan_upload, "kvc_plan_upload", self.context.handle, self.handle, None, 0, None)
+            return
+        bv = _arrays.view(buffer, "buffer")
+        self._device_ok(bv)
+        nbytes = bv.size * bv.itemsize
+        if not bv.is_c_contiguous():
+            raise ValueError(f"buffer: must be contiguous, got strides {bv.strides}")
+        if bv.readonly:
+            raise ValueError("buffer: the array is read-only")
+        self._call(self._lib.kvc_plan_upload, "kvc_plan_upload", self.context.handle, self.handle, bv.ptr or None,
+                   nbytes, self._stream(stream, bv))
+        self._upload_buffer = buffer  # the plan reads it from now on
+
+    def compatible(self, other):
+        """kvc_plan_compatible: True when a CUDA graph captured with this plan replays `other`'s event
+        once `other` is uploaded into this plan's buffer."""
+        if not isinstance(other, Plan):
+            raise TypeError(f"other: expected a Plan, got {type(other).__name__}")
+        out = ctypes.c_int()
+        self._call(self._lib.kvc_plan_compatible, "kvc_plan_compatible", self.handle, other.handle, ctypes.byref(out))
+        return bool(out.value)
+
     # -- argument checks --------------------------------------------------------------------
     def _device_ok(self, v):
         ctx = self.context
@@ -470,18 +605,18 @@ class Plan:
         elif v.device != _arrays.CPU:
             raise ValueError(f"{v.name} is on {v.where()} but the context runs on the CPU backend (host arrays)")
 
-    def _flat(self, obj, name, tag, count, writable=False):
+    def _flat(self, obj, name, tag, count, writable=False, layout=None):
         v = _arrays.view(obj, name)
         self._device_ok(v)
         want = {"f32": "float32", "i32": "int32"}[tag]
         if v.dtype != tag:
             raise TypeError(f"{name}: dtype must be {want}, got {v.dtype}")
         if v.size != count:
-            raise ValueError(f"{name}: expected {count} elements ({'score' if tag == 'f32' else 'keep'} layout), "
-                             f"got shape {v.shape} ({v.size})")
+            raise ValueError(f"{name}: expected {count} elements ({layout or ('score' if tag == 'f32' else 'keep')} "
+                             f"layout), got shape {v.shape} ({v.size})")
         if not v.is_c_contiguous():
             raise ValueError(f"{name}: must be C-contiguous, got strides {v.strides} for shape {v.shape}")
-        if writable and isinstance(obj, np.ndarray) and not obj.flags.writeable:
+        if writable and v.readonly:
             raise ValueError(f"{name}: the array is read-only")
         return v
 
@@ -489,9 +624,7 @@ class Plan:
         if not isinstance(cache, PagedKV):
             raise TypeError(f"cache: expected a PagedKV (see hf_cache, vllm_cache, flashinfer_cache, paged_kv), "
                             f"got {type(cache).__name__}")
-        if isinstance(cache.k, np.ndarray) and not (cache.k.flags.writeable and cache.v.flags.writeable):
-            raise ValueError("cache: the K/V arrays are read-only")
-        return cache.struct(self)
+        return cache.struct(self)  # re-reads the arrays: moved or read-only ones are refused
 
     def _queries(self, queries):
         if self.info.obs_total == 0:
@@ -606,11 +739,7 @@ class Plan:
         out = self._out(out, kv, self.info.count_elems, "i32", "out")
         if self.info.count_elems == 0:
             return out
-        ov = _arrays.view(out, "out")
-        self._device_ok(ov)
-        if ov.dtype != "i32" or ov.size != self.info.count_elems or not ov.is_c_contiguous():
-            raise ValueError(f"out: expected a C-contiguous int32 array of {self.info.count_elems} elements "
-                             f"(count layout), got {ov.dtype} shape {ov.shape}")
+        ov = self._flat(out, "out", "i32", self.info.count_elems, writable=True, layout="count")
         ws, wptr, wbytes = self._workspace("retention", kv)
         self._call(self._lib.kvc_retention, "kvc_retention", self.context.handle, self.handle, kv.ptr, ov.ptr,
                    wptr or None, wbytes, self._stream(stream, kv))
@@ -811,6 +940,23 @@ class Plan:
             lens = np.array([max(1, len(s)) for s in self.spans[b]], dtype=np.float64) if self.spans else np.ones(0)
             out.append(rows / lens[None, :])
         return out
+
+
+def _empty_like(a, shape):
+    """An uninitialised array of a's library, dtype and device."""
+    mod = type(a).__module__.split(".")[0]
+    if mod == "torch":
+        import torch
+
+        return torch.empty(shape, dtype=a.dtype, device=a.device)
+    if mod == "cupy":
+        import cupy
+
+        with a.device:
+            return cupy.empty(shape, dtype=a.dtype)
+    if isinstance(a, np.ndarray):
+        return np.empty(shape, dtype=a.dtype)
+    raise TypeError(f"out: cannot allocate an array like a {type(a).__name__}: pass out=")
 
 
 def _to_host(a):

@@ -6,7 +6,10 @@
 #include "device.h"
 #include "internal.h"
 
-int kvc_device_count(void) { return 1; }
+int kvc_device_count(char *detail, size_t cap) {
+  (void)detail, (void)cap;
+  return 1;
+}
 
 kvc_status_t kvc_device_enter(int device, int *previous, char *detail, size_t cap) {
   *previous = 0;
@@ -24,6 +27,13 @@ kvc_status_t kvc_device_alloc(void **ptr, size_t bytes, char *detail, size_t cap
 void kvc_device_free(void *ptr) { free(ptr); }
 
 kvc_status_t kvc_device_upload(void *dst, const void *src, size_t bytes, char *detail, size_t cap) {
+  memcpy(dst, src, bytes);
+  return KVC_SUCCESS;
+}
+
+/* The emulated stream runs each enqueued operation at once. */
+kvc_status_t kvc_device_upload_async(void *dst, const void *src, size_t bytes, kvc_stream_t stream, char *detail,
+                                     size_t cap) {
   memcpy(dst, src, bytes);
   return KVC_SUCCESS;
 }
