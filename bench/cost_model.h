@@ -100,4 +100,26 @@ static inline kvc_floor_t kvc_floor_score(kvc_score_method_t method, int64_t n, 
   return kvc_floor_of(bytes, elem_bytes == 2 ? 2.0 * D * logits : 0.0, logits);
 }
 
+/* kvc_select, `rows` rows of n tokens (all layers' rows together) keeping `kept` each: every fp32
+ * score read once, every int32 kept index written once (quotas and protected bits are a few bytes
+ * per row). */
+static inline kvc_floor_t kvc_floor_select(double rows, double n, double kept) {
+  return kvc_floor_of(rows * (4.0 * n + 4.0 * kept), 0.0, 0.0);
+}
+
+/* In-place kvc_compact: every K and V row that moves (keep[j] != j) read once and written once
+ * (row_bytes = head_dim * element size), the keep indices read once. */
+static inline kvc_floor_t kvc_floor_compact(double moved_rows, double row_bytes, double keep_elems) {
+  return kvc_floor_of(2.0 * 2.0 * moved_rows * row_bytes + 4.0 * keep_elems, 0.0, 0.0);
+}
+
+/* kvc_compress: K read once to score it, the scores written and read once, the keep indices
+ * written once, the moved K and V rows read and written once; plus the scoring's tensor flops and
+ * exponentials (kvc_floor_score's, passed in). */
+static inline kvc_floor_t kvc_floor_compress(double k_bytes, double score_elems, double keep_elems, double moved_rows,
+                                             double row_bytes, double tensor_flops, double exps) {
+  return kvc_floor_of(k_bytes + 8.0 * score_elems + 4.0 * keep_elems + 2.0 * 2.0 * moved_rows * row_bytes,
+                      tensor_flops, exps);
+}
+
 #endif /* KVC_COST_MODEL_H */

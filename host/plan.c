@@ -261,7 +261,7 @@ static void apportion(const long double *c, const int32_t *lo, const int32_t *hi
 typedef struct {
   kvc_plan_view_t *v;
   int32_t *seq_lens, *keep_lens, *obs_indptr, *obs_pos, *obs_lo, *domain_indptr, *part_indptr, *fill, *span_indptr;
-  int64_t *token_offsets, *keep_offsets, *protect_word_offsets;
+  int64_t *token_offsets, *keep_offsets, *protect_word_offsets, *split_segments, *split_parts;
   kvc_domain_t *domains;
   kvc_partition_t *parts;
   uint32_t *protect_bits;
@@ -286,6 +286,8 @@ static size_t layout_arrays(plan_arrays_t *a, char *base, int32_t batch, const p
   CARVE(fill, int32_t, batch);
   CARVE(protect_word_offsets, int64_t, batch + 1);
   CARVE(protect_bits, uint32_t, n->protect_words);
+  CARVE(split_segments, int64_t, batch + 1);
+  CARVE(split_parts, int64_t, batch + 1);
   CARVE(span_indptr, int32_t, batch + 1);
   CARVE(spans, kvc_span_t, n->spans);
 #undef CARVE
@@ -307,6 +309,8 @@ static void point_view(kvc_plan_view_t *v, const plan_arrays_t *a) {
   v->fill = a->fill;
   v->protect_word_offsets = a->protect_word_offsets;
   v->protect_bits = a->protect_bits;
+  v->split_segments = a->split_segments;
+  v->split_parts = a->split_parts;
   v->span_indptr = a->span_indptr;
   v->spans = a->spans;
 }
@@ -545,8 +549,9 @@ static void bind_view(kvc_plan_t plan, void *base) {
   plan->view_on_device = base != NULL;
 }
 
-/* An integer from the environment in [lo, hi], else `fallback`: the test override of the CPU
- * scoring's instruction set, read once here so that the plan carries it. */
+/* An integer from the environment in [lo, hi], else `fallback`: the test overrides of the CPU
+ * scoring's instruction set and of selection's segment length, read once here so that the plan
+ * carries them. */
 static int32_t env_int(const char *name, int32_t fallback, int32_t lo, int32_t hi) {
   const char *text = getenv(name);
   if (!text || !*text) return fallback;
@@ -555,37 +560,118 @@ static int32_t env_int(const char *name, int32_t fallback, int32_t lo, int32_t h
   return *end == '\0' && value >= lo && value <= hi ? (int32_t)value : fallback;
 }
 
-/* Workspace of each op, and the compress layout: [keep][scores][scratch shared by the stages].
- * A size that saturated the carver (it cannot, under KVC_MAX_HEAD_TOKENS, but an op's sizing is
- * not trusted to stay under it) is rejected rather than handed out wrapped. */
+/* The CUDA selection's segment length: enough segments to give every resident block one, each at
+ * least KVC_SELECT_MIN_SEGMENT tokens (a segment's histograms are merged through global memory, a
+ * staged row costs nothing of the kind) and at most KVC_SELECT_MAX_SEGMENT (what a block stages);
+ * KVC_SELECT_SEGMENT overrides it for tests. Then the prefix sums of the split rows' segments and
+ * partitions. The CPU backend splits nothing. */
+static kvc_status_t plan_select_geometry(kvc_context_t ctx, kvc_plan_t plan, plan_arrays_t *a) {
+  kvc_plan_view_t *v = &plan->host;
+  v->select_segment = INT32_MAX;
+#ifdef KVC_WITH_CUDA
+  if (plan->backend == KVC_BACKEND_CUDA) {
+    int previous;
+    kvc_status_t status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
+    if (status != KVC_SUCCESS) return status;
+    status = kvc_select_cuda_geometry(&v->select_resident_blocks, ctx->detail, sizeof ctx->detail);
+    if (status == KVC_SUCCESS)
+      status = kvc_compact_cuda_geometry(&v->compact_resident_blocks, ctx->detail, sizeof ctx->detail);
+    kvc_device_restore(previous);
+    if (status != KVC_SUCCESS) return status;
+    const int64_t row_heads = v->method == KVC_SCORE_TOVA ? 1 : v->num_kv_heads;
+    const int64_t per_block = (row_heads * v->total_tokens + v->select_resident_blocks - 1) / v->select_resident_blocks;
+    int64_t segment = (per_block + 1023) / 1024 * 1024;
+    segment = segment < KVC_SELECT_MIN_SEGMENT ? KVC_SELECT_MIN_SEGMENT : segment;
+    segment = segment > KVC_SELECT_MAX_SEGMENT ? KVC_SELECT_MAX_SEGMENT : segment;
+    v->select_segment = env_int("KVC_SELECT_SEGMENT", (int32_t)segment, 1, KVC_SELECT_MAX_SEGMENT);
+  }
+#else
+  (void)ctx;
+#endif
+  a->split_segments[0] = a->split_parts[0] = 0;
+  for (int32_t b = 0; b < v->batch; ++b) {
+    const int split = v->seq_lens[b] > v->select_segment;
+    a->split_segments[b + 1] = a->split_segments[b] + (split ? ceil_div(v->seq_lens[b], v->select_segment) : 0);
+    a->split_parts[b + 1] = a->split_parts[b] + (split ? v->part_indptr[b + 1] - v->part_indptr[b] : 0);
+  }
+  return KVC_SUCCESS;
+}
+
+/* Bytes op needs over num_layers layers on its slice of the workspace: the dispatch layer's own
+ * pieces (kvc_carve_dispatch), then the op's, sized by the same carving code that runs. */
+static kvc_status_t op_bytes(kvc_plan_t plan, kvc_op_t op, int32_t num_layers, char *detail, size_t cap,
+                             size_t *bytes) {
+  kvc_carver_t ws = {NULL, 0};
+  kvc_op_args_t args;
+  memset(&args, 0, sizeof args);
+  args.plan = plan->view;
+  args.host_plan = &plan->host;
+  args.num_layers = op == KVC_OP_SCORE && !KVC_SCORE_TAKES_LAYERS ? 1 : num_layers;
+  args.detail = detail;
+  args.detail_cap = cap;
+  kvc_carve_dispatch(&plan->host, plan->backend, op, args.num_layers, &ws, NULL, NULL);
+  kvc_status_t status = kvc_op_for(plan->backend, op)(&args, &ws);
+  *bytes = ws.used;
+  return status;
+}
+
+static size_t align_up(size_t bytes) {
+  return (bytes + KVC_WORKSPACE_ALIGN - 1) / KVC_WORKSPACE_ALIGN * KVC_WORKSPACE_ALIGN;
+}
+
+kvc_status_t kvc_plan_layout(kvc_plan_t plan, kvc_op_t op, int32_t num_layers, kvc_layout_t *out, char *detail,
+                             size_t cap) {
+  memset(out, 0, sizeof *out);
+  /* every term is at most num_layers times the single-layer one: bound that product first */
+  const size_t single = plan->workspace[KVC_OP_COMPRESS] > plan->workspace[op] ? plan->workspace[KVC_OP_COMPRESS]
+                                                                             : plan->workspace[op];
+  if (num_layers < 1 || (size_t)num_layers > (SIZE_MAX / 4) / (single + KVC_WORKSPACE_ALIGN))
+    return kvc_fail_detail(detail, cap, KVC_ERROR_INVALID_VALUE,
+                           "num_layers is %d: must be >= 1 and small enough that the workspace size fits size_t",
+                           num_layers);
+  kvc_status_t status;
+  if (op != KVC_OP_COMPRESS) {
+    status = op_bytes(plan, op, num_layers, detail, cap, &out->bytes);
+    out->status_offset = 0; /* kvc_carve_dispatch carves compaction's status array first */
+    return status;
+  }
+  /* [keep layouts][score layouts][scratch shared by the stages, compaction's status first] */
+  const size_t layers = (size_t)num_layers;
+  out->keep_offset = 0;
+  out->scores_offset = align_up(layers * sizeof(int32_t) * (size_t)(plan->host.num_kv_heads * plan->host.total_kept));
+  out->stage_offset =
+      align_up(out->scores_offset + layers * sizeof(float) * (size_t)(plan->host.num_kv_heads * plan->host.total_tokens));
+  out->status_offset = out->stage_offset;
+  size_t stage = 0;
+  for (int stage_op = KVC_OP_SCORE; stage_op <= KVC_OP_COMPACT; ++stage_op) {
+    size_t bytes = 0;
+    status = op_bytes(plan, (kvc_op_t)stage_op, num_layers, detail, cap, &bytes);
+    if (status != KVC_SUCCESS) return status;
+    stage = bytes > stage ? bytes : stage;
+  }
+  out->bytes = out->stage_offset + stage;
+  return KVC_SUCCESS;
+}
+
+/* Workspace of each op for one layer (what the single-layer calls check against). A size that
+ * saturated the carver (it cannot, under KVC_MAX_HEAD_TOKENS, but an op's sizing is not trusted to
+ * stay under it) is rejected rather than handed out wrapped. */
 static kvc_status_t size_workspaces(kvc_context_t ctx, kvc_plan_t plan) {
   static const char *const names[] = {"kvc_score", "kvc_select", "kvc_compact", "kvc_retention", "kvc_compress"};
   for (int op = KVC_OP_SCORE; op <= KVC_OP_RETENTION; ++op) {
-    kvc_carver_t ws = {NULL, 0};
-    kvc_op_args_t args;
-    memset(&args, 0, sizeof args);
-    args.plan = plan->view;
-    args.host_plan = &plan->host;
-    args.detail = ctx->detail;
-    args.detail_cap = sizeof ctx->detail;
-    kvc_carve_validation(&plan->host, plan->backend, (kvc_op_t)op, &ws, NULL);
-    kvc_status_t status = kvc_op_for(plan->backend, (kvc_op_t)op)(&args, &ws);
+    kvc_status_t status = op_bytes(plan, (kvc_op_t)op, 1, ctx->detail, sizeof ctx->detail, &plan->workspace[op]);
     if (status != KVC_SUCCESS) return status;
-    plan->workspace[op] = ws.used;
   }
-  /* the layouts' products are below 2^49 elements (KVC_MAX_HEAD_TOKENS); a piece of `bytes`
-   * carved last starts at used - bytes */
-  kvc_carver_t ws = {NULL, 0};
-  const size_t keep_bytes = sizeof(int32_t) * (size_t)((int64_t)plan->host.num_kv_heads * plan->host.total_kept);
-  const size_t score_bytes = sizeof(float) * (size_t)((int64_t)plan->host.num_kv_heads * plan->host.total_tokens);
-  size_t stage = 0;
-  for (int op = KVC_OP_SCORE; op <= KVC_OP_COMPACT; ++op) stage = plan->workspace[op] > stage ? plan->workspace[op] : stage;
-  kvc_carve(&ws, keep_bytes);
-  kvc_carve(&ws, score_bytes);
-  plan->compress_scores_offset = ws.used - score_bytes;
-  kvc_carve(&ws, stage);
-  plan->compress_stage_offset = ws.used - stage;
-  plan->workspace[KVC_OP_COMPRESS] = ws.used;
+  kvc_layout_t layout;
+  kvc_status_t status = KVC_SUCCESS;
+  plan->workspace[KVC_OP_COMPRESS] = 0;
+  for (int op = KVC_OP_SCORE; op <= KVC_OP_RETENTION && status == KVC_SUCCESS; ++op)
+    if (plan->workspace[op] == (size_t)-1) status = KVC_ERROR_INVALID_VALUE;
+  if (status == KVC_SUCCESS) {
+    status = kvc_plan_layout(plan, KVC_OP_COMPRESS, 1, &layout, ctx->detail, sizeof ctx->detail);
+    if (status != KVC_SUCCESS) return status;
+    plan->workspace[KVC_OP_COMPRESS] = layout.bytes;
+  }
   for (int op = KVC_OP_SCORE; op <= KVC_OP_COMPRESS; ++op)
     if (plan->workspace[op] == (size_t)-1)
       return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
@@ -677,6 +763,12 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
       plan->implicit_quotas[b] = v->parts[v->part_indptr[b + 1] - 1].quota;
   }
 
+  status = plan_select_geometry(ctx, plan, &arrays);
+  if (status != KVC_SUCCESS) {
+    kvc_plan_destroy(plan);
+    return status;
+  }
+
   plan->counts = counts;
   plan->blob_bytes = bytes;
   plan->view = plan->host;
@@ -736,7 +828,11 @@ kvc_status_t kvc_plan_get_info(kvc_plan_t plan, kvc_plan_info_t *info) {
   info->keep_elems = v->num_kv_heads * v->total_kept;
   info->total_spans = v->total_spans;
   info->count_elems = v->num_kv_heads * v->total_spans;
-  info->keep_offset_bytes = 0;
+  kvc_layout_t compress;
+  if (kvc_plan_layout(plan, KVC_OP_COMPRESS, 1, &compress, NULL, 0) != KVC_SUCCESS) return KVC_ERROR_INTERNAL;
+  info->keep_offset_bytes = compress.keep_offset;
+  info->compact_status_offset_bytes = 0; /* kvc_carve_dispatch carves it first */
+  info->compress_status_offset_bytes = compress.status_offset;
   return KVC_SUCCESS;
 }
 
@@ -769,6 +865,17 @@ kvc_status_t kvc_plan_span_quotas(kvc_plan_t plan, int32_t *quotas, int32_t *imp
 kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_t *bytes) {
   if (!plan || !bytes || (unsigned)op > KVC_OP_COMPRESS) return KVC_ERROR_INVALID_VALUE;
   *bytes = plan->workspace[op];
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_plan_workspace_layout(kvc_plan_t plan, kvc_op_t op, int32_t num_layers, kvc_workspace_layout_t *layout) {
+  if (!plan || !layout || (unsigned)op > KVC_OP_COMPRESS || num_layers < 1) return KVC_ERROR_INVALID_VALUE;
+  kvc_layout_t l;
+  kvc_status_t status = kvc_plan_layout(plan, op, num_layers, &l, NULL, 0);
+  if (status != KVC_SUCCESS) return status;
+  layout->workspace_bytes = l.bytes;
+  layout->keep_offset_bytes = op == KVC_OP_COMPRESS ? l.keep_offset : 0;
+  layout->status_offset_bytes = op == KVC_OP_COMPRESS || op == KVC_OP_COMPACT ? l.status_offset : 0;
   return KVC_SUCCESS;
 }
 
@@ -839,9 +946,7 @@ kvc_status_t kvc_plan_compatible(kvc_plan_t a, kvc_plan_t b, int *compatible) {
   view_scalars(b, &ys);
   int same = a->backend == b->backend && a->device == b->device && a->blob_bytes == b->blob_bytes &&
              memcmp(&a->counts, &b->counts, sizeof a->counts) == 0 && memcmp(&xs, &ys, sizeof xs) == 0 &&
-             memcmp(a->workspace, b->workspace, sizeof a->workspace) == 0 &&
-             a->compress_scores_offset == b->compress_scores_offset &&
-             a->compress_stage_offset == b->compress_stage_offset;
+             memcmp(a->workspace, b->workspace, sizeof a->workspace) == 0;
   same = same && same_array(x->seq_lens, y->seq_lens, x->batch, sizeof(int32_t)) &&
          same_array(x->keep_lens, y->keep_lens, x->batch, sizeof(int32_t)) &&
          same_array(x->obs_indptr, y->obs_indptr, x->batch + 1, sizeof(int32_t)) &&
@@ -850,6 +955,8 @@ kvc_status_t kvc_plan_compatible(kvc_plan_t a, kvc_plan_t b, int *compatible) {
          same_array(x->domain_indptr, y->domain_indptr, x->batch + 1, sizeof(int32_t)) &&
          same_array(x->domains, y->domains, x->domain_indptr[x->batch], sizeof(kvc_domain_t)) &&
          same_array(x->part_indptr, y->part_indptr, x->batch + 1, sizeof(int32_t)) &&
+         same_array(x->split_segments, y->split_segments, x->batch + 1, sizeof(int64_t)) &&
+         same_array(x->split_parts, y->split_parts, x->batch + 1, sizeof(int64_t)) &&
          same_array(x->span_indptr, y->span_indptr, x->batch + 1, sizeof(int32_t));
   *compatible = same;
   return KVC_SUCCESS;

@@ -188,7 +188,11 @@ typedef enum {
  * two sequences (KVC_ERROR_INVALID_VALUE). The CUDA backend cannot read the table on the host, so
  * its kernels guard instead: compaction leaves a sequence untouched if any page id it uses lies
  * outside [0, num_pages) or its CSR list is too short, and scoring reads such tokens as zero keys.
- * A page shared by two sequences is detected by compaction on the device (see kvc_compact).
+ * CUDA compaction also detects, on the device, a page used by two sequences (or twice by one) and
+ * leaves every sequence involved untouched. It reports what it skipped in a per-sequence status
+ * array it leaves in its workspace (kvc_compact_status_t, below), which the engine reads after the
+ * stream; the CPU backend fills the same array (all zeros: it refuses a bad table with
+ * KVC_ERROR_INVALID_VALUE before moving anything).
  *
  * Layout rules, checked by both backends from the descriptor alone (KVC_ERROR_INVALID_VALUE, the
  * detail naming the field and value) before any byte is touched:
@@ -323,11 +327,13 @@ typedef enum {
  *   STREAMING  j, or (j - lo) / (hi - lo) with span_local. No queries.
  *   Keys a method does not score (protected query positions, keys outside every domain) get +inf.
  *   pool_kernel applies to SNAPKV only; group_reduce to SNAPKV and H2O.
- *   Non-finite data, one rule on both backends (as torch and kvpress behave): a NaN or +-inf among
- *   a query row's logits makes that whole softmax row NaN, so every key it observes gets a NaN
- *   contribution; MAX pooling and MAX group-reduce propagate NaN; pool_kernel 1 is the identity;
- *   KNORM is computed without intermediate overflow (finite for every finite key). Selection
- *   orders NaN below -inf.
+ *   Non-finite data, one rule on both backends: a NaN or +-inf among a query row's logits makes
+ *   that whole softmax row NaN, so every key it observes gets a NaN contribution (torch's softmax
+ *   does so for NaN and +inf; for -inf it would give that key 0 as a mask, but no mask is applied
+ *   here: a -inf logit only comes from corrupt data, and is reported as such); MAX pooling and MAX
+ *   group-reduce propagate NaN; pool_kernel 1 is the identity; KNORM is computed without
+ *   intermediate overflow: finite for every finite key, a norm beyond FLT_MAX stored as -FLT_MAX.
+ *   Selection orders NaN below -inf.
  *
  * Selection semantics for one (sequence b, KV head h), k = min(budgets[b], n):
  *   1. Protected set P = first sink_tokens + last recent_tokens + PROTECT spans + the method's own
@@ -423,6 +429,9 @@ typedef struct {
   int64_t total_spans;      /* span_indptr[batch]                                                 */
   int64_t count_elems;      /* int32 in the count layout = num_kv_heads * total_spans             */
   size_t keep_offset_bytes; /* where kvc_compress leaves the keep layout inside its workspace     */
+  size_t compact_status_offset_bytes;  /* where kvc_compact leaves its status array (int32 [batch],
+                                          kvc_compact_status_t) inside its workspace             */
+  size_t compress_status_offset_bytes; /* the same array inside kvc_compress's workspace          */
 } kvc_plan_info_t;
 
 /* INVALID_VALUE if plan or info is NULL. */
@@ -473,7 +482,20 @@ typedef enum {
  *     C0 = max(1, min(ceil(1024 / R), ceil(n_max / 512))),  S = 64 * ceil(ceil(n_max / C0) / 64),
  *     C = ceil(n_max / S)   (keys per split: S).
  * Never the [heads x window x n] attention matrix, nor any logit. 0 for KNORM and STREAMING.
- * COMPRESS is score + select + compact workspace plus the score and keep layouts.
+ * SELECT on CUDA, with R = num_kv_heads rows per sequence (1 for TOVA) and P the batch's partitions
+ * (FAIR spans, plus one implicit partition per sequence that has tokens outside them): 16 * R * P
+ * bytes of partition thresholds; and for the rows split across blocks (sequences longer than the
+ * plan's segment length S, 4k..16k tokens chosen for the device so that every resident block gets a
+ * segment; KVC_SELECT_SEGMENT overrides it, read once by kvc_plan_create) 1 KiB per (row, split
+ * partition) of global histograms, 20 bytes per row of state and arrival counter and 4 per (row,
+ * segment of S tokens). On CPU 17 bytes per token of the longest sequence (one row at a time).
+ * COMPACT: the status array, int32 [batch], first; then on CPU 4 * total_tokens (the page-id check's
+ * scratch); on CUDA 12 bytes per chunk of consecutive keep-layout writers (at most
+ * num_kv_heads * total_kept of them, fewer at large sizes), 8 + 4 * batch, and the page-claim table
+ * of the shared-page check: 8 * 2^ceil(log2(2 * total_tokens)) bytes (one slot for every page a
+ * sequence could use, at page size 1). RETENTION needs none. COMPRESS is the keep and score
+ * layouts, then the largest of the score, select and compact workspaces (compaction's status
+ * array at its start). The layer-batched calls: kvc_plan_workspace_layout.
  * INVALID_VALUE if plan or bytes is NULL or op unknown. */
 KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_t *bytes);
 
@@ -606,6 +628,22 @@ KVC_API kvc_status_t kvc_select(kvc_context_t ctx, kvc_plan_t plan, const float 
                                 int32_t *keep, void *workspace, size_t workspace_bytes,
                                 kvc_stream_t stream);
 
+/* Per-sequence result of a compaction, int32 flags ORed together; 0: the sequence was compacted
+ * (or needed no move). Nonzero: the sequence was left untouched, every head, pool and extra. The
+ * CUDA backend checks a sequence's first ceil(n_b / page_size) page-table entries on the device;
+ * the CPU backend refuses every such table with KVC_ERROR_INVALID_VALUE instead, so its array is
+ * all zeros after a successful call. */
+typedef enum {
+  KVC_COMPACT_OK = 0,
+  KVC_COMPACT_BAD_PAGE_ID = 1,     /* a page id it uses lies outside [0, num_pages)                   */
+  KVC_COMPACT_SHORT_PAGE_LIST = 2, /* CSR: page_indptr[b] < 0, or fewer entries than its tokens need  */
+  KVC_COMPACT_SHARED_PAGE = 4,     /* a page it uses is also used by another sequence, or twice by it
+                                      (every sequence using that page gets the flag)                */
+  KVC_COMPACT_BAD_POOL = 8         /* layer-batched call on CUDA: this layer's k or v is NULL, k == v,
+                                      K and V rows overlap, a pool runs past the address space or is
+                                      not aligned to the copy width (kvc_compact_layers)            */
+} kvc_compact_status_t;
+
 /* In place, for every (sequence, KV head) and j < k_b: slot j <- slot keep[j] for K and V, and for
  * each of the `num_extras` per-token fp32 arrays extras[e] (score layout, e.g. accumulated H2O
  * scores: after the call, row (b, h) of an extra holds its k_b kept values at the front of the row,
@@ -616,7 +654,10 @@ KVC_API kvc_status_t kvc_select(kvc_context_t ctx, kvc_plan_t plan, const float 
  * another sequence's pages. On CUDA the pools must be aligned to their element size. Slots >= k_b
  * keep stale data and pages past ceil(k_b / page_size) are the engine's to free. Positions are not
  * rewritten: cached keys keep their RoPE and the engine continues positions from the old length. Sequences whose
- * budget >= length are not touched. */
+ * budget >= length are not touched.
+ * Status: the call leaves int32 [batch] kvc_compact_status_t flags in its workspace at byte offset
+ * kvc_plan_info_t.compact_status_offset_bytes (valid once the stream has run the call, after a
+ * KVC_SUCCESS return; read it back like any device result). */
 KVC_API kvc_status_t kvc_compact(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                  const int32_t *keep, float *const *extras, int32_t num_extras,
                                  void *workspace, size_t workspace_bytes, kvc_stream_t stream);
@@ -629,7 +670,8 @@ KVC_API kvc_status_t kvc_retention(kvc_context_t ctx, kvc_plan_t plan, const int
 /* kvc_score (accumulate = 0) + kvc_select + kvc_compact (no extras) on the caller's workspace
  * (kvc_plan_workspace_size(plan, KVC_OP_COMPRESS)). `lse` as for kvc_score (may be NULL).
  * Afterwards the keep layout is left in the workspace at byte offset
- * kvc_plan_info_t.keep_offset_bytes, e.g. for kvc_retention. */
+ * kvc_plan_info_t.keep_offset_bytes, e.g. for kvc_retention, and compaction's status array at
+ * kvc_plan_info_t.compress_status_offset_bytes. */
 KVC_API kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                   const void *queries, const float *lse, void *workspace,
                                   size_t workspace_bytes, kvc_stream_t stream);
@@ -688,6 +730,103 @@ KVC_API kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_
 KVC_API kvc_status_t kvc_gather_queries(kvc_context_t ctx, kvc_plan_t plan, const void *packed_q, int64_t num_tokens,
                                         int64_t token_stride, const int32_t *qo_indptr, void *queries,
                                         kvc_stream_t stream);
+
+/* ============================================================================================= */
+/* Every layer in one call                                                                       */
+/* ============================================================================================= */
+
+/*
+ * An engine compresses all layers of a model in one event: the same sequences, budgets and spans
+ * (one plan), the same page table and pool layout (one cache descriptor), but per-layer K and V
+ * pools and per-layer queries. The layer-batched calls below take them as arrays of num_layers
+ * pointers and run each stage once for all layers (one launch per kernel, the layer a grid axis),
+ * with results identical to num_layers single-layer calls.
+ *
+ * The cache descriptor passed beside kvc_layers_t gives the layout and the page table; its k and v
+ * must be NULL (the layers' pools replace them; a non-NULL one is KVC_ERROR_INVALID_VALUE, so a
+ * single-layer descriptor is not passed by mistake). Per-layer arrays of the other arguments are
+ * the single-layer layouts stacked: layer l's scores at scores + l * score_elems, its keep layout at
+ * keep + l * keep_elems, its counts at counts + l * count_elems (kvc_plan_info_t element counts).
+ *
+ * Memory of the pointer arrays: host memory on CPU, where every layer's pools are checked like a
+ * single-layer descriptor's (present, distinct) before anything moves, the failure naming the
+ * layer. On CUDA, device memory the kernels read (so the
+ * call is capturable in a CUDA graph, and the pointers may change between replays without a new
+ * capture); the arrays are not read on the host, so the CUDA backend checks their entries on the
+ * device: a layer whose pools fail the checks a single-layer descriptor's pools get (present,
+ * distinct, no K row overlapping a V row, aligned) is left untouched by compaction
+ * (KVC_COMPACT_BAD_POOL).
+ * The score stage on CUDA is the exception today: kvc_score_layers and the first stage of
+ * kvc_compress_layers run one scoring pass per layer from the host, so on CUDA they read k, v,
+ * queries and lse on the host and need them in page-locked host memory (cudaHostAlloc /
+ * cudaMallocHost), which the kernels can read too; device memory there is
+ * KVC_ERROR_NOT_SUPPORTED. The other stages are one launch per kernel for all layers.
+ */
+typedef struct {
+  int32_t num_layers;          /* L >= 1                                                          */
+  void *const *k;              /* [L] K pool of each layer (layout of the cache descriptor)      */
+  void *const *v;              /* [L] V pool of each layer                                       */
+  const void *const *queries;  /* [L] each as kvc_score's `queries`, or NULL (as a whole) when the
+                                  plan has no observation queries; read by scoring only          */
+  const float *const *lse;     /* [L] each as kvc_score's `lse` (an entry may be NULL: computed),
+                                  or NULL as a whole; read by scoring only                       */
+} kvc_layers_t;
+
+/* Workspace of the layer-batched call of `op` over num_layers layers (num_layers 1: the single-layer
+ * call's, kvc_plan_workspace_size), and where the call leaves its results in it:
+ *   keep_offset_bytes     COMPRESS: layer l's keep layout starts at keep_offset_bytes
+ *                         + l * 4 * keep_elems (0 for the other ops)
+ *   status_offset_bytes   COMPACT, COMPRESS: the int32 [num_layers][batch] kvc_compact_status_t
+ *                         array (layer l's sequence b at index l * batch + b; 0 for other ops)
+ * Which terms of kvc_plan_workspace_size's list scale with num_layers: SELECT on CUDA all of them
+ * (each layer's thresholds and split-row histograms), on CPU none (one row at a time); COMPACT the
+ * status array and the chunk flags, while the page-table check (CPU scratch, CUDA claim table) is
+ * done once for all layers; SCORE none (the layers are scored one after another today);
+ * COMPRESS the keep and score layouts, then the largest stage. So the plan needs no layer count:
+ * ask here for the L you will pass. INVALID_VALUE if plan or layout is NULL, op unknown or
+ * num_layers < 1 (or the size overflows). */
+typedef struct {
+  size_t workspace_bytes;
+  size_t keep_offset_bytes;
+  size_t status_offset_bytes;
+} kvc_workspace_layout_t;
+
+KVC_API kvc_status_t kvc_plan_workspace_layout(kvc_plan_t plan, kvc_op_t op, int32_t num_layers,
+                                               kvc_workspace_layout_t *layout);
+
+/* kvc_score for every layer: layer l scores from layers->k[l] (and v's layout) with
+ * layers->queries[l] and layers->lse[l] into its stacked score layout. accumulate as kvc_score. */
+KVC_API kvc_status_t kvc_score_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                      const kvc_layers_t *layers, float *scores, int accumulate,
+                                      void *workspace, size_t workspace_bytes, kvc_stream_t stream);
+
+/* kvc_select for every layer: num_layers stacked score layouts in, stacked keep layouts out. */
+KVC_API kvc_status_t kvc_select_layers(kvc_context_t ctx, kvc_plan_t plan, int32_t num_layers,
+                                       const float *scores, int32_t *keep, void *workspace,
+                                       size_t workspace_bytes, kvc_stream_t stream);
+
+/* kvc_compact for every layer: layer l's pools layers->k[l], layers->v[l] are compacted by its
+ * stacked keep layout; each extras[e] (host array of num_extras pointers) holds num_layers stacked
+ * score layouts. The page table is checked once for all layers; the status array is
+ * [num_layers][batch] (kvc_plan_workspace_layout). On CUDA every layer's pools must be aligned to
+ * the widest of 16, 8, 4, 2, 1 bytes that divides head_dim * element size and every byte stride
+ * (the pointers are not read on the host); a layer that is not is left untouched and flagged. */
+KVC_API kvc_status_t kvc_compact_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                        const kvc_layers_t *layers, const int32_t *keep,
+                                        float *const *extras, int32_t num_extras, void *workspace,
+                                        size_t workspace_bytes, kvc_stream_t stream);
+
+/* kvc_retention for every layer: stacked keep layouts in, stacked count layouts out. */
+KVC_API kvc_status_t kvc_retention_layers(kvc_context_t ctx, kvc_plan_t plan, int32_t num_layers,
+                                          const int32_t *keep, int32_t *counts, void *workspace,
+                                          size_t workspace_bytes, kvc_stream_t stream);
+
+/* kvc_compress for every layer (score, select, compact) on the workspace of
+ * kvc_plan_workspace_layout(plan, KVC_OP_COMPRESS, layers->num_layers), which tells where the
+ * stacked keep layouts and the status array are left. */
+KVC_API kvc_status_t kvc_compress_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                         const kvc_layers_t *layers, void *workspace,
+                                         size_t workspace_bytes, kvc_stream_t stream);
 
 #ifdef __cplusplus
 }

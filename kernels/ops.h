@@ -20,6 +20,11 @@ extern "C" {
 
 #define KVC_WORKSPACE_ALIGN 256
 
+/* CUDA selection: the bounds of the segment length (kvc_plan_view_t.select_segment). A row of at
+ * most the segment is staged whole in one block's shared memory, 4 bytes a token. */
+#define KVC_SELECT_MIN_SEGMENT 4096
+#define KVC_SELECT_MAX_SEGMENT 16384
+
 typedef struct {
   char *base;  /* NULL while sizing */
   size_t used; /* bytes carved so far (aligned) */
@@ -56,6 +61,13 @@ typedef struct {
   float *const *extras;
   int32_t num_extras;
   int32_t *counts;
+  /* Layers: the call covers num_layers layers (1 for the single-layer calls). Scores, keep, counts
+   * and extras are then the single-layer layouts stacked (layer l at l * elems). `layers` (NULL for
+   * the single-layer calls, whose pools are cache->k / cache->v) holds the per-layer pointer arrays
+   * in the backend's memory (device on CUDA: kernels read them, host code must not). */
+  int32_t num_layers;
+  const kvc_layers_t *layers;
+  int32_t *compact_status; /* compact: int32 [num_layers][batch] status array (host/dispatch.c carves it) */
   /* kvc_gather_queries: observation rows of `queries` layout gathered from the engine's packed q */
   const void *packed_q;      /* [packed_tokens] rows of packed_stride elements, heads contiguous  */
   int64_t packed_tokens, packed_stride;
@@ -93,6 +105,18 @@ kvc_status_t kvc_select_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
 kvc_status_t kvc_compact_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
 kvc_status_t kvc_retention_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
 kvc_status_t kvc_gather_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
+
+/* Whether the score ops take num_layers > 1 themselves. 0 today: kvc_score_layers calls them once
+ * per layer (host/dispatch.c). A score op that takes them must score every layer of `layers` (its
+ * k, v, queries and lse arrays, read on the device) into the stacked score layouts in one pass. */
+#define KVC_SCORE_TAKES_LAYERS 0
+
+/* Geometry of the CUDA ops on the current device, asked once per plan by kvc_plan_create: blocks of
+ * the op's multi-block kernels resident at once (queried from the runtime; a fixed small device in
+ * the SIMT emulator). kvc_select_cuda_geometry also raises the selection kernels' dynamic shared
+ * memory limit to what its longest staged row needs. */
+kvc_status_t kvc_select_cuda_geometry(int32_t *resident_blocks, char *detail, size_t cap);
+kvc_status_t kvc_compact_cuda_geometry(int32_t *resident_blocks, char *detail, size_t cap);
 
 kvc_status_t kvc_score_cuda(const kvc_op_args_t *args, kvc_carver_t *ws);
 kvc_status_t kvc_select_cuda(const kvc_op_args_t *args, kvc_carver_t *ws);

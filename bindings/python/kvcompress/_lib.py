@@ -100,6 +100,28 @@ class PlanInfoStruct(ctypes.Structure):
         ("total_spans", ctypes.c_int64),
         ("count_elems", ctypes.c_int64),
         ("keep_offset_bytes", ctypes.c_size_t),
+        ("compact_status_offset_bytes", ctypes.c_size_t),
+        ("compress_status_offset_bytes", ctypes.c_size_t),
+    ]
+
+
+class LayersStruct(ctypes.Structure):
+    """kvc_layers_t: num_layers and four arrays of per-layer pointers."""
+
+    _fields_ = [
+        ("num_layers", ctypes.c_int32),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("queries", ctypes.c_void_p),
+        ("lse", ctypes.c_void_p),
+    ]
+
+
+class WorkspaceLayoutStruct(ctypes.Structure):
+    _fields_ = [
+        ("workspace_bytes", ctypes.c_size_t),
+        ("keep_offset_bytes", ctypes.c_size_t),
+        ("status_offset_bytes", ctypes.c_size_t),
     ]
 
 
@@ -188,6 +210,14 @@ def _declare(lib):
         "kvc_compact": (st, [P, P, c.POINTER(PagedKVStruct), P, P, c.c_int32, P, c.c_size_t, P]),
         "kvc_retention": (st, [P, P, P, P, P, c.c_size_t, P]),
         "kvc_compress": (st, [P, P, c.POINTER(PagedKVStruct), P, P, P, c.c_size_t, P]),
+        "kvc_plan_workspace_layout": (st, [P, c.c_int, c.c_int32, c.POINTER(WorkspaceLayoutStruct)]),
+        "kvc_score_layers": (st, [P, P, c.POINTER(PagedKVStruct), c.POINTER(LayersStruct), P, c.c_int, P, c.c_size_t,
+                                  P]),
+        "kvc_select_layers": (st, [P, P, c.c_int32, P, P, P, c.c_size_t, P]),
+        "kvc_compact_layers": (st, [P, P, c.POINTER(PagedKVStruct), c.POINTER(LayersStruct), P, P, c.c_int32, P,
+                                    c.c_size_t, P]),
+        "kvc_retention_layers": (st, [P, P, c.c_int32, P, P, P, c.c_size_t, P]),
+        "kvc_compress_layers": (st, [P, P, c.POINTER(PagedKVStruct), c.POINTER(LayersStruct), P, c.c_size_t, P]),
     }
     for name, (res, args) in proto.items():
         fn = getattr(lib, name)  # AttributeError: the library is not libkvcompress

@@ -229,6 +229,22 @@ class PlanInfo:
     total_spans: int
     count_elems: int
     keep_offset_bytes: int
+    compact_status_offset_bytes: int
+    compress_status_offset_bytes: int
+
+
+#: kvc_compact_status_t flags (Plan.status): 0 = the sequence was compacted (or needed no move)
+COMPACT_STATUS = {"bad_page_id": 1, "short_page_list": 2, "shared_page": 4, "bad_pool": 8}
+
+
+@dataclass(frozen=True)
+class WorkspaceLayout:
+    """kvc_plan_workspace_layout: the bytes a call over num_layers layers needs and where it leaves
+    its results (keep layouts: COMPRESS; status array: COMPACT and COMPRESS)."""
+
+    workspace_bytes: int
+    keep_offset_bytes: int
+    status_offset_bytes: int
 
 
 class Plan:
@@ -373,6 +389,7 @@ class Plan:
             self._call(lib.kvc_plan_workspace_size, "kvc_plan_workspace_size", handle, code, ctypes.byref(n))
             self._ws_sizes[op] = int(n.value)
         self._workspaces = {}
+        self._last_status = {}  # op -> (workspace, byte offset, num_layers) of the last compaction
 
     # -- lifetime ---------------------------------------------------------------------------
     def _call(self, fn, name, *args):
@@ -432,6 +449,30 @@ class Plan:
         'compress') needs."""
         _choice(OPS, op, "op")
         return self._ws_sizes[op.lower()]
+
+    def workspace_layout(self, op, num_layers=1):
+        """kvc_plan_workspace_layout: a WorkspaceLayout for the call `op` over num_layers layers."""
+        code = _choice(OPS, op, "op")
+        if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or int(num_layers) < 1:
+            raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
+        out = _lib.WorkspaceLayoutStruct()
+        self._call(self._lib.kvc_plan_workspace_layout, "kvc_plan_workspace_layout", self.handle, code,
+                   int(num_layers), ctypes.byref(out))
+        return WorkspaceLayout(int(out.workspace_bytes), int(out.keep_offset_bytes), int(out.status_offset_bytes))
+
+    def status(self, op="compact"):
+        """The compaction status array of the last compact / compact_layers (op='compact') or
+        compress / compress_layers (op='compress') call on this plan: int32 [num_layers, batch] of
+        COMPACT_STATUS flags, 0 where the sequence was compacted, nonzero where it was left untouched
+        (a bad page id, a short CSR list, a page shared with another sequence, a bad layer pool). A
+        copy of the array's library (on CUDA: valid once the call's stream has run it)."""
+        if op not in ("compact", "compress"):
+            raise ValueError(f"op: expected 'compact' or 'compress', got {op!r}")
+        if op not in self._last_status:
+            raise ValueError(f"status: no {op} call has run on this plan yet")
+        ws, offset, layers = self._last_status[op]
+        flat = ws.read_i32(offset, layers * self.batch)
+        return flat.reshape(layers, self.batch)
 
     def obs_positions_of(self, b):
         return self.obs_positions[self.obs_indptr[b]: self.obs_indptr[b + 1]]
@@ -695,6 +736,7 @@ class Plan:
         ws, wptr, wbytes = self._workspace("compact", like)
         self._call(self._lib.kvc_compact, "kvc_compact", self.context.handle, self.handle, ctypes.byref(s), kv.ptr,
                    ptrs if views else None, len(views), wptr or None, wbytes, self._stream(stream, like))
+        self._last_status["compact"] = (ws, self.info.compact_status_offset_bytes, 1)
         return cache
 
     def retention(self, keep, out=None, stream=None):
@@ -720,7 +762,182 @@ class Plan:
         ws, wptr, wbytes = self._workspace("compress", like)
         self._call(self._lib.kvc_compress, "kvc_compress", self.context.handle, self.handle, ctypes.byref(s),
                    qptr or None, lptr, wptr or None, wbytes, self._stream(stream, like))
+        self._last_status["compress"] = (ws, self.info.compress_status_offset_bytes, 1)
         return ws.read_i32(self.info.keep_offset_bytes, self.info.keep_elems)
+
+    # -- every layer in one call ------------------------------------------------------------
+    # Per-layer arrays are the single-layer layouts stacked: shape (num_layers, elems), or flat.
+
+    def _layer_caches(self, caches):
+        """The shared descriptor (k = v = NULL) and the per-layer pool pointers of a list of PagedKV
+        that share one layout and page table."""
+        caches = list(caches) if not isinstance(caches, PagedKV) else [caches]
+        if not caches:
+            raise ValueError("caches: needs one PagedKV per layer, got none")
+        structs = [self._cache(c) for c in caches]
+        first = structs[0]
+        for i, s in enumerate(structs[1:], 1):
+            for f, _ in _lib.PagedKVStruct._fields_:
+                if f not in ("k", "v") and getattr(s, f) != getattr(first, f):
+                    raise ValueError(f"caches[{i}]: {f} is {getattr(s, f)} but caches[0]'s is {getattr(first, f)}; "
+                                     f"the layers must share one layout and page table")
+        desc = _lib.PagedKVStruct.from_buffer_copy(first)
+        desc.k = desc.v = None
+        return caches, desc, [s.k for s in structs], [s.v for s in structs]
+
+    def _stacked(self, obj, name, tag, layers, elems, writable=False):
+        v = _arrays.view(obj, name)
+        if v.size != layers * elems:
+            raise ValueError(f"{name}: expected {layers} layers x {elems} elements, got shape {v.shape}")
+        return self._flat(obj, name, tag, v.size, writable=writable) if v.size else v
+
+    def _pointers(self, ptrs, like, name, host_readable=False):
+        """An array of pointers the call can read: numpy on CPU; on CUDA device memory, or for the
+        score stage (which still reads the arrays on the host there) page-locked host memory."""
+        host = np.array([p or 0 for p in ptrs], dtype=np.uint64)
+        if not self.context.is_cuda:
+            return host, host.ctypes.data
+        lib = _arrays.alloc_lib(like)
+        if lib == "torch":
+            import torch
+
+            t = torch.from_numpy(host.view(np.int64))
+            arr = t.pin_memory() if host_readable else t.to(torch.device("cuda", like.device[1] or 0))
+            return arr, int(arr.data_ptr())
+        import cupy
+        import cupyx
+
+        if host_readable:
+            arr = cupyx.empty_pinned(host.shape, dtype=np.uint64)
+            arr[...] = host
+            return arr, int(arr.ctypes.data)
+        with cupy.cuda.Device(like.device[1] or 0):
+            arr = cupy.asarray(host)
+        return arr, int(arr.data.ptr)
+
+    def _layers_struct(self, k_ptrs, v_ptrs, like, queries=None, lse=None, host_readable=False):
+        keep_alive = []
+        arrays = {}
+        for name, ptrs in (("k", k_ptrs), ("v", v_ptrs), ("queries", queries), ("lse", lse)):
+            if ptrs is None:
+                arrays[name] = None
+                continue
+            arr, ptr = self._pointers(ptrs, like, f"layers.{name}", host_readable)
+            keep_alive.append(arr)
+            arrays[name] = ptr
+        s = _lib.LayersStruct(len(k_ptrs), arrays["k"], arrays["v"], arrays["queries"], arrays["lse"])
+        return s, keep_alive
+
+    def _layer_workspace(self, op, layers, like):
+        layout = self.workspace_layout(op, layers)
+        lib = _arrays.alloc_lib(like)
+        key = (op, layers, lib, like.device)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            ws = _arrays.Workspace(lib, like.device, max(1, layout.workspace_bytes))
+            self._workspaces[key] = ws
+        return ws, layout
+
+    def _layer_queries(self, queries, lse, layers):
+        if queries is None:
+            if self.info.obs_total > 0:
+                raise ValueError(f"queries: required, one array per layer (the plan has {self.info.obs_total} "
+                                 f"observation queries)")
+            q_ptrs = None
+        else:
+            queries = list(queries)
+            if len(queries) != layers:
+                raise ValueError(f"queries: {len(queries)} arrays for {layers} layers")
+            q_ptrs = [self._queries(q)[1] for q in queries]
+        if lse is None:
+            return q_ptrs, None
+        lse = list(lse)
+        if len(lse) != layers:
+            raise ValueError(f"lse: {len(lse)} arrays for {layers} layers")
+        return q_ptrs, [self._lse(x) for x in lse]
+
+    def score_layers(self, caches, queries=None, out=None, accumulate=False, stream=None, lse=None):
+        """kvc_score_layers: scores every layer (caches: one PagedKV per layer sharing one layout and
+        page table; queries and lse: one array per layer, an lse entry may be None). Returns `out`,
+        float32 (num_layers, score_elems)."""
+        caches, desc, k_ptrs, v_ptrs = self._layer_caches(caches)
+        layers, like = len(caches), caches[0]._kview
+        q_ptrs, l_ptrs = self._layer_queries(queries, lse, layers)
+        if accumulate and out is None:
+            raise ValueError("out: accumulate=True needs the score array to add to")
+        if out is None:
+            out = _arrays.empty(_arrays.alloc_lib(like), like.device, (layers, self.info.score_elems), "f32")
+        ov = self._stacked(out, "out", "f32", layers, self.info.score_elems, writable=True)
+        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs, host_readable=True)
+        ws, layout = self._layer_workspace("score", layers, like)
+        self._call(self._lib.kvc_score_layers, "kvc_score_layers", self.context.handle, self.handle,
+                   ctypes.byref(desc), ctypes.byref(st), ov.ptr, 1 if accumulate else 0, ws.ptr,
+                   layout.workspace_bytes, self._stream(stream, like))
+        return out
+
+    def select_layers(self, scores, out=None, stream=None):
+        """kvc_select_layers: scores float32 (num_layers, score_elems) in, keep int32
+        (num_layers, keep_elems) out."""
+        sv = _arrays.view(scores, "scores")
+        layers = sv.size // max(1, self.info.score_elems)
+        if layers < 1:
+            raise ValueError(f"scores: expected num_layers x {self.info.score_elems} elements, got shape {sv.shape}")
+        sv = self._stacked(scores, "scores", "f32", layers, self.info.score_elems)
+        if out is None:
+            out = _arrays.empty(_arrays.alloc_lib(sv), sv.device, (layers, self.info.keep_elems), "i32")
+        ov = self._stacked(out, "out", "i32", layers, self.info.keep_elems, writable=True)
+        ws, layout = self._layer_workspace("select", layers, sv)
+        self._call(self._lib.kvc_select_layers, "kvc_select_layers", self.context.handle, self.handle, layers, sv.ptr,
+                   ov.ptr, ws.ptr, layout.workspace_bytes, self._stream(stream, sv))
+        return out
+
+    def compact_layers(self, caches, keep, extras=(), stream=None):
+        """kvc_compact_layers: compacts every layer's pools by its keep rows (int32 (num_layers,
+        keep_elems)); each extra is float32 (num_layers, score_elems). Returns the caches; the status
+        array is plan.status('compact')."""
+        caches, desc, k_ptrs, v_ptrs = self._layer_caches(caches)
+        layers, like = len(caches), caches[0]._kview
+        kv = self._stacked(keep, "keep", "i32", layers, self.info.keep_elems)
+        views = [self._stacked(e, f"extras[{i}]", "f32", layers, self.info.score_elems, writable=True)
+                 for i, e in enumerate(list(extras or ()))]
+        ptrs = (ctypes.c_void_p * max(1, len(views)))(*[v.ptr for v in views])
+        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like)
+        ws, layout = self._layer_workspace("compact", layers, like)
+        self._call(self._lib.kvc_compact_layers, "kvc_compact_layers", self.context.handle, self.handle,
+                   ctypes.byref(desc), ctypes.byref(st), kv.ptr, ptrs if views else None, len(views), ws.ptr,
+                   layout.workspace_bytes, self._stream(stream, like))
+        self._last_status["compact"] = (ws, layout.status_offset_bytes, layers)
+        return caches
+
+    def retention_layers(self, keep, out=None, stream=None):
+        """kvc_retention_layers: keep int32 (num_layers, keep_elems) in, counts int32
+        (num_layers, count_elems) out."""
+        kv = _arrays.view(keep, "keep")
+        layers = kv.size // max(1, self.info.keep_elems)
+        kv = self._stacked(keep, "keep", "i32", max(1, layers), self.info.keep_elems)
+        if out is None:
+            out = _arrays.empty(_arrays.alloc_lib(kv), kv.device, (layers, self.info.count_elems), "i32")
+        if self.info.count_elems == 0:
+            return out
+        ov = self._stacked(out, "out", "i32", layers, self.info.count_elems, writable=True)
+        ws, layout = self._layer_workspace("retention", layers, kv)
+        self._call(self._lib.kvc_retention_layers, "kvc_retention_layers", self.context.handle, self.handle, layers,
+                   kv.ptr, ov.ptr, ws.ptr, layout.workspace_bytes, self._stream(stream, kv))
+        return out
+
+    def compress_layers(self, caches, queries=None, stream=None, lse=None):
+        """kvc_compress_layers: score + select + compact of every layer in one call. Returns the keep
+        indices, int32 (num_layers, keep_elems); the status array is plan.status('compress')."""
+        caches, desc, k_ptrs, v_ptrs = self._layer_caches(caches)
+        layers, like = len(caches), caches[0]._kview
+        q_ptrs, l_ptrs = self._layer_queries(queries, lse, layers)
+        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs, host_readable=True)
+        ws, layout = self._layer_workspace("compress", layers, like)
+        self._call(self._lib.kvc_compress_layers, "kvc_compress_layers", self.context.handle, self.handle,
+                   ctypes.byref(desc), ctypes.byref(st), ws.ptr, layout.workspace_bytes, self._stream(stream, like))
+        self._last_status["compress"] = (ws, layout.status_offset_bytes, layers)
+        return ws.read_i32(layout.keep_offset_bytes, layers * self.info.keep_elems).reshape(layers,
+                                                                                          self.info.keep_elems)
 
     def retention_rates(self, counts):
         """Per sequence a (num_kv_heads, spans_b) float array: kept fraction of each span."""
