@@ -19,6 +19,16 @@
  *               beyond the cache and the queries (scores and keep indices included)
  *   stage_extra_bytes  the same for the three separate calls (score ws + scores + keep + the
  *               select and compact workspaces)
+ *   floor_us    cost_model.h's floor on an H200: the larger of the memory floor (K read once, the
+ *               scores written and read, the keep indices written, the kept K/V rows moved) and
+ *               the compute floor (flops at the bf16 GEMM ceiling); pct_floor = floor / median
+ *
+ * Layers in one call: for every model and method, --layers L copies of the cache (one layer each,
+ * one shared page table) at --layer-n tokens x --layer-batch sequences (ratio --layer-ratio) are
+ * compressed by one kvc_compress_layers ("kvc_layers") and by L kvc_compress calls
+ * ("kvc_per_layer_calls"); the same JSON keys with "layers":L, bytes and flops of all layers. The
+ * layer arrays are page-locked host memory: the score stage still reads them on the host on CUDA
+ * (see kvc_layers_t), so kvc_layers today saves the launches of select and compact only.
  *
  * Every repetition starts from a cold L2 (bench_util.cuh). kvc_compress compacts in place, so the
  * repetitions after the first run on an already compacted cache: the work is the same (same plan,
@@ -28,11 +38,14 @@
  *                  [--ratios 0.1,0.3,0.5,0.7,0.9] [--methods snapkv,h2o] [--window 64]
  *                  [--h2o-max-n 32768] [--layout paged|hf] [--page-size 16] [--dtype bf16]
  *                  [--iters 10] [--warmup 2] [--stages 1] [--max-seconds 0 (no limit)]
- *   H2O runs with window = n (every query observes: the GEMM path).
+ *                  [--layers 32] [--layer-n 4096] [--layer-batch 1] [--layer-ratio 0.5]
+ *   H2O runs with window = n (every query observes).
  */
 #include <chrono>
+#include <memory>
 
 #include "bench_util.cuh"
+#include "cost_model.h"
 
 namespace {
 
@@ -47,7 +60,8 @@ struct Options {
   std::vector<double> ratios{0.1, 0.3, 0.5, 0.7, 0.9};
   std::vector<std::string> methods{"snapkv", "h2o"};
   int window = 64, h2o_max_n = 32768, page_size = 16, iters = 10, warmup = 2, stages = 1;
-  double max_seconds = 0;
+  int layers = 32, layer_n = 4096, layer_batch = 1;
+  double max_seconds = 0, layer_ratio = 0.5;
   std::string layout = "paged", dtype = "bf16";
 };
 
@@ -85,6 +99,10 @@ Options parse(int argc, char **argv) {
     else if (key == "--warmup") o.warmup = atoi(value);
     else if (key == "--stages") o.stages = atoi(value);
     else if (key == "--max-seconds") o.max_seconds = atof(value);
+    else if (key == "--layers") o.layers = atoi(value);
+    else if (key == "--layer-n") o.layer_n = atoi(value);
+    else if (key == "--layer-batch") o.layer_batch = atoi(value);
+    else if (key == "--layer-ratio") o.layer_ratio = atof(value);
     else {
       fprintf(stderr, "bench_compress: unknown option %s\n", key.c_str());
       exit(2);
@@ -108,29 +126,130 @@ struct Point {
   double ratio;
 };
 
+/* The plan of a point. */
+kvc_plan_t plan_of(kvc_context_t ctx, const Options &o, const Point &pt, std::vector<int32_t> &seq_lens,
+                   std::vector<int32_t> &budgets) {
+  const Model &m = *pt.model;
+  const kvc_score_method_t method = bench::method_of(pt.method);
+  seq_lens.assign(pt.batch, pt.n);
+  budgets.assign(pt.batch, bench::kept_of(pt.n, pt.ratio));
+  kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;
+  desc.num_q_heads = m.q_heads;
+  desc.num_kv_heads = m.kv_heads;
+  desc.head_dim = m.head_dim;
+  desc.dtype = bench::dtype_of(o.dtype);
+  desc.batch = pt.batch;
+  desc.seq_lens = seq_lens.data();
+  desc.budgets = budgets.data();
+  desc.method = method;
+  desc.window = method == KVC_SCORE_H2O ? pt.n : o.window;
+  desc.pool_kernel = method == KVC_SCORE_SNAPKV ? 5 : 1;
+  kvc_plan_t plan = nullptr;
+  bench::check_kvc(kvc_plan_create(ctx, &desc, &plan), ctx, "kvc_plan_create");
+  return plan;
+}
+
+/* The common keys of a point's JSON line, for `layers` layers: shape, stats, bytes, flops, floor. */
+bench::Json &describe(bench::Json &j, const Options &o, const Point &pt, int layers, const bench::Stats &total,
+                      const kvc_plan_info_t &info, double copy_gbps) {
+  const Model &m = *pt.model;
+  const size_t elem = bench::dtype_bytes(bench::dtype_of(o.dtype));
+  const int window = bench::method_of(pt.method) == KVC_SCORE_H2O ? pt.n : o.window;
+  const int kept = bench::kept_of(pt.n, pt.ratio);
+  const double row_bytes = (double)m.head_dim * elem;
+  const double k_bytes = (double)layers * pt.batch * pt.n * m.kv_heads * row_bytes;
+  const double kept_bytes = (double)layers * pt.batch * kept * m.kv_heads * row_bytes;
+  const double bytes = k_bytes + 2.0 * 2.0 * kept_bytes;
+  const double flops = layers * pt.batch * qk_flops(m, pt.n, (int)std::min<int64_t>(window, pt.n));
+  const double floor_s = kvc_floor_compress(k_bytes, (double)layers * info.score_elems,
+                                            (double)layers * info.keep_elems,
+                                            (double)layers * pt.batch * kept * m.kv_heads, row_bytes, flops, 0.0)
+                             .floor_s;
+  const double sec = total.median_ms * 1e-3;
+  j.add("record", "result").add("op", "compress").add("model", m.name).add("method", pt.method);
+  j.add("n", pt.n).add("batch", pt.batch).add("layers", layers).add("q_heads", m.q_heads).add("kv_heads", m.kv_heads);
+  j.add("head_dim", m.head_dim).add("dtype", o.dtype).add("ratio", pt.ratio).add("window", window);
+  j.add("layout", o.layout).add("page_size", o.layout == "hf" ? pt.n : o.page_size).add("kept", kept);
+  j.add_stats(total);
+  j.add("bytes", bytes).add("gbps", bytes / sec / 1e9).add("copy_gbps", copy_gbps);
+  j.add("pct_copy", 100.0 * bytes / sec / 1e9 / copy_gbps);
+  j.add("flops", flops).add("tflops", flops / sec / 1e12);
+  j.add("floor_us", 1e6 * floor_s).add("pct_floor", 100.0 * floor_s / sec);
+  return j;
+}
+
+/* One point over o.layers layers: kvc_compress_layers once against one kvc_compress per layer. */
+void run_layers_point(kvc_context_t ctx, const Options &o, const Point &pt, double copy_gbps,
+                      bench::L2Flusher &flusher, cudaStream_t stream) {
+  const Model &m = *pt.model;
+  const kvc_dtype_t dtype = bench::dtype_of(o.dtype);
+  const size_t elem = bench::dtype_bytes(dtype);
+  const int layers = o.layers;
+  std::vector<int32_t> seq_lens, budgets;
+  kvc_plan_t plan = plan_of(ctx, o, pt, seq_lens, budgets);
+  kvc_plan_info_t info;
+  bench::check_kvc(kvc_plan_get_info(plan, &info), ctx, "kvc_plan_get_info");
+  std::vector<std::unique_ptr<bench::DeviceCache>> caches;
+  const size_t query_elems = (size_t)info.obs_total * m.q_heads * m.head_dim;
+  /* page-locked arrays of the layers' pools and queries (kvc_layers_t on CUDA, score stage) */
+  void **k = nullptr, **v = nullptr, **queries = nullptr;
+  KVC_BENCH_CHECK(cudaHostAlloc((void **)&k, sizeof(void *) * layers, cudaHostAllocDefault));
+  KVC_BENCH_CHECK(cudaHostAlloc((void **)&v, sizeof(void *) * layers, cudaHostAllocDefault));
+  KVC_BENCH_CHECK(cudaHostAlloc((void **)&queries, sizeof(void *) * layers, cudaHostAllocDefault));
+  for (int l = 0; l < layers; ++l) {
+    caches.emplace_back(new bench::DeviceCache(o.layout, pt.batch, pt.n, m.kv_heads, m.head_dim, dtype, o.page_size,
+                                               true, 21u + 2u * l, stream));
+    k[l] = caches[l]->k;
+    v[l] = caches[l]->v;
+    KVC_BENCH_CHECK(cudaMalloc(&queries[l], std::max<size_t>(query_elems * elem, 256)));
+    bench::fill_random(queries[l], query_elems, dtype, 22u + 2u * l, stream);
+  }
+  kvc_paged_kv_t shared = caches[0]->desc;
+  shared.k = shared.v = nullptr;
+  const kvc_layers_t arrays = {layers, k, v, (const void *const *)queries, nullptr};
+  kvc_workspace_layout_t layout;
+  bench::check_kvc(kvc_plan_workspace_layout(plan, KVC_OP_COMPRESS, layers, &layout), ctx, "workspace layout");
+  size_t ws_single = 0;
+  bench::check_kvc(kvc_plan_workspace_size(plan, KVC_OP_COMPRESS, &ws_single), ctx, "workspace size");
+  void *workspace = nullptr;
+  KVC_BENCH_CHECK(cudaMalloc(&workspace, std::max<size_t>(layout.workspace_bytes, 256)));
+  KVC_BENCH_CHECK(cudaStreamSynchronize(stream));
+
+  const bench::Stats batched = bench::time_gpu(
+      [&](cudaStream_t s) {
+        bench::check_kvc(kvc_compress_layers(ctx, plan, &shared, &arrays, workspace, layout.workspace_bytes,
+                                             (kvc_stream_t)s),
+                         ctx, "kvc_compress_layers");
+      },
+      stream, o.warmup, o.iters, &flusher);
+  const bench::Stats per_layer = bench::time_gpu(
+      [&](cudaStream_t s) {
+        for (int l = 0; l < layers; ++l)
+          bench::check_kvc(kvc_compress(ctx, plan, &caches[l]->desc, queries[l], NULL, workspace, ws_single,
+                                        (kvc_stream_t)s),
+                           ctx, "kvc_compress");
+      },
+      stream, o.warmup, o.iters, &flusher);
+  bench::Json a, b;
+  describe(a, o, pt, layers, batched, info, copy_gbps).add("impl", "kvc_layers")
+      .add("speedup_vs_per_layer_calls", per_layer.median_ms / batched.median_ms)
+      .add("extra_bytes", (long long)layout.workspace_bytes).print();
+  describe(b, o, pt, layers, per_layer, info, copy_gbps).add("impl", "kvc_per_layer_calls")
+      .add("extra_bytes", (long long)ws_single).print();
+
+  for (int l = 0; l < layers; ++l) cudaFree(queries[l]);
+  cudaFreeHost(k), cudaFreeHost(v), cudaFreeHost(queries);
+  cudaFree(workspace);
+  kvc_plan_destroy(plan);
+}
+
 void run_point(kvc_context_t ctx, const Options &o, const Point &pt, double copy_gbps, bench::L2Flusher &flusher,
                cudaStream_t stream) {
   const Model &m = *pt.model;
   const kvc_dtype_t dtype = bench::dtype_of(o.dtype);
   const size_t elem = bench::dtype_bytes(dtype);
-  const kvc_score_method_t method = bench::method_of(pt.method);
-  const int window = method == KVC_SCORE_H2O ? pt.n : o.window;
-  const int kept = bench::kept_of(pt.n, pt.ratio);
-
-  std::vector<int32_t> seq_lens(pt.batch, pt.n), budgets(pt.batch, kept);
-  kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;
-  desc.num_q_heads = m.q_heads;
-  desc.num_kv_heads = m.kv_heads;
-  desc.head_dim = m.head_dim;
-  desc.dtype = dtype;
-  desc.batch = pt.batch;
-  desc.seq_lens = seq_lens.data();
-  desc.budgets = budgets.data();
-  desc.method = method;
-  desc.window = window;
-  desc.pool_kernel = method == KVC_SCORE_SNAPKV ? 5 : 1;
-  kvc_plan_t plan = nullptr;
-  bench::check_kvc(kvc_plan_create(ctx, &desc, &plan), ctx, "kvc_plan_create");
+  std::vector<int32_t> seq_lens, budgets;
+  kvc_plan_t plan = plan_of(ctx, o, pt, seq_lens, budgets);
   kvc_plan_info_t info;
   bench::check_kvc(kvc_plan_get_info(plan, &info), ctx, "kvc_plan_get_info");
 
@@ -188,16 +307,9 @@ void run_point(kvc_context_t ctx, const Options &o, const Point &pt, double copy
   }
 
   const double k_bytes = (double)pt.batch * pt.n * m.kv_heads * m.head_dim * elem;
-  const double kept_bytes = (double)pt.batch * kept * m.kv_heads * m.head_dim * elem;
-  const double bytes = k_bytes + 2.0 * 2.0 * kept_bytes;
-  const double flops = pt.batch * qk_flops(m, pt.n, (int)std::min<int64_t>(window, pt.n));
-  const double sec = total.median_ms * 1e-3;
+  const double kept_bytes = (double)pt.batch * bench::kept_of(pt.n, pt.ratio) * m.kv_heads * m.head_dim * elem;
   bench::Json j;
-  j.add("record", "result").add("op", "compress").add("impl", "kvc").add("model", m.name).add("method", pt.method);
-  j.add("n", pt.n).add("batch", pt.batch).add("q_heads", m.q_heads).add("kv_heads", m.kv_heads);
-  j.add("head_dim", m.head_dim).add("dtype", o.dtype).add("ratio", pt.ratio).add("window", window);
-  j.add("layout", o.layout).add("page_size", o.layout == "hf" ? pt.n : o.page_size).add("kept", kept);
-  j.add_stats(total);
+  describe(j, o, pt, 1, total, info, copy_gbps).add("impl", "kvc");
   if (o.stages) {
     j.add("score_ms", st_score.median_ms).add("select_ms", st_select.median_ms).add("compact_ms", st_compact.median_ms);
     /* the stage rates against the copy ceiling: score over the K it reads, compact over the kept
@@ -205,9 +317,6 @@ void run_point(kvc_context_t ctx, const Options &o, const Point &pt, double copy
     j.add("score_k_gbps", k_bytes / (st_score.median_ms * 1e-3) / 1e9);
     j.add("compact_gbps", 4.0 * kept_bytes / (st_compact.median_ms * 1e-3) / 1e9);
   }
-  j.add("bytes", bytes).add("gbps", bytes / sec / 1e9).add("copy_gbps", copy_gbps);
-  j.add("pct_copy", 100.0 * bytes / sec / 1e9 / copy_gbps);
-  j.add("flops", flops).add("tflops", flops / sec / 1e12);
   j.add("extra_bytes", (long long)ws_compress);
   if (o.stages) j.add("stage_extra_bytes", (long long)stage_extra);
   j.print();
@@ -253,6 +362,14 @@ int main(int argc, char **argv) {
                   pt.ratio);
     run_point(ctx, o, pt, copy_gbps, flusher, stream);
   }
+  for (const Model &m : o.models)
+    for (const std::string &method : o.methods) {
+      if (o.layers < 2) break;
+      const Point pt{&m, method, o.layer_n, o.layer_batch, o.layer_ratio};
+      progress.step("%s %s: %d layers of n=%d batch=%d in one call and in %d calls", m.name.c_str(), method.c_str(),
+                    o.layers, pt.n, pt.batch, o.layers);
+      run_layers_point(ctx, o, pt, copy_gbps, flusher, stream);
+    }
   cudaStreamDestroy(stream);
   kvc_context_destroy(ctx);
   return 0;

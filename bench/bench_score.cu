@@ -2,8 +2,13 @@
  * bench_score - times kvc_score on the device with CUDA events over a grid of sequence lengths,
  * methods and head counts; one JSON line per point:
  *   {"op":"score","method":"snapkv","n":32768,"batch":1,"kv_heads":8,"q_heads":32,"head_dim":128,
- *    "dtype":"bf16","window":64,"path":"fused","median_ms":...,"p10_ms":...,"p90_ms":...,
- *    "k_gbps":...,"tflops":...}
+ *    "dtype":"bf16","window":64,"engine_lse":0,"median_ms":...,"p10_ms":...,"p90_ms":...,
+ *    "k_gbps":...,"tflops":...,"floor_bytes":...,"floor_flops":...,"floor_exps":...,"floor_ms":...,
+ *    "pct_of_floor":...,"floor_h200_ms":...,"floor_bound":"tensor"}
+ * Every line also carries the analytic floor of the point: its counts from bench/cost_model.h
+ * (kvc_floor_score: bytes, tensor flops, exponentials), floor_ms against this run's measured copy
+ * and GEMM ceilings (bench_util.cuh's add_floor; pct_of_floor = floor / median), and
+ * floor_h200_ms / floor_bound, the same counts against the H200 ceilings of cost_model.h.
  * k_gbps is the K bytes of the batch (batch * n * kv_heads * head_dim * element size) over the
  * median time: the floor on what any scorer must read (KNORM and STREAMING aside, the attention
  * methods are arithmetic-bound, so this is a rate, not an efficiency); pct_copy sets it against the
@@ -12,21 +17,17 @@
  * "extra_bytes" (the score workspace).
  * tflops (SNAPKV, H2O, TOVA) counts the causal logits the two passes must compute (the softmax
  * normaliser pass, then the accumulation pass recomputes them), 2 * head_dim flops each, per q
- * head and sequence: with w = min(window, n) queries at positions n - w .. n - 1 (query i sees
- * n - w + i + 1 keys), P = w * (n - w) + w * (w + 1) / 2 causal pairs,
- *     flops = 2 * num_q_heads * head_dim * (P + P2),  P2 = P (H2O), w * (n - w) (SNAPKV: only the
- *     keys before the window are scored), n - 1 (TOVA, w = 1)
- * i.e. 2 * 2 * n^2 / 2 * Hq * D for H2O over the whole prompt (--window n). Masked logits that a
- * tile computes anyway, the exponentials and the reductions are not counted.
- * path: "gemm" when the domains have more than the GEMM threshold of queries (128, or
- * --gemm-threshold, which sets KVC_SCORE_GEMM_THRESHOLD before the plan is made: a large value
- * times the fused CUDA-core kernels on the same problem), else "fused".
+ * head and sequence, exactly as the cost model counts them (kvc_floor_score); with --engine-lse the
+ * normaliser pass is skipped and not counted. Masked logits that a tile computes anyway and the
+ * reductions are not counted.
  *
  *   bench_score [--n 4096,32768,131072] [--method snapkv,h2o,tova,knorm,streaming]
  *               [--heads 8:32,...] (kv:q) [--batch 1] [--head-dim 128] [--dtype bf16|f16|f32]
- *               [--window 64|n] [--page-size 16] [--iters 20] [--gemm-threshold 128]
- *   e.g. the GEMM path of H2O over the whole prompt:
+ *               [--window 64|n] [--page-size 16] [--iters 20] [--engine-lse 0|1]
+ *   e.g. H2O over the whole prompt:
  *       bench_score --method h2o --window n --n 4096,32768 --heads 8:32
+ * --engine-lse 1 passes a log-sum-exp array (each entry ln n: timing only, the values are not the
+ * real normalisers) so the normaliser kernel is skipped, as with an engine's softmax_lse.
  */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -40,6 +41,7 @@
 #include <vector>
 
 #include "bench_util.cuh"
+#include "cost_model.h"
 #include "kvcompress.h"
 
 namespace {
@@ -60,7 +62,7 @@ struct Options {
       heads{"8:32"};
   int batch = 1, head_dim = 128, window = 64, page_size = 16, iters = 20;
   bool window_is_n = false;     /* --window n: every token is an observation query */
-  int gemm_threshold = -1;      /* --gemm-threshold: KVC_SCORE_GEMM_THRESHOLD, -1 = library default */
+  int engine_lse = 0;           /* --engine-lse 1: pass an lse array (the normaliser kernel is skipped) */
   std::string dtype = "bf16";
 };
 
@@ -79,7 +81,7 @@ Options parse(int argc, char **argv) {
       o.window_is_n = std::string(value) == "n";
       o.window = o.window_is_n ? 0 : atoi(value);
     }
-    else if (key == "--gemm-threshold") o.gemm_threshold = atoi(value);
+    else if (key == "--engine-lse") o.engine_lse = atoi(value);
     else if (key == "--page-size") o.page_size = atoi(value);
     else if (key == "--iters") o.iters = atoi(value);
     else {
@@ -128,7 +130,7 @@ void bench_point(kvc_context_t ctx, const Options &o, const std::string &method,
   for (int p = 0; p < num_pages; ++p) table[p] = p;
   void *k = nullptr, *v = nullptr, *queries = nullptr, *workspace = nullptr;
   int32_t *dev_table = nullptr;
-  float *scores = nullptr;
+  float *scores = nullptr, *lse = nullptr;
   const size_t query_elems = (size_t)info.obs_total * q_heads * o.head_dim;
   size_t ws_bytes = 0;
   kvc_plan_workspace_size(plan, KVC_OP_SCORE, &ws_bytes);
@@ -141,6 +143,11 @@ void bench_point(kvc_context_t ctx, const Options &o, const std::string &method,
   CHECK_CUDA(cudaMemcpy(dev_table, table.data(), sizeof(int32_t) * num_pages, cudaMemcpyHostToDevice));
   bench::fill_random(k, pool_elems, dtype, 1u);
   bench::fill_random(queries, query_elems, dtype, 2u);
+  if (o.engine_lse && info.obs_total > 0) {
+    std::vector<float> host_lse((size_t)info.obs_total * q_heads, logf((float)n));
+    CHECK_CUDA(cudaMalloc(&lse, sizeof(float) * host_lse.size()));
+    CHECK_CUDA(cudaMemcpy(lse, host_lse.data(), sizeof(float) * host_lse.size(), cudaMemcpyHostToDevice));
+  }
 
   kvc_paged_kv_t cache = {};
   cache.k = k;
@@ -161,30 +168,28 @@ void bench_point(kvc_context_t ctx, const Options &o, const std::string &method,
   /* bench_util.cuh: one warm-up, then o.iters repetitions between events, each from a cold L2 */
   const bench::Stats st = bench::time_gpu(
       [&](cudaStream_t s) {
-        check(kvc_score(ctx, plan, &cache, queries, NULL, scores, 0, workspace, ws_bytes, (kvc_stream_t)s), ctx, "kvc_score");
+        check(kvc_score(ctx, plan, &cache, queries, lse, scores, 0, workspace, ws_bytes, (kvc_stream_t)s), ctx, "kvc_score");
       },
       stream, 1, o.iters, g_flusher);
   const double k_bytes = (double)o.batch * n * kv_heads * o.head_dim * elem, median = st.median_ms;
-  /* causal (query, key) pairs of one sequence: see the header comment */
-  const bool attention = desc.method == KVC_SCORE_SNAPKV || desc.method == KVC_SCORE_H2O ||
-                         desc.method == KVC_SCORE_TOVA;
-  const double w = desc.method == KVC_SCORE_TOVA ? 1.0 : (double)std::min(window, n);
-  const double pairs = w * (n - w) + w * (w + 1) / 2;
-  const double pairs2 = desc.method == KVC_SCORE_H2O ? pairs : desc.method == KVC_SCORE_SNAPKV ? w * (n - w) : n - 1.0;
-  const double flops = attention ? 2.0 * q_heads * o.head_dim * (pairs + pairs2) * o.batch : 0.0;
-  const int threshold = o.gemm_threshold >= 0 ? o.gemm_threshold : 128;
-  const bool gemm = attention && w > threshold;
+  /* the analytic floor of this point; its flop count is the tflops rate's (see the header comment) */
+  const kvc_floor_t floor = kvc_floor_score(desc.method, n, window, o.batch, kv_heads, q_heads, o.head_dim,
+                                            (int)elem, lse != nullptr);
+  const double flops = elem == 2 ? floor.tensor_flops : 2.0 * o.head_dim * floor.exps;
   const double k_gbps = k_bytes / (median * 1e-3) / 1e9;
-  bench::Json()
-      .add("record", "result").add("op", "score").add("impl", "kvc").add("method", method).add("n", n)
+  bench::Json j;
+  j.add("record", "result").add("op", "score").add("impl", "kvc").add("method", method).add("n", n)
       .add("batch", o.batch).add("kv_heads", kv_heads).add("q_heads", q_heads).add("head_dim", o.head_dim)
-      .add("dtype", o.dtype).add("window", window).add("path", gemm ? "gemm" : "fused").add_stats(st)
+      .add("dtype", o.dtype).add("window", window).add("engine_lse", lse != nullptr ? 1 : 0).add_stats(st)
       .add("k_gbps", k_gbps).add("pct_copy", g_copy_gbps > 0 ? 100.0 * k_gbps / g_copy_gbps : 0.0)
-      .add("tflops", flops / (median * 1e-3) / 1e12).add("extra_bytes", (long long)ws_bytes)
-      .print();
+      .add("tflops", flops / (median * 1e-3) / 1e12).add("extra_bytes", (long long)ws_bytes);
+  bench::Floor counts;
+  counts.bytes = floor.bytes, counts.flops = floor.tensor_flops, counts.exps = floor.exps;
+  bench::add_floor(j, counts, st);
+  j.add("floor_h200_ms", floor.floor_s * 1e3).add("floor_bound", kvc_bound_name(floor.bound)).print();
 
   cudaStreamDestroy(stream);
-  cudaFree(k), cudaFree(v), cudaFree(queries), cudaFree(dev_table), cudaFree(scores), cudaFree(workspace);
+  cudaFree(k), cudaFree(v), cudaFree(queries), cudaFree(dev_table), cudaFree(scores), cudaFree(workspace), cudaFree(lse);
   kvc_plan_destroy(plan);
 }
 
@@ -192,11 +197,6 @@ void bench_point(kvc_context_t ctx, const Options &o, const std::string &method,
 
 int main(int argc, char **argv) {
   Options o = parse(argc, argv);
-  if (o.gemm_threshold >= 0) { /* read by kvc_plan_create */
-    char text[32];
-    snprintf(text, sizeof text, "%d", o.gemm_threshold);
-    setenv("KVC_SCORE_GEMM_THRESHOLD", text, 1);
-  }
   kvc_context_t ctx = nullptr;
   check(kvc_context_create(KVC_BACKEND_CUDA, 0, &ctx), ctx, "kvc_context_create");
   g_copy_gbps = bench::print_device_and_copy_ceiling("bench_score");

@@ -4,22 +4,34 @@
  *   KVC_BENCH_CHECK(call)        abort the program with the call's text and CUDA's error string
  *   bench::fill_random(...)      deterministic pseudo-random values in [-1.7, 1.7) of f32/f16/bf16,
  *                                written on the device (never time on zeros: METHOD.md)
- *   bench::L2Flusher             writes a buffer of 2x the device's L2 before every timed repetition,
+ *   bench::L2Flusher             READS a buffer of 2x the device's L2 before every timed repetition,
  *                                so each repetition starts from a cold L2, as a real compression
- *                                event does (it follows a prefill that streamed gigabytes)
- *   bench::time_gpu(fn, ...)     cudaEvent timing: `warmup` untimed calls, then `iters` timed ones,
- *                                each after an L2 flush; returns the sorted times
+ *                                event does (it follows a prefill that streamed gigabytes). A read,
+ *                                not a memset: a written buffer leaves ~2x L2 of dirty lines whose
+ *                                write-back the timed kernel would pay for.
+ *   bench::busy(ms)              keeps every SM busy for `ms` of device time (the GPU idles at a
+ *                                few hundred MHz and takes a while to clock up): 200 ms when a
+ *                                program starts, 20 ms before each measured point
+ *   bench::time_gpu(fn, ...)     cudaEvent timing: a busy spell, `warmup` untimed calls, then
+ *                                `iters` timed ones, each after an L2 flush; returns the statistics
+ *   bench::Floor, add_floor      the analytic floor of a point (least bytes moved, flops, exponentials)
+ *                                beside its time; see "Floors" below
  *   bench::Stats                 median, p10, p90 (ms) of a set of times
  *   bench::copy_bandwidth_gbps() cudaMemcpy device-to-device of a buffer >> L2, counting bytes read
  *                                plus bytes written: the memory ceiling measured in the same run
  *   bench::Json                  builds one JSON line ({"key":value,...}) and prints it to stdout
  *   bench::device_json()         the device's name, SM count, L2 size, memory, driver and runtime
- *   bench::Progress              "[  3/40] label" progress lines on stderr
+ *   bench::Progress              "[  3/40] label" progress lines on stderr; also the step budget:
+ *                                with KVC_BENCH_BUDGET_S=<s> in the environment, the first step()
+ *                                after <s> seconds of the program prints a {"record":"skipped"} line
+ *                                for the points not run and exits 0 (bench/run_device.sh sets it, so
+ *                                a step ends itself instead of being killed)
  *   bench::split / parse_list    comma-separated command-line lists
  *
  * Every program prints JSON lines only on stdout (one per measured point, plus one "device" and one
- * "ceiling" line), so bench/report.py can join them with the Python peers' lines, whose keys match.
- * Header-only (inline / templates): each bench_*.cu is one translation unit.
+ * "ceiling" line), each flushed as soon as it is measured, so bench/report.py can join them with
+ * the Python peers' lines, whose keys match. Header-only (inline / templates): each bench_*.cu is
+ * one translation unit.
  */
 #ifndef KVC_BENCH_UTIL_CUH
 #define KVC_BENCH_UTIL_CUH
@@ -29,6 +41,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -37,6 +50,7 @@
 #include <string>
 #include <vector>
 
+#include "cost_model.h"
 #include "kvcompress.h"
 
 #define KVC_BENCH_CHECK(call)                                                                  \
@@ -103,32 +117,104 @@ inline Stats stats_of(std::vector<float> times) {
   return s;
 }
 
-/* A buffer of 2x the L2 of the current device; flush() overwrites it on `stream`. */
+/* Folds a buffer with 16-byte loads. The store depends on every load (so the compiler keeps them)
+ * but almost never happens (one thread in 2^32), so the buffer's lines stay clean in L2. */
+__global__ void l2_read_kernel(const uint4 *data, size_t count, unsigned *sink) {
+  unsigned acc = 0;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
+    const uint4 v = data[i];
+    acc ^= v.x + v.y + v.z + v.w;
+  }
+  if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+
+/* A buffer of 2x the L2 of the current device; flush() reads all of it on `stream`, evicting (and
+ * writing back) whatever the previous repetition left in L2 before the next timed one starts. */
 class L2Flusher {
  public:
   L2Flusher() {
-    int dev = 0, l2 = 0;
+    int dev = 0, l2 = 0, sms = 0;
     KVC_BENCH_CHECK(cudaGetDevice(&dev));
     KVC_BENCH_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
-    bytes_ = std::max<size_t>(2 * (size_t)l2, 8u << 20);
+    KVC_BENCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    bytes_ = std::max<size_t>(2 * (size_t)l2, 8u << 20) & ~(size_t)15;
+    blocks_ = 4 * std::max(sms, 1);
     KVC_BENCH_CHECK(cudaMalloc(&buffer_, bytes_));
+    KVC_BENCH_CHECK(cudaMalloc(&sink_, sizeof(unsigned)));
+    fill_random(buffer_, bytes_ / 4, KVC_DTYPE_F32, 99u);
+    KVC_BENCH_CHECK(cudaDeviceSynchronize());
   }
-  ~L2Flusher() { cudaFree(buffer_); }
+  ~L2Flusher() {
+    cudaFree(buffer_);
+    cudaFree(sink_);
+  }
   L2Flusher(const L2Flusher &) = delete;
   L2Flusher &operator=(const L2Flusher &) = delete;
   void flush(cudaStream_t stream) {
-    KVC_BENCH_CHECK(cudaMemsetAsync(buffer_, (int)(++salt_ & 0xff), bytes_, stream));
+    l2_read_kernel<<<blocks_, 256, 0, stream>>>((const uint4 *)buffer_, bytes_ / sizeof(uint4), sink_);
+    KVC_BENCH_CHECK(cudaGetLastError());
   }
   size_t bytes() const { return bytes_; }
 
  private:
   void *buffer_ = nullptr;
+  unsigned *sink_ = nullptr;
   size_t bytes_ = 0;
-  unsigned salt_ = 0;
+  int blocks_ = 1;
 };
 
-/* Runs fn(stream) `warmup` times untimed, then `iters` times between two events, each repetition
- * after an L2 flush (when `flusher` is given), and returns the statistics. fn must only enqueue
+/* ------------------------------------------------------------------------------------------ */
+/* Clocks up                                                                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Every thread spins on the device's nanosecond timer until `until_ns`, with FMAs in between. */
+__global__ void busy_kernel(unsigned long long until_ns, float *sink) {
+  float x = threadIdx.x * 1e-3f, y = 1.0f;
+  unsigned long long now = 0;
+  do {
+#pragma unroll 16
+    for (int i = 0; i < 256; ++i) x = fmaf(x, 0.999f, y);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now < until_ns);
+  if (x == 12345.0f) sink[0] = x;
+}
+
+__global__ void device_time_kernel(unsigned long long *out) {
+  unsigned long long now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  *out = now;
+}
+
+/* Keeps every SM busy for `ms` of device time on `stream` and waits for it. */
+inline void busy(double ms, cudaStream_t stream = 0) {
+  static unsigned long long *clock_ns = nullptr;
+  static float *sink = nullptr;
+  static int blocks = 0;
+  if (!clock_ns) {
+    int dev = 0, sms = 0;
+    KVC_BENCH_CHECK(cudaGetDevice(&dev));
+    KVC_BENCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    blocks = 2 * std::max(sms, 1);
+    KVC_BENCH_CHECK(cudaMalloc(&clock_ns, sizeof *clock_ns));
+    KVC_BENCH_CHECK(cudaMalloc(&sink, sizeof *sink));
+  }
+  unsigned long long start = 0;
+  device_time_kernel<<<1, 1, 0, stream>>>(clock_ns);
+  KVC_BENCH_CHECK(cudaMemcpyAsync(&start, clock_ns, sizeof start, cudaMemcpyDeviceToHost, stream));
+  KVC_BENCH_CHECK(cudaStreamSynchronize(stream));
+  busy_kernel<<<blocks, 256, 0, stream>>>(start + (unsigned long long)(ms * 1e6), sink);
+  KVC_BENCH_CHECK(cudaGetLastError());
+  KVC_BENCH_CHECK(cudaStreamSynchronize(stream));
+}
+
+/* Device time before each measured point (the host set up the point meanwhile; the clocks fall). */
+constexpr double kPointBusyMs = 20.0;
+/* Device time when a program starts: from idle clocks (345 MHz seen on an H200 here) to full ones. */
+constexpr double kStartBusyMs = 200.0;
+
+/* Runs a busy spell (kPointBusyMs), fn(stream) `warmup` times untimed, then `iters` times between
+ * two events, each repetition after an L2 flush (when `flusher` is given), and returns the
+ * statistics. fn must only enqueue
  * work on the stream. `setup(stream)`, when given, runs before each repetition outside the timed
  * region (e.g. to restore a cache that the timed call compacts in place). */
 template <class Fn, class Setup>
@@ -136,6 +222,7 @@ Stats time_gpu(Fn &&fn, Setup &&setup, cudaStream_t stream, int warmup, int iter
   cudaEvent_t start, stop;
   KVC_BENCH_CHECK(cudaEventCreate(&start));
   KVC_BENCH_CHECK(cudaEventCreate(&stop));
+  busy(kPointBusyMs, stream);
   for (int i = 0; i < warmup; ++i) {
     setup(stream);
     fn(stream);
@@ -245,7 +332,10 @@ class Json {
 
 /* {"record":"device", "bench":..., "gpu":..., "sms":..., "l2_bytes":..., "mem_bytes":...,
  *  "driver":..., "runtime":..., "kvc_version":...} */
+inline double program_seconds();
+
 inline Json device_json(const char *bench_name) {
+  (void)program_seconds(); /* the step budget counts from here */
   int dev = 0, driver = 0, runtime = 0;
   KVC_BENCH_CHECK(cudaGetDevice(&dev));
   cudaDeviceProp prop;
@@ -260,22 +350,91 @@ inline Json device_json(const char *bench_name) {
   return j;
 }
 
-/* Prints the device line and the copy ceiling line; returns the copy bandwidth (GB/s). */
+/* ------------------------------------------------------------------------------------------ */
+/* Floors                                                                                     */
+/* ------------------------------------------------------------------------------------------ */
+
+/* The analytic floor of one measured point: the fewest bytes any implementation must move
+ * through device memory, the tensor flops and the exponentials of the algorithm (METHOD.md's "two
+ * numbers", plus the MUFU term of attention). Its time is the largest of bytes / the copy ceiling
+ * and flops / the bf16 GEMM ceiling, both measured in the same run (the copy one by
+ * print_device_and_copy_ceiling in every program; the GEMM one by bench_ceilings, passed on by
+ * bench/run_device.sh as KVC_BENCH_GEMM_TFLOPS), and exps / the MUFU rate of bench/cost_model.h
+ * (derived from the chip's clock and unit count, not measured). bench/cost_model.h gives each op's
+ * counts (kvc_floor_<op>); a program writes add_floor(j, floor, stats) beside its times. */
+struct Floor {
+  double bytes = 0, flops = 0, exps = 0;
+};
+
+/* The run's ceilings: copy GB/s (read + written), bf16 GEMM TFLOP/s (0 when not measured). */
+struct Ceilings {
+  double copy_gbps = 0, gemm_tflops = 0;
+};
+inline Ceilings &ceilings() {
+  static Ceilings c = [] {
+    Ceilings init;
+    if (const char *t = getenv("KVC_BENCH_GEMM_TFLOPS")) init.gemm_tflops = atof(t);
+    return init;
+  }();
+  return c;
+}
+
+/* ms of the floor, or 0 when a term has no ceiling measured for it. */
+inline double floor_ms(const Floor &f) {
+  const Ceilings &c = ceilings();
+  if ((f.bytes > 0 && c.copy_gbps <= 0) || (f.flops > 0 && c.gemm_tflops <= 0)) return 0;
+  const double memory_ms = f.bytes > 0 ? f.bytes / (c.copy_gbps * 1e9) * 1e3 : 0;
+  const double math_ms = f.flops > 0 ? f.flops / (c.gemm_tflops * 1e12) * 1e3 : 0;
+  const double mufu_ms = f.exps / KVC_H200_MUFU_EXP2_PER_S * 1e3;
+  return std::max(std::max(memory_ms, math_ms), mufu_ms);
+}
+
+/* Prints the device line and the copy ceiling line, after keeping the GPU busy for kStartBusyMs;
+ * returns the copy bandwidth (GB/s), also kept in ceilings() for the floors. */
 inline double print_device_and_copy_ceiling(const char *bench_name) {
   device_json(bench_name).print();
+  busy(kStartBusyMs);
   const double gbps = copy_bandwidth_gbps();
+  ceilings().copy_gbps = gbps;
   Json().add("record", "ceiling").add("bench", bench_name).add("kind", "copy").add("gbps", gbps).print();
   return gbps;
 }
 
+/* floor_bytes, floor_flops, floor_ms and pct_of_floor (floor / measured median, in %) beside the
+ * times of a point whose stats were added with add_stats. */
+inline Json &add_floor(Json &j, const Floor &f, const Stats &s) {
+  const double ms = floor_ms(f);
+  j.add("floor_bytes", f.bytes).add("floor_flops", f.flops).add("floor_exps", f.exps);
+  if (ms > 0) j.add("floor_ms", ms).add("pct_of_floor", s.median_ms > 0 ? 100.0 * ms / s.median_ms : 0.0);
+  return j;
+}
+
 /* ------------------------------------------------------------------------------------------ */
-/* Progress and command lines                                                                 */
+/* Progress, the step budget and command lines                                                */
 /* ------------------------------------------------------------------------------------------ */
+
+/* Seconds since the program started (its first call). */
+inline double program_seconds() {
+  static const auto start = std::chrono::steady_clock::now();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
 
 class Progress {
  public:
-  Progress(const char *name, int total) : name_(name), total_(total) {}
+  Progress(const char *name, int total) : name_(name), total_(total) {
+    (void)program_seconds();
+    if (const char *b = getenv("KVC_BENCH_BUDGET_S")) budget_s_ = atof(b);
+  }
+  /* Announces the next point; past the step budget, records the points left and ends the program. */
   void step(const char *fmt, ...) {
+    if (budget_s_ > 0 && program_seconds() > budget_s_) {
+      fprintf(stderr, "[%s] step budget of %.0f s spent: %d of %d points not run\n", name_, budget_s_, total_ - done_,
+              total_);
+      Json().add("record", "skipped").add("bench", name_).add("reason", "step budget").add("budget_s", budget_s_)
+          .add("done", done_).add("total", total_).print();
+      fflush(stderr);
+      exit(0);
+    }
     ++done_;
     char buf[256];
     va_list args;
@@ -289,6 +448,7 @@ class Progress {
  private:
   const char *name_;
   int total_, done_ = 0;
+  double budget_s_ = 0;
 };
 
 inline std::vector<std::string> split(const char *list) {

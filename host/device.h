@@ -12,8 +12,16 @@
 
 #include "kvcompress.h"
 
-/* Number of usable devices (0 when none or no CUDA build). */
-int kvc_device_count(void);
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Number of usable devices; when 0 (none, no driver, or no CUDA build) the reason goes to detail. */
+int kvc_device_count(char *detail, size_t cap);
+/* KVC_ERROR_CUDA, with a detail naming `fn`, if an error is pending in the CUDA runtime of the
+ * calling thread before the library enqueues anything (left by the caller's earlier CUDA work).
+ * It only peeks: the error stays pending for the caller. */
+kvc_status_t kvc_device_check_pending(const char *fn, char *detail, size_t cap);
 /* Makes `device` current; *previous gets the caller's current device (for kvc_device_restore). */
 kvc_status_t kvc_device_enter(int device, int *previous, char *detail, size_t cap);
 void kvc_device_restore(int previous);
@@ -25,10 +33,12 @@ kvc_status_t kvc_device_upload(void *dst, const void *src, size_t bytes, char *d
  * stream passes it. Never synchronises the device. */
 kvc_status_t kvc_device_upload_async(void *dst, const void *src, size_t bytes, kvc_stream_t stream, char *detail,
                                      size_t cap);
-/* The context's BLAS handle (a cublasHandle_t on CUDA), made on the current device when a CUDA
- * context is created, so that execute calls never allocate one; destroy accepts NULL. The build
- * without CUDA has none (*handle = NULL); the emulator gives a dummy non-NULL one. */
-kvc_status_t kvc_blas_create(void **handle, char *detail, size_t cap);
-void kvc_blas_destroy(void *handle);
+/* 1 if host code may read `ptr` (page-locked host memory on CUDA; always in the emulator, whose
+ * device memory is host memory): the layer-batched score stage reads its pointer arrays there. */
+int kvc_device_host_readable(const void *ptr);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* KVC_DEVICE_H */

@@ -1,25 +1,38 @@
-/* device_cuda.c - the device runtime through the CUDA runtime API (plan upload, device choice) and
- * the context's cuBLAS handle. */
-#include <cublas_v2.h>
+/* device_cuda.c - the device runtime through the CUDA runtime API (plan upload, device choice). */
 #include <cuda_runtime_api.h>
 
 #include "device.h"
 #include "internal.h"
 
-int kvc_device_count(void) {
+int kvc_device_count(char *detail, size_t cap) {
   int count = 0; /* with no driver the call fails and leaves the count unset */
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    (void)cudaGetLastError();
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError(); /* ours: do not leave it pending for the caller */
+    kvc_fail_detail(detail, cap, KVC_ERROR_NO_DEVICE, "cudaGetDeviceCount: %s: %s", cudaGetErrorName(err),
+                    cudaGetErrorString(err));
     return 0;
   }
+  if (count == 0) kvc_fail_detail(detail, cap, KVC_ERROR_NO_DEVICE, "cudaGetDeviceCount reports 0 devices");
   return count;
+}
+
+kvc_status_t kvc_device_check_pending(const char *fn, char *detail, size_t cap) {
+  cudaError_t err = cudaPeekAtLastError();
+  if (err == cudaSuccess) return KVC_SUCCESS;
+  return kvc_fail_detail(detail, cap, KVC_ERROR_CUDA,
+                         "%s: a CUDA error was already pending on this thread before libkvcompress enqueued anything "
+                         "(left by earlier CUDA work, not ours): %s: %s. Nothing was enqueued and the error is left "
+                         "pending: read it with cudaGetLastError()", fn, cudaGetErrorName(err), cudaGetErrorString(err));
 }
 
 kvc_status_t kvc_device_enter(int device, int *previous, char *detail, size_t cap) {
   cudaError_t err = cudaGetDevice(previous);
   if (err == cudaSuccess && *previous != device) err = cudaSetDevice(device);
-  if (err != cudaSuccess)
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError(); /* reported here: not left pending as if it were the caller's */
     return kvc_fail_detail(detail, cap, KVC_ERROR_CUDA, "cudaSetDevice(%d): %s", device, cudaGetErrorString(err));
+  }
   return KVC_SUCCESS;
 }
 
@@ -58,23 +71,11 @@ kvc_status_t kvc_device_upload_async(void *dst, const void *src, size_t bytes, k
   return KVC_SUCCESS;
 }
 
-kvc_status_t kvc_blas_create(void **handle, char *detail, size_t cap) {
-  cublasHandle_t blas = NULL;
-  cublasStatus_t status = cublasCreate(&blas);
-  *handle = NULL;
-  if (status != CUBLAS_STATUS_SUCCESS)
-    return kvc_fail_detail(detail, cap, status == CUBLAS_STATUS_ALLOC_FAILED ? KVC_ERROR_OUT_OF_MEMORY : KVC_ERROR_CUDA,
-                           "cublasCreate: %s (%s)", cublasGetStatusName(status), cublasGetStatusString(status));
-  /* the default math mode: f32 products stay fp32 (never TF32); scoring asks CUBLAS_COMPUTE_32F */
-  status = cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH);
-  if (status != CUBLAS_STATUS_SUCCESS) {
-    cublasDestroy(blas);
-    return kvc_fail_detail(detail, cap, KVC_ERROR_CUDA, "cublasSetMathMode: %s", cublasGetStatusName(status));
+int kvc_device_host_readable(const void *ptr) {
+  struct cudaPointerAttributes attributes;
+  if (cudaPointerGetAttributes(&attributes, ptr) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
   }
-  *handle = blas;
-  return KVC_SUCCESS;
-}
-
-void kvc_blas_destroy(void *handle) {
-  if (handle) cublasDestroy((cublasHandle_t)handle);
+  return attributes.type == cudaMemoryTypeHost;
 }

@@ -2,7 +2,15 @@
 #include "device.h"
 #include "internal.h"
 
-int kvc_device_count(void) { return 0; }
+int kvc_device_count(char *detail, size_t cap) {
+  kvc_fail_detail(detail, cap, KVC_ERROR_NO_DEVICE, "libkvcompress was built without CUDA");
+  return 0;
+}
+
+kvc_status_t kvc_device_check_pending(const char *fn, char *detail, size_t cap) {
+  (void)fn, (void)detail, (void)cap;
+  return KVC_SUCCESS;
+}
 
 kvc_status_t kvc_device_enter(int device, int *previous, char *detail, size_t cap) {
   *previous = 0;
@@ -27,10 +35,4 @@ kvc_status_t kvc_device_upload_async(void *dst, const void *src, size_t bytes, k
   return kvc_fail_detail(detail, cap, KVC_ERROR_NO_DEVICE, "libkvcompress was built without CUDA");
 }
 
-kvc_status_t kvc_blas_create(void **handle, char *detail, size_t cap) {
-  (void)detail, (void)cap;
-  *handle = NULL;
-  return KVC_SUCCESS;
-}
-
-void kvc_blas_destroy(void *handle) { (void)handle; }
+int kvc_device_host_readable(const void *ptr) { return ptr != NULL; }

@@ -20,13 +20,16 @@ kvc_op_fn kvc_op_for(kvc_backend_t backend, kvc_op_t op) {
 
 /* The CPU backend checks every page id an op will use before touching memory; for compaction it
  * also proves that no page belongs to two sequences (or twice to one), by sorting the ids in a
- * scratch array of at most one id per token. The CUDA backend cannot read the table on the host. */
-void kvc_carve_validation(const kvc_plan_view_t *plan, kvc_backend_t backend, kvc_op_t op, kvc_carver_t *ws,
-                          int32_t **page_scratch) {
-  int32_t *scratch = NULL;
+ * scratch array of at most one id per token. The CUDA backend cannot read the table on the host:
+ * its compaction checks on the device. Both leave compaction's status array first. */
+void kvc_carve_dispatch(const kvc_plan_view_t *plan, kvc_backend_t backend, kvc_op_t op, int32_t num_layers,
+                        kvc_carver_t *ws, int32_t **page_scratch, int32_t **compact_status) {
+  int32_t *status = NULL, *scratch = NULL;
+  if (op == KVC_OP_COMPACT) status = (int32_t *)kvc_carve(ws, sizeof(int32_t) * (size_t)num_layers * (size_t)plan->batch);
   if (backend == KVC_BACKEND_CPU && op == KVC_OP_COMPACT)
     scratch = (int32_t *)kvc_carve(ws, sizeof(int32_t) * (size_t)plan->total_tokens);
   if (page_scratch) *page_scratch = scratch;
+  if (compact_status) *compact_status = status;
 }
 
 static int compare_ids(const void *a, const void *b) {
@@ -34,10 +37,106 @@ static int compare_ids(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
+/* The pools' layout: strides positive, every element and byte offset the descriptor can address
+ * inside int64 (and inside the address space), no two rows of a pool overlapping, and no K row
+ * overlapping a V row. Backend-independent: only the descriptor's scalars and pointers are read.
+ * Without `pools` (a layer-batched call's descriptor, whose k and v are NULL) only the layout:
+ * each layer's pools are then checked on their own (check_layer_pools, or on the device). */
+static kvc_status_t check_layout(kvc_context_t ctx, const char *fn, const kvc_plan_view_t *plan,
+                                 const kvc_paged_kv_t *c, int pools) {
+  if (c->stride_page < 1 || c->stride_token < 1 || c->stride_head < 1)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: cache strides (page %lld, token %lld, head %lld) must all be > 0", fn,
+                    (long long)c->stride_page, (long long)c->stride_token, (long long)c->stride_head);
+  /* The extent: 1 + the largest element offset, (num_pages - 1) stride_page + (page_size - 1)
+   * stride_token + (num_kv_heads - 1) stride_head + head_dim, and its bytes, in int64. Once it
+   * fits, every offset the ops compute (kernels/common.h, kvc_slot_offset, plus a column below
+   * head_dim, times the element size) is a sum of non-negative terms bounded by it. */
+  struct {
+    const char *name;
+    int64_t stride, count;
+  } terms[3] = {{"stride_page", c->stride_page, c->num_pages},
+                {"stride_token", c->stride_token, c->page_size},
+                {"stride_head", c->stride_head, plan->num_kv_heads}};
+  const int64_t elem_bytes = kvc_dtype_size(c->dtype);
+  /* Typed loads need it on both backends (C on the CPU, vector loads on CUDA); it also makes the
+   * distance between K and V a whole number of elements. */
+  for (int i = 0; i < 2 && pools; ++i) {
+    const void *pool = i ? c->v : c->k;
+    if ((uintptr_t)pool % (uintptr_t)elem_bytes != 0)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->%s %p is not aligned to its %lld-byte elements", fn,
+                      i ? "v" : "k", pool, (long long)elem_bytes);
+  }
+  int64_t extent = plan->head_dim;
+  int widest = 0; /* the axis that reaches furthest, named when the bytes overflow */
+  for (int i = 0; i < 3; ++i) {
+    if (terms[i].count > 1 && terms[i].stride > (INT64_MAX - extent) / (terms[i].count - 1))
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: cache->%s is %lld: with %lld positions on that axis the pool's element offsets "
+                      "overflow int64 (strides: page %lld, token %lld, head %lld; num_pages %d, page_size %d, "
+                      "%d heads, head_dim %d)", fn, terms[i].name, (long long)terms[i].stride,
+                      (long long)terms[i].count, (long long)c->stride_page, (long long)c->stride_token,
+                      (long long)c->stride_head, c->num_pages, c->page_size, plan->num_kv_heads, plan->head_dim);
+    extent += (terms[i].count - 1) * terms[i].stride;
+    if ((terms[i].count - 1) * terms[i].stride > (terms[widest].count - 1) * terms[widest].stride) widest = i;
+  }
+  if (extent > INT64_MAX / elem_bytes)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: cache->%s is %lld: the pools then span %lld elements of %lld bytes, whose byte offsets "
+                    "overflow int64 (strides: page %lld, token %lld, head %lld)", fn, terms[widest].name,
+                    (long long)terms[widest].stride, (long long)extent, (long long)elem_bytes,
+                    (long long)c->stride_page, (long long)c->stride_token, (long long)c->stride_head);
+  const int64_t extent_bytes = extent * elem_bytes;
+  for (int i = 0; i < 2 && pools; ++i) {
+    const void *pool = i ? c->v : c->k;
+    if ((uintptr_t)pool > UINTPTR_MAX - (uintptr_t)extent_bytes)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: cache->%s %p plus the pool's %lld bytes runs past the end of the address space", fn,
+                      i ? "v" : "k", pool, (long long)extent_bytes);
+  }
+  /* No two rows (page, slot, head) of a pool may overlap, or compacting one sequence could write
+   * into another's tokens. Taken by increasing stride, each axis must step past everything the
+   * finer axes span (any nesting order of page, token and head is fine). */
+  const kvc_pool_lattice_t lattice = kvc_pool_lattice(c, plan->num_kv_heads);
+  for (int i = 0; i < lattice.n; ++i) {
+    const int64_t span = plan->head_dim + lattice.reach[i];
+    if (lattice.axis[i].stride < span)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: cache strides (page %lld, token %lld, head %lld) overlap: a stride of %lld is below the %lld "
+                      "elements spanned by the finer axes (head_dim %d, page_size %d, %d heads)", fn,
+                      (long long)c->stride_page, (long long)c->stride_token, (long long)c->stride_head,
+                      (long long)lattice.axis[i].stride, (long long)span, plan->head_dim, c->page_size,
+                      plan->num_kv_heads);
+  }
+  /* K and V may share one allocation (vLLM's (2, blocks, ...) halves, FlashInfer's (pages, 2, ...)
+   * pages where K and V rows alternate) but no K row may overlap a V row. */
+  if (!pools) return KVC_SUCCESS;
+  if (c->k == c->v)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->k and cache->v are the same pool %p", fn, c->k);
+  if (kvc_kv_rows_overlap(&lattice, c->k, c->v, extent_bytes, elem_bytes, plan->head_dim))
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: cache->v %p is %s%lld bytes from cache->k %p, which makes K rows and V rows overlap "
+                    "(strides: page %lld, token %lld, head %lld; head_dim %d, %lld-byte elements): compaction "
+                    "would move one pool's data over the other's", fn, c->v,
+                    (uintptr_t)c->v < (uintptr_t)c->k ? "-" : "+",
+                    (long long)((uintptr_t)c->v < (uintptr_t)c->k ? (uintptr_t)c->k - (uintptr_t)c->v
+                                                                   : (uintptr_t)c->v - (uintptr_t)c->k),
+                    c->k, (long long)c->stride_page, (long long)c->stride_token, (long long)c->stride_head,
+                    plan->head_dim, (long long)elem_bytes);
+  return KVC_SUCCESS;
+}
+
+/* The cache descriptor and, on CPU, its page table. A layer-batched call (`layered`) takes its
+ * pools from kvc_layers_t: the descriptor's must then be NULL, and its pools are checked per layer
+ * (check_layer_pools) where the host can read them. */
 static kvc_status_t check_cache(kvc_context_t ctx, const char *fn, const kvc_plan_view_t *plan,
-                                const kvc_paged_kv_t *c, int32_t *page_scratch) {
+                                const kvc_paged_kv_t *c, int32_t *page_scratch, int layered) {
   if (!c) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache is NULL", fn);
-  if (!c->k || !c->v)
+  if (layered && (c->k || c->v))
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: cache->%s is %p, must be NULL: a layer-batched call takes every layer's pools from layers->k "
+                    "and layers->v", fn, c->k ? "k" : "v", c->k ? c->k : c->v);
+  if (!layered && (!c->k || !c->v))
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->%s is NULL", fn, c->k ? "v" : "k");
   if (c->dtype != plan->dtype)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->dtype is %d but the plan's dtype is %d", fn,
@@ -52,34 +151,8 @@ static kvc_status_t check_cache(kvc_context_t ctx, const char *fn, const kvc_pla
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->page_size is %d, must be >= 1", fn, c->page_size);
   if (c->num_pages < 1)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->num_pages is %d, must be >= 1", fn, c->num_pages);
-  if (c->stride_page < 1 || c->stride_token < 1 || c->stride_head < 1)
-    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                    "%s: cache strides (page %lld, token %lld, head %lld) must all be > 0", fn,
-                    (long long)c->stride_page, (long long)c->stride_token, (long long)c->stride_head);
-  if (c->k == c->v)
-    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->k and cache->v are the same pool %p", fn, c->k);
-  /* No two rows (page, slot, head) of the pools may overlap, or compacting one sequence could write
-   * into another's tokens. Sufficient and cheap: taken by increasing stride, each axis steps past
-   * everything the finer axes span (any nesting order of page, token and head is fine). */
-  struct { int64_t stride, count; } axes[3] = {
-      {c->stride_token, c->page_size}, {c->stride_head, plan->num_kv_heads}, {c->stride_page, c->num_pages}};
-  for (int i = 1; i < 3; ++i)
-    for (int j = i; j > 0 && axes[j].stride < axes[j - 1].stride; --j) {
-      int64_t stride = axes[j].stride, count = axes[j].count;
-      axes[j] = axes[j - 1];
-      axes[j - 1].stride = stride, axes[j - 1].count = count;
-    }
-  int64_t span = plan->head_dim;
-  for (int i = 0; i < 3; ++i) {
-    if (axes[i].count < 2) continue;
-    if (axes[i].stride < span)
-      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                      "%s: cache strides (page %lld, token %lld, head %lld) overlap: a stride of %lld is below the %lld "
-                      "elements spanned by the finer axes (head_dim %d, page_size %d, %d heads)", fn,
-                      (long long)c->stride_page, (long long)c->stride_token, (long long)c->stride_head,
-                      (long long)axes[i].stride, (long long)span, plan->head_dim, c->page_size, plan->num_kv_heads);
-    span = axes[i].stride > (INT64_MAX - span) / (axes[i].count - 1) ? INT64_MAX : span + (axes[i].count - 1) * axes[i].stride;
-  }
+  kvc_status_t status = check_layout(ctx, fn, plan, c, !layered);
+  if (status != KVC_SUCCESS) return status;
   if (!c->page_table) {
     if (plan->max_seq_len > c->page_size)
       return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
@@ -91,10 +164,10 @@ static kvc_status_t check_cache(kvc_context_t ctx, const char *fn, const kvc_pla
                       c->num_pages, plan->batch);
     return KVC_SUCCESS;
   }
-  if (!c->page_indptr && c->max_pages < (plan->max_seq_len + c->page_size - 1) / c->page_size)
+  if (!c->page_indptr && c->max_pages < kvc_pages_needed(plan->max_seq_len, c->page_size))
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                    "%s: cache->max_pages is %d but the longest sequence (%d tokens) needs %d pages of %d", fn,
-                    c->max_pages, plan->max_seq_len, (plan->max_seq_len + c->page_size - 1) / c->page_size,
+                    "%s: cache->max_pages is %d but the longest sequence (%d tokens) needs %lld pages of %d", fn,
+                    c->max_pages, plan->max_seq_len, (long long)kvc_pages_needed(plan->max_seq_len, c->page_size),
                     c->page_size);
   if (c->page_indptr && c->page_indptr == c->page_table)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: cache->page_indptr aliases page_table", fn);
@@ -103,13 +176,14 @@ static kvc_status_t check_cache(kvc_context_t ctx, const char *fn, const kvc_pla
   /* CPU: the tables are host memory, so every id used is checked here. */
   int64_t used = 0;
   for (int32_t b = 0; b < plan->batch; ++b) {
-    int32_t need = (plan->seq_lens[b] + c->page_size - 1) / c->page_size;
+    const int32_t need = (int32_t)kvc_pages_needed(plan->seq_lens[b], c->page_size);
     if (c->page_indptr) {
-      int32_t have = c->page_indptr[b + 1] - c->page_indptr[b];
-      if (c->page_indptr[b] < 0 || have < need)
+      /* in int64: an arbitrary indptr (INT_MIN, INT_MAX) must not overflow the difference */
+      const int64_t first = c->page_indptr[b], have = (int64_t)c->page_indptr[b + 1] - first;
+      if (first < 0 || have < need)
         return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                        "%s: cache->page_indptr gives sequence %d %d pages ([%d, %d)) but its %d tokens need %d", fn,
-                        b, have, c->page_indptr[b], c->page_indptr[b + 1], plan->seq_lens[b], need);
+                        "%s: cache->page_indptr gives sequence %d %lld pages ([%d, %d)) but its %d tokens need %d", fn,
+                        b, (long long)have, c->page_indptr[b], c->page_indptr[b + 1], plan->seq_lens[b], need);
     }
     const int32_t *pages = kvc_seq_pages(c, b);
     for (int32_t i = 0; i < need; ++i) {
@@ -152,14 +226,33 @@ static kvc_status_t check_common(kvc_context_t ctx, kvc_plan_t plan, const char 
   return KVC_SUCCESS;
 }
 
-static kvc_status_t check_workspace(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, const char *fn,
-                                    const void *workspace, size_t bytes) {
-  if (bytes < plan->workspace[op])
-    return kvc_fail(ctx, KVC_ERROR_WORKSPACE_TOO_SMALL, "%s: workspace_bytes is %zu, the plan needs %zu", fn, bytes,
-                    plan->workspace[op]);
-  if (plan->workspace[op] > 0 && !workspace)
-    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: workspace is NULL but %zu bytes are needed", fn,
-                    plan->workspace[op]);
+/* The workspace of `op` over num_layers layers: large enough and aligned. *layout gets its pieces. */
+static kvc_status_t check_workspace(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, int32_t num_layers,
+                                    const char *fn, const void *workspace, size_t bytes, kvc_layout_t *layout) {
+  kvc_layout_t own;
+  if (!layout) layout = &own;
+  if (num_layers == 1) { /* sized at plan time */
+    memset(layout, 0, sizeof *layout);
+    layout->bytes = plan->workspace[op];
+    if (op == KVC_OP_COMPRESS) {
+      kvc_status_t status = kvc_plan_layout(plan, op, 1, layout, ctx->detail, sizeof ctx->detail);
+      if (status != KVC_SUCCESS) return status;
+    }
+  } else {
+    kvc_status_t status = kvc_plan_layout(plan, op, num_layers, layout, ctx->detail, sizeof ctx->detail);
+    if (status != KVC_SUCCESS)
+      return kvc_fail(ctx, status, "%s: num_layers is %d: the workspace size overflows size_t", fn, num_layers);
+  }
+  if (bytes < layout->bytes) {
+    if (num_layers == 1)
+      return kvc_fail(ctx, KVC_ERROR_WORKSPACE_TOO_SMALL, "%s: workspace_bytes is %zu, the plan needs %zu", fn, bytes,
+                      layout->bytes);
+    return kvc_fail(ctx, KVC_ERROR_WORKSPACE_TOO_SMALL,
+                    "%s: workspace_bytes is %zu, the plan needs %zu for %d layers (kvc_plan_workspace_layout)", fn,
+                    bytes, layout->bytes, num_layers);
+  }
+  if (layout->bytes > 0 && !workspace)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: workspace is NULL but %zu bytes are needed", fn, layout->bytes);
   if ((uintptr_t)workspace % KVC_WORKSPACE_ALIGN != 0)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: workspace %p is not %d-byte aligned", fn, workspace,
                     KVC_WORKSPACE_ALIGN);
@@ -170,18 +263,23 @@ static kvc_status_t check_workspace(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t
  * plan needs none and the caller passed NULL) gets this non-NULL base, of which it carves 0 bytes. */
 static char no_workspace[KVC_WORKSPACE_ALIGN];
 
-/* Runs `fn` with the plan and the context in args, with the device selected around the call. */
-static kvc_status_t run_fn(kvc_context_t ctx, kvc_plan_t plan, kvc_op_fn fn, kvc_op_args_t *args, kvc_carver_t *ws) {
+/* Runs `fn` (the op of the call named `name`) with the plan and the context in args, with the
+ * device selected around the call. */
+static kvc_status_t run_fn(kvc_context_t ctx, kvc_plan_t plan, const char *name, kvc_op_fn fn, kvc_op_args_t *args,
+                           kvc_carver_t *ws) {
   args->plan = plan->view;
   args->host_plan = &plan->host;
-  args->blas = ctx->blas;
+  args->workers = ctx->workers;
   args->detail = ctx->detail;
   args->detail_cap = sizeof ctx->detail;
   if (plan->backend != KVC_BACKEND_CUDA) return fn(args, ws);
   int previous;
   kvc_status_t status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
   if (status != KVC_SUCCESS) return status;
-  status = fn(args, ws);
+  /* An error the caller's earlier CUDA work left pending would be read back by the ops' launch
+   * check as theirs: report it as the caller's before enqueuing, and leave it pending. */
+  status = kvc_device_check_pending(name, ctx->detail, sizeof ctx->detail);
+  if (status == KVC_SUCCESS) status = fn(args, ws);
   kvc_device_restore(previous);
   return status;
 }
@@ -189,48 +287,139 @@ static kvc_status_t run_fn(kvc_context_t ctx, kvc_plan_t plan, kvc_op_fn fn, kvc
 /* Runs one op on its slice of the workspace. */
 static kvc_status_t run_op(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, kvc_op_args_t *args, void *workspace) {
   kvc_carver_t ws = {workspace ? (char *)workspace : no_workspace, 0};
-  kvc_carve_validation(&plan->host, plan->backend, op, &ws, NULL); /* checked by check_cache_for */
-  return run_fn(ctx, plan, kvc_op_for(plan->backend, op), args, &ws);
+  if (args->num_layers < 1) args->num_layers = 1;
+  /* the page scratch was checked by check_cache_for */
+  kvc_carve_dispatch(&plan->host, plan->backend, op, args->num_layers, &ws, NULL, &args->compact_status);
+  static const char *const names[] = {"kvc_score", "kvc_select", "kvc_compact", "kvc_retention"};
+  return run_fn(ctx, plan, names[op], kvc_op_for(plan->backend, op), args, &ws);
 }
 
 /* Validates the cache for an op that touches it; the scratch for the CPU's page check is carved
  * from the op's workspace exactly as run_op will carve it. */
-static kvc_status_t check_cache_for(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, const char *fn,
-                                    const kvc_paged_kv_t *cache, void *workspace) {
+static kvc_status_t check_cache_for(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, int32_t num_layers,
+                                    const char *fn, const kvc_paged_kv_t *cache, int layered, void *workspace) {
   kvc_carver_t ws = {(char *)workspace, 0};
   int32_t *scratch = NULL;
-  kvc_carve_validation(&plan->host, plan->backend, op, &ws, &scratch);
-  return check_cache(ctx, fn, &plan->host, cache, scratch);
+  kvc_carve_dispatch(&plan->host, plan->backend, op, num_layers, &ws, &scratch, NULL);
+  return check_cache(ctx, fn, &plan->host, cache, scratch, layered);
+}
+
+/* The layer arrays' own fields (never their entries: on CUDA they are device memory). */
+static kvc_status_t check_layers(kvc_context_t ctx, const char *fn, const kvc_layers_t *layers) {
+  if (!layers) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: layers is NULL", fn);
+  if (layers->num_layers < 1)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: layers->num_layers is %d, must be >= 1", fn, layers->num_layers);
+  if (!layers->k || !layers->v)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: layers->%s is NULL", fn, layers->k ? "v" : "k");
+  return KVC_SUCCESS;
+}
+
+/* Layer l's pools, where the host may read the arrays (CPU; CUDA's score stage): present and not
+ * one pool, through the single-layer check of a descriptor carrying them. */
+static kvc_status_t check_layer_pools(kvc_context_t ctx, const char *fn, const kvc_plan_view_t *plan,
+                                      const kvc_paged_kv_t *cache, const kvc_layers_t *layers, int32_t l,
+                                      kvc_paged_kv_t *layer_cache) {
+  *layer_cache = *cache;
+  layer_cache->k = layers->k[l];
+  layer_cache->v = layers->v[l];
+  if (!layer_cache->k || !layer_cache->v)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: layers->%s[%d] is NULL", fn, layer_cache->k ? "v" : "k", l);
+  kvc_status_t status = check_cache(ctx, fn, plan, layer_cache, NULL, 0);
+  if (status != KVC_SUCCESS) {
+    char inner[KVC_DETAIL_CAP];
+    memcpy(inner, ctx->detail, sizeof inner);
+    return kvc_fail(ctx, status, "layer %d: %s", l, inner);
+  }
+  return KVC_SUCCESS;
+}
+
+/* kvc_score and kvc_score_layers: layer by layer (the score ops take one layer: KVC_SCORE_TAKES_LAYERS). */
+static kvc_status_t score_layers(kvc_context_t ctx, kvc_plan_t plan, const char *fn, const kvc_paged_kv_t *cache,
+                                 const kvc_layers_t *layers, const void *queries, const float *lse, float *scores,
+                                 int accumulate, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
+  kvc_status_t status = check_common(ctx, plan, fn);
+  if (status == KVC_SUCCESS && layers) status = check_layers(ctx, fn, layers);
+  if (status == KVC_SUCCESS)
+    status = check_workspace(ctx, plan, KVC_OP_SCORE, layers ? layers->num_layers : 1, fn, workspace, workspace_bytes,
+                             NULL);
+  if (status == KVC_SUCCESS) status = check_cache_for(ctx, plan, KVC_OP_SCORE, 1, fn, cache, layers != NULL, workspace);
+  if (status != KVC_SUCCESS) return status;
+  if (!scores) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: scores is NULL", fn);
+  const int64_t obs = plan->host.obs_total;
+  if (!layers) {
+    if (obs > 0 && !queries)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: queries is NULL but the plan has %lld observation queries",
+                      fn, (long long)obs);
+  } else {
+    if (obs > 0 && !layers->queries)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: layers->queries is NULL but the plan has %lld observation queries", fn, (long long)obs);
+    /* Until the score ops take the layer axis, this loop reads the arrays on the host. */
+    const void *arrays[4] = {layers->k, layers->v, layers->queries, layers->lse};
+    static const char *names[4] = {"k", "v", "queries", "lse"};
+    for (int i = 0; i < 4 && plan->backend == KVC_BACKEND_CUDA; ++i)
+      if (arrays[i] && !kvc_device_host_readable(arrays[i]))
+        return kvc_fail(ctx, KVC_ERROR_NOT_SUPPORTED,
+                        "%s: layers->%s (%p) is not page-locked host memory: on CUDA the score stage still reads the "
+                        "layer arrays on the host (allocate them with cudaHostAlloc)", fn, names[i], arrays[i]);
+  }
+  const int32_t num_layers = layers ? layers->num_layers : 1;
+  const int64_t elems = plan->host.num_kv_heads * plan->host.total_tokens;
+  for (int32_t l = 0; l < num_layers && status == KVC_SUCCESS; ++l) {
+    kvc_paged_kv_t layer_cache = *cache;
+    if (layers) {
+      status = check_layer_pools(ctx, fn, &plan->host, cache, layers, l, &layer_cache);
+      if (status != KVC_SUCCESS) return status;
+      queries = layers->queries ? layers->queries[l] : NULL;
+      lse = layers->lse ? layers->lse[l] : NULL;
+      if (obs > 0 && !queries)
+        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                        "%s: layers->queries[%d] is NULL but the plan has %lld observation queries", fn, l, (long long)obs);
+    }
+    kvc_op_args_t args;
+    memset(&args, 0, sizeof args);
+    args.cache = &layer_cache;
+    args.queries = queries;
+    args.lse = lse;
+    args.scores = scores + l * elems;
+    args.accumulate = accumulate != 0;
+    args.num_layers = 1;
+    args.stream = stream;
+    status = run_op(ctx, plan, KVC_OP_SCORE, &args, workspace);
+  }
+  return status;
 }
 
 kvc_status_t kvc_score(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache, const void *queries,
                        const float *lse, float *scores, int accumulate, void *workspace, size_t workspace_bytes,
                        kvc_stream_t stream) {
-  const char *fn = "kvc_score";
-  kvc_status_t status = check_common(ctx, plan, fn);
-  if (status == KVC_SUCCESS) status = check_workspace(ctx, plan, KVC_OP_SCORE, fn, workspace, workspace_bytes);
-  if (status == KVC_SUCCESS) status = check_cache_for(ctx, plan, KVC_OP_SCORE, fn, cache, workspace);
-  if (status != KVC_SUCCESS) return status;
-  if (plan->host.obs_total > 0 && !queries)
-    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: queries is NULL but the plan has %lld observation queries", fn,
-                    (long long)plan->host.obs_total);
-  if (!scores) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: scores is NULL", fn);
-  kvc_op_args_t args;
-  memset(&args, 0, sizeof args);
-  args.cache = cache;
-  args.queries = queries;
-  args.lse = lse;
-  args.scores = scores;
-  args.accumulate = accumulate != 0;
-  args.stream = stream;
-  return run_op(ctx, plan, KVC_OP_SCORE, &args, workspace);
+  return score_layers(ctx, plan, "kvc_score", cache, NULL, queries, lse, scores, accumulate, workspace,
+                      workspace_bytes, stream);
 }
 
-kvc_status_t kvc_select(kvc_context_t ctx, kvc_plan_t plan, const float *scores, int32_t *keep, void *workspace,
-                        size_t workspace_bytes, kvc_stream_t stream) {
-  const char *fn = "kvc_select";
+kvc_status_t kvc_score_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                              const kvc_layers_t *layers, float *scores, int accumulate, void *workspace,
+                              size_t workspace_bytes, kvc_stream_t stream) {
+  if (!layers && ctx) {
+    ctx->detail[0] = '\0';
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "kvc_score_layers: layers is NULL");
+  }
+  return score_layers(ctx, plan, "kvc_score_layers", cache, layers, NULL, NULL, scores, accumulate, workspace,
+                      workspace_bytes, stream);
+}
+
+static kvc_status_t check_num_layers(kvc_context_t ctx, const char *fn, int32_t num_layers) {
+  if (num_layers < 1) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: num_layers is %d, must be >= 1", fn, num_layers);
+  return KVC_SUCCESS;
+}
+
+static kvc_status_t select_layers(kvc_context_t ctx, kvc_plan_t plan, const char *fn, int32_t num_layers,
+                                  const float *scores, int32_t *keep, void *workspace, size_t workspace_bytes,
+                                  kvc_stream_t stream) {
   kvc_status_t status = check_common(ctx, plan, fn);
-  if (status == KVC_SUCCESS) status = check_workspace(ctx, plan, KVC_OP_SELECT, fn, workspace, workspace_bytes);
+  if (status == KVC_SUCCESS) status = check_num_layers(ctx, fn, num_layers);
+  if (status == KVC_SUCCESS)
+    status = check_workspace(ctx, plan, KVC_OP_SELECT, num_layers, fn, workspace, workspace_bytes, NULL);
   if (status != KVC_SUCCESS) return status;
   if (!scores) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: scores is NULL", fn);
   if (!keep) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: keep is NULL", fn);
@@ -238,18 +427,38 @@ kvc_status_t kvc_select(kvc_context_t ctx, kvc_plan_t plan, const float *scores,
   memset(&args, 0, sizeof args);
   args.scores = (float *)scores; /* read only: the op's argument block is shared by all ops */
   args.keep = keep;
+  args.num_layers = num_layers;
   args.stream = stream;
   return run_op(ctx, plan, KVC_OP_SELECT, &args, workspace);
 }
 
-kvc_status_t kvc_compact(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache, const int32_t *keep,
-                         float *const *extras, int32_t num_extras, void *workspace, size_t workspace_bytes,
-                         kvc_stream_t stream) {
-  const char *fn = "kvc_compact";
+kvc_status_t kvc_select(kvc_context_t ctx, kvc_plan_t plan, const float *scores, int32_t *keep, void *workspace,
+                        size_t workspace_bytes, kvc_stream_t stream) {
+  return select_layers(ctx, plan, "kvc_select", 1, scores, keep, workspace, workspace_bytes, stream);
+}
+
+kvc_status_t kvc_select_layers(kvc_context_t ctx, kvc_plan_t plan, int32_t num_layers, const float *scores,
+                               int32_t *keep, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
+  return select_layers(ctx, plan, "kvc_select_layers", num_layers, scores, keep, workspace, workspace_bytes, stream);
+}
+
+static kvc_status_t compact_layers(kvc_context_t ctx, kvc_plan_t plan, const char *fn, const kvc_paged_kv_t *cache,
+                                   const kvc_layers_t *layers, const int32_t *keep, float *const *extras,
+                                   int32_t num_extras, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
   kvc_status_t status = check_common(ctx, plan, fn);
-  if (status == KVC_SUCCESS) status = check_workspace(ctx, plan, KVC_OP_COMPACT, fn, workspace, workspace_bytes);
-  if (status == KVC_SUCCESS) status = check_cache_for(ctx, plan, KVC_OP_COMPACT, fn, cache, workspace);
+  if (status == KVC_SUCCESS && layers) status = check_layers(ctx, fn, layers);
+  const int32_t num_layers = layers ? layers->num_layers : 1;
+  if (status == KVC_SUCCESS)
+    status = check_workspace(ctx, plan, KVC_OP_COMPACT, num_layers, fn, workspace, workspace_bytes, NULL);
+  if (status == KVC_SUCCESS)
+    status = check_cache_for(ctx, plan, KVC_OP_COMPACT, num_layers, fn, cache, layers != NULL, workspace);
   if (status != KVC_SUCCESS) return status;
+  if (layers && plan->backend == KVC_BACKEND_CPU) /* the CUDA backend's arrays are device memory */
+    for (int32_t l = 0; l < num_layers; ++l) {
+      kvc_paged_kv_t layer_cache;
+      status = check_layer_pools(ctx, fn, &plan->host, cache, layers, l, &layer_cache);
+      if (status != KVC_SUCCESS) return status;
+    }
   if (!keep) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: keep is NULL", fn);
   if (num_extras < 0) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: num_extras is %d, must be >= 0", fn, num_extras);
   if (num_extras > 0 && !extras)
@@ -262,15 +471,37 @@ kvc_status_t kvc_compact(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_
   args.keep = (int32_t *)keep; /* read only */
   args.extras = extras;
   args.num_extras = num_extras;
+  args.num_layers = num_layers;
+  args.layers = layers;
   args.stream = stream;
   return run_op(ctx, plan, KVC_OP_COMPACT, &args, workspace);
 }
 
-kvc_status_t kvc_retention(kvc_context_t ctx, kvc_plan_t plan, const int32_t *keep, int32_t *counts, void *workspace,
-                           size_t workspace_bytes, kvc_stream_t stream) {
-  const char *fn = "kvc_retention";
+kvc_status_t kvc_compact(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache, const int32_t *keep,
+                         float *const *extras, int32_t num_extras, void *workspace, size_t workspace_bytes,
+                         kvc_stream_t stream) {
+  return compact_layers(ctx, plan, "kvc_compact", cache, NULL, keep, extras, num_extras, workspace, workspace_bytes,
+                        stream);
+}
+
+kvc_status_t kvc_compact_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                const kvc_layers_t *layers, const int32_t *keep, float *const *extras,
+                                int32_t num_extras, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
+  if (!layers && ctx) {
+    ctx->detail[0] = '\0';
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "kvc_compact_layers: layers is NULL");
+  }
+  return compact_layers(ctx, plan, "kvc_compact_layers", cache, layers, keep, extras, num_extras, workspace,
+                        workspace_bytes, stream);
+}
+
+static kvc_status_t retention_layers(kvc_context_t ctx, kvc_plan_t plan, const char *fn, int32_t num_layers,
+                                     const int32_t *keep, int32_t *counts, void *workspace, size_t workspace_bytes,
+                                     kvc_stream_t stream) {
   kvc_status_t status = check_common(ctx, plan, fn);
-  if (status == KVC_SUCCESS) status = check_workspace(ctx, plan, KVC_OP_RETENTION, fn, workspace, workspace_bytes);
+  if (status == KVC_SUCCESS) status = check_num_layers(ctx, fn, num_layers);
+  if (status == KVC_SUCCESS)
+    status = check_workspace(ctx, plan, KVC_OP_RETENTION, num_layers, fn, workspace, workspace_bytes, NULL);
   if (status != KVC_SUCCESS) return status;
   if (!keep) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: keep is NULL", fn);
   if (!counts && plan->host.total_spans > 0) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: counts is NULL", fn);
@@ -279,26 +510,66 @@ kvc_status_t kvc_retention(kvc_context_t ctx, kvc_plan_t plan, const int32_t *ke
   memset(&args, 0, sizeof args);
   args.keep = (int32_t *)keep; /* read only */
   args.counts = counts;
+  args.num_layers = num_layers;
   args.stream = stream;
   return run_op(ctx, plan, KVC_OP_RETENTION, &args, workspace);
 }
 
-kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache, const void *queries,
-                          const float *lse, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
-  const char *fn = "kvc_compress";
+kvc_status_t kvc_retention(kvc_context_t ctx, kvc_plan_t plan, const int32_t *keep, int32_t *counts, void *workspace,
+                           size_t workspace_bytes, kvc_stream_t stream) {
+  return retention_layers(ctx, plan, "kvc_retention", 1, keep, counts, workspace, workspace_bytes, stream);
+}
+
+kvc_status_t kvc_retention_layers(kvc_context_t ctx, kvc_plan_t plan, int32_t num_layers, const int32_t *keep,
+                                  int32_t *counts, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
+  return retention_layers(ctx, plan, "kvc_retention_layers", num_layers, keep, counts, workspace, workspace_bytes,
+                          stream);
+}
+
+/* kvc_compress and kvc_compress_layers: the stages on the layout of kvc_plan_layout; the stage calls
+ * re-check their own arguments, and a failure names the stage's function. */
+static kvc_status_t compress_layers(kvc_context_t ctx, kvc_plan_t plan, const char *fn, const kvc_paged_kv_t *cache,
+                                    const kvc_layers_t *layers, const void *queries, const float *lse,
+                                    void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
   kvc_status_t status = check_common(ctx, plan, fn);
-  if (status == KVC_SUCCESS) status = check_workspace(ctx, plan, KVC_OP_COMPRESS, fn, workspace, workspace_bytes);
+  if (status == KVC_SUCCESS && layers) status = check_layers(ctx, fn, layers);
+  const int32_t num_layers = layers ? layers->num_layers : 1;
+  kvc_layout_t layout;
+  if (status == KVC_SUCCESS)
+    status = check_workspace(ctx, plan, KVC_OP_COMPRESS, num_layers, fn, workspace, workspace_bytes, &layout);
   if (status != KVC_SUCCESS) return status;
   char *base = (char *)workspace;
-  int32_t *keep = (int32_t *)base;
-  float *scores = (float *)(base + plan->compress_scores_offset);
-  char *stage = base + plan->compress_stage_offset;
-  size_t stage_bytes = workspace_bytes - plan->compress_stage_offset;
-  /* the stage calls re-check their own arguments; a failure names the stage's function */
-  status = kvc_score(ctx, plan, cache, queries, lse, scores, 0, stage, stage_bytes, stream);
-  if (status == KVC_SUCCESS) status = kvc_select(ctx, plan, scores, keep, stage, stage_bytes, stream);
-  if (status == KVC_SUCCESS) status = kvc_compact(ctx, plan, cache, keep, NULL, 0, stage, stage_bytes, stream);
+  int32_t *keep = (int32_t *)(base + layout.keep_offset);
+  float *scores = (float *)(base + layout.scores_offset);
+  char *stage = base + layout.stage_offset;
+  size_t stage_bytes = workspace_bytes - layout.stage_offset;
+  if (layers) {
+    status = kvc_score_layers(ctx, plan, cache, layers, scores, 0, stage, stage_bytes, stream);
+    if (status == KVC_SUCCESS) status = kvc_select_layers(ctx, plan, num_layers, scores, keep, stage, stage_bytes, stream);
+    if (status == KVC_SUCCESS)
+      status = kvc_compact_layers(ctx, plan, cache, layers, keep, NULL, 0, stage, stage_bytes, stream);
+  } else {
+    status = kvc_score(ctx, plan, cache, queries, lse, scores, 0, stage, stage_bytes, stream);
+    if (status == KVC_SUCCESS) status = kvc_select(ctx, plan, scores, keep, stage, stage_bytes, stream);
+    if (status == KVC_SUCCESS) status = kvc_compact(ctx, plan, cache, keep, NULL, 0, stage, stage_bytes, stream);
+  }
   return status;
+}
+
+kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache, const void *queries,
+                          const float *lse, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
+  return compress_layers(ctx, plan, "kvc_compress", cache, NULL, queries, lse, workspace, workspace_bytes, stream);
+}
+
+kvc_status_t kvc_compress_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                 const kvc_layers_t *layers, void *workspace, size_t workspace_bytes,
+                                 kvc_stream_t stream) {
+  if (!layers && ctx) {
+    ctx->detail[0] = '\0';
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "kvc_compress_layers: layers is NULL");
+  }
+  return compress_layers(ctx, plan, "kvc_compress_layers", cache, layers, NULL, NULL, workspace, workspace_bytes,
+                         stream);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -375,5 +646,5 @@ kvc_status_t kvc_gather_queries(kvc_context_t ctx, kvc_plan_t plan, const void *
   args.gathered = queries;
   args.stream = stream;
   kvc_carver_t ws = {no_workspace, 0};
-  return run_fn(ctx, plan, gather_op_for(plan->backend), &args, &ws);
+  return run_fn(ctx, plan, "kvc_gather_queries", gather_op_for(plan->backend), &args, &ws);
 }

@@ -20,7 +20,8 @@ typedef struct {
 struct kvc_context {
   kvc_backend_t backend; /* CPU or CUDA, never AUTO */
   int device;
-  void *blas;                  /* CUDA: cublasHandle_t made with the context (host/device.h), else NULL */
+  int32_t threads;             /* kvc_context_set_threads (1 by default)                            */
+  kvc_workers_t *workers;      /* CPU: its threads - 1 workers (host/pool.c), NULL for one thread */
   char detail[KVC_DETAIL_CAP]; /* kvc_last_error */
 };
 
@@ -38,7 +39,6 @@ struct kvc_plan {
   int32_t *implicit_quotas; /* [batch]: implicit partition's q_p or -1            */
   int32_t *outcomes;        /* [batch]: kvc_outcome_t of each sequence             */
   size_t workspace[KVC_OP_COMPRESS + 1];
-  size_t compress_scores_offset, compress_stage_offset; /* inside the compress workspace (keep at 0) */
 };
 
 /* Records a formatted detail on ctx (if not NULL) and returns `status`. */
@@ -60,8 +60,18 @@ kvc_status_t kvc_fail_detail(char *detail, size_t cap, kvc_status_t status, cons
 kvc_status_t kvc_check_plan_context(kvc_context_t ctx, kvc_plan_t plan, const char *fn);
 /* The op table of a backend (host/dispatch.c). */
 kvc_op_fn kvc_op_for(kvc_backend_t backend, kvc_op_t op);
-/* Workspace the dispatch layer itself carves before the op (CPU page-id validation scratch). */
-void kvc_carve_validation(const kvc_plan_view_t *plan, kvc_backend_t backend, kvc_op_t op,
-                          kvc_carver_t *ws, int32_t **page_scratch);
+/* Workspace the dispatch layer itself carves before the op: compaction's status array
+ * (int32 [num_layers][batch], first, so it sits at offset 0 of the op's workspace) and the CPU's
+ * page-id validation scratch. Either out-pointer may be NULL. */
+void kvc_carve_dispatch(const kvc_plan_view_t *plan, kvc_backend_t backend, kvc_op_t op, int32_t num_layers,
+                        kvc_carver_t *ws, int32_t **page_scratch, int32_t **compact_status);
+
+/* The workspace of `op` over num_layers layers (host/plan.c): its size, and for COMPRESS where the
+ * stacked keep and score layouts, the stages' shared scratch and compaction's status array lie. */
+typedef struct {
+  size_t bytes, keep_offset, scores_offset, stage_offset, status_offset;
+} kvc_layout_t;
+kvc_status_t kvc_plan_layout(kvc_plan_t plan, kvc_op_t op, int32_t num_layers, kvc_layout_t *out, char *detail,
+                             size_t cap);
 
 #endif /* KVC_INTERNAL_H */

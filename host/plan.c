@@ -11,10 +11,17 @@
 
 #include "device.h"
 #include "internal.h"
-#include "score_gemm.h"
 
 /* Sizes of the plan arrays, counted in a first pass so all of them fit one allocation. */
 typedef kvc_plan_counts_t plan_counts_t;
+
+/* The most (query head, token) pairs a plan may have: num_q_heads * sum of seq_lens. Every count
+ * an op or the plan sizes memory by (score, keep and count layouts, observation rows times heads,
+ * partitions times heads) is at most twice that, and the ops multiply such counts by small
+ * factors only (element sizes, key chunks, tile shapes: well under 2^14), so no size computed
+ * from a plan that passes can overflow 64 bits; kvc_carve saturates any sum of them. 2^48 pairs
+ * is a 1 PiB score array: far past any real prompt, and it leaves that headroom. */
+#define KVC_MAX_HEAD_TOKENS ((int64_t)1 << 48)
 
 static int is_attention_method(kvc_score_method_t m) {
   return m == KVC_SCORE_SNAPKV || m == KVC_SCORE_H2O || m == KVC_SCORE_TOVA;
@@ -72,7 +79,7 @@ static kvc_status_t validate_scalars(kvc_context_t ctx, const kvc_plan_desc_t *d
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: group_reduce is %d, not a kvc_reduce_t", where,
                     (int)d->group_reduce);
   if (!isfinite(d->scale) || d->scale < 0.0f)
-    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: scale is %g, must be finite and >= 0", where, (double)d->scale);
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: scale is %.9g, must be finite and >= 0", where, (double)d->scale);
   if (d->span_local != 0 && d->span_local != 1)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: span_local is %d, must be 0 or 1", where, d->span_local);
   if (d->sink_tokens < 0)
@@ -80,13 +87,19 @@ static kvc_status_t validate_scalars(kvc_context_t ctx, const kvc_plan_desc_t *d
   if (d->recent_tokens < 0)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: recent_tokens is %d, must be >= 0", where, d->recent_tokens);
   if (!(d->fairness >= 0.0f && d->fairness <= 1.0f)) /* also rejects NaN */
-    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: fairness is %g, must be in [0, 1]", where, (double)d->fairness);
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: fairness is %.9g, must be in [0, 1]", where, (double)d->fairness);
   if ((unsigned)d->budget_policy > KVC_BUDGET_SKIP)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: budget_policy is %d, not a kvc_budget_policy_t", where,
                     (int)d->budget_policy);
   if ((unsigned)d->device_memory > KVC_PLAN_MEMORY_CALLER)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: device_memory is %d, not a kvc_plan_memory_t", where,
                     (int)d->device_memory);
+  if ((unsigned)d->quota_rounding > KVC_QUOTA_LATER_FIRST)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: quota_rounding is %d, not a kvc_quota_rounding_t", where,
+                    (int)d->quota_rounding);
+  if ((unsigned)d->window_protection > KVC_WINDOW_RANKED)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: window_protection is %d, not a kvc_window_protection_t", where,
+                    (int)d->window_protection);
   return KVC_SUCCESS;
 }
 
@@ -118,7 +131,7 @@ static kvc_status_t validate_sequences(kvc_context_t ctx, const kvc_plan_desc_t 
                         where, i, b, s->start, s->end, b, n);
       if (s->kind == KVC_SPAN_FAIR && (!(s->weight > 0.0f) || !isfinite(s->weight)))
         return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                        "%s: spans[%d] (sequence %d): weight is %g, must be finite and > 0", where, i, b,
+                        "%s: spans[%d] (sequence %d): weight is %.9g, must be finite and > 0", where, i, b,
                         (double)s->weight);
       if (i > first && s->start < prev_start)
         return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
@@ -156,9 +169,10 @@ static long double bounded_total(const long double *c, const int32_t *lo, const 
 /* Solves sum_p clamp(mu * c_p, lo_p, hi_p) = F for mu by walking the sorted breakpoints, then
  * recomputes the free partitions' shares from the exact ratio (F - fixed) * c_p / sum(c_free) so
  * equal partitions get bit-equal fractions, and rounds by largest remainder (ties to the later
- * partition). `scratch` holds 3 * np long doubles and np ints. */
-static void apportion(const long double *c, const int32_t *lo, const int32_t *hi, int np, int64_t F, int32_t *q,
-                      long double *scratch, int *order) {
+ * partition) or, later_first, hands the leftover to the latest partitions. `scratch` holds 3 * np
+ * long doubles and np ints. */
+static void apportion(const long double *c, const int32_t *lo, const int32_t *hi, int np, int64_t F, int later_first,
+                      int32_t *q, long double *scratch, int *order) {
   long double *breaks = scratch, *share = scratch + 2 * np;
   int nb = 0;
   for (int p = 0; p < np; ++p) {
@@ -216,11 +230,15 @@ static void apportion(const long double *c, const int32_t *lo, const int32_t *hi
     }
     assigned += q[p];
   }
-  /* largest remainder first; equal remainders: the later partition first */
+  /* Who gets a leftover token first: the largest remainder, equal remainders the later partition;
+   * later_first: among the partitions with a remainder, the later one (the leftover count is the
+   * sum of the remainders, so it never reaches a partition without one). */
   for (int i = 1; i < np; ++i)
     for (int j = i; j > 0; --j) {
       int a = order[j - 1], b = order[j];
-      if (share[b] > share[a] || (share[b] == share[a] && b > a)) {
+      int b_first = later_first ? (share[b] > 0) > (share[a] > 0) || ((share[b] > 0) == (share[a] > 0) && b > a)
+                                : share[b] > share[a] || (share[b] == share[a] && b > a);
+      if (b_first) {
         order[j - 1] = b;
         order[j] = a;
       } else {
@@ -243,7 +261,7 @@ static void apportion(const long double *c, const int32_t *lo, const int32_t *hi
 typedef struct {
   kvc_plan_view_t *v;
   int32_t *seq_lens, *keep_lens, *obs_indptr, *obs_pos, *obs_lo, *domain_indptr, *part_indptr, *fill, *span_indptr;
-  int64_t *token_offsets, *keep_offsets, *protect_word_offsets;
+  int64_t *token_offsets, *keep_offsets, *protect_word_offsets, *split_segments, *split_parts;
   kvc_domain_t *domains;
   kvc_partition_t *parts;
   uint32_t *protect_bits;
@@ -268,6 +286,8 @@ static size_t layout_arrays(plan_arrays_t *a, char *base, int32_t batch, const p
   CARVE(fill, int32_t, batch);
   CARVE(protect_word_offsets, int64_t, batch + 1);
   CARVE(protect_bits, uint32_t, n->protect_words);
+  CARVE(split_segments, int64_t, batch + 1);
+  CARVE(split_parts, int64_t, batch + 1);
   CARVE(span_indptr, int32_t, batch + 1);
   CARVE(spans, kvc_span_t, n->spans);
 #undef CARVE
@@ -289,6 +309,8 @@ static void point_view(kvc_plan_view_t *v, const plan_arrays_t *a) {
   v->fill = a->fill;
   v->protect_word_offsets = a->protect_word_offsets;
   v->protect_bits = a->protect_bits;
+  v->split_segments = a->split_segments;
+  v->split_parts = a->split_parts;
   v->span_indptr = a->span_indptr;
   v->spans = a->spans;
 }
@@ -305,11 +327,11 @@ static int32_t fair_span_count(const kvc_plan_desc_t *d, int32_t b) {
 
 /* Number of observation queries of a domain of length `len`, given what is left of the window
  * and how many domains (this one included) still need queries. */
-static int32_t domain_queries(const kvc_plan_desc_t *d, int32_t len, int32_t window_left, int32_t domains_left) {
+static int32_t domain_queries(const kvc_plan_desc_t *d, int32_t len, int64_t window_left, int32_t domains_left) {
   if (d->method == KVC_SCORE_TOVA) return 1;
   if (!(d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_H2O)) return 0;
-  int32_t even = (int32_t)(((int64_t)window_left + domains_left - 1) / domains_left);
-  return len < even ? len : even;
+  int64_t even = (window_left + domains_left - 1) / domains_left;
+  return len < even ? len : (int32_t)even;
 }
 
 static void count_arrays(const kvc_plan_desc_t *d, plan_counts_t *n) {
@@ -386,7 +408,9 @@ static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, pla
     memset(bits, 0, sizeof(uint32_t) * (size_t)ceil_div(n, 32));
     a->obs_indptr[b] = obs;
     a->domain_indptr[b] = ndom;
-    int32_t window_left = d->window, domains_total = d->span_local ? nfair : 1, domain_index = 0;
+    /* int64: the window of TOVA, KNORM and STREAMING is not validated (they ignore it) */
+    int64_t window_left = d->window;
+    int32_t domains_total = d->span_local ? nfair : 1, domain_index = 0;
     for (int32_t i = -1; i < nspans; ++i) {
       int32_t start, end;
       if (!d->span_local) {
@@ -409,7 +433,8 @@ static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, pla
       }
       dom->obs_end = obs;
       dom->scored_end = (d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_TOVA) ? end - q : end;
-      if (d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_TOVA) set_bits(bits, end - q, end);
+      /* unscored, they score +inf: protected, or only ranked first (KVC_WINDOW_RANKED) */
+      if (dom->scored_end < end && d->window_protection == KVC_WINDOW_PROTECTED) set_bits(bits, end - q, end);
     }
     a->obs_indptr[b + 1] = obs;
     a->domain_indptr[b + 1] = ndom;
@@ -480,7 +505,8 @@ static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, pla
     }
     int64_t F = (int64_t)floor((double)d->fairness * k + 0.5);
     if (F < sum_lo) F = sum_lo;
-    apportion(scratch, lohi, lohi + max_parts, nparts, F, lohi + 2 * max_parts, scratch + nparts, order);
+    apportion(scratch, lohi, lohi + max_parts, nparts, F, d->quota_rounding == KVC_QUOTA_LATER_FIRST,
+              lohi + 2 * max_parts, scratch + nparts, order);
     for (int32_t i = 0; i < nparts; ++i) a->parts[npart + i].quota = lohi[2 * max_parts + i];
     a->fill[b] = (int32_t)(k - F);
     npart += nparts;
@@ -523,8 +549,9 @@ static void bind_view(kvc_plan_t plan, void *base) {
   plan->view_on_device = base != NULL;
 }
 
-/* An integer from the environment in [lo, hi], else `fallback`: the test overrides of scoring's
- * GEMM path (kernels/score_gemm.h), read once here so that the plan carries them. */
+/* An integer from the environment in [lo, hi], else `fallback`: the test overrides of the CPU
+ * scoring's instruction set and of selection's segment length, read once here so that the plan
+ * carries them. */
 static int32_t env_int(const char *name, int32_t fallback, int32_t lo, int32_t hi) {
   const char *text = getenv(name);
   if (!text || !*text) return fallback;
@@ -533,29 +560,124 @@ static int32_t env_int(const char *name, int32_t fallback, int32_t lo, int32_t h
   return *end == '\0' && value >= lo && value <= hi ? (int32_t)value : fallback;
 }
 
-/* Workspace of each op, and the compress layout: [keep][scores][scratch shared by the stages]. */
-static kvc_status_t size_workspaces(kvc_context_t ctx, kvc_plan_t plan) {
-  for (int op = KVC_OP_SCORE; op <= KVC_OP_RETENTION; ++op) {
-    kvc_carver_t ws = {NULL, 0};
-    kvc_op_args_t args;
-    memset(&args, 0, sizeof args);
-    args.plan = plan->view;
-    args.host_plan = &plan->host; /* no blas handle: sizing enqueues nothing */
-    args.detail = ctx->detail;
-    args.detail_cap = sizeof ctx->detail;
-    kvc_carve_validation(&plan->host, plan->backend, (kvc_op_t)op, &ws, NULL);
-    kvc_status_t status = kvc_op_for(plan->backend, (kvc_op_t)op)(&args, &ws);
+/* The CUDA selection's segment length: enough segments to give every resident block one, each at
+ * least KVC_SELECT_MIN_SEGMENT tokens (a segment's histograms are merged through global memory, a
+ * staged row costs nothing of the kind) and at most KVC_SELECT_MAX_SEGMENT (what a block stages);
+ * KVC_SELECT_SEGMENT overrides it for tests. Then the prefix sums of the split rows' segments and
+ * partitions. The CPU backend splits nothing. */
+static kvc_status_t plan_select_geometry(kvc_context_t ctx, kvc_plan_t plan, plan_arrays_t *a) {
+  kvc_plan_view_t *v = &plan->host;
+  v->select_segment = INT32_MAX;
+#ifdef KVC_WITH_CUDA
+  if (plan->backend == KVC_BACKEND_CUDA) {
+    int previous;
+    kvc_status_t status = kvc_device_enter(plan->device, &previous, ctx->detail, sizeof ctx->detail);
     if (status != KVC_SUCCESS) return status;
-    plan->workspace[op] = ws.used;
+    status = kvc_select_cuda_geometry(&v->select_resident_blocks, ctx->detail, sizeof ctx->detail);
+    if (status == KVC_SUCCESS)
+      status = kvc_compact_cuda_geometry(&v->compact_resident_blocks, ctx->detail, sizeof ctx->detail);
+    kvc_device_restore(previous);
+    if (status != KVC_SUCCESS) return status;
+    const int64_t row_heads = v->method == KVC_SCORE_TOVA ? 1 : v->num_kv_heads;
+    const int64_t per_block = (row_heads * v->total_tokens + v->select_resident_blocks - 1) / v->select_resident_blocks;
+    int64_t segment = (per_block + 1023) / 1024 * 1024;
+    segment = segment < KVC_SELECT_MIN_SEGMENT ? KVC_SELECT_MIN_SEGMENT : segment;
+    segment = segment > KVC_SELECT_MAX_SEGMENT ? KVC_SELECT_MAX_SEGMENT : segment;
+    v->select_segment = env_int("KVC_SELECT_SEGMENT", (int32_t)segment, 1, KVC_SELECT_MAX_SEGMENT);
   }
+#else
+  (void)ctx;
+#endif
+  a->split_segments[0] = a->split_parts[0] = 0;
+  for (int32_t b = 0; b < v->batch; ++b) {
+    const int split = v->seq_lens[b] > v->select_segment;
+    a->split_segments[b + 1] = a->split_segments[b] + (split ? ceil_div(v->seq_lens[b], v->select_segment) : 0);
+    a->split_parts[b + 1] = a->split_parts[b] + (split ? v->part_indptr[b + 1] - v->part_indptr[b] : 0);
+  }
+  return KVC_SUCCESS;
+}
+
+/* Bytes op needs over num_layers layers on its slice of the workspace: the dispatch layer's own
+ * pieces (kvc_carve_dispatch), then the op's, sized by the same carving code that runs. */
+static kvc_status_t op_bytes(kvc_plan_t plan, kvc_op_t op, int32_t num_layers, char *detail, size_t cap,
+                             size_t *bytes) {
   kvc_carver_t ws = {NULL, 0};
-  kvc_carve(&ws, sizeof(int32_t) * (size_t)(plan->host.num_kv_heads * plan->host.total_kept));
-  plan->compress_scores_offset = (ws.used + KVC_WORKSPACE_ALIGN - 1) / KVC_WORKSPACE_ALIGN * KVC_WORKSPACE_ALIGN;
-  kvc_carve(&ws, sizeof(float) * (size_t)(plan->host.num_kv_heads * plan->host.total_tokens));
-  plan->compress_stage_offset = (ws.used + KVC_WORKSPACE_ALIGN - 1) / KVC_WORKSPACE_ALIGN * KVC_WORKSPACE_ALIGN;
+  kvc_op_args_t args;
+  memset(&args, 0, sizeof args);
+  args.plan = plan->view;
+  args.host_plan = &plan->host;
+  args.num_layers = op == KVC_OP_SCORE && !KVC_SCORE_TAKES_LAYERS ? 1 : num_layers;
+  args.detail = detail;
+  args.detail_cap = cap;
+  kvc_carve_dispatch(&plan->host, plan->backend, op, args.num_layers, &ws, NULL, NULL);
+  kvc_status_t status = kvc_op_for(plan->backend, op)(&args, &ws);
+  *bytes = ws.used;
+  return status;
+}
+
+static size_t align_up(size_t bytes) {
+  return (bytes + KVC_WORKSPACE_ALIGN - 1) / KVC_WORKSPACE_ALIGN * KVC_WORKSPACE_ALIGN;
+}
+
+kvc_status_t kvc_plan_layout(kvc_plan_t plan, kvc_op_t op, int32_t num_layers, kvc_layout_t *out, char *detail,
+                             size_t cap) {
+  memset(out, 0, sizeof *out);
+  /* every term is at most num_layers times the single-layer one: bound that product first */
+  const size_t single = plan->workspace[KVC_OP_COMPRESS] > plan->workspace[op] ? plan->workspace[KVC_OP_COMPRESS]
+                                                                             : plan->workspace[op];
+  if (num_layers < 1 || (size_t)num_layers > (SIZE_MAX / 4) / (single + KVC_WORKSPACE_ALIGN))
+    return kvc_fail_detail(detail, cap, KVC_ERROR_INVALID_VALUE,
+                           "num_layers is %d: must be >= 1 and small enough that the workspace size fits size_t",
+                           num_layers);
+  kvc_status_t status;
+  if (op != KVC_OP_COMPRESS) {
+    status = op_bytes(plan, op, num_layers, detail, cap, &out->bytes);
+    out->status_offset = 0; /* kvc_carve_dispatch carves compaction's status array first */
+    return status;
+  }
+  /* [keep layouts][score layouts][scratch shared by the stages, compaction's status first] */
+  const size_t layers = (size_t)num_layers;
+  out->keep_offset = 0;
+  out->scores_offset = align_up(layers * sizeof(int32_t) * (size_t)(plan->host.num_kv_heads * plan->host.total_kept));
+  out->stage_offset =
+      align_up(out->scores_offset + layers * sizeof(float) * (size_t)(plan->host.num_kv_heads * plan->host.total_tokens));
+  out->status_offset = out->stage_offset;
   size_t stage = 0;
-  for (int op = KVC_OP_SCORE; op <= KVC_OP_COMPACT; ++op) stage = plan->workspace[op] > stage ? plan->workspace[op] : stage;
-  plan->workspace[KVC_OP_COMPRESS] = plan->compress_stage_offset + stage;
+  for (int stage_op = KVC_OP_SCORE; stage_op <= KVC_OP_COMPACT; ++stage_op) {
+    size_t bytes = 0;
+    status = op_bytes(plan, (kvc_op_t)stage_op, num_layers, detail, cap, &bytes);
+    if (status != KVC_SUCCESS) return status;
+    stage = bytes > stage ? bytes : stage;
+  }
+  out->bytes = out->stage_offset + stage;
+  return KVC_SUCCESS;
+}
+
+/* Workspace of each op for one layer (what the single-layer calls check against). A size that
+ * saturated the carver (it cannot, under KVC_MAX_HEAD_TOKENS, but an op's sizing is not trusted to
+ * stay under it) is rejected rather than handed out wrapped. */
+static kvc_status_t size_workspaces(kvc_context_t ctx, kvc_plan_t plan) {
+  static const char *const names[] = {"kvc_score", "kvc_select", "kvc_compact", "kvc_retention", "kvc_compress"};
+  for (int op = KVC_OP_SCORE; op <= KVC_OP_RETENTION; ++op) {
+    kvc_status_t status = op_bytes(plan, (kvc_op_t)op, 1, ctx->detail, sizeof ctx->detail, &plan->workspace[op]);
+    if (status != KVC_SUCCESS) return status;
+  }
+  kvc_layout_t layout;
+  kvc_status_t status = KVC_SUCCESS;
+  plan->workspace[KVC_OP_COMPRESS] = 0;
+  for (int op = KVC_OP_SCORE; op <= KVC_OP_RETENTION && status == KVC_SUCCESS; ++op)
+    if (plan->workspace[op] == (size_t)-1) status = KVC_ERROR_INVALID_VALUE;
+  if (status == KVC_SUCCESS) {
+    status = kvc_plan_layout(plan, KVC_OP_COMPRESS, 1, &layout, ctx->detail, sizeof ctx->detail);
+    if (status != KVC_SUCCESS) return status;
+    plan->workspace[KVC_OP_COMPRESS] = layout.bytes;
+  }
+  for (int op = KVC_OP_SCORE; op <= KVC_OP_COMPRESS; ++op)
+    if (plan->workspace[op] == (size_t)-1)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "kvc_plan_create: the workspace of %s would exceed SIZE_MAX bytes (num_q_heads %d, %lld tokens, "
+                      "%lld observation queries)", names[op], plan->host.num_q_heads,
+                      (long long)plan->host.total_tokens, (long long)plan->host.obs_total);
   return KVC_SUCCESS;
 }
 
@@ -593,9 +715,8 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
   v->pool_kernel = desc->pool_kernel;
   v->span_local = desc->span_local;
   v->scale = desc->scale > 0.0f ? desc->scale : 1.0f / sqrtf((float)desc->head_dim);
-  v->gemm_threshold = env_int("KVC_SCORE_GEMM_THRESHOLD", KVC_GEMM_THRESHOLD, 0, INT32_MAX);
-  v->gemm_tile_keys = env_int("KVC_SCORE_GEMM_KEYS", KVC_GEMM_TILE_KEYS, 1, KVC_GEMM_MAX_TILE_KEYS);
-  v->gemm_tile_rows = env_int("KVC_SCORE_GEMM_ROWS", KVC_GEMM_TILE_ROWS, 1, KVC_GEMM_TILE_ROWS);
+  v->cpu_threads = ctx->threads;
+  v->cpu_isa = env_int("KVC_CPU_ISA", 0, 0, 3);
 
   plan_counts_t counts;
   count_arrays(desc, &counts);
@@ -604,6 +725,15 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
                     "kvc_plan_create: %lld observation queries in the batch: at most 2^31 - 1 are supported",
                     (long long)counts.obs);
+  }
+  int64_t tokens = 0;
+  for (int32_t b = 0; b < desc->batch; ++b) tokens += desc->seq_lens[b];
+  if (tokens > KVC_MAX_HEAD_TOKENS / desc->num_q_heads) {
+    kvc_plan_destroy(plan);
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "kvc_plan_create: num_q_heads %d x %lld tokens (the sum of seq_lens) exceeds the 2^48 (query head, "
+                    "token) pairs a plan may have: its arrays and workspaces could not be sized",
+                    desc->num_q_heads, (long long)tokens);
   }
   plan_arrays_t arrays;
   size_t bytes = layout_arrays(&arrays, NULL, desc->batch, &counts);
@@ -631,6 +761,12 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
       plan->span_quotas[i] = v->spans[i].kind == KVC_SPAN_FAIR ? v->parts[part++].quota : v->spans[i].end - v->spans[i].start;
     if (v->part_indptr[b + 1] > v->part_indptr[b] && v->parts[v->part_indptr[b + 1] - 1].implicit)
       plan->implicit_quotas[b] = v->parts[v->part_indptr[b + 1] - 1].quota;
+  }
+
+  status = plan_select_geometry(ctx, plan, &arrays);
+  if (status != KVC_SUCCESS) {
+    kvc_plan_destroy(plan);
+    return status;
   }
 
   plan->counts = counts;
@@ -692,7 +828,11 @@ kvc_status_t kvc_plan_get_info(kvc_plan_t plan, kvc_plan_info_t *info) {
   info->keep_elems = v->num_kv_heads * v->total_kept;
   info->total_spans = v->total_spans;
   info->count_elems = v->num_kv_heads * v->total_spans;
-  info->keep_offset_bytes = 0;
+  kvc_layout_t compress;
+  if (kvc_plan_layout(plan, KVC_OP_COMPRESS, 1, &compress, NULL, 0) != KVC_SUCCESS) return KVC_ERROR_INTERNAL;
+  info->keep_offset_bytes = compress.keep_offset;
+  info->compact_status_offset_bytes = 0; /* kvc_carve_dispatch carves it first */
+  info->compress_status_offset_bytes = compress.status_offset;
   return KVC_SUCCESS;
 }
 
@@ -725,6 +865,17 @@ kvc_status_t kvc_plan_span_quotas(kvc_plan_t plan, int32_t *quotas, int32_t *imp
 kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_t *bytes) {
   if (!plan || !bytes || (unsigned)op > KVC_OP_COMPRESS) return KVC_ERROR_INVALID_VALUE;
   *bytes = plan->workspace[op];
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_plan_workspace_layout(kvc_plan_t plan, kvc_op_t op, int32_t num_layers, kvc_workspace_layout_t *layout) {
+  if (!plan || !layout || (unsigned)op > KVC_OP_COMPRESS || num_layers < 1) return KVC_ERROR_INVALID_VALUE;
+  kvc_layout_t l;
+  kvc_status_t status = kvc_plan_layout(plan, op, num_layers, &l, NULL, 0);
+  if (status != KVC_SUCCESS) return status;
+  layout->workspace_bytes = l.bytes;
+  layout->keep_offset_bytes = op == KVC_OP_COMPRESS ? l.keep_offset : 0;
+  layout->status_offset_bytes = op == KVC_OP_COMPRESS || op == KVC_OP_COMPACT ? l.status_offset : 0;
   return KVC_SUCCESS;
 }
 
@@ -795,9 +946,7 @@ kvc_status_t kvc_plan_compatible(kvc_plan_t a, kvc_plan_t b, int *compatible) {
   view_scalars(b, &ys);
   int same = a->backend == b->backend && a->device == b->device && a->blob_bytes == b->blob_bytes &&
              memcmp(&a->counts, &b->counts, sizeof a->counts) == 0 && memcmp(&xs, &ys, sizeof xs) == 0 &&
-             memcmp(a->workspace, b->workspace, sizeof a->workspace) == 0 &&
-             a->compress_scores_offset == b->compress_scores_offset &&
-             a->compress_stage_offset == b->compress_stage_offset;
+             memcmp(a->workspace, b->workspace, sizeof a->workspace) == 0;
   same = same && same_array(x->seq_lens, y->seq_lens, x->batch, sizeof(int32_t)) &&
          same_array(x->keep_lens, y->keep_lens, x->batch, sizeof(int32_t)) &&
          same_array(x->obs_indptr, y->obs_indptr, x->batch + 1, sizeof(int32_t)) &&
@@ -806,6 +955,8 @@ kvc_status_t kvc_plan_compatible(kvc_plan_t a, kvc_plan_t b, int *compatible) {
          same_array(x->domain_indptr, y->domain_indptr, x->batch + 1, sizeof(int32_t)) &&
          same_array(x->domains, y->domains, x->domain_indptr[x->batch], sizeof(kvc_domain_t)) &&
          same_array(x->part_indptr, y->part_indptr, x->batch + 1, sizeof(int32_t)) &&
+         same_array(x->split_segments, y->split_segments, x->batch + 1, sizeof(int64_t)) &&
+         same_array(x->split_parts, y->split_parts, x->batch + 1, sizeof(int64_t)) &&
          same_array(x->span_indptr, y->span_indptr, x->batch + 1, sizeof(int32_t));
   *compatible = same;
   return KVC_SUCCESS;

@@ -39,7 +39,8 @@
  *   - Threads: the library has no global mutable state. A context may be used by one thread at a
  *     time (it holds the last error). A plan is immutable after creation (except that
  *     kvc_plan_upload points it at another device buffer) and may be shared read-only by any
- *     number of threads and contexts of the same backend and device.
+ *     number of threads and contexts of the same backend and device. A CPU context may itself
+ *     use several threads for one call (kvc_context_set_threads).
  *
  * Layouts of the per-token arrays ("score layout", "keep layout")
  *
@@ -118,16 +119,40 @@ typedef enum {
 } kvc_backend_t;
 
 /* Creates a context on `backend`; `device` is the CUDA device ordinal (ignored on CPU).
- * A CUDA context owns one cuBLAS handle (made here, so that execute calls never allocate; scoring
- * uses it for large observation sets) and selects the device for the calls made through it (each
- * call sets the device and restores the caller's current device before returning).
+ * A CUDA context selects the device for the calls made through it (each call sets the device and
+ * restores the caller's current device before returning); it holds no library handles.
  * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (out is NULL, backend unknown, device < 0 or not
  * present); KVC_ERROR_NO_DEVICE (CUDA asked for and the library was built without CUDA or no device
- * is usable); KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA (cuBLAS could not be initialised). On
- * failure *out is set to NULL. Synchronous. */
+ * is usable); KVC_ERROR_OUT_OF_MEMORY. On failure *out is set to NULL. Synchronous. A failed
+ * creation has no context to keep its reason in (and the library has no global state): use
+ * kvc_context_create_with_detail to get it. */
 KVC_API kvc_status_t kvc_context_create(kvc_backend_t backend, int device, kvc_context_t *out);
+/* kvc_context_create that also explains a failure: `detail` (caller's buffer of detail_bytes,
+ * may be NULL) receives a NUL-terminated sentence, truncated to fit, naming the argument and value
+ * or the runtime's reason (e.g. "cudaGetDeviceCount: cudaErrorNoDevice: no CUDA-capable device is
+ * detected", "libkvcompress was built without CUDA"); "" on success. Same statuses. */
+KVC_API kvc_status_t kvc_context_create_with_detail(kvc_backend_t backend, int device, kvc_context_t *out,
+                                                    char *detail, size_t detail_bytes);
 /* Destroys a context; accepts NULL. Plans created on it must be destroyed first. */
 KVC_API kvc_status_t kvc_context_destroy(kvc_context_t ctx);
+/* Threads of a CPU context (default 1). With threads > 1 the context owns threads - 1 worker
+ * threads, started here (execute calls never create threads) and joined by kvc_context_destroy or
+ * the next kvc_context_set_threads; between calls they sleep. What runs in parallel: kvc_score and
+ * the scoring stage of kvc_compress, split by (scoring domain, KV head), on the calling thread and
+ * the workers; selection, compaction and retention stay on the calling thread. Determinism: every
+ * score is computed by one thread in one fixed order, so results are bit-identical for any thread
+ * count (they may differ in the last bits between CPUs with different vector instruction sets).
+ * Plans: a plan's workspace holds scratch for the thread count its context had when the plan was
+ * created, and a call uses min(that count, the calling context's count) threads: set threads
+ * before creating plans. The context-per-thread rule stands: one thread at a time calls into a
+ * context; its workers are the library's own. threads must be in [1, 256]; a CUDA context
+ * accepts only 1.
+ * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (ctx is NULL, threads out of range);
+ * KVC_ERROR_NOT_SUPPORTED (threads > 1 on a CUDA context); KVC_ERROR_OUT_OF_MEMORY (the threads
+ * could not be started; the context is left with 1 thread). Synchronous. */
+KVC_API kvc_status_t kvc_context_set_threads(kvc_context_t ctx, int32_t threads);
+/* The context's thread count. INVALID_VALUE if ctx or out is NULL. */
+KVC_API kvc_status_t kvc_context_threads(kvc_context_t ctx, int32_t *out);
 /* The backend the context runs on (never AUTO). INVALID_VALUE if ctx or out is NULL. */
 KVC_API kvc_status_t kvc_context_backend(kvc_context_t ctx, kvc_backend_t *out);
 /* Detail of the last failure of a call made with ctx: which argument, which sequence, which value.
@@ -160,12 +185,29 @@ typedef enum {
  * Only the first ceil(n_b / page_size) entries of pages_b are ever read, and only those pages are
  * read or written. Page ids must lie in [0, num_pages): the CPU backend checks every id it would
  * use before touching memory, and kvc_compact / kvc_compress also check that no page is used by
- * two sequences (KVC_ERROR_INVALID_VALUE). The strides must not let two rows or two pages overlap,
- * and k and v must be different pools (both backends check). The CUDA backend cannot read the
- * table on the host, so its kernels guard instead: compaction leaves a sequence untouched if any
- * page id it uses lies outside [0, num_pages) or its CSR list is too short, and scoring reads such
- * tokens as zero keys. A page shared by two sequences cannot be detected on CUDA: validate the
- * table in the engine if it can be corrupt.
+ * two sequences (KVC_ERROR_INVALID_VALUE). The CUDA backend cannot read the table on the host, so
+ * its kernels guard instead: compaction leaves a sequence untouched if any page id it uses lies
+ * outside [0, num_pages) or its CSR list is too short, and scoring reads such tokens as zero keys.
+ * CUDA compaction also detects, on the device, a page used by two sequences (or twice by one) and
+ * leaves every sequence involved untouched. It reports what it skipped in a per-sequence status
+ * array it leaves in its workspace (kvc_compact_status_t, below), which the engine reads after the
+ * stream; the CPU backend fills the same array (all zeros: it refuses a bad table with
+ * KVC_ERROR_INVALID_VALUE before moving anything).
+ *
+ * Layout rules, checked by both backends from the descriptor alone (KVC_ERROR_INVALID_VALUE, the
+ * detail naming the field and value) before any byte is touched:
+ *   - Offsets are bounded: the pool extent, (num_pages - 1) * stride_page + (page_size - 1) *
+ *     stride_token + (num_kv_heads - 1) * stride_head + head_dim elements, and its size in bytes
+ *     must fit int64, and k, v plus that many bytes must not pass the end of the address space.
+ *     Every element and byte offset the descriptor can address is then below it.
+ *   - No two rows (page, slot, head) of a pool overlap: taken by increasing stride, each axis with
+ *     more than one position steps at least past everything the finer axes span (head_dim for the
+ *     finest). Any nesting order of page, slot and head is fine.
+ *   - k and v are aligned to the element size (so they are a whole number of elements apart).
+ *   - No K row overlaps a V row: K and V may share one allocation (vLLM's (2, blocks, ...) halves,
+ *     FlashInfer's (pages, 2, ...) pages where K and V rows alternate) or lie anywhere apart, as
+ *     long as no element of any K row (p, s, h), p < num_pages, is an element of any V row. k == v
+ *     is always rejected.
  *
  *   NHD (vLLM, FlashInfer default): stride_token = H*D, stride_head = D, stride_page = page_size*H*D
  *   HND (TensorRT-LLM, FlashInfer HND): stride_head = page_size*D, stride_token = D
@@ -223,6 +265,26 @@ typedef enum {
 typedef enum { KVC_POOL_AVG = 0, KVC_POOL_MAX = 1 } kvc_pool_t;
 typedef enum { KVC_REDUCE_MEAN = 0, KVC_REDUCE_MAX = 1 } kvc_reduce_t;
 
+/* How the quotas' rounding remainder is shared (selection step 3). */
+typedef enum {
+  KVC_QUOTA_LARGEST_REMAINDER = 0, /* the largest fractional shares get the leftover tokens (default) */
+  KVC_QUOTA_LATER_FIRST = 1        /* every partition gets the floor of its share; the leftover tokens
+                                      go one each to the latest partitions with room, last first. For
+                                      two spans this is the paper code's floor(k * L_1 / n) for the
+                                      earlier and the rest for the later */
+} kvc_quota_rounding_t;
+
+/* Whether the method's own observation positions (SNAPKV's window, TOVA's last token of each
+ * domain) are protected (selection step 1). */
+typedef enum {
+  KVC_WINDOW_PROTECTED = 0, /* always kept: they count in P, raise their partition's lower bound lo_p
+                               and |P| > k is KVC_ERROR_BUDGET (default) */
+  KVC_WINDOW_RANKED = 1     /* not in P: they keep their +inf score, so they rank first in their
+                               partition but count against its quota like any token; a quota smaller
+                               than the window keeps its latest positions. The paper code's rule
+                               (window keys get their span's highest score) */
+} kvc_window_protection_t;
+
 typedef struct kvc_plan *kvc_plan_t;
 
 /* What kvc_plan_create does with a sequence whose protected tokens exceed its budget
@@ -265,17 +327,26 @@ typedef enum {
  *   STREAMING  j, or (j - lo) / (hi - lo) with span_local. No queries.
  *   Keys a method does not score (protected query positions, keys outside every domain) get +inf.
  *   pool_kernel applies to SNAPKV only; group_reduce to SNAPKV and H2O.
+ *   Non-finite data, one rule on both backends: a NaN or +-inf among a query row's logits makes
+ *   that whole softmax row NaN, so every key it observes gets a NaN contribution (torch's softmax
+ *   does so for NaN and +inf; for -inf it would give that key 0 as a mask, but no mask is applied
+ *   here: a -inf logit only comes from corrupt data, and is reported as such); MAX pooling and MAX
+ *   group-reduce propagate NaN; pool_kernel 1 is the identity; KNORM is computed without
+ *   intermediate overflow: finite for every finite key, a norm beyond FLT_MAX stored as -FLT_MAX.
+ *   Selection orders NaN below -inf.
  *
  * Selection semantics for one (sequence b, KV head h), k = min(budgets[b], n):
  *   1. Protected set P = first sink_tokens + last recent_tokens + PROTECT spans + the method's own
- *      protected positions. |P| > k is KVC_ERROR_BUDGET at plan time, unless budget_policy says
- *      otherwise: KVC_BUDGET_CLAMP sets k = |P|, KVC_BUDGET_SKIP sets k = n (then every token is
- *      kept and nothing moves). Everything below uses that k.
+ *      protected positions (unless window_protection is KVC_WINDOW_RANKED). |P| > k is
+ *      KVC_ERROR_BUDGET at plan time, unless budget_policy says otherwise: KVC_BUDGET_CLAMP
+ *      sets k = |P|, KVC_BUDGET_SKIP sets k = n (then every token is kept and nothing moves).
+ *      Everything below uses that k.
  *   2. Partitions: the FAIR spans in order, then one implicit partition (weight 1) of every token
  *      in no FAIR span, if any. Partition p has length L_p, weight w_p, protected count lo_p.
  *   3. F = max(sum lo_p, floor(fairness * k + 0.5)); integer quotas lo_p <= q_p <= L_p, sum q_p = F,
  *      q_p = clamp(mu * w_p * L_p, lo_p, L_p) with mu solving the sum exactly, rounded by largest
- *      remainder, ties to the later partition.
+ *      remainder, ties to the later partition (or, with KVC_QUOTA_LATER_FIRST, floors plus one
+ *      leftover token each for the latest partitions).
  *   4. Keep P; in each partition its top (q_p - lo_p) unprotected tokens; then the top (k - F) of
  *      all tokens not yet kept.
  *   5. "Top" orders by score descending, equal scores by position descending, NaN below -inf
@@ -300,7 +371,9 @@ typedef struct {
   kvc_reduce_t group_reduce;   /* default MEAN                                                      */
   float scale;                 /* softmax scale, finite, >= 0; 0 = 1/sqrt(head_dim) (default)       */
   int32_t span_local;          /* 0 or 1: each FAIR span is its own scoring domain; then every token
-                                  outside FAIR spans must be protected                              */
+                                  outside FAIR spans must be protected, and SNAPKV / H2O need
+                                  window >= the number of FAIR spans of every sequence (one query
+                                  per span at least)                                                */
   int32_t sink_tokens;         /* >= 0, protected prefix; default 0                                 */
   int32_t recent_tokens;       /* >= 0, protected suffix; default 0                                 */
   float fairness;              /* lambda in [0, 1]: 0 = plain policy, 1 = fully fair; default 0     */
@@ -309,13 +382,15 @@ typedef struct {
   kvc_plan_memory_t device_memory; /* CUDA: OWNED (default) allocates and uploads the plan's device
                                   copy in kvc_plan_create; CALLER allocates nothing and waits for
                                   kvc_plan_upload into the caller's buffer. Ignored on CPU.         */
+  kvc_quota_rounding_t quota_rounding;       /* default KVC_QUOTA_LARGEST_REMAINDER              */
+  kvc_window_protection_t window_protection; /* default KVC_WINDOW_PROTECTED                     */
 } kvc_plan_desc_t;
 
 #define KVC_PLAN_DESC_INIT                                                                         \
   {                                                                                                \
     sizeof(kvc_plan_desc_t), 0, 0, 0, KVC_DTYPE_F16, 0, NULL, NULL, NULL, NULL, KVC_SCORE_SNAPKV, \
         64, 5, KVC_POOL_AVG, KVC_REDUCE_MEAN, 0.0f, 0, 0, 0, 0.0f, KVC_BUDGET_FAIL,               \
-        KVC_PLAN_MEMORY_OWNED                                                                      \
+        KVC_PLAN_MEMORY_OWNED, KVC_QUOTA_LARGEST_REMAINDER, KVC_WINDOW_PROTECTED                   \
   }
 
 /* Fills *desc with the defaults of KVC_PLAN_DESC_INIT (for callers that cannot use the macro,
@@ -331,7 +406,11 @@ KVC_API void kvc_plan_desc_init(kvc_plan_desc_t *desc);
  * span and value); KVC_ERROR_NOT_SUPPORTED (head_dim or dtype the backend does not handle);
  * KVC_ERROR_BUDGET (protected tokens exceed a budget and budget_policy is KVC_BUDGET_FAIL: the
  * detail names the sequence and counts);
- * KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA. On failure *out is NULL. Synchronous. */
+ * KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA. On failure *out is NULL. Synchronous.
+ * Sizes: every array and workspace size is computed with overflow checks. A plan may have at most
+ * 2^48 (query head, token) pairs, num_q_heads * sum of seq_lens (a 1 PiB score array), which keeps
+ * every size it implies inside 64 bits; a larger one, or one whose workspace would still pass
+ * SIZE_MAX, is KVC_ERROR_INVALID_VALUE (the detail names the counts), never a wrapped size. */
 KVC_API kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc_plan_t *out);
 /* Frees the plan (its host memory and the device copy it owns; never a kvc_plan_upload buffer).
  * Accepts NULL. The caller must make sure no work that uses the plan, its upload included, is
@@ -350,6 +429,9 @@ typedef struct {
   int64_t total_spans;      /* span_indptr[batch]                                                 */
   int64_t count_elems;      /* int32 in the count layout = num_kv_heads * total_spans             */
   size_t keep_offset_bytes; /* where kvc_compress leaves the keep layout inside its workspace     */
+  size_t compact_status_offset_bytes;  /* where kvc_compact leaves its status array (int32 [batch],
+                                          kvc_compact_status_t) inside its workspace             */
+  size_t compress_status_offset_bytes; /* the same array inside kvc_compress's workspace          */
 } kvc_plan_info_t;
 
 /* INVALID_VALUE if plan or info is NULL. */
@@ -386,26 +468,34 @@ typedef enum {
 } kvc_op_t;
 
 /* Workspace bytes the execute call `op` needs with this plan on its backend (may be 0; a NULL
- * workspace is then fine). The CUDA score workspace of SNAPKV, H2O and TOVA is, with n_max the
- * longest sequence, Q_max the most observation queries of one scoring domain, G = num_q_heads /
- * num_kv_heads and E the dtype's size in bytes, the sum of these terms, in this order, each but
- * the last rounded up to a multiple of 256:
- *     obs_total * num_q_heads * C * 8     softmax partials (max, sum) per key chunk
- *   + obs_total * num_q_heads * 4         softmax normalisers (log-sum-exp)
- *   [ + 4 MiB                             cuBLAS's workspace (so it allocates nothing)
- *     + T * head_dim * E                  one tile of keys gathered from the pages
- *     + G * R * T * 4 ]                   one tile of logits (<= 16 MiB while G <= 4096)
+ * workspace is then fine). The CUDA score workspace of SNAPKV, H2O and TOVA is the sum of these
+ * terms, in this order, each but the last rounded up to a multiple of 256:
+ *   [ obs_total * num_q_heads * C * 8 ]   normaliser partials (max, sum) per key split; only when
+ *                                         C > 1
+ *   + obs_total * num_q_heads * 4         normalisers (log-sum-exp), carved even when kvc_score
+ *                                         gets the engine's `lse`
  *   + num_q_heads * total_tokens * 4      attention per query head, before pooling
- * The bracketed terms exist when some domain has more than 128 observation queries (H2O over the
- * whole prompt, long SnapKV windows): such a domain's logits come from tensor-core GEMMs (cuBLAS)
- * on tiles of T = min(1024, n_max) keys x R = min(max(1, floor(4096 / G)), Q_max) queries per q
- * head, so the extra space does not grow with n beyond those caps. C = 1 when every domain with
- * queries takes that path, else C = ceil(n_max / max(256, ceil(n_max / 64))) <= 64 key chunks.
- * Never the [heads x window x n] attention matrix. 0 for KNORM and STREAMING. The three caps
- * (128 queries, 1024 keys, 4096 rows) can be changed for testing and tuning through the
- * environment variables KVC_SCORE_GEMM_THRESHOLD, KVC_SCORE_GEMM_KEYS and KVC_SCORE_GEMM_ROWS,
- * which kvc_plan_create reads once into the plan. COMPRESS is
- * score + select + compact workspace plus the score and keep layouts.
+ * C is the number of splits of the keys for the normaliser kernel, chosen so that short
+ * observation sets (SnapKV's window) still fill the device: with n_max the longest sequence,
+ * G = num_q_heads / num_kv_heads, obs_b the observation queries of sequence b and
+ * R = num_kv_heads * sum_b ceil(G * obs_b / 64) (blocks of 64 (query, q head) rows),
+ *     C0 = max(1, min(ceil(1024 / R), ceil(n_max / 512))),  S = 64 * ceil(ceil(n_max / C0) / 64),
+ *     C = ceil(n_max / S)   (keys per split: S).
+ * Never the [heads x window x n] attention matrix, nor any logit. 0 for KNORM and STREAMING.
+ * SELECT on CUDA, with R = num_kv_heads rows per sequence (1 for TOVA) and P the batch's partitions
+ * (FAIR spans, plus one implicit partition per sequence that has tokens outside them): 16 * R * P
+ * bytes of partition thresholds; and for the rows split across blocks (sequences longer than the
+ * plan's segment length S, 4k..16k tokens chosen for the device so that every resident block gets a
+ * segment; KVC_SELECT_SEGMENT overrides it, read once by kvc_plan_create) 1 KiB per (row, split
+ * partition) of global histograms, 20 bytes per row of state and arrival counter and 4 per (row,
+ * segment of S tokens). On CPU 17 bytes per token of the longest sequence (one row at a time).
+ * COMPACT: the status array, int32 [batch], first; then on CPU 4 * total_tokens (the page-id check's
+ * scratch); on CUDA 12 bytes per chunk of consecutive keep-layout writers (at most
+ * num_kv_heads * total_kept of them, fewer at large sizes), 8 + 4 * batch, and the page-claim table
+ * of the shared-page check: 8 * 2^ceil(log2(2 * total_tokens)) bytes (one slot for every page a
+ * sequence could use, at page size 1). RETENTION needs none. COMPRESS is the keep and score
+ * layouts, then the largest of the score, select and compact workspaces (compaction's status
+ * array at its start). The layer-batched calls: kvc_plan_workspace_layout.
  * INVALID_VALUE if plan or bytes is NULL or op unknown. */
 KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_t *bytes);
 
@@ -440,9 +530,8 @@ KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_
  * every sequence compressed to its budget, then grown by the same N decode steps, gives the same
  * lengths at every event. (Moving the totals out of the by-value view, into device arrays with
  * capacity-sized grids, would lift that restriction; it is not done.)
- * The scoring path for long observation windows (cuBLAS, see kvc_plan_workspace_size) is captured
- * like the kernels. kvc_plan_upload itself is not meant to be captured: enqueue it before the
- * replay on the same stream.
+ * kvc_plan_upload itself is not meant to be captured: enqueue it before the replay on the same
+ * stream.
  *
  * The CPU backend has no device memory: kvc_plan_device_bytes gives 0, device_memory is ignored,
  * kvc_plan_upload checks ctx and plan and does nothing else, and plans always read their image.
@@ -488,14 +577,20 @@ KVC_API kvc_status_t kvc_plan_compatible(kvc_plan_t a, kvc_plan_t b, int *compat
 /* ============================================================================================= */
 /* Execute calls (never allocate, never synchronise; see the conventions at the top)             */
 /* Each returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (NULL ctx/plan/pointer, plan from another   */
-/* backend, cache descriptor not matching the plan, bad strides or page size, CPU: page id out   */
-/* of range or shared); KVC_ERROR_WORKSPACE_TOO_SMALL; KVC_ERROR_NOT_SUPPORTED; KVC_ERROR_CUDA   */
-/* (a launch failed).                                                                            */
+/* backend, cache descriptor not matching the plan or breaking its layout rules, bad page size,  */
+/* CPU: page id out of range or shared); KVC_ERROR_WORKSPACE_TOO_SMALL; KVC_ERROR_NOT_SUPPORTED; */
+/* KVC_ERROR_CUDA (a launch failed, or an error of the caller's earlier CUDA work was already    */
+/* pending on the calling thread: then nothing is enqueued, the detail says so and the error is */
+/* left pending, since cudaGetLastError would otherwise report it as the library's).             */
 /* ============================================================================================= */
 
 /* Scores every token. `queries`: [obs_total][num_q_heads][head_dim] in the plan's dtype, row order
  * of kvc_plan_obs_positions (NULL allowed when obs_total is 0). `scores`: score layout, written,
  * or added to when accumulate != 0 (H2O accumulated across decode steps). The cache is only read.
+ * On CUDA the methods that read K (all but STREAMING) copy it and the queries 16 bytes at a time:
+ * the K pool's address, its three strides in bytes and `queries` must be multiples of 16 (true of
+ * every layout above with cudaMalloc'd pools, head_dim being a multiple of 8), else
+ * KVC_ERROR_NOT_SUPPORTED (the detail gives the values).
  *
  * `lse` (optional; NULL: the library computes it) is the softmax normaliser of every observation
  * row, as the engine's attention kernel already has it: float [obs_total][num_q_heads] (same
@@ -504,8 +599,25 @@ KVC_API kvc_status_t kvc_plan_compatible(kvc_plan_t a, kvc_plan_t b, int *compat
  * with the plan's resolved scale (1/sqrt(head_dim) when desc.scale is 0), over exactly the keys
  * [lo_r, p_r] of the scoring semantics above: without span_local that is the causal prefix
  * [0, p_r], i.e. what a causal prefill's attention normalises over. With it the attention methods
- * skip their normaliser pass. Ignored by KNORM and STREAMING. A NaN or inf entry makes that row's
- * contribution NaN, as a non-finite logit would. */
+ * skip their normaliser pass (on CUDA the normaliser kernel: about half of the scoring work).
+ * Ignored by KNORM and STREAMING. With `lse`, a NaN or inf entry makes that row's contribution NaN
+ * (as a non-finite logit does without it). A non-finite logit then poisons the whole row on the
+ * CPU backend, which computes every logit a row sees anyway, but only its own (row, key)
+ * contribution on CUDA, whose kernels see a row's logits in separate key tiles once the normaliser
+ * pass is gone (finding it would take that pass back).
+ * Where an engine has it:
+ *   FlashAttention (flash_attn_func / flash_attn_varlen_func with return_attn_probs=True; FA3's
+ *   flash_attn_func returns it too): softmax_lse is exactly this (natural log, of the logits times
+ *   softmax_scale), laid out [batch][num_heads][seqlen_q] or, varlen, [num_heads][total_q]: take
+ *   the observation rows and transpose to [row][head].
+ *   FlashInfer (the prefill / decode wrappers' run(..., return_lse=True)): [total_q][num_qo_heads],
+ *   but in base 2 by default (its kernels fold log2 e into the scale and return
+ *   max + log2(sum of exp2), i.e. this lse divided by ln 2): multiply by ln 2 = 0.6931471806
+ *   (releases that take lse_base="ln" return this convention directly), then take the rows.
+ *   Either way with the plan's scale as the softmax scale and causal. Under span_local, passing the
+ *   causal prefix's normaliser instead (what the engine's attention has) scores each span with the
+ *   full causal softmax sliced to the span's keys, as the paper's code does, rather than a softmax
+ *   over the span alone. */
 KVC_API kvc_status_t kvc_score(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                const void *queries, const float *lse, float *scores, int accumulate,
                                void *workspace, size_t workspace_bytes, kvc_stream_t stream);
@@ -515,6 +627,22 @@ KVC_API kvc_status_t kvc_score(kvc_context_t ctx, kvc_plan_t plan, const kvc_pag
 KVC_API kvc_status_t kvc_select(kvc_context_t ctx, kvc_plan_t plan, const float *scores,
                                 int32_t *keep, void *workspace, size_t workspace_bytes,
                                 kvc_stream_t stream);
+
+/* Per-sequence result of a compaction, int32 flags ORed together; 0: the sequence was compacted
+ * (or needed no move). Nonzero: the sequence was left untouched, every head, pool and extra. The
+ * CUDA backend checks a sequence's first ceil(n_b / page_size) page-table entries on the device;
+ * the CPU backend refuses every such table with KVC_ERROR_INVALID_VALUE instead, so its array is
+ * all zeros after a successful call. */
+typedef enum {
+  KVC_COMPACT_OK = 0,
+  KVC_COMPACT_BAD_PAGE_ID = 1,     /* a page id it uses lies outside [0, num_pages)                   */
+  KVC_COMPACT_SHORT_PAGE_LIST = 2, /* CSR: page_indptr[b] < 0, or fewer entries than its tokens need  */
+  KVC_COMPACT_SHARED_PAGE = 4,     /* a page it uses is also used by another sequence, or twice by it
+                                      (every sequence using that page gets the flag)                */
+  KVC_COMPACT_BAD_POOL = 8         /* layer-batched call on CUDA: this layer's k or v is NULL, k == v,
+                                      K and V rows overlap, a pool runs past the address space or is
+                                      not aligned to the copy width (kvc_compact_layers)            */
+} kvc_compact_status_t;
 
 /* In place, for every (sequence, KV head) and j < k_b: slot j <- slot keep[j] for K and V, and for
  * each of the `num_extras` per-token fp32 arrays extras[e] (score layout, e.g. accumulated H2O
@@ -526,7 +654,10 @@ KVC_API kvc_status_t kvc_select(kvc_context_t ctx, kvc_plan_t plan, const float 
  * another sequence's pages. On CUDA the pools must be aligned to their element size. Slots >= k_b
  * keep stale data and pages past ceil(k_b / page_size) are the engine's to free. Positions are not
  * rewritten: cached keys keep their RoPE and the engine continues positions from the old length. Sequences whose
- * budget >= length are not touched. */
+ * budget >= length are not touched.
+ * Status: the call leaves int32 [batch] kvc_compact_status_t flags in its workspace at byte offset
+ * kvc_plan_info_t.compact_status_offset_bytes (valid once the stream has run the call, after a
+ * KVC_SUCCESS return; read it back like any device result). */
 KVC_API kvc_status_t kvc_compact(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                  const int32_t *keep, float *const *extras, int32_t num_extras,
                                  void *workspace, size_t workspace_bytes, kvc_stream_t stream);
@@ -539,7 +670,8 @@ KVC_API kvc_status_t kvc_retention(kvc_context_t ctx, kvc_plan_t plan, const int
 /* kvc_score (accumulate = 0) + kvc_select + kvc_compact (no extras) on the caller's workspace
  * (kvc_plan_workspace_size(plan, KVC_OP_COMPRESS)). `lse` as for kvc_score (may be NULL).
  * Afterwards the keep layout is left in the workspace at byte offset
- * kvc_plan_info_t.keep_offset_bytes, e.g. for kvc_retention. */
+ * kvc_plan_info_t.keep_offset_bytes, e.g. for kvc_retention, and compaction's status array at
+ * kvc_plan_info_t.compress_status_offset_bytes. */
 KVC_API kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                   const void *queries, const float *lse, void *workspace,
                                   size_t workspace_bytes, kvc_stream_t stream);
@@ -598,6 +730,103 @@ KVC_API kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_
 KVC_API kvc_status_t kvc_gather_queries(kvc_context_t ctx, kvc_plan_t plan, const void *packed_q, int64_t num_tokens,
                                         int64_t token_stride, const int32_t *qo_indptr, void *queries,
                                         kvc_stream_t stream);
+
+/* ============================================================================================= */
+/* Every layer in one call                                                                       */
+/* ============================================================================================= */
+
+/*
+ * An engine compresses all layers of a model in one event: the same sequences, budgets and spans
+ * (one plan), the same page table and pool layout (one cache descriptor), but per-layer K and V
+ * pools and per-layer queries. The layer-batched calls below take them as arrays of num_layers
+ * pointers and run each stage once for all layers (one launch per kernel, the layer a grid axis),
+ * with results identical to num_layers single-layer calls.
+ *
+ * The cache descriptor passed beside kvc_layers_t gives the layout and the page table; its k and v
+ * must be NULL (the layers' pools replace them; a non-NULL one is KVC_ERROR_INVALID_VALUE, so a
+ * single-layer descriptor is not passed by mistake). Per-layer arrays of the other arguments are
+ * the single-layer layouts stacked: layer l's scores at scores + l * score_elems, its keep layout at
+ * keep + l * keep_elems, its counts at counts + l * count_elems (kvc_plan_info_t element counts).
+ *
+ * Memory of the pointer arrays: host memory on CPU, where every layer's pools are checked like a
+ * single-layer descriptor's (present, distinct) before anything moves, the failure naming the
+ * layer. On CUDA, device memory the kernels read (so the
+ * call is capturable in a CUDA graph, and the pointers may change between replays without a new
+ * capture); the arrays are not read on the host, so the CUDA backend checks their entries on the
+ * device: a layer whose pools fail the checks a single-layer descriptor's pools get (present,
+ * distinct, no K row overlapping a V row, aligned) is left untouched by compaction
+ * (KVC_COMPACT_BAD_POOL).
+ * The score stage on CUDA is the exception today: kvc_score_layers and the first stage of
+ * kvc_compress_layers run one scoring pass per layer from the host, so on CUDA they read k, v,
+ * queries and lse on the host and need them in page-locked host memory (cudaHostAlloc /
+ * cudaMallocHost), which the kernels can read too; device memory there is
+ * KVC_ERROR_NOT_SUPPORTED. The other stages are one launch per kernel for all layers.
+ */
+typedef struct {
+  int32_t num_layers;          /* L >= 1                                                          */
+  void *const *k;              /* [L] K pool of each layer (layout of the cache descriptor)      */
+  void *const *v;              /* [L] V pool of each layer                                       */
+  const void *const *queries;  /* [L] each as kvc_score's `queries`, or NULL (as a whole) when the
+                                  plan has no observation queries; read by scoring only          */
+  const float *const *lse;     /* [L] each as kvc_score's `lse` (an entry may be NULL: computed),
+                                  or NULL as a whole; read by scoring only                       */
+} kvc_layers_t;
+
+/* Workspace of the layer-batched call of `op` over num_layers layers (num_layers 1: the single-layer
+ * call's, kvc_plan_workspace_size), and where the call leaves its results in it:
+ *   keep_offset_bytes     COMPRESS: layer l's keep layout starts at keep_offset_bytes
+ *                         + l * 4 * keep_elems (0 for the other ops)
+ *   status_offset_bytes   COMPACT, COMPRESS: the int32 [num_layers][batch] kvc_compact_status_t
+ *                         array (layer l's sequence b at index l * batch + b; 0 for other ops)
+ * Which terms of kvc_plan_workspace_size's list scale with num_layers: SELECT on CUDA all of them
+ * (each layer's thresholds and split-row histograms), on CPU none (one row at a time); COMPACT the
+ * status array and the chunk flags, while the page-table check (CPU scratch, CUDA claim table) is
+ * done once for all layers; SCORE none (the layers are scored one after another today);
+ * COMPRESS the keep and score layouts, then the largest stage. So the plan needs no layer count:
+ * ask here for the L you will pass. INVALID_VALUE if plan or layout is NULL, op unknown or
+ * num_layers < 1 (or the size overflows). */
+typedef struct {
+  size_t workspace_bytes;
+  size_t keep_offset_bytes;
+  size_t status_offset_bytes;
+} kvc_workspace_layout_t;
+
+KVC_API kvc_status_t kvc_plan_workspace_layout(kvc_plan_t plan, kvc_op_t op, int32_t num_layers,
+                                               kvc_workspace_layout_t *layout);
+
+/* kvc_score for every layer: layer l scores from layers->k[l] (and v's layout) with
+ * layers->queries[l] and layers->lse[l] into its stacked score layout. accumulate as kvc_score. */
+KVC_API kvc_status_t kvc_score_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                      const kvc_layers_t *layers, float *scores, int accumulate,
+                                      void *workspace, size_t workspace_bytes, kvc_stream_t stream);
+
+/* kvc_select for every layer: num_layers stacked score layouts in, stacked keep layouts out. */
+KVC_API kvc_status_t kvc_select_layers(kvc_context_t ctx, kvc_plan_t plan, int32_t num_layers,
+                                       const float *scores, int32_t *keep, void *workspace,
+                                       size_t workspace_bytes, kvc_stream_t stream);
+
+/* kvc_compact for every layer: layer l's pools layers->k[l], layers->v[l] are compacted by its
+ * stacked keep layout; each extras[e] (host array of num_extras pointers) holds num_layers stacked
+ * score layouts. The page table is checked once for all layers; the status array is
+ * [num_layers][batch] (kvc_plan_workspace_layout). On CUDA every layer's pools must be aligned to
+ * the widest of 16, 8, 4, 2, 1 bytes that divides head_dim * element size and every byte stride
+ * (the pointers are not read on the host); a layer that is not is left untouched and flagged. */
+KVC_API kvc_status_t kvc_compact_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                        const kvc_layers_t *layers, const int32_t *keep,
+                                        float *const *extras, int32_t num_extras, void *workspace,
+                                        size_t workspace_bytes, kvc_stream_t stream);
+
+/* kvc_retention for every layer: stacked keep layouts in, stacked count layouts out. */
+KVC_API kvc_status_t kvc_retention_layers(kvc_context_t ctx, kvc_plan_t plan, int32_t num_layers,
+                                          const int32_t *keep, int32_t *counts, void *workspace,
+                                          size_t workspace_bytes, kvc_stream_t stream);
+
+/* kvc_compress for every layer (score, select, compact) on the workspace of
+ * kvc_plan_workspace_layout(plan, KVC_OP_COMPRESS, layers->num_layers), which tells where the
+ * stacked keep layouts and the status array are left. */
+KVC_API kvc_status_t kvc_compress_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                         const kvc_layers_t *layers, void *workspace,
+                                         size_t workspace_bytes, kvc_stream_t stream);
 
 #ifdef __cplusplus
 }

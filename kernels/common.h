@@ -23,6 +23,9 @@ KVC_HD int kvc_dtype_size(kvc_dtype_t dtype) {
   return dtype == KVC_DTYPE_F32 ? 4 : dtype == KVC_DTYPE_FP8_E4M3 ? 1 : 2;
 }
 
+/* Pages that n tokens fill, in int64: n + page_size - 1 overflows int32 for long pages. */
+KVC_HD int64_t kvc_pages_needed(int64_t n, int32_t page_size) { return (n + page_size - 1) / page_size; }
+
 /* Page list of sequence b (NULL: sequence b is page b). */
 KVC_HD const int32_t *kvc_seq_pages(const kvc_paged_kv_t *c, int32_t b) {
   if (!c->page_table) return 0;
@@ -43,7 +46,7 @@ KVC_HD int32_t kvc_page_checked(const kvc_paged_kv_t *c, int32_t b, int32_t t) {
     page = b;
   } else if (c->page_indptr) {
     const int32_t first = c->page_indptr[b];
-    if (first < 0 || i >= c->page_indptr[b + 1] - first) return -1;
+    if (first < 0 || i >= (int64_t)c->page_indptr[b + 1] - first) return -1; /* int64: no overflow */
     page = c->page_table[first + i];
   } else {
     page = c->page_table[(int64_t)b * c->max_pages + i];
@@ -51,7 +54,12 @@ KVC_HD int32_t kvc_page_checked(const kvc_paged_kv_t *c, int32_t b, int32_t t) {
   return page >= 0 && page < c->num_pages ? page : -1;
 }
 
-/* Element offset of (token t of a sequence on `page`, head h, dim 0) in the k or v pool. */
+/* Element offset of (token t of a sequence on `page`, head h, dim 0) in the k or v pool.
+ * Cannot overflow for the arguments the ops pass: page in [0, num_pages) (validated on the host or
+ * guarded by kvc_page_checked), t % page_size in [0, page_size), h in [0, num_kv_heads), strides
+ * > 0. Each product is then at most its axis' (count - 1) * stride and the sum at most the pool
+ * extent minus head_dim, which the host (host/dispatch.c, check_layout) proved fits int64 — also
+ * in bytes, so offset * element size and offset + a column below head_dim fit as well. */
 KVC_HD int64_t kvc_slot_offset(const kvc_paged_kv_t *c, int32_t page, int32_t t, int32_t h) {
   return (int64_t)page * c->stride_page + (int64_t)(t % c->page_size) * c->stride_token +
          (int64_t)h * c->stride_head;
@@ -65,6 +73,105 @@ KVC_HD int64_t kvc_packed_row(int32_t n, int32_t start, int32_t end, int64_t tok
   const int64_t len = (int64_t)end - start;
   if (start < 0 || len < 0 || end > tokens || len > n || p < n - len) return -1;
   return start + (p - (n - len));
+}
+
+/* ---- K and V rows of one layout: do they overlap? ----------------------------------------------
+ * The rows (page, slot, head) of a pool start at the offsets x_0 a_0 + x_1 a_1 + x_2 a_2 (a_i the
+ * strides, 0 <= x_i < c_i). A K row and a V row overlap iff |delta - dist| < head_dim for delta a
+ * difference of two row offsets and dist = |v - k| in elements. host/dispatch.c checks it for a
+ * descriptor's pools, CUDA compaction for each layer's pools of a layer-batched call. */
+
+/* One axis of the pools (page, slot or head): `count` positions `stride` elements apart. */
+typedef struct {
+  int64_t stride, count;
+} kvc_pool_axis_t;
+
+/* The axes with count >= 2 by increasing stride (the first n; the rest are padding of count 1),
+ * reach[i]: the largest |x_0 a_0 + ... + x_{i-1} a_{i-1}| over |x_j| < c_j, reach[0] = 0. */
+typedef struct {
+  kvc_pool_axis_t axis[3];
+  int64_t reach[4];
+  int n;
+} kvc_pool_lattice_t;
+
+/* The lattice of a layout (num_kv_heads heads). Needs the extent to fit int64 (checked first by
+ * the host), so no sum overflows. */
+KVC_HD kvc_pool_lattice_t kvc_pool_lattice(const kvc_paged_kv_t *c, int32_t num_kv_heads) {
+  kvc_pool_lattice_t L;
+  const kvc_pool_axis_t axes[3] = {{c->stride_page, c->num_pages}, {c->stride_token, c->page_size},
+                                   {c->stride_head, num_kv_heads}};
+  L.n = 0;
+  for (int i = 0; i < 3; ++i) {
+    if (axes[i].count < 2) continue; /* a single position: no stride to step */
+    int j = L.n++;
+    for (; j > 0 && L.axis[j - 1].stride > axes[i].stride; --j) L.axis[j] = L.axis[j - 1];
+    L.axis[j] = axes[i];
+  }
+  L.reach[0] = 0;
+  for (int i = 0; i < 3; ++i) {
+    if (i >= L.n) L.axis[i].stride = L.reach[i] + 1, L.axis[i].count = 1; /* padding: x = 0 only */
+    L.reach[i + 1] = L.reach[i] + (L.axis[i].count - 1) * L.axis[i].stride;
+  }
+  return L;
+}
+
+/* [lo, hi] clamped to [-reach[level], reach[level]]; 0 when that is empty. */
+KVC_HD int kvc_lattice_clamp(const kvc_pool_lattice_t *L, int level, int64_t *lo, int64_t *hi) {
+  const int64_t r = L->reach[level];
+  if (*lo > r || *hi < -r) return 0;
+  if (*lo < -r) *lo = -r;
+  if (*hi > r) *hi = r;
+  return 1;
+}
+
+/* The x of axis level - 1 with x * a in [lo - r, hi + r] (r = reach[level - 1] < a: the bounds are
+ * the truncated quotients moved by at most one, compared, never added, so nothing overflows),
+ * within |x| < count. */
+KVC_HD void kvc_lattice_steps(const kvc_pool_lattice_t *L, int level, int64_t lo, int64_t hi, int64_t *x_lo,
+                              int64_t *x_hi) {
+  const int64_t a = L->axis[level - 1].stride, r = L->reach[level - 1], c = L->axis[level - 1].count;
+  const int64_t ql = lo / a, rl = lo % a, qh = hi / a, rh = hi % a;
+  *x_lo = ql + (rl > r ? 1 : rl > r - a ? 0 : -1);
+  *x_hi = qh + (rh >= a - r ? 1 : rh >= -r ? 0 : -1);
+  if (*x_lo < 1 - c) *x_lo = 1 - c;
+  if (*x_hi > c - 1) *x_hi = c - 1;
+}
+
+/* Whether the row-offset differences {sum_i x_i a_i : |x_i| < c_i} meet [lo, hi]. Exact, and cheap
+ * once the strides have passed the non-overlap check (a_i >= head_dim + reach[i], so reach[i] <
+ * a_i): for an interval narrower than 2 head_dim at most two x are possible at each level, at most
+ * 8 leaves. Three nested levels (padding axes take x = 0), no recursion: it also runs in a kernel. */
+KVC_HD int kvc_lattice_meets(const kvc_pool_lattice_t *L, int64_t lo, int64_t hi) {
+  int64_t x2_lo, x2_hi, x1_lo, x1_hi, x0_lo, x0_hi;
+  if (!kvc_lattice_clamp(L, 3, &lo, &hi)) return 0;
+  kvc_lattice_steps(L, 3, lo, hi, &x2_lo, &x2_hi);
+  for (int64_t x2 = x2_lo; x2 <= x2_hi; ++x2) {
+    int64_t lo2 = lo - x2 * L->axis[2].stride, hi2 = hi - x2 * L->axis[2].stride;
+    if (!kvc_lattice_clamp(L, 2, &lo2, &hi2)) continue;
+    kvc_lattice_steps(L, 2, lo2, hi2, &x1_lo, &x1_hi);
+    for (int64_t x1 = x1_lo; x1 <= x1_hi; ++x1) {
+      int64_t lo1 = lo2 - x1 * L->axis[1].stride, hi1 = hi2 - x1 * L->axis[1].stride;
+      if (!kvc_lattice_clamp(L, 1, &lo1, &hi1)) continue;
+      kvc_lattice_steps(L, 1, lo1, hi1, &x0_lo, &x0_hi);
+      for (int64_t x0 = x0_lo; x0 <= x0_hi; ++x0) {
+        int64_t lo0 = lo1 - x0 * L->axis[0].stride, hi0 = hi1 - x0 * L->axis[0].stride;
+        if (kvc_lattice_clamp(L, 0, &lo0, &hi0) && lo0 <= 0 && 0 <= hi0) return 1;
+      }
+    }
+  }
+  return 0;
+}
+
+/* Whether some K row overlaps some V row, k and v aligned to their elements; extent_bytes is the
+ * pool's extent. The set of deltas is symmetric, so the sign of v - k does not matter. */
+KVC_HD int kvc_kv_rows_overlap(const kvc_pool_lattice_t *L, const void *k, const void *v, int64_t extent_bytes,
+                               int64_t elem_bytes, int64_t head_dim) {
+  const uintptr_t pk = (uintptr_t)k, pv = (uintptr_t)v;
+  const uintptr_t dist = pk > pv ? pk - pv : pv - pk;
+  if (dist >= (uintptr_t)extent_bytes) return 0; /* disjoint extents: separate pools or halves */
+  const int64_t elems = (int64_t)dist / elem_bytes, reach = L->reach[3];
+  if (elems - (head_dim - 1) > reach) return 0;
+  return kvc_lattice_meets(L, elems - (head_dim - 1), elems > reach - (head_dim - 1) ? reach : elems + head_dim - 1);
 }
 
 /* Selection key: larger = kept first. Orders by score (NaN below -inf, -0 == +0) in the high 32

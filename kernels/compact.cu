@@ -1,14 +1,15 @@
 /*
- * compact.cu - CUDA compaction: for every (sequence b, KV head h) with k_b < n_b and j < k_b,
- * slot j <- slot keep[j] for K, V and the extra per-token fp32 arrays, in place (kvc_compact in
- * kvcompress.h; byte for byte what kernels/compact_cpu.c does).
+ * compact.cu - CUDA compaction: for every (layer, sequence b, KV head h) with k_b < n_b and
+ * j < k_b, slot j <- slot keep[j] for K, V and the extra per-token fp32 arrays, in place (kvc_compact
+ * and kvc_compact_layers in kvcompress.h; byte for byte what kernels/compact_cpu.c does).
  *
- * Work split. The keep layout of the whole batch (num_kv_heads * total_kept writers; writer j of
- * row (b, h) moves one token into slot j) is cut into chunks of C consecutive writers; a chunk may
- * end one row and start the next. One block per chunk moves every byte of its writers: the K and V
- * rows in vectors of up to 16 bytes (the widest the pools' alignment allows) and the extras. The
- * block reads all its sources into registers, then writes all its destinations. Thousands of
- * chunks keep the device busy even for one sequence with few heads.
+ * Work split. Each layer's keep layout (num_kv_heads * total_kept writers; writer j of row (b, h)
+ * moves one token into slot j) is cut into chunks of C consecutive writers; a chunk may end one row
+ * and start the next. One block per chunk moves every byte of its writers: the K and V rows in
+ * vectors of up to 16 bytes (the widest the pools' alignment allows) and the extras. The block reads
+ * all its sources into registers, then writes all its destinations. C shrinks until there are
+ * about four chunks per resident block (and grows to what a block stages when there are more), so
+ * even one short sequence with few heads fills the device.
  *
  * Why in place is race-free. In a row keep is strictly ascending, so keep[j] >= j: slot s is read
  * only by the writer j with keep[j] = s (so j <= s) and written only by writer s, i.e. by the
@@ -21,24 +22,43 @@
  *     lie in at most two consecutive chunks, r and r + 1. Only the row the chunk starts in can
  *     have such readers (a row that starts inside u has all its writers in u or later). A pass
  *     before the move finds r for every chunk (the first writer whose source lies in it), and
- *     chunk u writes only after chunks r and r + 1 (those before u) have published, through a
- *     flag each in the workspace, that all their reads are done.
- * Rows never share memory (a page belongs to one sequence; heads and pools are disjoint).
+ *     chunk u writes only after chunks r and r + 1 (those before u) have published that all their
+ *     reads are done.
+ * The publication is a device-scope release store of the chunk's flag by thread 0 after a
+ * __syncthreads that follows every thread's loads; the waiting block's thread 0 reads the flag with
+ * a device-scope acquire load and a __syncthreads passes that on to the threads that then store.
+ * So each read of chunk r happens before every write of chunk u that could overwrite its source
+ * (no system-scope fence is needed: the data never leaves the device). Layers never share memory
+ * (each has its own pools, keep and extras), nor do rows (a page belongs to one sequence, checked
+ * below; heads and pools are disjoint), so chunks of different layers or rows never wait for each
+ * other's data.
  *
  * Why the wait cannot deadlock. Blocks take chunk numbers from an atomic ticket in the order they
- * start, not from blockIdx, so the blocks holding chunks r, r + 1 < u are already running
- * (resident) when chunk u waits for them, and their reads wait on nothing. The wait is a
- * __syncthreads_or loop: in the SIMT emulator blocks in flight interleave at barriers, and a
- * block runs alone only after all lower tickets have finished.
+ * start, not from blockIdx (chunk u of layer l is ticket l * chunks + u), so the blocks holding
+ * chunks r, r + 1 < u of the same layer hold smaller tickets and are already running (resident)
+ * when chunk u waits for them, and their reads wait on nothing. The wait is a __syncthreads_or
+ * loop: in the SIMT emulator blocks in flight interleave at barriers, and a block runs alone only
+ * after all lower tickets have finished.
  *
- * Page ids are checked on the device before anything moves: a sequence whose first
- * ceil(n / page_size) page ids are not all in [0, num_pages) (or whose CSR list is shorter) is
- * left untouched, all its heads and extras. A keep index outside [j, n) moves nothing, so no byte
- * outside the sequence's own pages is read or written whatever the keep array holds (an array
- * that is not ascending may then scramble the sequence's own kept tokens).
+ * Tables checked on the device, before anything moves (the host cannot read them). A first launch
+ * resets the flags and an open-addressing hash table of page ids in the workspace; a second checks
+ * each sequence's first ceil(n / page_size) entries, 256 per block (a grid of sequences x page
+ * chunks, so a long sequence's pages are claimed in parallel): an id outside [0, num_pages) flags
+ * KVC_COMPACT_BAD_PAGE_ID, a CSR list that starts below 0 or is too short KVC_COMPACT_SHORT_PAGE_LIST,
+ * and every id in range is claimed in the table with one 64-bit compare-and-swap of (page, sequence):
+ * a claim that finds the page already there flags KVC_COMPACT_SHARED_PAGE on both sequences (the
+ * same sequence twice included), so whichever claim wins, every sequence using a shared page is
+ * flagged. A flagged sequence is left untouched, all its heads and extras, in every layer; on CUDA
+ * a layer-batched call also flags a layer whose pools are NULL, equal, misaligned, run past the
+ * address space or have overlapping K and V rows (KVC_COMPACT_BAD_POOL: the checks the host makes
+ * of a single-layer descriptor's pools, kernels/common.h). The flags are the status array the engine reads afterwards. A keep index
+ * outside [j, n) moves nothing, so no byte outside the sequence's own pages is read or written
+ * whatever the keep array holds (an array that is not ascending may then scramble the sequence's
+ * own kept tokens).
  */
 #include "cuda_compat.cuh"
 
+#include "device_memory.cuh"
 #include "common.h"
 #include "launch.cuh"
 #include "search.cuh"
@@ -50,25 +70,37 @@ constexpr int kThreads = 256;
 constexpr int kVectorsPerThread = 4;                    /* staged in registers per chunk     */
 constexpr int kCapacity = kThreads * kVectorsPerThread; /* vectors a block holds at once     */
 constexpr int kMaxExtras = 8;                           /* extras moved per pass             */
+constexpr int kChunksPerResidentBlock = 4;              /* chunk count the size C aims at    */
+constexpr unsigned long long kNoClaim = ~0ull;          /* an empty slot of the page table   */
 
-/* One pass over the keep layout: K and V (kv_lanes > 0, first pass only) plus up to kMaxExtras
- * extras. Everything by value: the kernels read no host memory. */
+/* One pass over every layer's keep layout: K and V (kv_lanes > 0, first pass only) plus up to
+ * kMaxExtras extras. Everything by value: the kernels read no host memory. */
 struct Pass {
   kvc_plan_view_t plan;
-  kvc_paged_kv_t cache;
+  kvc_paged_kv_t cache;     /* layout and page table (k, v: the single layer's pools)             */
+  void *const *k_layers;    /* [num_layers] device arrays of the layers' pools, or NULL            */
+  void *const *v_layers;
   const int32_t *keep;
   float *extras[kMaxExtras];
   int32_t num_extras;
-  int32_t kv_lanes; /* vectors per K row (and per V row); 0: extras only                         */
-  int32_t chunk;    /* writers per chunk, C                                                       */
-  int64_t chunks;
-  int64_t *first_reader;      /* [chunks] earliest chunk that reads a slot this chunk writes, or -1 */
-  int32_t *reads_done;        /* [chunks] 1 once all the chunk's sources are read                 */
+  int32_t num_layers;
+  int32_t kv_lanes;         /* vectors per K row (and per V row); 0: extras only                  */
+  int32_t vec_bytes;        /* bytes per K/V vector                                               */
+  kvc_pool_lattice_t lattice; /* the layout's rows, for each layer's K/V overlap check (layered)    */
+  int64_t extent_bytes;     /* one pool's extent                                                  */
+  int32_t chunk;            /* writers per chunk, C                                               */
+  int64_t chunks;           /* per layer                                                          */
+  int64_t *first_reader;    /* [layers][chunks] earliest chunk that reads a slot this one writes, or -1 */
+  int32_t *reads_done;      /* [layers][chunks] 1 once all the chunk's sources are read           */
   unsigned long long *ticket; /* next chunk number to hand out                                    */
-  int32_t *seq_ok;            /* [batch] 1 when the sequence's page list may be followed           */
+  int32_t *table_status;    /* [batch] page-table flags of each sequence                          */
+  int32_t *status;          /* [layers][batch] the status array: table flags | pool flags          */
+  unsigned long long *claims; /* [1 << claim_bits] (page << 32 | sequence), or kNoClaim             */
+  int32_t claim_bits;
 };
 
-/* A writer: keep-layout element i is writer j of row (b, h), which starts at element row_base. */
+/* A writer: keep-layout element i (of one layer) is writer j of row (b, h), which starts at
+ * element row_base. */
 struct Writer {
   int32_t b, h, j, n, k;
   int64_t row_base;
@@ -87,6 +119,8 @@ union Staged {
   float extra;
 };
 
+__device__ int64_t writers_per_layer(const kvc_plan_view_t &plan) { return plan.num_kv_heads * plan.total_kept; }
+
 __device__ Writer writer_at(const kvc_plan_view_t &plan, int64_t i) {
   const int32_t lo = last_offset_at_or_below(plan.keep_offsets, plan.batch, plan.num_kv_heads, i);
   Writer w;
@@ -100,61 +134,118 @@ __device__ Writer writer_at(const kvc_plan_view_t &plan, int64_t i) {
   return w;
 }
 
-/* Resets the ticket, the flags and the readers of a pass, and marks each sequence whose page list
- * the moves may follow: every id it would use in [0, num_pages), and for CSR enough entries. */
-__global__ void __launch_bounds__(kThreads) prepare_kernel(Pass pass) {
-  for (int64_t u = blockIdx.x * (int64_t)kThreads + threadIdx.x; u < pass.chunks; u += (int64_t)gridDim.x * kThreads) {
+__device__ char *pool_of(const Pass &pass, int32_t layer, bool v) {
+  if (pass.k_layers) return static_cast<char *>(v ? pass.v_layers[layer] : pass.k_layers[layer]);
+  return static_cast<char *>(v ? pass.cache.v : pass.cache.k);
+}
+
+/* Resets the ticket, the flags and the readers of a pass; with check_table also the table's flags
+ * and claims (the first pass checks the table for the later ones). */
+__global__ void __launch_bounds__(kThreads) prepare_kernel(Pass pass, bool check_table) {
+  const int64_t start = blockIdx.x * (int64_t)kThreads + threadIdx.x, stride = (int64_t)gridDim.x * kThreads;
+  for (int64_t u = start; u < pass.num_layers * pass.chunks; u += stride) {
     pass.reads_done[u] = 0;
     pass.first_reader[u] = -1;
   }
-  if (blockIdx.x == 0 && threadIdx.x == 0) *pass.ticket = 0;
-  const kvc_paged_kv_t &cache = pass.cache;
-  for (int32_t b = blockIdx.x; b < pass.plan.batch; b += gridDim.x) {
-    const int32_t need = (pass.plan.seq_lens[b] + cache.page_size - 1) / cache.page_size;
-    bool ok = true;
-    if (!cache.page_table) {
-      ok = b < cache.num_pages;
-    } else {
-      if (cache.page_indptr) ok = cache.page_indptr[b] >= 0 && cache.page_indptr[b + 1] - cache.page_indptr[b] >= need;
-      const int32_t *pages = kvc_seq_pages(&cache, b);
-      for (int32_t i = threadIdx.x; ok && i < need; i += kThreads) ok = pages[i] >= 0 && pages[i] < cache.num_pages;
+  if (start == 0) *pass.ticket = 0;
+  if (!check_table) return;
+  for (int64_t b = start; b < pass.plan.batch; b += stride) pass.table_status[b] = 0;
+  for (int64_t i = start; pass.claims && i < (int64_t)1 << pass.claim_bits; i += stride) pass.claims[i] = kNoClaim;
+}
+
+/* Claims `page` for sequence b; a page claimed before flags both claimants. */
+__device__ void claim_page(const Pass &pass, int32_t page, int32_t b) {
+  const unsigned long long mine = (unsigned long long)(uint32_t)page << 32 | (uint32_t)b;
+  const uint32_t mask = (1u << pass.claim_bits) - 1u;
+  /* multiplicative hash: the high bits of page * 2^32 / phi; the table is at least twice the
+   * number of claims, so a probe always ends at an empty slot or the page */
+  uint32_t slot = (uint32_t)((uint32_t)page * 2654435769u) >> (32 - pass.claim_bits);
+  for (;;) {
+    const unsigned long long seen = atomicCAS(&pass.claims[slot], kNoClaim, mine);
+    if (seen == kNoClaim) return;
+    if ((uint32_t)(seen >> 32) == (uint32_t)page) {
+      atomicOr(&pass.table_status[b], KVC_COMPACT_SHARED_PAGE);
+      atomicOr(&pass.table_status[(int32_t)(uint32_t)seen], KVC_COMPACT_SHARED_PAGE);
+      return;
     }
-    ok = __syncthreads_and(ok);
-    if (threadIdx.x == 0) pass.seq_ok[b] = ok;
+    slot = (slot + 1) & mask;
   }
 }
 
-/* One thread per writer. The first writer of a row whose source lies in chunk u's slots is the
- * earliest reader of u (keep ascending); it records its chunk when that comes before u. One
- * writer per chunk can qualify (see the top comment), so plain stores suffice. */
+/* Sequence blockIdx.y's page list, kThreads entries per block (blockIdx.x): each entry checked and
+ * its page claimed. */
+__global__ void __launch_bounds__(kThreads) claim_pages_kernel(Pass pass) {
+  const kvc_paged_kv_t &cache = pass.cache;
+  const int32_t b = blockIdx.y, need = (pass.plan.seq_lens[b] + cache.page_size - 1) / cache.page_size;
+  const int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (blockIdx.x * (int64_t)kThreads >= need) return;
+  int32_t flags = 0, have = need;
+  if (!cache.page_table) {
+    flags = b < cache.num_pages ? 0 : KVC_COMPACT_BAD_PAGE_ID; /* page b: nothing to share */
+    have = 0;
+  } else if (cache.page_indptr) {
+    const int32_t first = cache.page_indptr[b], last = cache.page_indptr[b + 1];
+    have = first < 0 || last < first ? 0 : last - first < need ? last - first : need;
+    if (have < need) flags |= KVC_COMPACT_SHORT_PAGE_LIST;
+  }
+  if (i < have) {
+    const int32_t page = kvc_seq_pages(&cache, b)[i];
+    if (page < 0 || page >= cache.num_pages)
+      flags |= KVC_COMPACT_BAD_PAGE_ID;
+    else
+      claim_page(pass, page, b);
+  }
+  if (flags) atomicOr(&pass.table_status[b], flags);
+}
+
+/* One thread per writer of every layer. The first writer of a row whose source lies in chunk u's
+ * slots is the earliest reader of u (keep ascending); it records its chunk when that comes before
+ * u. One writer per chunk can qualify (see the top comment), so plain stores suffice. The same
+ * threads publish the status array: the table's flags, and a layer's bad pools. */
 __global__ void __launch_bounds__(kThreads) find_readers_kernel(Pass pass) {
-  const int64_t i = blockIdx.x * (int64_t)kThreads + threadIdx.x;
-  if (i >= pass.plan.num_kv_heads * pass.plan.total_kept) return;
-  const Writer w = writer_at(pass.plan, i);
+  const int64_t i = blockIdx.x * (int64_t)kThreads + threadIdx.x, writers = writers_per_layer(pass.plan);
+  if (i < (int64_t)pass.num_layers * pass.plan.batch) {
+    const int32_t layer = (int32_t)(i / pass.plan.batch), b = (int32_t)(i % pass.plan.batch);
+    int32_t flags = pass.table_status[b];
+    if (pass.k_layers) { /* what the host checks for a single-layer descriptor's pools */
+      const char *k = pool_of(pass, layer, false), *v = pool_of(pass, layer, true);
+      const uintptr_t pk = reinterpret_cast<uintptr_t>(k), pv = reinterpret_cast<uintptr_t>(v);
+      const uintptr_t last = UINTPTR_MAX - (uintptr_t)pass.extent_bytes;
+      if (!k || !v || k == v || (pk | pv) % pass.vec_bytes || pk > last || pv > last ||
+          kvc_kv_rows_overlap(&pass.lattice, k, v, pass.extent_bytes, kvc_dtype_size(pass.cache.dtype),
+                              pass.cache.head_dim))
+        flags |= KVC_COMPACT_BAD_POOL;
+    }
+    pass.status[i] = flags;
+  }
+  if (i >= pass.num_layers * writers) return;
+  const int64_t layer = i / writers, local = i - layer * writers;
+  const Writer w = writer_at(pass.plan, local);
   if (w.k == w.n) return;
   const int32_t source = pass.keep[i];
   if (source <= w.j || source >= w.k) return; /* no move, or a slot nobody writes */
-  const int64_t read_chunk = i / pass.chunk, written_chunk = (w.row_base + source) / pass.chunk;
+  const int64_t read_chunk = local / pass.chunk, written_chunk = (w.row_base + source) / pass.chunk;
   const bool first_into_chunk = w.j == 0 || (w.row_base + pass.keep[i - 1]) / pass.chunk < written_chunk;
-  if (first_into_chunk && read_chunk < written_chunk) pass.first_reader[written_chunk] = read_chunk;
+  if (first_into_chunk && read_chunk < written_chunk) pass.first_reader[layer * pass.chunks + written_chunk] = read_chunk;
 }
 
-/* The move of writer w of `chunk` (none for threads past the chunk or rows that stay). */
-__device__ Move describe_move(const Pass &pass, int64_t chunk, int w) {
+/* The move of writer w of `chunk` of `layer` (none for threads past the chunk, rows that stay and
+ * sequences or layers the status array flags). */
+__device__ Move describe_move(const Pass &pass, int32_t layer, int64_t chunk, int w) {
   Move move = {-1, -1, -1, -1};
   const kvc_plan_view_t &plan = pass.plan;
-  const int64_t i = chunk * pass.chunk + w;
-  if (w >= pass.chunk || i >= plan.num_kv_heads * plan.total_kept) return move;
+  const int64_t i = chunk * pass.chunk + w, writers = writers_per_layer(plan);
+  if (w >= pass.chunk || i >= writers) return move;
   const Writer writer = writer_at(plan, i);
-  if (writer.k == writer.n || !pass.seq_ok[writer.b]) return move;
-  const int32_t source = pass.keep[i], j = writer.j, b = writer.b, h = writer.h;
+  if (writer.k == writer.n || pass.status[(int64_t)layer * plan.batch + writer.b] != KVC_COMPACT_OK) return move;
+  const int32_t source = pass.keep[layer * writers + i], j = writer.j, b = writer.b, h = writer.h;
   if (source <= j || source >= writer.n) return move;
   const kvc_paged_kv_t &cache = pass.cache;
   const int32_t *pages = kvc_seq_pages(&cache, b);
   const int64_t elem_bytes = kvc_dtype_size(cache.dtype);
   move.from = kvc_slot_offset(&cache, kvc_page_of(&cache, pages, b, source), source, h) * elem_bytes;
   move.to = kvc_slot_offset(&cache, kvc_page_of(&cache, pages, b, j), j, h) * elem_bytes;
-  const int64_t extra_row = plan.num_kv_heads * plan.token_offsets[b] + (int64_t)h * writer.n;
+  const int64_t extra_row = plan.num_kv_heads * (layer * plan.total_tokens + plan.token_offsets[b]) + (int64_t)h * writer.n;
   move.extra_from = extra_row + source;
   move.extra_to = extra_row + j;
   return move;
@@ -162,12 +253,12 @@ __device__ Move describe_move(const Pass &pass, int64_t chunk, int w) {
 
 /* Column c of a writer: K vectors [0, L), V vectors [L, 2L), then one float per extra. */
 template <typename Vec>
-__device__ Staged<Vec> load_column(const Pass &pass, const Move &move, int c) {
+__device__ Staged<Vec> load_column(const Pass &pass, const char *k, const char *v, const Move &move, int c) {
   Staged<Vec> value;
   const int32_t lanes = pass.kv_lanes;
   if (c < 2 * lanes) {
-    const char *pool = static_cast<const char *>(c < lanes ? pass.cache.k : pass.cache.v);
-    value.vec = *reinterpret_cast<const Vec *>(pool + move.from + (int64_t)(c % lanes) * sizeof(Vec));
+    const char *pool = c < lanes ? k : v;
+    value.vec = kvc_load_streaming(reinterpret_cast<const Vec *>(pool + move.from + (int64_t)(c % lanes) * sizeof(Vec)));
   } else {
     value.extra = pass.extras[c - 2 * lanes][move.extra_from];
   }
@@ -175,23 +266,22 @@ __device__ Staged<Vec> load_column(const Pass &pass, const Move &move, int c) {
 }
 
 template <typename Vec>
-__device__ void store_column(const Pass &pass, const Move &move, int c, const Staged<Vec> &value) {
+__device__ void store_column(const Pass &pass, char *k, char *v, const Move &move, int c, const Staged<Vec> &value) {
   const int32_t lanes = pass.kv_lanes;
   if (c < 2 * lanes) {
-    char *pool = static_cast<char *>(c < lanes ? pass.cache.k : pass.cache.v);
-    *reinterpret_cast<Vec *>(pool + move.to + (int64_t)(c % lanes) * sizeof(Vec)) = value.vec;
+    char *pool = c < lanes ? k : v;
+    kvc_store_streaming(reinterpret_cast<Vec *>(pool + move.to + (int64_t)(c % lanes) * sizeof(Vec)), value.vec);
   } else {
     pass.extras[c - 2 * lanes][move.extra_to] = value.extra;
   }
 }
 
-/* True once chunk u's reads are published (chunks >= limit need no wait); the fence orders this
- * block's later writes after them. */
-__device__ bool reads_published(const Pass &pass, int64_t u, int64_t limit) {
-  const bool done = u >= limit || *reinterpret_cast<const volatile int32_t *>(&pass.reads_done[u]) != 0;
-  if (done) __threadfence();
-  else __nanosleep(128);
-  return done;
+/* True once chunk u of the layer (flags from `done`) has published its reads; chunks >= limit
+ * need no wait. The acquire orders this block's later writes after those reads. */
+__device__ bool reads_published(const int32_t *done, int64_t u, int64_t limit) {
+  if (u >= limit || kvc_load_acquire(&done[u]) != 0) return true;
+  __nanosleep(128);
+  return false;
 }
 
 template <typename Vec>
@@ -200,77 +290,107 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(Pass pass) {
   __shared__ unsigned long long ticket;
   if (threadIdx.x == 0) ticket = atomicAdd(pass.ticket, 1ull);
   __syncthreads();
-  const int64_t chunk = (int64_t)ticket, reader = pass.first_reader[chunk];
-  moves[threadIdx.x] = describe_move(pass, chunk, threadIdx.x);
+  const int32_t layer = (int32_t)(ticket / pass.chunks);
+  const int64_t chunk = (int64_t)(ticket % pass.chunks);
+  const int64_t reader = pass.first_reader[layer * pass.chunks + chunk];
+  int32_t *done = pass.reads_done + layer * pass.chunks;
+  char *k = pool_of(pass, layer, false), *v = pool_of(pass, layer, true);
+  moves[threadIdx.x] = describe_move(pass, layer, chunk, threadIdx.x);
   __syncthreads();
 
   const int columns = 2 * pass.kv_lanes + pass.num_extras;
   Staged<Vec> staged[kVectorsPerThread];
 #pragma unroll
-  for (int v = 0; v < kVectorsPerThread; ++v) {
-    const int unit = threadIdx.x + v * kThreads, w = unit / columns;
-    if (w < pass.chunk && moves[w].from >= 0) staged[v] = load_column<Vec>(pass, moves[w], unit - w * columns);
+  for (int u = 0; u < kVectorsPerThread; ++u) {
+    const int unit = threadIdx.x + u * kThreads, w = unit / columns;
+    if (w < pass.chunk && moves[w].from >= 0) staged[u] = load_column<Vec>(pass, k, v, moves[w], unit - w * columns);
   }
   __syncthreads(); /* every source of this chunk is read */
-  if (threadIdx.x == 0) {
-    __threadfence();
-    atomicExch(&pass.reads_done[chunk], 1);
-  }
+  if (threadIdx.x == 0) kvc_store_release(&done[chunk], 1);
   if (reader >= 0) /* the readers of this chunk's slots are in chunks reader and reader + 1 */
-    while (!__syncthreads_or(threadIdx.x == 0 && reads_published(pass, reader, chunk) &&
-                             reads_published(pass, reader + 1, chunk))) {
+    while (!__syncthreads_or(threadIdx.x == 0 && reads_published(done, reader, chunk) &&
+                             reads_published(done, reader + 1, chunk))) {
     }
 #pragma unroll
-  for (int v = 0; v < kVectorsPerThread; ++v) {
-    const int unit = threadIdx.x + v * kThreads, w = unit / columns;
-    if (w < pass.chunk && moves[w].from >= 0) store_column<Vec>(pass, moves[w], unit - w * columns, staged[v]);
+  for (int u = 0; u < kVectorsPerThread; ++u) {
+    const int unit = threadIdx.x + u * kThreads, w = unit / columns;
+    if (w < pass.chunk && moves[w].from >= 0) store_column<Vec>(pass, k, v, moves[w], unit - w * columns, staged[u]);
   }
 }
 
-/* Widest vector (16, 8, 4, 2 or 1 bytes) that divides the row and every pool address and stride. */
-int vector_bytes(const kvc_paged_kv_t &cache) {
+/* Widest vector (16, 8, 4, 2 or 1 bytes) that divides the row, every stride and, for a
+ * single-layer call, the pool addresses (a layer-batched call checks its pools on the device). */
+int vector_bytes(const kvc_paged_kv_t &cache, bool layered) {
   const uint64_t elem = (uint64_t)kvc_dtype_size(cache.dtype);
-  const uint64_t bits = (uint64_t)cache.head_dim * elem | (uint64_t)cache.stride_page * elem |
-                        (uint64_t)cache.stride_token * elem | (uint64_t)cache.stride_head * elem |
-                        (uint64_t)reinterpret_cast<uintptr_t>(cache.k) | (uint64_t)reinterpret_cast<uintptr_t>(cache.v);
+  uint64_t bits = (uint64_t)cache.head_dim * elem | (uint64_t)cache.stride_page * elem |
+                  (uint64_t)cache.stride_token * elem | (uint64_t)cache.stride_head * elem;
+  if (!layered)
+    bits |= (uint64_t)reinterpret_cast<uintptr_t>(cache.k) | (uint64_t)reinterpret_cast<uintptr_t>(cache.v);
   int bytes = 16;
   while (bits % bytes) bytes /= 2;
   return bytes;
 }
 
-/* Writers per chunk: as many as the block stages, at most one per thread (its Move). */
-int32_t chunk_writers(int32_t columns) {
-  const int32_t fit = kCapacity / columns;
-  return fit < kThreads ? fit : kThreads;
+/* Writers per chunk: about kChunksPerResidentBlock chunks per resident block over all layers, at
+ * least one writer, at most what the block stages (and one Move per thread). */
+int32_t chunk_writers(int32_t columns, int64_t all_writers, int32_t resident_blocks) {
+  const int32_t fit = kCapacity / columns < kThreads ? kCapacity / columns : kThreads;
+  const int64_t target = (int64_t)kChunksPerResidentBlock * (resident_blocks > 0 ? resident_blocks : 1);
+  const int64_t spread = (all_writers + target - 1) / target;
+  return spread < 1 ? 1 : spread < fit ? (int32_t)spread : fit;
+}
+
+/* log2 of the claim table's slots: a power of two at least twice the claims (and 2). */
+int32_t claim_bits_for(int64_t claims) {
+  int32_t bits = 1;
+  while (((int64_t)1 << bits) < 2 * claims) ++bits;
+  return bits;
 }
 
 template <typename Vec>
-void launch_pass(const Pass &pass, cudaStream_t stream) {
-  const int64_t writers = pass.plan.num_kv_heads * pass.plan.total_kept;
-  const int64_t chunk_blocks = (pass.chunks + kThreads - 1) / kThreads;
-  const int64_t prepare_blocks = chunk_blocks > pass.plan.batch ? chunk_blocks : pass.plan.batch;
-  KVC_LAUNCH(prepare_kernel, dim3((unsigned)prepare_blocks), dim3(kThreads), 0, stream, pass);
-  KVC_LAUNCH(find_readers_kernel, dim3((unsigned)((writers + kThreads - 1) / kThreads)), dim3(kThreads), 0, stream,
-             pass);
-  KVC_LAUNCH(compact_kernel<Vec>, dim3((unsigned)pass.chunks), dim3(kThreads), 0, stream, pass);
+void launch_pass(const Pass &pass, bool check_table, int32_t most_pages, cudaStream_t stream) {
+  const int64_t writers = (int64_t)pass.num_layers * pass.plan.num_kv_heads * pass.plan.total_kept;
+  const int64_t layer_chunks = (int64_t)pass.num_layers * pass.chunks;
+  const int64_t slots = check_table && pass.claims ? (int64_t)1 << pass.claim_bits : 0;
+  int64_t resets = layer_chunks > slots ? layer_chunks : slots;
+  resets = resets > pass.plan.batch ? resets : pass.plan.batch;
+  KVC_LAUNCH(prepare_kernel, dim3((unsigned)((resets + kThreads - 1) / kThreads)), dim3(kThreads), 0, stream, pass,
+             check_table);
+  if (check_table)
+    KVC_LAUNCH(claim_pages_kernel, dim3((unsigned)((most_pages + kThreads - 1) / kThreads), (unsigned)pass.plan.batch),
+               dim3(kThreads), 0, stream, pass);
+  const int64_t statuses = (int64_t)pass.num_layers * pass.plan.batch, threads = writers > statuses ? writers : statuses;
+  KVC_LAUNCH(find_readers_kernel, dim3((unsigned)((threads + kThreads - 1) / kThreads)), dim3(kThreads), 0, stream, pass);
+  KVC_LAUNCH(compact_kernel<Vec>, dim3((unsigned)layer_chunks), dim3(kThreads), 0, stream, pass);
 }
 
 }  // namespace
 
+extern "C" kvc_status_t kvc_compact_cuda_geometry(int32_t *resident_blocks, char *detail, size_t cap) {
+  return kvc_resident_blocks(compact_kernel<uint4>, kThreads, 0, resident_blocks, "compaction", detail, cap);
+}
+
 extern "C" kvc_status_t kvc_compact_cuda(const kvc_op_args_t *args, kvc_carver_t *ws) {
   const kvc_plan_view_t &plan = args->plan;
-  /* The most chunks any pass has: vectors no narrower than an element, a full set of extras. */
+  const int32_t layers = args->num_layers;
+  /* The most chunks a layer can have: C is smallest with the narrowest vectors (one element) and
+   * a full set of extras, and for one layer (more layers spread over more chunks of the same C). */
   const int64_t writers = (int64_t)plan.num_kv_heads * plan.total_kept;
-  const int32_t fewest_writers = chunk_writers(2 * plan.head_dim + kMaxExtras);
-  const size_t max_chunks = (size_t)((writers + fewest_writers - 1) / fewest_writers);
+  const int32_t fewest = chunk_writers(2 * plan.head_dim + kMaxExtras, writers, plan.compact_resident_blocks);
+  const size_t max_chunks = (size_t)((writers + fewest - 1) / fewest) * (size_t)layers;
   int64_t *first_reader = static_cast<int64_t *>(kvc_carve(ws, sizeof(int64_t) * max_chunks));
   int32_t *reads_done = static_cast<int32_t *>(kvc_carve(ws, sizeof(int32_t) * max_chunks));
   unsigned long long *ticket = static_cast<unsigned long long *>(kvc_carve(ws, sizeof(unsigned long long)));
-  int32_t *seq_ok = static_cast<int32_t *>(kvc_carve(ws, sizeof(int32_t) * (size_t)plan.batch));
-  if (!ws->base || plan.total_kept == plan.total_tokens) return KVC_SUCCESS; /* sizing, or nothing moves */
+  int32_t *table_status = static_cast<int32_t *>(kvc_carve(ws, sizeof(int32_t) * (size_t)plan.batch));
+  /* at most one claim per token (page_size 1) */
+  unsigned long long *claims = static_cast<unsigned long long *>(
+      kvc_carve(ws, sizeof(unsigned long long) * ((size_t)1 << claim_bits_for(plan.total_tokens))));
+  if (!ws->base || !args->keep) return KVC_SUCCESS; /* sizing */
 
+  const kvc_plan_view_t &host = *args->host_plan;
   const kvc_paged_kv_t &cache = *args->cache;
-  const int vec = vector_bytes(cache);
+  const bool layered = args->layers != nullptr;
+  const int vec = vector_bytes(cache, layered);
   if (vec < kvc_dtype_size(cache.dtype))
     return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_INVALID_VALUE,
                            "kvc_compact: cache->k %p or cache->v %p is not aligned to its %d-byte elements", cache.k,
@@ -279,26 +399,40 @@ extern "C" kvc_status_t kvc_compact_cuda(const kvc_op_args_t *args, kvc_carver_t
   Pass pass = {};
   pass.plan = plan;
   pass.cache = cache;
+  pass.k_layers = layered ? args->layers->k : nullptr;
+  pass.v_layers = layered ? args->layers->v : nullptr;
   pass.keep = args->keep;
+  pass.num_layers = layers;
+  pass.vec_bytes = vec;
+  pass.lattice = kvc_pool_lattice(&cache, plan.num_kv_heads);
+  pass.extent_bytes = (plan.head_dim + pass.lattice.reach[3]) * (int64_t)kvc_dtype_size(cache.dtype);
   pass.first_reader = first_reader;
   pass.reads_done = reads_done;
   pass.ticket = ticket;
-  pass.seq_ok = seq_ok;
-  /* K and V with the first kMaxExtras extras, then the rest of the extras kMaxExtras at a time */
+  pass.table_status = table_status;
+  pass.status = args->compact_status;
+  /* the claims this table can make: at most one per page a sequence uses */
+  int64_t used = 0;
+  const int32_t most_pages = (host.max_seq_len + cache.page_size - 1) / cache.page_size;
+  for (int32_t b = 0; b < host.batch; ++b) used += (host.seq_lens[b] + cache.page_size - 1) / cache.page_size;
+  pass.claims = cache.page_table ? claims : nullptr;
+  pass.claim_bits = claim_bits_for(used);
+  /* K and V with the first kMaxExtras extras, then the rest of the extras kMaxExtras at a time. The
+   * table is checked and the status published even when nothing moves. */
   const int32_t passes = args->num_extras > kMaxExtras ? (args->num_extras + kMaxExtras - 1) / kMaxExtras : 1;
   for (int32_t p = 0; p < passes; ++p) {
     const int32_t first = p * kMaxExtras;
     pass.kv_lanes = p == 0 ? plan.head_dim * kvc_dtype_size(cache.dtype) / vec : 0;
     pass.num_extras = args->num_extras - first < kMaxExtras ? args->num_extras - first : kMaxExtras;
     for (int32_t e = 0; e < pass.num_extras; ++e) pass.extras[e] = args->extras[first + e];
-    pass.chunk = chunk_writers(2 * pass.kv_lanes + pass.num_extras);
+    pass.chunk = chunk_writers(2 * pass.kv_lanes + pass.num_extras, writers * layers, plan.compact_resident_blocks);
     pass.chunks = (writers + pass.chunk - 1) / pass.chunk;
     switch (pass.kv_lanes ? vec : 4) {
-      case 16: launch_pass<uint4>(pass, stream); break;
-      case 8: launch_pass<uint2>(pass, stream); break;
-      case 4: launch_pass<uint32_t>(pass, stream); break;
-      case 2: launch_pass<uint16_t>(pass, stream); break;
-      default: launch_pass<uint8_t>(pass, stream); break;
+      case 16: launch_pass<uint4>(pass, p == 0, most_pages, stream); break;
+      case 8: launch_pass<uint2>(pass, p == 0, most_pages, stream); break;
+      case 4: launch_pass<uint32_t>(pass, p == 0, most_pages, stream); break;
+      case 2: launch_pass<uint16_t>(pass, p == 0, most_pages, stream); break;
+      default: launch_pass<uint8_t>(pass, p == 0, most_pages, stream); break;
     }
   }
   return kvc_launch_status(args, "kvc_compact");

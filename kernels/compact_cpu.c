@@ -10,21 +10,29 @@
 #include "ops.h"
 
 /* Every keep row must be what kvc_select writes: strictly ascending inside [0, n). Checked for the
- * whole batch before anything moves, so a bad array fails without touching the cache: an index
- * past n would reach a page the sequence does not own. */
+ * whole batch, every layer, before anything moves, so a bad array fails without touching the cache:
+ * an index past n would reach a page the sequence does not own. */
 static kvc_status_t check_keep(const kvc_op_args_t *args) {
   const kvc_plan_view_t *plan = &args->plan;
-  for (int32_t b = 0; b < plan->batch; ++b) {
-    const int32_t n = plan->seq_lens[b], k = plan->keep_lens[b];
+  for (int64_t row = 0; row < (int64_t)args->num_layers * plan->batch; ++row) {
+    const int64_t layer = row / plan->batch;
+    const int32_t b = (int32_t)(row % plan->batch), n = plan->seq_lens[b], k = plan->keep_lens[b];
     if (k == n) continue; /* untouched: its keep rows are not read */
     for (int32_t h = 0; h < plan->num_kv_heads; ++h) {
-      const int32_t *keep = args->keep + plan->num_kv_heads * plan->keep_offsets[b] + (int64_t)h * k;
+      const int32_t *keep =
+          args->keep + plan->num_kv_heads * (layer * plan->total_kept + plan->keep_offsets[b]) + (int64_t)h * k;
       for (int32_t j = 0; j < k; ++j)
-        if (keep[j] < 0 || keep[j] >= n || (j > 0 && keep[j] <= keep[j - 1]))
+        if (keep[j] < 0 || keep[j] >= n || (j > 0 && keep[j] <= keep[j - 1])) {
+          if (args->num_layers > 1)
+            return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_INVALID_VALUE,
+                                   "kvc_compact_layers: keep[%d] of layer %lld, sequence %d, head %d is %d: each keep "
+                                   "row must be strictly ascending inside [0, %d) (use the output of kvc_select)",
+                                   j, (long long)layer, b, h, keep[j], n);
           return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_INVALID_VALUE,
                                  "kvc_compact: keep[%d] of sequence %d, head %d is %d: each keep row must be "
                                  "strictly ascending inside [0, %d) (use the output of kvc_select)",
                                  j, b, h, keep[j], n);
+        }
     }
   }
   return KVC_SUCCESS;
@@ -43,8 +51,9 @@ static void compact_pool(char *pool, const kvc_paged_kv_t *c, const int32_t *pag
 }
 
 kvc_status_t kvc_compact_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
-  /* No workspace. The sizing call is told apart by its missing arrays, not by ws->base: a
-   * zero-byte workspace may legitimately be NULL when the op runs. */
+  /* No workspace of its own (the dispatch layer carves the status array and the page check's
+   * scratch). The sizing call is told apart by its missing arrays, not by ws->base: a zero-byte
+   * workspace may legitimately be NULL when the op runs. */
   if (!args->keep) return KVC_SUCCESS;
   kvc_status_t status = check_keep(args);
   if (status != KVC_SUCCESS) return status;
@@ -52,17 +61,22 @@ kvc_status_t kvc_compact_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
   const kvc_paged_kv_t *c = args->cache;
   const size_t elem_bytes = (size_t)kvc_dtype_size(c->dtype);
   const int32_t heads = plan->num_kv_heads;
-  for (int32_t b = 0; b < plan->batch; ++b) {
-    const int32_t n = plan->seq_lens[b], k = plan->keep_lens[b];
+  /* the dispatch layer refused every bad table, so every sequence of every layer is compacted */
+  memset(args->compact_status, 0, sizeof(int32_t) * (size_t)args->num_layers * (size_t)plan->batch);
+  for (int64_t row = 0; row < (int64_t)args->num_layers * plan->batch; ++row) {
+    const int64_t layer = row / plan->batch;
+    const int32_t b = (int32_t)(row % plan->batch), n = plan->seq_lens[b], k = plan->keep_lens[b];
     if (k == n) continue;
+    char *k_pool = (char *)(args->layers ? args->layers->k[layer] : c->k);
+    char *v_pool = (char *)(args->layers ? args->layers->v[layer] : c->v);
     const int32_t *pages = kvc_seq_pages(c, b);
     for (int32_t h = 0; h < heads; ++h) {
-      const int32_t *keep = args->keep + heads * plan->keep_offsets[b] + (int64_t)h * k;
-      compact_pool((char *)c->k, c, pages, b, h, keep, k, elem_bytes);
-      compact_pool((char *)c->v, c, pages, b, h, keep, k, elem_bytes);
+      const int32_t *keep = args->keep + heads * (layer * plan->total_kept + plan->keep_offsets[b]) + (int64_t)h * k;
+      compact_pool(k_pool, c, pages, b, h, keep, k, elem_bytes);
+      compact_pool(v_pool, c, pages, b, h, keep, k, elem_bytes);
       for (int32_t e = 0; e < args->num_extras; ++e) {
-        float *row = args->extras[e] + heads * plan->token_offsets[b] + (int64_t)h * n;
-        for (int32_t j = 0; j < k; ++j) row[j] = row[keep[j]];
+        float *extra = args->extras[e] + heads * (layer * plan->total_tokens + plan->token_offsets[b]) + (int64_t)h * n;
+        for (int32_t j = 0; j < k; ++j) extra[j] = extra[keep[j]];
       }
     }
   }

@@ -5,6 +5,8 @@
  *
  *   KVC_DYNAMIC_SMEM(T, name);  declares `T *name`, the block's dynamic shared memory
  *   KVC_LAUNCH(kernel, grid, block, smem_bytes, stream, args...);  kernel<<<...>>>(args...)
+ *   KVC_SET_MAX_DYNAMIC_SMEM(kernel, bytes)  lets `kernel` launch with more than 48 KiB of dynamic
+ *                                            shared memory (a cudaError_t)
  *
  * A template kernel whose arguments hold commas goes in parentheses: KVC_LAUNCH((k<2, 3>), ...);
  * so does a braced grid or block: use dim3(x, y) instead of {x, y}.
@@ -22,6 +24,8 @@
   T *name = reinterpret_cast<T *>(kvc_smem_##name)
 #define KVC_LAUNCH(kernel, grid, block, smem, stream, ...) \
   kernel<<<(grid), (block), (smem), static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__)
+#define KVC_SET_MAX_DYNAMIC_SMEM(kernel, bytes) \
+  cudaFuncSetAttribute((kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(bytes))
 #else
 #include "simt.h"
 #endif

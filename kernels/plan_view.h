@@ -37,11 +37,17 @@ typedef struct {
   int32_t pool_kernel, span_local;
   float scale; /* resolved: never 0 */
   int32_t max_seq_len, max_keep_len, max_obs_per_domain;
-  /* CUDA scoring's GEMM path (kernels/score_gemm.h): a domain with more than gemm_threshold
-   * observation queries gets its logits from tensor-core GEMMs on tiles of gemm_tile_keys keys x
-   * gemm_tile_rows logits rows. Defaults KVC_GEMM_*; kvc_plan_create reads test overrides from
-   * the environment (KVC_SCORE_GEMM_THRESHOLD, _KEYS, _ROWS). */
-  int32_t gemm_threshold, gemm_tile_keys, gemm_tile_rows;
+  /* CUDA selection and compaction geometry (kernels/select.cu, compact.cu), fixed at plan time for
+   * the plan's device: blocks of their multi-block kernels resident at once (the launchers' grid
+   * targets), and the segment length of selection: a row longer than select_segment tokens is split
+   * into segments of select_segment tokens, one block each, selected by the multi-pass kernels; a
+   * shorter row is one block's (staged whole in shared memory). KVC_SELECT_SEGMENT overrides the
+   * segment length for tests. The CPU backend reads none of these. */
+  int32_t select_resident_blocks, compact_resident_blocks, select_segment;
+  /* CPU backend: threads the workspace holds scratch for (the context's thread count when the
+   * plan was made) and a cap on the instruction set of the scoring loops (0: none; tests set
+   * KVC_CPU_ISA = 1 portable, 2 AVX2, 3 AVX-512, read by kvc_plan_create). */
+  int32_t cpu_threads, cpu_isa;
 
   const int32_t *seq_lens;       /* [batch] n_b                                                */
   const int32_t *keep_lens;      /* [batch] k_b = min(budget, n)                               */
@@ -63,6 +69,10 @@ typedef struct {
 
   const int64_t *protect_word_offsets; /* [batch+1] prefix sums of ceil(n_b / 32)              */
   const uint32_t *protect_bits;  /* bit t of sequence b: word protect_word_offsets[b] + t / 32 */
+
+  const int64_t *split_segments; /* [batch+1] prefix sums of the segments of rows split by selection
+                                    (ceil(n_b / select_segment) when n_b > select_segment, else 0) */
+  const int64_t *split_parts;    /* [batch+1] prefix sums of the partitions of split sequences */
 
   const int32_t *span_indptr;    /* [batch+1] user spans (all kinds), for retention            */
   const kvc_span_t *spans;

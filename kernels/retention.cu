@@ -1,8 +1,8 @@
 /*
  * retention.cu - CUDA retention: per (sequence, KV head, user span) the number of kept indices
  * inside the span, in the count layout (kvc_retention in kvcompress.h; the same counts as
- * kernels/retention_cpu.c). One thread per count: keep rows are ascending, so a count is the
- * difference of two binary searches in the row, O(log k) reads.
+ * kernels/retention_cpu.c), for one layer or many. One thread per count of every layer: keep rows
+ * are ascending, so a count is the difference of two binary searches in the row, O(log k) reads.
  */
 #include "cuda_compat.cuh"
 
@@ -31,17 +31,20 @@ __device__ int32_t sequence_of(const kvc_plan_view_t &plan, int64_t e) {
   return last_offset_at_or_below(plan.span_indptr, plan.batch, plan.num_kv_heads, e);
 }
 
+/* Layer l's keep and count layouts are the single-layer ones stacked: l * keep_elems, l * count_elems. */
 __global__ void __launch_bounds__(kThreads)
-    retention_kernel(kvc_plan_view_t plan, const int32_t *keep, int32_t *counts) {
-  const int64_t e = blockIdx.x * (int64_t)kThreads + threadIdx.x;
-  if (e >= plan.num_kv_heads * plan.total_spans) return;
+    retention_kernel(kvc_plan_view_t plan, int32_t num_layers, const int32_t *keep, int32_t *counts) {
+  const int64_t all = blockIdx.x * (int64_t)kThreads + threadIdx.x, per_layer = plan.num_kv_heads * plan.total_spans;
+  if (all >= num_layers * per_layer) return;
+  const int64_t layer = all / per_layer, e = all - layer * per_layer;
+  keep += layer * plan.num_kv_heads * plan.total_kept;
   const int32_t b = sequence_of(plan, e), first = plan.span_indptr[b];
   const int32_t spans = plan.span_indptr[b + 1] - first, k = plan.keep_lens[b];
   const int64_t r = e - (int64_t)plan.num_kv_heads * first;
   const int32_t h = (int32_t)(r / spans), i = (int32_t)(r - (int64_t)h * spans);
   const int32_t *row = keep + plan.num_kv_heads * plan.keep_offsets[b] + (int64_t)h * k;
   const kvc_span_t span = plan.spans[first + i];
-  counts[e] = count_below(row, k, span.end) - count_below(row, k, span.start);
+  counts[all] = count_below(row, k, span.end) - count_below(row, k, span.start);
 }
 
 }  // namespace
@@ -50,9 +53,9 @@ extern "C" kvc_status_t kvc_retention_cuda(const kvc_op_args_t *args, kvc_carver
   /* The sizing call is told apart by its missing arrays: with no workspace, the base of a run may
    * be NULL too. */
   const kvc_plan_view_t &plan = args->plan;
-  const int64_t elems = plan.num_kv_heads * plan.total_spans;
+  const int64_t elems = (int64_t)args->num_layers * plan.num_kv_heads * plan.total_spans;
   if (!args->keep || !args->counts || elems == 0) return KVC_SUCCESS;
   KVC_LAUNCH(retention_kernel, dim3((unsigned)((elems + kThreads - 1) / kThreads)), dim3(kThreads), 0,
-             static_cast<cudaStream_t>(args->stream), plan, args->keep, args->counts);
+             static_cast<cudaStream_t>(args->stream), plan, args->num_layers, args->keep, args->counts);
   return kvc_launch_status(args, "kvc_retention");
 }

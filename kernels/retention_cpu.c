@@ -24,12 +24,13 @@ kvc_status_t kvc_retention_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
   if (!args->keep || !args->counts) return KVC_SUCCESS;
   const kvc_plan_view_t *plan = &args->plan;
   const int32_t heads = plan->num_kv_heads;
-  for (int32_t b = 0; b < plan->batch; ++b) {
-    const int32_t k = plan->keep_lens[b], first = plan->span_indptr[b];
+  for (int64_t row = 0; row < (int64_t)args->num_layers * plan->batch; ++row) {
+    const int64_t layer = row / plan->batch;
+    const int32_t b = (int32_t)(row % plan->batch), k = plan->keep_lens[b], first = plan->span_indptr[b];
     const int32_t nspans = plan->span_indptr[b + 1] - first;
     for (int32_t h = 0; h < heads; ++h) {
-      const int32_t *keep = args->keep + heads * plan->keep_offsets[b] + (int64_t)h * k;
-      int32_t *counts = args->counts + (int64_t)heads * first + (int64_t)h * nspans;
+      const int32_t *keep = args->keep + heads * (layer * plan->total_kept + plan->keep_offsets[b]) + (int64_t)h * k;
+      int32_t *counts = args->counts + heads * (layer * plan->total_spans + first) + (int64_t)h * nspans;
       for (int32_t i = 0; i < nspans; ++i) {
         const kvc_span_t *span = &plan->spans[first + i];
         counts[i] = count_below(keep, k, span->end) - count_below(keep, k, span->start);

@@ -2,29 +2,45 @@
  * score.cu - CUDA score accumulation on the paged cache (the semantics of the scoring comment in
  * kvcompress.h; the same numbers as kernels/score_cpu.c, in fp32 instead of double).
  *
- * Attention methods (SNAPKV, H2O, TOVA) never materialise the [heads x window x n] attention
- * matrix. Three passes, each reading K tiles straight from the pages:
- *   1. softmax_partials: per (key chunk, sequence, KV head) and per observation query and q head
- *      of the group, an online-softmax (max, sum of exp) over the chunk's keys the query sees.
- *   2. softmax_lse: combines the chunks into one log2-sum-exp per (query, q head).
- *   3. head_attention: per (key tile, sequence, KV head) recomputes the logits, sums the
- *      probabilities over the domain's queries and divides by the number of queries that see
- *      the key: one value per (q head, key), [num_q_heads x total_tokens] floats.
- * Then write_scores pools (SNAPKV), reduces over the GQA group (or all q heads for TOVA), writes
- * +inf for unscored keys, and writes or accumulates the score layout. KNORM and STREAMING only
- * run write_scores.
+ * SNAPKV, H2O and TOVA are attention: computed like FlashAttention's forward pass, without ever
+ * materialising the [heads x window x n] attention matrix or a logit in global memory. The rows of
+ * the problem are (observation query, q head) pairs; the whole GQA group of a KV head is folded
+ * into them, so a tile of keys is brought into shared memory once and serves every row of its KV
+ * head. Tiles are 64 rows (keys, or rows) of head_dim elements; K rows are resolved through the
+ * page table once per row and copied with 16-byte cp.async, double-buffered; logits come from
+ * mma.sync m16n8k16 on tensor cores (f16/bf16, fp32 accumulation; fragments through ldmatrix), or
+ * from fp32 FMAs in the same fragment layout for f32 caches (exact fp32, never TF32). A block is
+ * 4 warps; warp w owns rows 16w .. 16w + 15 of a 64-row tile against all 64 keys.
+ *   1. normaliser_kernel (skipped when the engine supplies `lse`): a block owns (64 rows of one
+ *      (sequence, KV head), one split of the keys) and streams the split's K tiles once; each row
+ *      keeps an online-softmax (max, sum of exp2) over the keys it sees. With one split it writes
+ *      the row's log2-sum-exp; with several, (max, sum) partials that combine_normalisers_kernel
+ *      merges in split order. Splits give short row sets (SnapKV's window) enough blocks to fill
+ *      the device; long ones (H2O over the prompt) have enough rows. A split's K tiles are read
+ *      once per block of 64 rows (G * window / 64 times: 4 for Llama-3.1-8B's SnapKV), by blocks
+ *      next to each other in the grid, so all but the first read come from L2.
+ *   2. column_sums_kernel: a block owns (64 keys, sequence, KV head) and keeps its K tile
+ *      resident while the rows that see those keys stream through in tiles of 64 (per q head for
+ *      SNAPKV and H2O; TOVA's single query rows of all q heads together, as TOVA averages over
+ *      them); each key's sum of exp2(logit - lse) over a head's rows is reduced in a fixed order and
+ *      divided by the number of the domain's queries that see the key: head_scores.
+ *   3. write_scores_kernel: SNAPKV pooling, the group reduce (TOVA: the mean over all q heads),
+ *      +inf for unscored keys, written or accumulated into the score layout. KNORM's norms (tiles
+ *      by cp.async, scaled by the row's max-abs so no square overflows) and STREAMING's recency
+ *      are computed there too.
+ * Launches per call: at most 4, whatever n, batch or heads. Every sum has a fixed order, so the
+ * scores are the same bits on every run.
  *
- * Large observation sets (a domain with more than plan.gemm_threshold queries, 128 by default:
- * H2O over the whole prompt, long SnapKV windows) skip passes 1-3 and take the GEMM path instead
- * (run_gemm_domains below): logits by tiles from tensor-core GEMMs through kernels/score_gemm.h
- * (cuBLAS), our kernels for the gather of key tiles from the pages, the normaliser and the
- * accumulation, with the same results in head_scores. The workspace stays bounded by the tile
- * shape (see kvc_plan_workspace_size in kvcompress.h).
+ * Non-finite data (kvcompress.h): a NaN or +-inf logit makes its row's normaliser NaN, so the
+ * whole row contributes NaN; with the engine's normalisers a non-finite logit contributes NaN to
+ * its key and a non-finite lse entry to the whole row. MAX pooling and MAX reduce keep NaN.
  *
- * Logits are kept in base 2 (scale * log2(e) folded into the dot product) so exp2f serves.
+ * Logits are in base 2 (scale * log2 e folded in) so exp2f serves; `lse` is natural-log
+ * (multiplied by log2 e when read).
  */
 #include "cuda_compat.cuh"
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -32,104 +48,134 @@
 
 #include "common.h"
 #include "launch.cuh"
-#include "search.cuh"
+#include "mma.cuh"
 #include "ops.h"
-#include "score_gemm.h"
+#include "search.cuh"
 
 namespace {
 
 constexpr int kThreads = 128;
-/* Pass 1 splits a sequence into at most this many key chunks: enough blocks to fill the device
- * for one sequence and a few KV heads, with partials bounded by obs_total * num_q_heads * 64. */
-constexpr int kMaxChunks = 64;
-constexpr int kMinChunkKeys = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileRows = 64;        /* keys of a K tile, rows of a query tile: 16 per warp        */
+constexpr int kTileKeys = kTileRows; /* the same number, named for what the column index counts   */
+/* Normaliser splits: enough blocks to fill any current GPU (a few per SM on 132 SMs), each split
+ * long enough that its (max, sum) partial is cheap next to its keys. */
+constexpr int64_t kTargetBlocks = 1024;
+constexpr int32_t kMinSplitKeys = 512;
 constexpr float kLog2e = 1.4426950408889634f;
 
-/* Tile shapes per head_dim specialisation (D = 0: any multiple of 8 up to 256, read at run time).
- * Tiles are fp32 in shared memory: K tile + query chunk stay under the 48 KB static limit. */
-template <int D>
-struct Tile {
-  static constexpr int kMaxDim = D ? D : 256;
-  static constexpr int kKeys = kMaxDim <= 128 ? 64 : 32;                          /* keys per tile  */
-  static constexpr int kQueries = kMaxDim <= 64 ? 32 : kMaxDim <= 128 ? 16 : 8;   /* query rows     */
-  static constexpr int kStride = kMaxDim + 4; /* floats per row: float4-aligned, no bank conflicts  */
-  static constexpr int kQueryGroups = kThreads / kKeys;                           /* threads per key */
-  static constexpr int kQueriesPerThread = kQueries / kQueryGroups;
-  static_assert(kThreads % kKeys == 0 && kQueries % kQueryGroups == 0, "tile shape");
-  /* pass 1 reduces (max, sum) pairs through the K tile's storage */
-  static_assert(kQueries * kKeys * 2 <= kKeys * kStride, "reduction scratch fits the K tile");
-};
+/* Shared-memory rows of a tile: head_dim elements, padded with zeros to the mma k-step (16) for
+ * 16-bit types, plus 16 bytes so that the 8 rows an ldmatrix (or a float4 load of 8 rows) reads
+ * fall in distinct banks. */
+template <class T>
+__host__ __device__ inline int32_t padded_dim(int32_t dim) {
+  return std::is_same<T, float>::value ? dim : (dim + 15) / 16 * 16;
+}
+template <class T>
+__host__ __device__ inline int32_t row_stride(int32_t dim) {
+  return padded_dim<T>(dim) + 16 / (int32_t)sizeof(T);
+}
+/* Three 64-row tiles and a table of 64 row addresses per pipeline buffer. */
+template <class T>
+size_t attention_smem_bytes(int32_t dim) {
+  return 3 * (size_t)kTileRows * row_stride<T>(dim) * sizeof(T) + 2 * kTileRows * sizeof(const T *);
+}
+template <class T>
+size_t knorm_smem_bytes(int32_t dim) {
+  return (size_t)kTileRows * row_stride<T>(dim) * sizeof(T) + kTileRows * sizeof(const T *);
+}
 
-__device__ inline float to_float(float x) { return x; }
-__device__ inline float to_float(__half x) { return __half2float(x); }
-__device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+/* K row of token t of sequence b, KV head h, or NULL where the table cannot hold it (the CUDA
+ * backend cannot validate tables; such a token reads as a zero key). */
+template <class T>
+__device__ inline const T *key_row(const kvc_paged_kv_t &cache, int32_t b, int32_t t, int32_t h) {
+  const int32_t page = kvc_page_checked(&cache, b, t);
+  return page >= 0 ? static_cast<const T *>(cache.k) + kvc_slot_offset(&cache, page, t, h) : nullptr;
+}
 
-/* Row-major [kKeys][kStride] fp32 copy of keys [t0, t0 + count) of (b, h); rows past count and rows
- * the table cannot hold (kvc_page_checked) read as zeros (the CUDA backend cannot validate it). */
-template <typename T, int D>
-__device__ void load_key_tile(float *tile, const kvc_paged_kv_t &cache, int32_t b, int32_t h, int32_t t0,
-                              int32_t count, int32_t dim) {
-  const T *pool = static_cast<const T *>(cache.k);
-  for (int e = threadIdx.x; e < Tile<D>::kKeys * dim; e += kThreads) {
-    int row = e / dim, col = e - row * dim;
-    float value = 0.0f;
-    if (row < count) {
-      const int32_t t = t0 + row, page = kvc_page_checked(&cache, b, t);
-      if (page >= 0) value = to_float(pool[kvc_slot_offset(&cache, page, t, h) + col]);
-    }
-    tile[row * Tile<D>::kStride + col] = value;
+/* Enqueues the block's cp.async copies of a 64-row tile: row r from row_of(r) (NULL: zeros), dim
+ * elements, 16 bytes a copy, consecutive threads on consecutive chunks of a row. `dummy` is any
+ * valid global address (not read). */
+template <class T, class RowOf>
+__device__ void stage_rows(T *tile, RowOf row_of, int32_t dim, int32_t stride, const T *dummy) {
+  constexpr int kPerChunk = 16 / (int)sizeof(T);
+  const int32_t chunks = dim / kPerChunk;
+  for (int32_t e = threadIdx.x; e < kTileRows * chunks; e += kThreads) {
+    const int32_t r = e / chunks, c = e - r * chunks;
+    const T *row = row_of(r);
+    cp_async_16(tile + r * stride + c * kPerChunk, row ? row + c * kPerChunk : dummy, row ? 16 : 0);
   }
 }
 
-/* Query rows [first, first + rows) of q head g into [kQueries][kStride] fp32; missing rows are 0. */
-template <typename T, int D>
-__device__ void load_query_chunk(float *chunk, const T *queries, int64_t first, int32_t rows, int32_t g,
-                                 int32_t num_q_heads, int32_t dim) {
-  for (int e = threadIdx.x; e < Tile<D>::kQueries * dim; e += kThreads) {
-    int row = e / dim, col = e - row * dim;
-    chunk[row * Tile<D>::kStride + col] =
-        row < rows ? to_float(queries[((first + row) * num_q_heads + g) * dim + col]) : 0.0f;
+/* The same from a table of row addresses in shared memory (K rows, resolved once per row). */
+template <class T>
+__device__ void stage_tile(T *tile, const T *const *src, int32_t dim, int32_t stride, const T *dummy) {
+  stage_rows(tile, [src](int32_t r) { return src[r]; }, dim, stride, dummy);
+}
+
+/* The mma k-steps read columns [dim, padded_dim) of every tile: zeros, written once per block
+ * (cp.async only ever writes [0, dim)). */
+template <class T>
+__device__ void zero_padding(T *tiles, int32_t count, int32_t dim, int32_t stride) {
+  const int32_t pad = padded_dim<T>(dim) - dim;
+  if (pad == 0) return;
+  for (int32_t e = threadIdx.x; e < count * kTileRows * pad; e += kThreads) {
+    const int32_t r = e / pad;
+    tiles[r * stride + dim + (e - r * pad)] = T(0.0f);
   }
 }
 
-/* Dot products of this thread's key (tile row) with its query rows q = group + i * kQueryGroups. */
-template <int D>
-__device__ void tile_dots(const float *tile, const float *chunk, int key, int group, int dim,
-                          float (&dots)[Tile<D>::kQueriesPerThread]) {
-  using S = Tile<D>;
-  const float4 *k4 = reinterpret_cast<const float4 *>(tile + key * S::kStride);
-  const float4 *q4 = reinterpret_cast<const float4 *>(chunk);
+/* s[nt][i] = <q row, key> for this warp's 16 query rows (q_rows: row 0 of them) and the tile's 64
+ * keys, in the mma accumulator layout: lane (g = lane / 4, t = lane % 4) holds rows g (i = 0, 1) and
+ * g + 8 (i = 2, 3), keys 8 nt + 2t + (i % 2). Tensor cores for f16/bf16 (A by ldmatrix.x4 from the
+ * row-major query tile, B by ldmatrix.x4 from the key tile, two n-tiles at a time). */
+template <class T, int D>
+__device__ void warp_logits(float (&s)[8][4], const T *q_rows, const T *keys, int32_t dim, int32_t stride) {
+  const int lane = threadIdx.x % 32;
 #pragma unroll
-  for (int i = 0; i < S::kQueriesPerThread; ++i) dots[i] = 0.0f;
-#pragma unroll 4
-  for (int d4 = 0; d4 < dim / 4; ++d4) {
-    float4 k = k4[d4];
+  for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-    for (int i = 0; i < S::kQueriesPerThread; ++i) {
-      float4 q = q4[(group + i * S::kQueryGroups) * (S::kStride / 4) + d4];
-      dots[i] += k.x * q.x + k.y * q.y + k.z * q.z + k.w * q.w;
+    for (int i = 0; i < 4; ++i) s[nt][i] = 0.0f;
+  if constexpr (std::is_same<T, float>::value) {
+    /* exact fp32: float4 FMAs over d, the same fragment layout */
+    const int g = lane >> 2, t = lane & 3;
+    const float *qa = q_rows + g * stride, *qb = q_rows + (g + 8) * stride;
+#pragma unroll 2
+    for (int32_t d = 0; d < dim; d += 4) {
+      const float4 x = *reinterpret_cast<const float4 *>(qa + d), y = *reinterpret_cast<const float4 *>(qb + d);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const float4 k = *reinterpret_cast<const float4 *>(keys + (8 * nt + 2 * t + i) * stride + d);
+          s[nt][i] = fmaf(x.w, k.w, fmaf(x.z, k.z, fmaf(x.y, k.y, fmaf(x.x, k.x, s[nt][i]))));
+          s[nt][2 + i] = fmaf(y.w, k.w, fmaf(y.z, k.z, fmaf(y.y, k.y, fmaf(y.x, k.x, s[nt][2 + i]))));
+        }
+    }
+  } else {
+    const int32_t steps = (D ? padded_dim<T>(D) : padded_dim<T>(dim)) / 16;
+    const T *a_row = q_rows + (lane % 16) * stride + 8 * (lane / 16);
+    const T *b_row = keys + ((lane % 8) + 8 * (lane / 16)) * stride + 8 * ((lane / 8) % 2);
+#pragma unroll
+    for (int32_t k = 0; k < steps; ++k) {
+      uint32_t a[4];
+      ldmatrix<4>(a, a_row + 16 * k);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) { /* keys 16 np .. 16 np + 15: n-tiles 2 np and 2 np + 1 */
+        uint32_t b[4];
+        ldmatrix<4>(b, b_row + 16 * np * stride + 16 * k);
+        const uint32_t lo[2] = {b[0], b[1]}, hi[2] = {b[2], b[3]};
+        mma_m16n8k16<T>(s[2 * np], a, lo);
+        mma_m16n8k16<T>(s[2 * np + 1], a, hi);
+      }
     }
   }
 }
 
-__device__ inline void online_add(float &m, float &l, float s) {
-  if (s > m) {
-    l = l * exp2f(m - s) + 1.0f;
-    m = s;
-  } else {
-    l += exp2f(s - m);
-  }
-}
+__device__ inline bool is_finite(float x) { return fabsf(x) < INFINITY; }
 
-__device__ inline void online_merge(float &m, float &l, float m2, float l2) {
-  if (m2 == -INFINITY) return;
-  if (m2 > m) {
-    l = l * exp2f(m - m2) + l2;
-    m = m2;
-  } else {
-    l += l2 * exp2f(m2 - m);
-  }
-}
+/* max that keeps NaN (fmaxf drops it). */
+__device__ inline float max_keep_nan(float a, float b) { return (a != a || a > b) ? a : b; }
 
 /* Last domain of sequence b starting at or before j (domains are sorted and disjoint), or -1. */
 __device__ inline int32_t domain_of(const kvc_plan_view_t &plan, int32_t b, int32_t j) {
@@ -146,172 +192,297 @@ __device__ inline int32_t domain_of(const kvc_plan_view_t &plan, int32_t b, int3
   return found >= 0 && j < plan.domains[found].end ? found : -1;
 }
 
-/* The scoring domain of observation query row `row` (its sequence by binary search over
- * obs_indptr, then the domain holding its position). */
-__device__ inline const kvc_domain_t &domain_of_row(const kvc_plan_view_t &plan, int64_t row) {
-  const int32_t b = last_offset_at_or_below(plan.obs_indptr, plan.batch, 1, row);
-  return plan.domains[domain_of(plan, b, plan.obs_pos[row])];
+/* First index i in [lo, hi) with values[i] >= key (values ascending), or hi. */
+__device__ inline int32_t lower_bound(const int32_t *values, int32_t lo, int32_t hi, int32_t key) {
+  while (lo < hi) {
+    const int32_t mid = lo + (hi - lo) / 2;
+    if (values[mid] < key) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
 }
 
-/* Pass 1: grid (key chunk, KV head, sequence). partials[(row * num_q_heads + g) * num_chunks + chunk]
- * holds (max, sum of exp2) of the chunk's keys the query row sees, base-2 logits. */
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
-    softmax_partials_kernel(kvc_plan_view_t plan, kvc_paged_kv_t cache, const T *queries, float2 *partials,
-                            int32_t chunk_keys, int32_t num_chunks) {
-  using S = Tile<D>;
-  __shared__ float4 tile4[S::kKeys * S::kStride / 4];
-  __shared__ float4 chunk4[S::kQueries * S::kStride / 4];
-  float *tile = reinterpret_cast<float *>(tile4), *chunk = reinterpret_cast<float *>(chunk4);
-  const int32_t dim = D ? D : plan.head_dim, h = blockIdx.y, b = blockIdx.z;
-  const int32_t n = plan.seq_lens[b], c0 = blockIdx.x * chunk_keys;
-  if (c0 >= n) return;
-  const int32_t c1 = min(n, c0 + chunk_keys);
-  const int key = threadIdx.x % S::kKeys, group = threadIdx.x / S::kKeys;
-  const float scale2 = plan.scale * kLog2e;
+/* How the normaliser splits the keys: blocks (row block rb, split s) at blockIdx.x = s * row_blocks
+ * + (row_blocks - 1 - rb), so later (longer) rows start first; split s covers keys
+ * [s * keys, (s + 1) * keys), a multiple of the tile. */
+struct Splits {
+  int32_t row_blocks; /* the most 64-row blocks of one (sequence, KV head)                        */
+  int32_t count;      /* C of kvc_plan_workspace_size                                             */
+  int32_t keys;
+};
 
-  for (int32_t d = plan.domain_indptr[b]; d < plan.domain_indptr[b + 1]; ++d) {
-    const kvc_domain_t dom = plan.domains[d];
-    const int32_t nq = dom.obs_end - dom.obs_begin;
-    if (nq == 0 || nq > plan.gemm_threshold || dom.start >= c1 || dom.end <= c0) continue; /* GEMM path's */
-    const int32_t key_lo = max(c0, dom.start), key_hi = min(c1, plan.obs_pos[dom.obs_end - 1] + 1);
-    if (key_lo >= key_hi) continue; /* no query of the domain sees this chunk: nobody reads it */
-    for (int32_t g = h * plan.group_size; g < (h + 1) * plan.group_size; ++g)
-      for (int32_t i0 = 0; i0 < nq; i0 += S::kQueries) {
-        const int32_t rows = min(S::kQueries, nq - i0);
-        __syncthreads(); /* the previous round's readers are done with both buffers */
-        load_query_chunk<T, D>(chunk, queries, dom.obs_begin + i0, rows, g, plan.num_q_heads, dim);
-        float m[S::kQueriesPerThread], l[S::kQueriesPerThread];
-        int32_t pos[S::kQueriesPerThread];
+/* ---- pass 1: the normaliser ------------------------------------------------------------------
+ * Rows of (sequence b, KV head h): pairs p = i * G + gi (observation row obs_indptr[b] + i, q head
+ * h * G + gi), query-major so a block's rows have neighbouring positions. With one split, lse2[row *
+ * num_q_heads + g] = log2 of the sum of exp2(logit) over the keys the row sees; else
+ * partials[(row * num_q_heads + g) * count + split] = (max, sum) over the split's keys. */
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads)
+    normaliser_kernel(kvc_plan_view_t plan, kvc_paged_kv_t cache, const T *queries, Splits splits, float2 *partials,
+                      float *lse2) {
+  KVC_DYNAMIC_SMEM(T, smem);
+  const int32_t dim = D ? D : plan.head_dim, stride = row_stride<T>(dim), G = plan.group_size;
+  T *const q_tile = smem;
+  T *const k_tiles = smem + kTileRows * stride; /* two buffers of kTileRows * stride */
+  const T **const k_src = reinterpret_cast<const T **>(smem + 3 * kTileRows * stride); /* [2][64] */
+  const int32_t h = blockIdx.y, b = blockIdx.z;
+  const int32_t split = blockIdx.x / splits.row_blocks, rb = splits.row_blocks - 1 - blockIdx.x % splits.row_blocks;
+  const int32_t obs0 = plan.obs_indptr[b];
+  const int64_t pairs = (int64_t)(plan.obs_indptr[b + 1] - obs0) * G, p0 = (int64_t)rb * kTileRows;
+  if (p0 >= pairs) return;
+  const int64_t p_last = min(pairs, p0 + kTileRows) - 1;
+  /* positions and domain starts ascend with the rows: the first and last rows bound the keys */
+  const int32_t key_lo = max(split * splits.keys, plan.obs_lo[obs0 + p0 / G]);
+  const int32_t key_hi = min((split + 1) * splits.keys, plan.obs_pos[obs0 + p_last / G] + 1);
+  if (key_lo >= key_hi) return;
+  const int32_t first_key = key_lo / kTileKeys * kTileKeys, tiles = (key_hi - first_key + kTileKeys - 1) / kTileKeys;
+  const T *const k_pool = static_cast<const T *>(cache.k);
+
+  zero_padding<T>(smem, 3, dim, stride);
+  /* the block's queries (rows past the last pair are zeros) and the first K tile, one group */
+  stage_rows(q_tile, [&](int32_t r) -> const T * {
+    const int64_t p = p0 + r;
+    return p < pairs ? queries + ((int64_t)(obs0 + p / G) * plan.num_q_heads + h * G + p % G) * dim : nullptr;
+  }, dim, stride, queries);
+  if (threadIdx.x < kTileRows) {
+    const int32_t j = first_key + threadIdx.x;
+    k_src[threadIdx.x] = j < key_hi ? key_row<T>(cache, b, j, h) : nullptr;
+  }
+  __syncthreads();
+  stage_tile<T>(k_tiles, k_src, dim, stride, k_pool);
+  cp_async_commit();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane & 3;
+  const float scale2 = plan.scale * kLog2e;
+  int32_t lo[2], pos[2];
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  bool bad[2] = {false, false};
 #pragma unroll
-        for (int i = 0; i < S::kQueriesPerThread; ++i) {
-          const int q = group + i * S::kQueryGroups;
-          m[i] = -INFINITY;
-          l[i] = 0.0f;
-          pos[i] = q < rows ? plan.obs_pos[dom.obs_begin + i0 + q] : -1;
-        }
-        for (int32_t t0 = key_lo; t0 < key_hi; t0 += S::kKeys) {
-          __syncthreads();
-          load_key_tile<T, D>(tile, cache, b, h, t0, min(S::kKeys, key_hi - t0), dim);
-          __syncthreads();
-          float dots[S::kQueriesPerThread];
-          tile_dots<D>(tile, chunk, key, group, dim, dots);
-          const int32_t j = t0 + key;
+  for (int rr = 0; rr < 2; ++rr) {
+    const int64_t p = p0 + 16 * warp + (lane >> 2) + 8 * rr;
+    const int32_t row = obs0 + (int32_t)(p / G);
+    lo[rr] = p < pairs ? plan.obs_lo[row] : INT32_MAX; /* a missing row sees nothing */
+    pos[rr] = p < pairs ? plan.obs_pos[row] : -1;
+  }
+
+  for (int32_t t = 0; t < tiles; ++t) {
+    const int32_t next = first_key + (t + 1) * kTileKeys;
+    if (t + 1 < tiles && threadIdx.x < kTileRows) {
+      const int32_t j = next + threadIdx.x;
+      k_src[((t + 1) & 1) * kTileRows + threadIdx.x] = j < key_hi ? key_row<T>(cache, b, j, h) : nullptr;
+    }
+    __syncthreads(); /* the row table is written; every warp is done with the buffer refilled next */
+    if (t + 1 < tiles)
+      stage_tile<T>(k_tiles + ((t + 1) & 1) * kTileRows * stride, k_src + ((t + 1) & 1) * kTileRows, dim, stride, k_pool);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads(); /* tile t has landed, all of it */
+
+    float s[8][4];
+    warp_logits<T, D>(s, q_tile + 16 * warp * stride, k_tiles + (t & 1) * kTileRows * stride, dim, stride);
+    const int32_t j0 = first_key + t * kTileKeys + 2 * quad;
 #pragma unroll
-          for (int i = 0; i < S::kQueriesPerThread; ++i)
-            if (j < key_hi && j <= pos[i]) online_add(m[i], l[i], dots[i] * scale2);
-        }
-        /* combine the kKeys threads of each query row through the K tile's storage */
-        float2 *scratch = reinterpret_cast<float2 *>(tile);
-        __syncthreads();
+    for (int rr = 0; rr < 2; ++rr) {
+      float tile_max = -INFINITY;
 #pragma unroll
-        for (int i = 0; i < S::kQueriesPerThread; ++i)
-          scratch[(group + i * S::kQueryGroups) * S::kKeys + key] = make_float2(m[i], l[i]);
-        __syncthreads();
-        if ((int)threadIdx.x < rows) {
-          float mq = -INFINITY, lq = 0.0f;
-          for (int k = 0; k < S::kKeys; ++k) {
-            float2 p = scratch[threadIdx.x * S::kKeys + k];
-            online_merge(mq, lq, p.x, p.y);
-          }
-          int64_t row = dom.obs_begin + i0 + threadIdx.x;
-          partials[(row * plan.num_q_heads + g) * num_chunks + blockIdx.x] = make_float2(mq, lq);
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int32_t j = j0 + 8 * nt + i;
+          const bool seen = j >= lo[rr] && j <= pos[rr];
+          const float v = s[nt][2 * rr + i] * scale2;
+          bad[rr] = bad[rr] || (seen && !is_finite(v));
+          s[nt][2 * rr + i] = seen ? v : -INFINITY;
+          tile_max = fmaxf(tile_max, s[nt][2 * rr + i]);
         }
-      }
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      const float new_m = fmaxf(m[rr], tile_max);
+      if (new_m == -INFINITY) continue; /* nothing seen yet: the same for the row's 4 lanes */
+      float sum = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) sum += exp2f(s[nt][2 * rr + i] - new_m);
+      l[rr] = l[rr] * exp2f(m[rr] - new_m) + sum;
+      m[rr] = new_m;
+    }
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float sum = bad[rr] ? NAN : l[rr]; /* a non-finite logit poisons the row */
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int64_t p = p0 + 16 * warp + (lane >> 2) + 8 * rr;
+    if (quad != 0 || p >= pairs) continue;
+    const int64_t idx = (int64_t)(obs0 + p / G) * plan.num_q_heads + h * G + p % G;
+    if (splits.count == 1) lse2[idx] = m[rr] + log2f(sum);
+    else partials[idx * splits.count + split] = make_float2(m[rr], sum);
   }
 }
 
-/* Pass 2: lse[row * num_q_heads + g] = log2 of sum_j exp2(logit) over the keys the row sees.
- * Rows of GEMM-path domains (when `gemm_rows` says there are any) are left to that path. */
+/* lse2[idx] from the (max, sum) partials of the splits the row's keys [lo, pos] fall in, merged in
+ * split order; an empty partial (sum 0) is skipped, a NaN one poisons. */
 __global__ void __launch_bounds__(kThreads)
-    softmax_lse_kernel(kvc_plan_view_t plan, const float2 *partials, float *lse, int32_t chunk_keys,
-                       int32_t num_chunks, int gemm_rows) {
+    combine_normalisers_kernel(kvc_plan_view_t plan, Splits splits, const float2 *partials, float *lse2) {
   const int64_t idx = (int64_t)blockIdx.x * kThreads + threadIdx.x;
   if (idx >= plan.obs_total * plan.num_q_heads) return;
   const int64_t row = idx / plan.num_q_heads;
-  if (gemm_rows) {
-    const kvc_domain_t &dom = domain_of_row(plan, row);
-    if (dom.obs_end - dom.obs_begin > plan.gemm_threshold) return;
-  }
-  const int32_t first = plan.obs_lo[row] / chunk_keys, last = plan.obs_pos[row] / chunk_keys;
+  const int32_t first = plan.obs_lo[row] / splits.keys, last = plan.obs_pos[row] / splits.keys;
   float m = -INFINITY, l = 0.0f;
   for (int32_t c = first; c <= last; ++c) {
-    float2 p = partials[idx * num_chunks + c];
-    online_merge(m, l, p.x, p.y);
+    const float2 p = partials[idx * splits.count + c];
+    if (p.y == 0.0f) continue;
+    const float new_m = fmaxf(m, p.x);
+    l = l * exp2f(m - new_m) + p.y * exp2f(p.x - new_m);
+    m = new_m;
   }
-  lse[idx] = m + log2f(l);
+  lse2[idx] = m + log2f(l);
 }
 
-/* Pass 2 with the engine's normalisers: lse2[idx] = lse[idx] * log2(e) (kvc_score's natural-log
- * convention to this file's base-2 logits). */
-__global__ void __launch_bounds__(kThreads) import_lse_kernel(const float *lse, float *lse2, int64_t count) {
-  const int64_t idx = (int64_t)blockIdx.x * kThreads + threadIdx.x;
-  if (idx < count) lse2[idx] = lse[idx] * kLog2e;
-}
+/* ---- pass 2: the column sums -----------------------------------------------------------------
+ * Rows that see a key of [j0, j1): a contiguous run [r_lo, r_hi) of the sequence's observation
+ * rows (positions and domain starts ascend). They are taken as groups of rows, 64 at a time:
+ * per q head (SNAPKV, H2O: group gi = q head h * G + gi, rows r_lo ..), or all (row, q head)
+ * pairs in one group (TOVA, which averages over the q heads anyway). */
+struct RowGroups {
+  int32_t r_lo, rows;   /* observation rows r_lo .. r_lo + rows - 1                             */
+  int32_t G, per_head;
+  __device__ int32_t count() const { return per_head ? G : 1; }
+  __device__ int64_t size() const { return per_head ? rows : (int64_t)rows * G; }
+  /* Row i of group gi: its observation row and q head within the KV head's group. */
+  __device__ void at(int32_t gi, int64_t i, int32_t *row, int32_t *head) const {
+    *row = r_lo + (int32_t)(per_head ? i : i / G);
+    *head = per_head ? gi : (int32_t)(i % G);
+  }
+};
 
-/* Pass 3: grid (key tile, KV head, sequence). head_scores row (b, g) (score layout with num_q_heads
- * rows) gets, for every scored key j of a domain, sum_i a_gij / #(queries of the domain that see j). */
-template <typename T, int D>
+template <class T, int D>
 __global__ void __launch_bounds__(kThreads)
-    head_attention_kernel(kvc_plan_view_t plan, kvc_paged_kv_t cache, const T *queries, const float *lse,
-                          float *head_scores) {
-  using S = Tile<D>;
-  __shared__ float4 tile4[S::kKeys * S::kStride / 4];
-  __shared__ float4 chunk4[S::kQueries * S::kStride / 4];
-  __shared__ float chunk_lse[S::kQueries];
-  __shared__ float partial_sums[S::kQueryGroups][S::kKeys];
-  float *tile = reinterpret_cast<float *>(tile4), *chunk = reinterpret_cast<float *>(chunk4);
-  const int32_t dim = D ? D : plan.head_dim, h = blockIdx.y, b = blockIdx.z;
-  const int32_t n = plan.seq_lens[b], t0 = blockIdx.x * S::kKeys;
-  if (t0 >= n) return;
-  const int32_t t1 = min(n, t0 + S::kKeys);
-  const int key = threadIdx.x % S::kKeys, group = threadIdx.x / S::kKeys;
-  const int32_t j = t0 + key;
-  const float scale2 = plan.scale * kLog2e;
-  load_key_tile<T, D>(tile, cache, b, h, t0, t1 - t0, dim);
+    column_sums_kernel(kvc_plan_view_t plan, kvc_paged_kv_t cache, const T *queries, const float *lse,
+                       float lse_to_base2, float *head_scores) {
+  KVC_DYNAMIC_SMEM(T, smem);
+  __shared__ float divisor[kTileKeys];       /* 0: the key is not scored                     */
+  __shared__ float warp_sums[kWarps][kTileKeys];
+  const int32_t dim = D ? D : plan.head_dim, stride = row_stride<T>(dim), G = plan.group_size;
+  T *const k_tile = smem;
+  T *const q_tiles = smem + kTileRows * stride; /* two buffers of kTileRows * stride */
+  const T **const k_src = reinterpret_cast<const T **>(smem + 3 * kTileRows * stride);
+  const int32_t h = blockIdx.y, b = blockIdx.z, n = plan.seq_lens[b], j0 = blockIdx.x * kTileKeys;
+  if (j0 >= n) return;
+  const int32_t j1 = min(n, j0 + kTileKeys);
 
-  for (int32_t d = plan.domain_indptr[b]; d < plan.domain_indptr[b + 1]; ++d) {
-    const kvc_domain_t dom = plan.domains[d];
-    const int32_t nq = dom.obs_end - dom.obs_begin;
-    const int32_t key_lo = max(t0, dom.start), key_hi = min(t1, dom.scored_end);
-    if (nq == 0 || nq > plan.gemm_threshold || key_lo >= key_hi) continue; /* GEMM path's */
-    const bool mine = j >= key_lo && j < key_hi;
-    for (int32_t g = h * plan.group_size; g < (h + 1) * plan.group_size; ++g) {
-      float sum = 0.0f;
-      for (int32_t i0 = 0; i0 < nq; i0 += S::kQueries) {
-        const int32_t rows = min(S::kQueries, nq - i0);
-        __syncthreads(); /* the K tile is loaded; the previous chunk's readers are done */
-        load_query_chunk<T, D>(chunk, queries, dom.obs_begin + i0, rows, g, plan.num_q_heads, dim);
-        if ((int)threadIdx.x < rows) chunk_lse[threadIdx.x] = lse[(int64_t)(dom.obs_begin + i0 + threadIdx.x) * plan.num_q_heads + g];
-        __syncthreads();
-        float dots[S::kQueriesPerThread];
-        tile_dots<D>(tile, chunk, key, group, dim, dots);
+  bool scored = false;
+  if (threadIdx.x < kTileKeys) {
+    const int32_t j = j0 + threadIdx.x, d = j < n ? domain_of(plan, b, j) : -1;
+    float div = 0.0f;
+    if (d >= 0 && j < plan.domains[d].scored_end) {
+      /* the domain's queries are its last nq positions: those at or after j see j */
+      const kvc_domain_t dom = plan.domains[d];
+      div = (float)(dom.obs_end - dom.obs_begin - max(0, j - plan.obs_pos[dom.obs_begin]));
+      scored = true;
+    }
+    divisor[threadIdx.x] = div;
+    k_src[threadIdx.x] = j < n ? key_row<T>(cache, b, j, h) : nullptr;
+  }
+  zero_padding<T>(smem, 3, dim, stride);
+  if (!__syncthreads_or(scored)) return; /* e.g. a tile of SnapKV's window */
+
+  RowGroups groups;
+  {
+    const int32_t obs0 = plan.obs_indptr[b], obs1 = plan.obs_indptr[b + 1];
+    groups.r_lo = lower_bound(plan.obs_pos, obs0, obs1, j0);
+    groups.rows = lower_bound(plan.obs_lo, groups.r_lo, obs1, j1) - groups.r_lo;
+    groups.G = G;
+    groups.per_head = plan.method != KVC_SCORE_TOVA;
+  }
+  const int64_t stages_per_group = (groups.size() + kTileRows - 1) / kTileRows;
+  const int64_t stages = stages_per_group * groups.count();
+  if (stages == 0) return;
+
+  /* Rows [64 st, 64 st + 64) of group gi into a query tile (zeros past the group's end). */
+  auto stage_queries = [&](int64_t stage, T *tile) {
+    const int32_t gi = (int32_t)(stage / stages_per_group);
+    const int64_t i0 = (stage % stages_per_group) * kTileRows;
+    stage_rows(tile, [&](int32_t r) -> const T * {
+      if (i0 + r >= groups.size()) return nullptr;
+      int32_t obs, head;
+      groups.at(gi, i0 + r, &obs, &head);
+      return queries + ((int64_t)obs * plan.num_q_heads + h * G + head) * dim;
+    }, dim, stride, queries);
+  };
+  stage_tile<T>(k_tile, k_src, dim, stride, static_cast<const T *>(cache.k));
+  stage_queries(0, q_tiles);
+  cp_async_commit();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane & 3;
+  const float scale2 = plan.scale * kLog2e;
+  float sums[8][2];
 #pragma unroll
-        for (int i = 0; i < S::kQueriesPerThread; ++i) {
-          const int q = group + i * S::kQueryGroups;
-          if (mine && q < rows && j <= plan.obs_pos[dom.obs_begin + i0 + q])
-            sum += exp2f(dots[i] * scale2 - chunk_lse[q]);
+  for (int nt = 0; nt < 8; ++nt) sums[nt][0] = sums[nt][1] = 0.0f;
+
+  for (int64_t st = 0; st < stages; ++st) {
+    __syncthreads(); /* every warp is done with the query tile refilled next */
+    if (st + 1 < stages) stage_queries(st + 1, q_tiles + ((st + 1) & 1) * kTileRows * stride);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads(); /* the K tile and query tile st have landed */
+
+    float s[8][4];
+    warp_logits<T, D>(s, q_tiles + (st & 1) * kTileRows * stride + 16 * warp * stride, k_tile, dim, stride);
+    const int32_t gi = (int32_t)(st / stages_per_group);
+    const int64_t i0 = (st % stages_per_group) * kTileRows + 16 * warp + (lane >> 2);
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      if (i0 + 8 * rr >= groups.size()) continue;
+      int32_t obs, head;
+      groups.at(gi, i0 + 8 * rr, &obs, &head);
+      const int32_t lo = plan.obs_lo[obs], pos = plan.obs_pos[obs];
+      float row_lse = lse[(int64_t)obs * plan.num_q_heads + h * G + head] * lse_to_base2;
+      if (!is_finite(row_lse)) row_lse = NAN; /* a poisoned row (or engine lse) poisons its keys */
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int32_t j = j0 + 8 * nt + 2 * quad + i;
+          const float v = s[nt][2 * rr + i] * scale2;
+          const float p = is_finite(v) ? exp2f(v - row_lse) : NAN;
+          if (j >= lo && j <= pos && j < j1) sums[nt][i] += p;
         }
-      }
+    }
+    if ((st + 1) % stages_per_group == 0) { /* the group is complete: reduce it in a fixed order */
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          float x = sums[nt][i];
+          x += __shfl_xor_sync(0xffffffffu, x, 4);
+          x += __shfl_xor_sync(0xffffffffu, x, 8);
+          x += __shfl_xor_sync(0xffffffffu, x, 16);
+          if (lane < 4) warp_sums[warp][8 * nt + 2 * quad + i] = x;
+          sums[nt][i] = 0.0f;
+        }
       __syncthreads();
-      partial_sums[group][key] = sum;
-      __syncthreads();
-      if (group == 0 && mine) {
-        float total = 0.0f;
-        for (int k = 0; k < S::kQueryGroups; ++k) total += partial_sums[k][key];
-        /* the domain's queries are its last nq positions: those at or after j see j */
-        const int32_t first_query = plan.obs_pos[dom.obs_begin];
-        const int32_t seen_by = nq - max(0, j - first_query);
-        head_scores[plan.num_q_heads * plan.token_offsets[b] + (int64_t)g * n + j] = total / (float)seen_by;
+      if (threadIdx.x < kTileKeys && divisor[threadIdx.x] > 0.0f) {
+        const int32_t head_row = groups.per_head ? h * G + gi : h;
+        const float total = ((warp_sums[0][threadIdx.x] + warp_sums[1][threadIdx.x]) + warp_sums[2][threadIdx.x]) +
+                            warp_sums[3][threadIdx.x];
+        head_scores[plan.num_q_heads * plan.token_offsets[b] + (int64_t)head_row * n + j0 + threadIdx.x] =
+            total / divisor[threadIdx.x];
       }
     }
   }
+  cp_async_wait<0>();
 }
 
-/* Score of key j from the per-q-head attention: pooled over the domain's scored keys (SNAPKV),
- * reduced over q heads [g0, g0 + count) (mean or max). */
-__device__ float reduce_attention(const kvc_plan_view_t &plan, const float *head_row0, int32_t n,
-                                  const kvc_domain_t &dom, int32_t j, int32_t g0, int32_t count, bool mean) {
+/* ---- pass 3: pooling, group reduce, the score layout ------------------------------------------ */
+
+/* Over q-head rows [g0, g0 + count) of head_scores: SNAPKV pools each over the domain's scored
+ * keys; the sum (mean) or maximum over the rows, NaN kept. */
+__device__ float reduce_heads(const kvc_plan_view_t &plan, const float *head_row0, int32_t n, const kvc_domain_t &dom,
+                              int32_t j, int32_t g0, int32_t count, bool mean) {
   const int32_t half = plan.method == KVC_SCORE_SNAPKV ? plan.pool_kernel / 2 : 0;
   const int32_t lo = max(dom.start, j - half), hi = min(dom.scored_end - 1, j + half);
   const bool pool_max = plan.pool == KVC_POOL_MAX;
@@ -319,40 +490,59 @@ __device__ float reduce_attention(const kvc_plan_view_t &plan, const float *head
   for (int32_t g = g0; g < g0 + count; ++g) {
     const float *row = head_row0 + (int64_t)g * n;
     float pooled = pool_max ? -INFINITY : 0.0f;
-    for (int32_t i = lo; i <= hi; ++i) pooled = pool_max ? fmaxf(pooled, row[i]) : pooled + row[i];
-    if (!pool_max) pooled /= (float)(2 * half + 1); /* zero padding: AVG always divides by the kernel */
-    reduced = mean ? reduced + pooled : fmaxf(reduced, pooled);
+    for (int32_t i = lo; i <= hi; ++i) pooled = pool_max ? max_keep_nan(pooled, row[i]) : pooled + row[i];
+    if (!pool_max && half > 0) pooled /= (float)(2 * half + 1); /* zero padding: AVG divides by the kernel */
+    reduced = mean ? reduced + pooled : max_keep_nan(reduced, pooled);
   }
-  return mean ? reduced / (float)count : reduced;
+  return reduced;
 }
 
-/* Final pass: grid (block of kThreads keys, KV head row set, sequence); TOVA has one row set that
- * writes every KV head. Writes (or adds) each key's score; +inf for keys no domain scores. */
-template <typename T, int D>
+/* ||row||_2 of dim elements, by the 2 lanes (lane ^ 1) that share the row, each summing half: scaled
+ * by the power of two of the row's max-abs, so no square overflows or underflows to 0; at most
+ * FLT_MAX for a finite row (as the CPU backend stores it), inf / NaN when the row has one. Both
+ * lanes must call it (it shuffles). */
+template <class T>
+__device__ float pair_norm(const T *row, int32_t dim) {
+  const int32_t half = dim / 2, d0 = (threadIdx.x & 1) * half;
+  float top = 0.0f;
+  for (int32_t d = d0; d < d0 + half; ++d) top = max_keep_nan(top, fabsf((float)row[d]));
+  top = max_keep_nan(top, __shfl_xor_sync(0xffffffffu, top, 1));
+  const int exponent = is_finite(top) && top > 0.0f ? ilogbf(top) : 0;
+  float squares = 0.0f;
+  for (int32_t d = d0; d < d0 + half; ++d) {
+    const float x = ldexpf((float)row[d], -exponent);
+    squares = fmaf(x, x, squares);
+  }
+  squares += __shfl_xor_sync(0xffffffffu, squares, 1);
+  return is_finite(top) && top > 0.0f ? fminf(ldexpf(sqrtf(squares), exponent), FLT_MAX) : top;
+}
+
+/* Grid (block of kThreads keys, KV head row set, sequence); TOVA has one row set that writes every
+ * KV head. Writes (or adds) each key's score; +inf for keys no domain scores. */
+template <class T>
 __global__ void __launch_bounds__(kThreads)
     write_scores_kernel(kvc_plan_view_t plan, kvc_paged_kv_t cache, const float *head_scores, float *scores,
                         int accumulate) {
-  using S = Tile<D>;
-  __shared__ float4 tile4[S::kKeys * S::kStride / 4];
+  KVC_DYNAMIC_SMEM(T, smem); /* KNORM: one key tile and its row table */
   __shared__ float norms[kThreads];
   const int32_t h = blockIdx.y, b = blockIdx.z, n = plan.seq_lens[b], j0 = blockIdx.x * kThreads;
   if (j0 >= n) return;
   const int32_t j = j0 + threadIdx.x;
   const kvc_score_method_t method = plan.method;
   if (method == KVC_SCORE_KNORM) {
-    /* coalesced tile loads, then one thread per key sums its row */
-    float *tile = reinterpret_cast<float *>(tile4);
-    const int32_t dim = D ? D : plan.head_dim;
-    for (int32_t s0 = j0; s0 < min(n, j0 + kThreads); s0 += S::kKeys) {
+    const int32_t dim = plan.head_dim, stride = row_stride<T>(dim);
+    const T **const k_src = reinterpret_cast<const T **>(smem + kTileRows * stride);
+    for (int32_t t0 = j0; t0 < min(n, j0 + kThreads); t0 += kTileKeys) {
+      __syncthreads(); /* the previous tile's readers are done */
+      if (threadIdx.x < kTileKeys)
+        k_src[threadIdx.x] = t0 + (int32_t)threadIdx.x < n ? key_row<T>(cache, b, t0 + threadIdx.x, h) : nullptr;
       __syncthreads();
-      load_key_tile<T, D>(tile, cache, b, h, s0, min(S::kKeys, n - s0), dim);
+      stage_tile<T>(smem, k_src, dim, stride, static_cast<const T *>(cache.k));
+      cp_async_commit();
+      cp_async_wait<0>();
       __syncthreads();
-      if (threadIdx.x < S::kKeys) {
-        const float4 *k4 = reinterpret_cast<const float4 *>(tile + threadIdx.x * S::kStride);
-        float sum = 0.0f;
-        for (int d4 = 0; d4 < dim / 4; ++d4) sum += k4[d4].x * k4[d4].x + k4[d4].y * k4[d4].y + k4[d4].z * k4[d4].z + k4[d4].w * k4[d4].w;
-        norms[s0 - j0 + threadIdx.x] = sqrtf(sum);
-      }
+      const float norm = pair_norm<T>(smem + (threadIdx.x / 2) * stride, dim); /* 2 lanes per key */
+      if ((threadIdx.x & 1) == 0) norms[t0 - j0 + threadIdx.x / 2] = norm;
     }
     __syncthreads();
   }
@@ -365,13 +555,17 @@ __global__ void __launch_bounds__(kThreads)
   if (d >= 0 && j < plan.domains[d].scored_end) {
     const kvc_domain_t dom = plan.domains[d];
     const float *head_row0 = head_scores + plan.num_q_heads * plan.token_offsets[b];
+    const bool mean = plan.group_reduce == KVC_REDUCE_MEAN;
     switch (method) {
       case KVC_SCORE_SNAPKV:
-      case KVC_SCORE_H2O:
-        value = reduce_attention(plan, head_row0, n, dom, j, h * plan.group_size, plan.group_size,
-                                 plan.group_reduce == KVC_REDUCE_MEAN);
+      case KVC_SCORE_H2O: {
+        const float reduced = reduce_heads(plan, head_row0, n, dom, j, h * plan.group_size, plan.group_size, mean);
+        value = mean ? reduced / (float)plan.group_size : reduced;
         break;
-      case KVC_SCORE_TOVA: value = reduce_attention(plan, head_row0, n, dom, j, 0, plan.num_q_heads, true); break;
+      }
+      case KVC_SCORE_TOVA: /* head_scores row h holds the sum over KV head h's q heads */
+        value = reduce_heads(plan, head_row0, n, dom, j, 0, plan.num_kv_heads, true) / (float)plan.num_q_heads;
+        break;
       case KVC_SCORE_KNORM: value = -norms[threadIdx.x]; break;
       case KVC_SCORE_STREAMING:
         value = plan.span_local ? (float)((double)(j - dom.start) / (double)(dom.end - dom.start)) : (float)j;
@@ -384,294 +578,154 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-/* ---- the GEMM path: domains with more than plan.gemm_threshold observation queries ------------
- * Per (sequence, domain, KV head), over tiles of at most gemm_tile_keys keys from the domain's
- * start, and blocks of at most R = max(1, gemm_tile_rows / group) queries (those that see the
- * tile's first key):
- *   pass 1  keys up to the last query: gather the tile, logits [group][R][keys] by GEMM (alpha =
- *           scale * log2 e), gemm_row_stats_kernel folds each row's (max, sum of exp2) over the
- *           keys it sees into a running pair (slot 0 of the row's partials) and, at the tile that
- *           holds the row's own position, writes its log2-sum-exp;
- *   pass 2  the scored keys: gather again, logits [group][keys][R] (key-major), and
- *           gemm_key_sums_kernel sums exp2(logit - lse) over the rows that see each key into the
- *           key's head_scores entry (first block writes, later ones add, the last divides by the
- *           number of queries that see the key), exactly what head_attention_kernel produces.
- * The logits tile is the only O(keys x rows) buffer, and it is bounded by the tile shape. */
+/* ---- the launcher ------------------------------------------------------------------------------ */
 
-constexpr int kGemmThreads = 256;
-constexpr int kGemmWarps = kGemmThreads / 32;
-
-/* Keys [t0, t0 + count) of (b, h) from the pages into tile[count][dim], in the cache dtype (bits
- * copied); a row the table cannot hold reads as zeros, like load_key_tile. */
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    gather_keys_kernel(kvc_paged_kv_t cache, int32_t b, int32_t h, int32_t t0, int32_t count, int32_t dim, T *tile) {
-  using Bits = typename std::conditional<sizeof(T) == 4, uint32_t, uint16_t>::type;
-  const Bits *pool = static_cast<const Bits *>(cache.k);
-  Bits *out = reinterpret_cast<Bits *>(tile);
-  const int64_t total = (int64_t)count * dim;
-  for (int64_t e = (int64_t)blockIdx.x * kThreads + threadIdx.x; e < total; e += (int64_t)gridDim.x * kThreads) {
-    const int32_t row = (int32_t)(e / dim), col = (int32_t)(e - (int64_t)row * dim), t = t0 + row;
-    const int32_t page = kvc_page_checked(&cache, b, t);
-    out[e] = page >= 0 ? pool[kvc_slot_offset(&cache, page, t, h) + col] : Bits(0);
-  }
-}
-
-/* Pass 1, one warp per logits row (q head g0 + gg, query row0 + r at position pos0 + r) of
- * logits[heads][rows][keys]: the row sees keys [t0, min(t0 + keys, pos + 1)). `init`: the tile is
- * the domain's first. state[idx * state_stride] carries (max, sum) between tiles. */
-__global__ void __launch_bounds__(kGemmThreads)
-    gemm_row_stats_kernel(const float *logits, int32_t heads, int32_t rows, int32_t keys, int32_t t0, int32_t pos0,
-                          int64_t row0, int32_t g0, int32_t num_q_heads, int init, float2 *state, int32_t state_stride,
-                          float *lse) {
-  const int64_t warp = (int64_t)blockIdx.x * kGemmWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (warp >= (int64_t)heads * rows) return; /* whole warps: `warp` is uniform across its lanes */
-  const int32_t gg = (int32_t)(warp / rows), r = (int32_t)(warp - (int64_t)gg * rows), pos = pos0 + r;
-  const int32_t seen = min(keys, pos + 1 - t0);
-  const float *row = logits + ((int64_t)gg * rows + r) * keys;
-  float m = -INFINITY, l = 0.0f;
-  for (int32_t t = lane; t < seen; t += 32) online_add(m, l, row[t]);
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float m2 = __shfl_xor_sync(0xffffffffu, m, offset), l2 = __shfl_xor_sync(0xffffffffu, l, offset);
-    online_merge(m, l, m2, l2);
-  }
-  if (lane == 0) {
-    const int64_t idx = (row0 + r) * num_q_heads + g0 + gg;
-    if (!init) {
-      const float2 carried = state[idx * state_stride];
-      online_merge(m, l, carried.x, carried.y);
-    }
-    if (pos < t0 + keys) lse[idx] = m + log2f(l); /* the tile holding the row's own position: done */
-    else state[idx * state_stride] = make_float2(m, l);
-  }
-}
-
-/* Pass 2, grid (key groups of kGemmWarps, heads): one warp per key t0 + t of logits[heads][keys][rows]
- * sums exp2(logit - lse) over the rows that see it (position pos0 + r >= key) into head_row0[g][key]
- * (head_scores row set of the sequence, rows of n). `first`: this query block is the tile's first
- * (write, else add); `last`: divide by the number of the domain's queries that see the key. */
-__global__ void __launch_bounds__(kGemmThreads)
-    gemm_key_sums_kernel(const float *logits, int32_t rows, int32_t keys, int32_t t0, int32_t pos0, int64_t row0,
-                         int32_t g0, int32_t num_q_heads, const float *lse, float *head_row0, int32_t n, int first,
-                         int last, int32_t first_query, int32_t nq) {
-  __shared__ float row_lse[KVC_GEMM_TILE_ROWS];
-  const int32_t gg = blockIdx.y;
-  for (int32_t r = threadIdx.x; r < rows; r += kGemmThreads) row_lse[r] = lse[(row0 + r) * num_q_heads + g0 + gg];
-  __syncthreads();
-  const int32_t t = blockIdx.x * kGemmWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (t >= keys) return; /* whole warps */
-  const int32_t j = t0 + t;
-  const float *column = logits + ((int64_t)gg * keys + t) * rows;
-  float sum = 0.0f;
-  for (int32_t r = max(0, j - pos0) + lane; r < rows; r += 32) sum += exp2f(column[r] - row_lse[r]);
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (lane == 0) {
-    float *out = head_row0 + (int64_t)(g0 + gg) * n + j;
-    float value = first ? sum : *out + sum;
-    if (last) value /= (float)(nq - max(0, j - first_query)); /* queries are the domain's last nq positions */
-    *out = value;
-  }
-}
-
-/* Workspace of the GEMM path (carved only when some domain takes it). */
-struct GemmBuffers {
-  void *blas_workspace;
-  void *keys;     /* [tile_keys][head_dim], cache dtype */
-  float *logits;  /* group * tile_queries * tile_keys   */
-  int32_t tile_keys, tile_queries;
-};
-
-/* Tile shape of a plan: keys per tile and queries (per q head) per GEMM, each capped by what the
- * plan can use, so small plans carve small tiles. */
-inline void gemm_tile_shape(const kvc_plan_view_t &plan, int32_t *tile_keys, int32_t *tile_queries) {
-  *tile_keys = min(plan.gemm_tile_keys, plan.max_seq_len);
-  *tile_queries = min(max(1, plan.gemm_tile_rows / plan.group_size), plan.max_obs_per_domain);
-}
-
-template <typename T>
-kvc_status_t run_gemm_domains(const kvc_op_args_t *args, const GemmBuffers &buf, float2 *state, int32_t state_stride,
-                              float *lse, float *head_scores) {
-  const kvc_plan_view_t &plan = args->plan, &host = *args->host_plan;
-  const kvc_paged_kv_t cache = *args->cache;
-  cudaStream_t stream = static_cast<cudaStream_t>(args->stream);
-  const int32_t group = plan.group_size, num_q_heads = plan.num_q_heads, dim = plan.head_dim;
-  const T *queries = static_cast<const T *>(args->queries);
-  T *keys = static_cast<T *>(buf.keys);
-  kvc_status_t status =
-      kvc_score_gemm_bind(args->blas, args->stream, buf.blas_workspace, KVC_GEMM_BLAS_WORKSPACE, args->detail,
-                          args->detail_cap);
-  if (status != KVC_SUCCESS) return status;
-  kvc_score_gemm_t gemm;
-  memset(&gemm, 0, sizeof gemm);
-  gemm.dtype = plan.dtype;
-  gemm.batch = group;
-  gemm.dim = dim;
-  gemm.q_row_stride = (int64_t)num_q_heads * dim;
-  gemm.q_batch_stride = dim;
-  gemm.k = keys;
-  gemm.k_row_stride = dim;
-  gemm.alpha = plan.scale * kLog2e;
-  gemm.out = buf.logits;
-
+/* The normaliser's split of the keys (see Splits): C = min(ceil(1024 / R), ceil(n_max / 512)) splits
+ * for R row blocks in all, each a multiple of 64 keys. */
+Splits normaliser_splits(const kvc_plan_view_t &host) {
+  int64_t row_blocks = 0, most = 1;
   for (int32_t b = 0; b < host.batch; ++b) {
-    float *head_row0 = head_scores + num_q_heads * host.token_offsets[b];
-    for (int32_t d = host.domain_indptr[b]; d < host.domain_indptr[b + 1]; ++d) {
-      const kvc_domain_t dom = host.domains[d];
-      const int32_t nq = dom.obs_end - dom.obs_begin;
-      if (nq <= plan.gemm_threshold) continue;
-      const int32_t first_query = host.obs_pos[dom.obs_begin], queries_end = host.obs_pos[dom.obs_end - 1] + 1;
-      for (int32_t h = 0; h < plan.num_kv_heads; ++h) {
-        const int32_t g0 = h * group;
-        for (int pass = args->lse ? 1 : 0; pass < 2; ++pass) { /* pass 0 computes what `lse` gives */
-          const int32_t key_end = pass == 0 ? queries_end : dom.scored_end;
-          for (int32_t t0 = dom.start; t0 < key_end; t0 += buf.tile_keys) {
-            const int32_t tile = min(buf.tile_keys, key_end - t0);
-            const int64_t elems = (int64_t)tile * dim;
-            KVC_LAUNCH((gather_keys_kernel<T>), dim3((unsigned)((elems + kThreads - 1) / kThreads)), dim3(kThreads), 0,
-                       stream, cache, b, h, t0, tile, dim, keys);
-            const int32_t i_first = max(0, t0 - first_query); /* queries at or after the tile's first key */
-            for (int32_t i0 = i_first; i0 < nq; i0 += buf.tile_queries) {
-              const int32_t rows = min(buf.tile_queries, nq - i0);
-              const int64_t row0 = dom.obs_begin + i0;
-              gemm.rows = rows;
-              gemm.keys = tile;
-              gemm.q = queries + (row0 * num_q_heads + g0) * dim;
-              gemm.key_major = pass;
-              gemm.out_ld = pass == 0 ? tile : rows;
-              gemm.out_batch_stride = (int64_t)rows * tile;
-              status = kvc_score_gemm_logits(args->blas, &gemm, args->detail, args->detail_cap);
-              if (status != KVC_SUCCESS) return status;
-              if (pass == 0) {
-                const int64_t warps = (int64_t)group * rows;
-                KVC_LAUNCH(gemm_row_stats_kernel, dim3((unsigned)((warps + kGemmWarps - 1) / kGemmWarps)),
-                           dim3(kGemmThreads), 0, stream, buf.logits, group, rows, tile, t0, first_query + i0, row0,
-                           g0, num_q_heads, (int)(t0 == dom.start), state, state_stride, lse);
-              } else {
-                KVC_LAUNCH(gemm_key_sums_kernel, dim3((unsigned)((tile + kGemmWarps - 1) / kGemmWarps), group),
-                           dim3(kGemmThreads), 0, stream, buf.logits, rows, tile, t0, first_query + i0, row0, g0,
-                           num_q_heads, lse, head_row0, host.seq_lens[b], (int)(i0 == i_first),
-                           (int)(i0 + rows == nq), first_query, nq);
-              }
-            }
-          }
-        }
-      }
-    }
+    const int64_t blocks = ((int64_t)(host.obs_indptr[b + 1] - host.obs_indptr[b]) * host.group_size + kTileRows - 1) /
+                           kTileRows;
+    row_blocks += blocks;
+    most = blocks > most ? blocks : most;
   }
-  return KVC_SUCCESS;
+  row_blocks *= host.num_kv_heads;
+  const int64_t n_max = host.max_seq_len, by_blocks = (kTargetBlocks + row_blocks - 1) / (row_blocks ? row_blocks : 1);
+  const int64_t by_keys = (n_max + kMinSplitKeys - 1) / kMinSplitKeys;
+  int64_t count = by_blocks < by_keys ? by_blocks : by_keys;
+  count = count < 1 ? 1 : count;
+  const int64_t keys = ((n_max + count - 1) / count + kTileKeys - 1) / kTileKeys * kTileKeys;
+  Splits s;
+  s.row_blocks = (int32_t)most;
+  s.keys = (int32_t)keys;
+  s.count = (int32_t)((n_max + keys - 1) / keys);
+  return s;
 }
 
 /* What one execute call runs, beyond the plan. */
-struct ScoreLaunch {
-  float2 *partials;
-  float *lse, *head_scores;
-  int32_t chunk_keys, num_chunks;
-  bool fused;     /* some domain with queries takes the fused kernels (passes 1-3)  */
-  bool gemm;      /* some domain takes the GEMM path (then `buffers` is carved)       */
-  GemmBuffers buffers;
+struct ScoreRun {
+  bool attention;
+  Splits splits;
+  float2 *partials; /* splits.count > 1 */
+  float *lse2, *head_scores;
 };
 
-template <typename T, int D>
-kvc_status_t launch_score(const kvc_op_args_t *args, const ScoreLaunch &run) {
+/* Dynamic shared memory above the default 48 KiB needs the kernel's opt-in. */
+template <class Kernel>
+kvc_status_t allow_smem(const kvc_op_args_t *args, Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return KVC_SUCCESS;
+  cudaError_t err = KVC_SET_MAX_DYNAMIC_SMEM(kernel, bytes);
+  if (err == cudaSuccess) return KVC_SUCCESS;
+  return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_CUDA,
+                         "kvc_score: raising a kernel's shared memory to %zu bytes failed: %s", bytes,
+                         cudaGetErrorString(err));
+}
+
+template <class T, int D>
+kvc_status_t launch_attention(const kvc_op_args_t *args, const ScoreRun &run) {
   const kvc_plan_view_t &plan = args->plan;
   const kvc_paged_kv_t cache = *args->cache;
   const T *queries = static_cast<const T *>(args->queries);
   cudaStream_t stream = static_cast<cudaStream_t>(args->stream);
-  const int64_t rows = plan.obs_total * plan.num_q_heads;
-  if ((run.fused || run.gemm) && args->lse)
-    KVC_LAUNCH(import_lse_kernel, dim3((unsigned)((rows + kThreads - 1) / kThreads)), dim3(kThreads), 0, stream,
-               args->lse, run.lse, rows);
-  if (run.fused) {
-    if (!args->lse) {
-      KVC_LAUNCH((softmax_partials_kernel<T, D>), dim3(run.num_chunks, plan.num_kv_heads, plan.batch),
-                 dim3(kThreads), 0, stream, plan, cache, queries, run.partials, run.chunk_keys, run.num_chunks);
-      KVC_LAUNCH(softmax_lse_kernel, dim3((unsigned)((rows + kThreads - 1) / kThreads)), dim3(kThreads), 0, stream,
-                 plan, run.partials, run.lse, run.chunk_keys, run.num_chunks, (int)run.gemm);
-    }
-    const int32_t tiles = (plan.max_seq_len + Tile<D>::kKeys - 1) / Tile<D>::kKeys;
-    KVC_LAUNCH((head_attention_kernel<T, D>), dim3(tiles, plan.num_kv_heads, plan.batch), dim3(kThreads), 0, stream,
-               plan, cache, queries, run.lse, run.head_scores);
-  }
-  if (run.gemm) {
-    /* the running (max, sum) of a GEMM row lives in its first partials slot */
-    kvc_status_t status = run_gemm_domains<T>(args, run.buffers, run.partials, run.num_chunks, run.lse, run.head_scores);
+  const size_t smem = attention_smem_bytes<T>(plan.head_dim);
+  if (!args->lse) {
+    kvc_status_t status = allow_smem(args, normaliser_kernel<T, D>, smem);
     if (status != KVC_SUCCESS) return status;
+    const Splits &s = run.splits;
+    KVC_LAUNCH((normaliser_kernel<T, D>), dim3((unsigned)(s.count * s.row_blocks), plan.num_kv_heads, plan.batch),
+               dim3(kThreads), smem, stream, plan, cache, queries, s, run.partials, run.lse2);
+    if (s.count > 1) {
+      const int64_t rows = plan.obs_total * plan.num_q_heads;
+      KVC_LAUNCH(combine_normalisers_kernel, dim3((unsigned)((rows + kThreads - 1) / kThreads)), dim3(kThreads), 0,
+                 stream, plan, s, run.partials, run.lse2);
+    }
   }
-  const int32_t row_sets = plan.method == KVC_SCORE_TOVA ? 1 : plan.num_kv_heads;
-  KVC_LAUNCH((write_scores_kernel<T, D>), dim3((plan.max_seq_len + kThreads - 1) / kThreads, row_sets, plan.batch),
-             dim3(kThreads), 0, stream, plan, cache, run.head_scores, args->scores, args->accumulate);
+  kvc_status_t status = allow_smem(args, column_sums_kernel<T, D>, smem);
+  if (status != KVC_SUCCESS) return status;
+  /* the engine's normalisers are natural-log; this file's are base 2 */
+  const float *lse = args->lse ? args->lse : run.lse2;
+  KVC_LAUNCH((column_sums_kernel<T, D>), dim3((plan.max_seq_len + kTileKeys - 1) / kTileKeys, plan.num_kv_heads,
+                                              plan.batch),
+             dim3(kThreads), smem, stream, plan, cache, queries, lse, args->lse ? kLog2e : 1.0f, run.head_scores);
   return KVC_SUCCESS;
 }
 
-template <typename T>
-kvc_status_t launch_for_dim(const kvc_op_args_t *args, const ScoreLaunch &run) {
-  switch (args->plan.head_dim) {
-    case 64: return launch_score<T, 64>(args, run);
-    case 128: return launch_score<T, 128>(args, run);
-    case 256: return launch_score<T, 256>(args, run);
-    default: return launch_score<T, 0>(args, run);
+template <class T>
+kvc_status_t launch_score(const kvc_op_args_t *args, const ScoreRun &run) {
+  const kvc_plan_view_t &plan = args->plan;
+  if (run.attention) {
+    kvc_status_t status;
+    if constexpr (std::is_same<T, float>::value) { /* the exact path: one instantiation serves */
+      status = launch_attention<T, 0>(args, run);
+    } else {
+      switch (plan.head_dim) {
+        case 64: status = launch_attention<T, 64>(args, run); break;
+        case 128: status = launch_attention<T, 128>(args, run); break;
+        case 256: status = launch_attention<T, 256>(args, run); break;
+        default: status = launch_attention<T, 0>(args, run);
+      }
+    }
+    if (status != KVC_SUCCESS) return status;
   }
+  const size_t smem = plan.method == KVC_SCORE_KNORM ? knorm_smem_bytes<T>(plan.head_dim) : 0;
+  kvc_status_t status = allow_smem(args, write_scores_kernel<T>, smem);
+  if (status != KVC_SUCCESS) return status;
+  const int32_t row_sets = plan.method == KVC_SCORE_TOVA ? 1 : plan.num_kv_heads;
+  KVC_LAUNCH((write_scores_kernel<T>), dim3((plan.max_seq_len + kThreads - 1) / kThreads, row_sets, plan.batch),
+             dim3(kThreads), smem, static_cast<cudaStream_t>(args->stream), plan, *args->cache, run.head_scores,
+             args->scores, args->accumulate);
+  return KVC_SUCCESS;
 }
+
+bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
 }  // namespace
 
 extern "C" kvc_status_t kvc_score_cuda(const kvc_op_args_t *args, kvc_carver_t *ws) {
   const kvc_plan_view_t &plan = args->plan;
-  const bool attention =
-      plan.method == KVC_SCORE_SNAPKV || plan.method == KVC_SCORE_H2O || plan.method == KVC_SCORE_TOVA;
   if (plan.head_dim % 8 != 0 || plan.head_dim > 256)
     return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_NOT_SUPPORTED,
                            "kvc_score: head_dim %d is not supported on CUDA (multiples of 8 up to 256)", plan.head_dim);
-  ScoreLaunch run;
+  ScoreRun run;
   memset(&run, 0, sizeof run);
-  /* Which domains take which path: the GEMM path those with more than gemm_threshold queries;
-   * when it takes every domain with queries, the fused passes are skipped and the partials shrink
-   * to the one running (max, sum) slot per row the GEMM path needs. */
-  run.gemm = attention && plan.obs_total > 0 && plan.max_obs_per_domain > plan.gemm_threshold;
-  run.fused = attention && plan.obs_total > 0;
-  if (run.gemm) {
+  run.attention = (plan.method == KVC_SCORE_SNAPKV || plan.method == KVC_SCORE_H2O || plan.method == KVC_SCORE_TOVA) &&
+                  plan.obs_total > 0;
+  if (run.attention) {
     if (!args->host_plan)
       return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_INTERNAL, "kvc_score: no host plan");
-    const kvc_plan_view_t &host = *args->host_plan;
-    run.fused = false;
-    for (int32_t d = 0; d < host.domain_indptr[host.batch] && !run.fused; ++d) {
-      const int32_t nq = host.domains[d].obs_end - host.domains[d].obs_begin;
-      run.fused = nq > 0 && nq <= plan.gemm_threshold;
-    }
+    run.splits = normaliser_splits(*args->host_plan);
+    const size_t rows = (size_t)plan.obs_total * (size_t)plan.num_q_heads;
+    if (run.splits.count > 1)
+      run.partials = static_cast<float2 *>(kvc_carve(ws, sizeof(float2) * rows * (size_t)run.splits.count));
+    run.lse2 = static_cast<float *>(kvc_carve(ws, sizeof(float) * rows));
+    run.head_scores =
+        static_cast<float *>(kvc_carve(ws, sizeof(float) * (size_t)plan.num_q_heads * (size_t)plan.total_tokens));
   }
-  /* key chunks of pass 1: at least kMinChunkKeys keys, at most kMaxChunks per sequence */
-  run.chunk_keys = (plan.max_seq_len + kMaxChunks - 1) / kMaxChunks;
-  run.chunk_keys = run.chunk_keys < kMinChunkKeys ? kMinChunkKeys : run.chunk_keys;
-  run.num_chunks = run.fused ? (plan.max_seq_len + run.chunk_keys - 1) / run.chunk_keys : 1;
-  const size_t query_heads = attention ? (size_t)plan.obs_total * (size_t)plan.num_q_heads : 0;
-  run.partials = static_cast<float2 *>(kvc_carve(ws, sizeof(float2) * query_heads * (size_t)run.num_chunks));
-  run.lse = static_cast<float *>(kvc_carve(ws, sizeof(float) * query_heads));
-  if (run.gemm) {
-    GemmBuffers &buf = run.buffers;
-    gemm_tile_shape(plan, &buf.tile_keys, &buf.tile_queries);
-    buf.blas_workspace = kvc_carve(ws, KVC_GEMM_BLAS_WORKSPACE);
-    buf.keys = kvc_carve(ws, (size_t)buf.tile_keys * (size_t)plan.head_dim * (size_t)kvc_dtype_size(plan.dtype));
-    buf.logits = static_cast<float *>(kvc_carve(
-        ws, sizeof(float) * (size_t)plan.group_size * (size_t)buf.tile_queries * (size_t)buf.tile_keys));
-  }
-  run.head_scores = static_cast<float *>(
-      kvc_carve(ws, attention ? sizeof(float) * (size_t)plan.num_q_heads * (size_t)plan.total_tokens : 0));
   if (!ws->base) return KVC_SUCCESS;
 
-  kvc_status_t status = KVC_SUCCESS;
+  /* the kernels copy K rows and queries 16 bytes at a time */
+  const bool reads_keys = run.attention || plan.method == KVC_SCORE_KNORM;
+  const kvc_paged_kv_t &c = *args->cache;
+  const int64_t row_bytes = kvc_dtype_size(plan.dtype);
+  if (reads_keys && (!aligned16(c.k) || (c.stride_page * row_bytes) % 16 || (c.stride_token * row_bytes) % 16 ||
+                     (c.stride_head * row_bytes) % 16 || (run.attention && !aligned16(args->queries))))
+    return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_NOT_SUPPORTED,
+                           "kvc_score: on CUDA the K pool (%p), its strides in bytes (page %lld, token %lld, head "
+                           "%lld) and the queries (%p) must be multiples of 16 bytes",
+                           c.k, (long long)(c.stride_page * row_bytes), (long long)(c.stride_token * row_bytes),
+                           (long long)(c.stride_head * row_bytes), args->queries);
+  kvc_status_t status;
   switch (plan.dtype) {
-    case KVC_DTYPE_F32: status = launch_for_dim<float>(args, run); break;
-    case KVC_DTYPE_F16: status = launch_for_dim<__half>(args, run); break;
-    case KVC_DTYPE_BF16: status = launch_for_dim<__nv_bfloat16>(args, run); break;
+    case KVC_DTYPE_F32: status = launch_score<float>(args, run); break;
+    case KVC_DTYPE_F16: status = launch_score<__half>(args, run); break;
+    case KVC_DTYPE_BF16: status = launch_score<__nv_bfloat16>(args, run); break;
     default:
       /* FP8 caches are only scored by STREAMING, which reads no K: any instantiation serves */
       if (plan.method != KVC_SCORE_STREAMING)
         return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_NOT_SUPPORTED,
                                "kvc_score: dtype %d can only be scored by STREAMING", (int)plan.dtype);
-      status = launch_score<float, 0>(args, run);
+      status = launch_score<float>(args, run);
   }
   if (status != KVC_SUCCESS) return status;
   return kvc_launch_status(args, "kvc_score");

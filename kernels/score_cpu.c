@@ -1,358 +1,451 @@
 /*
- * score_cpu.c - the CPU backend's scoring op, and the reference the CUDA kernels are tested
- * against: the scoring semantics of the comment above kvc_plan_desc_t in kvcompress.h, computed
- * in double and rounded to float once, when the score is stored.
+ * score_cpu.c - the CPU backend's scoring op: the scoring semantics of the comment above
+ * kvc_plan_desc_t in kvcompress.h. Logits are float32 dot products (f16 and bf16 widen exactly to
+ * float); softmax normalisers, column sums, means, pooling and group reduction are double; each
+ * score is rounded to float once, when it is stored. The obviously-correct reference (everything
+ * in double, one query at a time) lives in tests/test_score_cpu.c, which checks this file against
+ * it within a bound derived there from the float arithmetic.
  *
- * Attention methods (SNAPKV, H2O, TOVA) go one (domain, KV head) at a time, and inside it one
- * block of observation rows at a time (consecutive rows, ascending; all G q heads of the group).
- * The block's queries are widened to double once; the keys the block sees are read from their
- * pages in tiles of TILE_KEYS keys, each widened to double once per block into a packed tile, and
- * every (row, q head) of the block takes its logits against the tile from there: so each key is
- * read and converted once per block of up to BLOCK_ROW_HEADS (row, q head) pairs instead of once
- * per row. The block's logits are stored (one pass), then each (row, q head) turns its own into
- * probabilities in place exactly as a plain implementation would (max-subtracted, so exp never
- * overflows; one exp per (row, q head, key); summed in key order) and adds them to the head's
- * per-key sums, rows in ascending order. Every dot product is summed in head_dim order from 0:
- * the result is the same, bit for bit, as taking the rows one at a time.
+ * Work: one item per (scoring domain, KV head), independent of each other, so the context's
+ * threads (kvc_context_set_threads) take items from a shared counter and each item's scores are
+ * computed by one thread in one fixed order: the result does not depend on the thread count.
+ * TOVA's items each leave their q heads' sum in a per-sequence row; one thread then adds the KV
+ * heads' rows in order.
  *
- * Workspace (doubles; L = the longest sequence, G = the GQA group size, D = head_dim, Q = the
- * most observation queries of one domain, B = block rows = max(1, min(Q, floor(256 / G),
- * floor(2^20 / (G * L))))), each piece rounded up to 256 bytes:
- *     B * G * D * 2     the block's queries (each element twice: a ready 2-lane broadcast)
- *   + TILE_KEYS * D     one tile of keys (64 x D: 64 KiB at D = 128)
- *   + B * G * L         the block's logits: at most 2^20 doubles (8 MiB), or one row's G * L
- *                       when that alone is larger (B = 1, as for a single query row)
- *   + G * L + 2 * L     per-q-head attention sums, pooling and reduction rows
- * The [heads x window x n] attention matrix never exists, and keys are read straight from their
- * pages, never converted as a whole. KNORM and STREAMING need none.
+ * Attention methods (SNAPKV, H2O, TOVA) in an item go one block of observation rows at a time
+ * (consecutive rows, ascending): the pairs (q head, row) of the block, all G q heads of the group,
+ * are the lanes of float vectors; keys are converted to float once per tile of KEY_TILE keys and
+ * every vector of the block takes its logits against the tile (kernels/score_cpu_simd.h: FMA
+ * micro-kernel, then per vector exp, double sums and column sums). The block's logits are kept
+ * (LOGITS_CAP floats, or MIN_VECTORS vectors' worth when that is more: the micro-kernel wants 4
+ * query vectors per key broadcast), so every logit is computed once; a domain's rows are split
+ * into blocks of equal size. With the engine's normaliser the exp pass is fused into the column
+ * sums. Buffer size barely matters here (1 to 8 MiB measured within noise at n = 1k-16k). The [heads x
+ * window x n] attention matrix never exists. The inner loops are built three times - AVX-512,
+ * AVX2+FMA (x86, picked at run time) and portable (GCC/Clang vector extensions) - and agree up to
+ * the order of lane sums; KVC_CPU_ISA=1|2|3 (read at plan creation) caps the choice for tests.
+ * No BLAS, by measurement: OpenBLAS 0.3.31's sgemm (one thread, this repository's bench machine)
+ * runs 82-128 GFLOP/s on these shapes, and a whole kvc_compress here reaches 64-83 GFLOP/s of QK^T
+ * flops with softmax, column sums, selection and compaction included (bench/RESULTS.md); a BLAS
+ * could only shorten the logit part (about 60% of the time) and needs K packed per tile anyway.
+ *
+ * Non-finite data (the header's rule): a NaN or +-inf among the logits a pair sees makes its whole
+ * softmax row NaN (every key it sees gets a NaN contribution); MAX pooling and MAX group-reduce
+ * propagate NaN; pool_kernel 1 is the identity. KNORM is summed in double (no intermediate
+ * overflow) and a norm past FLT_MAX is stored as -FLT_MAX, so every finite key scores finite.
+ *
+ * Workspace per thread (L = longest sequence, Lp = L rounded up to KEY_GROUP, G = group size,
+ * D = head_dim, V = lanes, B = block rows, M = ceil(B * G / V) vectors), each piece rounded up to
+ * 256 bytes: floats M * V * D (queries) + KEY_TILE * D (key tile) + M * V * Lp (logits) + 4 M V
+ * (lane data); int64 L (key offsets); doubles G * L + 2 L (head rows, pooling, reduction). TOVA
+ * adds one shared [num_kv_heads][L] double row set. KNORM and STREAMING need none.
  */
+#include <float.h>
 #include <math.h>
 
 #include "common.h"
 #include "ops.h"
 
 enum {
-  KEY_LANES = 8,        /* keys of a packed group: the dot-product kernel's vector width       */
-  TILE_KEYS = 64,       /* keys widened per tile (a multiple of KEY_LANES)                     */
-  BLOCK_ROW_HEADS = 256 /* (row, q head) pairs per block, at most (one row when G is larger)   */
+  KEY_GROUP = 24, /* the micro-kernel's key counts (accumulators / vectors, 1..4 vectors) divide it */
+  KEY_TILE = 96   /* keys converted to float per tile (a multiple of KEY_GROUP)                      */
 };
-#define LOGITS_CAP ((int64_t)1 << 20) /* doubles of the block's logits, unless one row needs more */
+#define LOGITS_CAP ((int64_t)1 << 18) /* floats of a block's logits (1 MiB), unless MIN_VECTORS vectors need more */
+#define MIN_VECTORS 4                 /* vectors of a block when the domain has the rows (micro-kernel width) */
 
-/* Workspace of the attention methods (sizes above). */
+/* One block: what kernels/score_cpu_simd.h computes, and the thread's scratch it uses. */
 typedef struct {
-  int32_t block_rows; /* B: observation rows per block                                          */
-  double *query;      /* [B * G][D][2] the block's queries ((row, q head) pairs in row-major
-                         order), each element twice                                              */
-  double *keys;       /* [TILE_KEYS / 8][D][8] one tile of keys, packed by groups of 8 keys     */
-  double *logits;     /* [B * G][L] each pair's logits, then softmax, over the keys it sees      */
-  double *heads;      /* [G][L] each q head's attention per scored key, averaged over its queries */
-  double *pooled;     /* [L] one head's attention after SNAPKV's pooling                          */
-  double *reduced;    /* [L] the reduction over q heads: the domain's scores for one row set      */
-} score_rows_t;
+  const kvc_paged_kv_t *cache;
+  const int64_t *key_offset; /* [keys] element offset in cache->k of key lo + i, the item's KV head */
+  int32_t dim, group;        /* D, G */
+  float scale;
+  int32_t lo;                /* the domain's first key                                               */
+  int32_t keys;              /* keys the block sees: lo .. lo + keys - 1                             */
+  int32_t scored;            /* keys lo .. lo + scored - 1 get column sums                           */
+  int32_t rows_per_head;     /* rows of the block: pair p is q head p / rows, row p % rows           */
+  int32_t vectors;           /* ceil(group * rows / lanes)                                           */
+  const float *lse;          /* the engine's normalisers (non-NULL: use lane_lse) or NULL            */
+  float *qpack;              /* [vectors][D][lanes] the pairs' queries                               */
+  float *tile;               /* [KEY_TILE][D] keys as floats                                         */
+  float *logits;             /* [vectors][logits_keys][lanes]                                        */
+  int64_t logits_keys;
+  int32_t *lane_pos;         /* [vectors * lanes] each pair's position, -1 for padding lanes         */
+  int32_t *vector_keys;      /* [vectors] keys any lane of the vector sees                           */
+  float *lane_max, *lane_bad, *lane_lse; /* [vectors * lanes]                                        */
+  double *heads;             /* [G][heads_stride]: each q head's attention sums over scored keys     */
+  int64_t heads_stride;
+} score_block_t;
+
+/* ---- the inner loops, once per instruction set ------------------------------------------------ */
+
+#if !defined(__GNUC__)
+#error "score_cpu.c needs GCC or Clang vector extensions"
+#endif
+
+#define SIMD(name) name##_portable
+#define SIMD_TARGET
+#define SIMD_LANES 4
+#define SIMD_ACCUMULATORS 12
+#define SIMD_FMA(a, b, c) ((a) * (b) + (c))
+#define SIMD_SPLAT(x) ((float __attribute__((vector_size(16)))){x, x, x, x})
+#define SIMD_SPLAT_INT(x) ((int32_t __attribute__((vector_size(16)))){x, x, x, x})
+#define SIMD_WIDEN_LOW(v) ((double __attribute__((vector_size(16)))){(v)[0], (v)[1]})
+#define SIMD_WIDEN_HIGH(v) ((double __attribute__((vector_size(16)))){(v)[2], (v)[3]})
+#define SIMD_SUM_HALF(x) ((x)[0] + (x)[1])
+#include "score_cpu_simd.h"
+#undef SIMD
+#undef SIMD_TARGET
+#undef SIMD_LANES
+#undef SIMD_ACCUMULATORS
+#undef SIMD_FMA
+#undef SIMD_SPLAT
+#undef SIMD_SPLAT_INT
+#undef SIMD_WIDEN_LOW
+#undef SIMD_WIDEN_HIGH
+#undef SIMD_SUM_HALF
+
+#if defined(__x86_64__) || defined(__i386__)
+#define KVC_SCORE_X86 1
+#include <immintrin.h>
+
+#define SIMD(name) name##_avx2
+#define SIMD_TARGET __attribute__((target("avx2,fma")))
+#define SIMD_LANES 8
+#define SIMD_ACCUMULATORS 12
+#define SIMD_FMA(a, b, c) ((__typeof__(a))_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
+#define SIMD_SPLAT(x) _mm256_set1_ps(x)
+#define SIMD_SPLAT_INT(x) _mm256_set1_epi32(x)
+#define SIMD_WIDEN_LOW(v) _mm256_cvtps_pd(_mm256_castps256_ps128((__m256)(v)))
+#define SIMD_WIDEN_HIGH(v) _mm256_cvtps_pd(_mm256_extractf128_ps((__m256)(v), 1))
+#define SIMD_SUM_HALF(x) sum_half_avx2(x)
+static inline __attribute__((target("avx2,fma"))) double sum_half_avx2(__m256d x) {
+  const __m128d pair = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)));
+}
+#include "score_cpu_simd.h"
+#undef SIMD
+#undef SIMD_TARGET
+#undef SIMD_LANES
+#undef SIMD_ACCUMULATORS
+#undef SIMD_FMA
+#undef SIMD_SPLAT
+#undef SIMD_SPLAT_INT
+#undef SIMD_WIDEN_LOW
+#undef SIMD_WIDEN_HIGH
+#undef SIMD_SUM_HALF
+
+#define SIMD(name) name##_avx512
+#define SIMD_TARGET __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma")))
+#define SIMD_LANES 16
+#define SIMD_ACCUMULATORS 24
+#define SIMD_FMA(a, b, c) ((__typeof__(a))_mm512_fmadd_ps((__m512)(a), (__m512)(b), (__m512)(c)))
+#define SIMD_SPLAT(x) _mm512_set1_ps(x)
+#define SIMD_SPLAT_INT(x) _mm512_set1_epi32(x)
+#define SIMD_WIDEN_LOW(v) _mm512_cvtps_pd(_mm512_castps512_ps256((__m512)(v)))
+#define SIMD_WIDEN_HIGH(v) _mm512_cvtps_pd(_mm512_extractf32x8_ps((__m512)(v), 1))
+#define SIMD_SUM_HALF(x) _mm512_reduce_add_pd(x)
+#include "score_cpu_simd.h"
+#undef SIMD
+#undef SIMD_TARGET
+#undef SIMD_LANES
+#undef SIMD_ACCUMULATORS
+#undef SIMD_FMA
+#undef SIMD_SPLAT
+#undef SIMD_SPLAT_INT
+#undef SIMD_WIDEN_LOW
+#undef SIMD_WIDEN_HIGH
+#undef SIMD_SUM_HALF
+#endif
+
+typedef enum { ISA_PORTABLE = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 } isa_t;
+
+/* The widest instruction set this CPU runs, capped by the plan's request (0: no cap). */
+static isa_t pick_isa(int32_t requested) {
+  isa_t best = ISA_PORTABLE;
+#ifdef KVC_SCORE_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = ISA_AVX2;
+  if (best == ISA_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+    best = ISA_AVX512;
+#endif
+  return requested >= ISA_PORTABLE && requested < (int32_t)best ? (isa_t)requested : best;
+}
+
+static int32_t isa_lanes(isa_t isa) { return isa == ISA_AVX512 ? 16 : isa == ISA_AVX2 ? 8 : 4; }
+
+static void run_block(isa_t isa, const score_block_t *blk) {
+  switch (isa) {
+#ifdef KVC_SCORE_X86
+    case ISA_AVX512: score_block_avx512(blk); break;
+    case ISA_AVX2: score_block_avx2(blk); break;
+#endif
+    default: score_block_portable(blk); break;
+  }
+}
+
+/* ---- workspace ------------------------------------------------------------------------------ */
+
+typedef struct {
+  isa_t isa;
+  int32_t lanes, block_rows, vectors; /* V, B, M of the workspace comment */
+  int32_t whole_rows;                 /* rows of a block that fill whole vectors come in multiples of it */
+  int64_t logits_keys;                /* Lp */
+} score_shape_t;
+
+/* One thread's scratch. */
+typedef struct {
+  float *qpack, *tile, *logits, *lane_max, *lane_bad, *lane_lse;
+  int32_t *lane_pos, *vector_keys;
+  int64_t *key_offset;
+  double *heads, *pooled, *reduced;
+} score_scratch_t;
 
 static int is_attention_method(kvc_score_method_t method) {
   return method == KVC_SCORE_SNAPKV || method == KVC_SCORE_H2O || method == KVC_SCORE_TOVA;
 }
 
-/* B of the workspace comment. */
-static int32_t block_rows(const kvc_plan_view_t *plan) {
-  const int64_t G = plan->group_size, L = plan->max_seq_len;
-  int64_t rows = plan->max_obs_per_domain;
-  if (rows > BLOCK_ROW_HEADS / G) rows = BLOCK_ROW_HEADS / G;
-  if (rows > LOGITS_CAP / (G * L)) rows = LOGITS_CAP / (G * L);
-  return rows < 1 ? 1 : (int32_t)rows;
+static int32_t gcd(int32_t a, int32_t b) { return b ? gcd(b, a % b) : a; }
+
+static score_shape_t shape_of(const kvc_plan_view_t *plan) {
+  score_shape_t s;
+  s.isa = pick_isa(plan->cpu_isa);
+  s.lanes = isa_lanes(s.isa);
+  s.logits_keys = ((int64_t)plan->max_seq_len + KEY_GROUP - 1) / KEY_GROUP * KEY_GROUP;
+  const int64_t G = plan->group_size, whole = s.lanes / gcd(plan->group_size, s.lanes); /* rows filling whole vectors */
+  const int64_t fewest = (MIN_VECTORS * s.lanes + G - 1) / G;                            /* rows of MIN_VECTORS vectors */
+  int64_t rows = LOGITS_CAP / (G * s.logits_keys);
+  rows = rows > fewest ? rows : fewest;
+  rows = (rows + whole - 1) / whole * whole;
+  if (rows > plan->max_obs_per_domain) rows = plan->max_obs_per_domain;
+  s.block_rows = rows < 1 ? 1 : (int32_t)rows;
+  s.whole_rows = (int32_t)whole;
+  s.vectors = (int32_t)((G * s.block_rows + s.lanes - 1) / s.lanes);
+  return s;
 }
+
+static void carve_scratch(kvc_carver_t *ws, const kvc_plan_view_t *plan, const score_shape_t *s, score_scratch_t *out) {
+  const size_t D = (size_t)plan->head_dim, L = (size_t)plan->max_seq_len, lanes = (size_t)s->vectors * (size_t)s->lanes;
+  out->qpack = (float *)kvc_carve(ws, sizeof(float) * lanes * D);
+  out->tile = (float *)kvc_carve(ws, sizeof(float) * KEY_TILE * D);
+  out->logits = (float *)kvc_carve(ws, sizeof(float) * lanes * (size_t)s->logits_keys);
+  out->lane_max = (float *)kvc_carve(ws, sizeof(float) * lanes);
+  out->lane_bad = (float *)kvc_carve(ws, sizeof(float) * lanes);
+  out->lane_lse = (float *)kvc_carve(ws, sizeof(float) * lanes);
+  out->lane_pos = (int32_t *)kvc_carve(ws, sizeof(int32_t) * lanes);
+  out->vector_keys = (int32_t *)kvc_carve(ws, sizeof(int32_t) * (size_t)s->vectors);
+  out->key_offset = (int64_t *)kvc_carve(ws, sizeof(int64_t) * L);
+  out->heads = (double *)kvc_carve(ws, sizeof(double) * (size_t)plan->group_size * L);
+  out->pooled = (double *)kvc_carve(ws, sizeof(double) * L);
+  out->reduced = (double *)kvc_carve(ws, sizeof(double) * L);
+}
+
+/* ---- one item ------------------------------------------------------------------------------- */
+
+typedef struct {
+  const kvc_op_args_t *args;
+  score_shape_t shape;
+  char *scratch;            /* thread t's scratch starts at scratch + t * scratch_bytes */
+  size_t scratch_bytes;
+  double *tova;             /* [num_kv_heads][L]: TOVA's per-KV-head sums of one sequence */
+  int32_t first_domain;     /* items: (first_domain + item / heads, item % heads) */
+} score_job_t;
 
 static void store_score(float *out, double value, int accumulate) {
   *out = accumulate ? *out + (float)value : (float)value;
 }
 
-/* out[k * stride] = element i0 + k of base as double, k < count (the dtype switch hoisted). */
-static void widen(const void *base, kvc_dtype_t dtype, int64_t i0, int32_t count, double *restrict out,
-                  int32_t stride) {
-  switch (dtype) {
-    case KVC_DTYPE_F32: {
-      const float *restrict in = (const float *)base + i0;
-      for (int32_t k = 0; k < count; ++k) out[(int64_t)k * stride] = in[k];
-      break;
-    }
-    case KVC_DTYPE_F16: {
-      const uint16_t *restrict in = (const uint16_t *)base + i0;
-      for (int32_t k = 0; k < count; ++k) out[(int64_t)k * stride] = kvc_f16_to_f32(in[k]);
-      break;
-    }
-    case KVC_DTYPE_BF16: {
-      const uint16_t *restrict in = (const uint16_t *)base + i0;
-      for (int32_t k = 0; k < count; ++k) out[(int64_t)k * stride] = kvc_bf16_to_f32(in[k]);
-      break;
-    }
-    default: /* fp8 is never scored (plan validation) */
-      for (int32_t k = 0; k < count; ++k) out[(int64_t)k * stride] = 0.0;
-      break;
-  }
-}
+/* The larger of a and b, NaN if either is (fmax drops NaN). */
+static double max_or_nan(double a, double b) { return a != a ? a : b != b || b > a ? b : a; }
 
-/* Key t of sequence b, KV head h, as doubles. */
-static void load_key(const kvc_paged_kv_t *cache, const int32_t *pages, int32_t b, int32_t t, int32_t h,
-                     int32_t dim, double *out) {
-  widen(cache->k, cache->dtype, kvc_slot_offset(cache, kvc_page_of(cache, pages, b, t), t, h), dim, out, 1);
-}
-
-/* Keys [t0, t0 + count) of KV head h into the packed tile: key j at tile[(j / 8) * D * 8 + d * 8
- * + j % 8]. The last group is padded with zero keys (their logits are computed, never used). */
-static void load_key_tile(const kvc_paged_kv_t *cache, const int32_t *pages, int32_t b, int32_t t0,
-                          int32_t count, int32_t h, int32_t dim, double *restrict tile) {
-  const int32_t padded = (count + KEY_LANES - 1) / KEY_LANES * KEY_LANES;
-  for (int32_t j = 0; j < padded; ++j) {
-    double *dst = tile + (int64_t)(j / KEY_LANES) * dim * KEY_LANES + j % KEY_LANES;
-    if (j < count) {
-      const int32_t t = t0 + j;
-      widen(cache->k, cache->dtype, kvc_slot_offset(cache, kvc_page_of(cache, pages, b, t), t, h), dim, dst,
-            KEY_LANES);
-    } else {
-      for (int32_t d = 0; d < dim; ++d) dst[(int64_t)d * KEY_LANES] = 0.0;
-    }
-  }
-}
-
-/* Dot products of two query vectors qa, qb (each element stored twice: qa[2d] = qa[2d + 1], so a
- * 2-lane broadcast is one aligned load) with the 8 keys of one packed group, each summed in d
- * order from 0: 16 independent sums, so they vectorize across keys and stay in registers (GCC and
- * Clang: explicit 2-lane vectors, which x86-64 and AArch64 have natively; elsewhere plain loops). */
-#if defined(__GNUC__)
-typedef double kvc_v2d __attribute__((vector_size(16)));
-static void dot_group(const double *restrict qa, const double *restrict qb, const double *restrict keys,
-                      int32_t dim, double *restrict out_a, double *restrict out_b) {
-  kvc_v2d a0 = {0.0, 0.0}, a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
-  for (int32_t d = 0; d < dim; ++d) {
-    const kvc_v2d *k = (const kvc_v2d *)(keys + (int64_t)d * KEY_LANES); /* 16-byte aligned */
-    const kvc_v2d x = ((const kvc_v2d *)qa)[d], y = ((const kvc_v2d *)qb)[d]; /* pre-broadcast */
-    const kvc_v2d k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3];
-    a0 += x * k0, a1 += x * k1, a2 += x * k2, a3 += x * k3;
-    c0 += y * k0, c1 += y * k1, c2 += y * k2, c3 += y * k3;
-  }
-  const kvc_v2d a[4] = {a0, a1, a2, a3}, c[4] = {c0, c1, c2, c3};
-  for (int32_t j = 0; j < KEY_LANES; ++j) {
-    out_a[j] = a[j / 2][j % 2];
-    out_b[j] = c[j / 2][j % 2];
-  }
-}
-#else
-static void dot_group(const double *restrict qa, const double *restrict qb, const double *restrict keys,
-                      int32_t dim, double *restrict out_a, double *restrict out_b) {
-  double a[KEY_LANES], c[KEY_LANES];
-  for (int32_t j = 0; j < KEY_LANES; ++j) a[j] = c[j] = 0.0;
-  for (int32_t d = 0; d < dim; ++d) {
-    const double x = qa[2 * d], y = qb[2 * d];
-    const double *restrict k = keys + (int64_t)d * KEY_LANES;
-    for (int32_t j = 0; j < KEY_LANES; ++j) {
-      a[j] += x * k[j];
-      c[j] += y * k[j];
-    }
-  }
-  for (int32_t j = 0; j < KEY_LANES; ++j) {
-    out_a[j] = a[j];
-    out_b[j] = c[j];
-  }
-}
-#endif
-
-/* x86 only: the same 2 rows x 16 keys (two consecutive packed groups) with 4-lane AVX2 vectors,
- * picked at run time when the CPU has AVX2. Still a separate multiply and add, summed in d order
- * from 0 (AVX2 does not enable FMA contraction): the same results, bit for bit, as dot_group. */
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define KVC_SCORE_AVX2 1
-typedef double kvc_v4d __attribute__((vector_size(32)));
-__attribute__((target("avx2"))) static void dot_group16(const double *restrict qa, const double *restrict qb,
-                                                        const double *restrict keys, int32_t dim,
-                                                        double *restrict out_a, double *restrict out_b) {
-  const double *restrict second = keys + (int64_t)dim * KEY_LANES;
-  kvc_v4d a0 = {0.0, 0.0, 0.0, 0.0}, a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
-  for (int32_t d = 0; d < dim; ++d) {
-    const kvc_v4d *k = (const kvc_v4d *)(keys + (int64_t)d * KEY_LANES), *l = (const kvc_v4d *)(second + (int64_t)d * KEY_LANES);
-    const double xs = qa[2 * d], ys = qb[2 * d];
-    const kvc_v4d x = {xs, xs, xs, xs}, y = {ys, ys, ys, ys};
-    const kvc_v4d k0 = k[0], k1 = k[1], k2 = l[0], k3 = l[1];
-    a0 += x * k0, a1 += x * k1, a2 += x * k2, a3 += x * k3;
-    c0 += y * k0, c1 += y * k1, c2 += y * k2, c3 += y * k3;
-  }
-  const kvc_v4d a[4] = {a0, a1, a2, a3}, c[4] = {c0, c1, c2, c3};
-  for (int32_t j = 0; j < 2 * KEY_LANES; ++j) {
-    out_a[j] = a[j / 4][j % 4];
-    out_b[j] = c[j / 4][j % 4];
-  }
-}
-#endif
-
-/* Adds the attention of observation rows [r0, r1) (one block), for each q head of KV head h's
- * group, to rows->heads over the scored keys each row sees. Row r sees keys [lo, obs_pos[r]]. */
-static void add_block_attention(const kvc_op_args_t *args, const int32_t *pages, int32_t b,
-                                const kvc_domain_t *dom, int32_t h, int64_t r0, int64_t r1,
-                                const score_rows_t *rows) {
+/* Adds to s->heads the attention of observation rows [r0, r1) of the domain (one block). */
+static void add_block(const score_job_t *job, const score_scratch_t *s, const kvc_domain_t *dom, int32_t h,
+                      int64_t r0, int64_t r1) {
+  const kvc_op_args_t *args = job->args;
   const kvc_plan_view_t *plan = &args->plan;
-  const int32_t G = plan->group_size, dim = plan->head_dim, L = plan->max_seq_len;
-  const int32_t lo = dom->start, last = plan->obs_pos[r1 - 1]; /* rows ascend: last sees the most */
-  const int32_t pairs = (int32_t)(r1 - r0) * G;                /* (row, q head) pair i: row r0 + i / G */
-  const double scale = (double)plan->scale;
-#ifdef KVC_SCORE_AVX2
-  const int avx2 = __builtin_cpu_supports("avx2");
-#endif
-  for (int64_t r = r0; r < r1; ++r)
-    for (int32_t gi = 0; gi < G; ++gi) {
-      double *restrict q = rows->query + ((r - r0) * G + gi) * 2 * dim;
-      widen(args->queries, plan->dtype, (r * plan->num_q_heads + (int64_t)h * G + gi) * dim, dim, q, 2);
-      for (int32_t d = 0; d < dim; ++d) q[2 * d + 1] = q[2 * d];
-    }
-
-  for (int32_t t0 = lo; t0 <= last; t0 += TILE_KEYS) {
-    const int32_t count = last + 1 - t0 < TILE_KEYS ? last + 1 - t0 : TILE_KEYS;
-    load_key_tile(args->cache, pages, b, t0, count, h, dim, rows->keys);
-    for (int32_t i = 0; i < pairs; i += 2) {
-      const int32_t k = i + 1 < pairs ? i + 1 : i; /* an odd last pair goes with itself */
-      const int32_t sees = plan->obs_pos[r0 + k / G] + 1 - t0; /* keys of the tile the later row sees */
-      const int32_t upto = sees < count ? sees : count;
-      const double *qa = rows->query + (int64_t)i * 2 * dim, *qk = rows->query + (int64_t)k * 2 * dim;
-      double *la = rows->logits + (int64_t)i * L + (t0 - lo), *lk = rows->logits + (int64_t)k * L + (t0 - lo);
-      for (int32_t j0 = 0; j0 < upto;) {
-        const double *group = rows->keys + (int64_t)(j0 / KEY_LANES) * dim * KEY_LANES;
-        double da[2 * KEY_LANES], dk[2 * KEY_LANES];
-        int32_t step = KEY_LANES;
-#ifdef KVC_SCORE_AVX2
-        if (avx2 && j0 + KEY_LANES < upto) { /* both groups hold keys the pair sees */
-          dot_group16(qa, qk, group, dim, da, dk);
-          step = 2 * KEY_LANES;
-        } else
-#endif
-          dot_group(qa, qk, group, dim, da, dk);
-        const int32_t width = count - j0 < step ? count - j0 : step;
-        for (int32_t j = 0; j < width; ++j) {
-          la[j0 + j] = scale * da[j];
-          lk[j0 + j] = scale * dk[j];
-        }
-        j0 += step;
+  const int32_t G = plan->group_size, D = plan->head_dim, V = job->shape.lanes, rows = (int32_t)(r1 - r0);
+  score_block_t blk;
+  blk.cache = args->cache;
+  blk.key_offset = s->key_offset;
+  blk.dim = D;
+  blk.group = G;
+  blk.scale = plan->scale;
+  blk.lo = dom->start;
+  blk.keys = plan->obs_pos[r1 - 1] + 1 - dom->start; /* rows ascend: the last sees the most */
+  blk.scored = dom->scored_end - dom->start;
+  blk.rows_per_head = rows;
+  blk.vectors = (G * rows + V - 1) / V;
+  blk.lse = args->lse;
+  blk.qpack = s->qpack;
+  blk.tile = s->tile;
+  blk.logits = s->logits;
+  blk.logits_keys = job->shape.logits_keys;
+  blk.lane_pos = s->lane_pos;
+  blk.vector_keys = s->vector_keys;
+  blk.lane_max = s->lane_max;
+  blk.lane_bad = s->lane_bad;
+  blk.lane_lse = s->lane_lse;
+  blk.heads = s->heads;
+  blk.heads_stride = plan->max_seq_len;
+  for (int32_t v = 0; v < blk.vectors; ++v) {
+    int32_t keys = 0;
+    for (int32_t l = 0; l < V; ++l) {
+      const int32_t p = v * V + l, lane = v * V + l;
+      float *q = s->qpack + (int64_t)v * D * V + l; /* element d at q[d * V] */
+      s->lane_max[lane] = -INFINITY;
+      s->lane_bad[lane] = 0.0f;
+      if (p < G * rows) {
+        const int64_t r = r0 + p % rows, head = (int64_t)h * G + p / rows;
+        const int32_t pos = plan->obs_pos[r];
+        s->lane_pos[lane] = pos;
+        s->lane_lse[lane] = args->lse ? args->lse[r * plan->num_q_heads + head] : 0.0f;
+        for (int32_t d = 0; d < D; ++d)
+          q[(int64_t)d * V] = (float)kvc_load_as_double(args->queries, plan->dtype, (r * plan->num_q_heads + head) * D + d);
+        keys = pos + 1 - dom->start > keys ? pos + 1 - dom->start : keys;
+      } else {
+        s->lane_pos[lane] = -1;
+        s->lane_lse[lane] = 0.0f;
+        for (int32_t d = 0; d < D; ++d) q[(int64_t)d * V] = 0.0f;
       }
     }
+    s->vector_keys[v] = keys;
   }
-
-  for (int64_t r = r0; r < r1; ++r) {
-    const int32_t p = plan->obs_pos[r], seen = p - lo + 1; /* obs_lo[r] is dom->start */
-    const int32_t scored_seen = (p < dom->scored_end ? p + 1 : dom->scored_end) - dom->start;
-    for (int32_t gi = 0; gi < G; ++gi) {
-      double *restrict probs = rows->logits + ((r - r0) * G + gi) * L, *restrict head = rows->heads + (int64_t)gi * L;
-      if (args->lse) { /* the engine's normaliser: a_gij = exp(logit - lse) */
-        const double lse = args->lse[r * plan->num_q_heads + (int64_t)h * G + gi];
-        for (int32_t i = 0; i < scored_seen; ++i) head[i] += exp(probs[i] - lse);
-        continue;
-      }
-      double max = -INFINITY, sum = 0.0;
-      for (int32_t i = 0; i < seen; ++i) max = probs[i] > max ? probs[i] : max;
-      for (int32_t i = 0; i < seen; ++i) {
-        probs[i] = exp(probs[i] - max);
-        sum += probs[i];
-      }
-      for (int32_t i = 0; i < scored_seen; ++i) head[i] += probs[i] / sum;
-    }
-  }
+  run_block(job->shape.isa, &blk);
 }
 
-/* rows->heads[gi][j - start] = sum over the domain's queries that see key j of a_gij, divided by
+/* s->heads[gi][j - start] = sum over the domain's queries that see key j of a_gij, divided by
  * their number, for each q head g = h * G + gi and the scored keys [start, scored_end). SNAPKV:
  * every query sees every scored key (they lie before the first query), so it is the plain mean;
  * TOVA: the one query's attention. */
-static void group_attention(const kvc_op_args_t *args, const int32_t *pages, int32_t b, const kvc_domain_t *dom,
-                            int32_t h, const score_rows_t *rows) {
-  const kvc_plan_view_t *plan = &args->plan;
+static void group_attention(const score_job_t *job, const score_scratch_t *s, int32_t b, const kvc_domain_t *dom,
+                            int32_t h) {
+  const kvc_plan_view_t *plan = &job->args->plan;
+  const kvc_paged_kv_t *cache = job->args->cache;
   const int32_t G = plan->group_size, L = plan->max_seq_len, scored = dom->scored_end - dom->start;
+  const int32_t *pages = kvc_seq_pages(cache, b);
   for (int32_t gi = 0; gi < G; ++gi)
-    for (int32_t i = 0; i < scored; ++i) rows->heads[(int64_t)gi * L + i] = 0.0;
-  for (int64_t r0 = dom->obs_begin; r0 < dom->obs_end; r0 += rows->block_rows) {
-    const int64_t r1 = r0 + rows->block_rows < dom->obs_end ? r0 + rows->block_rows : dom->obs_end;
-    add_block_attention(args, pages, b, dom, h, r0, r1, rows);
-  }
+    for (int32_t i = 0; i < scored; ++i) s->heads[(int64_t)gi * L + i] = 0.0;
+  for (int32_t t = dom->start; t <= plan->obs_pos[dom->obs_end - 1]; ++t)
+    s->key_offset[t - dom->start] = kvc_slot_offset(cache, kvc_page_of(cache, pages, b, t), t, h);
+  /* blocks of equal size (a multiple of whole_rows where that fits), at most block_rows each */
+  const int64_t rows = dom->obs_end - dom->obs_begin, blocks = (rows + job->shape.block_rows - 1) / job->shape.block_rows;
+  int64_t step = (rows + blocks - 1) / blocks;
+  step = (step + job->shape.whole_rows - 1) / job->shape.whole_rows * job->shape.whole_rows;
+  step = step < job->shape.block_rows ? step : job->shape.block_rows;
+  for (int64_t r0 = dom->obs_begin; r0 < dom->obs_end; r0 += step) add_block(job, s, dom, h, r0, r0 + step < dom->obs_end ? r0 + step : dom->obs_end);
   /* Queries are ascending, so those that see key j are a suffix; the last one is the domain's
    * last token, so every key has at least one. */
   int64_t first_seeing = dom->obs_begin;
   for (int32_t j = dom->start; j < dom->scored_end; ++j) {
     while (plan->obs_pos[first_seeing] < j) ++first_seeing;
-    for (int32_t gi = 0; gi < G; ++gi)
-      rows->heads[(int64_t)gi * L + j - dom->start] /= (double)(dom->obs_end - first_seeing);
+    for (int32_t gi = 0; gi < G; ++gi) s->heads[(int64_t)gi * L + j - dom->start] /= (double)(dom->obs_end - first_seeing);
   }
 }
 
 /* SNAPKV pooling of x[0 .. len) (stride 1, kernel/2 zero padding each side): AVG divides by the
- * kernel, MAX ignores the padding. The range is the domain's scored keys: nothing leaks across. */
+ * kernel, MAX ignores the padding and propagates NaN. The range is the domain's scored keys:
+ * nothing leaks across. */
 static void pool_row(const double *x, int32_t len, int32_t kernel, kvc_pool_t pool, double *out) {
   const int32_t half = kernel / 2;
   for (int32_t j = 0; j < len; ++j) {
     const int32_t from = j - half > 0 ? j - half : 0, to = j + half < len - 1 ? j + half : len - 1;
-    double acc = pool == KVC_POOL_MAX ? -INFINITY : 0.0;
-    for (int32_t i = from; i <= to; ++i) acc = pool == KVC_POOL_MAX ? fmax(acc, x[i]) : acc + x[i];
+    double acc = pool == KVC_POOL_MAX ? x[from] : 0.0;
+    for (int32_t i = from; i <= to; ++i) acc = pool == KVC_POOL_MAX ? max_or_nan(acc, x[i]) : acc + x[i];
     out[j] = pool == KVC_POOL_MAX ? acc : acc / kernel;
   }
 }
 
-/* Combines the attention of KV head h's q heads (pooled for SNAPKV) into rows->reduced over the
- * domain's scored keys: MAX keeps the maximum, MEAN the sum (the caller divides). `first` starts
- * the reduction afresh. */
-static void reduce_group(const kvc_op_args_t *args, const int32_t *pages, int32_t b, const kvc_domain_t *dom,
-                         int32_t h, int first, kvc_reduce_t reduce, const score_rows_t *rows) {
-  const kvc_plan_view_t *plan = &args->plan;
+/* The attention of KV head h's q heads (pooled for SNAPKV), reduced over the group into
+ * s->reduced: MAX keeps the maximum (NaN if any is), MEAN the sum (the caller divides). */
+static void reduce_group(const score_job_t *job, const score_scratch_t *s, int32_t b, const kvc_domain_t *dom,
+                         int32_t h, kvc_reduce_t reduce) {
+  const kvc_plan_view_t *plan = &job->args->plan;
   const int32_t scored = dom->scored_end - dom->start;
-  group_attention(args, pages, b, dom, h, rows);
+  group_attention(job, s, b, dom, h);
   for (int32_t gi = 0; gi < plan->group_size; ++gi) {
-    const double *x = rows->heads + (int64_t)gi * plan->max_seq_len;
-    if (plan->method == KVC_SCORE_SNAPKV) {
-      pool_row(x, scored, plan->pool_kernel, plan->pool, rows->pooled);
-      x = rows->pooled;
+    const double *x = s->heads + (int64_t)gi * plan->max_seq_len;
+    if (plan->method == KVC_SCORE_SNAPKV && plan->pool_kernel > 1) {
+      pool_row(x, scored, plan->pool_kernel, plan->pool, s->pooled);
+      x = s->pooled;
     }
     for (int32_t i = 0; i < scored; ++i)
-      rows->reduced[i] = first && gi == 0           ? x[i]
-                         : reduce == KVC_REDUCE_MAX ? fmax(rows->reduced[i], x[i])
-                                                    : rows->reduced[i] + x[i];
+      s->reduced[i] = gi == 0 ? x[i] : reduce == KVC_REDUCE_MAX ? max_or_nan(s->reduced[i], x[i]) : s->reduced[i] + x[i];
   }
 }
 
-/* Stores rows->reduced / divisor as the scores of the domain's scored keys in one row. */
-static void store_reduced(float *row, const kvc_domain_t *dom, const score_rows_t *rows, double divisor,
-                          int accumulate) {
-  for (int32_t j = dom->start; j < dom->scored_end; ++j)
-    store_score(row + j, rows->reduced[j - dom->start] / divisor, accumulate);
+/* -||k||, computed in double (no overflow for any finite key), at least -FLT_MAX when finite. */
+static double key_norm_score(const kvc_paged_kv_t *cache, int64_t at, int32_t dim) {
+  float key[256]; /* head_dim <= 256 (plan validation) */
+  widen_portable(cache->k, cache->dtype, at, dim, key);
+  double squares = 0.0;
+  for (int32_t d = 0; d < dim; ++d) squares += (double)key[d] * (double)key[d];
+  const double score = -sqrt(squares);
+  return isfinite(squares) && score < -FLT_MAX ? -FLT_MAX : score;
 }
 
-/* Writes the scores of one domain's scored keys [start, scored_end) into every KV head's row. */
-static void score_domain(const kvc_op_args_t *args, const int32_t *pages, int32_t b, const kvc_domain_t *dom,
-                         float *seq_rows, const score_rows_t *rows) {
+/* Binary search: the sequence whose domains include domain d. */
+static int32_t sequence_of_domain(const kvc_plan_view_t *plan, int32_t d) {
+  int32_t lo = 0, hi = plan->batch - 1;
+  while (lo < hi) {
+    const int32_t mid = lo + (hi - lo + 1) / 2;
+    if (plan->domain_indptr[mid] <= d) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+/* Scores of domain first_domain + item / heads, KV head item % heads (TOVA: its q heads' sum). */
+static void score_item(void *arg, int64_t item, int32_t thread) {
+  const score_job_t *job = (const score_job_t *)arg;
+  const kvc_op_args_t *args = job->args;
   const kvc_plan_view_t *plan = &args->plan;
-  const int32_t n = plan->seq_lens[b], heads = plan->num_kv_heads, dim = plan->head_dim, acc = args->accumulate;
+  const int32_t heads = plan->num_kv_heads, h = (int32_t)(item % heads), d = job->first_domain + (int32_t)(item / heads);
+  const int32_t b = sequence_of_domain(plan, d), n = plan->seq_lens[b], acc = args->accumulate;
+  const kvc_domain_t *dom = &plan->domains[d];
+  score_scratch_t scratch, *s = &scratch;
+  if (is_attention_method(plan->method)) {
+    kvc_carver_t own = {job->scratch + (size_t)thread * job->scratch_bytes, 0};
+    carve_scratch(&own, plan, &job->shape, s);
+  }
+  float *row = args->scores + heads * plan->token_offsets[b] + (int64_t)h * n;
   if (dom->scored_end == dom->start) return; /* e.g. SNAPKV with a window covering the domain */
   switch (plan->method) {
     case KVC_SCORE_SNAPKV:
-    case KVC_SCORE_H2O:
-      for (int32_t h = 0; h < heads; ++h) {
-        reduce_group(args, pages, b, dom, h, 1, plan->group_reduce, rows);
-        store_reduced(seq_rows + (int64_t)h * n, dom, rows,
-                      plan->group_reduce == KVC_REDUCE_MEAN ? plan->group_size : 1, acc);
-      }
+    case KVC_SCORE_H2O: {
+      reduce_group(job, s, b, dom, h, plan->group_reduce);
+      const double divisor = plan->group_reduce == KVC_REDUCE_MEAN ? plan->group_size : 1;
+      for (int32_t j = dom->start; j < dom->scored_end; ++j) store_score(row + j, s->reduced[j - dom->start] / divisor, acc);
       break;
-    case KVC_SCORE_TOVA: /* one selection for all KV heads: the mean over every q head */
-      for (int32_t h = 0; h < heads; ++h) reduce_group(args, pages, b, dom, h, h == 0, KVC_REDUCE_MEAN, rows);
-      for (int32_t h = 0; h < heads; ++h) store_reduced(seq_rows + (int64_t)h * n, dom, rows, plan->num_q_heads, acc);
+    }
+    case KVC_SCORE_TOVA: /* one selection for all KV heads: the caller adds the heads' sums */
+      reduce_group(job, s, b, dom, h, KVC_REDUCE_MEAN);
+      memcpy(job->tova + (int64_t)h * plan->max_seq_len + dom->start, s->reduced,
+             sizeof(double) * (size_t)(dom->scored_end - dom->start));
       break;
-    case KVC_SCORE_KNORM:
-      for (int32_t h = 0; h < heads; ++h)
-        for (int32_t j = dom->start; j < dom->scored_end; ++j) {
-          double key[256], squares = 0.0;
-          load_key(args->cache, pages, b, j, h, dim, key);
-          for (int32_t d = 0; d < dim; ++d) squares += key[d] * key[d];
-          store_score(seq_rows + (int64_t)h * n + j, -sqrt(squares), acc);
-        }
+    case KVC_SCORE_KNORM: {
+      const int32_t *pages = kvc_seq_pages(args->cache, b);
+      for (int32_t j = dom->start; j < dom->scored_end; ++j)
+        store_score(row + j,
+                    key_norm_score(args->cache, kvc_slot_offset(args->cache, kvc_page_of(args->cache, pages, b, j), j, h),
+                                   plan->head_dim),
+                    acc);
       break;
+    }
     case KVC_SCORE_STREAMING:
-      for (int32_t h = 0; h < heads; ++h)
-        for (int32_t j = dom->start; j < dom->scored_end; ++j)
-          store_score(seq_rows + (int64_t)h * n + j,
-                      plan->span_local ? (double)(j - dom->start) / (double)(dom->end - dom->start) : (double)j, acc);
+      for (int32_t j = dom->start; j < dom->scored_end; ++j)
+        store_score(row + j, plan->span_local ? (double)(j - dom->start) / (double)(dom->end - dom->start) : (double)j, acc);
       break;
+  }
+}
+
+/* Runs items [0, count) on the context's threads (or this one). */
+static void run_items(const kvc_op_args_t *args, score_job_t *job, int64_t count) {
+  const int32_t threads = kvc_workers_threads(args->workers) < args->plan.cpu_threads ? kvc_workers_threads(args->workers)
+                                                                               : args->plan.cpu_threads;
+  if (threads > 1 && count > 1) {
+    kvc_workers_run(args->workers, threads, count, score_item, job);
+  } else {
+    for (int64_t i = 0; i < count; ++i) score_item(job, i, 0);
   }
 }
 
@@ -364,36 +457,48 @@ static void store_unscored(float *seq_rows, int32_t n, int32_t heads, int32_t fr
 
 kvc_status_t kvc_score_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
   const kvc_plan_view_t *plan = &args->plan;
-  score_rows_t rows = {0, NULL, NULL, NULL, NULL, NULL, NULL};
+  score_job_t job = {args, {ISA_PORTABLE, 0, 0, 0, 0, 0}, NULL, 0, NULL, 0};
   if (is_attention_method(plan->method)) { /* the workspace comment at the top */
-    const size_t G = (size_t)plan->group_size, dim = (size_t)plan->head_dim, row = sizeof(double) * (size_t)plan->max_seq_len;
-    rows.block_rows = block_rows(plan);
-    const size_t pairs = (size_t)rows.block_rows * G;
-    rows.query = (double *)kvc_carve(ws, sizeof(double) * pairs * 2 * dim);
-    rows.keys = (double *)kvc_carve(ws, sizeof(double) * TILE_KEYS * dim);
-    rows.logits = (double *)kvc_carve(ws, pairs * row);
-    rows.heads = (double *)kvc_carve(ws, G * row);
-    rows.pooled = (double *)kvc_carve(ws, row);
-    rows.reduced = (double *)kvc_carve(ws, row);
+    job.shape = shape_of(plan);
+    if (plan->method == KVC_SCORE_TOVA)
+      job.tova = (double *)kvc_carve(ws, sizeof(double) * (size_t)plan->num_kv_heads * (size_t)plan->max_seq_len);
+    kvc_carver_t one = {NULL, 0};
+    score_scratch_t unused;
+    carve_scratch(&one, plan, &job.shape, &unused);
+    job.scratch_bytes = (one.used + KVC_WORKSPACE_ALIGN - 1) / KVC_WORKSPACE_ALIGN * KVC_WORKSPACE_ALIGN;
+    job.scratch = (char *)kvc_carve(ws, job.scratch_bytes * (size_t)plan->cpu_threads);
   }
   /* The sizing call is told apart by its missing scores, not by ws->base: KNORM and STREAMING
    * need no workspace, which may then legitimately be NULL when the op runs. */
   if (!args->scores) return KVC_SUCCESS;
 
   const int32_t heads = plan->num_kv_heads;
-  for (int32_t b = 0; b < plan->batch; ++b) {
+  for (int32_t b = 0; b < plan->batch; ++b) { /* keys outside every domain (and SNAPKV/TOVA's own) */
     const int32_t n = plan->seq_lens[b];
-    const int32_t *pages = kvc_seq_pages(args->cache, b);
     float *seq_rows = args->scores + heads * plan->token_offsets[b];
     int32_t covered = 0; /* domains are sorted and disjoint: keys between them are unscored */
     for (int32_t d = plan->domain_indptr[b]; d < plan->domain_indptr[b + 1]; ++d) {
-      const kvc_domain_t *dom = &plan->domains[d];
-      store_unscored(seq_rows, n, heads, covered, dom->start, args->accumulate);
-      score_domain(args, pages, b, dom, seq_rows, &rows);
-      store_unscored(seq_rows, n, heads, dom->scored_end, dom->end, args->accumulate);
-      covered = dom->end;
+      store_unscored(seq_rows, n, heads, covered, plan->domains[d].start, args->accumulate);
+      store_unscored(seq_rows, n, heads, plan->domains[d].scored_end, plan->domains[d].end, args->accumulate);
+      covered = plan->domains[d].end;
     }
     store_unscored(seq_rows, n, heads, covered, n, args->accumulate);
+  }
+  if (plan->method != KVC_SCORE_TOVA) {
+    run_items(args, &job, (int64_t)plan->domain_indptr[plan->batch] * heads);
+    return KVC_SUCCESS;
+  }
+  for (int32_t b = 0; b < plan->batch; ++b) { /* TOVA: the mean over every q head, in every KV head's row */
+    const int32_t n = plan->seq_lens[b], L = plan->max_seq_len;
+    float *seq_rows = args->scores + heads * plan->token_offsets[b];
+    job.first_domain = plan->domain_indptr[b];
+    run_items(args, &job, (int64_t)(plan->domain_indptr[b + 1] - plan->domain_indptr[b]) * heads);
+    for (int32_t d = plan->domain_indptr[b]; d < plan->domain_indptr[b + 1]; ++d)
+      for (int32_t j = plan->domains[d].start; j < plan->domains[d].scored_end; ++j) {
+        double sum = job.tova[j];
+        for (int32_t h = 1; h < heads; ++h) sum += job.tova[(int64_t)h * L + j];
+        for (int32_t h = 0; h < heads; ++h) store_score(seq_rows + (int64_t)h * n + j, sum / plan->num_q_heads, args->accumulate);
+      }
   }
   return KVC_SUCCESS;
 }

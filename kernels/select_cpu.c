@@ -95,10 +95,11 @@ kvc_status_t kvc_select_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
   if (!ws->base) return KVC_SUCCESS;
 
   const int32_t heads = plan->num_kv_heads;
-  for (int32_t b = 0; b < plan->batch; ++b) {
-    const int32_t n = plan->seq_lens[b], k = plan->keep_lens[b];
-    const float *scores = args->scores + heads * plan->token_offsets[b];
-    int32_t *keep = args->keep + heads * plan->keep_offsets[b];
+  for (int64_t row = 0; row < (int64_t)args->num_layers * plan->batch; ++row) {
+    const int64_t layer = row / plan->batch;
+    const int32_t b = (int32_t)(row % plan->batch), n = plan->seq_lens[b], k = plan->keep_lens[b];
+    const float *scores = args->scores + heads * (layer * plan->total_tokens + plan->token_offsets[b]);
+    int32_t *keep = args->keep + heads * (layer * plan->total_kept + plan->keep_offsets[b]);
     /* TOVA gives every KV head the same scores, hence the same selection: select head 0's row
      * and copy it (the CUDA kernel does the same, so user-supplied scores that differ per head
      * are selected by head 0 on both backends). */

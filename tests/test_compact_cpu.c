@@ -12,7 +12,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "compact_oracle.h"
 #include "kvcompress.h"
+#include "layer_util.h"
 #include "test_util.h"
 
 #define BATCH 7
@@ -309,3 +311,227 @@ Test(compact_cpu, retention_counts_protect_and_fair_spans_across_heads) {
   assert_compacted(&f);
   fixture_teardown(&f);
 }
+
+/* ---- every layer in one call, and the status array --------------------------------------------- */
+
+enum { LAYERS = 3 };
+
+/* A plan over the fixture's shape, layer caches with different data, and stacked keep rows. */
+typedef struct {
+  fixture_t f;
+  kvc_test_layers_t *before, *layers;
+  int32_t *keep;
+  int64_t keep_elems;
+} layered_t;
+
+static void layered_setup(layered_t *l, const combo_t *c, uint64_t seed) {
+  const int32_t seq_lens[5] = {1, 40, 3 * c->page_size + 5, 200, 97}, budgets[5] = {1, 17, c->page_size + 1, 200, 30};
+  fixture_setup(&l->f, c, seq_lens, budgets, 5, seed);
+  l->before = kvc_test_layers_new(l->f.before, LAYERS);
+  l->layers = kvc_test_layers_clone(l->before);
+  l->keep = kvc_test_keep_layers_new(LAYERS, 5, seq_lens, budgets, l->f.heads, 1, seed + 3, &l->keep_elems);
+}
+
+static void layered_teardown(layered_t *l) {
+  kvc_test_layers_free(l->before);
+  kvc_test_layers_free(l->layers);
+  free(l->keep);
+  fixture_teardown(&l->f);
+}
+
+static kvc_status_t compact_layers_call(layered_t *l, const kvc_paged_kv_t *desc, const kvc_layers_t *view,
+                                        float **extras, int32_t num_extras, void **ws_out) {
+  kvc_workspace_layout_t layout;
+  cr_assert_eq(kvc_plan_workspace_layout(l->f.plan, KVC_OP_COMPACT, LAYERS, &layout), KVC_SUCCESS);
+  void *ws = kvc_test_workspace_new(layout.workspace_bytes);
+  memset(ws, 0x5A, layout.workspace_bytes);
+  kvc_status_t status = kvc_compact_layers(l->f.ctx, l->f.plan, desc, view, l->keep, extras, num_extras, ws,
+                                           layout.workspace_bytes, NULL);
+  if (ws_out) *ws_out = ws;
+  else free(ws);
+  return status;
+}
+
+/* kvc_compact_layers == the oracle for every layer (pools and stacked extras), and its status array
+ * [layers][batch] is all zeros; every layout and table. */
+Test(compact_cpu, layers_in_one_call_match_the_oracle) {
+  const combo_t combos[] = {{KVC_TEST_NHD, KVC_TEST_DENSE, KVC_DTYPE_F16, 16},
+                            {KVC_TEST_HND, KVC_TEST_CSR, KVC_DTYPE_F32, 4},
+                            {KVC_TEST_NHD, KVC_TEST_CONTIG, KVC_DTYPE_FP8_E4M3, 1}};
+  for (int ci = 0; ci < 3; ++ci) {
+    layered_t l;
+    layered_setup(&l, &combos[ci], 40 + (uint64_t)ci);
+    const int64_t elems = l.f.score_elems;
+    float **extras = kvc_test_extras_new(NUM_EXTRAS, LAYERS * elems, 7);
+    float **want_extras = kvc_test_extras_clone(extras, NUM_EXTRAS, LAYERS * elems);
+    kvc_test_layers_t *want = kvc_test_layers_clone(l.before);
+    for (int32_t i = 0; i < LAYERS; ++i) {
+      float *from[NUM_EXTRAS], *to[NUM_EXTRAS];
+      for (int e = 0; e < NUM_EXTRAS; ++e) from[e] = extras[e] + i * elems, to[e] = want_extras[e] + i * elems;
+      kvc_test_compact_oracle(l.before->cache[i], want->cache[i], l.f.budgets, l.keep + i * l.keep_elems, from, to,
+                              NUM_EXTRAS, NULL);
+    }
+    kvc_layers_t view = kvc_test_layers_view(l.layers);
+    void *ws = NULL;
+    cr_assert_eq(compact_layers_call(&l, &l.layers->desc, &view, extras, NUM_EXTRAS, &ws), KVC_SUCCESS, "%s",
+                 kvc_last_error(l.f.ctx));
+    kvc_workspace_layout_t layout;
+    cr_assert_eq(kvc_plan_workspace_layout(l.f.plan, KVC_OP_COMPACT, LAYERS, &layout), KVC_SUCCESS);
+    const int32_t *flags = (const int32_t *)((char *)ws + layout.status_offset_bytes);
+    for (int32_t i = 0; i < LAYERS * l.f.batch; ++i) cr_assert_eq(flags[i], 0, "status[%d] is %d", i, flags[i]);
+    free(ws);
+    for (int32_t i = 0; i < LAYERS; ++i) {
+      cr_assert_eq(memcmp(l.layers->cache[i]->k, want->cache[i]->k, want->cache[i]->pool_bytes), 0, "layer %d K", i);
+      cr_assert_eq(memcmp(l.layers->cache[i]->v, want->cache[i]->v, want->cache[i]->pool_bytes), 0, "layer %d V", i);
+    }
+    for (int e = 0; e < NUM_EXTRAS; ++e)
+      cr_assert_eq(memcmp(extras[e], want_extras[e], sizeof(float) * (size_t)(LAYERS * elems)), 0, "extra %d", e);
+    kvc_test_layers_free(want);
+    kvc_test_extras_free(extras, NUM_EXTRAS);
+    kvc_test_extras_free(want_extras, NUM_EXTRAS);
+    layered_teardown(&l);
+  }
+}
+
+/* Bad layer arguments are refused, naming them, before anything of any layer moves. */
+Test(compact_cpu, bad_layer_arguments_are_refused_and_nothing_moves) {
+  const combo_t c = {KVC_TEST_NHD, KVC_TEST_DENSE, KVC_DTYPE_F16, 8};
+  layered_t l;
+  layered_setup(&l, &c, 60);
+  void *k[LAYERS], *v[LAYERS];
+  for (int32_t i = 0; i < LAYERS; ++i) k[i] = l.layers->k[i], v[i] = l.layers->v[i];
+  kvc_layers_t view = {LAYERS, k, v, NULL, NULL};
+  const char *detail;
+
+  cr_assert_eq(compact_layers_call(&l, &l.layers->desc, NULL, NULL, 0, NULL), KVC_ERROR_INVALID_VALUE);
+  cr_assert(strstr(kvc_last_error(l.f.ctx), "layers is NULL"), "%s", kvc_last_error(l.f.ctx));
+  kvc_layers_t none = view;
+  none.num_layers = 0;
+  cr_assert_eq(compact_layers_call(&l, &l.layers->desc, &none, NULL, 0, NULL), KVC_ERROR_INVALID_VALUE);
+  cr_assert(strstr(kvc_last_error(l.f.ctx), "num_layers is 0"), "%s", kvc_last_error(l.f.ctx));
+  kvc_paged_kv_t single = l.layers->desc;
+  single.k = k[0];
+  cr_assert_eq(compact_layers_call(&l, &single, &view, NULL, 0, NULL), KVC_ERROR_INVALID_VALUE);
+  cr_assert(strstr(kvc_last_error(l.f.ctx), "must be NULL"), "%s", kvc_last_error(l.f.ctx));
+  k[2] = NULL;
+  cr_assert_eq(compact_layers_call(&l, &l.layers->desc, &view, NULL, 0, NULL), KVC_ERROR_INVALID_VALUE);
+  detail = kvc_last_error(l.f.ctx);
+  cr_assert(strstr(detail, "layers->k[2] is NULL"), "%s", detail);
+  k[2] = v[2];
+  cr_assert_eq(compact_layers_call(&l, &l.layers->desc, &view, NULL, 0, NULL), KVC_ERROR_INVALID_VALUE);
+  detail = kvc_last_error(l.f.ctx);
+  cr_assert(strstr(detail, "layer 2") && strstr(detail, "same pool"), "%s", detail);
+  k[2] = l.layers->k[2];
+  l.keep[2 * l.keep_elems + 5] = -1; /* layer 2's keep, after layers 0 and 1 would have moved */
+  cr_assert_eq(compact_layers_call(&l, &l.layers->desc, &view, NULL, 0, NULL), KVC_ERROR_INVALID_VALUE);
+  detail = kvc_last_error(l.f.ctx);
+  cr_assert(strstr(detail, "layer 2"), "%s", detail);
+  for (int32_t i = 0; i < LAYERS; ++i)
+    cr_assert_eq(memcmp(l.layers->cache[i]->k, l.before->cache[i]->k, l.before->cache[i]->pool_bytes), 0,
+                 "layer %d moved", i);
+  /* a workspace one byte short of what three layers need */
+  kvc_workspace_layout_t three;
+  cr_assert_eq(kvc_plan_workspace_layout(l.f.plan, KVC_OP_COMPACT, LAYERS, &three), KVC_SUCCESS);
+  void *ws = kvc_test_workspace_new(three.workspace_bytes);
+  cr_assert_eq(kvc_compact_layers(l.f.ctx, l.f.plan, &l.layers->desc, &view, l.keep, NULL, 0, ws,
+                                  three.workspace_bytes - 1, NULL),
+               KVC_ERROR_WORKSPACE_TOO_SMALL);
+  cr_assert(strstr(kvc_last_error(l.f.ctx), "3 layers"), "%s", kvc_last_error(l.f.ctx));
+  free(ws);
+  layered_teardown(&l);
+}
+
+/* kvc_plan_workspace_layout: one layer is kvc_plan_workspace_size and the info's offsets; more
+ * layers need more; zero layers is refused. */
+Test(compact_cpu, workspace_layout_per_layer_count) {
+  const combo_t c = {KVC_TEST_HND, KVC_TEST_CSR, KVC_DTYPE_BF16, 16};
+  layered_t l;
+  layered_setup(&l, &c, 61);
+  kvc_plan_info_t info;
+  cr_assert_eq(kvc_plan_get_info(l.f.plan, &info), KVC_SUCCESS);
+  for (int op = KVC_OP_SCORE; op <= KVC_OP_COMPRESS; ++op) {
+    size_t bytes = 0;
+    kvc_workspace_layout_t one, many;
+    cr_assert_eq(kvc_plan_workspace_size(l.f.plan, (kvc_op_t)op, &bytes), KVC_SUCCESS);
+    cr_assert_eq(kvc_plan_workspace_layout(l.f.plan, (kvc_op_t)op, 1, &one), KVC_SUCCESS);
+    cr_assert_eq(kvc_plan_workspace_layout(l.f.plan, (kvc_op_t)op, 32, &many), KVC_SUCCESS);
+    cr_assert_eq(one.workspace_bytes, bytes, "op %d", op);
+    cr_assert_geq(many.workspace_bytes, one.workspace_bytes, "op %d", op);
+    cr_assert_eq(kvc_plan_workspace_layout(l.f.plan, (kvc_op_t)op, 0, &one), KVC_ERROR_INVALID_VALUE);
+  }
+  kvc_workspace_layout_t compress, compact, many;
+  cr_assert_eq(kvc_plan_workspace_layout(l.f.plan, KVC_OP_COMPRESS, 1, &compress), KVC_SUCCESS);
+  cr_assert_eq(kvc_plan_workspace_layout(l.f.plan, KVC_OP_COMPACT, 1, &compact), KVC_SUCCESS);
+  cr_assert_eq(compress.keep_offset_bytes, info.keep_offset_bytes);
+  cr_assert_eq(compress.status_offset_bytes, info.compress_status_offset_bytes);
+  cr_assert_eq(compact.status_offset_bytes, info.compact_status_offset_bytes);
+  cr_assert_geq(info.compress_status_offset_bytes, sizeof(int32_t) * (size_t)info.keep_elems,
+                "the status array lies past the keep layout");
+  cr_assert_eq(kvc_plan_workspace_layout(l.f.plan, KVC_OP_COMPRESS, 32, &many), KVC_SUCCESS);
+  cr_assert_geq(many.status_offset_bytes, 32 * sizeof(int32_t) * (size_t)info.keep_elems + 32 * sizeof(float) * (size_t)info.score_elems);
+  cr_assert_leq(many.status_offset_bytes + 32 * sizeof(int32_t) * (size_t)info.batch, many.workspace_bytes);
+  layered_teardown(&l);
+}
+
+/* kvc_compress_layers and kvc_retention_layers == one kvc_compress / kvc_retention per layer; the
+ * status arrays are all zeros. KNORM (rotated data: each layer keeps other tokens). */
+Test(compact_cpu, compress_and_retention_layers_match_single_layer_calls) {
+  const combo_t c = {KVC_TEST_NHD, KVC_TEST_DENSE, KVC_DTYPE_BF16, 16};
+  const int32_t seq_lens[3] = {90, 300, 17}, budgets[3] = {30, 100, 17}, span_indptr[4] = {0, 2, 3, 3};
+  const kvc_span_t spans[3] = {{0, 40, KVC_SPAN_FAIR, 1.0f}, {40, 90, KVC_SPAN_FAIR, 2.0f}, {5, 9, KVC_SPAN_PROTECT, 1.0f}};
+  kvc_context_t ctx;
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CPU, 0, &ctx), KVC_SUCCESS);
+  kvc_plan_desc_t d = KVC_PLAN_DESC_INIT;
+  d.num_q_heads = d.num_kv_heads = 2;
+  d.head_dim = 16;
+  d.dtype = c.dtype;
+  d.batch = 3;
+  d.seq_lens = seq_lens;
+  d.budgets = budgets;
+  d.span_indptr = span_indptr;
+  d.spans = spans;
+  d.method = KVC_SCORE_KNORM;
+  d.fairness = 0.5f;
+  kvc_plan_t plan;
+  cr_assert_eq(kvc_plan_create(ctx, &d, &plan), KVC_SUCCESS, "%s", kvc_last_error(ctx));
+  kvc_plan_info_t info;
+  cr_assert_eq(kvc_plan_get_info(plan, &info), KVC_SUCCESS);
+  kvc_test_cache_t *base = kvc_test_cache_new(3, seq_lens, 2, 16, c.dtype, c.page_size, c.layout, c.table, 2, 9);
+  kvc_test_layers_t *layers = kvc_test_layers_new(base, LAYERS), *singles = kvc_test_layers_clone(layers);
+  kvc_workspace_layout_t layout;
+  cr_assert_eq(kvc_plan_workspace_layout(plan, KVC_OP_COMPRESS, LAYERS, &layout), KVC_SUCCESS);
+  void *ws = kvc_test_workspace_new(layout.workspace_bytes);
+  kvc_layers_t view = kvc_test_layers_view(layers);
+  cr_assert_eq(kvc_compress_layers(ctx, plan, &layers->desc, &view, ws, layout.workspace_bytes, NULL), KVC_SUCCESS, "%s",
+               kvc_last_error(ctx));
+  const int32_t *keep = (const int32_t *)((char *)ws + layout.keep_offset_bytes);
+  const int32_t *flags = (const int32_t *)((char *)ws + layout.status_offset_bytes);
+  for (int32_t i = 0; i < LAYERS * 3; ++i) cr_assert_eq(flags[i], 0);
+  int32_t *counts = malloc(sizeof(int32_t) * (size_t)(LAYERS * info.count_elems));
+  cr_assert_eq(kvc_retention_layers(ctx, plan, LAYERS, keep, counts, NULL, 0, NULL), KVC_SUCCESS, "%s", kvc_last_error(ctx));
+  size_t bytes = 0;
+  cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_COMPRESS, &bytes), KVC_SUCCESS);
+  void *single_ws = kvc_test_workspace_new(bytes);
+  int differs = 0;
+  int32_t *single_counts = malloc(sizeof(int32_t) * (size_t)info.count_elems);
+  for (int32_t l = 0; l < LAYERS; ++l) {
+    cr_assert_eq(kvc_compress(ctx, plan, &singles->cache[l]->desc, NULL, NULL, single_ws, bytes, NULL), KVC_SUCCESS);
+    const int32_t *want = (const int32_t *)((char *)single_ws + info.keep_offset_bytes);
+    for (int64_t e = 0; e < info.keep_elems; ++e)
+      cr_assert_eq(keep[l * info.keep_elems + e], want[e], "layer %d keep element %lld", l, (long long)e);
+    if (l > 0) differs |= memcmp(keep, keep + l * info.keep_elems, sizeof(int32_t) * (size_t)info.keep_elems) != 0;
+    cr_assert_eq(memcmp(layers->cache[l]->k, singles->cache[l]->k, base->pool_bytes), 0, "layer %d K", l);
+    cr_assert_eq(memcmp(layers->cache[l]->v, singles->cache[l]->v, base->pool_bytes), 0, "layer %d V", l);
+    cr_assert_eq(kvc_retention(ctx, plan, want, single_counts, NULL, 0, NULL), KVC_SUCCESS);
+    for (int64_t e = 0; e < info.count_elems; ++e)
+      cr_assert_eq(counts[l * info.count_elems + e], single_counts[e], "layer %d count %lld", l, (long long)e);
+  }
+  cr_assert(differs, "the layers' data differ, so some layer keeps other tokens than layer 0");
+  free(single_counts), free(counts), free(single_ws), free(ws);
+  kvc_test_layers_free(layers), kvc_test_layers_free(singles);
+  kvc_test_cache_free(base);
+  kvc_plan_destroy(plan);
+  kvc_context_destroy(ctx);
+}
+
+Test(compact_cpu, score_layers_match_single_layer_calls) { kvc_test_score_layers_match_single_calls(KVC_BACKEND_CPU); }

@@ -325,17 +325,16 @@ static void check_quotas(const scenario_t *s, const run_t *r, int32_t b, const o
   cr_assert_eq(r->implicit[b], p < o->nparts ? o->quota[p] : -1, "sequence %d: implicit quota %d", b, r->implicit[b]);
 }
 
-static void check_scenario(const scenario_t *s) {
-  run_t r;
-  run_select(s, &r);
+/* The keep layout r->keep against the oracle of s's scores (and the quotas against its quotas). */
+static void check_keep(const scenario_t *s, const run_t *r) {
   for (int32_t b = 0; b < s->batch; ++b) {
     oracle_seq_t *o = (oracle_seq_t *)malloc(sizeof *o);
     oracle_sequence(s, b, o);
-    check_quotas(s, &r, b, o);
+    check_quotas(s, r, b, o);
     int32_t *expect = (int32_t *)malloc(sizeof(int32_t) * (size_t)o->k);
     for (int32_t h = 0; h < s->heads; ++h) {
       int32_t k;
-      const int32_t *got = keep_row(s, &r, b, h, &k);
+      const int32_t *got = keep_row(s, r, b, h, &k);
       cr_assert_eq(k, o->k);
       int32_t kept_protected = 0;
       for (int32_t j = 0; j < k; ++j) {
@@ -355,6 +354,12 @@ static void check_scenario(const scenario_t *s) {
     oracle_free(o);
     free(o);
   }
+}
+
+static void check_scenario(const scenario_t *s) {
+  run_t r;
+  run_select(s, &r);
+  check_keep(s, &r);
   run_free(&r);
 }
 
@@ -706,4 +711,44 @@ Test(select_cpu, nan_infinity_and_signed_zero_order) {
   const int32_t five[5] = {0, 2, 3, 4, 5};
   cr_assert_eq(memcmp(r.keep, five, sizeof five), 0);
   run_free(&r);
+}
+
+/* kvc_select_layers: random scenarios over 3 layers of different scores (every score mode, one per
+ * layer), each layer's stacked keep layout against the oracle of its own scores. */
+Test(select_cpu, layers_in_one_call_every_layer_against_the_oracle) {
+  enum { L = 3 };
+  static const int32_t lengths[] = {1, 17, 300, 1000};
+  kvc_rng_t rng = {13};
+  for (int round = 0; round < 40; ++round) {
+    scenario_t *s = (scenario_t *)calloc(1, sizeof *s);
+    random_scenario(s, &rng, lengths, 4);
+    const int64_t elems = s->heads * total_tokens(s);
+    float *scores = (float *)malloc(sizeof(float) * (size_t)(L * elems));
+    for (int32_t l = 0; l < L; ++l) {
+      fill_scores(s, (score_mode_t)((round + l) % 5), &rng);
+      memcpy(scores + l * elems, s->scores, sizeof(float) * (size_t)elems);
+    }
+    run_t r;
+    run_select(s, &r); /* the plan and quotas (and a single-layer run on the last layer's scores) */
+    kvc_workspace_layout_t layout;
+    cr_assert_eq(kvc_plan_workspace_layout(r.plan, KVC_OP_SELECT, L, &layout), KVC_SUCCESS);
+    void *ws = kvc_test_workspace_new(layout.workspace_bytes);
+    int32_t *keep = (int32_t *)malloc(sizeof(int32_t) * (size_t)(L * r.keep_elems + 1));
+    cr_assert_eq(kvc_select_layers(r.ctx, r.plan, L, scores, keep, ws, layout.workspace_bytes, NULL), KVC_SUCCESS, "%s",
+                 kvc_last_error(r.ctx));
+    int32_t *first = r.keep;
+    for (int32_t l = 0; l < L; ++l) {
+      memcpy(s->scores, scores + l * elems, sizeof(float) * (size_t)elems);
+      r.keep = keep + l * r.keep_elems;
+      check_keep(s, &r);
+    }
+    r.keep = first;
+    cr_assert_eq(kvc_select_layers(r.ctx, r.plan, 0, scores, keep, ws, layout.workspace_bytes, NULL),
+                 KVC_ERROR_INVALID_VALUE);
+    cr_assert(strstr(kvc_last_error(r.ctx), "num_layers is 0") != NULL, "%s", kvc_last_error(r.ctx));
+    free(ws), free(keep), free(scores);
+    run_free(&r);
+    free(s->scores);
+    free(s);
+  }
 }

@@ -3,8 +3,15 @@
 
 What users run today instead of libkvcompress:
 
-  op=compress impl=torch_kvpress   NVIDIA kvpress's pipeline, line for line on the same tensors
-      (kvpress 8bb29b9, presses/snapkv_press.py, observed_attention_press.py, scorer_press.py):
+  op=compress impl=torch_kvpress   NVIDIA kvpress's pipeline on the same tensors. With the kvpress
+      wheel importable (scripts/build_device.sh carries kvpress 0.5.5 to the GPU machine) its own
+      SnapKVPress / ObservedAttentionPress .compress() runs ("kvpress": "<version> (wheel)" in each
+      line; only the press modules are loaded, not `import kvpress`, whose package init pulls in
+      datasets and patches transformers): the peer hands it the window / eager attention it would
+      get from the model, computed inside the timed call. Without the wheel, a line-for-line copy
+      of the same code runs ("kvpress": "copy of 8bb29b9"); the two are compared on a small case
+      first (record "note"). The copy (presses/snapkv_press.py, observed_attention_press.py,
+      scorer_press.py of kvpress 8bb29b9):
       SnapKV: repeat_kv -> matmul(Q_window, K^T)/sqrt(d) -> causal mask -> softmax (fp32, cast to
       bf16) -> drop the window columns -> mean over queries -> avg_pool1d(5, pad 2) -> mean over the
       GQA group -> pad the window with max+1 (.item(), a host sync, as kvpress does) -> topk ->
@@ -21,8 +28,9 @@ What users run today instead of libkvcompress:
   op=compact impl=torch_gather     keys.gather + values.gather of the kept rows (kvpress's last step)
 
 Timing: torch.cuda events around each repetition, after `warmup` untimed ones; before every
-repetition a 2 x L2 buffer is overwritten (cold L2, as bench_util.cuh does); median, p10, p90 by
-nearest rank. Peak extra memory: torch.cuda.max_memory_allocated() during one untimed call minus
+repetition a 2 x L2 buffer is read (cold L2 with clean lines, as bench_util.cuh does); median,
+p10, p90 by nearest rank. The GPU is kept busy for 200 ms at the start and 20 ms before each point
+(its clocks idle low). Peak extra memory: torch.cuda.max_memory_allocated() during one untimed call minus
 what was allocated before it (the inputs). Output: JSON lines on stdout with the keys of the C
 programs (bench_compress.cu, bench_select.cu), progress on stderr.
 
@@ -34,10 +42,13 @@ programs (bench_compress.cu, bench_select.cu), progress on stderr.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
+import os
 import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -51,20 +62,33 @@ def log(msg):
     print(f"[kvpress_torch] {msg}", file=sys.stderr, flush=True)
 
 
+def busy(ms):
+    """Keeps the GPU busy with bf16 matrix products for at least `ms` of wall time."""
+    a = torch.ones(4096, 4096, dtype=torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    while (time.perf_counter() - start) * 1e3 < ms:
+        for _ in range(8):
+            a = (a @ a).clamp_(-1, 1)
+        torch.cuda.synchronize()
+
+
 class Timer:
-    """cudaEvent timing with warm-up, L2 flush and nearest-rank quantiles (as bench_util.cuh)."""
+    """cudaEvent timing with a busy spell, warm-up, L2 flush by reading 2 x L2, nearest-rank
+    quantiles (as bench_util.cuh)."""
 
     def __init__(self):
         l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20) or (64 << 20)
-        self.flush_buf = torch.empty(max(2 * l2, 8 << 20), dtype=torch.uint8, device="cuda")
+        self.flush_buf = torch.rand(max(2 * l2, 8 << 20) // 4, dtype=torch.float32, device="cuda")
 
     def __call__(self, fn, warmup, iters):
+        busy(20)
         for _ in range(warmup):
             fn()
         torch.cuda.synchronize()
         times = []
         for i in range(iters):
-            self.flush_buf.fill_(i & 0xFF)
+            self.flush_buf.sum()  # reads every line: the L2 holds none of fn's data, and nothing dirty
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -106,8 +130,9 @@ def repeat_kv(x, groups):
     return x[:, :, None, :, :].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
 
 
-def snapkv_scores(keys, queries, window, kernel):
-    """kvpress SnapKVPress.score (compute_window_attention with the queries given)."""
+def window_attention(keys, queries, window):
+    """kvpress SnapKVPress.compute_window_attention with the (post-RoPE) window queries given:
+    the window rows' attention over all keys, causal inside the window."""
     bsz, hkv, k_len, head_dim = keys.shape
     groups = queries.shape[1] // hkv
     key_states = repeat_kv(keys, groups)
@@ -115,8 +140,14 @@ def snapkv_scores(keys, queries, window, kernel):
     mask = torch.ones_like(attn) * float("-inf")
     mask = torch.triu(mask, diagonal=k_len - window + 1)
     attn += mask
-    attn = F.softmax(attn, dim=-1, dtype=torch.float32).to(queries.dtype)
-    attn = attn[..., :-window]
+    return F.softmax(attn, dim=-1, dtype=torch.float32).to(queries.dtype)
+
+
+def snapkv_scores(keys, queries, window, kernel):
+    """kvpress SnapKVPress.score (compute_window_attention with the queries given)."""
+    bsz, hkv, k_len, head_dim = keys.shape
+    groups = queries.shape[1] // hkv
+    attn = window_attention(keys, queries, window)[..., :-window]
     scores = attn.mean(dim=-2)
     scores = F.avg_pool1d(scores, kernel_size=kernel, padding=kernel // 2, stride=1)
     scores = scores.view(bsz, hkv, groups, k_len - window).mean(2)
@@ -151,12 +182,103 @@ def compress_tail(scores, keys, values, n_kept):
     return keys.gather(2, idx).contiguous(), values.gather(2, idx).contiguous()
 
 
+KVPRESS_COPY = "copy of 8bb29b9"
+
+
+def load_kvpress():
+    """kvpress's SnapKVPress and ObservedAttentionPress from the installed wheel, without running the
+    package's __init__ (which imports datasets, fire, every press, and patches transformers'
+    attention functions): a bare package object whose __path__ is the wheel's directory lets the
+    two press modules import what they need (kvpress.utils, scorer_press, base_press). Returns
+    (snapkv_class, observed_class, version) or (None, None, reason)."""
+    try:
+        spec = importlib.util.find_spec("kvpress")
+        if spec is None or not spec.submodule_search_locations:
+            return None, None, "kvpress not installed"
+        root = list(spec.submodule_search_locations)[0]
+        for name, path in (("kvpress", root), ("kvpress.presses", os.path.join(root, "presses"))):
+            if name not in sys.modules:
+                module = types.ModuleType(name)
+                module.__path__ = [path]
+                sys.modules[name] = module
+        from kvpress.presses.observed_attention_press import ObservedAttentionPress
+        from kvpress.presses.snapkv_press import SnapKVPress
+
+        try:
+            from importlib.metadata import version
+
+            ver = version("kvpress")
+        except Exception:
+            ver = "?"
+        return SnapKVPress, ObservedAttentionPress, f"{ver} (wheel)"
+    except Exception as e:  # a transformers version kvpress does not know, a missing module, ...
+        return None, None, f"kvpress not loadable: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def press_module(hq, hkv, d):
+    """What a press reads of the attention layer it hooks: the config's head counts, head_dim."""
+    return types.SimpleNamespace(config=types.SimpleNamespace(num_attention_heads=hq, num_key_value_heads=hkv),
+                                 head_dim=d)
+
+
+def window_attention(keys, queries, window):
+    """kvpress SnapKVPress.compute_window_attention from the post-RoPE window queries (no slicing)."""
+    bsz, hkv, k_len, head_dim = keys.shape
+    key_states = repeat_kv(keys, queries.shape[1] // hkv)
+    attn = torch.matmul(queries, key_states.transpose(2, 3)) / math.sqrt(head_dim)
+    mask = torch.triu(torch.ones_like(attn) * float("-inf"), diagonal=k_len - window + 1)
+    attn += mask
+    return F.softmax(attn, dim=-1, dtype=torch.float32).to(queries.dtype)
+
+
+def kvpress_pipeline(method, keys, values, queries, window, ratio, n_kept, kvpress):
+    """The timed call: the wheel's press when loaded, else the line-for-line copy."""
+    snap, observed, _ = kvpress
+    bsz, hkv, n, d = keys.shape
+    if snap is not None:
+        module = press_module(queries.shape[1], hkv, d)
+        hidden = torch.empty((bsz, n, 0), device=keys.device, dtype=keys.dtype)  # kvpress reads its shape only
+        if method == "snapkv":
+            press = snap(compression_ratio=ratio, window_size=window, kernel_size=5)
+            return lambda: press.compress(module, hidden, keys, values, window_attention(keys, queries, window), {})
+        press = observed(compression_ratio=ratio)
+        return lambda: press.compress(module, hidden, keys, values, eager_attention(keys, queries), {})
+    if method == "snapkv":
+        return lambda: compress_tail(snapkv_scores(keys, queries, window, 5), keys, values, n_kept)
+    return lambda: compress_tail(h2o_scores(keys, eager_attention(keys, queries)), keys, values, n_kept)
+
+
+def check_kvpress_copy(kvpress, gen):
+    """The wheel's SnapKV and H2O scores against the copy's on one small case (a note record)."""
+    snap, observed, ver = kvpress
+    if snap is None:
+        return {"record": "note", "bench": "kvpress_torch", "note": f"kvpress wheel not used: {ver}; the copy runs"}
+    keys = randn_like_c((1, 2, 256, 64), torch.bfloat16, gen)
+    queries = randn_like_c((1, 8, 256, 64), torch.bfloat16, gen)
+    module, hidden = press_module(8, 2, 64), torch.empty((1, 256, 0), device="cuda", dtype=torch.bfloat16)
+    w = 32
+    ours = snapkv_scores(keys, queries[:, :, -w:], w, 5)
+    theirs = snap(compression_ratio=0.5, window_size=w, kernel_size=5).score(
+        module, hidden, keys, keys, window_attention(keys, queries[:, :, -w:], w), {})
+    attn = eager_attention(keys, queries)
+    d_snap = (ours.float() - theirs.float()).abs().max().item()
+    d_h2o = (h2o_scores(keys, attn).float() - observed(compression_ratio=0.5).score(
+        module, hidden, keys, keys, attn, {}).float()).abs().max().item()
+    for method in ("snapkv", "h2o"):  # the timed calls themselves, once: an API mismatch shows here
+        k, _ = kvpress_pipeline(method, keys, keys, queries[:, :, -w:] if method == "snapkv" else queries, w, 0.5,
+                                128, kvpress)()
+        if tuple(k.shape) != (1, 2, 128, 64):
+            raise RuntimeError(f"kvpress {method} compress returned keys of shape {tuple(k.shape)}, expected (1, 2, 128, 64)")
+    return {"record": "note", "bench": "kvpress_torch",
+            "note": f"kvpress {ver} runs; its scores vs the copy's: max |diff| SnapKV {d_snap:.3g}, H2O {d_h2o:.3g}"}
+
+
 def randn_like_c(shape, dtype, gen):
     """Uniform in [-1.7, 1.7), the distribution of bench_util.cuh's fill_random."""
     return ((torch.rand(shape, generator=gen, device="cuda", dtype=torch.float32) - 0.5) * 3.4).to(dtype)
 
 
-def bench_compress(args, timer, gen, deadline):
+def bench_compress(args, timer, gen, deadline, kvpress):
     dtype = torch.bfloat16
     points = []
     for model in args.models:
@@ -172,7 +294,7 @@ def bench_compress(args, timer, gen, deadline):
         window = n if method == "h2o" else args.window
         key = {"op": "compress", "impl": "torch_kvpress", "model": name, "method": method, "n": n, "batch": batch,
                "q_heads": hq, "kv_heads": hkv, "head_dim": d, "dtype": "bf16", "ratio": ratio, "window": window,
-               "layout": "hf", "kept": kept_of(n, ratio)}
+               "layout": "hf", "kept": kept_of(n, ratio), "kvpress": kvpress[2] if kvpress[0] else KVPRESS_COPY}
         if deadline and time.monotonic() > deadline:
             log(f"[{i + 1}/{len(points)}] SKIP compress {name} {method} n={n} batch={batch} (time budget)")
             emit({"record": "skipped", **key, "reason": "time budget"})
@@ -184,12 +306,8 @@ def bench_compress(args, timer, gen, deadline):
             values = randn_like_c((batch, hkv, n, d), dtype, gen)
             queries = randn_like_c((batch, hq, window, d), dtype, gen)
             n_kept = kept_of(n, ratio)
-            if method == "snapkv":
-                fn = lambda: compress_tail(snapkv_scores(keys, queries, window, 5), keys, values, n_kept)
-                press_only = None
-            else:
-                fn = lambda: compress_tail(h2o_scores(keys, eager_attention(keys, queries)), keys, values, n_kept)
-                press_only = "h2o"
+            fn = kvpress_pipeline(method, keys, values, queries, window, ratio, n_kept, kvpress)
+            press_only = None if method == "snapkv" else "h2o"
             extra = peak_extra_bytes(fn)
             st = timer(fn, args.warmup, args.iters)
             rec = {"record": "result", **key, **st, "extra_bytes": extra}
@@ -311,9 +429,17 @@ def main():
     if flashinfer is None:
         emit({"record": "note", "bench": "kvpress_torch", "note": "flashinfer absent: FlashInfer top-k peer skipped"})
 
+    busy(200)  # from idle clocks to full ones before anything is timed
     timer = Timer()
     gen = torch.Generator(device="cuda")
     gen.manual_seed(1234)
+    kvpress = load_kvpress() if "compress" in ops else (None, None, "not needed")
+    if "compress" in ops:
+        try:
+            emit(check_kvpress_copy(kvpress, gen))
+        except Exception as e:
+            emit({"record": "note", "bench": "kvpress_torch", "note": f"kvpress check failed: {type(e).__name__}: {e}"})
+            kvpress = (None, None, f"check failed: {type(e).__name__}")
     # the copy ceiling as PyTorch sees it (bytes read + written)
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
@@ -329,7 +455,7 @@ def main():
         if "compact" in ops:
             bench_compact(args, timer, gen, deadline)
         if "compress" in ops:
-            bench_compress(args, timer, gen, deadline)
+            bench_compress(args, timer, gen, deadline, kvpress)
     return 0
 
 

@@ -3,8 +3,11 @@
  * the CPU backend (double precision, kernels/score_cpu.c) on the same caches and queries, through
  * the public API: every method x dtype x head_dim (64, 128, 256 and a generic 40) with the layout,
  * page table kind and GQA group (1, 4) rotating; span-local domains, pooling at domain borders,
- * window > n, accumulate, and the selection made from either backend's scores. The second half
- * (gemm_*) forces the large-observation-set path (tiled GEMM logits, kernels/score_gemm.h).
+ * window > n, accumulate, the engine's normalisers, and the selection made from either backend's
+ * scores. The tensor-core sweeps (tensor_core_*) run the f16/bf16 kernels over GQA 1/4/8 x head_dim
+ * 64/128/256 x page size 1/16/13 (not dividing n) x n from 1 to ~3000 in batches, H2O over the whole
+ * prompt included; the nonfinite_* tests check the non-finite rule of kvcompress.h against an
+ * oracle written in this file.
  *
  * Tolerance: |cuda - cpu| <= kRelTol * |cpu| + kAbsTol, infinities equal. The CUDA kernels
  * accumulate in fp32 what the CPU does in double. An attention probability exp(s - lse) carries
@@ -13,10 +16,15 @@
  * D * 2^-24 * 10 ~ 1.5e-4 only if every rounding aligned), lse by ~(keys per thread + log2 n)
  * * 2^-24 * |lse| ~ 1e-6, and the sums over queries, pooling and the group mean add positive terms
  * (relative error ~ terms * 2^-24 <= 1e-5 here). So 1e-4 relative is ~10x the typical error;
- * the absolute 1e-9 only covers probabilities that underflow (e^-20 of a 1/n share). KNORM:
- * sqrt of a sum of D squares, relative ~ D * 2^-24 < 2e-5. STREAMING is exact.
+ * the absolute 1e-9 only covers probabilities that underflow (e^-20 of a 1/n share). On tensor
+ * cores the f16 (11-bit) and bf16 (8-bit) products are exact in fp32 and both backends widen the
+ * same values exactly, so the logits carry only the fp32 summation error above (the emulated mma
+ * rounds once per 16 products; Hopper aligns and may truncate: ~D * 2^-23 relative at worst, the
+ * same size). f32 runs plain fp32 FMAs, never TF32 (10-bit inputs would miss 1e-4 by an order of
+ * magnitude). KNORM: sqrt of a sum of D squares, relative ~ D * 2^-24 < 2e-5. STREAMING is exact.
  */
 #include <criterion/criterion.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,6 +50,8 @@ typedef struct {
   kvc_reduce_t reduce;
   uint64_t seed;
   int cuda_lse; /* 1: the CUDA run gets the test's own normalisers (kvc_score's `lse`), the CPU none */
+  /* if set: changes the cache and queries after they are made (the non-finite tests) */
+  void (*plant)(kvc_test_cache_t *cache, void *queries, int32_t num_q_heads);
 } score_case_t;
 
 /* Both backends' scores of one case. */
@@ -110,6 +120,7 @@ static void score_both(const score_case_t *c, int accumulate, score_run_t *r) {
   r->queries = r->info.obs_total > 0 ? kvc_test_queries_new(r->info.obs_total, desc.num_q_heads, c->head_dim,
                                                             c->dtype, c->seed + 1)
                                      : NULL;
+  if (c->plant) c->plant(r->cache, r->queries, desc.num_q_heads);
   size_t score_bytes = sizeof(float) * (size_t)r->info.score_elems;
   r->cpu_scores = malloc(score_bytes);
   r->cuda_scores = malloc(score_bytes);
@@ -259,9 +270,8 @@ Test(score_emu, window_longer_than_sequence) {
   }
 }
 
-/* The engine's normalisers (computed by the test in double) in place of the normaliser pass, for
- * the fused kernels and, with a lowered threshold, the GEMM path: the same scores as the CPU
- * computing its own, within the usual tolerance. */
+/* The engine's normalisers (computed by the test in double) in place of the normaliser kernel: the
+ * same scores as the CPU computing its own, within the usual tolerance. */
 Test(score_emu, engine_lse_matches_cpu_scores) {
   static const int32_t seq_lens[] = {301, 96};
   for (int m = KVC_SCORE_SNAPKV; m <= KVC_SCORE_TOVA; ++m) {
@@ -290,35 +300,58 @@ Test(score_emu, accumulate_adds_to_the_scores) {
 
 static size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-/* kvc_plan_workspace_size's comment in kvcompress.h states the CUDA score workspace exactly. */
+/* C of kvc_plan_workspace_size's formula for sequences with `obs` observation queries each. */
+static size_t documented_splits(int32_t batch, const size_t *obs, size_t kv_heads, size_t group, size_t n_max) {
+  size_t blocks = 0;
+  for (int32_t b = 0; b < batch; ++b) blocks += kv_heads * ((group * obs[b] + 63) / 64);
+  size_t c0 = (1024 + blocks - 1) / blocks, by_keys = (n_max + 511) / 512;
+  c0 = c0 < by_keys ? c0 : by_keys;
+  c0 = c0 < 1 ? 1 : c0;
+  size_t keys = ((n_max + c0 - 1) / c0 + 63) / 64 * 64;
+  return (n_max + keys - 1) / keys;
+}
+
+/* kvc_plan_workspace_size's comment in kvcompress.h states the CUDA score workspace exactly: every
+ * method, for windows that give one split (H2O over long prompts) and many (short windows). */
 Test(score_emu, workspace_matches_the_documented_formula) {
-  static const int32_t seq_lens[] = {100, 7000, 300};
+  static const int32_t seq_lens[] = {100, 20000, 300};
+  static const int32_t windows[] = {50, 20000};
   static const kvc_score_method_t methods[] = {KVC_SCORE_SNAPKV, KVC_SCORE_H2O, KVC_SCORE_TOVA, KVC_SCORE_KNORM,
                                                KVC_SCORE_STREAMING};
   kvc_context_t cuda = NULL;
   cr_assert_eq(kvc_context_create(KVC_BACKEND_CUDA, 0, &cuda), KVC_SUCCESS);
-  for (int m = 0; m < 5; ++m) {
-    kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;
-    desc.num_kv_heads = 2;
-    desc.num_q_heads = 6;
-    desc.head_dim = 64;
-    desc.batch = 3;
-    desc.seq_lens = desc.budgets = seq_lens;
-    desc.method = methods[m];
-    desc.window = 50;
-    kvc_plan_t plan = NULL;
-    cr_assert_eq(kvc_plan_create(cuda, &desc, &plan), KVC_SUCCESS, "%s", kvc_last_error(cuda));
-    kvc_plan_info_t info;
-    kvc_plan_get_info(plan, &info);
-    size_t n_max = 7000, per_chunk = (n_max + 63) / 64 > 256 ? (n_max + 63) / 64 : 256;
-    size_t chunks = (n_max + per_chunk - 1) / per_chunk, query_heads = (size_t)info.obs_total * 6, expect = 0;
-    if (m <= KVC_SCORE_TOVA)
-      expect = align256(query_heads * chunks * 8) + align256(query_heads * 4) + 6 * (size_t)info.total_tokens * 4;
-    size_t bytes = 0;
-    cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_SCORE, &bytes), KVC_SUCCESS);
-    cr_assert_eq(bytes, expect, "%s: workspace %zu, documented %zu", method_name(methods[m]), bytes, expect);
-    kvc_plan_destroy(plan);
-  }
+  int multi_split = 0, single_split = 0;
+  for (int w = 0; w < 2; ++w)
+    for (int m = 0; m < 5; ++m) {
+      kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;
+      desc.num_kv_heads = 2;
+      desc.num_q_heads = 6;
+      desc.head_dim = 64;
+      desc.batch = 3;
+      desc.seq_lens = desc.budgets = seq_lens;
+      desc.method = methods[m];
+      desc.window = windows[w];
+      kvc_plan_t plan = NULL;
+      cr_assert_eq(kvc_plan_create(cuda, &desc, &plan), KVC_SUCCESS, "%s", kvc_last_error(cuda));
+      kvc_plan_info_t info;
+      kvc_plan_get_info(plan, &info);
+      size_t obs[3], expect = 0;
+      for (int b = 0; b < 3; ++b)
+        obs[b] = m == KVC_SCORE_TOVA ? 1 : (size_t)(windows[w] < seq_lens[b] ? windows[w] : seq_lens[b]);
+      const size_t rows = (size_t)info.obs_total * 6, splits = documented_splits(3, obs, 2, 3, 20000);
+      if (m <= KVC_SCORE_TOVA) {
+        if (splits > 1) expect += align256(rows * splits * 8);
+        expect += align256(rows * 4) + 6 * (size_t)info.total_tokens * 4;
+        multi_split += splits > 1;
+        single_split += splits == 1;
+      }
+      size_t bytes = 0;
+      cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_SCORE, &bytes), KVC_SUCCESS);
+      cr_assert_eq(bytes, expect, "%s window %d: workspace %zu, documented %zu", method_name(methods[m]), windows[w],
+                   bytes, expect);
+      kvc_plan_destroy(plan);
+    }
+  cr_assert(multi_split > 0 && single_split > 0, "both forms of the formula are covered");
   kvc_context_destroy(cuda);
 }
 
@@ -431,218 +464,304 @@ Test(score_emu, cuda_selection_matches_cpu_selection) {
   score_run_free(&r);
 }
 
-/* ---- the GEMM path (kernels/score_gemm.h): domains with many observation queries ---------------
- *
- * Domains with more than the plan's GEMM threshold (128 queries by default) get their logits from
- * a GEMM on tiles of keys gathered from the pages (cuBLAS on a GPU; under the emulator the host
- * GEMM of tests/simt/subst/score_gemm_emu.cpp), and our kernels reduce them. These tests lower the
- * threshold and the tile shape through the environment, which kvc_plan_create reads (each
- * Criterion test runs in its own process), so that tiles and query blocks split the domains at
- * borders that do not divide n: causality inside diagonal tiles, carried (max, sum) across tiles,
- * sums across query blocks.
- *
- * Tolerance: the same 1e-4 relative as above. Both backends read the same f16/bf16 values and
- * widen them exactly, so the inputs carry no rounding of their own; a tensor core's product of two
- * f16 (11-bit significands) or bf16 (8-bit) values is exact in fp32, and its sums are fp32 (Hopper
- * aligns the addends and may truncate rather than round: ~D * 2^-23 relative to sum |q_d k_d| in
- * the worst case, ~sqrt(D) * 2^-23 typically), the same size as the fused kernels' fp32 CUDA-core
- * dot products that the argument at the top of this file bounds. f32 inputs use a plain fp32 GEMM
- * (CUBLAS_COMPUTE_32F, never TF32, whose 10-bit inputs would miss 1e-4 by an order of magnitude,
- * which tests/gpu checks). */
 
-static void force_gemm(int threshold, int keys, int rows) {
-  char text[32];
-  snprintf(text, sizeof text, "%d", threshold);
-  setenv("KVC_SCORE_GEMM_THRESHOLD", text, 1);
-  if (keys > 0) {
-    snprintf(text, sizeof text, "%d", keys);
-    setenv("KVC_SCORE_GEMM_KEYS", text, 1);
-  }
-  if (rows > 0) {
-    snprintf(text, sizeof text, "%d", rows);
-    setenv("KVC_SCORE_GEMM_ROWS", text, 1);
-  }
-}
+/* ---- the tensor-core kernels across shapes ----------------------------------------------------
+ * f16 and bf16 x GQA 1/4/8 x head_dim 64/128/256, rotating page size 1/16/13 (13 divides none of the
+ * lengths), layout, table kind, pooling and reduce; batches mix a one-token sequence with long ones.
+ * GQA 8 has one KV head, the others two. */
 
-/* Scores `c` on both backends and checks that the CUDA plan took the GEMM path (its workspace
- * holds cuBLAS's 4 MiB) and matches. */
-static void check_gemm_case(const score_case_t *c) {
-  score_run_t r;
-  score_both(c, 0, &r);
-  size_t bytes = 0;
-  kvc_plan_workspace_size(r.cuda_plan, KVC_OP_SCORE, &bytes);
-  cr_assert_geq(bytes, (size_t)4 << 20, "%s: the CUDA plan did not take the GEMM path (workspace %zu)",
-                method_name(c->method), bytes);
-  assert_scores_match(c, &r);
-  score_run_free(&r);
-}
+typedef struct {
+  int32_t batch;
+  int32_t lens[3];
+} lens_t;
 
-static const int32_t kGemmLens[] = {301, 517};
-
-/* H2O over the whole prompt (window >= n): every dtype, group 1 and 4, generic and specialised
- * head_dim, every layout and table kind; 96-key tiles and 128-row GEMMs (32 queries x 4 heads). */
-Test(score_emu, gemm_h2o_whole_prompt_every_dtype) {
-  force_gemm(0, 96, 128);
-  static const kvc_dtype_t dtypes[] = {KVC_DTYPE_F32, KVC_DTYPE_F16, KVC_DTYPE_BF16};
-  static const int32_t dims[] = {64, 128, 40};
+static void tensor_core_sweep(kvc_score_method_t method, int32_t window, const lens_t *sets, int nsets,
+                              uint64_t seed) {
+  static const kvc_dtype_t dtypes[] = {KVC_DTYPE_F16, KVC_DTYPE_BF16};
+  static const int32_t groups[] = {1, 4, 8}, dims[] = {64, 128, 256}, pages[] = {1, 16, 13};
   int index = 0;
-  for (int di = 0; di < 3; ++di)
-    for (int gi = 0; gi < 2; ++gi, ++index) {
-      score_case_t c = {KVC_SCORE_H2O, dtypes[di], dims[(di + gi) % 3], 2, gi ? 4 : 1, 16,
-                        (kvc_test_layout_t)(index % 2), (kvc_test_table_t)(index % 3), 2, kGemmLens, NULL, NULL,
-                        NULL, 1000, 1, 0, KVC_POOL_AVG, index % 3 == 2 ? KVC_REDUCE_MAX : KVC_REDUCE_MEAN,
-                        (uint64_t)(300 + index)};
-      check_gemm_case(&c);
-    }
-}
-
-/* The engine's normalisers on the GEMM path: its row-statistics pass is skipped. */
-Test(score_emu, gemm_engine_lse) {
-  force_gemm(0, 96, 128);
-  score_case_t c = {KVC_SCORE_H2O, KVC_DTYPE_BF16, 64, 2, 4, 16, KVC_TEST_NHD, KVC_TEST_DENSE, 2, kGemmLens, NULL,
-                    NULL, NULL, 1000, 1, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN, 320, 1};
-  check_gemm_case(&c);
-}
-
-/* The default tile shape: one tile of min(1024, n) keys and every query in one GEMM. */
-Test(score_emu, gemm_h2o_default_tiles) {
-  force_gemm(0, 0, 0);
-  score_case_t c = {KVC_SCORE_H2O, KVC_DTYPE_BF16, 128, 2, 4, 16, KVC_TEST_NHD, KVC_TEST_CSR, 2, kGemmLens, NULL,
-                    NULL, NULL, 1000, 1, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN, 320};
-  check_gemm_case(&c);
-}
-
-/* Tiles of one key and GEMMs of one row: every border is a tile border. */
-Test(score_emu, gemm_h2o_degenerate_tiles) {
-  force_gemm(0, 1, 1);
-  static const int32_t lens[] = {37, 20};
-  score_case_t c = {KVC_SCORE_H2O, KVC_DTYPE_F16, 64, 1, 2, 8, KVC_TEST_HND, KVC_TEST_DENSE, 2, lens, NULL, NULL,
-                    NULL, 64, 1, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN, 321};
-  check_gemm_case(&c);
-}
-
-/* SnapKV with a window over the default threshold (200 queries > 128) takes the path by default;
- * pooled, both pool kinds and reductions. */
-Test(score_emu, gemm_snapkv_large_window) {
-  force_gemm(128, 80, 48);
-  for (int i = 0; i < 2; ++i) {
-    score_case_t c = {KVC_SCORE_SNAPKV, i ? KVC_DTYPE_F16 : KVC_DTYPE_BF16, i ? 64 : 128, 2, i ? 4 : 2, 16,
-                      (kvc_test_layout_t)i, i ? KVC_TEST_CONTIG : KVC_TEST_DENSE, 2, kGemmLens, NULL, NULL, NULL,
-                      200, 5, 0, i ? KVC_POOL_MAX : KVC_POOL_AVG, i ? KVC_REDUCE_MAX : KVC_REDUCE_MEAN,
-                      (uint64_t)(330 + i)};
-    check_gemm_case(&c);
-  }
-}
-
-/* TOVA (one query per domain) through the path when forced: the degenerate one-row GEMM. */
-Test(score_emu, gemm_tova_forced) {
-  force_gemm(0, 128, 0);
-  score_case_t c = {KVC_SCORE_TOVA, KVC_DTYPE_F32, 64, 2, 4, 16, KVC_TEST_NHD, KVC_TEST_DENSE, 2, kGemmLens, NULL,
-                    NULL, NULL, 1, 1, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN, 340};
-  check_gemm_case(&c);
-}
-
-/* span_local: every FAIR span is its own domain (a whole-span window for H2O); with threshold 0
- * all go through the GEMM path; with 120, the 141- and 150-query spans do and the 100- and
- * 49-query spans take the fused kernels in the same call (the normaliser pass then skips the
- * GEMM rows). Keys in the PROTECT gap get +inf. */
-Test(score_emu, gemm_span_local_domains) {
-  static const int thresholds[] = {0, 120};
-  for (int i = 0; i < 2; ++i) {
-    force_gemm(thresholds[i], 40, 24);
-    score_case_t c = {KVC_SCORE_H2O, i ? KVC_DTYPE_F16 : KVC_DTYPE_BF16, 64, 2, 4, 16, KVC_TEST_NHD,
-                      KVC_TEST_DENSE, 2, kSpanLens, NULL, kSpanIndptr, kSpans, 1000, 1, 1, KVC_POOL_AVG,
-                      KVC_REDUCE_MEAN, (uint64_t)(350 + i)};
-    check_gemm_case(&c);
-    score_case_t s = {KVC_SCORE_SNAPKV, KVC_DTYPE_F32, 72, 2, 4, 16, KVC_TEST_HND, KVC_TEST_CSR, 2, kSpanLens, NULL,
-                      kSpanIndptr, kSpans, 250, 5, 1, KVC_POOL_AVG, KVC_REDUCE_MAX, (uint64_t)(360 + i)};
-    check_gemm_case(&s);
-  }
-}
-
-/* A batch whose short sequence (90 queries) stays on the fused kernels at the default threshold
- * while the long one (517 queries) takes the GEMM path: both in one call. */
-Test(score_emu, gemm_and_fused_domains_in_one_batch) {
-  force_gemm(128, 200, 0);
-  static const int32_t lens[] = {90, 517};
-  score_case_t c = {KVC_SCORE_H2O, KVC_DTYPE_F16, 128, 2, 4, 16, KVC_TEST_NHD, KVC_TEST_DENSE, 2, lens, NULL, NULL,
-                    NULL, 1000, 1, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN, 370};
-  check_gemm_case(&c);
-}
-
-Test(score_emu, gemm_accumulate_adds_to_the_scores) {
-  force_gemm(0, 64, 100);
-  score_case_t c = {KVC_SCORE_H2O, KVC_DTYPE_BF16, 64, 2, 2, 16, KVC_TEST_HND, KVC_TEST_DENSE, 2, kGemmLens, NULL,
-                    NULL, NULL, 1000, 1, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN, 380};
-  score_run_t r;
-  score_both(&c, 1, &r);
-  assert_scores_match(&c, &r);
-  score_run_free(&r);
-}
-
-/* The selection made from GEMM-path scores equals the CPU's up to ties (fair eviction on spans). */
-Test(score_emu, gemm_selection_from_cuda_scores_matches) {
-  force_gemm(0, 48, 32);
-  score_case_t c;
-  selection_case(&c, KVC_SCORE_H2O, 390);
-  c.window = 1000;
-  score_run_t r;
-  score_both(&c, 0, &r);
-  int64_t elems = r.info.keep_elems;
-  int32_t *keep_cpu = malloc(sizeof(int32_t) * (size_t)elems), *keep_cuda = malloc(sizeof(int32_t) * (size_t)elems);
-  select_into(r.cpu, r.cpu_plan, r.cpu_scores, keep_cpu);
-  select_into(r.cpu, r.cpu_plan, r.cuda_scores, keep_cuda);
-  assert_same_selection(&c, &r, keep_cpu, keep_cuda, "H2O through the GEMM path");
-  free(keep_cpu);
-  free(keep_cuda);
-  score_run_free(&r);
-}
-
-/* The bracketed GEMM terms of kvc_plan_workspace_size's formula, at the default threshold and
- * tile shape: all domains on the GEMM path (C = 1), and a mix (C as for the fused kernels). */
-Test(score_emu, gemm_workspace_matches_the_documented_formula) {
-  static const int32_t seq_lens[] = {100, 7000, 300};
-  static const int32_t windows[] = {5000, 200, 100};
-  kvc_context_t cuda = NULL;
-  cr_assert_eq(kvc_context_create(KVC_BACKEND_CUDA, 0, &cuda), KVC_SUCCESS);
-  for (int w = 0; w < 3; ++w)
-    for (int dtype = 0; dtype < 3; ++dtype) {
-      kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;
-      desc.num_kv_heads = 2;
-      desc.num_q_heads = 6;
-      desc.head_dim = 64;
-      desc.dtype = (kvc_dtype_t)dtype;
-      desc.batch = 3;
-      desc.seq_lens = desc.budgets = seq_lens;
-      desc.method = KVC_SCORE_H2O;
-      desc.window = windows[w];
-      kvc_plan_t plan = NULL;
-      cr_assert_eq(kvc_plan_create(cuda, &desc, &plan), KVC_SUCCESS, "%s", kvc_last_error(cuda));
-      kvc_plan_info_t info;
-      kvc_plan_get_info(plan, &info);
-      /* queries per domain: min(window, n) for 100, 7000, 300 */
-      size_t q[3], q_max = 0;
-      int any_gemm = 0, all_gemm = 1;
-      for (int b = 0; b < 3; ++b) {
-        q[b] = (size_t)(windows[w] < seq_lens[b] ? windows[w] : seq_lens[b]);
-        q_max = q[b] > q_max ? q[b] : q_max;
-        any_gemm |= q[b] > 128;
-        all_gemm &= q[b] > 128;
+  for (int di = 0; di < 2; ++di)
+    for (int gi = 0; gi < 3; ++gi)
+      for (int hi = 0; hi < 3; ++hi, ++index) {
+        score_case_t c = {0};
+        c.method = method;
+        c.dtype = dtypes[di];
+        c.head_dim = dims[hi];
+        c.group = groups[gi];
+        c.num_kv_heads = groups[gi] == 8 ? 1 : 2;
+        c.page_size = pages[index % 3];
+        c.table = (kvc_test_table_t)((index / 3) % 3);
+        c.layout = (kvc_test_layout_t)(index % 2);
+        c.batch = sets[index % nsets].batch;
+        c.seq_lens = sets[index % nsets].lens;
+        c.window = window;
+        c.pool_kernel = method == KVC_SCORE_SNAPKV ? (index % 3 == 1 ? 1 : 5) : 1;
+        c.pool = index % 4 == 3 ? KVC_POOL_MAX : KVC_POOL_AVG;
+        c.reduce = index % 3 == 2 ? KVC_REDUCE_MAX : KVC_REDUCE_MEAN;
+        c.seed = seed + (uint64_t)index;
+        check_case(&c);
       }
-      size_t n_max = 7000, per_chunk = (n_max + 63) / 64 > 256 ? (n_max + 63) / 64 : 256;
-      size_t chunks = all_gemm ? 1 : (n_max + per_chunk - 1) / per_chunk, query_heads = (size_t)info.obs_total * 6;
-      size_t elem = dtype == KVC_DTYPE_F32 ? 4 : 2, group = 3, tile_keys = 1024;
-      size_t tile_queries = 4096 / group < q_max ? 4096 / group : q_max;
-      size_t expect = align256(query_heads * chunks * 8) + align256(query_heads * 4);
-      if (any_gemm)
-        expect += align256((size_t)4 << 20) + align256(tile_keys * 64 * elem) +
-                  align256(group * tile_queries * tile_keys * 4);
-      expect += 6 * (size_t)info.total_tokens * 4;
-      size_t bytes = 0;
-      cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_SCORE, &bytes), KVC_SUCCESS);
-      cr_assert_eq(bytes, expect, "window %d dtype %d: workspace %zu, documented %zu", windows[w], dtype, bytes,
-                   expect);
-      kvc_plan_destroy(plan);
+}
+
+/* SnapKV, window 64: up to ~3000 keys, several normaliser splits per row block. */
+Test(score_emu, tensor_core_snapkv_sweep, .timeout = 600) {
+  static const lens_t sets[] = {{3, {1, 517, 2900}}, {2, {64, 1500}}, {2, {200, 1031}}};
+  tensor_core_sweep(KVC_SCORE_SNAPKV, 64, sets, 3, 7000);
+}
+
+/* H2O over the whole prompt (every token observes): causal tiles on the diagonal, rows of many
+ * blocks, key tiles seen by hundreds of rows. */
+Test(score_emu, tensor_core_h2o_whole_prompt_sweep, .timeout = 600) {
+  static const lens_t sets[] = {{3, {1, 200, 480}}, {2, {45, 400}}, {2, {129, 333}}};
+  tensor_core_sweep(KVC_SCORE_H2O, 4096, sets, 3, 7100);
+}
+
+/* H2O with a window shorter than the prompt: rows of one block see different key ranges; two
+ * normaliser splits for the 900-token sequence. */
+Test(score_emu, tensor_core_h2o_window_sweep, .timeout = 600) {
+  static const lens_t sets[] = {{2, {1, 900}}, {3, {90, 555, 33}}};
+  tensor_core_sweep(KVC_SCORE_H2O, 100, sets, 2, 7200);
+}
+
+/* TOVA: one query, all q heads of a KV head in one row tile. */
+Test(score_emu, tensor_core_tova_sweep, .timeout = 600) {
+  static const lens_t sets[] = {{3, {1, 700, 3000}}, {2, {2, 1999}}};
+  tensor_core_sweep(KVC_SCORE_TOVA, 1, sets, 2, 7300);
+}
+
+/* span_local on the tensor-core kernels: domains that start mid-tile, key tiles that straddle two
+ * domains, GQA 8 and page size 13. */
+Test(score_emu, tensor_core_span_local) {
+  static const kvc_score_method_t methods[] = {KVC_SCORE_SNAPKV, KVC_SCORE_H2O, KVC_SCORE_TOVA};
+  for (int m = 0; m < 3; ++m)
+    for (int i = 0; i < 2; ++i) {
+      score_case_t c = {methods[m], i ? KVC_DTYPE_BF16 : KVC_DTYPE_F16, i ? 256 : 128, 1, 8, 13,
+                        (kvc_test_layout_t)i, i ? KVC_TEST_CSR : KVC_TEST_DENSE, 2, kSpanLens, NULL, kSpanIndptr,
+                        kSpans, methods[m] == KVC_SCORE_H2O ? 1000 : 25, 5, 1, i ? KVC_POOL_MAX : KVC_POOL_AVG,
+                        i ? KVC_REDUCE_MAX : KVC_REDUCE_MEAN, (uint64_t)(7400 + 2 * m + i)};
+      check_case(&c);
     }
-  kvc_context_destroy(cuda);
+}
+
+/* ---- non-finite data: the rule of kvcompress.h, against an oracle ------------------------------
+ * The oracle scores SNAPKV, H2O and TOVA (no span_local: one domain [0, n) per sequence) in double
+ * from the test's own page mapping, with the rule written out: a NaN or +-inf among a row's logits
+ * makes that whole softmax row NaN (with the engine's normalisers: a non-finite logit makes its own
+ * term NaN, a non-finite lse entry the row's); MAX pooling and MAX reduce keep NaN; pool_kernel 1 is
+ * the identity. Written apart from kernels/score_cpu.c, so it does not depend on how the CPU
+ * backend handles these inputs. */
+
+static double max_keep_nan(double a, double b) { return isnan(a) || isnan(b) ? NAN : fmax(a, b); }
+
+/* scores[score layout] for the case's cache and queries (lse: the engine's, or NULL). */
+static void oracle_scores(const score_case_t *c, const kvc_test_cache_t *cache, const void *queries,
+                          const float *lse, double *scores) {
+  const int32_t H = c->num_kv_heads, G = c->group, Hq = H * G, D = c->head_dim;
+  const double scale = 1.0 / sqrt((double)D);
+  int64_t row0 = 0, out0 = 0;
+  for (int32_t b = 0; b < c->batch; ++b) {
+    const int32_t n = c->seq_lens[b];
+    const int32_t w = c->method == KVC_SCORE_TOVA ? 1 : (c->window < n ? c->window : n), first = n - w;
+    const int32_t scored = c->method == KVC_SCORE_SNAPKV ? first : c->method == KVC_SCORE_TOVA ? n - 1 : n;
+    double *heads = calloc((size_t)Hq * (size_t)n, sizeof(double)), *probs = malloc(sizeof(double) * (size_t)n);
+    for (int32_t i = 0; i < w; ++i)
+      for (int32_t g = 0; g < Hq; ++g) {
+        const int32_t p = first + i;
+        const int64_t row = (row0 + i) * Hq + g;
+        int poisoned = lse ? !isfinite(lse[row]) : 0;
+        double max = -INFINITY, sum = 0.0;
+        for (int32_t j = 0; j <= p; ++j) {
+          double dot = 0.0;
+          for (int32_t x = 0; x < D; ++x) dot += kvc_test_load(queries, c->dtype, row * D + x) * kvc_test_k(cache, b, j, g / G, x);
+          probs[j] = scale * dot;
+          if (!isfinite(probs[j])) poisoned |= !lse; /* with the engine's lse: only this term */
+          if (isfinite(probs[j])) max = fmax(max, probs[j]);
+        }
+        for (int32_t j = 0; j <= p; ++j) {
+          probs[j] = lse ? (isfinite(probs[j]) ? exp(probs[j] - lse[row]) : NAN) : exp(probs[j] - max);
+          sum += probs[j];
+        }
+        for (int32_t j = 0; j <= p && j < scored; ++j)
+          heads[(int64_t)g * n + j] += poisoned ? NAN : lse ? probs[j] : probs[j] / sum;
+      }
+    for (int32_t g = 0; g < Hq; ++g) /* the queries that see key j: positions max(first, j) .. n - 1 */
+      for (int32_t j = 0; j < scored; ++j) heads[(int64_t)g * n + j] /= (double)(n - (j > first ? j : first));
+    for (int32_t h = 0; h < H; ++h)
+      for (int32_t j = 0; j < n; ++j) {
+        double value = INFINITY;
+        if (j < scored && c->method == KVC_SCORE_TOVA) {
+          value = 0.0;
+          for (int32_t g = 0; g < Hq; ++g) value += heads[(int64_t)g * n + j];
+          value /= Hq;
+        } else if (j < scored) {
+          const int32_t half = c->method == KVC_SCORE_SNAPKV ? c->pool_kernel / 2 : 0;
+          value = c->reduce == KVC_REDUCE_MAX ? -INFINITY : 0.0;
+          for (int32_t g = h * G; g < (h + 1) * G; ++g) {
+            double pooled = c->pool == KVC_POOL_MAX && half > 0 ? -INFINITY : 0.0;
+            for (int32_t k = j - half; k <= j + half; ++k) {
+              if (k < 0 || k >= scored) continue; /* zero padding */
+              const double x = heads[(int64_t)g * n + k];
+              pooled = c->pool == KVC_POOL_MAX && half > 0 ? max_keep_nan(pooled, x) : pooled + x;
+            }
+            if (c->pool == KVC_POOL_AVG) pooled /= 2 * half + 1;
+            value = c->reduce == KVC_REDUCE_MAX ? max_keep_nan(value, pooled) : value + pooled;
+          }
+          if (c->reduce == KVC_REDUCE_MEAN) value /= G;
+        }
+        scores[out0 + (int64_t)h * n + j] = value;
+      }
+    free(heads), free(probs);
+    row0 += w;
+    out0 += (int64_t)H * n;
+  }
+}
+
+/* The CUDA scores of `r` against the oracle: NaN exactly where it has NaN, the rest within the
+ * tolerance; returns how many NaN the oracle expects, and checks some scores stay finite. */
+static int64_t assert_matches_oracle(const score_case_t *c, const score_run_t *r, const float *lse) {
+  double *want = malloc(sizeof(double) * (size_t)r->info.score_elems);
+  oracle_scores(c, r->cache, r->queries, lse, want);
+  int64_t nans = 0, finite = 0;
+  for (int64_t i = 0; i < r->info.score_elems; ++i) {
+    const double got = r->cuda_scores[i];
+    if (isnan(want[i])) {
+      cr_assert(isnan(got), "%s: score %lld is %.9g, the rule gives NaN", method_name(c->method), (long long)i, got);
+      ++nans;
+    } else {
+      cr_assert(close_enough(got, want[i]), "%s: score %lld is %.9g, the oracle %.9g", method_name(c->method),
+                (long long)i, got, want[i]);
+      finite += isfinite(want[i]);
+    }
+  }
+  cr_assert_gt(finite, 0, "%s: the planted values poisoned everything: the case shows nothing", method_name(c->method));
+  free(want);
+  return nans;
+}
+
+/* Element x of (sequence b, token t, KV head h)'s key, or of query row r, q head g, set to v. */
+static void set_element(void *base, kvc_dtype_t dtype, int64_t i, float v) {
+  if (dtype == KVC_DTYPE_F32) ((float *)base)[i] = v;
+  else if (dtype == KVC_DTYPE_F16) ((uint16_t *)base)[i] = kvc_test_f32_to_f16(v);
+  else ((uint16_t *)base)[i] = kvc_test_f32_to_bf16(v);
+}
+
+/* Plants for the shapes below (2 sequences of 150 and 90 tokens, 2 KV heads, G = 2, head_dim 64):
+ *   a NaN in q head 1 of an early observation row of sequence 0 (row 2: position 150 - w + 2; not
+ *   for TOVA, whose one row would poison the whole sequence),
+ *   -inf in element 7 of sequence 1's key at token 11, KV head 0, with element 7 of every query of
+ *   q heads 0 and 1 set to 1: every row of KV head 0 that sees token 11 gets a -inf logit and no
+ *   +inf (the case torch turns into NaN and a plain exp into a zero),
+ *   +inf in element 0 of q head 3's last row of sequence 1 (logits of both signs). */
+static int32_t g_rows0, g_rows1; /* observation rows of the two sequences */
+
+static void plant_nonfinite(kvc_test_cache_t *cache, void *queries, int32_t Hq) {
+  const kvc_dtype_t dtype = cache->desc.dtype;
+  const int32_t D = cache->desc.head_dim, w0 = g_rows0, rows = g_rows0 + g_rows1;
+  if (w0 > 2) set_element(queries, dtype, ((int64_t)2 * Hq + 1) * D + 5, NAN); /* not TOVA's only row */
+  set_element(kvc_test_k_ptr(cache, 1, 11, 0), dtype, 7, -INFINITY);
+  for (int32_t r = w0; r < rows; ++r)
+    for (int32_t g = 0; g < 2; ++g) set_element(queries, dtype, ((int64_t)r * Hq + g) * D + 7, 1.0f);
+  set_element(queries, dtype, ((int64_t)(rows - 1) * Hq + 3) * D, INFINITY);
+}
+
+static void nonfinite_case(score_case_t *c, kvc_score_method_t method, kvc_dtype_t dtype, int32_t window,
+                           int32_t pool_kernel, kvc_pool_t pool, kvc_reduce_t reduce, uint64_t seed) {
+  static const int32_t lens[] = {150, 90};
+  score_case_t base = {method, dtype, 64, 2, 2, 16, KVC_TEST_NHD, KVC_TEST_DENSE, 2, lens, NULL, NULL, NULL, window,
+                       pool_kernel, 0, pool, reduce, seed};
+  *c = base;
+  c->plant = plant_nonfinite;
+  g_rows0 = method == KVC_SCORE_TOVA ? 1 : window < lens[0] ? window : lens[0];
+  g_rows1 = method == KVC_SCORE_TOVA ? 1 : window < lens[1] ? window : lens[1];
+}
+
+/* Each method, each dtype, MAX and AVG pooling (kernel 5 and the identity 1), MEAN and MAX reduce. */
+Test(score_emu, nonfinite_logits_poison_their_rows) {
+  static const kvc_dtype_t dtypes[] = {KVC_DTYPE_F16, KVC_DTYPE_BF16, KVC_DTYPE_F32};
+  int index = 0;
+  for (int m = KVC_SCORE_SNAPKV; m <= KVC_SCORE_TOVA; ++m)
+    for (int v = 0; v < 3; ++v, ++index) {
+      score_case_t c;
+      nonfinite_case(&c, (kvc_score_method_t)m, dtypes[index % 3], m == KVC_SCORE_H2O ? 60 : 24, v == 2 ? 1 : 5,
+                     v == 0 ? KVC_POOL_AVG : KVC_POOL_MAX, v == 0 ? KVC_REDUCE_MEAN : KVC_REDUCE_MAX,
+                     (uint64_t)(800 + index));
+      score_run_t r;
+      score_both(&c, 0, &r);
+      const int64_t nans = assert_matches_oracle(&c, &r, NULL);
+      cr_assert_gt(nans, 0, "%s: no NaN where the rule puts some", method_name(c.method));
+      cr_log_info("%s dtype %d variant %d: %lld NaN scores, as the rule gives", method_name(c.method), (int)c.dtype, v,
+                  (long long)nans);
+      score_run_free(&r);
+    }
+}
+
+/* The engine's normalisers with non-finite entries (NaN, +inf, -inf), on the planted data. */
+Test(score_emu, nonfinite_engine_lse_poisons_its_rows) {
+  for (int m = KVC_SCORE_SNAPKV; m <= KVC_SCORE_H2O; ++m) {
+    score_case_t c;
+    nonfinite_case(&c, (kvc_score_method_t)m, m ? KVC_DTYPE_BF16 : KVC_DTYPE_F16, 40, 5, KVC_POOL_MAX,
+                   KVC_REDUCE_MEAN, (uint64_t)(850 + m));
+    score_run_t r;
+    score_both(&c, 0, &r); /* then the CUDA side again, with the test's lse, three entries non-finite */
+    int32_t budgets[2];
+    const kvc_plan_desc_t desc = case_desc(&c, budgets);
+    float *lse = kvc_test_lse(&desc, r.cpu_plan, r.cache, r.queries);
+    lse[0 * 4 + 2] = NAN;
+    lse[5 * 4 + 0] = INFINITY;
+    lse[41 * 4 + 3] = -INFINITY;
+    run_score(r.cuda, r.cuda_plan, r.cache, r.queries, lse, r.cuda_scores, 0);
+    assert_matches_oracle(&c, &r, lse);
+    free(lse);
+    score_run_free(&r);
+  }
+}
+
+/* KNORM: keys far beyond sqrt(FLT_MAX) (whose squares overflow fp32) keep finite norms, and a norm
+ * past FLT_MAX is stored as -FLT_MAX (finite for every finite key); an inf element gives -inf, a
+ * NaN one NaN; the CPU (double) computes the same. */
+static void plant_large_keys(kvc_test_cache_t *cache, void *queries, int32_t Hq) {
+  (void)queries, (void)Hq;
+  const kvc_dtype_t dtype = cache->desc.dtype;
+  const float big = dtype == KVC_DTYPE_F16 ? 60000.0f : 3e30f; /* f16 tops out at 65504 */
+  for (int32_t t = 3; t < 40; ++t)
+    for (int32_t x = 0; x < cache->desc.head_dim; ++x)
+      set_element(kvc_test_k_ptr(cache, 0, t, t % 2), dtype, x, (x % 3 ? big : -big) * (float)(t % 5 + 1) / 5.0f);
+  set_element(kvc_test_k_ptr(cache, 1, 7, 0), dtype, 2, INFINITY);
+  set_element(kvc_test_k_ptr(cache, 1, 8, 1), dtype, 5, NAN);
+  set_element(kvc_test_k_ptr(cache, 1, 9, 0), dtype, 0, 1e-30f); /* tiny keys: no underflow to 0 either */
+  if (dtype != KVC_DTYPE_F16) /* a finite key whose norm exceeds FLT_MAX: scored -FLT_MAX */
+    for (int32_t x = 0; x < cache->desc.head_dim; ++x) set_element(kvc_test_k_ptr(cache, 1, 10, 1), dtype, x, 3e38f);
+}
+
+Test(score_emu, nonfinite_knorm_large_and_nonfinite_keys) {
+  static const int32_t lens[] = {150, 90};
+  static const kvc_dtype_t dtypes[] = {KVC_DTYPE_F16, KVC_DTYPE_BF16, KVC_DTYPE_F32};
+  for (int d = 0; d < 3; ++d) {
+    score_case_t c = {KVC_SCORE_KNORM, dtypes[d], d == 1 ? 256 : 64, 2, 1, 16, KVC_TEST_HND, KVC_TEST_CSR, 2, lens,
+                      NULL, NULL, NULL, 1, 1, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN, (uint64_t)(870 + d)};
+    c.plant = plant_large_keys;
+    score_run_t r;
+    score_both(&c, 0, &r);
+    int64_t nans = 0, infs = 0;
+    for (int64_t i = 0; i < r.info.score_elems; ++i) {
+      const double cpu = r.cpu_scores[i], cuda = r.cuda_scores[i];
+      if (isnan(cpu)) {
+        cr_assert(isnan(cuda), "dtype %d: score %lld: CUDA %.9g, CPU NaN", (int)c.dtype, (long long)i, cuda);
+        ++nans;
+        continue;
+      }
+      infs += isinf(cpu) != 0;
+      cr_assert(close_enough(cuda, cpu), "dtype %d: score %lld: CUDA %.9g vs CPU %.9g", (int)c.dtype, (long long)i,
+                cuda, cpu);
+    }
+    cr_assert_eq(nans, 1, "one NaN key");
+    cr_assert_eq(infs, 1, "one inf key");
+    const double big0 = r.cpu_scores[(int64_t)1 * 150 + 3]; /* sequence 0, head 1, token 3 */
+    cr_assert(isfinite(big0) && big0 < -1e3, "a large key keeps a finite norm: %g", big0);
+    if (c.dtype != KVC_DTYPE_F16) { /* sequence 1, head 1, token 10 */
+      const float top = r.cuda_scores[(int64_t)2 * 150 + 90 + 10];
+      cr_assert_eq(top, -FLT_MAX, "a finite key past FLT_MAX: CUDA %g, want -FLT_MAX", top);
+    }
+    score_run_free(&r);
+  }
 }

@@ -229,3 +229,167 @@ Test(select_emu, randomized) {
     check_case(&c);
   }
 }
+
+/* ---- rows split across blocks ---------------------------------------------------------------- */
+
+/* KVC_SELECT_SEGMENT lowers the segment length the CUDA plan splits rows by (read once at plan
+ * creation), so rows of a few hundred tokens take the multi-block passes here: dozens of segments
+ * per row, partitions and ties across segment borders, the arrival counters of many rows at once.
+ * The plan must then carry the split rows' histograms (a larger workspace than without). */
+static void split_rows_at(const char *segment) {
+  setenv("KVC_SELECT_SEGMENT", segment, 1);
+}
+
+Test(select_emu, split_rows_carry_their_histograms) {
+  kvc_test_select_case_t c = kvc_test_select_case(KVC_SCORE_KNORM, 2, MIXED_BATCH, kMixedLens, 0.3, 4, KVC_SCORES_RANDOM, 1);
+  kvc_plan_desc_t desc = kvc_test_select_case_desc(&c);
+  kvc_context_t cuda;
+  kvc_plan_t whole, split;
+  size_t whole_bytes = 0, split_bytes = 0;
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CUDA, 0, &cuda), KVC_SUCCESS);
+  split_rows_at("16384");
+  cr_assert_eq(kvc_plan_create(cuda, &desc, &whole), KVC_SUCCESS);
+  split_rows_at("100");
+  cr_assert_eq(kvc_plan_create(cuda, &desc, &split), KVC_SUCCESS);
+  cr_assert_eq(kvc_plan_workspace_size(whole, KVC_OP_SELECT, &whole_bytes), KVC_SUCCESS);
+  cr_assert_eq(kvc_plan_workspace_size(split, KVC_OP_SELECT, &split_bytes), KVC_SUCCESS);
+  /* each of the 2 heads of the 5 rows over 100 tokens: at least its partition's 256-bin histogram */
+  cr_assert_geq(split_bytes, whole_bytes + 2 * 5 * 256 * sizeof(int32_t), "%zu vs %zu", split_bytes, whole_bytes);
+  kvc_plan_destroy(whole), kvc_plan_destroy(split);
+  kvc_context_destroy(cuda);
+}
+
+Test(select_emu, split_rows_plain_topk_all_patterns) {
+  split_rows_at("200");
+  for (int i = 0; i < 5; ++i) {
+    kvc_test_select_case_t c =
+        kvc_test_select_case(KVC_SCORE_KNORM, 2, MIXED_BATCH, kMixedLens, 0.3, 4, kPatterns[i], 1100 + i);
+    c.sink = 2, c.recent = 2;
+    check_case(&c);
+  }
+}
+
+Test(select_emu, split_rows_fair_spans_every_fairness) {
+  split_rows_at("300");
+  const float fairness[] = {0.0f, 0.5f, 1.0f};
+  for (int f = 0; f < 3; ++f)
+    for (int i = 0; i < 3; ++i) {
+      kvc_test_select_case_t c =
+          kvc_test_select_case(KVC_SCORE_KNORM, 2, MIXED_BATCH, kMixedLens, 0.4, 8, kPatterns[i], 1200 + 10 * f + i);
+      c.fairness = fairness[f];
+      c.sink = 1, c.recent = 1;
+      kvc_test_select_case_add_spans(&c, 3, 2, 0);
+      check_case(&c);
+    }
+}
+
+/* Forty partitions over rows of 3000 and 5000 tokens in segments of 256: most segments hold
+ * several partitions, most partitions several segments. */
+Test(select_emu, split_rows_many_partitions) {
+  split_rows_at("256");
+  const int32_t lens[] = {3000, 5000, 700};
+  const float fairness[] = {0.5f, 1.0f};
+  for (int f = 0; f < 2; ++f)
+    for (int p = 0; p < 2; ++p) {
+      kvc_test_select_case_t c = kvc_test_select_case(KVC_SCORE_KNORM, 1, 3, lens, 0.25, 64,
+                                                      p ? KVC_SCORES_FEW_VALUES : KVC_SCORES_RANDOM, 1300 + 10 * f + p);
+      c.fairness = fairness[f];
+      kvc_test_select_case_add_spans(&c, 40, 10, 0);
+      check_case(&c);
+    }
+}
+
+/* Segments of one and of three tokens (every token its own block's work), k = n and k = |P|. */
+Test(select_emu, split_rows_tiny_segments) {
+  const char *segments[] = {"1", "3"};
+  for (int s = 0; s < 2; ++s) {
+    split_rows_at(segments[s]);
+    const int32_t lens[] = {1, 1, 40, 40, s ? 200 : 60, 7};
+    kvc_test_select_case_t c = kvc_test_select_case(KVC_SCORE_KNORM, 2, 6, lens, 1.0, 1, KVC_SCORES_FEW_VALUES, 1400 + s);
+    c.budgets[1] = 5;
+    c.budgets[3] = 41;
+    c.sink = 3, c.recent = 3;
+    c.budgets[2] = 6;
+    c.budgets[4] = 30;
+    c.budgets[5] = 6;
+    for (int i = 0; i < 2; ++i) {
+      c.pattern = kPatterns[i];
+      c.seed = 1400 + 10 * s + i;
+      check_case(&c);
+    }
+  }
+}
+
+/* TOVA's shared selection and SNAPKV's protected window in split rows. */
+Test(select_emu, split_rows_tova_and_snapkv) {
+  split_rows_at("64");
+  const int32_t lens[] = {200, 1500, 3};
+  for (int i = 0; i < 3; ++i) {
+    kvc_test_select_case_t c = kvc_test_select_case(KVC_SCORE_TOVA, 4, 3, lens, 0.3, 6, kPatterns[i], 1500 + i);
+    c.fairness = 0.5f;
+    kvc_test_select_case_add_spans(&c, 2, 1, 1);
+    check_case(&c);
+  }
+  const int32_t snap_lens[] = {100, 1200};
+  kvc_test_select_case_t c = kvc_test_select_case(KVC_SCORE_SNAPKV, 2, 2, snap_lens, 0.2, 40, KVC_SCORES_FEW_VALUES, 1510);
+  c.window = 32;
+  c.fairness = 1.0f;
+  kvc_test_select_case_add_spans(&c, 2, 0, 1);
+  check_case(&c);
+}
+
+/* ---- every layer in one call ----------------------------------------------------------------- */
+
+/* kvc_select_layers over 3 layers of different scores: CUDA == CPU == one kvc_select per layer on
+ * the CPU, with rows staged whole and with rows split into segments of 300 (and TOVA's one
+ * selection per sequence, split). */
+Test(select_emu, layers_in_one_call_match_single_layer_calls) {
+  enum { L = 3 };
+  const char *segments[] = {"16384", "300", "300"};
+  for (int s = 0; s < 3; ++s) {
+    split_rows_at(segments[s]);
+    kvc_test_select_case_t c = kvc_test_select_case(s == 2 ? KVC_SCORE_TOVA : KVC_SCORE_KNORM, 2, MIXED_BATCH,
+                                                    kMixedLens, 0.3, 4, KVC_SCORES_FEW_VALUES, 1600 + s);
+    c.fairness = 0.5f;
+    c.sink = 2;
+    kvc_test_select_case_add_spans(&c, 3, 1, 0);
+    kvc_plan_desc_t desc = kvc_test_select_case_desc(&c);
+    kvc_context_t ctx[2];
+    kvc_plan_t plan[2];
+    cr_assert_eq(kvc_context_create(KVC_BACKEND_CPU, 0, &ctx[0]), KVC_SUCCESS);
+    cr_assert_eq(kvc_context_create(KVC_BACKEND_CUDA, 0, &ctx[1]), KVC_SUCCESS);
+    for (int backend = 0; backend < 2; ++backend)
+      cr_assert_eq(kvc_plan_create(ctx[backend], &desc, &plan[backend]), KVC_SUCCESS, "%s", kvc_last_error(ctx[backend]));
+    kvc_plan_info_t info;
+    cr_assert_eq(kvc_plan_get_info(plan[0], &info), KVC_SUCCESS);
+    float *scores = malloc(sizeof(float) * (size_t)(L * info.score_elems));
+    for (int32_t l = 0; l < L; ++l)
+      kvc_test_fill_scores(scores + l * info.score_elems, info.score_elems, l == 1 ? KVC_SCORES_RANDOM : KVC_SCORES_FEW_VALUES,
+                           c.seed + (uint64_t)l);
+    int32_t *want = malloc(sizeof(int32_t) * (size_t)(L * info.keep_elems));
+    for (int32_t l = 0; l < L; ++l) run_select(ctx[0], plan[0], scores + l * info.score_elems, want + l * info.keep_elems);
+    for (int backend = 0; backend < 2; ++backend) {
+      kvc_workspace_layout_t layout;
+      cr_assert_eq(kvc_plan_workspace_layout(plan[backend], KVC_OP_SELECT, L, &layout), KVC_SUCCESS);
+      void *ws = kvc_test_workspace_new(layout.workspace_bytes);
+      const size_t count = (size_t)(L * info.keep_elems) + (size_t)kGuard;
+      int32_t *got = malloc(sizeof(int32_t) * count);
+      for (size_t i = 0; i < count; ++i) got[i] = kGuardValue;
+      kvc_status_t status = kvc_select_layers(ctx[backend], plan[backend], L, scores, got, ws, layout.workspace_bytes, NULL);
+      cr_assert_eq(status, KVC_SUCCESS, "%s: %s (%s)", backend ? "CUDA" : "CPU", kvc_status_name(status),
+                   kvc_last_error(ctx[backend]));
+      for (int64_t e = 0; e < L * info.keep_elems; ++e)
+        cr_assert_eq(got[e], want[e], "%s, segment %s: layer %lld keep element %lld is %d, the single call's %d",
+                     backend ? "CUDA" : "CPU", segments[s], (long long)(e / info.keep_elems),
+                     (long long)(e % info.keep_elems), got[e], want[e]);
+      for (int32_t i = 0; i < kGuard; ++i) cr_assert_eq(got[L * info.keep_elems + i], kGuardValue);
+      free(got);
+      free(ws);
+    }
+    free(scores), free(want);
+    for (int backend = 0; backend < 2; ++backend) {
+      kvc_plan_destroy(plan[backend]);
+      kvc_context_destroy(ctx[backend]);
+    }
+  }
+}

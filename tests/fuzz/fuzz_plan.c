@@ -1,6 +1,8 @@
 /*
- * fuzz_plan.c - libFuzzer target for kvc_plan_create on arbitrary descriptors. Any status is
- * fine; a crash, a sanitizer report or a violated invariant of an accepted plan is a bug.
+ * fuzz_plan.c - libFuzzer target for kvc_plan_create on arbitrary descriptors, with int32
+ * extremes (INT32_MIN, -1, 0, INT32_MAX, ...) in every integer field and floats one ulp past their
+ * bounds. Any status is fine; a crash, a sanitizer report or a violated invariant of an accepted
+ * plan (lengths, positions, quotas, and sizes that did not wrap) is a bug.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -19,44 +21,53 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   kvc_span_t spans[MAX_SPANS];
   kvc_plan_desc_t d = KVC_PLAN_DESC_INIT;
   if (fuzz_u8(&in) == 0xFF) d.struct_size -= 4;
-  d.num_kv_heads = fuzz_int(&in, 1, 4);
+  d.num_kv_heads = fuzz_i32_extreme(&in, fuzz_int(&in, 1, 4));
   int32_t group = fuzz_int(&in, 1, 4); /* usually a valid GQA group; raw values test the checks */
   d.num_q_heads = d.num_kv_heads > 0 && d.num_kv_heads < 64 && group > 0 && group < 64 ? d.num_kv_heads * group : group;
-  d.head_dim = fuzz_int(&in, 1, 260);
-  d.dtype = (kvc_dtype_t)fuzz_int(&in, 0, 3);
+  if (fuzz_u8(&in) % 8 == 0) d.num_q_heads = d.num_kv_heads; /* with extreme heads: GQA group 1 */
+  d.num_q_heads = fuzz_i32_extreme(&in, d.num_q_heads);
+  d.head_dim = fuzz_i32_extreme(&in, fuzz_int(&in, 1, 260));
+  d.dtype = (kvc_dtype_t)fuzz_i32_extreme(&in, fuzz_int(&in, 0, 3));
   d.batch = fuzz_int(&in, 1, MAX_BATCH);
   if (d.batch < 1 || d.batch > MAX_BATCH) d.batch = 1 + (d.batch & 3); /* arrays are MAX_BATCH long */
-  d.method = (kvc_score_method_t)fuzz_int(&in, 0, 4);
-  d.window = fuzz_int(&in, 0, 80);
-  d.pool_kernel = fuzz_int(&in, 0, 9);
-  d.pool = (kvc_pool_t)fuzz_int(&in, 0, 1);
-  d.group_reduce = (kvc_reduce_t)fuzz_int(&in, 0, 1);
+  if (fuzz_u8(&in) % 64 == 0) d.batch = fuzz_u8(&in) % 2 ? INT32_MIN : 0; /* refused before any array is read */
+  d.method = (kvc_score_method_t)fuzz_i32_extreme(&in, fuzz_int(&in, 0, 4));
+  d.window = fuzz_i32_extreme(&in, fuzz_int(&in, 0, 80));
+  d.pool_kernel = fuzz_i32_extreme(&in, fuzz_int(&in, 0, 9));
+  d.pool = (kvc_pool_t)fuzz_i32_extreme(&in, fuzz_int(&in, 0, 1));
+  d.group_reduce = (kvc_reduce_t)fuzz_i32_extreme(&in, fuzz_int(&in, 0, 1));
   d.scale = fuzz_float(&in, 0.0f, 1.0f);
-  d.span_local = fuzz_int(&in, 0, 1);
-  d.sink_tokens = fuzz_int(&in, 0, 8);
-  d.recent_tokens = fuzz_int(&in, 0, 8);
+  d.span_local = fuzz_i32_extreme(&in, fuzz_int(&in, 0, 1));
+  d.sink_tokens = fuzz_i32_extreme(&in, fuzz_int(&in, 0, 8));
+  d.recent_tokens = fuzz_i32_extreme(&in, fuzz_int(&in, 0, 8));
   d.fairness = fuzz_float(&in, 0.0f, 1.0f);
   int total = 0;
   span_indptr[0] = 0;
-  for (int32_t b = 0; b < d.batch; ++b) {
-    seq_lens[b] = fuzz_int(&in, 0, 3000);
-    if (seq_lens[b] > 100000) seq_lens[b] %= 100000; /* keep each run fast; negatives stay */
-    budgets[b] = fuzz_int(&in, 0, 3000);
+  int64_t asked = 0; /* tokens */
+  for (int32_t b = 0; b < d.batch && b < MAX_BATCH; ++b) {
+    seq_lens[b] = fuzz_i32_extreme(&in, fuzz_int(&in, 0, 3000));
+    budgets[b] = fuzz_i32_extreme(&in, fuzz_int(&in, 0, 3000));
+    asked += seq_lens[b] > 0 ? seq_lens[b] : 0;
     int count = fuzz_u8(&in) % 5;
     for (int i = 0; i < count && total < MAX_SPANS; ++i, ++total) {
-      spans[total].start = fuzz_int(&in, -1, 3000);
-      spans[total].end = fuzz_int(&in, 0, 3001);
-      spans[total].kind = fuzz_int(&in, 0, 1);
+      spans[total].start = fuzz_i32_extreme(&in, fuzz_int(&in, -1, 3000));
+      spans[total].end = fuzz_i32_extreme(&in, fuzz_int(&in, 0, 3001));
+      spans[total].kind = fuzz_i32_extreme(&in, fuzz_int(&in, 0, 1));
       spans[total].weight = fuzz_float(&in, 0.0f, 4.0f);
     }
     span_indptr[b + 1] = total;
   }
-  if (fuzz_u8(&in) == 0xEE) span_indptr[fuzz_u8(&in) % (d.batch + 1)] += fuzz_int(&in, -3, 3);
+  /* Long sequences cost the plan O(tokens): keep each run fast, except where the plan must refuse
+   * them before that work (more than 2^48 (query head, token) pairs, see kvc_plan_create). */
+  if (!(d.num_q_heads > 0 && (__int128)asked * d.num_q_heads > ((__int128)1 << 48)))
+    for (int32_t b = 0; b < d.batch && b < MAX_BATCH; ++b)
+      if (seq_lens[b] > 100000) seq_lens[b] %= 100000; /* negatives stay */
+  if (d.batch >= 1 && fuzz_u8(&in) == 0xEE) span_indptr[fuzz_u8(&in) % (d.batch + 1)] += fuzz_int(&in, -3, 3);
   d.budget_policy = (kvc_budget_policy_t)fuzz_int(&in, 0, 2); /* read last: older inputs mean FAIL */
   d.seq_lens = seq_lens, d.budgets = budgets, d.span_indptr = span_indptr, d.spans = spans;
   /* span_indptr entries may now point past the spans array: only the bounded, validated prefix
    * may be read. Clamp the last entry so the array bound itself is always honest. */
-  if (span_indptr[d.batch] > MAX_SPANS || span_indptr[d.batch] < 0) span_indptr[d.batch] = total;
+  if (d.batch >= 1 && (span_indptr[d.batch] > MAX_SPANS || span_indptr[d.batch] < 0)) span_indptr[d.batch] = total;
 
   kvc_plan_t plan = NULL;
   kvc_status_t status = kvc_plan_create(ctx, &d, &plan);
@@ -97,10 +108,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     if (fair_quota > new_lens[b]) abort(); /* quotas never exceed the budget */
   }
-  for (int op = KVC_OP_SCORE; op <= KVC_OP_COMPRESS; ++op) {
-    size_t bytes;
-    if (kvc_plan_workspace_size(plan, (kvc_op_t)op, &bytes)) abort();
-  }
+  /* sizes are exact products, never wrapped: the layouts' element counts, and a compress
+   * workspace holding at least the keep and score layouts */
+  if ((__int128)info.score_elems != (__int128)d.num_kv_heads * tokens ||
+      (__int128)info.keep_elems != (__int128)d.num_kv_heads * kept)
+    abort();
+  size_t sizes[KVC_OP_COMPRESS + 1];
+  for (int op = KVC_OP_SCORE; op <= KVC_OP_COMPRESS; ++op)
+    if (kvc_plan_workspace_size(plan, (kvc_op_t)op, &sizes[op])) abort();
+  if ((__int128)sizes[KVC_OP_COMPRESS] < 4 * ((__int128)info.score_elems + info.keep_elems) ||
+      sizes[KVC_OP_COMPRESS] < sizes[KVC_OP_SCORE] || sizes[KVC_OP_COMPRESS] < sizes[KVC_OP_COMPACT])
+    abort();
   kvc_plan_destroy(plan);
   return 0;
 }

@@ -288,3 +288,130 @@ Test(compact_gpu, compress_in_a_cuda_graph) {
   kvc_context_destroy(cpu);
   kvc_context_destroy(cuda);
 }
+
+/* A page shared by two sequences and one used twice by a third, on the device: those sequences
+ * keep every byte, the others compact as the oracle says, and the status array in the workspace
+ * flags exactly the three with KVC_COMPACT_SHARED_PAGE. */
+Test(compact_gpu, shared_pages_flagged_in_the_status_array) {
+  kvc_gpu_require_device();
+  const int32_t seq_lens[] = {3000, 4000, 2500, 5000, 700}, budgets[] = {1000, 900, 2400, 100, 699};
+  kvc_test_cache_t *before =
+      kvc_test_cache_new(5, seq_lens, 8, 128, KVC_DTYPE_BF16, 16, KVC_TEST_NHD, KVC_TEST_DENSE, 3, 400);
+  kvc_test_cache_t *corrupt = kvc_test_cache_clone(before), *expected = kvc_test_cache_clone(before);
+  const int32_t cols = before->desc.max_pages;
+  corrupt->table[1 * cols + 7] = corrupt->table[3 * cols + 100]; /* sequences 1 and 3 share a page */
+  corrupt->table[2 * cols + 50] = corrupt->table[2 * cols + 3];  /* sequence 2 uses a page twice */
+  const unsigned char skip[] = {0, 1, 1, 1, 0};
+  kvc_plan_desc_t d = compact_desc(8, 128, KVC_DTYPE_BF16, 5, seq_lens, budgets);
+  kvc_context_t cuda = NULL;
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CUDA, 0, &cuda), KVC_SUCCESS);
+  kvc_plan_t plan = make_plan(cuda, &d);
+  kvc_plan_info_t info;
+  cr_assert_eq(kvc_plan_get_info(plan, &info), KVC_SUCCESS);
+  int64_t keep_elems = 0;
+  int32_t *keep = kvc_test_keep_new(5, seq_lens, budgets, 8, 1, 41, &keep_elems);
+  kvc_test_compact_oracle(before, expected, budgets, keep, NULL, NULL, 0, skip);
+  device_cache_t dev = device_cache_new(corrupt);
+  int32_t *dev_keep = kvc_gpu_upload(keep, sizeof(int32_t) * (size_t)keep_elems);
+  size_t bytes = 0;
+  cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_COMPACT, &bytes), KVC_SUCCESS);
+  void *ws = kvc_gpu_upload(NULL, bytes);
+  cr_assert_eq(cudaMemset(ws, 0xA5, bytes), cudaSuccess);
+  cr_assert_eq(kvc_compact(cuda, plan, &dev.desc, dev_keep, NULL, 0, ws, bytes, NULL), KVC_SUCCESS, "%s",
+               kvc_last_error(cuda));
+  cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+  int32_t status[5];
+  kvc_gpu_download(status, (char *)ws + info.compact_status_offset_bytes, sizeof status);
+  for (int b = 0; b < 5; ++b)
+    cr_assert_eq(status[b], skip[b] ? KVC_COMPACT_SHARED_PAGE : KVC_COMPACT_OK, "status[%d] is %d", b, status[b]);
+  device_cache_download(&dev, corrupt);
+  assert_same_bytes(corrupt->k, expected->k, before->pool_bytes, "K pool", "shared pages");
+  assert_same_bytes(corrupt->v, expected->v, before->pool_bytes, "V pool", "shared pages");
+  cudaFree(ws);
+  cudaFree(dev_keep);
+  device_cache_free(&dev);
+  free(keep);
+  kvc_test_cache_free(before);
+  kvc_test_cache_free(corrupt);
+  kvc_test_cache_free(expected);
+  kvc_plan_destroy(plan);
+  kvc_context_destroy(cuda);
+}
+
+/* kvc_compact_layers over 4 layers (device arrays of the layers' pools) captured in a CUDA graph and
+ * replayed on fresh pools: every layer as the oracle says, the [4][batch] status array all zeros. */
+Test(compact_gpu, compact_layers_in_a_cuda_graph) {
+  kvc_gpu_require_device();
+  enum { L = 4 };
+  const int32_t seq_lens[] = {32768, 4096, 700}, budgets[] = {8000, 4000, 700};
+  kvc_test_cache_t *base =
+      kvc_test_cache_new(3, seq_lens, 8, 128, KVC_DTYPE_F16, 16, KVC_TEST_HND, KVC_TEST_CSR, 3, 410);
+  kvc_test_cache_t *before[L], *expected[L], *got[L];
+  device_cache_t dev[L];
+  void *k[L], *v[L];
+  int64_t keep_elems = 0;
+  int32_t *keep = NULL;
+  for (int l = 0; l < L; ++l) {
+    int32_t *layer_keep = kvc_test_keep_new(3, seq_lens, budgets, 8, l, 42 + l, &keep_elems);
+    if (!keep) keep = malloc(sizeof(int32_t) * (size_t)keep_elems * L);
+    memcpy(keep + (size_t)l * keep_elems, layer_keep, sizeof(int32_t) * (size_t)keep_elems);
+    free(layer_keep);
+    before[l] = kvc_test_cache_clone(base);
+    for (size_t i = 0; i < before[l]->pool_bytes; i += 97) before[l]->k[i] ^= (unsigned char)(l + 1); /* per layer */
+    expected[l] = kvc_test_cache_clone(before[l]);
+    got[l] = kvc_test_cache_clone(before[l]);
+    kvc_test_compact_oracle(before[l], expected[l], budgets, keep + (size_t)l * keep_elems, NULL, NULL, 0, NULL);
+    dev[l] = device_cache_new(before[l]);
+    k[l] = dev[l].desc.k;
+    v[l] = dev[l].desc.v;
+  }
+  kvc_plan_desc_t d = compact_desc(8, 128, KVC_DTYPE_F16, 3, seq_lens, budgets);
+  kvc_context_t cuda = NULL;
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CUDA, 0, &cuda), KVC_SUCCESS);
+  kvc_plan_t plan = make_plan(cuda, &d);
+  kvc_workspace_layout_t layout;
+  cr_assert_eq(kvc_plan_workspace_layout(plan, KVC_OP_COMPACT, L, &layout), KVC_SUCCESS);
+  void *ws = kvc_gpu_upload(NULL, layout.workspace_bytes);
+  void **dev_k = kvc_gpu_upload(k, sizeof k), **dev_v = kvc_gpu_upload(v, sizeof v);
+  int32_t *dev_keep = kvc_gpu_upload(keep, sizeof(int32_t) * (size_t)keep_elems * L);
+  kvc_paged_kv_t shared = dev[0].desc;
+  shared.k = shared.v = NULL;
+  const kvc_layers_t layers = {L, dev_k, dev_v, NULL, NULL};
+  cudaStream_t stream;
+  cr_assert_eq(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  cr_assert_eq(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+  kvc_status_t status = kvc_compact_layers(cuda, plan, &shared, &layers, dev_keep, NULL, 0, ws, layout.workspace_bytes,
+                                           (kvc_stream_t)stream);
+  cr_assert_eq(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  cr_assert_eq(status, KVC_SUCCESS, "captured kvc_compact_layers: %s (%s)", kvc_status_name(status),
+               kvc_last_error(cuda));
+  cr_assert_eq(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  int32_t flags[L * 3];
+  for (int replay = 0; replay < 2; ++replay) {
+    for (int l = 0; l < L; ++l) device_cache_refill(&dev[l], before[l]);
+    cr_assert_eq(cudaMemset(ws, 0xA5, layout.workspace_bytes), cudaSuccess);
+    cr_assert_eq(cudaGraphLaunch(exec, stream), cudaSuccess);
+    cr_assert_eq(cudaStreamSynchronize(stream), cudaSuccess, "%s", cudaGetErrorString(cudaGetLastError()));
+    kvc_gpu_download(flags, (char *)ws + layout.status_offset_bytes, sizeof flags);
+    for (int i = 0; i < L * 3; ++i) cr_assert_eq(flags[i], 0, "replay %d: status[%d] is %d", replay, i, flags[i]);
+    for (int l = 0; l < L; ++l) {
+      device_cache_download(&dev[l], got[l]);
+      assert_same_bytes(got[l]->k, expected[l]->k, base->pool_bytes, "K pool", "kvc_compact_layers");
+      assert_same_bytes(got[l]->v, expected[l]->v, base->pool_bytes, "V pool", "kvc_compact_layers");
+    }
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+  cudaFree(ws), cudaFree(dev_k), cudaFree(dev_v), cudaFree(dev_keep);
+  for (int l = 0; l < L; ++l) {
+    device_cache_free(&dev[l]);
+    kvc_test_cache_free(before[l]), kvc_test_cache_free(expected[l]), kvc_test_cache_free(got[l]);
+  }
+  free(keep);
+  kvc_test_cache_free(base);
+  kvc_plan_destroy(plan);
+  kvc_context_destroy(cuda);
+}

@@ -1,12 +1,14 @@
 /*
- * test_score_gpu.c - kvc_score on a real device against the CPU backend at long context:
- * SnapKV (window 64), TOVA and KNORM at n = 32k and 128k, H2O with a 4096-query window at 32k,
- * and H2O over the whole prompt (window = n) at 4096 and 32k, which takes the tensor-core GEMM
- * path (cuBLAS; kernels/score_gemm.h) as every domain with more than 128 queries does.
- * Same tolerance and argument as tests/emu/test_score_emu.c (fp32 on the device, double on the
- * CPU): 1e-4 relative + 1e-9 absolute; the emulated tests see ~1e-6. f16/bf16 products on tensor
- * cores are exact in fp32 and summed in fp32; the f32 case checks that f32 never goes through
- * TF32 (10-bit significands: ~1e-3 relative errors in the logits). Skips without a device.
+ * test_score_gpu.c - kvc_score on a real device against the CPU backend at long context, through
+ * the tensor-core kernels of kernels/score.cu (f16/bf16) and their fp32 path (f32): SnapKV
+ * (window 64; GQA 4 and GQA 8 at head_dim 256; with the engine's normalisers), TOVA and KNORM at
+ * n = 32k and 128k, H2O with a 4096-query window at 32k, and H2O over the whole prompt (window = n)
+ * at 4096 and 32k. Same tolerance and argument as tests/emu/test_score_emu.c (fp32 on the device,
+ * double on the CPU): 1e-4 relative + 1e-9 absolute; the emulated tests see ~1e-6. f16/bf16
+ * products on tensor cores are exact in fp32 and summed in fp32 (Hopper may truncate the sums'
+ * alignment: within the tolerance); the f32 case checks that f32 never goes through TF32 (10-bit
+ * significands: ~1e-3 relative errors in the logits). The dynamic shared memory of head_dim 256
+ * (over 48 KiB) is opted in per kernel. Skips without a device.
  */
 #include <criterion/criterion.h>
 #include <cuda_runtime.h>
@@ -25,6 +27,7 @@ typedef struct {
   kvc_score_method_t method;
   int32_t n, window, num_kv_heads, group, head_dim;
   kvc_dtype_t dtype;
+  int engine_lse; /* the CUDA run gets the test's own double normalisers (kvc_score's `lse`) */
 } gpu_case_t;
 
 static void check_long_context(const gpu_case_t *c) {
@@ -71,6 +74,8 @@ static void check_long_context(const gpu_case_t *c) {
   dev.v = kvc_gpu_upload(cache->v, cache->pool_bytes);
   dev.page_table = kvc_gpu_upload(cache->table, sizeof(int32_t) * (size_t)dev.max_pages);
   void *dev_queries = kvc_gpu_upload(queries, query_bytes);
+  float *lse = c->engine_lse ? kvc_test_lse(&desc, cpu_plan, cache, queries) : NULL;
+  float *dev_lse = lse ? kvc_gpu_upload(lse, sizeof(float) * (size_t)info.obs_total * (size_t)desc.num_q_heads) : NULL;
   float *dev_scores = kvc_gpu_upload(NULL, score_bytes);
   kvc_plan_workspace_size(cuda_plan, KVC_OP_SCORE, &bytes);
   void *dev_ws = kvc_gpu_upload(NULL, bytes);
@@ -78,7 +83,7 @@ static void check_long_context(const gpu_case_t *c) {
   cudaEventCreate(&start);
   cudaEventCreate(&stop);
   cudaEventRecord(start, NULL);
-  kvc_status_t status = kvc_score(cuda, cuda_plan, &dev, dev_queries, NULL, dev_scores, 0, dev_ws, bytes, NULL);
+  kvc_status_t status = kvc_score(cuda, cuda_plan, &dev, dev_queries, dev_lse, dev_scores, 0, dev_ws, bytes, NULL);
   cudaEventRecord(stop, NULL);
   cr_assert_eq(status, KVC_SUCCESS, "%s", kvc_last_error(cuda));
   cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
@@ -97,7 +102,8 @@ static void check_long_context(const gpu_case_t *c) {
               (int)c->method, c->n, c->window, ms, worst);
 
   cudaFree(dev.k), cudaFree(dev.v), cudaFree((void *)dev.page_table), cudaFree(dev_queries), cudaFree(dev_scores);
-  cudaFree(dev_ws);
+  cudaFree(dev_ws), cudaFree(dev_lse);
+  free(lse);
   cudaEventDestroy(start), cudaEventDestroy(stop);
   free(queries), free(cpu_scores), free(cuda_scores);
   kvc_test_cache_free(cache);
@@ -107,6 +113,12 @@ static void check_long_context(const gpu_case_t *c) {
 
 Test(score_gpu, snapkv_32k) { check_long_context(&(gpu_case_t){KVC_SCORE_SNAPKV, 32768, 64, 2, 4, 128, KVC_DTYPE_BF16}); }
 Test(score_gpu, snapkv_128k) { check_long_context(&(gpu_case_t){KVC_SCORE_SNAPKV, 131072, 64, 2, 4, 128, KVC_DTYPE_F16}); }
+Test(score_gpu, snapkv_32k_gqa8_head_dim_256) {
+  check_long_context(&(gpu_case_t){KVC_SCORE_SNAPKV, 32768, 64, 1, 8, 256, KVC_DTYPE_BF16});
+}
+Test(score_gpu, snapkv_32k_engine_lse) {
+  check_long_context(&(gpu_case_t){KVC_SCORE_SNAPKV, 32768, 64, 2, 4, 128, KVC_DTYPE_BF16, 1});
+}
 Test(score_gpu, tova_32k) { check_long_context(&(gpu_case_t){KVC_SCORE_TOVA, 32768, 1, 2, 4, 128, KVC_DTYPE_BF16}); }
 Test(score_gpu, tova_128k) { check_long_context(&(gpu_case_t){KVC_SCORE_TOVA, 131072, 1, 8, 4, 128, KVC_DTYPE_BF16}); }
 Test(score_gpu, knorm_32k) { check_long_context(&(gpu_case_t){KVC_SCORE_KNORM, 32768, 1, 8, 1, 128, KVC_DTYPE_F16}); }
@@ -115,7 +127,7 @@ Test(score_gpu, knorm_128k) { check_long_context(&(gpu_case_t){KVC_SCORE_KNORM, 
 Test(score_gpu, h2o_window_4096_32k, .timeout = 600) {
   check_long_context(&(gpu_case_t){KVC_SCORE_H2O, 32768, 4096, 1, 2, 64, KVC_DTYPE_BF16});
 }
-/* H2O over the whole prompt through the GEMM path. The CPU reference is O(n^2 * head_dim *
+/* H2O over the whole prompt: every token is a row. The CPU reference is O(n^2 * head_dim *
  * num_q_heads) in double: ~1e10 multiply-adds at 4096 with 8 q heads of 128, ~7e10 at 32k with 2
  * q heads of 64 (a minute or two on one core). */
 Test(score_gpu, h2o_whole_prompt_4096_f16, .timeout = 600) {

@@ -155,3 +155,66 @@ Test(select_gpu, tova_shared_heads_128k) {
     check_case(&c, 0);
   }
 }
+
+/* Rows split into segments of 64 tokens (KVC_SELECT_SEGMENT, read at plan creation): hundreds of
+ * blocks add into one row's histograms and race for its last arrival, on real hardware. */
+Test(select_gpu, split_rows_many_segments_per_row) {
+  setenv("KVC_SELECT_SEGMENT", "64", 1);
+  const int32_t lens[] = {32768, 5000, 300};
+  const float fairness[] = {0.0f, 1.0f};
+  for (int f = 0; f < 2; ++f)
+    for (int p = 0; p < 3; ++p) {
+      kvc_test_select_case_t c = kvc_test_select_case(KVC_SCORE_KNORM, 8, 3, lens, 0.2, 64, kPatterns[p], 5000 + 10 * f + p);
+      c.fairness = fairness[f];
+      kvc_test_select_case_add_spans(&c, 5, 3, 0);
+      check_case(&c, 0);
+    }
+}
+
+/* kvc_select_layers over 8 layers of 32k-token rows == one CPU kvc_select per layer. */
+Test(select_gpu, layers_in_one_call_32k) {
+  kvc_gpu_require_device();
+  enum { L = 8 };
+  const int32_t lens[] = {32768, 4096};
+  kvc_test_select_case_t c = kvc_test_select_case(KVC_SCORE_KNORM, 8, 2, lens, 0.25, 64, KVC_SCORES_FEW_VALUES, 6000);
+  c.fairness = 0.5f;
+  kvc_test_select_case_add_spans(&c, 4, 2, 0);
+  kvc_plan_desc_t desc = kvc_test_select_case_desc(&c);
+  kvc_context_t cpu = NULL, cuda = NULL;
+  kvc_plan_t cpu_plan = NULL, cuda_plan = NULL;
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CPU, 0, &cpu), KVC_SUCCESS);
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CUDA, 0, &cuda), KVC_SUCCESS);
+  cr_assert_eq(kvc_plan_create(cpu, &desc, &cpu_plan), KVC_SUCCESS);
+  cr_assert_eq(kvc_plan_create(cuda, &desc, &cuda_plan), KVC_SUCCESS);
+  kvc_plan_info_t info;
+  kvc_plan_get_info(cpu_plan, &info);
+  const size_t score_bytes = sizeof(float) * (size_t)info.score_elems * L;
+  const size_t keep_bytes = sizeof(int32_t) * (size_t)info.keep_elems * L;
+  float *scores = malloc(score_bytes);
+  int32_t *want = malloc(keep_bytes), *got = malloc(keep_bytes);
+  for (int l = 0; l < L; ++l)
+    kvc_test_fill_scores(scores + (size_t)l * info.score_elems, info.score_elems,
+                         l % 2 ? KVC_SCORES_RANDOM : KVC_SCORES_FEW_VALUES, 6000 + l);
+  size_t bytes = 0;
+  kvc_plan_workspace_size(cpu_plan, KVC_OP_SELECT, &bytes);
+  void *ws = kvc_test_workspace_new(bytes);
+  for (int l = 0; l < L; ++l)
+    cr_assert_eq(kvc_select(cpu, cpu_plan, scores + (size_t)l * info.score_elems, want + (size_t)l * info.keep_elems, ws,
+                            bytes, NULL),
+                 KVC_SUCCESS);
+  free(ws);
+  kvc_workspace_layout_t layout;
+  cr_assert_eq(kvc_plan_workspace_layout(cuda_plan, KVC_OP_SELECT, L, &layout), KVC_SUCCESS);
+  float *dev_scores = kvc_gpu_upload(scores, score_bytes);
+  int32_t *dev_keep = kvc_gpu_upload(NULL, keep_bytes);
+  void *dev_ws = kvc_gpu_upload(NULL, layout.workspace_bytes);
+  cr_assert_eq(kvc_select_layers(cuda, cuda_plan, L, dev_scores, dev_keep, dev_ws, layout.workspace_bytes, NULL),
+               KVC_SUCCESS, "%s", kvc_last_error(cuda));
+  cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+  kvc_gpu_download(got, dev_keep, keep_bytes);
+  assert_same(got, want, info.keep_elems * L, "kvc_select_layers vs CPU per layer", &c);
+  cudaFree(dev_scores), cudaFree(dev_keep), cudaFree(dev_ws);
+  free(scores), free(want), free(got);
+  kvc_plan_destroy(cpu_plan), kvc_plan_destroy(cuda_plan);
+  kvc_context_destroy(cpu), kvc_context_destroy(cuda);
+}

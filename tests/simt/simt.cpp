@@ -136,6 +136,14 @@ void jump(Context &from, Context &to, bool dying) {
 
 enum class Wait : unsigned char { None, Block, Warp, Done };
 
+// One cp.async of 16 bytes: the source as read at issue, and where it lands at the wait.
+struct AsyncCopy {
+  unsigned char *dst;
+  unsigned char data[16];
+  const char *file;
+  int line;
+};
+
 struct Fiber {
   Context ctx;
   uint3 tid;
@@ -148,6 +156,10 @@ struct Fiber {
   const char *file;
   int line;
   unsigned long long value, result;
+  // cp.async copies not waited for, in issue order; groups[i] is the end (in `copies`) of the
+  // i-th oldest committed group; copies past the last group are not committed yet
+  std::vector<AsyncCopy> copies;
+  std::vector<size_t> groups;
 };
 
 struct Warp {
@@ -254,6 +266,7 @@ bool g_config_loaded;
 unsigned long long g_rng_state;
 int g_last_errors, g_total_errors;
 cudaError_t g_sticky = cudaSuccess;
+std::vector<std::pair<const void *, size_t>> g_smem_limits;  // kernels given more than 48 KiB
 
 // ---- reports ------------------------------------------------------------------------------------
 
@@ -271,6 +284,8 @@ const char *op_name(Op op) {
     case Op::Any: return "__any_sync";
     case Op::All: return "__all_sync";
     case Op::SyncWarp: return "__syncwarp";
+    case Op::Mma: return "mma.sync";
+    case Op::Ldmatrix: return "ldmatrix";
   }
   return "?";
 }
@@ -364,6 +379,102 @@ int shfl_source(Op op, int lane, int b, int width) {
   return ok ? j : lane;
 }
 
+// ---- warp-wide matrix instructions and cp.async --------------------------------------------------
+
+bool is_matrix_op(Op op) { return op == Op::Mma || op == Op::Ldmatrix; }
+
+// What a lane of mma or ldmatrix hands the warp (Fiber::value points at it, on the lane's stack).
+struct MmaLane {
+  const uint32_t *a, *b;
+  const float *c;
+  float *d;
+};
+struct LdmatrixLane {
+  const unsigned char *row;
+  uint32_t *r;
+};
+
+// Whether [p, p + bytes) lies in the running block's dynamic or static shared memory.
+bool in_shared(const void *p, size_t bytes) {
+  const char *c = static_cast<const char *>(p);
+  const char *dyn = reinterpret_cast<const char *>(g_slot->smem.get());
+  if (c >= dyn && c + bytes <= dyn + g_run.spec->smem) return true;
+  return g_run.tls_size && c >= g_run.tls && c + bytes <= g_run.tls + g_run.tls_size;
+}
+
+// Every f16 value as float, by its bits (built at load time: no guard on the hot path).
+const std::vector<float> g_f16_values = [] {
+  std::vector<float> table(65536);
+  for (uint32_t i = 0; i < 65536; ++i) {
+    __half_raw raw;
+    raw.x = (unsigned short)i;
+    table[i] = __half2float(__half(raw));
+  }
+  return table;
+}();
+
+// Element `half` (0: the low 16 bits) of a register of f16 or bf16 pairs, widened exactly.
+inline double element(MmaType type, uint32_t reg, int half) {
+  const uint16_t bits = (uint16_t)(reg >> (16 * half));
+  if (type == MmaType::F16) return g_f16_values[bits];
+  const uint32_t u = (uint32_t)bits << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// The PTX ISA's fragments of mma.m16n8k16 (f16 / bf16 multiplicands, f32 accumulators), with
+// groupID g = lane >> 2 and threadID_in_group t = lane % 4, each register's low half first:
+//   A (16x16, row): a0,a1 (g, 2t..2t+1)  a2,a3 (g+8, 2t..)  a4,a5 (g, 2t+8..)  a6,a7 (g+8, 2t+8..)
+//   B (16x8, col):  b0,b1 (k = 2t..2t+1, n = g)  b2,b3 (k = 2t+8..2t+9, n = g)
+//   C, D (16x8):    c0,c1 (g, 2t..2t+1)  c2,c3 (g+8, 2t..2t+1)
+// Its arrays are its own and its operands the lanes' registers (locals): not instrumented under ASan,
+// where it is the emulator's hottest function.
+SIMT_NO_ASAN void complete_mma(Fiber *lanes, MmaType type) {
+  double a[16][16], b[16][8], d[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const MmaLane &in = *reinterpret_cast<const MmaLane *>(lanes[lane].value);
+    const int g = lane >> 2, t = lane % 4;
+    for (int e = 0; e < 8; ++e) {  // element a_e sits in register e / 2, half e % 2
+      const int row = g + ((e / 2) % 2) * 8, col = 2 * t + (e % 2) + (e >= 4 ? 8 : 0);
+      a[row][col] = element(type, in.a[e / 2], e % 2);
+    }
+    for (int e = 0; e < 4; ++e) b[2 * t + (e % 2) + (e >= 2 ? 8 : 0)][g] = element(type, in.b[e / 2], e % 2);
+    for (int e = 0; e < 4; ++e) d[g + (e >= 2 ? 8 : 0)][2 * t + (e % 2)] = in.c[e];
+  }
+  // D = C + sum over k of A(., k) B(k, .), each element summed in k order in double (exact: the
+  // products are exact in fp32); k outermost, so the 128 sums proceed side by side
+  for (int k = 0; k < 16; ++k)
+    for (int row = 0; row < 16; ++row)
+      for (int col = 0; col < 8; ++col) d[row][col] += a[row][k] * b[k][col];
+  for (int lane = 0; lane < 32; ++lane) {  // every C is read above: d may alias c
+    const MmaLane &out = *reinterpret_cast<const MmaLane *>(lanes[lane].value);
+    const int g = lane >> 2, t = lane % 4;
+    for (int e = 0; e < 4; ++e) out.d[e] = (float)d[g + (e >= 2 ? 8 : 0)][2 * t + (e % 2)];
+  }
+}
+
+// ldmatrix.m8n8.x<count>.b16: lane t's register i holds the 32 bits at byte 4 (t % 4) of row t / 4
+// of matrix i, whose address lane 8i + t / 4 gave.
+void complete_ldmatrix(Slot &s, unsigned w, Fiber *lanes, int count) {
+  for (int lane = 0; lane < 8 * count; ++lane) {
+    const unsigned char *row = reinterpret_cast<const LdmatrixLane *>(lanes[lane].value)->row;
+    if ((reinterpret_cast<uintptr_t>(row) & 15) || !in_shared(row, 16)) {
+      report("block (%u,%u,%u) warp %u: ldmatrix at %s:%d: lane %d's row address %p is not a 16-byte aligned "
+             "address in shared memory",
+             s.bid.x, s.bid.y, s.bid.z, w, lanes[lane].file, lanes[lane].line, lane, (const void *)row);
+      return;
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const LdmatrixLane &out = *reinterpret_cast<const LdmatrixLane *>(lanes[lane].value);
+    for (int i = 0; i < count; ++i) {
+      const LdmatrixLane &source = *reinterpret_cast<const LdmatrixLane *>(lanes[8 * i + lane / 4].value);
+      memcpy(&out.r[i], source.row + 4 * (lane % 4), 4);
+    }
+  }
+}
+
 // Completes the warp op of the lanes in `mask` if all of them that are still alive have arrived:
 // computes every lane's result, then makes them runnable. Lanes outside the mask (or exited) read
 // as kPoison.
@@ -378,7 +489,7 @@ void try_complete_warp(Slot &s, unsigned w, unsigned mask) {
   for (unsigned g = group; g; g &= g - 1) {
     Fiber &f = lanes[__builtin_ctz(g)];
     ballot |= f.value ? g & -g : 0;
-    if (!odd && (f.mask != mask || f.op != lead.op)) odd = &f;
+    if (!odd && (f.mask != mask || f.op != lead.op || (is_matrix_op(f.op) && f.arg != lead.arg))) odd = &f;
   }
   if (odd) {
     report(
@@ -387,11 +498,22 @@ void try_complete_warp(Slot &s, unsigned w, unsigned mask) {
         s.bid.x, s.bid.y, s.bid.z, w, mask, lead.linear % 32, op_name(lead.op), lead.mask,
         lead.file, lead.line, odd->linear % 32, op_name(odd->op), odd->mask, odd->file, odd->line);
   }
+  if (is_matrix_op(lead.op) && !odd) {
+    if (group != ~0u)
+      report("block (%u,%u,%u) warp %u: %s at %s:%d with exited lanes (live 0x%08x): it needs the whole warp",
+             s.bid.x, s.bid.y, s.bid.z, w, op_name(lead.op), lead.file, lead.line, group);
+    else if (lead.op == Op::Mma)
+      complete_mma(lanes, (MmaType)lead.arg);
+    else
+      complete_ldmatrix(s, w, lanes, lead.arg);
+  }
   size_t start = s.count;
   for (unsigned g = group; g; g &= g - 1) {
     int lane = __builtin_ctz(g);
     Fiber &f = lanes[lane];
     switch (f.op) {
+      case Op::Mma:
+      case Op::Ldmatrix: f.result = 0; break;
       case Op::Ballot: f.result = ballot; break;
       case Op::Any: f.result = ballot != 0; break;
       case Op::All: f.result = ballot == group; break;
@@ -419,6 +541,11 @@ void try_complete_warp(Slot &s, unsigned w, unsigned mask) {
 [[noreturn]] SIMT_NO_ASAN void fiber_exit() {
   Slot &s = *g_slot;
   Fiber &f = *g_cur;
+  if (!f.copies.empty())
+    report("block (%u,%u,%u) thread (%u,%u,%u) exited with %zu cp.async copies never waited for (the first "
+           "issued at %s:%d)",
+           s.bid.x, s.bid.y, s.bid.z, f.tid.x, f.tid.y, f.tid.z, f.copies.size(), f.copies[0].file,
+           f.copies[0].line);
   f.wait = Wait::Done;
   --s.live;
   unsigned w = f.linear / 32, bit = 1u << (f.linear % 32);
@@ -467,6 +594,8 @@ void init_fiber(Fiber &f) {
   makecontext(&f.ctx.uc, fiber_entry, 0);
 #endif
   f.wait = Wait::None;
+  f.copies.clear();
+  f.groups.clear();
 }
 
 void start_block(Slot &s, size_t linear_block) {
@@ -694,6 +823,13 @@ bool valid_launch(const LaunchSpec &spec, cudaError_t *code) {
     why = "dynamic shared memory exceeds 227 KiB";
     *code = cudaErrorInvalidValue;
   }
+  size_t limit = 48u * 1024u;
+  for (const auto &entry : g_smem_limits)
+    if (entry.first == spec.entry) limit = entry.second;
+  if (!why && spec.smem > limit) {
+    why = "dynamic shared memory exceeds the kernel's limit (48 KiB unless raised with cudaFuncSetAttribute)";
+    *code = cudaErrorInvalidValue;
+  }
   if (!why) return true;
   fprintf(
       stderr,
@@ -783,6 +919,56 @@ unsigned active_mask() { return g_slot->warps[g_cur->linear / 32].live; }
 
 }  // namespace detail
 
+void mma_m16n8k16(MmaType type, float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
+                  const char *file, int line) {
+  MmaLane lane{a, b, c, d};
+  detail::warp_op(Op::Mma, ~0u, reinterpret_cast<uintptr_t>(&lane), (int)type, 32, file, line);
+}
+
+void ldmatrix(int count, uint32_t *r, const void *row, const char *file, int line) {
+  LdmatrixLane lane{static_cast<const unsigned char *>(row), r};
+  if (count != 1 && count != 2 && count != 4) {
+    report("ldmatrix at %s:%d: .x%d is not .x1, .x2 or .x4", file, line, count);
+    count = 1;
+  }
+  detail::warp_op(Op::Ldmatrix, ~0u, reinterpret_cast<uintptr_t>(&lane), count, 32, file, line);
+}
+
+void cp_async_16(void *smem, const void *global, int src_bytes, const char *file, int line) {
+  Fiber &f = *g_cur;
+  const Slot &s = *g_slot;
+  if ((reinterpret_cast<uintptr_t>(smem) & 15) || !in_shared(smem, 16) || src_bytes < 0 || src_bytes > 16 ||
+      (src_bytes > 0 && (reinterpret_cast<uintptr_t>(global) & 15))) {
+    report("block (%u,%u,%u) thread (%u,%u,%u): cp.async at %s:%d: destination %p must be 16-byte aligned "
+           "shared memory, source %p 16-byte aligned, src-size %d in [0, 16]",
+           s.bid.x, s.bid.y, s.bid.z, f.tid.x, f.tid.y, f.tid.z, file, line, smem, global, src_bytes);
+    return;
+  }
+  AsyncCopy copy;
+  copy.dst = static_cast<unsigned char *>(smem);
+  memset(copy.data, 0, sizeof copy.data);
+  if (src_bytes > 0) memcpy(copy.data, global, (size_t)src_bytes);
+  copy.file = file;
+  copy.line = line;
+  f.copies.push_back(copy);
+}
+
+void cp_async_commit(const char *, int) {
+  Fiber &f = *g_cur;
+  f.groups.push_back(f.copies.size());
+}
+
+void cp_async_wait(int pending, const char *, int) {
+  Fiber &f = *g_cur;
+  if (pending < 0) pending = 0;
+  if (f.groups.size() <= (size_t)pending) return;
+  const size_t drop = f.groups.size() - (size_t)pending, done = f.groups[drop - 1];
+  for (size_t i = 0; i < done; ++i) memcpy(f.copies[i].dst, f.copies[i].data, sizeof f.copies[i].data);
+  f.copies.erase(f.copies.begin(), f.copies.begin() + (std::ptrdiff_t)done);
+  f.groups.erase(f.groups.begin(), f.groups.begin() + (std::ptrdiff_t)drop);
+  for (size_t &end : f.groups) end -= done;
+}
+
 void set_seed(unsigned long long seed) {
   std::lock_guard<std::mutex> lock(g_mutex);
   load_config();
@@ -804,6 +990,18 @@ int last_launch_errors() {
 int launch_errors() {
   std::lock_guard<std::mutex> lock(g_mutex);
   return g_total_errors;
+}
+
+cudaError_t set_max_dynamic_smem(const void *kernel, size_t bytes) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (bytes > 227u * 1024u) return cudaErrorInvalidValue;
+  for (auto &entry : g_smem_limits)
+    if (entry.first == kernel) {
+      entry.second = bytes;
+      return cudaSuccess;
+    }
+  g_smem_limits.emplace_back(kernel, bytes);
+  return cudaSuccess;
 }
 
 cudaError_t get_last_error() {

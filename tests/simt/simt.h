@@ -15,6 +15,7 @@
 #include <cuda_bf16.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
@@ -37,6 +38,8 @@ int launch_errors();
 // returns and clears it. In emulated code cudaGetLastError, cudaPeekAtLastError and
 // cudaGetErrorString map to these three, so the emulated build needs no CUDA runtime library.
 cudaError_t get_last_error();
+// The kernel's dynamic shared memory limit (default 48 KiB, at most 227 KiB: cudaErrorInvalidValue).
+cudaError_t set_max_dynamic_smem(const void *kernel, size_t bytes);
 cudaError_t peek_last_error();
 const char *error_string(cudaError_t error);
 
@@ -59,7 +62,9 @@ enum class Op : unsigned char {
   Ballot,
   Any,
   All,
-  SyncWarp
+  SyncWarp,
+  Mma,      // warp-wide matrix instructions: value points at the lane's operands
+  Ldmatrix
 };
 
 int block_sync(Op op, int pred, const char *file, int line);
@@ -69,6 +74,7 @@ unsigned active_mask();
 extern unsigned char *dyn_smem;
 
 struct LaunchSpec {
+  const void *entry;  // the kernel function, for its attributes
   dim3 grid, block;
   size_t smem;
   const char *kernel, *file;  // kernel expression and launch site, for reports
@@ -105,8 +111,8 @@ template <class... P>
 Launcher<P...> make_launcher(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
                              cudaStream_t /* launches are synchronous */, const char *name,
                              const char *file, int line) {
-  return Launcher<P...>(
-      kernel, {grid, block, smem, name, file, line, nullptr, nullptr, &tls_anchor_address});
+  return Launcher<P...>(kernel, {reinterpret_cast<const void *>(kernel), grid, block, smem, name, file, line,
+                                 nullptr, nullptr, &tls_anchor_address});
 }
 
 template <class T>
@@ -142,6 +148,11 @@ inline constexpr int warpSize = 32;
 #define KVC_LAUNCH(kernel, grid, block, smem, stream, ...)                                    \
   ::simt::detail::make_launcher(kernel, grid, block, smem, static_cast<cudaStream_t>(stream), \
                                 #kernel, __FILE__, __LINE__)(__VA_ARGS__)
+
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes): a launch with
+// more than 48 KiB of dynamic shared memory fails unless its kernel was given at least that much.
+#define KVC_SET_MAX_DYNAMIC_SMEM(kernel, bytes) \
+  ::simt::set_max_dynamic_smem(reinterpret_cast<const void *>(kernel), (bytes))
 
 #define cudaGetLastError ::simt::get_last_error
 #define cudaPeekAtLastError ::simt::peek_last_error
@@ -204,6 +215,40 @@ inline void __syncwarp(unsigned mask = 0xffffffffu, SIMT_SITE) {
 }
 // No divergence tracking: the warp's lanes that have not exited.
 inline unsigned __activemask() { return ::simt::detail::active_mask(); }
+
+// ---- warp-level matrix instructions and asynchronous copies -------------------------------------
+// What kernels/mma.cuh calls under the emulator in place of the PTX instructions, with the same
+// operands. Fragments are laid out exactly as the PTX ISA defines them for each lane (see
+// simt.cpp). mma and ldmatrix are .sync.aligned: every lane of the warp must execute the same one
+// (an exited lane, or lanes at different ones, is reported).
+
+namespace simt {
+
+enum class MmaType : int { F16 = 0, BF16 = 1 };
+
+// mma.sync.aligned.m16n8k16.row.col.f32.<type>.<type>.f32 {d}, {a}, {b}, {c}: the warp's
+// D (16x8) = A (16x16) * B (16x8) + C. Products are exact (f16 and bf16 products fit fp32); each
+// D element is the sum of its 16 products and C, rounded to fp32 once.
+void mma_m16n8k16(MmaType type, float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
+                  SIMT_SITE);
+// ldmatrix.sync.aligned.m8n8.x<count>.shared.b16 {r}, [row]: count (1, 2, 4) 8x8 matrices of
+// 16-bit elements; lane 8i + r gives the 16-byte aligned address of row r of matrix i; lane t gets
+// elements (t / 4, 2 (t % 4)) and (t / 4, 2 (t % 4) + 1) of matrix i in r[i] (low half first).
+void ldmatrix(int count, uint32_t *r, const void *row, SIMT_SITE);
+// cp.async.cg.shared.global [smem], [global], 16, src_bytes: the first src_bytes (0..16) bytes of
+// global, then zeros, to the 16 bytes at smem. The source is read now; shared memory is written
+// only when a cp.async.wait_group that covers the copy's group runs (the latest the PTX ISA
+// allows), so a read of the destination before the wait (or, by another thread, before the wait
+// and a barrier) sees the old contents. A thread that exits with copies not waited for is
+// reported.
+void cp_async_16(void *smem, const void *global, int src_bytes, SIMT_SITE);
+// cp.async.commit_group: the copies issued since the previous commit become one group.
+void cp_async_commit(SIMT_SITE);
+// cp.async.wait_group pending: completes the oldest committed groups until at most `pending`
+// remain (copies not yet committed are not waited for).
+void cp_async_wait(int pending, SIMT_SITE);
+
+}  // namespace simt
 
 #undef SIMT_SITE
 

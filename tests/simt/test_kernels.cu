@@ -344,3 +344,17 @@ __global__ void noop() {}
 int run_config(int grid_x, int block_x, int block_y, size_t smem) {
   return KVC_LAUNCH(noop, grid_x, dim3(block_x, block_y), smem, 0);
 }
+
+// ---- dynamic shared memory above 48 KiB needs the kernel's opt-in ------------------------------
+
+__global__ void fill_dynamic_smem(int *out, int words) {
+  KVC_DYNAMIC_SMEM(int, buf);
+  for (int i = threadIdx.x; i < words; i += blockDim.x) buf[i] = i;
+  __syncthreads();
+  if (threadIdx.x == 0) *out = buf[words - 1];
+}
+
+int run_big_dynamic_smem(int *out, size_t bytes, bool raise_limit) {
+  if (raise_limit && KVC_SET_MAX_DYNAMIC_SMEM(fill_dynamic_smem, bytes) != cudaSuccess) return -1;
+  return KVC_LAUNCH(fill_dynamic_smem, 1, 64, bytes, 0, out, (int)(bytes / sizeof(int)));
+}

@@ -33,3 +33,5 @@ int run_warp_mismatch(int *out);  // half a warp shuffles, the other half votes,
 int run_atomics(AtomicCounters *c, int blocks, int threads);
 int run_args_once(int *out, int *counter);  // template kernel with commas; (*counter)++ as arg
 int run_config(int grid_x, int block_x, int block_y, size_t smem);
+// One block filling `bytes` of dynamic shared memory, after raising its kernel's limit if asked.
+int run_big_dynamic_smem(int *out, size_t bytes, bool raise_limit);

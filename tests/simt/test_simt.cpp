@@ -1,7 +1,6 @@
 // test_simt.cpp - self-tests of the SIMT emulator (kernels in test_kernels.cu). Registered twice:
 // plain, and with SIMT_SEED / SIMT_INTERLEAVE set, which every test must pass as well.
 #include <criterion/criterion.h>
-#include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
@@ -9,33 +8,10 @@
 #include <vector>
 
 #include "simt.h"
+#include "test_capture.h"
 #include "test_kernels.h"
 
 namespace {
-
-// Runs fn with stderr captured; returns what it printed (also echoed, for the test log).
-template <class F>
-std::string capture_stderr(F fn) {
-  fflush(stderr);
-  int saved = dup(2);
-  FILE *tmp = tmpfile();
-  dup2(fileno(tmp), 2);
-  fn();
-  fflush(stderr);
-  dup2(saved, 2);
-  close(saved);
-  std::string text;
-  rewind(tmp);
-  char buf[4096];
-  for (size_t n; (n = fread(buf, 1, sizeof buf, tmp)) > 0;) text.append(buf, n);
-  fclose(tmp);
-  fputs(text.c_str(), stderr);
-  return text;
-}
-
-bool contains(const std::string &text, const std::string &what) {
-  return text.find(what) != std::string::npos;
-}
 
 int poison_int() {
   int v;
@@ -336,4 +312,17 @@ Test(simt, intrinsics) {
   cr_assert_eq(max(-1, 2ll), 2ll);
   cr_assert_eq(min(2.f, NAN), 2.f);
   cr_assert_eq(fmaxf(1.f, 2.f), 2.f);
+}
+
+// As on a GPU: more than 48 KiB of dynamic shared memory only after cudaFuncSetAttribute.
+Test(simt, dynamic_smem_over_48k_needs_the_kernel_attribute) {
+  int out = 0, errors = -1;
+  const size_t bytes = 100 * 1024;
+  std::string text = capture_stderr([&] { errors = run_big_dynamic_smem(&out, bytes, false); });
+  cr_assert_eq(errors, 1);
+  cr_assert(contains(text, "exceeds the kernel's limit"), "%s", text.c_str());
+  cr_assert_eq(cudaGetLastError(), cudaErrorInvalidValue);
+  cr_assert_eq(run_big_dynamic_smem(&out, bytes, true), 0);
+  cr_assert_eq(out, (int)(bytes / sizeof(int)) - 1);
+  cr_assert_eq(cudaGetLastError(), cudaSuccess);
 }

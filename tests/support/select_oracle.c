@@ -129,7 +129,7 @@ static void mark_protected(const kvc_plan_desc_t *d, const obs_t *o, int32_t b, 
     for (int32_t i = d->span_indptr[b]; i < d->span_indptr[b + 1]; ++i)
       if (d->spans[i].kind == KVC_SPAN_PROTECT)
         for (int32_t t = d->spans[i].start; t < d->spans[i].end; ++t) prot[t] = 1;
-  if (d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_TOVA)
+  if ((d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_TOVA) && d->window_protection == KVC_WINDOW_PROTECTED)
     for (int32_t i = o->obs_indptr[b]; i < o->obs_indptr[b + 1]; ++i) prot[o->obs_pos[i]] = 1;
 }
 

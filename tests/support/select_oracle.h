@@ -34,7 +34,8 @@ int32_t kvc_test_random_spans(kvc_rng_t *rng, int32_t n, int32_t fair, int32_t p
 
 /* The keep layout of `plan` (made from `desc`) for `scores` (score layout), by sorting each
  * candidate set: protected = sinks + recents + PROTECT spans + the observation positions of SNAPKV
- * and TOVA; quotas from kvc_plan_span_quotas. Returns 0, or -1 if a plan read-out fails. */
+ * and TOVA (unless window_protection is KVC_WINDOW_RANKED); quotas from kvc_plan_span_quotas.
+ * Returns 0, or -1 if a plan read-out fails. */
 int kvc_test_select_oracle(kvc_plan_t plan, const kvc_plan_desc_t *desc, const float *scores, int32_t *keep);
 
 /* A selection test case: a batch, its budgets and spans, the plan knobs selection reads, and the

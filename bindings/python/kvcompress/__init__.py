@@ -14,7 +14,7 @@ from ._lib import EXPECTED_MAJOR, LibraryNotFoundError
 from ._lib import library_path as _library_path
 from ._lib import load as load_library
 from .cache import PagedKV, flashinfer_cache, hf_cache, paged_kv, vllm_cache
-from .core import OUTCOMES, Context, Plan, PlanInfo, Span
+from .core import COMPACT_STATUS, OUTCOMES, Context, Plan, PlanInfo, Span, WorkspaceLayout
 from .errors import (
     BudgetError,
     CudaError,
@@ -52,8 +52,8 @@ def cuda_available(device=0):
 
 
 __all__ = [
-    "Context", "Plan", "PlanInfo", "Span", "OUTCOMES", "PagedKV", "hf_cache", "vllm_cache", "flashinfer_cache",
-    "paged_kv",
+    "Context", "Plan", "PlanInfo", "Span", "OUTCOMES", "WorkspaceLayout", "COMPACT_STATUS", "PagedKV", "hf_cache",
+    "vllm_cache", "flashinfer_cache", "paged_kv",
     "KvcError", "InvalidValueError", "NotSupportedError", "BudgetError", "WorkspaceTooSmallError",
     "OutOfMemoryError", "NoDeviceError", "CudaError", "InternalError", "LibraryNotFoundError",
     "load_library", "library_path", "library_version", "cuda_available", "EXPECTED_MAJOR", "__version__",

@@ -8,6 +8,8 @@ kept alive with the view). Nothing here imports torch or cupy unless the array i
 from __future__ import annotations
 
 import ctypes
+import numbers
+import operator
 import sys
 
 import numpy as np
@@ -49,12 +51,53 @@ _ITEMSIZE = {
 CPU = ("cpu", 0)
 
 
+# --------------------------------------------------------------------------------------------
+# Scalar arguments: exact, never coerced (16.9 is not 16, "0.5" is not 0.5, 2**32 + 16 is not 16)
+# --------------------------------------------------------------------------------------------
+
+_INT_RANGES = {32: (-(2**31), 2**31 - 1), 64: (-(2**63), 2**63 - 1)}
+
+
+def integer(value, name, bits=32):
+    """`value` as a Python int if it is an integer (int, numpy integer, anything with __index__; not
+    bool, float or str) that fits a signed `bits`-bit C field; else TypeError / ValueError naming
+    the argument."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected an integer, got bool {value!r}")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}") from None
+    lo, hi = _INT_RANGES[bits]
+    if not lo <= out <= hi:
+        raise ValueError(f"{name}: {out} does not fit int{bits} ([{lo}, {hi}])")
+    return out
+
+
+def real(value, name):
+    """`value` as a Python float if it is a real number (int, float, numpy number; not bool or str);
+    else TypeError naming the argument."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def flag(value, name):
+    """0 or 1 from a bool or the integers 0 / 1; else TypeError / ValueError naming the argument."""
+    if isinstance(value, (bool, np.bool_)):
+        return int(bool(value))
+    out = integer(value, name)
+    if out not in (0, 1):
+        raise ValueError(f"{name}: expected a bool or 0 / 1, got {out}")
+    return out
+
+
 class ArrayView:
     """What the binding needs to know about one array argument."""
 
-    __slots__ = ("obj", "name", "ptr", "shape", "strides", "dtype", "itemsize", "device", "lib", "_keep")
+    __slots__ = ("obj", "name", "ptr", "shape", "strides", "dtype", "itemsize", "device", "lib", "readonly", "_keep")
 
-    def __init__(self, obj, name, ptr, shape, strides, dtype, itemsize, device, lib, keep=None):
+    def __init__(self, obj, name, ptr, shape, strides, dtype, itemsize, device, lib, keep=None, readonly=False):
         self.obj = obj
         self.name = name
         self.ptr = int(ptr)
@@ -64,6 +107,7 @@ class ArrayView:
         self.itemsize = itemsize
         self.device = device  # ("cpu", 0) or ("cuda", ordinal); ordinal None when unknown
         self.lib = lib  # "numpy", "torch", "cupy", "cai", "dlpack"
+        self.readonly = bool(readonly)  # the array says its memory must not be written
         self._keep = keep
 
     @property
@@ -82,6 +126,8 @@ class ArrayView:
         return self.device[0] == "cuda"
 
     def is_c_contiguous(self):
+        if self.size == 0:
+            return True  # nothing to lay out (numpy reports zero strides for empty arrays)
         expect = 1
         for dim, stride in zip(reversed(self.shape), reversed(self.strides)):
             if dim != 1 and stride != expect:
@@ -113,7 +159,7 @@ def _numpy_view(arr, name):
     if any(s % isz for s in arr.strides):
         raise ValueError(f"{name}: numpy strides {arr.strides} are not multiples of the item size {isz}")
     return ArrayView(arr, name, arr.ctypes.data, arr.shape, tuple(s // isz for s in arr.strides), dt, isz,
-                     CPU, "numpy")
+                     CPU, "numpy", readonly=not arr.flags.writeable)
 
 
 def _cai_view(obj, name, cai):
@@ -140,7 +186,8 @@ def _cai_view(obj, name, cai):
     if mod == "cupy":
         ordinal = int(obj.device.id)
         lib = "cupy"
-    return ArrayView(obj, name, cai["data"][0] or 0, shape, strides_el, dt, isz, ("cuda", ordinal), lib)
+    return ArrayView(obj, name, cai["data"][0] or 0, shape, strides_el, dt, isz, ("cuda", ordinal), lib,
+                     readonly=bool(cai["data"][1]))
 
 
 class _DLDevice(ctypes.Structure):

@@ -2,10 +2,11 @@
 
 Discovery order (the first that loads wins):
   1. the environment variable KVCOMPRESS_LIBRARY (a path to the shared library);
-  2. when this package sits inside the libkvcompress repository (an editable install or a run
+  2. the library bundled inside this package (kvcompress/libkvcompress.so: what the wheel ships);
+  3. when this package sits inside the libkvcompress repository (an editable install or a run
      from the source tree): <repo>/build/*/libkvcompress.so and <repo>/build/libkvcompress.so,
      newest first;
-  3. the install prefix / system: ctypes.util.find_library('kvcompress'), then the bare soname.
+  4. the install prefix / system: ctypes.util.find_library('kvcompress'), then the bare soname.
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ class PlanDescStruct(ctypes.Structure):
         ("fairness", ctypes.c_float),
         ("budget_policy", ctypes.c_int),
         ("device_memory", ctypes.c_int),
+        ("quota_rounding", ctypes.c_int),
+        ("window_protection", ctypes.c_int),
     ]
 
 
@@ -97,6 +100,28 @@ class PlanInfoStruct(ctypes.Structure):
         ("total_spans", ctypes.c_int64),
         ("count_elems", ctypes.c_int64),
         ("keep_offset_bytes", ctypes.c_size_t),
+        ("compact_status_offset_bytes", ctypes.c_size_t),
+        ("compress_status_offset_bytes", ctypes.c_size_t),
+    ]
+
+
+class LayersStruct(ctypes.Structure):
+    """kvc_layers_t: num_layers and four arrays of per-layer pointers."""
+
+    _fields_ = [
+        ("num_layers", ctypes.c_int32),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("queries", ctypes.c_void_p),
+        ("lse", ctypes.c_void_p),
+    ]
+
+
+class WorkspaceLayoutStruct(ctypes.Structure):
+    _fields_ = [
+        ("workspace_bytes", ctypes.c_size_t),
+        ("keep_offset_bytes", ctypes.c_size_t),
+        ("status_offset_bytes", ctypes.c_size_t),
     ]
 
 
@@ -127,6 +152,9 @@ def candidates():
     if env:
         out.append(("$KVCOMPRESS_LIBRARY", env))
         return out  # an explicit choice is never silently replaced by another library
+    bundled = os.path.join(os.path.dirname(os.path.abspath(__file__)), _soname())
+    if os.path.isfile(bundled):
+        out.append(("bundled with the package", bundled))
     root = repo_root()
     if root is not None:
         name = _soname()
@@ -157,8 +185,11 @@ def _declare(lib):
         "kvc_version": (c.c_uint, []),
         "kvc_version_string": (c.c_char_p, []),
         "kvc_context_create": (st, [c.c_int, c.c_int, c.POINTER(P)]),
+        "kvc_context_create_with_detail": (st, [c.c_int, c.c_int, c.POINTER(P), c.c_char_p, c.c_size_t]),
         "kvc_context_destroy": (st, [P]),
         "kvc_context_backend": (st, [P, c.POINTER(c.c_int)]),
+        "kvc_context_set_threads": (st, [P, c.c_int32]),
+        "kvc_context_threads": (st, [P, c.POINTER(c.c_int32)]),
         "kvc_last_error": (c.c_char_p, [P]),
         "kvc_plan_desc_init": (None, [c.POINTER(PlanDescStruct)]),
         "kvc_plan_create": (st, [P, c.POINTER(PlanDescStruct), c.POINTER(P)]),
@@ -179,6 +210,14 @@ def _declare(lib):
         "kvc_compact": (st, [P, P, c.POINTER(PagedKVStruct), P, P, c.c_int32, P, c.c_size_t, P]),
         "kvc_retention": (st, [P, P, P, P, P, c.c_size_t, P]),
         "kvc_compress": (st, [P, P, c.POINTER(PagedKVStruct), P, P, P, c.c_size_t, P]),
+        "kvc_plan_workspace_layout": (st, [P, c.c_int, c.c_int32, c.POINTER(WorkspaceLayoutStruct)]),
+        "kvc_score_layers": (st, [P, P, c.POINTER(PagedKVStruct), c.POINTER(LayersStruct), P, c.c_int, P, c.c_size_t,
+                                  P]),
+        "kvc_select_layers": (st, [P, P, c.c_int32, P, P, P, c.c_size_t, P]),
+        "kvc_compact_layers": (st, [P, P, c.POINTER(PagedKVStruct), c.POINTER(LayersStruct), P, P, c.c_int32, P,
+                                    c.c_size_t, P]),
+        "kvc_retention_layers": (st, [P, P, c.c_int32, P, P, P, c.c_size_t, P]),
+        "kvc_compress_layers": (st, [P, P, c.POINTER(PagedKVStruct), c.POINTER(LayersStruct), P, c.c_size_t, P]),
     }
     for name, (res, args) in proto.items():
         fn = getattr(lib, name)  # AttributeError: the library is not libkvcompress

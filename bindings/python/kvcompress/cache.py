@@ -67,6 +67,11 @@ class PagedKV:
     Element (page p, slot s, head h, dim d) of K is k[p*stride_page + s*stride_token +
     h*stride_head + d] counted from k's first element; token t of sequence b is in page
     pages_b[t // page_size], slot t % page_size.
+
+    Immutable: the fields cannot be changed after construction (make a new PagedKV), and every
+    use re-reads the arrays and refuses one whose pointer, shape or strides changed since (e.g. a
+    reshape in place or a torch resize_). The contents of the page table may change between calls
+    (engines update block tables in place); the library checks them at every call.
     """
 
     def __init__(self, k, v, *, page_size, num_kv_heads, head_dim, stride_page, stride_token, stride_head,
@@ -87,20 +92,25 @@ class PagedKV:
                 f"v: shape {vv.shape} / strides {vv.strides} differ from k's {kv.shape} / {kv.strides}; K and V "
                 f"pools must share one layout"
             )
+        page_size = _arrays.integer(page_size, "page_size")
+        num_kv_heads = _arrays.integer(num_kv_heads, "num_kv_heads")
+        head_dim = _arrays.integer(head_dim, "head_dim")
         for nm, val in (("page_size", page_size), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-            if int(val) < 1:
+            if val < 1:
                 raise ValueError(f"{nm} is {val}, must be >= 1")
-        for nm, val in (("stride_page", stride_page), ("stride_token", stride_token), ("stride_head", stride_head)):
-            if int(val) < 1:
+        strides = [_arrays.integer(val, nm, bits=64) for nm, val in
+                   (("stride_page", stride_page), ("stride_token", stride_token), ("stride_head", stride_head))]
+        for nm, val in zip(("stride_page", "stride_token", "stride_head"), strides):
+            if val < 1:
                 raise ValueError(f"{nm} is {val}: strides must be positive (no broadcast or reversed axes)")
         self.k, self.v = k, v
         self._kview, self._vview = kv, vv
         self.dtype = kv.dtype
         self.device = kv.device
-        self.page_size = int(page_size)
-        self.num_kv_heads = int(num_kv_heads)
-        self.head_dim = int(head_dim)
-        self.stride_page, self.stride_token, self.stride_head = int(stride_page), int(stride_token), int(stride_head)
+        self.page_size = page_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.stride_page, self.stride_token, self.stride_head = strides
         # the pool capacity the arrays' memory really holds: page ids past it would leave the arrays
         inner = (self.page_size - 1) * self.stride_token + (self.num_kv_heads - 1) * self.stride_head + self.head_dim
         extent = kv.extent()
@@ -112,10 +122,10 @@ class PagedKV:
                 f"{self.stride_token}, head {self.stride_head})"
             )
         if num_pages is None:
-            num_pages = capacity
-        elif int(num_pages) > capacity:
+            num_pages = min(capacity, 2**31 - 1)
+        elif _arrays.integer(num_pages, "num_pages") > capacity:
             raise ValueError(f"num_pages is {num_pages} but the arrays hold only {capacity} pages")
-        self.num_pages = int(min(num_pages, 2**31 - 1))
+        self.num_pages = num_pages
         self.page_table = _index_array(page_table, "page_table", kv)
         self.page_indptr = _index_array(page_indptr, "page_indptr", kv)
         if self.page_indptr is not None and self.page_table is None:
@@ -125,7 +135,7 @@ class PagedKV:
             if self.page_indptr is None:
                 if tv.ndim != 2:
                     raise ValueError(f"page_table: a dense table must be 2-D [batch, max_pages], got shape {tv.shape}")
-                self.max_pages = int(tv.shape[1]) if max_pages is None else int(max_pages)
+                self.max_pages = int(tv.shape[1]) if max_pages is None else _arrays.integer(max_pages, "max_pages")
                 if self.max_pages > tv.shape[1]:
                     raise ValueError(f"max_pages {self.max_pages} exceeds the table's row length {tv.shape[1]}")
             else:
@@ -137,6 +147,36 @@ class PagedKV:
                 self.max_pages = 0
         else:
             self.max_pages = 0
+        self._table_views = tuple(None if a is None else _arrays.view(a, nm)
+                                  for nm, a in (("page_table", self.page_table), ("page_indptr", self.page_indptr)))
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"PagedKV.{name} cannot be changed after construction (the descriptor was checked "
+                                 f"as built): make a new PagedKV")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        raise AttributeError(f"PagedKV.{name} cannot be changed after construction: make a new PagedKV")
+
+    def _unchanged(self):
+        """Fresh views of the arrays, refused if the pointer, shape or strides moved since construction
+        (what the capacity guard and the C descriptor were computed from)."""
+        fresh = []
+        for nm, arr, then in (("k", self.k, self._kview), ("v", self.v, self._vview),
+                              ("page_table", self.page_table, self._table_views[0]),
+                              ("page_indptr", self.page_indptr, self._table_views[1])):
+            if arr is None:
+                fresh.append(None)
+                continue
+            now = _arrays.view(arr, nm)
+            if (now.ptr, now.shape, now.strides, now.dtype, now.device) != (
+                    then.ptr, then.shape, then.strides, then.dtype, then.device):
+                raise ValueError(f"cache.{nm} changed since the PagedKV was made (pointer, shape, strides or dtype): "
+                                 f"make a new PagedKV")
+            fresh.append(now)
+        return fresh
 
     # -- layout names ---------------------------------------------------------------------
     @property
@@ -201,10 +241,13 @@ class PagedKV:
         return DTYPE_TAGS[plan.dtype]
 
     def struct(self, plan):
+        kv, vv, _, _ = self._unchanged()
+        if kv.readonly or vv.readonly:
+            raise ValueError("cache: the K/V arrays are read-only")
         code = self._check_for(plan)
         s = PagedKVStruct()
-        s.k = self._kview.ptr
-        s.v = self._vview.ptr
+        s.k = kv.ptr
+        s.v = vv.ptr
         s.dtype = code
         s.num_kv_heads = self.num_kv_heads
         s.head_dim = self.head_dim

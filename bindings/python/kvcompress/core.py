@@ -29,6 +29,8 @@ BUDGET_POLICIES = {"fail": 0, "clamp": 1, "skip": 2}
 DEVICE_MEMORY = {"owned": 0, "caller": 1}
 #: kvc_outcome_t by value: what a plan does to each sequence (Plan.outcomes, Plan.outcome_names).
 OUTCOMES = ("compressed", "within_budget", "clamped", "skipped")
+QUOTA_ROUNDINGS = {"largest_remainder": 0, "later_first": 1}
+WINDOW_PROTECTIONS = {"protected": 0, "ranked": 1}
 
 
 def _dtype_tag(dtype):
@@ -68,30 +70,49 @@ def _raise(ctx_handle, status, function):
 class Context:
     """A libkvcompress context on one backend ('cpu', 'cuda' or 'auto') and CUDA device.
 
+    threads: host threads a CPU context scores with (kvc_context_set_threads; default 1, results
+    bit-identical for any count). Plans size their workspace for the count the context has when
+    they are made, so set it here or before making plans. A CUDA context takes only 1.
+
     Use as a context manager or call close(); plans made from it keep it alive and are closed
     first when it is closed.
     """
 
-    def __init__(self, backend="auto", device=0):
+    def __init__(self, backend="auto", device=0, threads=1):
         lib = _lib.lib()
         code = _choice(BACKENDS, backend, "backend")
-        if int(device) < 0:
+        device = _arrays.integer(device, "device")
+        if device < 0:
             raise ValueError(f"device: must be >= 0, got {device}")
         handle = ctypes.c_void_p()
-        status = lib.kvc_context_create(code, int(device), ctypes.byref(handle))
+        detail = ctypes.create_string_buffer(512)  # no context exists yet to hold the reason
+        status = lib.kvc_context_create_with_detail(code, device, ctypes.byref(handle), detail, len(detail))
         if status != 0:
-            # no context exists to hold the detail: describe the request instead
             name = lib.kvc_status_name(status).decode()
             summary = lib.kvc_status_string(status).decode()
-            raise error_for(status, name, "kvc_context_create",
-                            f"backend {backend!r}, device {device}: {summary}", summary)
+            raise error_for(status, name, "kvc_context_create", detail.value.decode(errors="replace"), summary)
         self._handle = handle
         self._lib = lib
         out = ctypes.c_int()
         lib.kvc_context_backend(handle, ctypes.byref(out))
         self.backend = BACKEND_NAMES[out.value]
-        self.device = int(device) if self.backend == "cuda" else 0
+        self.device = device if self.backend == "cuda" else 0
         self._plans = weakref.WeakSet()
+        if threads != 1:
+            self.threads = threads
+
+    @property
+    def threads(self):
+        """Host threads of the context (kvc_context_threads)."""
+        out = ctypes.c_int32()
+        self._lib.kvc_context_threads(self.handle, ctypes.byref(out))
+        return out.value
+
+    @threads.setter
+    def threads(self, count):
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"threads: must be an int, got {count!r}")
+        self._check(self._lib.kvc_context_set_threads(self.handle, count), "kvc_context_set_threads")
 
     @property
     def is_cuda(self):
@@ -161,8 +182,12 @@ class Span:
     weight: float = 1.0
 
     def __post_init__(self):
-        if self.kind not in SPAN_KINDS:
+        if not isinstance(self.kind, str) or self.kind not in SPAN_KINDS:
             raise ValueError(f"Span.kind: expected 'fair' or 'protect', got {self.kind!r}")
+        # exact values, stored as plain Python numbers (the dataclass is frozen)
+        object.__setattr__(self, "start", _arrays.integer(self.start, "Span.start"))
+        object.__setattr__(self, "end", _arrays.integer(self.end, "Span.end"))
+        object.__setattr__(self, "weight", _arrays.real(self.weight, "Span.weight"))
 
     def __len__(self):
         return max(0, self.end - self.start)
@@ -204,6 +229,22 @@ class PlanInfo:
     total_spans: int
     count_elems: int
     keep_offset_bytes: int
+    compact_status_offset_bytes: int
+    compress_status_offset_bytes: int
+
+
+#: kvc_compact_status_t flags (Plan.status): 0 = the sequence was compacted (or needed no move)
+COMPACT_STATUS = {"bad_page_id": 1, "short_page_list": 2, "shared_page": 4, "bad_pool": 8}
+
+
+@dataclass(frozen=True)
+class WorkspaceLayout:
+    """kvc_plan_workspace_layout: the bytes a call over num_layers layers needs and where it leaves
+    its results (keep layouts: COMPRESS; status array: COMPACT and COMPRESS)."""
+
+    workspace_bytes: int
+    keep_offset_bytes: int
+    status_offset_bytes: int
 
 
 class Plan:
@@ -223,6 +264,8 @@ class Plan:
                                             keeps exactly its protected tokens, or stays
                                             uncompressed; `outcomes` says what happened
       device_memory='owned'                 'owned' | 'caller' (CUDA: see upload())
+      quota_rounding='largest_remainder'    | 'later_first' (kvc_quota_rounding_t)
+      window_protection='protected'         | 'ranked' (kvc_window_protection_t)
 
     Array layouts are the C ones, flat: scores float32 [score_elems] ("score layout"), keep int32
     [keep_elems] ("keep layout"), counts int32 [count_elems] ("count layout"); score_rows /
@@ -232,7 +275,8 @@ class Plan:
     def __init__(self, context, *, num_q_heads, num_kv_heads, head_dim, seq_lens, budgets, spans=None,
                  method="snapkv", dtype="f16", window=64, pool_kernel=5, pool="avg", group_reduce="mean",
                  scale=0.0, span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0, budget_policy="fail",
-                 device_memory="owned"):
+                 device_memory="owned",
+                 quota_rounding="largest_remainder", window_protection="protected"):
         if not isinstance(context, Context):
             raise TypeError(f"context: expected a kvcompress.Context, got {type(context).__name__}")
         lib = context._lib
@@ -243,18 +287,31 @@ class Plan:
         if batch < 1:
             raise ValueError("seq_lens: needs at least one sequence")
         if np.isscalar(budgets) or (isinstance(budgets, np.ndarray) and budgets.ndim == 0):
-            bud = np.full(batch, int(budgets), dtype=np.int32)
+            bud = np.full(batch, _arrays.integer(budgets.item() if isinstance(budgets, np.ndarray) else budgets,
+                                                 "budgets"), dtype=np.int32)
         else:
             bud = _arrays.to_int32_host(budgets, "budgets").reshape(-1)
             if bud.shape[0] != batch:
                 raise ValueError(f"budgets: {bud.shape[0]} values for {batch} sequences (seq_lens)")
         rows = _normalise_spans(spans, batch)
 
+        # exact values only: ctypes would truncate floats and wrap integers past int32 silently
+        num_q_heads = _arrays.integer(num_q_heads, "num_q_heads")
+        num_kv_heads = _arrays.integer(num_kv_heads, "num_kv_heads")
+        head_dim = _arrays.integer(head_dim, "head_dim")
+        window = _arrays.integer(window, "window")
+        pool_kernel = _arrays.integer(pool_kernel, "pool_kernel")
+        sink_tokens = _arrays.integer(sink_tokens, "sink_tokens")
+        recent_tokens = _arrays.integer(recent_tokens, "recent_tokens")
+        span_local = _arrays.flag(span_local, "span_local")
+        scale = _arrays.real(scale, "scale")
+        fairness = _arrays.real(fairness, "fairness")
+
         desc = _lib.PlanDescStruct()
         lib.kvc_plan_desc_init(ctypes.byref(desc))
-        desc.num_q_heads = int(num_q_heads)
-        desc.num_kv_heads = int(num_kv_heads)
-        desc.head_dim = int(head_dim)
+        desc.num_q_heads = num_q_heads
+        desc.num_kv_heads = num_kv_heads
+        desc.head_dim = head_dim
         self.dtype = _dtype_tag(dtype)
         desc.dtype = DTYPE_TAGS[self.dtype]
         desc.batch = batch
@@ -275,17 +332,19 @@ class Plan:
             desc.spans = ctypes.addressof(span_arr)
         self.method = method.lower() if isinstance(method, str) else method
         desc.method = _choice(METHODS, method, "method")
-        desc.window = int(window)
-        desc.pool_kernel = int(pool_kernel)
+        desc.window = window
+        desc.pool_kernel = pool_kernel
         desc.pool = _choice(POOLS, pool, "pool")
         desc.group_reduce = _choice(REDUCES, group_reduce, "group_reduce")
-        desc.scale = float(scale)
-        desc.span_local = 1 if span_local else 0
-        desc.sink_tokens = int(sink_tokens)
-        desc.recent_tokens = int(recent_tokens)
-        desc.fairness = float(fairness)
+        desc.scale = scale
+        desc.span_local = span_local
+        desc.sink_tokens = sink_tokens
+        desc.recent_tokens = recent_tokens
+        desc.fairness = fairness
         desc.budget_policy = _choice(BUDGET_POLICIES, budget_policy, "budget_policy")
         desc.device_memory = _choice(DEVICE_MEMORY, device_memory, "device_memory")
+        desc.quota_rounding = _choice(QUOTA_ROUNDINGS, quota_rounding, "quota_rounding")
+        desc.window_protection = _choice(WINDOW_PROTECTIONS, window_protection, "window_protection")
 
         handle = ctypes.c_void_p()
         status = lib.kvc_plan_create(context.handle, ctypes.byref(desc), ctypes.byref(handle))
@@ -295,12 +354,12 @@ class Plan:
         self._lib = lib
         context._plans.add(self)
 
-        self.num_q_heads, self.num_kv_heads, self.head_dim = int(num_q_heads), int(num_kv_heads), int(head_dim)
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.batch = batch
         self.seq_lens = seq.copy()
         self.budgets = bud.copy()
         self.spans = rows
-        self.fairness = float(fairness)
+        self.fairness = fairness
         self.max_seq_len = int(seq.max())
         info = _lib.PlanInfoStruct()
         self._call(lib.kvc_plan_get_info, "kvc_plan_get_info", handle, ctypes.byref(info))
@@ -330,6 +389,7 @@ class Plan:
             self._call(lib.kvc_plan_workspace_size, "kvc_plan_workspace_size", handle, code, ctypes.byref(n))
             self._ws_sizes[op] = int(n.value)
         self._workspaces = {}
+        self._last_status = {}  # op -> (workspace, byte offset, num_layers) of the last compaction
 
     # -- lifetime ---------------------------------------------------------------------------
     def _call(self, fn, name, *args):
@@ -389,6 +449,30 @@ class Plan:
         'compress') needs."""
         _choice(OPS, op, "op")
         return self._ws_sizes[op.lower()]
+
+    def workspace_layout(self, op, num_layers=1):
+        """kvc_plan_workspace_layout: a WorkspaceLayout for the call `op` over num_layers layers."""
+        code = _choice(OPS, op, "op")
+        if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or int(num_layers) < 1:
+            raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
+        out = _lib.WorkspaceLayoutStruct()
+        self._call(self._lib.kvc_plan_workspace_layout, "kvc_plan_workspace_layout", self.handle, code,
+                   int(num_layers), ctypes.byref(out))
+        return WorkspaceLayout(int(out.workspace_bytes), int(out.keep_offset_bytes), int(out.status_offset_bytes))
+
+    def status(self, op="compact"):
+        """The compaction status array of the last compact / compact_layers (op='compact') or
+        compress / compress_layers (op='compress') call on this plan: int32 [num_layers, batch] of
+        COMPACT_STATUS flags, 0 where the sequence was compacted, nonzero where it was left untouched
+        (a bad page id, a short CSR list, a page shared with another sequence, a bad layer pool). A
+        copy of the array's library (on CUDA: valid once the call's stream has run it)."""
+        if op not in ("compact", "compress"):
+            raise ValueError(f"op: expected 'compact' or 'compress', got {op!r}")
+        if op not in self._last_status:
+            raise ValueError(f"status: no {op} call has run on this plan yet")
+        ws, offset, layers = self._last_status[op]
+        flat = ws.read_i32(offset, layers * self.batch)
+        return flat.reshape(layers, self.batch)
 
     def obs_positions_of(self, b):
         return self.obs_positions[self.obs_indptr[b]: self.obs_indptr[b + 1]]
@@ -482,6 +566,8 @@ class Plan:
         self._device_ok(ov)
         if ov.dtype != qv.dtype or ov.shape != shape or not ov.is_c_contiguous():
             raise ValueError(f"out: expected a C-contiguous {qv.dtype} array of shape {shape}, got {ov.dtype} {ov.shape}")
+        if ov.readonly:
+            raise ValueError("out: the array is read-only")
         self._call(self._lib.kvc_gather_queries, "kvc_gather_queries", self.context.handle, self.handle, qv.ptr or None,
                    tokens, token_stride, iv.ptr or None, ov.ptr or None, self._stream(stream, qv))
         return out
@@ -500,6 +586,8 @@ class Plan:
         nbytes = bv.size * bv.itemsize
         if not bv.is_c_contiguous():
             raise ValueError(f"buffer: must be contiguous, got strides {bv.strides}")
+        if bv.readonly:
+            raise ValueError("buffer: the array is read-only")
         self._call(self._lib.kvc_plan_upload, "kvc_plan_upload", self.context.handle, self.handle, bv.ptr or None,
                    nbytes, self._stream(stream, bv))
         self._upload_buffer = buffer  # the plan reads it from now on
@@ -524,18 +612,18 @@ class Plan:
         elif v.device != _arrays.CPU:
             raise ValueError(f"{v.name} is on {v.where()} but the context runs on the CPU backend (host arrays)")
 
-    def _flat(self, obj, name, tag, count, writable=False):
+    def _flat(self, obj, name, tag, count, writable=False, layout=None):
         v = _arrays.view(obj, name)
         self._device_ok(v)
         want = {"f32": "float32", "i32": "int32"}[tag]
         if v.dtype != tag:
             raise TypeError(f"{name}: dtype must be {want}, got {v.dtype}")
         if v.size != count:
-            raise ValueError(f"{name}: expected {count} elements ({'score' if tag == 'f32' else 'keep'} layout), "
-                             f"got shape {v.shape} ({v.size})")
+            raise ValueError(f"{name}: expected {count} elements ({layout or ('score' if tag == 'f32' else 'keep')} "
+                             f"layout), got shape {v.shape} ({v.size})")
         if not v.is_c_contiguous():
             raise ValueError(f"{name}: must be C-contiguous, got strides {v.strides} for shape {v.shape}")
-        if writable and isinstance(obj, np.ndarray) and not obj.flags.writeable:
+        if writable and v.readonly:
             raise ValueError(f"{name}: the array is read-only")
         return v
 
@@ -543,9 +631,7 @@ class Plan:
         if not isinstance(cache, PagedKV):
             raise TypeError(f"cache: expected a PagedKV (see hf_cache, vllm_cache, flashinfer_cache, paged_kv), "
                             f"got {type(cache).__name__}")
-        if isinstance(cache.k, np.ndarray) and not (cache.k.flags.writeable and cache.v.flags.writeable):
-            raise ValueError("cache: the K/V arrays are read-only")
-        return cache.struct(self)
+        return cache.struct(self)  # re-reads the arrays: moved or read-only ones are refused
 
     def _queries(self, queries):
         if self.info.obs_total == 0:
@@ -650,6 +736,7 @@ class Plan:
         ws, wptr, wbytes = self._workspace("compact", like)
         self._call(self._lib.kvc_compact, "kvc_compact", self.context.handle, self.handle, ctypes.byref(s), kv.ptr,
                    ptrs if views else None, len(views), wptr or None, wbytes, self._stream(stream, like))
+        self._last_status["compact"] = (ws, self.info.compact_status_offset_bytes, 1)
         return cache
 
     def retention(self, keep, out=None, stream=None):
@@ -659,11 +746,7 @@ class Plan:
         out = self._out(out, kv, self.info.count_elems, "i32", "out")
         if self.info.count_elems == 0:
             return out
-        ov = _arrays.view(out, "out")
-        self._device_ok(ov)
-        if ov.dtype != "i32" or ov.size != self.info.count_elems or not ov.is_c_contiguous():
-            raise ValueError(f"out: expected a C-contiguous int32 array of {self.info.count_elems} elements "
-                             f"(count layout), got {ov.dtype} shape {ov.shape}")
+        ov = self._flat(out, "out", "i32", self.info.count_elems, writable=True, layout="count")
         ws, wptr, wbytes = self._workspace("retention", kv)
         self._call(self._lib.kvc_retention, "kvc_retention", self.context.handle, self.handle, kv.ptr, ov.ptr,
                    wptr or None, wbytes, self._stream(stream, kv))
@@ -679,7 +762,182 @@ class Plan:
         ws, wptr, wbytes = self._workspace("compress", like)
         self._call(self._lib.kvc_compress, "kvc_compress", self.context.handle, self.handle, ctypes.byref(s),
                    qptr or None, lptr, wptr or None, wbytes, self._stream(stream, like))
+        self._last_status["compress"] = (ws, self.info.compress_status_offset_bytes, 1)
         return ws.read_i32(self.info.keep_offset_bytes, self.info.keep_elems)
+
+    # -- every layer in one call ------------------------------------------------------------
+    # Per-layer arrays are the single-layer layouts stacked: shape (num_layers, elems), or flat.
+
+    def _layer_caches(self, caches):
+        """The shared descriptor (k = v = NULL) and the per-layer pool pointers of a list of PagedKV
+        that share one layout and page table."""
+        caches = list(caches) if not isinstance(caches, PagedKV) else [caches]
+        if not caches:
+            raise ValueError("caches: needs one PagedKV per layer, got none")
+        structs = [self._cache(c) for c in caches]
+        first = structs[0]
+        for i, s in enumerate(structs[1:], 1):
+            for f, _ in _lib.PagedKVStruct._fields_:
+                if f not in ("k", "v") and getattr(s, f) != getattr(first, f):
+                    raise ValueError(f"caches[{i}]: {f} is {getattr(s, f)} but caches[0]'s is {getattr(first, f)}; "
+                                     f"the layers must share one layout and page table")
+        desc = _lib.PagedKVStruct.from_buffer_copy(first)
+        desc.k = desc.v = None
+        return caches, desc, [s.k for s in structs], [s.v for s in structs]
+
+    def _stacked(self, obj, name, tag, layers, elems, writable=False):
+        v = _arrays.view(obj, name)
+        if v.size != layers * elems:
+            raise ValueError(f"{name}: expected {layers} layers x {elems} elements, got shape {v.shape}")
+        return self._flat(obj, name, tag, v.size, writable=writable) if v.size else v
+
+    def _pointers(self, ptrs, like, name, host_readable=False):
+        """An array of pointers the call can read: numpy on CPU; on CUDA device memory, or for the
+        score stage (which still reads the arrays on the host there) page-locked host memory."""
+        host = np.array([p or 0 for p in ptrs], dtype=np.uint64)
+        if not self.context.is_cuda:
+            return host, host.ctypes.data
+        lib = _arrays.alloc_lib(like)
+        if lib == "torch":
+            import torch
+
+            t = torch.from_numpy(host.view(np.int64))
+            arr = t.pin_memory() if host_readable else t.to(torch.device("cuda", like.device[1] or 0))
+            return arr, int(arr.data_ptr())
+        import cupy
+        import cupyx
+
+        if host_readable:
+            arr = cupyx.empty_pinned(host.shape, dtype=np.uint64)
+            arr[...] = host
+            return arr, int(arr.ctypes.data)
+        with cupy.cuda.Device(like.device[1] or 0):
+            arr = cupy.asarray(host)
+        return arr, int(arr.data.ptr)
+
+    def _layers_struct(self, k_ptrs, v_ptrs, like, queries=None, lse=None, host_readable=False):
+        keep_alive = []
+        arrays = {}
+        for name, ptrs in (("k", k_ptrs), ("v", v_ptrs), ("queries", queries), ("lse", lse)):
+            if ptrs is None:
+                arrays[name] = None
+                continue
+            arr, ptr = self._pointers(ptrs, like, f"layers.{name}", host_readable)
+            keep_alive.append(arr)
+            arrays[name] = ptr
+        s = _lib.LayersStruct(len(k_ptrs), arrays["k"], arrays["v"], arrays["queries"], arrays["lse"])
+        return s, keep_alive
+
+    def _layer_workspace(self, op, layers, like):
+        layout = self.workspace_layout(op, layers)
+        lib = _arrays.alloc_lib(like)
+        key = (op, layers, lib, like.device)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            ws = _arrays.Workspace(lib, like.device, max(1, layout.workspace_bytes))
+            self._workspaces[key] = ws
+        return ws, layout
+
+    def _layer_queries(self, queries, lse, layers):
+        if queries is None:
+            if self.info.obs_total > 0:
+                raise ValueError(f"queries: required, one array per layer (the plan has {self.info.obs_total} "
+                                 f"observation queries)")
+            q_ptrs = None
+        else:
+            queries = list(queries)
+            if len(queries) != layers:
+                raise ValueError(f"queries: {len(queries)} arrays for {layers} layers")
+            q_ptrs = [self._queries(q)[1] for q in queries]
+        if lse is None:
+            return q_ptrs, None
+        lse = list(lse)
+        if len(lse) != layers:
+            raise ValueError(f"lse: {len(lse)} arrays for {layers} layers")
+        return q_ptrs, [self._lse(x) for x in lse]
+
+    def score_layers(self, caches, queries=None, out=None, accumulate=False, stream=None, lse=None):
+        """kvc_score_layers: scores every layer (caches: one PagedKV per layer sharing one layout and
+        page table; queries and lse: one array per layer, an lse entry may be None). Returns `out`,
+        float32 (num_layers, score_elems)."""
+        caches, desc, k_ptrs, v_ptrs = self._layer_caches(caches)
+        layers, like = len(caches), caches[0]._kview
+        q_ptrs, l_ptrs = self._layer_queries(queries, lse, layers)
+        if accumulate and out is None:
+            raise ValueError("out: accumulate=True needs the score array to add to")
+        if out is None:
+            out = _arrays.empty(_arrays.alloc_lib(like), like.device, (layers, self.info.score_elems), "f32")
+        ov = self._stacked(out, "out", "f32", layers, self.info.score_elems, writable=True)
+        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs, host_readable=True)
+        ws, layout = self._layer_workspace("score", layers, like)
+        self._call(self._lib.kvc_score_layers, "kvc_score_layers", self.context.handle, self.handle,
+                   ctypes.byref(desc), ctypes.byref(st), ov.ptr, 1 if accumulate else 0, ws.ptr,
+                   layout.workspace_bytes, self._stream(stream, like))
+        return out
+
+    def select_layers(self, scores, out=None, stream=None):
+        """kvc_select_layers: scores float32 (num_layers, score_elems) in, keep int32
+        (num_layers, keep_elems) out."""
+        sv = _arrays.view(scores, "scores")
+        layers = sv.size // max(1, self.info.score_elems)
+        if layers < 1:
+            raise ValueError(f"scores: expected num_layers x {self.info.score_elems} elements, got shape {sv.shape}")
+        sv = self._stacked(scores, "scores", "f32", layers, self.info.score_elems)
+        if out is None:
+            out = _arrays.empty(_arrays.alloc_lib(sv), sv.device, (layers, self.info.keep_elems), "i32")
+        ov = self._stacked(out, "out", "i32", layers, self.info.keep_elems, writable=True)
+        ws, layout = self._layer_workspace("select", layers, sv)
+        self._call(self._lib.kvc_select_layers, "kvc_select_layers", self.context.handle, self.handle, layers, sv.ptr,
+                   ov.ptr, ws.ptr, layout.workspace_bytes, self._stream(stream, sv))
+        return out
+
+    def compact_layers(self, caches, keep, extras=(), stream=None):
+        """kvc_compact_layers: compacts every layer's pools by its keep rows (int32 (num_layers,
+        keep_elems)); each extra is float32 (num_layers, score_elems). Returns the caches; the status
+        array is plan.status('compact')."""
+        caches, desc, k_ptrs, v_ptrs = self._layer_caches(caches)
+        layers, like = len(caches), caches[0]._kview
+        kv = self._stacked(keep, "keep", "i32", layers, self.info.keep_elems)
+        views = [self._stacked(e, f"extras[{i}]", "f32", layers, self.info.score_elems, writable=True)
+                 for i, e in enumerate(list(extras or ()))]
+        ptrs = (ctypes.c_void_p * max(1, len(views)))(*[v.ptr for v in views])
+        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like)
+        ws, layout = self._layer_workspace("compact", layers, like)
+        self._call(self._lib.kvc_compact_layers, "kvc_compact_layers", self.context.handle, self.handle,
+                   ctypes.byref(desc), ctypes.byref(st), kv.ptr, ptrs if views else None, len(views), ws.ptr,
+                   layout.workspace_bytes, self._stream(stream, like))
+        self._last_status["compact"] = (ws, layout.status_offset_bytes, layers)
+        return caches
+
+    def retention_layers(self, keep, out=None, stream=None):
+        """kvc_retention_layers: keep int32 (num_layers, keep_elems) in, counts int32
+        (num_layers, count_elems) out."""
+        kv = _arrays.view(keep, "keep")
+        layers = kv.size // max(1, self.info.keep_elems)
+        kv = self._stacked(keep, "keep", "i32", max(1, layers), self.info.keep_elems)
+        if out is None:
+            out = _arrays.empty(_arrays.alloc_lib(kv), kv.device, (layers, self.info.count_elems), "i32")
+        if self.info.count_elems == 0:
+            return out
+        ov = self._stacked(out, "out", "i32", layers, self.info.count_elems, writable=True)
+        ws, layout = self._layer_workspace("retention", layers, kv)
+        self._call(self._lib.kvc_retention_layers, "kvc_retention_layers", self.context.handle, self.handle, layers,
+                   kv.ptr, ov.ptr, ws.ptr, layout.workspace_bytes, self._stream(stream, kv))
+        return out
+
+    def compress_layers(self, caches, queries=None, stream=None, lse=None):
+        """kvc_compress_layers: score + select + compact of every layer in one call. Returns the keep
+        indices, int32 (num_layers, keep_elems); the status array is plan.status('compress')."""
+        caches, desc, k_ptrs, v_ptrs = self._layer_caches(caches)
+        layers, like = len(caches), caches[0]._kview
+        q_ptrs, l_ptrs = self._layer_queries(queries, lse, layers)
+        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs, host_readable=True)
+        ws, layout = self._layer_workspace("compress", layers, like)
+        self._call(self._lib.kvc_compress_layers, "kvc_compress_layers", self.context.handle, self.handle,
+                   ctypes.byref(desc), ctypes.byref(st), ws.ptr, layout.workspace_bytes, self._stream(stream, like))
+        self._last_status["compress"] = (ws, layout.status_offset_bytes, layers)
+        return ws.read_i32(layout.keep_offset_bytes, layers * self.info.keep_elems).reshape(layers,
+                                                                                          self.info.keep_elems)
 
     def retention_rates(self, counts):
         """Per sequence a (num_kv_heads, spans_b) float array: kept fraction of each span."""

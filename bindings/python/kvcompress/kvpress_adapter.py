@@ -18,8 +18,14 @@ Methods (fairness 0, no spans: the same kept sets as kvpress's presses on the sa
   'tova'       TOVAPress
   'knorm'      KnormPress
   'streaming'  StreamingLLMPress(n_sink): set n_sink=4
-  'h2o'        ObservedAttentionPress: every prompt position is an observation query
-               (alias 'observed_attention')
+  'h2o'        ObservedAttentionPress: every prompt position is an observation query, with
+               span_local too (alias 'observed_attention')
+
+Spans from text: find_spans(tokenizer, prompt, fair=[instruction, ...], protect=[key phrase, ...])
+locates each text in a (chat-templated) prompt through the tokenizer's offset mapping and returns
+the FAIR spans covering the whole prompt (template tokens go to the adjacent instruction, as the
+paper's code does) and the PROTECT spans of the key phrases, ready for KvcPress(spans=...,
+protected=...).
 
 Queries: attention methods need the post-RoPE queries of the observation positions. They are
 computed from hidden_states with the module's q projection and kwargs["position_embeddings"], as
@@ -32,6 +38,9 @@ Importing this module needs neither torch nor kvpress; creating a press needs to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import List, NamedTuple, Tuple
+
+import numpy as np
 
 from .core import Context, Span
 
@@ -57,6 +66,93 @@ def compute_n_kept(k_len, compression_ratio):
     if compression_ratio >= 1.0:
         return 0
     return max(1, int(k_len * (1 - compression_ratio)))
+
+
+class PromptSpans(NamedTuple):
+    """find_spans' result: the prompt's token ids (feed exactly these to the model), the FAIR spans
+    and the PROTECT spans, as [(start, end), ...] token ranges."""
+
+    input_ids: List[int]
+    fair: List[Tuple[int, int]]
+    protect: List[Tuple[int, int]]
+
+
+def _locate(prompt, text, what):
+    """The one character range of `text` in `prompt`; ValueError if absent or repeated."""
+    if not text:
+        raise ValueError(f"{what}: empty text")
+    at = prompt.find(text)
+    if at < 0:
+        raise ValueError(f"{what}: text not found in the prompt: {text[:60]!r}")
+    again = prompt.find(text, at + 1)
+    if again >= 0:
+        raise ValueError(f"{what}: text occurs more than once in the prompt (characters {at} and {again}); "
+                         f"pass a longer, unique text: {text[:60]!r}")
+    return at, at + len(text)
+
+
+def _token_range(offsets, c0, c1, what):
+    """Tokens whose characters overlap [c0, c1) (a token straddling an edge belongs to the text)."""
+    hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < c1 and b > c0]
+    if not hits:
+        raise ValueError(f"{what}: the text maps to no token of the prompt (offsets missing?)")
+    return hits[0], hits[-1] + 1
+
+
+def find_spans(tokenizer, prompt, fair=(), protect=(), add_special_tokens=False, cover=True):
+    """FAIR spans of the instruction texts `fair` and PROTECT spans of the key phrases `protect` in
+    `prompt`, as token ranges of the prompt's tokenization.
+
+    tokenizer  a Hugging Face tokenizer with offset mappings (a "fast" tokenizer)
+    prompt     the text the model sees, e.g. tokenizer.apply_chat_template(messages, tokenize=False);
+               or its token ids (e.g. a kvpress pipeline's preprocess()["context_ids"]), which are
+               decoded and must tokenize back to the same ids
+    fair       instruction texts, each occurring exactly once in the prompt
+    protect    key phrases to whitelist, each occurring exactly once
+    cover      True: the FAIR spans are widened to cover the whole prompt (what span_local needs):
+               tokens before the first instruction (BOS, the template header) go to the first, tokens
+               between two instructions to the later one, tokens after the last to the last (the
+               paper's code gives the earlier span [0, its end) and the later [its start, n)).
+               False: exactly the tokens overlapping each text.
+
+    Returns PromptSpans(input_ids, fair, protect). A text that is absent, occurs twice, or shares
+    all its tokens with another instruction raises ValueError naming it.
+    """
+    ids_given = not isinstance(prompt, str)
+    text = prompt
+    if ids_given:
+        ids = [int(t) for t in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
+        text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    try:
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
+    except NotImplementedError as e:
+        raise TypeError("find_spans needs a tokenizer with offset mappings (a Hugging Face fast tokenizer)") from e
+    input_ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    if ids_given and input_ids != ids:
+        raise ValueError("prompt: the given token ids do not tokenize back from their decoded text; "
+                         "pass the prompt text instead")
+    n = len(input_ids)
+    found = sorted((_locate(text, t, f"fair[{i}]") + (i,) for i, t in enumerate(fair)))
+    spans = []
+    for c0, c1, i in found:
+        s, e = _token_range(offsets, c0, c1, f"fair[{i}]")
+        if spans and s < spans[-1][1]:
+            if found[len(spans) - 1][1] > c0:
+                raise ValueError(f"fair[{i}] overlaps fair[{found[len(spans) - 1][2]}] in the prompt")
+            s = spans[-1][1]  # a token shared by two adjacent texts goes to the earlier one
+            if s >= e:
+                raise ValueError(f"fair[{i}]: all its tokens are shared with the previous instruction")
+        spans.append((s, e))
+    if cover and spans:
+        starts = [0] + [end for _, end in spans[:-1]]
+        ends = [end for _, end in spans[:-1]] + [n]
+        spans = list(zip(starts, ends))
+    fair_spans = [None] * len(found)  # back to the order the texts were given in
+    for (_, _, i), span in zip(found, spans):
+        fair_spans[i] = span
+    prot = [_token_range(offsets, *_locate(text, t, f"protect[{i}]"), f"protect[{i}]")
+            for i, t in enumerate(protect)]
+    return PromptSpans(input_ids, fair_spans, prot)
 
 
 _press_cls = None
@@ -114,11 +210,19 @@ class KvcPress:
     protected          whitelisted ranges [(start, end), ...] (same forms), always kept
     fairness           lambda in [0, 1]: 0 = plain policy, 1 = every span keeps the same share
     span_local         score each FAIR span on its own (the paper's fair variants)
+    quota_rounding     'largest_remainder' | 'later_first' (the paper code's floor-then-rest)
+    window_protection  'protected' | 'ranked' (the paper code's max-score window, see the README)
+    span_softmax       'local': with span_local, each span's queries are normalised over the span's
+                       keys; 'causal': over their whole causal prefix, the slice of the full
+                       attention the paper's code uses (computed here and passed as kvc_score's lse)
     query_fn           optional (module, hidden_states, positions, kwargs) -> post-RoPE queries
     inplace            compact the given key/value tensors in place (True) or a copy (False)
 
     After compress(): ``last_keep`` (batch, kv_heads, n_kept) kept indices, ``last_plan`` the plan,
-    ``last_retention`` (batch, kv_heads, spans) kept counts per span (None without spans).
+    ``last_retention`` (batch, kv_heads, spans) kept counts per span (None without spans), and for
+    every layer compressed in the current forward pass (keyed by the attention module's layer_idx;
+    a new pass starts when a layer seen before is compressed again) ``keep_by_layer`` and
+    ``retention_by_layer``; ``span_keep_rates()`` averages the latter over layers and KV heads.
     """
 
     compression_ratio: float = 0.0
@@ -133,11 +237,16 @@ class KvcPress:
     span_local: bool = False
     pool: str = "avg"
     group_reduce: str = "mean"
+    quota_rounding: str = "largest_remainder"
+    window_protection: str = "protected"
+    span_softmax: str = "local"
     query_fn: object = None
     inplace: bool = True
     last_keep: object = field(default=None, init=False, repr=False, compare=False)
     last_plan: object = field(default=None, init=False, repr=False, compare=False)
     last_retention: object = field(default=None, init=False, repr=False, compare=False)
+    keep_by_layer: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    retention_by_layer: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __new__(cls, *args, **kwargs):
         if cls is KvcPress:
@@ -155,6 +264,8 @@ class KvcPress:
         self.method = _METHOD_ALIASES[key]
         if not 0 <= self.fairness <= 1:
             raise ValueError(f"fairness must be in [0, 1], got {self.fairness}")
+        if self.span_softmax not in ("local", "causal"):
+            raise ValueError(f"span_softmax: expected 'local' or 'causal', got {self.span_softmax!r}")
         self._contexts = {}
 
     # kvpress's BasePress.post_init_from_model hook (no-op here)
@@ -226,10 +337,16 @@ class KvcPress:
             raise TypeError(f"keys: dtype {keys.dtype} is not supported (float32, float16, bfloat16)")
         ctx = self._context(keys.device)
         n_kept = compute_n_kept(n, self.compression_ratio)
-        window = n if self.method == "h2o" else self.window_size
         spans = self._spans_for(module, keys, kwargs)
+        window = self.window_size
+        if self.method == "h2o":
+            # every position observes: with span_local the library splits the window across the FAIR
+            # spans, ceil(left / spans left) each, so n per span lets every span use all its tokens
+            fair = max((sum(s.kind == "fair" for s in row) for row in spans or ()), default=0)
+            window = n * max(1, fair if self.span_local else 1)
         key = (str(keys.device), dtype, bsz, h_q, h_kv, n, d, n_kept, window, self.method, self.kernel_size,
                self.pool, self.group_reduce, self.span_local, self.n_sink, self.n_recent, self.fairness,
+               self.quota_rounding, self.window_protection,
                None if spans is None else tuple(tuple(r) for r in spans))
         cached = self.__dict__.get("_plan_cache")
         if cached is not None and cached[0] == key and not cached[1].closed:
@@ -237,10 +354,11 @@ class KvcPress:
         if cached is not None:
             self._retire(cached[1])
         plan = ctx.plan(num_q_heads=h_q, num_kv_heads=h_kv, head_dim=d, seq_lens=[n] * bsz, budgets=[n_kept] * bsz,
-                        spans=self._spans_for(module, keys, kwargs), method=self.method, dtype=dtype, window=window,
+                        spans=spans, method=self.method, dtype=dtype, window=window,
                         pool_kernel=self.kernel_size, pool=self.pool, group_reduce=self.group_reduce,
                         span_local=self.span_local, sink_tokens=self.n_sink, recent_tokens=self.n_recent,
-                        fairness=self.fairness)
+                        fairness=self.fairness, quota_rounding=self.quota_rounding,
+                        window_protection=self.window_protection)
         self.__dict__["_plan_cache"] = (key, plan)
         return plan
 
@@ -275,6 +393,27 @@ class KvcPress:
         q = q[seq.to(q.device), :, cols.to(q.device), :]  # (obs_total, num_q_heads, head_dim)
         return q.to(keys.dtype).contiguous()
 
+    def _lse(self, plan, keys, queries):
+        """span_softmax='causal': each observation row's log-sum-exp over its whole causal prefix
+        [0, p] (float32 (obs_total, num_q_heads)), so the library's span-local scores become the
+        full causal attention sliced to the span. None when the library's own normaliser applies."""
+        if self.span_softmax != "causal" or not self.span_local or queries is None:
+            return None
+        torch = _require_torch()
+        h_q, h_kv = queries.shape[1], keys.shape[1]
+        out = torch.empty(queries.shape[0], h_q, dtype=torch.float32, device=queries.device)
+        positions = torch.as_tensor(plan.obs_positions, device=keys.device).long()
+        scale = keys.shape[-1] ** -0.5  # the plan's default softmax scale (the press sets none)
+        for b in range(plan.batch):
+            r0, r1 = int(plan.obs_indptr[b]), int(plan.obs_indptr[b + 1])
+            k = keys[b].float().repeat_interleave(h_q // h_kv, dim=0)  # (h_q, n, d)
+            for c in range(r0, r1, 256):  # rows in chunks: (rows, h_q, n) logits at a time
+                rows = slice(c, min(r1, c + 256))
+                logits = torch.einsum("rhd,hnd->rhn", queries[rows].float(), k) * scale
+                future = torch.arange(keys.shape[2], device=keys.device)[None, :] > positions[rows, None]
+                out[rows] = logits.masked_fill(future[:, None, :], float("-inf")).logsumexp(-1)
+        return out
+
     # ------------------------------------------------------------------------------------
     # kvpress interface
     def score(self, module, hidden_states, keys, values, attentions, kwargs):
@@ -284,7 +423,7 @@ class KvcPress:
 
         plan = self._plan(module, keys, kwargs)
         queries = self._queries(plan, module, hidden_states, keys, kwargs)
-        scores = plan.score(hf_cache(keys, values), queries)
+        scores = plan.score(hf_cache(keys, values), queries, lse=self._lse(plan, keys, queries))
         return scores.view(keys.shape[0], keys.shape[1], keys.shape[2])
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
@@ -299,14 +438,32 @@ class KvcPress:
         plan = self._plan(module, keys, kwargs)
         queries = self._queries(plan, module, hidden_states, keys, kwargs)
         cache = hf_cache(keys, values)
-        keep = plan.select(plan.score(cache, queries))
+        keep = plan.select(plan.score(cache, queries, lse=self._lse(plan, keys, queries)))
         plan.compact(cache, keep)
         bsz, h_kv = keys.shape[0], keys.shape[1]
         k = int(plan.new_lengths[0])
         self.last_keep = keep.view(bsz, h_kv, k)
         self.last_retention = plan.retention(keep).view(bsz, h_kv, -1) if plan.info.total_spans else None
         self.last_plan = plan
+        layer = getattr(module, "layer_idx", None)
+        if layer is None:
+            layer = len(self.keep_by_layer)
+        elif layer in self.keep_by_layer:  # a layer compressed again: a new forward pass
+            self.keep_by_layer.clear()
+            self.retention_by_layer.clear()
+        self.keep_by_layer[layer] = self.last_keep
+        if self.last_retention is not None:
+            self.retention_by_layer[layer] = self.last_retention
         return keys[:, :, :k].contiguous(), values[:, :, :k].contiguous()
+
+    def span_keep_rates(self):
+        """(batch, spans) numpy float64: the kept fraction of each span of last_plan (its order:
+        kvcompress.Plan.spans), averaged over the layers of retention_by_layer and the KV heads."""
+        if not self.retention_by_layer or self.last_plan is None:
+            raise ValueError("span_keep_rates: no spans were compressed yet (give spans= or protected=)")
+        counts = np.stack([c.detach().cpu().numpy() for c in self.retention_by_layer.values()])
+        lengths = np.array([[len(s) for s in row] for row in self.last_plan.spans], dtype=np.float64)
+        return counts.mean(axis=(0, 2)) / lengths
 
     def close(self):
         cached = self.__dict__.pop("_plan_cache", None)
@@ -319,4 +476,4 @@ class KvcPress:
 
 LibKVCompressPress = KvcPress
 
-__all__ = ["KvcPress", "LibKVCompressPress", "compute_n_kept"]
+__all__ = ["KvcPress", "LibKVCompressPress", "PromptSpans", "compute_n_kept", "find_spans"]

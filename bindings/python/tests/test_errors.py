@@ -56,7 +56,7 @@ def test_no_device_or_cuda(ctx):
     try:
         c = kvc.Context("cuda", 0)
     except kvc.NoDeviceError as e:
-        assert e.status_name == "KVC_ERROR_NO_DEVICE" and "cuda" in str(e)
+        assert e.status_name == "KVC_ERROR_NO_DEVICE" and "cuda" in str(e).lower()
     else:
         c.close()
         pytest.skip("this library has a usable CUDA device: no NO_DEVICE error to provoke")
@@ -174,7 +174,7 @@ def test_score_keep_count_arrays(ctx):
         plan.select(np.zeros(n, np.float32), out=np.zeros(plan.info.keep_elems, np.int64))
     with pytest.raises(TypeError, match="keep: dtype must be int32"):
         plan.retention(np.zeros(plan.info.keep_elems, np.int64))
-    with pytest.raises(ValueError, match="out: expected a C-contiguous int32"):
+    with pytest.raises(ValueError, match=r"out: expected 2 elements \(count layout\)"):
         plan.retention(np.zeros(plan.info.keep_elems, np.int32), out=np.zeros(5, np.int32))
     with pytest.raises(ValueError, match="extras\\[0\\]"):
         plan.compact(kvc.hf_cache(*hf()), np.zeros(plan.info.keep_elems, np.int32), extras=[np.zeros(3, np.float32)])

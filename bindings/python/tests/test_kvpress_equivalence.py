@@ -2,9 +2,6 @@
 SnapKVPress, TOVAPress, KnormPress, StreamingLLMPress and ObservedAttentionPress on the same tensors
 (ties aside: where the sets differ, kvpress's scores at the differing positions must tie with its
 k-th score within tolerance). Skipped, visibly, when kvpress or torch is not installed."""
-import math
-from types import SimpleNamespace
-
 import pytest
 
 torch = pytest.importorskip("torch", reason="kvpress/torch not installed (torch missing)")
@@ -15,50 +12,15 @@ from kvpress.presses.scorer_press import ScorerPress  # noqa: E402
 
 from kvcompress import Span  # noqa: E402
 from kvcompress.kvpress_adapter import KvcPress, compute_n_kept  # noqa: E402
+from torch_layer import make_layer  # noqa: E402
 
 B, HQ, HKV, D, HIDDEN, N = 2, 8, 2, 32, 64, 200
 WINDOW, KERNEL, RATIO = 16, 5, 0.5
 
 
-class FakeAttention(torch.nn.Module):
-    """The attributes kvpress's presses read from a Llama-style attention layer."""
-
-    def __init__(self):
-        super().__init__()
-        self.config = SimpleNamespace(num_attention_heads=HQ, num_key_value_heads=HKV)
-        self.head_dim = D
-        self.layer_idx = 0
-        self.q_proj = torch.nn.Linear(HIDDEN, HQ * D, bias=False)
-
-
-def rope_tables(n, d):
-    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    freqs = torch.arange(n, dtype=torch.float32)[:, None] * inv[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos()[None].expand(B, n, d).contiguous(), emb.sin()[None].expand(B, n, d).contiguous()
-
-
-def rotate_half(x):
-    return torch.cat([-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]], dim=-1)
-
-
 @pytest.fixture(scope="module")
 def layer():
-    torch.manual_seed(0)
-    module = FakeAttention().eval()
-    hidden = torch.randn(B, N, HIDDEN)
-    keys = torch.randn(B, HKV, N, D)
-    values = torch.randn(B, HKV, N, D)
-    cos, sin = rope_tables(N, D)
-    with torch.no_grad():
-        q = module.q_proj(hidden).view(B, N, HQ, D).transpose(1, 2)
-        q = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
-        k_rep = keys.repeat_interleave(HQ // HKV, dim=1)
-        logits = q @ k_rep.transpose(2, 3) / math.sqrt(D)
-        logits = logits + torch.triu(torch.full((N, N), float("-inf")), diagonal=1)
-        attn = torch.softmax(logits, dim=-1)
-    kwargs = {"position_embeddings": (cos, sin)}
-    return SimpleNamespace(module=module, hidden=hidden, keys=keys, values=values, attn=attn, kwargs=kwargs)
+    return make_layer(B, HQ, HKV, D, HIDDEN, N)
 
 
 CASES = [

@@ -54,7 +54,10 @@ def test_candidates_order(monkeypatch):
     cands = _lib.candidates()
     kinds = [c[0] for c in cands]
     assert kinds[-2:] == ["ctypes.util.find_library('kvcompress')", "system loader"]
-    if _lib.repo_root() is not None:  # editable install / source tree: build trees come first
+    bundled = os.path.join(os.path.dirname(_lib.__file__), _lib._soname())
+    if os.path.isfile(bundled):  # an installed wheel: its own library comes first
+        assert cands[0] == ("bundled with the package", bundled)
+    elif _lib.repo_root() is not None:  # editable install / source tree: build trees come first
         assert kinds[0] == "repository build tree"
     monkeypatch.setenv("KVCOMPRESS_LIBRARY", "/x/libkvcompress.so")
     assert _lib.candidates() == [("$KVCOMPRESS_LIBRARY", "/x/libkvcompress.so")]
@@ -80,6 +83,10 @@ def test_plan_defaults_equal_kvc_plan_desc_init():
         assert defaults[name] == getattr(desc, name), name
     assert defaults["scale"] == desc.scale and defaults["fairness"] == desc.fairness
     assert int(defaults["span_local"]) == desc.span_local
+    from kvcompress.core import QUOTA_ROUNDINGS, WINDOW_PROTECTIONS
+
+    assert QUOTA_ROUNDINGS[defaults["quota_rounding"]] == desc.quota_rounding
+    assert WINDOW_PROTECTIONS[defaults["window_protection"]] == desc.window_protection
     assert defaults["spans"] is None
 
 

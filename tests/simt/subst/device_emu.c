@@ -6,7 +6,10 @@
 #include "device.h"
 #include "internal.h"
 
-int kvc_device_count(void) { return 1; }
+int kvc_device_count(char *detail, size_t cap) {
+  (void)detail, (void)cap;
+  return 1;
+}
 
 kvc_status_t kvc_device_enter(int device, int *previous, char *detail, size_t cap) {
   *previous = 0;
@@ -35,14 +38,4 @@ kvc_status_t kvc_device_upload_async(void *dst, const void *src, size_t bytes, k
   return KVC_SUCCESS;
 }
 
-/* No cuBLAS under the emulator (tests/simt/subst/score_gemm_emu.cpp is a host GEMM): a dummy
- * non-NULL handle, so the CUDA backend's code paths run as on a GPU. */
-static int kvc_emu_blas_handle;
-
-kvc_status_t kvc_blas_create(void **handle, char *detail, size_t cap) {
-  (void)detail, (void)cap;
-  *handle = &kvc_emu_blas_handle;
-  return KVC_SUCCESS;
-}
-
-void kvc_blas_destroy(void *handle) { (void)handle; }
+int kvc_device_host_readable(const void *ptr) { return ptr != NULL; }
