@@ -482,6 +482,8 @@ typedef enum {
  *     C0 = max(1, min(ceil(1024 / R), ceil(n_max / 512))),  S = 64 * ceil(ceil(n_max / C0) / 64),
  *     C = ceil(n_max / S)   (keys per split: S).
  * Never the [heads x window x n] attention matrix, nor any logit. 0 for KNORM and STREAMING.
+ * Over L layers (kvc_plan_workspace_layout) each of the three terms is L times its size, before
+ * the rounding: every layer's normalisers and head scores live at once (one launch for all).
  * SELECT on CUDA, with R = num_kv_heads rows per sequence (1 for TOVA) and P the batch's partitions
  * (FAIR spans, plus one implicit partition per sequence that has tokens outside them): 16 * R * P
  * bytes of partition thresholds; and for the rows split across blocks (sequences longer than the
@@ -756,11 +758,22 @@ KVC_API kvc_status_t kvc_gather_queries(kvc_context_t ctx, kvc_plan_t plan, cons
  * device: a layer whose pools fail the checks a single-layer descriptor's pools get (present,
  * distinct, no K row overlapping a V row, aligned) is left untouched by compaction
  * (KVC_COMPACT_BAD_POOL).
- * The score stage on CUDA is the exception today: kvc_score_layers and the first stage of
- * kvc_compress_layers run one scoring pass per layer from the host, so on CUDA they read k, v,
- * queries and lse on the host and need them in page-locked host memory (cudaHostAlloc /
- * cudaMallocHost), which the kernels can read too; device memory there is
- * KVC_ERROR_NOT_SUPPORTED. The other stages are one launch per kernel for all layers.
+ * Scoring on CUDA (kvc_score_layers, the first stage of kvc_compress_layers) refuses nothing it
+ * would have to read on the host either. A layer it cannot read, i.e. (for every method but
+ * STREAMING, which reads neither) layers->k[l] NULL or not 16-byte aligned, or (SNAPKV, H2O, TOVA
+ * with observation queries) layers->queries[l] NULL or not 16-byte aligned or layers->lse[l] not
+ * 4-byte aligned, is not read at all and scores as if every element of its K pool were NaN (the
+ * non-finite rule): every key the method scores gets NaN (also when accumulating: NaN + x is NaN),
+ * the keys it does not score +inf as always; the other layers are unaffected. NaN, not leaving the
+ * scores as they were, so that a stale or uninitialised score can never pass for a real one: the
+ * engine sees the bad layer in its scores, selection orders NaN below every number, and in
+ * kvc_compress_layers a NULL or misaligned K pool also fails compaction's pool check, which leaves
+ * that layer's pools untouched (KVC_COMPACT_BAD_POOL). A layer with bad queries but good pools is
+ * compacted by that NaN ranking, so an engine that may pass a NULL query pointer should check its
+ * scores or use kvc_score_layers first. The CPU backend, which reads the arrays on the host,
+ * refuses such a layer with KVC_ERROR_INVALID_VALUE naming it, before anything is written, as the
+ * single-layer calls do on both backends. On CUDA num_layers * num_kv_heads must be at most 65535
+ * (the score kernels' grid), else KVC_ERROR_NOT_SUPPORTED (from kvc_plan_workspace_layout too).
  */
 typedef struct {
   int32_t num_layers;          /* L >= 1                                                          */
@@ -781,10 +794,12 @@ typedef struct {
  * Which terms of kvc_plan_workspace_size's list scale with num_layers: SELECT on CUDA all of them
  * (each layer's thresholds and split-row histograms), on CPU none (one row at a time); COMPACT the
  * status array and the chunk flags, while the page-table check (CPU scratch, CUDA claim table) is
- * done once for all layers; SCORE none (the layers are scored one after another today);
- * COMPRESS the keep and score layouts, then the largest stage. So the plan needs no layer count:
- * ask here for the L you will pass. INVALID_VALUE if plan or layout is NULL, op unknown or
- * num_layers < 1 (or the size overflows). */
+ * done once for all layers; SCORE on CUDA all of them (the three terms of kvc_plan_workspace_size
+ * for SNAPKV, H2O and TOVA, each L times: all layers are scored in one launch per kernel), on CPU
+ * none (one layer after another); COMPRESS the keep and score layouts, then the largest stage. So
+ * the plan needs no layer count: ask here for the L you will pass. INVALID_VALUE if plan or layout
+ * is NULL, op unknown or num_layers < 1 (or the size overflows); NOT_SUPPORTED (SCORE, COMPRESS on
+ * CUDA) if num_layers * num_kv_heads exceeds 65535. */
 typedef struct {
   size_t workspace_bytes;
   size_t keep_offset_bytes;
