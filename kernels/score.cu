@@ -368,7 +368,9 @@ __global__ void __launch_bounds__(kThreads)
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const int64_t p = p0 + 16 * warp + (lane >> 2) + 8 * rr;
     if (quad != 0 || p >= pairs) continue;
-    const int64_t idx = ((int64_t)layer * plan.obs_total + obs0 + p / G) * plan.num_q_heads + h * G + p % G;
+    /* the layer from blockIdx.y again: `layer` held through the loop made the generic-D kernels spill */
+    const int64_t row = (int64_t)(blockIdx.y / plan.num_kv_heads) * plan.obs_total + obs0 + p / G;
+    const int64_t idx = row * plan.num_q_heads + h * G + p % G;
     if (splits.count == 1) lse2[idx] = m[rr] + log2f(sum);
     else partials[idx * splits.count + split] = make_float2(m[rr], sum);
   }
@@ -530,8 +532,9 @@ __global__ void __launch_bounds__(kThreads)
         const int32_t head_row = groups.per_head ? h * G + gi : h;
         const float total = ((warp_sums[0][threadIdx.x] + warp_sums[1][threadIdx.x]) + warp_sums[2][threadIdx.x]) +
                             warp_sums[3][threadIdx.x];
-        head_scores[plan.num_q_heads * (layer * plan.total_tokens + plan.token_offsets[b]) + (int64_t)head_row * n + j0 +
-                    threadIdx.x] =
+        const int64_t layer_at = blockIdx.y / plan.num_kv_heads; /* not `layer`: as at the normaliser's end */
+        head_scores[plan.num_q_heads * (layer_at * plan.total_tokens + plan.token_offsets[b]) + (int64_t)head_row * n +
+                    j0 + threadIdx.x] =
             total / divisor[threadIdx.x];
       }
     }
