@@ -758,22 +758,23 @@ KVC_API kvc_status_t kvc_gather_queries(kvc_context_t ctx, kvc_plan_t plan, cons
  * device: a layer whose pools fail the checks a single-layer descriptor's pools get (present,
  * distinct, no K row overlapping a V row, aligned) is left untouched by compaction
  * (KVC_COMPACT_BAD_POOL).
- * Scoring on CUDA (kvc_score_layers, the first stage of kvc_compress_layers) refuses nothing it
- * would have to read on the host either. A layer it cannot read, i.e. (for every method but
- * STREAMING, which reads neither) layers->k[l] NULL or not 16-byte aligned, or (SNAPKV, H2O, TOVA
- * with observation queries) layers->queries[l] NULL or not 16-byte aligned or layers->lse[l] not
- * 4-byte aligned, is not read at all and scores as if every element of its K pool were NaN (the
- * non-finite rule): every key the method scores gets NaN (also when accumulating: NaN + x is NaN),
- * the keys it does not score +inf as always; the other layers are unaffected. NaN, not leaving the
- * scores as they were, so that a stale or uninitialised score can never pass for a real one: the
- * engine sees the bad layer in its scores, selection orders NaN below every number, and in
- * kvc_compress_layers a NULL or misaligned K pool also fails compaction's pool check, which leaves
- * that layer's pools untouched (KVC_COMPACT_BAD_POOL). A layer with bad queries but good pools is
- * compacted by that NaN ranking, so an engine that may pass a NULL query pointer should check its
- * scores or use kvc_score_layers first. The CPU backend, which reads the arrays on the host,
- * refuses such a layer with KVC_ERROR_INVALID_VALUE naming it, before anything is written, as the
- * single-layer calls do on both backends. On CUDA num_layers * num_kv_heads must be at most 65535
- * (the score kernels' grid), else KVC_ERROR_NOT_SUPPORTED (from kvc_plan_workspace_layout too).
+ * Scoring on CUDA (kvc_score_layers, the first stage of kvc_compress_layers) likewise reads the
+ * arrays only in its kernels. A layer they cannot read: layers->k[l] NULL or not 16-byte aligned
+ * (every method but STREAMING, which reads neither K nor queries), or, for SNAPKV, H2O and TOVA
+ * with observation queries, layers->queries[l] NULL or not 16-byte aligned or layers->lse[l] not
+ * 4-byte aligned. Such a layer is not read at all and scores as if every element of its K pool
+ * were NaN (the non-finite rule): NaN for every key the method scores (accumulating too: NaN + x
+ * is NaN), +inf for the keys it does not score, as always; the other layers are unaffected. NaN
+ * rather than leaving the scores as they were, so that stale or uninitialised scores never pass for
+ * real ones: the engine can see the bad layer in its scores, and selection orders NaN below every
+ * number. In kvc_compress_layers a NULL or misaligned K pool also fails compaction's pool check,
+ * which leaves that layer untouched (KVC_COMPACT_BAD_POOL); a layer with bad queries but good
+ * pools is compacted by its NaN scores (nothing flags it), so an engine that cannot rule that out
+ * should score with kvc_score_layers and check. The CPU backend reads the arrays on the host and
+ * refuses a NULL pool or query pointer with KVC_ERROR_INVALID_VALUE naming the layer, before
+ * anything is written (it needs no 16-byte alignment). On CUDA num_layers * num_kv_heads must be
+ * at most 65535 (the score kernels' grid), else KVC_ERROR_NOT_SUPPORTED, from
+ * kvc_plan_workspace_layout (SCORE, COMPRESS) as from the calls.
  */
 typedef struct {
   int32_t num_layers;          /* L >= 1                                                          */

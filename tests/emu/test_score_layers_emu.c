@@ -335,42 +335,66 @@ Test(score_layers_emu, unreadable_layer_scores_as_nan_keys, .timeout = 1200) {
     }
 }
 
-/* kvc_compress_layers with layer 1's K pool NULL: its scores are NaN, compaction's pool check
- * leaves its pools untouched and flags every sequence of it; the other layers are compressed as
- * single calls do. */
-Test(score_layers_emu, compress_layers_with_a_null_k_pool_leaves_that_layer, .timeout = 600) {
+/* kvc_compress_layers with layer 1's K pool NULL: compaction's pool check leaves that layer's pools
+ * untouched and flags every sequence of it. With its queries NULL instead (good pools), the layer
+ * is compacted by its NaN scores: the keep layout a single kvc_compress makes of a NaN K pool, and
+ * the pools kvc_compact makes of that keep layout. The other layers are compressed as single calls
+ * do either way. */
+Test(score_layers_emu, compress_layers_with_an_unreadable_layer, .timeout = 600) {
   const layer_case_t c = {KVC_SCORE_SNAPKV, KVC_DTYPE_BF16, 32, 2, 16, 0};
-  layer_run_t r;
-  setup(&r, KVC_BACKEND_CUDA, &c, 400);
-  kvc_test_layers_t *batched = kvc_test_layers_clone(r.layers);
-  layer_run_t view_of_batched = r;
-  view_of_batched.layers = batched;
-  layer_arrays_t a = arrays_of(&view_of_batched, 0);
-  a.k[1] = NULL;
-  kvc_workspace_layout_t layout;
-  cr_assert_eq(kvc_plan_workspace_layout(r.plan, KVC_OP_COMPRESS, L, &layout), KVC_SUCCESS);
-  void *ws = kvc_test_workspace_new(layout.workspace_bytes);
-  cr_assert_eq(kvc_compress_layers(r.ctx, r.plan, &batched->desc, &a.view, ws, layout.workspace_bytes, NULL),
-               KVC_SUCCESS, "%s", kvc_last_error(r.ctx));
-  const int32_t *flags = (const int32_t *)((const char *)ws + layout.status_offset_bytes);
-  size_t single_bytes = 0;
-  cr_assert_eq(kvc_plan_workspace_size(r.plan, KVC_OP_COMPRESS, &single_bytes), KVC_SUCCESS);
-  void *single_ws = kvc_test_workspace_new(single_bytes);
-  for (int32_t l = 0; l < L; ++l) {
-    kvc_test_cache_t *single = kvc_test_cache_clone(r.layers->cache[l]);
-    if (l != 1)
-      cr_assert_eq(kvc_compress(r.ctx, r.plan, &single->desc, r.queries[l], NULL, single_ws, single_bytes, NULL),
-                   KVC_SUCCESS, "%s", kvc_last_error(r.ctx));
-    for (int32_t b = 0; b < BATCH; ++b)
-      cr_assert_eq(flags[l * BATCH + b], l == 1 ? KVC_COMPACT_BAD_POOL : 0, "layer %d sequence %d", l, b);
-    cr_assert(memcmp(batched->cache[l]->k, single->k, single->pool_bytes) == 0, "layer %d: K pool", l);
-    cr_assert(memcmp(batched->cache[l]->v, single->v, single->pool_bytes) == 0, "layer %d: V pool", l);
-    kvc_test_cache_free(single);
+  static const bad_t bads[] = {K_NULL, QUERIES_NULL};
+  for (int i = 0; i < 2; ++i) {
+    layer_run_t r;
+    setup(&r, KVC_BACKEND_CUDA, &c, 400 + (uint64_t)i);
+    kvc_test_layers_t *batched = kvc_test_layers_clone(r.layers);
+    layer_run_t view_of_batched = r;
+    view_of_batched.layers = batched;
+    layer_arrays_t a = arrays_of(&view_of_batched, 0);
+    if (bads[i] == K_NULL) a.k[1] = NULL;
+    else a.queries[1] = NULL;
+    kvc_workspace_layout_t layout;
+    cr_assert_eq(kvc_plan_workspace_layout(r.plan, KVC_OP_COMPRESS, L, &layout), KVC_SUCCESS);
+    void *ws = kvc_test_workspace_new(layout.workspace_bytes);
+    cr_assert_eq(kvc_compress_layers(r.ctx, r.plan, &batched->desc, &a.view, ws, layout.workspace_bytes, NULL),
+                 KVC_SUCCESS, "%s", kvc_last_error(r.ctx));
+    const int32_t *flags = (const int32_t *)((const char *)ws + layout.status_offset_bytes);
+    size_t single_bytes = 0, compact_bytes = 0;
+    cr_assert_eq(kvc_plan_workspace_size(r.plan, KVC_OP_COMPRESS, &single_bytes), KVC_SUCCESS);
+    cr_assert_eq(kvc_plan_workspace_size(r.plan, KVC_OP_COMPACT, &compact_bytes), KVC_SUCCESS);
+    void *single_ws = kvc_test_workspace_new(single_bytes), *compact_ws = kvc_test_workspace_new(compact_bytes);
+    for (int32_t l = 0; l < L; ++l) {
+      kvc_test_cache_t *single = kvc_test_cache_clone(r.layers->cache[l]);
+      const int32_t *want = (const int32_t *)((const char *)single_ws + r.info.keep_offset_bytes);
+      if (l != 1) {
+        cr_assert_eq(kvc_compress(r.ctx, r.plan, &single->desc, r.queries[l], NULL, single_ws, single_bytes, NULL),
+                     KVC_SUCCESS, "%s", kvc_last_error(r.ctx));
+      } else if (bads[i] == QUERIES_NULL) {
+        kvc_test_cache_t *oracle = nan_keys(single, c.dtype);
+        cr_assert_eq(kvc_compress(r.ctx, r.plan, &oracle->desc, r.queries[l], NULL, single_ws, single_bytes, NULL),
+                     KVC_SUCCESS, "%s", kvc_last_error(r.ctx));
+        cr_assert_eq(kvc_compact(r.ctx, r.plan, &single->desc, want, NULL, 0, compact_ws, compact_bytes, NULL),
+                     KVC_SUCCESS, "%s", kvc_last_error(r.ctx));
+        kvc_test_cache_free(oracle);
+      }
+      const int32_t *got = (const int32_t *)((const char *)ws + layout.keep_offset_bytes) + l * r.info.keep_elems;
+      const int compacted = l != 1 || bads[i] == QUERIES_NULL;
+      for (int64_t e = 0; compacted && e < r.info.keep_elems; ++e)
+        cr_assert_eq(got[e], want[e], "%s, layer %d: keep element %lld is %d, the single call's %d",
+                     kBadNames[bads[i]], l, (long long)e, got[e], want[e]);
+      const int32_t flag = l == 1 && bads[i] == K_NULL ? KVC_COMPACT_BAD_POOL : 0;
+      for (int32_t b = 0; b < BATCH; ++b)
+        cr_assert_eq(flags[l * BATCH + b], flag, "%s, layer %d sequence %d", kBadNames[bads[i]], l, b);
+      cr_assert(memcmp(batched->cache[l]->k, single->k, single->pool_bytes) == 0, "%s, layer %d: K pool",
+                kBadNames[bads[i]], l);
+      cr_assert(memcmp(batched->cache[l]->v, single->v, single->pool_bytes) == 0, "%s, layer %d: V pool",
+                kBadNames[bads[i]], l);
+      kvc_test_cache_free(single);
+    }
+    free(compact_ws), free(single_ws), free(ws);
+    arrays_free(&a);
+    kvc_test_layers_free(batched);
+    teardown(&r);
   }
-  free(single_ws), free(ws);
-  arrays_free(&a);
-  kvc_test_layers_free(batched);
-  teardown(&r);
 }
 
 /* The CPU backend reads the arrays on the host: a NULL pool or query pointer is refused, naming the
