@@ -811,7 +811,10 @@ KVC_API kvc_status_t kvc_plan_workspace_layout(kvc_plan_t plan, kvc_op_t op, int
                                                kvc_workspace_layout_t *layout);
 
 /* kvc_score for every layer: layer l scores from layers->k[l] (and v's layout) with
- * layers->queries[l] and layers->lse[l] into its stacked score layout. accumulate as kvc_score. */
+ * layers->queries[l] and layers->lse[l] into its stacked score layout, all layers in one launch per
+ * kernel. accumulate as kvc_score. On CUDA a layer whose pointers the kernels cannot read scores
+ * NaN (see kvc_layers_t); the descriptor's strides must still be multiples of 16 bytes
+ * (KVC_ERROR_NOT_SUPPORTED, as for kvc_score). */
 KVC_API kvc_status_t kvc_score_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                       const kvc_layers_t *layers, float *scores, int accumulate,
                                       void *workspace, size_t workspace_bytes, kvc_stream_t stream);
