@@ -27,7 +27,7 @@
 
 typedef struct {
   kvc_test_layout_t layout;
-  kvc_test_table_t source, dst; /* KVC_TEST_DENSE or KVC_TEST_CSR each */
+  kvc_test_table_t source, dst; /* source any, destination KVC_TEST_DENSE or KVC_TEST_CSR */
   kvc_dtype_t dtype;
   int32_t page_size;
 } into_combo_t;
@@ -55,6 +55,21 @@ typedef struct {
 
 static const char *backend_name(int backend) { return backend ? "CUDA (emulated)" : "CPU"; }
 
+/* Appends `extra` pages owned by no sequence (holding the sentinel) to c's pools. */
+static void add_pages(kvc_test_cache_t *c, int32_t extra) {
+  const size_t page_bytes = c->pool_bytes / (size_t)c->desc.num_pages, bytes = c->pool_bytes + (size_t)extra * page_bytes;
+  c->k = realloc(c->k, bytes);
+  c->v = realloc(c->v, bytes);
+  memset(c->k + c->pool_bytes, 0xCD, bytes - c->pool_bytes);
+  memset(c->v + c->pool_bytes, 0xCD, bytes - c->pool_bytes);
+  c->owner = realloc(c->owner, sizeof(int32_t) * (size_t)(c->desc.num_pages + extra));
+  for (int32_t p = c->desc.num_pages; p < c->desc.num_pages + extra; ++p) c->owner[p] = -1;
+  c->desc.num_pages += extra;
+  c->pool_bytes = bytes;
+  c->desc.k = c->k;
+  c->desc.v = c->v;
+}
+
 static void setup(const into_case_t *c, into_run_t *r) {
   memset(r, 0, sizeof *r);
   r->c = c;
@@ -73,9 +88,13 @@ static void setup(const into_case_t *c, into_run_t *r) {
   }
   cr_assert_eq(kvc_plan_get_info(r->plan[0], &r->info), KVC_SUCCESS);
   /* 3 pool pages more than the destinations take: they stay unused, holding the sentinel */
-  const int32_t guards = kvc_test_dst_pages(c->batch, c->seq_lens, c->budgets, c->combo.page_size) + 3;
-  r->before = kvc_test_cache_new(c->batch, c->seq_lens, c->heads, c->head_dim, c->combo.dtype, c->combo.page_size,
+  int32_t page_size = c->combo.page_size;
+  for (int32_t b = 0; c->combo.source == KVC_TEST_CONTIG && b < c->batch; ++b)
+    page_size = c->seq_lens[b] > page_size ? c->seq_lens[b] : page_size; /* one page per sequence */
+  const int32_t guards = kvc_test_dst_pages(c->batch, c->seq_lens, c->budgets, page_size) + 3;
+  r->before = kvc_test_cache_new(c->batch, c->seq_lens, c->heads, c->head_dim, c->combo.dtype, page_size,
                                  c->combo.layout, c->combo.source, guards, c->seed);
+  if (c->combo.source == KVC_TEST_CONTIG) add_pages(r->before, guards); /* it makes none of its own */
   r->dst = kvc_test_dst_new(r->before, c->budgets, c->combo.dst, c->seed + 3);
   int64_t keep_elems = 0;
   r->keep = kvc_test_keep_new(c->batch, c->seq_lens, c->budgets, c->heads, (int32_t)(c->seed % KVC_KEEP_PATTERNS),
@@ -156,7 +175,7 @@ static void check_case(const into_case_t *c) {
     kvc_status_t status = compact_into(&r, backend, &got->desc, &r.dst->desc, extras, flags);
     char who[128];
     snprintf(who, sizeof who, "%s, %s source %s, %s destination, dtype %d, page %d, head_dim %d", backend_name(backend),
-             c->combo.layout == KVC_TEST_NHD ? "NHD" : "HND", c->combo.source == KVC_TEST_CSR ? "CSR" : "dense",
+             c->combo.layout == KVC_TEST_NHD ? "NHD" : "HND", (const char *[]){"dense", "CSR", "none"}[c->combo.source],
              c->combo.dst == KVC_TEST_CSR ? "CSR" : "dense", (int)c->combo.dtype, c->combo.page_size, c->head_dim);
     cr_assert_eq(status, KVC_SUCCESS, "%s: %s (%s)", who, kvc_status_name(status), kvc_last_error(r.ctx[backend]));
     for (int32_t b = 0; b < c->batch; ++b) cr_assert_eq(flags[b], 0, "%s: status[%d] is %d", who, b, flags[b]);
@@ -181,15 +200,19 @@ static into_case_t mixed_batch(const into_combo_t *combo, uint64_t seed) {
 }
 
 ParameterizedTestParameters(compact_into_emu, every_layout_dtype_table) {
-  static into_combo_t combos[2 * 4 * 2];
+  static into_combo_t combos[2 * 4 * 3];
   size_t n = 0;
   for (int layout = 0; layout < 2; ++layout)
-    for (int dtype = 0; dtype < 4; ++dtype)
+    for (int dtype = 0; dtype < 4; ++dtype) {
       for (int p = 0; p < 2; ++p) {
         const int tables = (int)(n % 4); /* source x destination: dense/CSR each, in turn */
         combos[n++] = (into_combo_t){(kvc_test_layout_t)layout, (kvc_test_table_t)(tables & 1),
                                      (kvc_test_table_t)(tables >> 1), (kvc_dtype_t)dtype, p ? 16 : 1};
       }
+      /* no source table (sequence b is page b), destination pages past the batch's */
+      combos[n++] = (into_combo_t){(kvc_test_layout_t)layout, KVC_TEST_CONTIG, (kvc_test_table_t)(dtype % 2),
+                                   (kvc_dtype_t)dtype, 0};
+    }
   return cr_make_param_array(into_combo_t, combos, n);
 }
 
@@ -528,5 +551,34 @@ Test(compact_into_emu, bad_destination_descriptors_are_refused) {
     assert_pools(got, r.before, backend_name(backend));
     kvc_test_cache_free(got);
   }
+  teardown(&r);
+}
+
+/* Without a source table sequence b reads page b: a destination naming page 5 is flagged on CUDA
+ * (only its sequence) and refused on the CPU. */
+Test(compact_into_emu, one_page_per_sequence_source_page_as_destination) {
+  const into_combo_t combo = {KVC_TEST_NHD, KVC_TEST_CONTIG, KVC_TEST_CSR, KVC_DTYPE_BF16, 0};
+  into_case_t c = mixed_batch(&combo, 85);
+  into_run_t r;
+  setup(&c, &r);
+  *kvc_test_dst_entry(r.dst, 2, 0) = 5;
+  unsigned char skip[MAX_BATCH] = {0, 0, 1, 0, 0, 0, 0, 0};
+  kvc_test_cache_t *got = kvc_test_cache_clone(r.before), *expected = kvc_test_cache_clone(r.before);
+  kvc_test_compact_into_oracle(r.before, expected, r.dst, c.budgets, r.keep, skip);
+  float **extras = kvc_test_extras_clone(r.extras, c.num_extras, r.info.score_elems);
+  int32_t flags[MAX_BATCH];
+  cr_assert_eq(compact_into(&r, 1, &got->desc, &r.dst->desc, extras, flags), KVC_SUCCESS, "%s", kvc_last_error(r.ctx[1]));
+  for (int32_t b = 0; b < c.batch; ++b)
+    cr_assert_eq(flags[b], b == 2 ? KVC_COMPACT_DST_OVERLAP : 0, "status[%d] is %d", b, flags[b]);
+  assert_pools(got, expected, "CUDA, page 5 as a destination");
+  kvc_test_cache_free(got);
+  got = kvc_test_cache_clone(r.before);
+  cr_assert_eq(compact_into(&r, 0, &got->desc, &r.dst->desc, extras, flags), KVC_ERROR_INVALID_VALUE);
+  cr_assert(strstr(kvc_last_error(r.ctx[0]), "is also a source page (sequence 5, page 0 of its table)"), "%s",
+            kvc_last_error(r.ctx[0]));
+  assert_pools(got, r.before, "CPU refusing page 5 as a destination");
+  kvc_test_cache_free(got);
+  kvc_test_cache_free(expected);
+  kvc_test_extras_free(extras, c.num_extras);
   teardown(&r);
 }
