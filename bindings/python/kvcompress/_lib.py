@@ -232,6 +232,10 @@ def _declare(lib):
                                   c.c_size_t, P]),
         "kvc_compress_into": (st, [P, P, c.POINTER(PagedKVStruct), c.POINTER(PageTableStruct), P, P, P, c.c_size_t,
                                    P]),
+        "kvc_compact_layers_into": (st, [P, P, c.POINTER(PagedKVStruct), c.POINTER(LayersStruct),
+                                         c.POINTER(PageTableStruct), P, P, c.c_int32, P, c.c_size_t, P]),
+        "kvc_compress_layers_into": (st, [P, P, c.POINTER(PagedKVStruct), c.POINTER(LayersStruct),
+                                          c.POINTER(PageTableStruct), P, c.c_size_t, P]),
     }
     for name, (res, args) in proto.items():
         fn = getattr(lib, name)  # AttributeError: the library is not libkvcompress

@@ -909,10 +909,11 @@ class Plan:
                    ov.ptr, ws.ptr, layout.workspace_bytes, self._stream(stream, sv))
         return out
 
-    def compact_layers(self, caches, keep, extras=(), stream=None):
+    def compact_layers(self, caches, keep, extras=(), stream=None, dst_table=None, dst_indptr=None):
         """kvc_compact_layers: compacts every layer's pools by its keep rows (int32 (num_layers,
         keep_elems)); each extra is float32 (num_layers, score_elems). Returns the caches; the status
-        array is plan.status('compact')."""
+        array is plan.status('compact'). `dst_table` / `dst_indptr` as for compact(), one table for
+        every layer (kvc_compact_layers_into)."""
         caches, desc, k_ptrs, v_ptrs = self._layer_caches(caches)
         layers, like = len(caches), caches[0]._kview
         kv = self._stacked(keep, "keep", "i32", layers, self.info.keep_elems)
@@ -921,9 +922,15 @@ class Plan:
         ptrs = (ctypes.c_void_p * max(1, len(views)))(*[v.ptr for v in views])
         st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like)
         ws, layout = self._layer_workspace("compact", layers, like)
-        self._call(self._lib.kvc_compact_layers, "kvc_compact_layers", self.context.handle, self.handle,
-                   ctypes.byref(desc), ctypes.byref(st), kv.ptr, ptrs if views else None, len(views), ws.ptr,
-                   layout.workspace_bytes, self._stream(stream, like))
+        tail = (kv.ptr, ptrs if views else None, len(views), ws.ptr, layout.workspace_bytes, self._stream(stream, like))
+        if dst_table is None and dst_indptr is None:
+            self._call(self._lib.kvc_compact_layers, "kvc_compact_layers", self.context.handle, self.handle,
+                       ctypes.byref(desc), ctypes.byref(st), *tail)
+        else:
+            dst, alive = destination_table(dst_table, dst_indptr, caches[0], self.batch)
+            self._call(self._lib.kvc_compact_layers_into, "kvc_compact_layers_into", self.context.handle, self.handle,
+                       ctypes.byref(desc), ctypes.byref(st), ctypes.byref(dst), *tail)
+            del alive
         self._last_status["compact"] = (ws, layout.status_offset_bytes, layers)
         return caches
 
@@ -943,16 +950,24 @@ class Plan:
                    kv.ptr, ov.ptr, ws.ptr, layout.workspace_bytes, self._stream(stream, kv))
         return out
 
-    def compress_layers(self, caches, queries=None, stream=None, lse=None):
+    def compress_layers(self, caches, queries=None, stream=None, lse=None, dst_table=None, dst_indptr=None):
         """kvc_compress_layers: score + select + compact of every layer in one call. Returns the keep
-        indices, int32 (num_layers, keep_elems); the status array is plan.status('compress')."""
+        indices, int32 (num_layers, keep_elems); the status array is plan.status('compress').
+        `dst_table` / `dst_indptr`: the compaction out of place (kvc_compress_layers_into)."""
         caches, desc, k_ptrs, v_ptrs = self._layer_caches(caches)
         layers, like = len(caches), caches[0]._kview
         q_ptrs, l_ptrs = self._layer_queries(queries, lse, layers)
         st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs, host_readable=True)
         ws, layout = self._layer_workspace("compress", layers, like)
-        self._call(self._lib.kvc_compress_layers, "kvc_compress_layers", self.context.handle, self.handle,
-                   ctypes.byref(desc), ctypes.byref(st), ws.ptr, layout.workspace_bytes, self._stream(stream, like))
+        tail = (ws.ptr, layout.workspace_bytes, self._stream(stream, like))
+        if dst_table is None and dst_indptr is None:
+            self._call(self._lib.kvc_compress_layers, "kvc_compress_layers", self.context.handle, self.handle,
+                       ctypes.byref(desc), ctypes.byref(st), *tail)
+        else:
+            dst, alive = destination_table(dst_table, dst_indptr, caches[0], self.batch)
+            self._call(self._lib.kvc_compress_layers_into, "kvc_compress_layers_into", self.context.handle,
+                       self.handle, ctypes.byref(desc), ctypes.byref(st), ctypes.byref(dst), *tail)
+            del alive
         self._last_status["compress"] = (ws, layout.status_offset_bytes, layers)
         return ws.read_i32(layout.keep_offset_bytes, layers * self.info.keep_elems).reshape(layers,
                                                                                           self.info.keep_elems)

@@ -95,3 +95,24 @@ def test_status_flag_names_match_the_header():
     header = open(__file__.rsplit("/bindings/", 1)[0] + "/include/kvcompress.h").read()
     for name, value in kvc.COMPACT_STATUS.items():
         assert f"KVC_COMPACT_{name.upper()} = {value}" in header, name
+
+
+def test_layers_into_match_single_layer_calls(ctx, rng):
+    plan = plan_for(ctx)
+    layers = [pools(rng) for _ in range(3)]
+    caches = [kvc.vllm_cache(k, v, SOURCE) for k, v in layers]
+    keep = np.stack([plan.select(plan.score(c)) for c in caches])
+    want = [expected_pools(k, v, keep[i]) for i, (k, v) in enumerate(layers)]
+    plan.compact_layers(caches, keep, dst_table=DST)
+    for (k, v), (want_k, want_v) in zip(layers, want):
+        np.testing.assert_array_equal(k, want_k)
+        np.testing.assert_array_equal(v, want_v)
+    assert plan.status("compact").tolist() == [[0, 0]] * 3
+    layers = [pools(rng) for _ in range(3)]
+    caches = [kvc.vllm_cache(k, v, SOURCE) for k, v in layers]
+    keep = np.stack([plan.select(plan.score(c)) for c in caches])
+    want = [expected_pools(k, v, keep[i]) for i, (k, v) in enumerate(layers)]
+    np.testing.assert_array_equal(plan.compress_layers(caches, dst_table=DST), keep)
+    for (k, v), (want_k, want_v) in zip(layers, want):
+        np.testing.assert_array_equal(k, want_k)
+        np.testing.assert_array_equal(v, want_v)
