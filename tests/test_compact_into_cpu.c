@@ -177,3 +177,27 @@ Test(compact_into_cpu, bad_keep_rows_are_refused) {
   assert_refused(&f, "keep", "kvc_compact_into: keep[3] of sequence 0, head 0");
   teardown(&f);
 }
+
+/* NULL arguments of the four calls: INVALID_VALUE, the detail naming the argument (no context: no
+ * detail to keep, still INVALID_VALUE). */
+Test(compact_into_cpu, null_arguments) {
+  fixture_t f;
+  setup(&f, KVC_TEST_DENSE, KVC_TEST_DENSE, 80);
+  const kvc_page_table_t *dst = &f.dst->desc;
+  const kvc_paged_kv_t *c = &f.before->desc;
+  cr_assert_eq(kvc_compact_into(NULL, f.plan, c, dst, f.keep, NULL, 0, f.ws, f.ws_bytes, NULL), KVC_ERROR_INVALID_VALUE);
+  cr_assert_eq(kvc_compress_into(NULL, f.plan, c, dst, NULL, NULL, f.ws, f.ws_bytes, NULL), KVC_ERROR_INVALID_VALUE);
+  cr_assert_eq(kvc_compact_layers_into(NULL, f.plan, c, NULL, dst, f.keep, NULL, 0, f.ws, f.ws_bytes, NULL),
+               KVC_ERROR_INVALID_VALUE);
+  cr_assert_eq(kvc_compress_layers_into(NULL, f.plan, c, NULL, dst, f.ws, f.ws_bytes, NULL), KVC_ERROR_INVALID_VALUE);
+  cr_assert_eq(kvc_compress_into(f.ctx, f.plan, c, NULL, NULL, NULL, f.ws, f.ws_bytes, NULL), KVC_ERROR_INVALID_VALUE);
+  cr_assert_str_eq(kvc_last_error(f.ctx), "kvc_compress_into: dst is NULL");
+  void *k = f.before->k, *v = f.before->v;
+  const kvc_layers_t layers = {1, &k, &v, NULL, NULL};
+  cr_assert_eq(kvc_compact_layers_into(f.ctx, f.plan, c, NULL, dst, f.keep, NULL, 0, f.ws, f.ws_bytes, NULL),
+               KVC_ERROR_INVALID_VALUE);
+  cr_assert_str_eq(kvc_last_error(f.ctx), "kvc_compact_layers_into: layers is NULL");
+  cr_assert_eq(kvc_compress_layers_into(f.ctx, f.plan, c, &layers, NULL, f.ws, f.ws_bytes, NULL), KVC_ERROR_INVALID_VALUE);
+  cr_assert_str_eq(kvc_last_error(f.ctx), "kvc_compress_layers_into: dst is NULL");
+  teardown(&f);
+}
