@@ -364,7 +364,7 @@ static kvc_status_t score_layers(kvc_context_t ctx, kvc_plan_t plan, const char 
                         "layer arrays on the host (allocate them with cudaHostAlloc)", fn, names[i], arrays[i]);
   }
   const int32_t num_layers = layers ? layers->num_layers : 1;
-  const int64_t elems = plan->host.num_kv_heads * plan->host.total_tokens;
+  const int64_t elems = plan->host.score_elems;
   for (int32_t l = 0; l < num_layers && status == KVC_SUCCESS; ++l) {
     kvc_paged_kv_t layer_cache = *cache;
     if (layers) {

@@ -245,7 +245,7 @@ __device__ Move describe_move(const Pass &pass, int32_t layer, int64_t chunk, in
   const int64_t elem_bytes = kvc_dtype_size(cache.dtype);
   move.from = kvc_slot_offset(&cache, kvc_page_of(&cache, pages, b, source), source, h) * elem_bytes;
   move.to = kvc_slot_offset(&cache, kvc_page_of(&cache, pages, b, j), j, h) * elem_bytes;
-  const int64_t extra_row = plan.num_kv_heads * (layer * plan.total_tokens + plan.token_offsets[b]) + (int64_t)h * writer.n;
+  const int64_t extra_row = layer * plan.score_elems + kvc_score_row(&plan, b, h);
   move.extra_from = extra_row + source;
   move.extra_to = extra_row + j;
   return move;
