@@ -551,7 +551,8 @@ typedef enum {
  * Never the [heads x window x n] attention matrix, nor any logit. 0 for KNORM and STREAMING.
  * SELECT on CUDA, with R = num_kv_heads rows per sequence (1 for TOVA) and P the batch's partitions
  * (FAIR spans, plus one implicit partition per sequence that has tokens outside them): 16 * R * P
- * bytes of partition thresholds; and for the rows split across blocks (sequences longer than the
+ * bytes of partition thresholds (with spans_per_head R = 1 and P the partitions of every
+ * (sequence, KV head) row); and for the rows split across blocks (sequences longer than the
  * plan's segment length S, 4k..16k tokens chosen for the device so that every resident block gets a
  * segment; KVC_SELECT_SEGMENT overrides it, read once by kvc_plan_create) 1 KiB per (row, split
  * partition) of global histograms, 20 bytes per row of state and arrival counter and 4 per (row,

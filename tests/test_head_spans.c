@@ -135,6 +135,32 @@ Test(head_spans_cpu, a_score_capacity_below_a_length_names_the_sequence) {
   expect_invalid(&c.desc, "score_row_capacity is -1");
 }
 
+Test(head_spans_cpu, compatible_plans_differ_only_in_per_head_span_positions) {
+  bad_case_t a, b;
+  bad_case(&a), bad_case(&b);
+  b.spans[3] = (kvc_span_t){0, 7, KVC_SPAN_FAIR, 3.0f}; /* moved, same row counts: the same shapes */
+  kvc_context_t ctx = NULL;
+  kvc_plan_t pa = NULL, pb = NULL, pc = NULL;
+  expect_ok(&a.desc, &ctx, &pa);
+  cr_assert_eq(kvc_plan_create(ctx, &b.desc, &pb), KVC_SUCCESS, "%s", kvc_last_error(ctx));
+  int same = -1;
+  cr_assert_eq(kvc_plan_compatible(pa, pb, &same), KVC_SUCCESS);
+  cr_assert_eq(same, 1);
+  b.indptr[3] = 4; /* row 2 gets both of rows 2 and 3's spans, row 3 none */
+  b.spans[3] = (kvc_span_t){14, 18, KVC_SPAN_FAIR, 1.0f};
+  cr_assert_eq(kvc_plan_create(ctx, &b.desc, &pc), KVC_SUCCESS, "%s", kvc_last_error(ctx));
+  cr_assert_eq(kvc_plan_compatible(pa, pc, &same), KVC_SUCCESS);
+  cr_assert_eq(same, 0, "different spans per row are different shapes");
+  kvc_plan_destroy(pc);
+  b.indptr[3] = 3;
+  b.desc.score_row_capacity = 32;
+  cr_assert_eq(kvc_plan_create(ctx, &b.desc, &pc), KVC_SUCCESS, "%s", kvc_last_error(ctx));
+  cr_assert_eq(kvc_plan_compatible(pa, pc, &same), KVC_SUCCESS);
+  cr_assert_eq(same, 0, "a different score layout is a different shape");
+  kvc_plan_destroy(pa), kvc_plan_destroy(pb), kvc_plan_destroy(pc);
+  kvc_context_destroy(ctx);
+}
+
 Test(head_spans_cpu, the_helper_refuses_bad_keep_rows_and_null_arguments) {
   bad_case_t c;
   bad_case(&c);

@@ -409,8 +409,33 @@ int kvc_test_spans_after_compaction_rounds(kvc_backend_t backend, uint64_t seed,
     if (make_plan(ctx, c, &plan, why, cap)) return 1;
     float *queries = random_queries(plan, c->desc.num_q_heads, &rng);
     int32_t *keep = malloc(sizeof(int32_t) * (size_t)(packed_elems(c) + 1));
+    const size_t pool_bytes = sizeof(float) * (size_t)batch * heads * room * DIM;
+    float *k_before = malloc(pool_bytes), *v_before = malloc(pool_bytes);
+    memcpy(k_before, cache.k, pool_bytes), memcpy(v_before, cache.v, pool_bytes);
     if (compress(ctx, plan, &cache, queries, keep, why, cap)) return 1;
     if (check_helper(ctx, plan, &c->desc, keep, spans, indptr, why, cap)) return 1;
+    /* kvc_compress in the fixed-capacity score layout (its workspace's scores) does the same */
+    {
+      kvc_plan_desc_t fixed_desc = c->desc;
+      fixed_desc.score_row_capacity = room + round;
+      kvc_plan_t fixed = NULL;
+      CALL(ctx, kvc_plan_create(ctx, &fixed_desc, &fixed));
+      cache_t other = cache;
+      other.k = kvc_test_workspace_new(pool_bytes), other.v = kvc_test_workspace_new(pool_bytes);
+      memcpy(other.k, k_before, pool_bytes), memcpy(other.v, v_before, pool_bytes);
+      other.desc.k = other.k, other.desc.v = other.v;
+      int32_t *fixed_keep = malloc(sizeof(int32_t) * (size_t)(packed_elems(c) + 1));
+      if (compress(ctx, fixed, &other, queries, fixed_keep, why, cap)) return 1;
+      kvc_plan_info_t info;
+      CALL(ctx, kvc_plan_get_info(fixed, &info));
+      CHECK(memcmp(fixed_keep, keep, sizeof(int32_t) * (size_t)info.keep_elems) == 0 &&
+                memcmp(other.k, cache.k, pool_bytes) == 0 && memcmp(other.v, cache.v, pool_bytes) == 0,
+            "round %d: kvc_compress with score_row_capacity %d keeps or moves differently from the packed layout",
+            round, fixed_desc.score_row_capacity);
+      kvc_plan_destroy(fixed);
+      free(other.k), free(other.v), free(fixed_keep);
+    }
+    free(k_before), free(v_before);
 
     /* the next event: the helper's per-head spans on the compacted lengths plus appended tokens */
     span_case_t *next = malloc(sizeof *next);
