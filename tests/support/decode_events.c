@@ -384,6 +384,8 @@ static float *random_queries(kvc_plan_t plan, int32_t q_heads, kvc_rng_t *rng) {
 }
 
 int kvc_test_spans_after_compaction_rounds(kvc_backend_t backend, uint64_t seed, int rounds, char *why, size_t cap) {
+  static const kvc_score_method_t methods[] = {KVC_SCORE_SNAPKV, KVC_SCORE_TOVA, KVC_SCORE_H2O, KVC_SCORE_KNORM,
+                                               KVC_SCORE_STREAMING};
   kvc_rng_t rng = {seed};
   kvc_context_t ctx = NULL;
   CHECK(kvc_context_create(backend, 0, &ctx) == KVC_SUCCESS, "context of backend %d", (int)backend);
@@ -391,7 +393,7 @@ int kvc_test_spans_after_compaction_rounds(kvc_backend_t backend, uint64_t seed,
   kvc_span_t *spans = malloc(sizeof(kvc_span_t) * MAX_SPANS);
   int32_t indptr[MAX_ROWS + 1];
   for (int round = 0; round < rounds; ++round) {
-    random_base(c, &rng, KVC_SCORE_SNAPKV);
+    random_base(c, &rng, methods[round % 5]); /* TOVA: its one selection gives identical per-head spans */
     const int32_t batch = c->desc.batch, heads = c->desc.num_kv_heads;
     c->desc.num_q_heads = 2 * heads;
     c->desc.head_dim = DIM;

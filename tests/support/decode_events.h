@@ -25,7 +25,8 @@ extern "C" {
  * sequence's spans against the per-sequence plan (keep, quotas and counts equal). */
 int kvc_test_head_spans_rounds(kvc_backend_t backend, uint64_t seed, int rounds, char *why, size_t cap);
 
-/* A real compaction (SNAPKV, per-sequence spans, then again from the helper's per-head spans):
+/* A real compaction (every method, per-sequence spans, then again from the helper's per-head spans;
+ * kvc_compress in the fixed-capacity score layout against the packed one):
  * the helper's output against spans recomputed from the keep indices, and its two-phase size. */
 int kvc_test_spans_after_compaction_rounds(kvc_backend_t backend, uint64_t seed, int rounds, char *why, size_t cap);
 
