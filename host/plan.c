@@ -163,7 +163,8 @@ static kvc_status_t validate_span_row(kvc_context_t ctx, const kvc_plan_desc_t *
     int same = last - first == count0;
     for (int32_t i = 0; same && i < count0; ++i) {
       const kvc_span_t *x = &d->spans[first + i], *y = &d->spans[head0 + i];
-      same = x->start == y->start && x->end == y->end && x->kind == y->kind && x->weight == y->weight;
+      same = x->start == y->start && x->end == y->end && x->kind == y->kind &&
+             (x->kind != KVC_SPAN_FAIR || x->weight == y->weight); /* PROTECT weights are not read */
     }
     if (!same)
       return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,

@@ -271,7 +271,7 @@ typedef enum {
  * protected count of the sequence's heads (KVC_BUDGET_CLAMP raises k_b to that largest count).
  * Rejected with KVC_ERROR_INVALID_VALUE, the detail naming the field:
  *   - method TOVA, which selects one set for all KV heads, unless the spans of every head of a
- *     sequence are identical (same count, starts, ends, kinds and weights) to head 0's: TOVA then
+ *     sequence are identical (same count, starts, ends, kinds, FAIR weights) to head 0's: TOVA then
  *     selects by head 0's spans, as it does with per-sequence spans;
  *   - span_local = 1: its scoring domains are the FAIR spans, which would differ per head while
  *     scoring has one set of domains per sequence.
@@ -735,7 +735,8 @@ KVC_API kvc_status_t kvc_compact(kvc_context_t ctx, kvc_plan_t plan, const kvc_p
                                  const int32_t *keep, float *const *extras, int32_t num_extras,
                                  void *workspace, size_t workspace_bytes, kvc_stream_t stream);
 
-/* Counts, per (sequence, KV head, user span), the kept indices inside the span (count layout). */
+/* Counts, per (sequence, KV head, user span), the kept indices inside the span (count layout; with
+ * spans_per_head, the spans of each (sequence, KV head)'s own row). */
 KVC_API kvc_status_t kvc_retention(kvc_context_t ctx, kvc_plan_t plan, const int32_t *keep,
                                    int32_t *counts, void *workspace, size_t workspace_bytes,
                                    kvc_stream_t stream);
