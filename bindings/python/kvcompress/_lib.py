@@ -95,6 +95,8 @@ class PlanDescStruct(ctypes.Structure):
         ("device_memory", ctypes.c_int),
         ("quota_rounding", ctypes.c_int),
         ("window_protection", ctypes.c_int),
+        ("spans_per_head", ctypes.c_int32),
+        ("score_row_capacity", ctypes.c_int32),
     ]
 
 
@@ -208,6 +210,7 @@ def _declare(lib):
         "kvc_plan_obs_positions": (st, [P, P, P]),
         "kvc_plan_new_lengths": (st, [P, P]),
         "kvc_plan_span_quotas": (st, [P, P, P]),
+        "kvc_spans_after_compaction": (st, [P, P, P, P, c.c_int64, P, c.POINTER(c.c_int64)]),
         "kvc_plan_outcomes": (st, [P, P]),
         "kvc_plan_device_bytes": (st, [P, c.POINTER(c.c_size_t)]),
         "kvc_plan_host_image": (st, [P, c.POINTER(P), c.POINTER(c.c_size_t)]),
