@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _arrays, _lib
-from .cache import PagedKV
+from .cache import PagedKV, destination_table
 from .errors import error_for
 
 BACKENDS = {"auto": 0, "cpu": 1, "cuda": 2}
@@ -201,7 +201,9 @@ def _as_span(s, where):
     raise TypeError(f"{where}: expected a Span or a (start, end[, kind[, weight]]) tuple, got {s!r}")
 
 
-def _normalise_spans(spans, batch):
+def _normalise_spans(spans, batch, heads=None):
+    """Per sequence a list of Span; with `heads` (spans_per_head) per sequence a list of `heads`
+    such lists."""
     if spans is None:
         return None
     spans = list(spans)
@@ -209,7 +211,17 @@ def _normalise_spans(spans, batch):
         spans = [spans]  # one sequence: a flat list is allowed
     if len(spans) != batch:
         raise ValueError(f"spans: expected one list of spans per sequence ({batch}), got {len(spans)}")
-    return [[_as_span(s, f"spans[{b}][{i}]") for i, s in enumerate(row or [])] for b, row in enumerate(spans)]
+    if heads is None:
+        return [[_as_span(s, f"spans[{b}][{i}]") for i, s in enumerate(row or [])] for b, row in enumerate(spans)]
+    out = []
+    for b, seq in enumerate(spans):
+        seq = list(seq or [])
+        if len(seq) != heads:
+            raise ValueError(f"spans[{b}]: spans_per_head needs one list of spans per KV head ({heads}), "
+                             f"got {len(seq)}")
+        out.append([[_as_span(s, f"spans[{b}][{h}][{i}]") for i, s in enumerate(row or [])]
+                    for h, row in enumerate(seq)])
+    return out
 
 
 # ============================================================================================
@@ -234,7 +246,8 @@ class PlanInfo:
 
 
 #: kvc_compact_status_t flags (Plan.status): 0 = the sequence was compacted (or needed no move)
-COMPACT_STATUS = {"bad_page_id": 1, "short_page_list": 2, "shared_page": 4, "bad_pool": 8}
+COMPACT_STATUS = {"bad_page_id": 1, "short_page_list": 2, "shared_page": 4, "bad_pool": 8, "dst_bad_page_id": 16,
+                  "dst_short_page_list": 32, "dst_overlap": 64}
 
 
 @dataclass(frozen=True)
@@ -254,7 +267,13 @@ class Plan:
       num_q_heads, num_kv_heads, head_dim   required
       seq_lens                              [batch] token counts
       budgets                               [batch] tokens kept per KV head (an int applies to all)
-      spans=None                            per sequence a list of Span (or (start, end, kind, weight))
+      spans=None                            per sequence a list of Span (or (start, end, kind, weight));
+                                            with spans_per_head=True per sequence a list of
+                                            num_kv_heads such lists (spans_after_compaction makes them)
+      spans_per_head=False                  spans per (sequence, KV head) (desc.spans_per_head)
+      score_row_capacity=0                  0: packed score layout; C: every score row (b, h) at
+                                            (b * num_kv_heads + h) * C, C >= every seq_len, so H2O
+                                            scores accumulated over growing decode steps stay put
       method='snapkv'                       'snapkv' | 'h2o' | 'tova' | 'knorm' | 'streaming'
       dtype='f16'                           'f32' | 'f16' | 'bf16' | 'fp8_e4m3' (or a numpy/torch dtype)
       window=64, pool_kernel=5, pool='avg', group_reduce='mean', scale=0.0 (= 1/sqrt(head_dim)),
@@ -276,7 +295,8 @@ class Plan:
                  method="snapkv", dtype="f16", window=64, pool_kernel=5, pool="avg", group_reduce="mean",
                  scale=0.0, span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0, budget_policy="fail",
                  device_memory="owned",
-                 quota_rounding="largest_remainder", window_protection="protected"):
+                 quota_rounding="largest_remainder", window_protection="protected", spans_per_head=False,
+                 score_row_capacity=0):
         if not isinstance(context, Context):
             raise TypeError(f"context: expected a kvcompress.Context, got {type(context).__name__}")
         lib = context._lib
@@ -293,11 +313,14 @@ class Plan:
             bud = _arrays.to_int32_host(budgets, "budgets").reshape(-1)
             if bud.shape[0] != batch:
                 raise ValueError(f"budgets: {bud.shape[0]} values for {batch} sequences (seq_lens)")
-        rows = _normalise_spans(spans, batch)
-
         # exact values only: ctypes would truncate floats and wrap integers past int32 silently
         num_q_heads = _arrays.integer(num_q_heads, "num_q_heads")
         num_kv_heads = _arrays.integer(num_kv_heads, "num_kv_heads")
+        spans_per_head = _arrays.flag(spans_per_head, "spans_per_head")
+        score_row_capacity = _arrays.integer(score_row_capacity, "score_row_capacity")
+        nested = _normalise_spans(spans, batch, num_kv_heads if spans_per_head else None)
+        # span rows: one per sequence, or per (sequence, KV head)
+        rows = [r for seq in nested for r in seq] if spans_per_head and nested is not None else nested
         head_dim = _arrays.integer(head_dim, "head_dim")
         window = _arrays.integer(window, "window")
         pool_kernel = _arrays.integer(pool_kernel, "pool_kernel")
@@ -319,10 +342,10 @@ class Plan:
         desc.budgets = bud.ctypes.data
         span_arr = indptr = None
         if rows is not None:
-            indptr = np.zeros(batch + 1, dtype=np.int32)
+            indptr = np.zeros(len(rows) + 1, dtype=np.int32)
             flat = [s for row in rows for s in row]
-            for b, row in enumerate(rows):
-                indptr[b + 1] = indptr[b] + len(row)
+            for r, row in enumerate(rows):
+                indptr[r + 1] = indptr[r] + len(row)
             span_arr = (_lib.SpanStruct * max(1, len(flat)))()
             for i, s in enumerate(flat):
                 span_arr[i].start, span_arr[i].end = int(s.start), int(s.end)
@@ -345,6 +368,8 @@ class Plan:
         desc.device_memory = _choice(DEVICE_MEMORY, device_memory, "device_memory")
         desc.quota_rounding = _choice(QUOTA_ROUNDINGS, quota_rounding, "quota_rounding")
         desc.window_protection = _choice(WINDOW_PROTECTIONS, window_protection, "window_protection")
+        desc.spans_per_head = spans_per_head
+        desc.score_row_capacity = score_row_capacity
 
         handle = ctypes.c_void_p()
         status = lib.kvc_plan_create(context.handle, ctypes.byref(desc), ctypes.byref(handle))
@@ -358,7 +383,10 @@ class Plan:
         self.batch = batch
         self.seq_lens = seq.copy()
         self.budgets = bud.copy()
-        self.spans = rows
+        self.spans = nested
+        self.spans_per_head = bool(spans_per_head)
+        self.score_row_capacity = score_row_capacity
+        self._span_rows = rows  # flat list of span rows (desc order), or None
         self.fairness = fairness
         self.max_seq_len = int(seq.max())
         info = _lib.PlanInfoStruct()
@@ -379,7 +407,7 @@ class Plan:
         self._call(lib.kvc_plan_device_bytes, "kvc_plan_device_bytes", handle, ctypes.byref(nbytes))
         self.device_bytes = int(nbytes.value)
         q = np.zeros(max(1, self.info.total_spans), dtype=np.int32)
-        imp = np.zeros(batch, dtype=np.int32)
+        imp = np.zeros(batch * (num_kv_heads if spans_per_head else 1), dtype=np.int32)
         self._call(lib.kvc_plan_span_quotas, "kvc_plan_span_quotas", handle, q.ctypes.data, imp.ctypes.data)
         self.span_quotas = q[: self.info.total_spans]
         self.implicit_quotas = imp
@@ -477,13 +505,42 @@ class Plan:
     def obs_positions_of(self, b):
         return self.obs_positions[self.obs_indptr[b]: self.obs_indptr[b + 1]]
 
-    def span_quotas_of(self, b):
-        return self.span_quotas[self._span_lo(b): self._span_lo(b + 1)]
+    def span_quotas_of(self, b, h=None):
+        """Quotas of sequence b's spans (with spans_per_head: of KV head h's)."""
+        r = self._span_row(b, h)
+        return self.span_quotas[self._span_lo(r): self._span_lo(r + 1)]
 
-    def _span_lo(self, b):
-        if self.spans is None:
+    def _span_row(self, b, h):
+        if self.spans_per_head != (h is not None):
+            raise ValueError("h: give a KV head exactly when the plan has spans_per_head")
+        return b * self.num_kv_heads + h if self.spans_per_head else b
+
+    def _span_lo(self, r):
+        if self._span_rows is None:
             return 0
-        return sum(len(r) for r in self.spans[:b])
+        return sum(len(x) for x in self._span_rows[:r])
+
+    def spans_after_compaction(self, keep):
+        """kvc_spans_after_compaction: the next event's per-head spans (per sequence a list of
+        num_kv_heads lists of Span, compacted coordinates) from this plan's keep layout (int32
+        [keep_elems], any library; read on the host). Pass them with spans_per_head=True to the
+        next plan, whose seq_lens are new_lengths plus the tokens appended since."""
+        host = np.ascontiguousarray(np.asarray(_to_host(keep)).reshape(-1), dtype=np.int32)
+        if host.size != self.info.keep_elems:
+            raise ValueError(f"keep: expected {self.info.keep_elems} indices (keep layout), got {host.size}")
+        count = ctypes.c_int64()
+        self._call(self._lib.kvc_spans_after_compaction, "kvc_spans_after_compaction", self.context.handle,
+                   self.handle, host.ctypes.data, None, 0, None, ctypes.byref(count))
+        rows = self.batch * self.num_kv_heads
+        out = (_lib.SpanStruct * max(1, count.value))()
+        indptr = np.zeros(rows + 1, dtype=np.int32)
+        self._call(self._lib.kvc_spans_after_compaction, "kvc_spans_after_compaction", self.context.handle,
+                   self.handle, host.ctypes.data, ctypes.addressof(out), count.value, indptr.ctypes.data,
+                   ctypes.byref(count))
+        kinds = {v: k for k, v in SPAN_KINDS.items()}
+        spans = [Span(int(s.start), int(s.end), kinds[int(s.kind)], float(s.weight)) for s in out[: count.value]]
+        H = self.num_kv_heads
+        return [[spans[indptr[b * H + h]: indptr[b * H + h + 1]] for h in range(H)] for b in range(self.batch)]
 
     def _rows(self, arr, lens):
         H = self.num_kv_heads
@@ -496,6 +553,10 @@ class Plan:
 
     def score_rows(self, scores):
         """Per sequence b a (num_kv_heads, n_b) view of a score-layout array."""
+        C = self.score_row_capacity
+        if C:
+            H = self.num_kv_heads
+            return [scores[b * H * C: (b + 1) * H * C].reshape(H, C)[:, : int(n)] for b, n in enumerate(self.seq_lens)]
         return self._rows(scores, self.seq_lens)
 
     def keep_rows(self, keep):
@@ -503,7 +564,12 @@ class Plan:
         return self._rows(keep, self.new_lengths)
 
     def count_rows(self, counts):
-        """Per sequence b a (num_kv_heads, spans_b) view of a count-layout array."""
+        """Per sequence b a (num_kv_heads, spans_b) view of a count-layout array; with
+        spans_per_head per sequence a list of num_kv_heads 1-D views (one count per span of the head)."""
+        if self.spans_per_head:
+            H, lo = self.num_kv_heads, np.cumsum([0] + [len(r) for r in self._span_rows or []])
+            return [[counts[lo[b * H + h]: lo[b * H + h + 1]] for h in range(H)] if self._span_rows else
+                    [counts[0:0] for _ in range(H)] for b in range(self.batch)]
         return self._rows(counts, [len(r) for r in self.spans] if self.spans else [0] * self.batch)
 
     def gather_queries(self, q):
@@ -723,9 +789,13 @@ class Plan:
                    wptr or None, wbytes, self._stream(stream, sv))
         return out
 
-    def compact(self, cache, keep, extras=(), stream=None):
+    def compact(self, cache, keep, extras=(), stream=None, dst_table=None, dst_indptr=None):
         """Moves the kept K/V rows (and the kept values of each float32 score-layout array in
-        `extras`) to the front of each sequence, in place (kvc_compact). Returns the cache."""
+        `extras`) to the front of each sequence, in place (kvc_compact). Returns the cache.
+        With `dst_table` (a dense [batch, max_pages] table, or CSR indices with `dst_indptr`) the
+        kept rows go to those pages of the same pools instead and the cache's own pages are only
+        read (kvc_compact_into, copy-on-write of shared prefix blocks); the extras still move in
+        place. Read the result through a PagedKV with page_table=dst_table."""
         s = self._cache(cache)
         kv = self._flat(keep, "keep", "i32", self.info.keep_elems)
         extras = list(extras or ())
@@ -734,8 +804,14 @@ class Plan:
         ptrs = (ctypes.c_void_p * max(1, len(views)))(*[v.ptr for v in views])
         like = cache._kview
         ws, wptr, wbytes = self._workspace("compact", like)
-        self._call(self._lib.kvc_compact, "kvc_compact", self.context.handle, self.handle, ctypes.byref(s), kv.ptr,
-                   ptrs if views else None, len(views), wptr or None, wbytes, self._stream(stream, like))
+        tail = (kv.ptr, ptrs if views else None, len(views), wptr or None, wbytes, self._stream(stream, like))
+        if dst_table is None and dst_indptr is None:
+            self._call(self._lib.kvc_compact, "kvc_compact", self.context.handle, self.handle, ctypes.byref(s), *tail)
+        else:
+            dst, alive = destination_table(dst_table, dst_indptr, cache, self.batch)
+            self._call(self._lib.kvc_compact_into, "kvc_compact_into", self.context.handle, self.handle,
+                       ctypes.byref(s), ctypes.byref(dst), *tail)
+            del alive
         self._last_status["compact"] = (ws, self.info.compact_status_offset_bytes, 1)
         return cache
 
@@ -752,16 +828,23 @@ class Plan:
                    wptr or None, wbytes, self._stream(stream, kv))
         return out
 
-    def compress(self, cache, queries=None, stream=None, lse=None):
+    def compress(self, cache, queries=None, stream=None, lse=None, dst_table=None, dst_indptr=None):
         """score + select + compact in one call (kvc_compress). Returns the keep indices (keep
-        layout), copied out of the plan's cached workspace. `lse` as for score()."""
+        layout), copied out of the plan's cached workspace. `lse` as for score(). `dst_table` /
+        `dst_indptr` as for compact(): the compaction out of place (kvc_compress_into)."""
         s = self._cache(cache)
         qv, qptr = self._queries(queries)
         lptr = self._lse(lse)
         like = cache._kview
         ws, wptr, wbytes = self._workspace("compress", like)
-        self._call(self._lib.kvc_compress, "kvc_compress", self.context.handle, self.handle, ctypes.byref(s),
-                   qptr or None, lptr, wptr or None, wbytes, self._stream(stream, like))
+        tail = (qptr or None, lptr, wptr or None, wbytes, self._stream(stream, like))
+        if dst_table is None and dst_indptr is None:
+            self._call(self._lib.kvc_compress, "kvc_compress", self.context.handle, self.handle, ctypes.byref(s), *tail)
+        else:
+            dst, alive = destination_table(dst_table, dst_indptr, cache, self.batch)
+            self._call(self._lib.kvc_compress_into, "kvc_compress_into", self.context.handle, self.handle,
+                       ctypes.byref(s), ctypes.byref(dst), *tail)
+            del alive
         self._last_status["compress"] = (ws, self.info.compress_status_offset_bytes, 1)
         return ws.read_i32(self.info.keep_offset_bytes, self.info.keep_elems)
 
@@ -791,9 +874,8 @@ class Plan:
             raise ValueError(f"{name}: expected {layers} layers x {elems} elements, got shape {v.shape}")
         return self._flat(obj, name, tag, v.size, writable=writable) if v.size else v
 
-    def _pointers(self, ptrs, like, name, host_readable=False):
-        """An array of pointers the call can read: numpy on CPU; on CUDA device memory, or for the
-        score stage (which still reads the arrays on the host there) page-locked host memory."""
+    def _pointers(self, ptrs, like, name):
+        """An array of pointers the call can read: numpy on CPU, device memory on CUDA."""
         host = np.array([p or 0 for p in ptrs], dtype=np.uint64)
         if not self.context.is_cuda:
             return host, host.ctypes.data
@@ -801,28 +883,22 @@ class Plan:
         if lib == "torch":
             import torch
 
-            t = torch.from_numpy(host.view(np.int64))
-            arr = t.pin_memory() if host_readable else t.to(torch.device("cuda", like.device[1] or 0))
+            arr = torch.from_numpy(host.view(np.int64)).to(torch.device("cuda", like.device[1] or 0))
             return arr, int(arr.data_ptr())
         import cupy
-        import cupyx
 
-        if host_readable:
-            arr = cupyx.empty_pinned(host.shape, dtype=np.uint64)
-            arr[...] = host
-            return arr, int(arr.ctypes.data)
         with cupy.cuda.Device(like.device[1] or 0):
             arr = cupy.asarray(host)
         return arr, int(arr.data.ptr)
 
-    def _layers_struct(self, k_ptrs, v_ptrs, like, queries=None, lse=None, host_readable=False):
+    def _layers_struct(self, k_ptrs, v_ptrs, like, queries=None, lse=None):
         keep_alive = []
         arrays = {}
         for name, ptrs in (("k", k_ptrs), ("v", v_ptrs), ("queries", queries), ("lse", lse)):
             if ptrs is None:
                 arrays[name] = None
                 continue
-            arr, ptr = self._pointers(ptrs, like, f"layers.{name}", host_readable)
+            arr, ptr = self._pointers(ptrs, like, f"layers.{name}")
             keep_alive.append(arr)
             arrays[name] = ptr
         s = _lib.LayersStruct(len(k_ptrs), arrays["k"], arrays["v"], arrays["queries"], arrays["lse"])
@@ -868,7 +944,7 @@ class Plan:
         if out is None:
             out = _arrays.empty(_arrays.alloc_lib(like), like.device, (layers, self.info.score_elems), "f32")
         ov = self._stacked(out, "out", "f32", layers, self.info.score_elems, writable=True)
-        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs, host_readable=True)
+        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs)
         ws, layout = self._layer_workspace("score", layers, like)
         self._call(self._lib.kvc_score_layers, "kvc_score_layers", self.context.handle, self.handle,
                    ctypes.byref(desc), ctypes.byref(st), ov.ptr, 1 if accumulate else 0, ws.ptr,
@@ -891,10 +967,11 @@ class Plan:
                    ov.ptr, ws.ptr, layout.workspace_bytes, self._stream(stream, sv))
         return out
 
-    def compact_layers(self, caches, keep, extras=(), stream=None):
+    def compact_layers(self, caches, keep, extras=(), stream=None, dst_table=None, dst_indptr=None):
         """kvc_compact_layers: compacts every layer's pools by its keep rows (int32 (num_layers,
         keep_elems)); each extra is float32 (num_layers, score_elems). Returns the caches; the status
-        array is plan.status('compact')."""
+        array is plan.status('compact'). `dst_table` / `dst_indptr` as for compact(), one table for
+        every layer (kvc_compact_layers_into)."""
         caches, desc, k_ptrs, v_ptrs = self._layer_caches(caches)
         layers, like = len(caches), caches[0]._kview
         kv = self._stacked(keep, "keep", "i32", layers, self.info.keep_elems)
@@ -903,9 +980,15 @@ class Plan:
         ptrs = (ctypes.c_void_p * max(1, len(views)))(*[v.ptr for v in views])
         st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like)
         ws, layout = self._layer_workspace("compact", layers, like)
-        self._call(self._lib.kvc_compact_layers, "kvc_compact_layers", self.context.handle, self.handle,
-                   ctypes.byref(desc), ctypes.byref(st), kv.ptr, ptrs if views else None, len(views), ws.ptr,
-                   layout.workspace_bytes, self._stream(stream, like))
+        tail = (kv.ptr, ptrs if views else None, len(views), ws.ptr, layout.workspace_bytes, self._stream(stream, like))
+        if dst_table is None and dst_indptr is None:
+            self._call(self._lib.kvc_compact_layers, "kvc_compact_layers", self.context.handle, self.handle,
+                       ctypes.byref(desc), ctypes.byref(st), *tail)
+        else:
+            dst, alive = destination_table(dst_table, dst_indptr, caches[0], self.batch)
+            self._call(self._lib.kvc_compact_layers_into, "kvc_compact_layers_into", self.context.handle, self.handle,
+                       ctypes.byref(desc), ctypes.byref(st), ctypes.byref(dst), *tail)
+            del alive
         self._last_status["compact"] = (ws, layout.status_offset_bytes, layers)
         return caches
 
@@ -925,16 +1008,24 @@ class Plan:
                    kv.ptr, ov.ptr, ws.ptr, layout.workspace_bytes, self._stream(stream, kv))
         return out
 
-    def compress_layers(self, caches, queries=None, stream=None, lse=None):
+    def compress_layers(self, caches, queries=None, stream=None, lse=None, dst_table=None, dst_indptr=None):
         """kvc_compress_layers: score + select + compact of every layer in one call. Returns the keep
-        indices, int32 (num_layers, keep_elems); the status array is plan.status('compress')."""
+        indices, int32 (num_layers, keep_elems); the status array is plan.status('compress').
+        `dst_table` / `dst_indptr`: the compaction out of place (kvc_compress_layers_into)."""
         caches, desc, k_ptrs, v_ptrs = self._layer_caches(caches)
         layers, like = len(caches), caches[0]._kview
         q_ptrs, l_ptrs = self._layer_queries(queries, lse, layers)
-        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs, host_readable=True)
+        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs)
         ws, layout = self._layer_workspace("compress", layers, like)
-        self._call(self._lib.kvc_compress_layers, "kvc_compress_layers", self.context.handle, self.handle,
-                   ctypes.byref(desc), ctypes.byref(st), ws.ptr, layout.workspace_bytes, self._stream(stream, like))
+        tail = (ws.ptr, layout.workspace_bytes, self._stream(stream, like))
+        if dst_table is None and dst_indptr is None:
+            self._call(self._lib.kvc_compress_layers, "kvc_compress_layers", self.context.handle, self.handle,
+                       ctypes.byref(desc), ctypes.byref(st), *tail)
+        else:
+            dst, alive = destination_table(dst_table, dst_indptr, caches[0], self.batch)
+            self._call(self._lib.kvc_compress_layers_into, "kvc_compress_layers_into", self.context.handle,
+                       self.handle, ctypes.byref(desc), ctypes.byref(st), ctypes.byref(dst), *tail)
+            del alive
         self._last_status["compress"] = (ws, layout.status_offset_bytes, layers)
         return ws.read_i32(layout.keep_offset_bytes, layers * self.info.keep_elems).reshape(layers,
                                                                                           self.info.keep_elems)
@@ -944,6 +1035,10 @@ class Plan:
         host = np.asarray(counts if isinstance(counts, np.ndarray) else _to_host(counts))
         out = []
         for b, rows in enumerate(self.count_rows(host)):
+            if self.spans_per_head:
+                out.append([r / np.array([max(1, len(s)) for s in self.spans[b][h]] if self.spans else [],
+                                         dtype=np.float64) for h, r in enumerate(rows)])
+                continue
             lens = np.array([max(1, len(s)) for s in self.spans[b]], dtype=np.float64) if self.spans else np.ones(0)
             out.append(rows / lens[None, :])
         return out
