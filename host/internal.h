@@ -15,6 +15,7 @@
 /* Sizes of the plan's metadata arrays (host/plan.c): they fix the layout of its blob. */
 typedef struct {
   int64_t obs, domains, parts, protect_words, spans;
+  int64_t key_scales; /* num_kv_heads */
 } kvc_plan_counts_t;
 
 struct kvc_context {
