@@ -85,6 +85,9 @@ class PlanDescStruct(ctypes.Structure):
         ("device_memory", ctypes.c_int),
         ("quota_rounding", ctypes.c_int),
         ("window_protection", ctypes.c_int),
+        ("query_dtype", ctypes.c_int),
+        ("k_scale", ctypes.c_float),
+        ("k_scales", ctypes.c_void_p),
     ]
 
 
