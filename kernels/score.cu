@@ -152,24 +152,33 @@ __device__ inline float key_scale(const kvc_plan_view_t &plan, int32_t h) {
   else return 1.0f;
 }
 
-/* 16 floats (exact values of T) stored as T at dst (16-byte aligned), in 16-byte stores. */
+/* Two exact values of T as one 32-bit word of two T (the first in the low half). */
 template <class T>
-__device__ inline void store16(T *dst, const float (&v)[16]) {
+__device__ inline uint32_t pack2(float lo, float hi) {
+  uint32_t word;
+  if constexpr (std::is_same<T, __half>::value) {
+    const __half2 pair = __floats2half2_rn(lo, hi);
+    memcpy(&word, &pair, sizeof word);
+  } else {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    memcpy(&word, &pair, sizeof word);
+  }
+  return word;
+}
+
+/* The 16 fp8 keys elements of `raw` widened to T at dst (16-byte aligned), in 16-byte stores. */
+template <class T>
+__device__ inline void widen16(T *dst, const uint4 raw) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+  auto at = [&](int i) { return kvc_fp8_e4m3_to_f32((uint8_t)(words[i / 4] >> (8 * (i % 4)))); };
   if constexpr (std::is_same<T, float>::value) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) reinterpret_cast<float4 *>(dst)[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+    for (int i = 0; i < 4; ++i) reinterpret_cast<float4 *>(dst)[i] = make_float4(at(4 * i), at(4 * i + 1), at(4 * i + 2), at(4 * i + 3));
   } else {
-    uint32_t w[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const T lo = T(v[2 * i]), hi = T(v[2 * i + 1]);
-      uint16_t a, b;
-      memcpy(&a, &lo, 2);
-      memcpy(&b, &hi, 2);
-      w[i] = (uint32_t)a | (uint32_t)b << 16;
-    }
-    reinterpret_cast<uint4 *>(dst)[0] = make_uint4(w[0], w[1], w[2], w[3]);
-    reinterpret_cast<uint4 *>(dst)[1] = make_uint4(w[4], w[5], w[6], w[7]);
+    for (int i = 0; i < 2; ++i)
+      reinterpret_cast<uint4 *>(dst)[i] = make_uint4(pack2<T>(at(8 * i), at(8 * i + 1)), pack2<T>(at(8 * i + 2), at(8 * i + 3)),
+                                                     pack2<T>(at(8 * i + 4), at(8 * i + 5)), pack2<T>(at(8 * i + 6), at(8 * i + 7)));
   }
 }
 
@@ -177,20 +186,19 @@ __device__ inline void store16(T *dst, const float (&v)[16]) {
  * else widened into `widened` (16 fp8 bytes a thread at a time, consecutive threads on consecutive
  * chunks), followed by a barrier since every warp reads all of it. All threads call it. */
 template <class T, class K>
-__device__ const T *ready_keys(const TileLayout<T, K> &layout, const K *landed, T *widened, int32_t dim) {
+__device__ const T *ready_keys(const K *landed, T *widened, int32_t dim, int32_t stride, int32_t landing_stride) {
   if constexpr (!TileLayout<T, K>::kWiden) {
     return landed;
   } else {
     static_assert(sizeof(K) == 1, "widening reads 16 keys elements a chunk");
-    const int32_t chunks = dim / 16;
-    for (int32_t e = threadIdx.x; e < kTileRows * chunks; e += kThreads) {
-      const int32_t r = e / chunks, c = e - r * chunks;
-      const uint4 raw = *reinterpret_cast<const uint4 *>(landed + r * layout.landing_stride + 16 * c);
-      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-      float v[16];
-#pragma unroll
-      for (int i = 0; i < 16; ++i) v[i] = kvc_fp8_e4m3_to_f32((uint8_t)(words[i / 4] >> (8 * (i % 4))));
-      store16<T>(widened + r * layout.stride + 16 * c, v);
+    /* thread i takes chunk i % chunks of rows i / chunks, i / chunks + passes, ...: two divisions a
+     * tile, none a chunk; not unrolled (a full unroll with a constant head_dim keeps several chunks
+     * live beside the kernel's state and spills on sm_90) */
+    const int32_t chunks = dim / 16, passes = kThreads / chunks, c = threadIdx.x % chunks;
+    if (threadIdx.x < passes * chunks) {
+#pragma unroll 1
+      for (int32_t r = threadIdx.x / chunks; r < kTileRows; r += passes)
+        widen16<T>(widened + r * stride + 16 * c, *reinterpret_cast<const uint4 *>(landed + r * landing_stride + 16 * c));
     }
     __syncthreads();
     return widened;
@@ -332,6 +340,9 @@ __global__ void __launch_bounds__(kThreads)
   T *const widened = layout.compute_tile(smem, 1); /* K != T only */
   K *const k_tiles = layout.landing_tile(smem, 0); /* two buffers of kTileRows * landing_stride */
   const K **const k_src = layout.row_table(smem); /* [2][64] */
+  /* each row's (observation row, q head) index, -1 past the last pair: computed once, so no 64-bit
+   * division stays live to the end of the kernel (with fp8 keys it spilled on sm_90) */
+  __shared__ int64_t out_index[kTileRows];
   const int32_t h = blockIdx.y, b = blockIdx.z;
   const int32_t split = blockIdx.x / splits.row_blocks, rb = splits.row_blocks - 1 - blockIdx.x % splits.row_blocks;
   const int32_t obs0 = plan.obs_indptr[b];
@@ -355,6 +366,8 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x < kTileRows) {
     const int32_t j = first_key + threadIdx.x;
     k_src[threadIdx.x] = j < key_hi ? key_row<K>(cache, b, j, h) : nullptr;
+    const int64_t p = p0 + threadIdx.x;
+    out_index[threadIdx.x] = p < pairs ? (int64_t)(obs0 + p / G) * plan.num_q_heads + h * G + p % G : -1;
   }
   __syncthreads();
   stage_tile<K>(k_tiles, k_src, dim, landing_stride, k_pool);
@@ -386,7 +399,7 @@ __global__ void __launch_bounds__(kThreads)
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads(); /* tile t has landed, all of it */
-    const T *keys = ready_keys<T, K>(layout, k_tiles + (t & 1) * kTileRows * landing_stride, widened, dim);
+    const T *keys = ready_keys<T, K>(k_tiles + (t & 1) * kTileRows * landing_stride, widened, dim, stride, landing_stride);
 
     float s[8][4];
     warp_logits<T, D>(s, q_tile + 16 * warp * stride, keys, dim, stride);
@@ -425,9 +438,8 @@ __global__ void __launch_bounds__(kThreads)
     float sum = bad[rr] ? NAN : l[rr]; /* a non-finite logit poisons the row */
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const int64_t p = p0 + 16 * warp + (lane >> 2) + 8 * rr;
-    if (quad != 0 || p >= pairs) continue;
-    const int64_t idx = (int64_t)(obs0 + p / G) * plan.num_q_heads + h * G + p % G;
+    const int64_t idx = out_index[16 * warp + (lane >> 2) + 8 * rr];
+    if (quad != 0 || idx < 0) continue;
     if (splits.count == 1) lse2[idx] = m[rr] + log2f(sum);
     else partials[idx * splits.count + split] = make_float2(m[rr], sum);
   }
@@ -544,7 +556,8 @@ __global__ void __launch_bounds__(kThreads)
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads(); /* the K tile and query tile st have landed */
-    if (st == 0) keys = ready_keys<T, K>(layout, k_tile, widened, dim); /* the same for every thread */
+    if (st == 0) /* the same for every thread */
+      keys = ready_keys<T, K>(k_tile, widened, dim, stride, layout.landing_stride);
 
     float s[8][4];
     warp_logits<T, D>(s, q_tiles + (st & 1) * kTileRows * stride + 16 * warp * stride, keys, dim, stride);
