@@ -103,7 +103,7 @@ def main():
     cuobjdump = args.cuobjdump or shutil.which("cuobjdump") or ""
     if not cuobjdump or not os.access(cuobjdump, os.X_OK):
         print("SKIPPED: no cuobjdump (not in the CUDA toolkit, not given with --cuobjdump / KVC_CUOBJDUMP); "
-              "scripts/test.sh installs PyPI's nvidia-cuda-cuobjdump into build/tools-venv. Nothing was checked.")
+              "scripts/test.sh installs PyPI's nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm into build/tools-venv. Nothing was checked.")
         return SKIP
     objects = [o for o in args.objects if os.path.basename(o).startswith("score.cu")]
     if not objects:

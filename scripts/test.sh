@@ -49,7 +49,7 @@ run_suite() { # name, build dir, ctest args, cmake args...
 }
 
 mkdir -p build
-# cuobjdump for the SASS check (ctest -L sass): the toolkit's, else PyPI's nvidia-cuda-cuobjdump in a
+# cuobjdump for the SASS check (ctest -L sass): the toolkit's, else PyPI's nvidia-cuda-cuobjdump (and nvidia-cuda-nvdisasm, which it runs for -sass) in a
 # venv here; without one that test reports itself skipped
 sass_args=()
 if command -v nvcc >/dev/null 2>&1; then
@@ -57,7 +57,7 @@ if command -v nvcc >/dev/null 2>&1; then
   if [ ! -x "$cuobjdump" ]; then
     tools=build/tools-venv
     { [ -x $tools/bin/python ] || python3 -m venv $tools; } &&
-      $tools/bin/python -m pip install -q nvidia-cuda-cuobjdump >build/tools-pip.log 2>&1
+      $tools/bin/python -m pip install -q nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm >build/tools-pip.log 2>&1
     cuobjdump=$(find "$root/$tools" -name cuobjdump -type f -perm -u+x 2>/dev/null | head -n 1)
   fi
   if [ -n "$cuobjdump" ] && [ -x "$cuobjdump" ]; then sass_args=(-DKVC_CUOBJDUMP="$cuobjdump")
