@@ -271,7 +271,7 @@ typedef enum {
   KVC_SCORE_SNAPKV = 0,   /* window attention, mean over queries, pooled; window keys protected   */
   KVC_SCORE_H2O = 1,      /* attention received / number of queries that see the key              */
   KVC_SCORE_TOVA = 2,     /* last query's attention, mean over all query heads; last token kept   */
-  KVC_SCORE_KNORM = 3,    /* -||k||_2 (low-norm keys kept)                                         */
+  KVC_SCORE_KNORM = 3,    /* -||k||_2 (low-norm keys kept; FP8 keys: -k_scale_h ||k_fp8||_2)       */
   KVC_SCORE_STREAMING = 4 /* recency (use sink_tokens = 4)                                         */
 } kvc_score_method_t;
 
@@ -328,7 +328,8 @@ typedef enum {
  *   Observation queries: without span_local, the last min(window, n) positions. With span_local the
  *   window is split across the FAIR spans in order: span i of S gets min(len_i, ceil(R / (S - i)))
  *   where R is what earlier spans left of `window`; each span uses its own last tokens. A query at
- *   position p in domain [lo, hi) sees keys [lo, p]; a_gij = softmax_j(scale * <q_gi, k_hj>).
+ *   position p in domain [lo, hi) sees keys [lo, p]; a_gij = softmax_j(scale * <q_gi, k_hj>), where
+ *   an FP8 key is k_hj = k_scale_h * (its e4m3 value) (desc.k_scale / k_scales).
  *   SNAPKV     keys of a domain before its first query: mean over its queries of a_gij, pooled
  *              (kernel pool_kernel, stride 1, zero padding, AVG divides by pool_kernel; MAX ignores
  *              padding) inside that key range, then group_reduce over the GQA group. Query
@@ -431,7 +432,10 @@ KVC_API void kvc_plan_desc_init(kvc_plan_desc_t *desc);
  * only place the pipeline allocates. With KVC_PLAN_MEMORY_CALLER it touches no device memory and
  * the plan needs kvc_plan_upload before any execute call.
  * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (any bad field: the detail names field, sequence,
- * span and value); KVC_ERROR_NOT_SUPPORTED (head_dim or dtype the backend does not handle);
+ * span and value; k_scale / k_scales not finite and > 0, or set for a dtype other than FP8);
+ * KVC_ERROR_NOT_SUPPORTED (head_dim or dtype the backend does not handle; a query_dtype other than
+ * the cache's for a non-FP8 cache, or none for FP8 with SNAPKV / H2O / TOVA; CUDA: FP8 keys with
+ * head_dim not a multiple of 16);
  * KVC_ERROR_BUDGET (protected tokens exceed a budget and budget_policy is KVC_BUDGET_FAIL: the
  * detail names the sequence and counts);
  * KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA. On failure *out is NULL. Synchronous.
