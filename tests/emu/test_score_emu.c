@@ -966,3 +966,41 @@ Test(score_emu, fp8_compress_matches_cpu) {
     score_run_free(&r);
   }
 }
+
+/* The key scales travel in the plan's metadata: two fp8 plans that differ only in k_scales are
+ * kvc_plan_compatible, and the first one (as a graph captured with it would) scores the second
+ * event once the second plan is uploaded into the first one's buffer; before that upload it scores
+ * its own scales, which differ (so a scale frozen into the launch would show). */
+Test(score_emu, fp8_scales_travel_with_the_uploaded_plan) {
+  static const float first_scales[] = {1.3f, 0.4f};
+  score_case_t c;
+  selection_case(&c, KVC_SCORE_H2O, 9700);
+  use_fp8(&c, KVC_QUERY_DTYPE_F16, 1);
+  score_run_t r;
+  score_both(&c, 0, &r); /* the second event (kFp8HeadScales): CPU scores in r.cpu_scores */
+  int32_t budgets[16];
+  kvc_plan_desc_t desc = case_desc(&c, budgets);
+  desc.device_memory = KVC_PLAN_MEMORY_CALLER;
+  kvc_plan_t second = NULL, first = NULL;
+  cr_assert_eq(kvc_plan_create(r.cuda, &desc, &second), KVC_SUCCESS, "%s", kvc_last_error(r.cuda));
+  desc.k_scales = first_scales;
+  cr_assert_eq(kvc_plan_create(r.cuda, &desc, &first), KVC_SUCCESS, "%s", kvc_last_error(r.cuda));
+  int compatible = 0;
+  cr_assert_eq(kvc_plan_compatible(first, second, &compatible), KVC_SUCCESS);
+  cr_assert_eq(compatible, 1, "plans differing only in k_scales must be compatible");
+  size_t bytes = 0;
+  cr_assert_eq(kvc_plan_device_bytes(first, &bytes), KVC_SUCCESS);
+  void *buffer = kvc_test_workspace_new(bytes);
+  cr_assert_eq(kvc_plan_upload(r.cuda, first, buffer, bytes, NULL), KVC_SUCCESS, "%s", kvc_last_error(r.cuda));
+  run_score(r.cuda, first, r.cache, r.queries, NULL, r.cuda_scores, 0);
+  int64_t differing = 0;
+  for (int64_t i = 0; i < r.info.score_elems; ++i) differing += !close_enough(r.cuda_scores[i], r.cpu_scores[i]);
+  cr_assert_gt(differing, 0, "the first event's scales give the second event's scores: the case shows nothing");
+  cr_assert_eq(kvc_plan_upload(r.cuda, second, buffer, bytes, NULL), KVC_SUCCESS, "%s", kvc_last_error(r.cuda));
+  run_score(r.cuda, first, r.cache, r.queries, NULL, r.cuda_scores, 0); /* the "replay" */
+  assert_scores_match(&c, &r);
+  kvc_plan_destroy(first);
+  kvc_plan_destroy(second);
+  free(buffer);
+  score_run_free(&r);
+}
