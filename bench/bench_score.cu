@@ -106,10 +106,10 @@ double g_copy_gbps = 0;
 bench::L2Flusher *g_flusher = nullptr;
 
 void bench_point(kvc_context_t ctx, const Options &o, const std::string &method, int n, int kv_heads, int q_heads) {
-  const kvc_dtype_t dtype = dtype_of(o.dtype);
+  const kvc_dtype_t dtype = bench::dtype_of(o.dtype);
   /* fp8 keys (e4m3, scale 1: the values are bench::fill_random's, already of fp8 range) are scored
    * with queries of --query-dtype */
-  const kvc_dtype_t query_dtype = dtype == KVC_DTYPE_FP8_E4M3 ? dtype_of(o.query_dtype) : dtype;
+  const kvc_dtype_t query_dtype = dtype == KVC_DTYPE_FP8_E4M3 ? bench::dtype_of(o.query_dtype) : dtype;
   const size_t elem = bench::dtype_bytes(dtype), query_elem = bench::dtype_bytes(query_dtype);
   std::vector<int32_t> seq_lens(o.batch, n), budgets(o.batch, n / 4);
   kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;

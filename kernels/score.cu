@@ -166,7 +166,7 @@ __device__ inline uint32_t pack2(float lo, float hi) {
   return word;
 }
 
-/* The 16 fp8 keys elements of `raw` widened to T at dst (16-byte aligned), in 16-byte stores. */
+/* The 16 fp8 key elements of `raw` widened to T at dst (16-byte aligned), in 16-byte stores. */
 template <class T>
 __device__ inline void widen16(T *dst, const uint4 raw) {
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -190,7 +190,7 @@ __device__ const T *ready_keys(const K *landed, T *widened, int32_t dim, int32_t
   if constexpr (!TileLayout<T, K>::kWiden) {
     return landed;
   } else {
-    static_assert(sizeof(K) == 1, "widening reads 16 keys elements a chunk");
+    static_assert(sizeof(K) == 1, "widening reads 16 key elements a chunk");
     /* thread i takes chunk i % chunks of rows i / chunks, i / chunks + passes, ...: two divisions a
      * tile, none a chunk; not unrolled (a full unroll with a constant head_dim keeps several chunks
      * live beside the kernel's state and spills on sm_90) */
