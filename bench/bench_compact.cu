@@ -18,10 +18,14 @@
  * Shapes (--shapes batch:n,...): one long sequence, a batch of 64 x 2k, one short sequence (the
  * small-n case, where the grid must still fill the device). --layer-shapes run with --layers L
  * pools: kvc_compact_layers once ("kvc_layers") against L kvc_compact calls ("kvc_per_layer_calls").
+ * --modes: "in_place" (impl "kvc") and "into", kvc_compact_into (impl "kvc_into") writing every
+ * sequence's kept rows to ceil(k / page_size) other pages of the same pool (copy-on-write): there
+ * every kept row moves, so moved_bytes counts all k rows, the memcpy ceiling copies those bytes and
+ * the floor is cost_model.h's kvc_floor_compact_into. Every repetition writes the same bytes.
  *
  *   bench_compact [--shapes 1:131072,64:2048,1:4096,1:32768] [--layer-shapes 1:4096,8:4096]
  *                 [--layers 32] [--keep 0.1,0.3,0.5,0.7,0.9] [--heads 8] [--head-dim 128]
- *                 [--dtype bf16|f16|f32] [--page-size 16] [--iters 20]
+ *                 [--dtype bf16|f16|f32] [--page-size 16] [--iters 20] [--modes in_place,into]
  */
 #include <cuda_runtime.h>
 
@@ -60,6 +64,7 @@ struct Options {
   std::vector<double> keep = {0.1, 0.3, 0.5, 0.7, 0.9};
   int heads = 8, head_dim = 128, page_size = 16, iters = 20, layers = 32;
   std::string dtype = "bf16";
+  bool in_place = true, into = true;
 };
 
 Options parse(int argc, char **argv) {
@@ -76,7 +81,17 @@ Options parse(int argc, char **argv) {
     else if (key == "--dtype") o.dtype = value;
     else if (key == "--page-size") o.page_size = atoi(value);
     else if (key == "--iters") o.iters = atoi(value);
-    else {
+    else if (key == "--modes") {
+      o.in_place = o.into = false;
+      for (const std::string &m : bench::split(value)) {
+        if (m == "in_place") o.in_place = true;
+        else if (m == "into") o.into = true;
+        else {
+          fprintf(stderr, "bench_compact: --modes takes in_place,into, got %s\n", m.c_str());
+          exit(2);
+        }
+      }
+    } else {
       fprintf(stderr, "bench_compact: unknown option %s\n", key.c_str());
       exit(2);
     }
@@ -120,14 +135,18 @@ void run_point(const Options &o, kvc_context_t ctx, const Shape &shape, int laye
   kvc_plan_t plan = nullptr;
   check(kvc_plan_create(ctx, &desc, &plan), ctx, "kvc_plan_create");
 
-  /* pools (one K and one V per layer) and a dense block table over shuffled pages */
-  const int pages_per_seq = (n + o.page_size - 1) / o.page_size, num_pages = batch * pages_per_seq;
+  /* pools (one K and one V per layer) and a dense block table over shuffled pages; the out-of-place
+   * destination pages follow the sources' in the same pools */
+  const int pages_per_seq = (n + o.page_size - 1) / o.page_size, kept_pages = (k + o.page_size - 1) / o.page_size;
+  const int source_pages = batch * pages_per_seq, num_pages = source_pages + (layers == 1 && o.into ? batch * kept_pages : 0);
   const size_t elem = bench::dtype_bytes(dtype), row_bytes = (size_t)o.head_dim * elem;
   const size_t pool_elems = (size_t)num_pages * o.page_size * o.heads * o.head_dim;
   std::mt19937_64 rng(1234 + n);
-  std::vector<int32_t> table(num_pages);
-  for (int p = 0; p < num_pages; ++p) table[p] = p;
+  std::vector<int32_t> table(source_pages), dst_table(batch * kept_pages);
+  for (int p = 0; p < source_pages; ++p) table[p] = p;
   std::shuffle(table.begin(), table.end(), rng);
+  for (int p = 0; p < batch * kept_pages; ++p) dst_table[p] = source_pages + p;
+  std::shuffle(dst_table.begin(), dst_table.end(), rng);
   std::vector<void *> k_pools(layers), v_pools(layers);
   for (int l = 0; l < layers; ++l) {
     KVC_BENCH_CHECK(cudaMalloc(&k_pools[l], pool_elems * elem));
@@ -179,37 +198,56 @@ void run_point(const Options &o, kvc_context_t ctx, const Shape &shape, int laye
   const kvc_layers_t layer_arrays = {layers, dev_k, dev_v, nullptr, nullptr};
 
   /* the ceiling: one cudaMemcpy of the same bytes between two buffers */
-  void *src = nullptr, *dst = nullptr;
-  KVC_BENCH_CHECK(cudaMalloc(&src, std::max<size_t>(moved_bytes, 1)));
-  KVC_BENCH_CHECK(cudaMalloc(&dst, std::max<size_t>(moved_bytes, 1)));
-  const bench::Stats mc = bench::time_gpu(
-      [&](cudaStream_t s) { KVC_BENCH_CHECK(cudaMemcpyAsync(dst, src, moved_bytes, cudaMemcpyDeviceToDevice, s)); },
-      stream, 2, o.iters, &flusher);
+  const auto memcpy_ceiling = [&](size_t bytes) {
+    void *src = nullptr, *dst = nullptr;
+    KVC_BENCH_CHECK(cudaMalloc(&src, std::max<size_t>(bytes, 1)));
+    KVC_BENCH_CHECK(cudaMalloc(&dst, std::max<size_t>(bytes, 1)));
+    const bench::Stats st = bench::time_gpu(
+        [&](cudaStream_t s) { KVC_BENCH_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s)); }, stream,
+        2, o.iters, &flusher);
+    cudaFree(src);
+    cudaFree(dst);
+    return st;
+  };
+  const bench::Stats mc = memcpy_ceiling(moved_bytes);
 
   const double floor_us = 1e6 * kvc_floor_compact((double)moved_rows * layers, (double)row_bytes, (double)keep.size()).floor_s;
-  const auto print = [&](const char *impl, const bench::Stats &st, size_t extra) {
-    const double gbps = 2.0 * (double)moved_bytes / (st.median_ms * 1e-3) / 1e9;
+  const auto print = [&](const char *impl, const bench::Stats &st, size_t extra, size_t bytes,
+                         const bench::Stats &ceiling, double floor_time_us) {
+    const double gbps = 2.0 * (double)bytes / (st.median_ms * 1e-3) / 1e9;
     bench::Json()
         .add("record", "result").add("op", "compact").add("impl", impl).add("n", n).add("batch", batch)
         .add("kv_heads", o.heads).add("layers", layers).add("head_dim", o.head_dim).add("dtype", o.dtype)
         .add("page_size", o.page_size).add("keep", keep_fraction).add("k", k)
-        .add("moved_bytes", (long long)moved_bytes).add_stats(st).add("gbps", gbps).add("memcpy_ms", mc.median_ms)
-        .add("pct_memcpy", 100.0 * mc.median_ms / st.median_ms).add("pct_copy", 100.0 * gbps / copy_gbps)
-        .add("floor_us", floor_us).add("pct_floor", 100.0 * floor_us / (1e3 * st.median_ms))
+        .add("moved_bytes", (long long)bytes).add_stats(st).add("gbps", gbps).add("memcpy_ms", ceiling.median_ms)
+        .add("pct_memcpy", 100.0 * ceiling.median_ms / st.median_ms).add("pct_copy", 100.0 * gbps / copy_gbps)
+        .add("floor_us", floor_time_us).add("pct_floor", 100.0 * floor_time_us / (1e3 * st.median_ms))
         .add("extra_bytes", (long long)extra)
         .print();
   };
-  if (layers == 1) {
+  if (layers == 1 && o.in_place)
     print("kvc", bench::time_gpu([&](cudaStream_t s) {
             check(kvc_compact(ctx, plan, &cache, dev_keep, nullptr, 0, ws, ws_bytes, (kvc_stream_t)s), ctx,
                   "kvc_compact");
-          }, stream, 2, o.iters, &flusher), ws_bytes);
-  } else {
+          }, stream, 2, o.iters, &flusher), ws_bytes, moved_bytes, mc, floor_us);
+  if (layers == 1 && o.into) {
+    const size_t kept_bytes = 2 * keep.size() * row_bytes; /* every kept K and V row */
+    const bench::Stats kept_mc = memcpy_ceiling(kept_bytes);
+    const kvc_page_table_t dst_pages = {upload(dst_table), nullptr, kept_pages};
+    const double into_floor_us =
+        1e6 * kvc_floor_compact_into((double)keep.size(), (double)row_bytes, (double)keep.size()).floor_s;
+    print("kvc_into", bench::time_gpu([&](cudaStream_t s) {
+            check(kvc_compact_into(ctx, plan, &cache, &dst_pages, dev_keep, nullptr, 0, ws, ws_bytes, (kvc_stream_t)s), ctx,
+                  "kvc_compact_into");
+          }, stream, 2, o.iters, &flusher), ws_bytes, kept_bytes, kept_mc, into_floor_us);
+    cudaFree((void *)dst_pages.page_table);
+  }
+  if (layers > 1) {
     print("kvc_layers", bench::time_gpu([&](cudaStream_t s) {
             check(kvc_compact_layers(ctx, plan, &shared, &layer_arrays, dev_keep, nullptr, 0, ws,
                                      layout.workspace_bytes, (kvc_stream_t)s),
                   ctx, "kvc_compact_layers");
-          }, stream, 2, o.iters, &flusher), layout.workspace_bytes);
+          }, stream, 2, o.iters, &flusher), layout.workspace_bytes, moved_bytes, mc, floor_us);
     print("kvc_per_layer_calls", bench::time_gpu([&](cudaStream_t s) {
             for (int l = 0; l < layers; ++l) {
               kvc_paged_kv_t one = cache;
@@ -219,11 +257,9 @@ void run_point(const Options &o, kvc_context_t ctx, const Shape &shape, int laye
                                 (kvc_stream_t)s),
                     ctx, "kvc_compact");
             }
-          }, stream, 2, o.iters, &flusher), ws_bytes);
+          }, stream, 2, o.iters, &flusher), ws_bytes, moved_bytes, mc, floor_us);
   }
 
-  cudaFree(src);
-  cudaFree(dst);
   cudaFree(ws);
   cudaFree((void *)dev_keep);
   cudaFree((void *)cache.page_table);

@@ -115,6 +115,13 @@ static inline kvc_floor_t kvc_floor_compact(double moved_rows, double row_bytes,
   return kvc_floor_of(2.0 * 2.0 * moved_rows * row_bytes + 4.0 * keep_elems, 0.0, 0.0);
 }
 
+/* Out-of-place kvc_compact_into: every kept K and V row (all k of each row, whether or not it
+ * changes slot) read once from the source pages and written once to the destination pages, the keep
+ * indices read once. */
+static inline kvc_floor_t kvc_floor_compact_into(double kept_rows, double row_bytes, double keep_elems) {
+  return kvc_floor_compact(kept_rows, row_bytes, keep_elems);
+}
+
 /* kvc_compress: K read once to score it, the scores written and read once, the keep indices
  * written once, the moved K and V rows read and written once; plus the scoring's tensor flops and
  * exponentials (kvc_floor_score's, passed in). */

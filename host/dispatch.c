@@ -126,6 +126,36 @@ static kvc_status_t check_layout(kvc_context_t ctx, const char *fn, const kvc_pl
   return KVC_SUCCESS;
 }
 
+/* Every sequence's list in the table of `c` (host memory): a CSR range that starts at >= 0 and holds
+ * the pages of its n_b tokens (its k_b kept tokens for a destination table, `dst`), and every id of
+ * those pages in [0, num_pages), appended to scratch (may be NULL) at *used. */
+static kvc_status_t check_lists(kvc_context_t ctx, const char *fn, const kvc_plan_view_t *plan,
+                                const kvc_paged_kv_t *c, int dst, int32_t *scratch, int64_t *used) {
+  const char *table = dst ? "dst" : "cache", *list = dst ? "destination list" : "table";
+  for (int32_t b = 0; b < plan->batch; ++b) {
+    const int32_t tokens = dst ? plan->keep_lens[b] : plan->seq_lens[b];
+    const int32_t need = (int32_t)kvc_pages_needed(tokens, c->page_size);
+    if (c->page_indptr) {
+      /* in int64: an arbitrary indptr (INT_MIN, INT_MAX) must not overflow the difference */
+      const int64_t first = c->page_indptr[b], have = (int64_t)c->page_indptr[b + 1] - first;
+      if (first < 0 || have < need)
+        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                        "%s: %s->page_indptr gives sequence %d %lld pages ([%d, %d)) but its %d %stokens need %d", fn,
+                        table, b, (long long)have, c->page_indptr[b], c->page_indptr[b + 1], tokens,
+                        dst ? "kept " : "", need);
+    }
+    const int32_t *pages = kvc_seq_pages(c, b);
+    for (int32_t i = 0; i < need; ++i) {
+      if (pages[i] < 0 || pages[i] >= c->num_pages)
+        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                        "%s: %spage id %d (sequence %d, page %d of its %s) is outside [0, num_pages = %d)", fn,
+                        dst ? "dst " : "", pages[i], b, i, list, c->num_pages);
+      if (scratch) scratch[(*used)++] = pages[i];
+    }
+  }
+  return KVC_SUCCESS;
+}
+
 /* The cache descriptor and, on CPU, its page table. A layer-batched call (`layered`) takes its
  * pools from kvc_layers_t: the descriptor's must then be NULL, and its pools are checked per layer
  * (check_layer_pools) where the host can read them. */
@@ -175,25 +205,8 @@ static kvc_status_t check_cache(kvc_context_t ctx, const char *fn, const kvc_pla
 
   /* CPU: the tables are host memory, so every id used is checked here. */
   int64_t used = 0;
-  for (int32_t b = 0; b < plan->batch; ++b) {
-    const int32_t need = (int32_t)kvc_pages_needed(plan->seq_lens[b], c->page_size);
-    if (c->page_indptr) {
-      /* in int64: an arbitrary indptr (INT_MIN, INT_MAX) must not overflow the difference */
-      const int64_t first = c->page_indptr[b], have = (int64_t)c->page_indptr[b + 1] - first;
-      if (first < 0 || have < need)
-        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                        "%s: cache->page_indptr gives sequence %d %lld pages ([%d, %d)) but its %d tokens need %d", fn,
-                        b, (long long)have, c->page_indptr[b], c->page_indptr[b + 1], plan->seq_lens[b], need);
-    }
-    const int32_t *pages = kvc_seq_pages(c, b);
-    for (int32_t i = 0; i < need; ++i) {
-      if (pages[i] < 0 || pages[i] >= c->num_pages)
-        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                        "%s: page id %d (sequence %d, page %d of its table) is outside [0, num_pages = %d)", fn,
-                        pages[i], b, i, c->num_pages);
-      if (page_scratch) page_scratch[used++] = pages[i];
-    }
-  }
+  status = check_lists(ctx, fn, plan, c, 0, page_scratch, &used);
+  if (status != KVC_SUCCESS) return status;
   if (page_scratch) {
     qsort(page_scratch, (size_t)used, sizeof(int32_t), compare_ids);
     for (int64_t i = 1; i < used; ++i)
@@ -201,6 +214,73 @@ static kvc_status_t check_cache(kvc_context_t ctx, const char *fn, const kvc_pla
         return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
                         "%s: page id %d is used twice by the page table (by two sequences or twice by one); "
                         "compacting would mix their tokens", fn, page_scratch[i]);
+  }
+  return KVC_SUCCESS;
+}
+
+/* Sequence and entry of the first use of page `page` in the first `pages_of(b)` entries of the lists
+ * of `c` (pages_of: ceil(k_b / page_size) with kept != 0, else ceil(n_b / page_size)), skipping the
+ * first `skip` uses. -1 in *b when there is none. For the error messages only. */
+static void find_page_use(const kvc_plan_view_t *plan, const kvc_paged_kv_t *c, int kept, int32_t page, int skip,
+                          int32_t *b_out, int32_t *i_out) {
+  *b_out = -1;
+  *i_out = -1;
+  for (int32_t b = 0; b < plan->batch; ++b) {
+    const int32_t need = (int32_t)kvc_pages_needed(kept ? plan->keep_lens[b] : plan->seq_lens[b], c->page_size);
+    for (int32_t i = 0; i < need; ++i)
+      if (kvc_page_of(c, kvc_seq_pages(c, b), b, i * c->page_size) == page && skip-- == 0) {
+        *b_out = b;
+        *i_out = i;
+        return;
+      }
+  }
+}
+
+/* The destination table of an out-of-place compaction: its shape from the descriptor; on CPU (host
+ * memory) every id of the first ceil(k_b / page_size) entries, then, with the ids sorted in the page
+ * check's scratch (at most one per kept token), that no page is a destination twice and that no
+ * source page of any sequence is a destination. */
+static kvc_status_t check_dst_table(kvc_context_t ctx, const char *fn, const kvc_plan_view_t *plan,
+                                    const kvc_paged_kv_t *c, const kvc_page_table_t *dst, int32_t *scratch) {
+  if (!dst) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: dst is NULL", fn);
+  if (!dst->page_table)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: dst->page_table is NULL: an out-of-place compaction needs its destination pages listed", fn);
+  if (dst->page_indptr && dst->page_indptr == dst->page_table)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: dst->page_indptr aliases dst->page_table", fn);
+  const int64_t most = kvc_pages_needed(plan->max_keep_len, c->page_size);
+  if (!dst->page_indptr && dst->max_pages < most)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: dst->max_pages is %d but the sequence keeping the most (%d tokens) needs %lld pages of %d", fn,
+                    dst->max_pages, plan->max_keep_len, (long long)most, c->page_size);
+  if (ctx->backend != KVC_BACKEND_CPU || !scratch) return KVC_SUCCESS;
+
+  const kvc_paged_kv_t to = kvc_with_table(c, dst);
+  int64_t used = 0;
+  kvc_status_t status = check_lists(ctx, fn, plan, &to, 1, scratch, &used);
+  if (status != KVC_SUCCESS) return status;
+  qsort(scratch, (size_t)used, sizeof(int32_t), compare_ids);
+  int32_t b0, i0, b1, i1;
+  for (int64_t i = 1; i < used; ++i)
+    if (scratch[i] == scratch[i - 1]) {
+      find_page_use(plan, &to, 1, scratch[i], 0, &b0, &i0);
+      find_page_use(plan, &to, 1, scratch[i], 1, &b1, &i1);
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: dst page id %d is page %d of sequence %d's destination list and page %d of sequence %d's: "
+                      "every kept token needs its own destination slot", fn, scratch[i], i0, b0, i1, b1);
+    }
+  for (int32_t b = 0; b < plan->batch; ++b) {
+    const int32_t need = (int32_t)kvc_pages_needed(plan->seq_lens[b], c->page_size);
+    const int32_t *pages = kvc_seq_pages(c, b);
+    for (int32_t i = 0; i < need; ++i) {
+      const int32_t page = kvc_page_of(c, pages, b, i * c->page_size);
+      if (!bsearch(&page, scratch, (size_t)used, sizeof(int32_t), compare_ids)) continue;
+      find_page_use(plan, &to, 1, page, 0, &b0, &i0);
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: dst page id %d (sequence %d, page %d of its destination list) is also a source page "
+                      "(sequence %d, page %d of its table): source pages are only read, the destination must be "
+                      "other pages", fn, page, b0, i0, b, i);
+    }
   }
   return KVC_SUCCESS;
 }
@@ -297,11 +377,15 @@ static kvc_status_t run_op(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, kvc_
 /* Validates the cache for an op that touches it; the scratch for the CPU's page check is carved
  * from the op's workspace exactly as run_op will carve it. */
 static kvc_status_t check_cache_for(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t op, int32_t num_layers,
-                                    const char *fn, const kvc_paged_kv_t *cache, int layered, void *workspace) {
+                                    const char *fn, const kvc_paged_kv_t *cache, int layered, void *workspace,
+                                    const kvc_page_table_t *dst) {
   kvc_carver_t ws = {(char *)workspace, 0};
   int32_t *scratch = NULL;
   kvc_carve_dispatch(&plan->host, plan->backend, op, num_layers, &ws, &scratch, NULL);
-  return check_cache(ctx, fn, &plan->host, cache, scratch, layered);
+  /* out of place the source pages are only read: they may be shared, the destination may not */
+  kvc_status_t status = check_cache(ctx, fn, &plan->host, cache, dst ? NULL : scratch, layered);
+  if (status == KVC_SUCCESS && dst) status = check_dst_table(ctx, fn, &plan->host, cache, dst, scratch);
+  return status;
 }
 
 /* The layer arrays' own fields (never their entries: on CUDA they are device memory). */
@@ -342,7 +426,7 @@ static kvc_status_t score_layers(kvc_context_t ctx, kvc_plan_t plan, const char 
   if (status == KVC_SUCCESS)
     status = check_workspace(ctx, plan, KVC_OP_SCORE, layers ? layers->num_layers : 1, fn, workspace, workspace_bytes,
                              NULL);
-  if (status == KVC_SUCCESS) status = check_cache_for(ctx, plan, KVC_OP_SCORE, 1, fn, cache, layers != NULL, workspace);
+  if (status == KVC_SUCCESS) status = check_cache_for(ctx, plan, KVC_OP_SCORE, 1, fn, cache, layers != NULL, workspace, NULL);
   if (status != KVC_SUCCESS) return status;
   if (!scores) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: scores is NULL", fn);
   const int64_t obs = plan->host.obs_total;
@@ -443,15 +527,16 @@ kvc_status_t kvc_select_layers(kvc_context_t ctx, kvc_plan_t plan, int32_t num_l
 }
 
 static kvc_status_t compact_layers(kvc_context_t ctx, kvc_plan_t plan, const char *fn, const kvc_paged_kv_t *cache,
-                                   const kvc_layers_t *layers, const int32_t *keep, float *const *extras,
-                                   int32_t num_extras, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
+                                   const kvc_layers_t *layers, const kvc_page_table_t *dst, const int32_t *keep,
+                                   float *const *extras, int32_t num_extras, void *workspace, size_t workspace_bytes,
+                                   kvc_stream_t stream) {
   kvc_status_t status = check_common(ctx, plan, fn);
   if (status == KVC_SUCCESS && layers) status = check_layers(ctx, fn, layers);
   const int32_t num_layers = layers ? layers->num_layers : 1;
   if (status == KVC_SUCCESS)
     status = check_workspace(ctx, plan, KVC_OP_COMPACT, num_layers, fn, workspace, workspace_bytes, NULL);
   if (status == KVC_SUCCESS)
-    status = check_cache_for(ctx, plan, KVC_OP_COMPACT, num_layers, fn, cache, layers != NULL, workspace);
+    status = check_cache_for(ctx, plan, KVC_OP_COMPACT, num_layers, fn, cache, layers != NULL, workspace, dst);
   if (status != KVC_SUCCESS) return status;
   if (layers && plan->backend == KVC_BACKEND_CPU) /* the CUDA backend's arrays are device memory */
     for (int32_t l = 0; l < num_layers; ++l) {
@@ -473,6 +558,7 @@ static kvc_status_t compact_layers(kvc_context_t ctx, kvc_plan_t plan, const cha
   args.num_extras = num_extras;
   args.num_layers = num_layers;
   args.layers = layers;
+  args.dst_table = dst;
   args.stream = stream;
   return run_op(ctx, plan, KVC_OP_COMPACT, &args, workspace);
 }
@@ -480,8 +566,8 @@ static kvc_status_t compact_layers(kvc_context_t ctx, kvc_plan_t plan, const cha
 kvc_status_t kvc_compact(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache, const int32_t *keep,
                          float *const *extras, int32_t num_extras, void *workspace, size_t workspace_bytes,
                          kvc_stream_t stream) {
-  return compact_layers(ctx, plan, "kvc_compact", cache, NULL, keep, extras, num_extras, workspace, workspace_bytes,
-                        stream);
+  return compact_layers(ctx, plan, "kvc_compact", cache, NULL, NULL, keep, extras, num_extras, workspace,
+                        workspace_bytes, stream);
 }
 
 kvc_status_t kvc_compact_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
@@ -491,7 +577,7 @@ kvc_status_t kvc_compact_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_pa
     ctx->detail[0] = '\0';
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "kvc_compact_layers: layers is NULL");
   }
-  return compact_layers(ctx, plan, "kvc_compact_layers", cache, layers, keep, extras, num_extras, workspace,
+  return compact_layers(ctx, plan, "kvc_compact_layers", cache, layers, NULL, keep, extras, num_extras, workspace,
                         workspace_bytes, stream);
 }
 
@@ -529,8 +615,8 @@ kvc_status_t kvc_retention_layers(kvc_context_t ctx, kvc_plan_t plan, int32_t nu
 /* kvc_compress and kvc_compress_layers: the stages on the layout of kvc_plan_layout; the stage calls
  * re-check their own arguments, and a failure names the stage's function. */
 static kvc_status_t compress_layers(kvc_context_t ctx, kvc_plan_t plan, const char *fn, const kvc_paged_kv_t *cache,
-                                    const kvc_layers_t *layers, const void *queries, const float *lse,
-                                    void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
+                                    const kvc_layers_t *layers, const kvc_page_table_t *dst, const void *queries,
+                                    const float *lse, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
   kvc_status_t status = check_common(ctx, plan, fn);
   if (status == KVC_SUCCESS && layers) status = check_layers(ctx, fn, layers);
   const int32_t num_layers = layers ? layers->num_layers : 1;
@@ -546,19 +632,22 @@ static kvc_status_t compress_layers(kvc_context_t ctx, kvc_plan_t plan, const ch
   if (layers) {
     status = kvc_score_layers(ctx, plan, cache, layers, scores, 0, stage, stage_bytes, stream);
     if (status == KVC_SUCCESS) status = kvc_select_layers(ctx, plan, num_layers, scores, keep, stage, stage_bytes, stream);
-    if (status == KVC_SUCCESS)
-      status = kvc_compact_layers(ctx, plan, cache, layers, keep, NULL, 0, stage, stage_bytes, stream);
   } else {
     status = kvc_score(ctx, plan, cache, queries, lse, scores, 0, stage, stage_bytes, stream);
     if (status == KVC_SUCCESS) status = kvc_select(ctx, plan, scores, keep, stage, stage_bytes, stream);
-    if (status == KVC_SUCCESS) status = kvc_compact(ctx, plan, cache, keep, NULL, 0, stage, stage_bytes, stream);
   }
+  static const char *const compact_names[2][2] = {{"kvc_compact", "kvc_compact_into"},
+                                                  {"kvc_compact_layers", "kvc_compact_layers_into"}};
+  if (status == KVC_SUCCESS)
+    status = compact_layers(ctx, plan, compact_names[layers != NULL][dst != NULL], cache, layers, dst, keep, NULL, 0,
+                            stage, stage_bytes, stream);
   return status;
 }
 
 kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache, const void *queries,
                           const float *lse, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
-  return compress_layers(ctx, plan, "kvc_compress", cache, NULL, queries, lse, workspace, workspace_bytes, stream);
+  return compress_layers(ctx, plan, "kvc_compress", cache, NULL, NULL, queries, lse, workspace, workspace_bytes,
+                         stream);
 }
 
 kvc_status_t kvc_compress_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
@@ -568,8 +657,55 @@ kvc_status_t kvc_compress_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_p
     ctx->detail[0] = '\0';
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "kvc_compress_layers: layers is NULL");
   }
-  return compress_layers(ctx, plan, "kvc_compress_layers", cache, layers, NULL, NULL, workspace, workspace_bytes,
+  return compress_layers(ctx, plan, "kvc_compress_layers", cache, layers, NULL, NULL, NULL, workspace,
+                         workspace_bytes, stream);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Out-of-place compaction (kvc_compact_into and the other *_into calls): the in-place calls with a
+ * destination table, which they require.
+ */
+
+/* A required pointer argument of a public call that the shared path treats as optional. */
+static int missing(kvc_context_t ctx, const void *arg, const char *fn, const char *name) {
+  if (arg || !ctx) return !arg;
+  ctx->detail[0] = '\0';
+  kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: %s is NULL", fn, name);
+  return 1;
+}
+
+kvc_status_t kvc_compact_into(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                              const kvc_page_table_t *dst, const int32_t *keep, float *const *extras,
+                              int32_t num_extras, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
+  if (missing(ctx, dst, "kvc_compact_into", "dst")) return KVC_ERROR_INVALID_VALUE;
+  return compact_layers(ctx, plan, "kvc_compact_into", cache, NULL, dst, keep, extras, num_extras, workspace,
+                        workspace_bytes, stream);
+}
+
+kvc_status_t kvc_compress_into(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                               const kvc_page_table_t *dst, const void *queries, const float *lse, void *workspace,
+                               size_t workspace_bytes, kvc_stream_t stream) {
+  if (missing(ctx, dst, "kvc_compress_into", "dst")) return KVC_ERROR_INVALID_VALUE;
+  return compress_layers(ctx, plan, "kvc_compress_into", cache, NULL, dst, queries, lse, workspace, workspace_bytes,
                          stream);
+}
+
+kvc_status_t kvc_compact_layers_into(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                     const kvc_layers_t *layers, const kvc_page_table_t *dst, const int32_t *keep,
+                                     float *const *extras, int32_t num_extras, void *workspace,
+                                     size_t workspace_bytes, kvc_stream_t stream) {
+  const char *fn = "kvc_compact_layers_into";
+  if (missing(ctx, layers, fn, "layers") || missing(ctx, dst, fn, "dst")) return KVC_ERROR_INVALID_VALUE;
+  return compact_layers(ctx, plan, fn, cache, layers, dst, keep, extras, num_extras, workspace, workspace_bytes,
+                        stream);
+}
+
+kvc_status_t kvc_compress_layers_into(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                      const kvc_layers_t *layers, const kvc_page_table_t *dst, void *workspace,
+                                      size_t workspace_bytes, kvc_stream_t stream) {
+  const char *fn = "kvc_compress_layers_into";
+  if (missing(ctx, layers, fn, "layers") || missing(ctx, dst, fn, "dst")) return KVC_ERROR_INVALID_VALUE;
+  return compress_layers(ctx, plan, fn, cache, layers, dst, NULL, NULL, workspace, workspace_bytes, stream);
 }
 
 /* ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@
  *   kvc_score           per (sequence, KV head, token) importance, fp32.
  *   kvc_select          per (sequence, KV head) the kept token indices, ascending.
  *   kvc_compact         moves kept K/V rows to the front of each sequence's own pages, in place.
+ *   kvc_compact_into    writes them to other pages instead (copy-on-write of shared prefix blocks).
  *   kvc_retention       kept counts per (sequence, KV head, span): the eviction-bias monitor.
  *   kvc_compress        score + select + compact in one call.
  *   kvc_gather_queries  the observation queries the plan needs, from the engine's packed q.
@@ -674,9 +675,16 @@ typedef enum {
   KVC_COMPACT_SHORT_PAGE_LIST = 2, /* CSR: page_indptr[b] < 0, or fewer entries than its tokens need  */
   KVC_COMPACT_SHARED_PAGE = 4,     /* a page it uses is also used by another sequence, or twice by it
                                       (every sequence using that page gets the flag)                */
-  KVC_COMPACT_BAD_POOL = 8         /* layer-batched call on CUDA: this layer's k or v is NULL, k == v,
+  KVC_COMPACT_BAD_POOL = 8,        /* layer-batched call on CUDA: this layer's k or v is NULL, k == v,
                                       K and V rows overlap, a pool runs past the address space or is
                                       not aligned to the copy width (kvc_compact_layers)            */
+  /* out-of-place compaction on CUDA (kvc_compact_into and the other *_into calls) */
+  KVC_COMPACT_DST_BAD_PAGE_ID = 16,     /* a destination page id it uses lies outside [0, num_pages) */
+  KVC_COMPACT_DST_SHORT_PAGE_LIST = 32, /* destination CSR: dst page_indptr[b] < 0, or fewer entries
+                                           than its kept tokens need                                 */
+  KVC_COMPACT_DST_OVERLAP = 64          /* a destination page it uses is a source page of any sequence
+                                           of the batch, or is also a destination page of another
+                                           sequence (or twice of its own; both sequences flagged)    */
 } kvc_compact_status_t;
 
 /* In place, for every (sequence, KV head) and j < k_b: slot j <- slot keep[j] for K and V, and for
@@ -862,6 +870,84 @@ KVC_API kvc_status_t kvc_retention_layers(kvc_context_t ctx, kvc_plan_t plan, in
 KVC_API kvc_status_t kvc_compress_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                          const kvc_layers_t *layers, void *workspace,
                                          size_t workspace_bytes, kvc_stream_t stream);
+
+/* ============================================================================================= */
+/* Out-of-place compaction (copy-on-write of shared prefix blocks)                               */
+/* ============================================================================================= */
+/*
+ * With prefix caching an engine shares full blocks between requests (vLLM), so compacting them in
+ * place would corrupt every other request that reads them. The *_into calls write each sequence's
+ * kept rows to pages the engine has just allocated instead, in the same pools (vLLM's copy-on-write
+ * allocates the new blocks from the same pool): the source pages are only read.
+ *
+ * The destination table has the source table's shape rules, with k_b kept tokens instead of n_b:
+ * kept token j of sequence b goes to page dpages_b[j / page_size], slot j % page_size, where
+ *     dpages_b = page_table + b * max_pages            (dense: page_indptr == NULL)
+ *     dpages_b = page_table + page_indptr[b]           (CSR)
+ * and only the first ceil(k_b / page_size) entries of dpages_b are read. The cache descriptor's
+ * pools, dtype, strides, page_size and num_pages serve both tables.
+ *
+ * What is written: for every (sequence b, KV head h) and j < k_b, destination slot j <- source
+ * slot keep[j] for K and V (k_b = n_b, a sequence the plan does not compress: a plain copy of its
+ * n_b tokens, its keep rows not read), so that afterwards the destination table describes every
+ * sequence of the batch, each with kvc_plan_new_lengths tokens. Nothing else changes: no source
+ * page, no slot of a destination page past k_b (the tail of the last one), no other page. The
+ * extras are not in pages and are compacted in place exactly as by kvc_compact.
+ *
+ * Rules for the tables (dst pages are the first ceil(k_b / page_size) entries of each sequence's
+ * destination list, source pages the first ceil(n_b / page_size) of its source list):
+ *   - ids in [0, num_pages); a CSR list with page_indptr[b] >= 0 and enough entries;
+ *   - no dst page is a source page of ANY sequence of the batch, and no page is the dst page of
+ *     two sequences or twice of one;
+ *   - source pages MAY be shared between sequences (the prefix-caching case): they are only read.
+ * The CPU backend checks all of it on the host before moving anything (KVC_ERROR_INVALID_VALUE,
+ * the detail naming the table, sequence, list index and page). The CUDA backend checks the same on
+ * the device and leaves every offending sequence untouched (no destination page written, extras
+ * unchanged) with KVC_COMPACT_DST_BAD_PAGE_ID, _DST_SHORT_PAGE_LIST or _DST_OVERLAP in the status
+ * array (plus KVC_COMPACT_BAD_PAGE_ID / _SHORT_PAGE_LIST for a bad source list, as in place);
+ * KVC_COMPACT_SHARED_PAGE does not occur. The other sequences are compacted. So whatever the
+ * tables hold, no byte outside a sequence's own destination pages is written, and never a source
+ * page. Keep rows as for kvc_compact: checked on the CPU (INVALID_VALUE); on CUDA an entry outside
+ * [0, n_b) leaves its destination slot unwritten.
+ *
+ * Synchronicity, memory and workspace as for the in-place call it mirrors: the same workspace size
+ * (kvc_plan_workspace_size / kvc_plan_workspace_layout of the same op) and the same status array
+ * in it. The destination table is host memory on CPU and device memory on CUDA (like the source
+ * table); the kvc_page_table_t struct itself is host memory, read during the call only.
+ * Returns what the in-place call returns, and KVC_ERROR_INVALID_VALUE when dst is NULL, its
+ * page_table is NULL, its page_indptr aliases its page_table, a dense dst table's max_pages is below
+ * ceil(max k_b / page_size), or (CPU) the table rules above fail. The source table is checked as
+ * for the in-place call except that shared source pages are allowed.
+ */
+typedef struct {
+  const int32_t *page_table;  /* dense [batch][max_pages] or CSR indices; never NULL             */
+  const int32_t *page_indptr; /* [batch+1] CSR offsets, or NULL for dense                        */
+  int32_t max_pages;          /* row length of the dense table (ignored for CSR)                 */
+} kvc_page_table_t;
+
+/* kvc_compact, out of place: keep rows of the source pages of `cache` into the pages of `dst`. */
+KVC_API kvc_status_t kvc_compact_into(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                      const kvc_page_table_t *dst, const int32_t *keep, float *const *extras,
+                                      int32_t num_extras, void *workspace, size_t workspace_bytes,
+                                      kvc_stream_t stream);
+
+/* kvc_compress with its compaction out of place (kvc_compact_into); the cache is scored from the
+ * source pages. Workspace and what it leaves there as for kvc_compress. */
+KVC_API kvc_status_t kvc_compress_into(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                       const kvc_page_table_t *dst, const void *queries, const float *lse,
+                                       void *workspace, size_t workspace_bytes, kvc_stream_t stream);
+
+/* kvc_compact_layers, out of place: one destination table for every layer (the tables are
+ * checked once; on CUDA a flagged sequence is left untouched in every layer). */
+KVC_API kvc_status_t kvc_compact_layers_into(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                             const kvc_layers_t *layers, const kvc_page_table_t *dst,
+                                             const int32_t *keep, float *const *extras, int32_t num_extras,
+                                             void *workspace, size_t workspace_bytes, kvc_stream_t stream);
+
+/* kvc_compress_layers with its compaction out of place (kvc_compact_layers_into). */
+KVC_API kvc_status_t kvc_compress_layers_into(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
+                                              const kvc_layers_t *layers, const kvc_page_table_t *dst,
+                                              void *workspace, size_t workspace_bytes, kvc_stream_t stream);
 
 #ifdef __cplusplus
 }

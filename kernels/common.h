@@ -242,4 +242,15 @@ static inline double kvc_load_as_double(const void *base, kvc_dtype_t dtype, int
   }
 }
 
+/* The cache descriptor with its page table replaced by the destination table of an out-of-place
+ * compaction (kvc_compact_into): the same pools and layout, so kvc_seq_pages, kvc_page_checked and
+ * kvc_slot_offset address the destination pages. */
+KVC_HD kvc_paged_kv_t kvc_with_table(const kvc_paged_kv_t *c, const kvc_page_table_t *table) {
+  kvc_paged_kv_t out = *c;
+  out.page_table = table->page_table;
+  out.page_indptr = table->page_indptr;
+  out.max_pages = table->max_pages;
+  return out;
+}
+
 #endif /* KVC_COMMON_H */

@@ -55,6 +55,14 @@
  * outside [j, n) moves nothing, so no byte outside the sequence's own pages is read or written
  * whatever the keep array holds (an array that is not ascending may then scramble the sequence's
  * own kept tokens).
+ *
+ * Out of place (kvc_compact_into): writer j of row (b, h) copies source slot keep[j] (slot j when the
+ * sequence keeps all) into slot j of its destination pages. The claim pass claims the destination
+ * pages instead (a page claimed twice flags both sequences KVC_COMPACT_DST_OVERLAP), and a third
+ * launch looks every source page up among those claims and flags the sequence whose destination it
+ * is; source pages are not claimed, so they may be shared. With every remaining destination page
+ * disjoint from every source page no K/V write can meet a read, so chunks wait for each other only
+ * for the extras, which still move in place.
  */
 #include "cuda_compat.cuh"
 
@@ -78,6 +86,8 @@ constexpr unsigned long long kNoClaim = ~0ull;          /* an empty slot of the 
 struct Pass {
   kvc_plan_view_t plan;
   kvc_paged_kv_t cache;     /* layout and page table (k, v: the single layer's pools)             */
+  kvc_paged_kv_t dst;       /* out of place: `cache` with the destination table; else == cache    */
+  bool out_of_place;
   void *const *k_layers;    /* [num_layers] device arrays of the layers' pools, or NULL            */
   void *const *v_layers;
   const int32_t *keep;
@@ -153,49 +163,96 @@ __global__ void __launch_bounds__(kThreads) prepare_kernel(Pass pass, bool check
   for (int64_t i = start; pass.claims && i < (int64_t)1 << pass.claim_bits; i += stride) pass.claims[i] = kNoClaim;
 }
 
-/* Claims `page` for sequence b; a page claimed before flags both claimants. */
-__device__ void claim_page(const Pass &pass, int32_t page, int32_t b) {
-  const unsigned long long mine = (unsigned long long)(uint32_t)page << 32 | (uint32_t)b;
-  const uint32_t mask = (1u << pass.claim_bits) - 1u;
+__device__ uint32_t claim_slot(const Pass &pass, int32_t page) {
   /* multiplicative hash: the high bits of page * 2^32 / phi; the table is at least twice the
    * number of claims, so a probe always ends at an empty slot or the page */
-  uint32_t slot = (uint32_t)((uint32_t)page * 2654435769u) >> (32 - pass.claim_bits);
-  for (;;) {
+  return (uint32_t)((uint32_t)page * 2654435769u) >> (32 - pass.claim_bits);
+}
+
+/* Claims `page` for sequence b (in place, or a destination page out of place); a page claimed
+ * before flags both claimants with `flag` (SHARED_PAGE in place, DST_OVERLAP out of place). */
+__device__ void claim_page(const Pass &pass, int32_t page, int32_t b, int32_t flag) {
+  const unsigned long long mine = (unsigned long long)(uint32_t)page << 32 | (uint32_t)b;
+  const uint32_t mask = (1u << pass.claim_bits) - 1u;
+  for (uint32_t slot = claim_slot(pass, page);; slot = (slot + 1) & mask) {
     const unsigned long long seen = atomicCAS(&pass.claims[slot], kNoClaim, mine);
     if (seen == kNoClaim) return;
     if ((uint32_t)(seen >> 32) == (uint32_t)page) {
-      atomicOr(&pass.table_status[b], KVC_COMPACT_SHARED_PAGE);
-      atomicOr(&pass.table_status[(int32_t)(uint32_t)seen], KVC_COMPACT_SHARED_PAGE);
+      atomicOr(&pass.table_status[b], flag);
+      atomicOr(&pass.table_status[(int32_t)(uint32_t)seen], flag);
       return;
     }
-    slot = (slot + 1) & mask;
   }
 }
 
-/* Sequence blockIdx.y's page list, kThreads entries per block (blockIdx.x): each entry checked and
- * its page claimed. */
+/* Out of place, after every destination page is claimed: a source page that is some sequence's
+ * destination flags that sequence (its writes would land on rows still to be read). */
+__device__ void probe_source_page(const Pass &pass, int32_t page) {
+  const uint32_t mask = (1u << pass.claim_bits) - 1u;
+  for (uint32_t slot = claim_slot(pass, page);; slot = (slot + 1) & mask) {
+    const unsigned long long seen = pass.claims[slot];
+    if (seen == kNoClaim) return;
+    if ((uint32_t)(seen >> 32) == (uint32_t)page) {
+      atomicOr(&pass.table_status[(int32_t)(uint32_t)seen], KVC_COMPACT_DST_OVERLAP);
+      return;
+    }
+  }
+}
+
+/* Entry i of sequence b's list in `table` (of the first `need`): its page, or -1 with `bad` or
+ * `short_list` ORed into *flags (NULL table: page b, entry 0 only). */
+__device__ int32_t list_entry(const kvc_paged_kv_t &table, int32_t b, int32_t need, int64_t i, int32_t bad,
+                              int32_t short_list, int32_t *flags) {
+  int32_t have = need;
+  if (!table.page_table) {
+    if (i > 0) return -1;
+    if (b < table.num_pages) return b;
+    *flags |= bad;
+    return -1;
+  }
+  if (table.page_indptr) {
+    const int32_t first = table.page_indptr[b], last = table.page_indptr[b + 1];
+    have = first < 0 || last < first ? 0 : last - first < need ? last - first : need;
+    if (have < need) *flags |= short_list;
+  }
+  if (i >= have) return -1;
+  const int32_t page = kvc_seq_pages(&table, b)[i];
+  if (page >= 0 && page < table.num_pages) return page;
+  *flags |= bad;
+  return -1;
+}
+
+/* Sequence blockIdx.y's page lists, kThreads entries per block (blockIdx.x): each entry checked; in
+ * place each source page claimed, out of place each destination page (the sources are probed by
+ * probe_sources_kernel once every claim is in). */
 __global__ void __launch_bounds__(kThreads) claim_pages_kernel(Pass pass) {
-  const kvc_paged_kv_t &cache = pass.cache;
-  const int32_t b = blockIdx.y, need = (pass.plan.seq_lens[b] + cache.page_size - 1) / cache.page_size;
+  const int32_t b = blockIdx.y, page_size = pass.cache.page_size;
+  const int32_t need = (pass.plan.seq_lens[b] + page_size - 1) / page_size;
   const int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x;
   if (blockIdx.x * (int64_t)kThreads >= need) return;
-  int32_t flags = 0, have = need;
-  if (!cache.page_table) {
-    flags = b < cache.num_pages ? 0 : KVC_COMPACT_BAD_PAGE_ID; /* page b: nothing to share */
-    have = 0;
-  } else if (cache.page_indptr) {
-    const int32_t first = cache.page_indptr[b], last = cache.page_indptr[b + 1];
-    have = first < 0 || last < first ? 0 : last - first < need ? last - first : need;
-    if (have < need) flags |= KVC_COMPACT_SHORT_PAGE_LIST;
-  }
-  if (i < have) {
-    const int32_t page = kvc_seq_pages(&cache, b)[i];
-    if (page < 0 || page >= cache.num_pages)
-      flags |= KVC_COMPACT_BAD_PAGE_ID;
-    else
-      claim_page(pass, page, b);
+  int32_t flags = 0;
+  const int32_t page =
+      list_entry(pass.cache, b, need, i, KVC_COMPACT_BAD_PAGE_ID, KVC_COMPACT_SHORT_PAGE_LIST, &flags);
+  if (!pass.out_of_place) {
+    if (page >= 0 && pass.claims) claim_page(pass, page, b, KVC_COMPACT_SHARED_PAGE); /* no table: page b, unique */
+  } else {
+    const int32_t dst_need = (pass.plan.keep_lens[b] + page_size - 1) / page_size;
+    const int32_t dst_page = list_entry(pass.dst, b, dst_need, i, KVC_COMPACT_DST_BAD_PAGE_ID,
+                                        KVC_COMPACT_DST_SHORT_PAGE_LIST, &flags);
+    if (dst_page >= 0) claim_page(pass, dst_page, b, KVC_COMPACT_DST_OVERLAP);
   }
   if (flags) atomicOr(&pass.table_status[b], flags);
+}
+
+/* Out of place, the grid of claim_pages_kernel: every source page in range looked up among the
+ * destination claims (a bad source id is flagged there already). */
+__global__ void __launch_bounds__(kThreads) probe_sources_kernel(Pass pass) {
+  const int32_t b = blockIdx.y, need = (pass.plan.seq_lens[b] + pass.cache.page_size - 1) / pass.cache.page_size;
+  const int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (blockIdx.x * (int64_t)kThreads >= need) return;
+  int32_t ignored = 0;
+  const int32_t page = list_entry(pass.cache, b, need, i, 0, 0, &ignored);
+  if (page >= 0) probe_source_page(pass, page);
 }
 
 /* One thread per writer of every layer. The first writer of a row whose source lies in chunk u's
@@ -218,7 +275,8 @@ __global__ void __launch_bounds__(kThreads) find_readers_kernel(Pass pass) {
     }
     pass.status[i] = flags;
   }
-  if (i >= pass.num_layers * writers) return;
+  /* out of place only the extras move in place: without them no chunk waits for another */
+  if (i >= pass.num_layers * writers || (pass.out_of_place && pass.num_extras == 0)) return;
   const int64_t layer = i / writers, local = i - layer * writers;
   const Writer w = writer_at(pass.plan, local);
   if (w.k == w.n) return;
@@ -230,25 +288,39 @@ __global__ void __launch_bounds__(kThreads) find_readers_kernel(Pass pass) {
 }
 
 /* The move of writer w of `chunk` of `layer` (none for threads past the chunk, rows that stay and
- * sequences or layers the status array flags). */
+ * sequences or layers the status array flags). In place a K/V row and the extras move when the
+ * source lies past the slot; out of place the K/V row always goes to the destination pages (a
+ * sequence that keeps all is copied, slot j <- j) and the extras move in place. */
 __device__ Move describe_move(const Pass &pass, int32_t layer, int64_t chunk, int w) {
   Move move = {-1, -1, -1, -1};
   const kvc_plan_view_t &plan = pass.plan;
   const int64_t i = chunk * pass.chunk + w, writers = writers_per_layer(plan);
   if (w >= pass.chunk || i >= writers) return move;
   const Writer writer = writer_at(plan, i);
-  if (writer.k == writer.n || pass.status[(int64_t)layer * plan.batch + writer.b] != KVC_COMPACT_OK) return move;
-  const int32_t source = pass.keep[layer * writers + i], j = writer.j, b = writer.b, h = writer.h;
-  if (source <= j || source >= writer.n) return move;
-  const kvc_paged_kv_t &cache = pass.cache;
-  const int32_t *pages = kvc_seq_pages(&cache, b);
-  const int64_t elem_bytes = kvc_dtype_size(cache.dtype);
-  move.from = kvc_slot_offset(&cache, kvc_page_of(&cache, pages, b, source), source, h) * elem_bytes;
-  move.to = kvc_slot_offset(&cache, kvc_page_of(&cache, pages, b, j), j, h) * elem_bytes;
-  const int64_t extra_row = plan.num_kv_heads * (layer * plan.total_tokens + plan.token_offsets[b]) + (int64_t)h * writer.n;
-  move.extra_from = extra_row + source;
-  move.extra_to = extra_row + j;
+  const bool keeps_all = writer.k == writer.n;
+  if ((keeps_all && !pass.out_of_place) || pass.status[(int64_t)layer * plan.batch + writer.b] != KVC_COMPACT_OK)
+    return move;
+  const int32_t j = writer.j, b = writer.b, h = writer.h;
+  const int32_t source = keeps_all ? j : pass.keep[layer * writers + i];
+  if (source < 0 || source >= writer.n) return move;
+  const bool moves_in_place = source > j;
+  const int64_t elem_bytes = kvc_dtype_size(pass.cache.dtype);
+  if (pass.out_of_place || moves_in_place) {
+    move.from = kvc_slot_offset(&pass.cache, kvc_page_of(&pass.cache, kvc_seq_pages(&pass.cache, b), b, source), source, h) *
+                elem_bytes;
+    move.to = kvc_slot_offset(&pass.dst, kvc_page_of(&pass.dst, kvc_seq_pages(&pass.dst, b), b, j), j, h) * elem_bytes;
+  }
+  if (!keeps_all && moves_in_place) {
+    const int64_t extra_row = plan.num_kv_heads * (layer * plan.total_tokens + plan.token_offsets[b]) + (int64_t)h * writer.n;
+    move.extra_from = extra_row + source;
+    move.extra_to = extra_row + j;
+  }
   return move;
+}
+
+/* Whether column c (see load_column) of a writer moves. */
+__device__ bool column_moves(const Pass &pass, const Move &move, int c) {
+  return c < 2 * pass.kv_lanes ? move.from >= 0 : move.extra_from >= 0;
 }
 
 /* Column c of a writer: K vectors [0, L), V vectors [L, 2L), then one float per extra. */
@@ -303,7 +375,8 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(Pass pass) {
 #pragma unroll
   for (int u = 0; u < kVectorsPerThread; ++u) {
     const int unit = threadIdx.x + u * kThreads, w = unit / columns;
-    if (w < pass.chunk && moves[w].from >= 0) staged[u] = load_column<Vec>(pass, k, v, moves[w], unit - w * columns);
+    if (w < pass.chunk && column_moves(pass, moves[w], unit - w * columns))
+      staged[u] = load_column<Vec>(pass, k, v, moves[w], unit - w * columns);
   }
   __syncthreads(); /* every source of this chunk is read */
   if (threadIdx.x == 0) kvc_store_release(&done[chunk], 1);
@@ -314,7 +387,8 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(Pass pass) {
 #pragma unroll
   for (int u = 0; u < kVectorsPerThread; ++u) {
     const int unit = threadIdx.x + u * kThreads, w = unit / columns;
-    if (w < pass.chunk && moves[w].from >= 0) store_column<Vec>(pass, k, v, moves[w], unit - w * columns, staged[u]);
+    if (w < pass.chunk && column_moves(pass, moves[w], unit - w * columns))
+      store_column<Vec>(pass, k, v, moves[w], unit - w * columns, staged[u]);
   }
 }
 
@@ -356,9 +430,9 @@ void launch_pass(const Pass &pass, bool check_table, int32_t most_pages, cudaStr
   resets = resets > pass.plan.batch ? resets : pass.plan.batch;
   KVC_LAUNCH(prepare_kernel, dim3((unsigned)((resets + kThreads - 1) / kThreads)), dim3(kThreads), 0, stream, pass,
              check_table);
-  if (check_table)
-    KVC_LAUNCH(claim_pages_kernel, dim3((unsigned)((most_pages + kThreads - 1) / kThreads), (unsigned)pass.plan.batch),
-               dim3(kThreads), 0, stream, pass);
+  const dim3 lists((unsigned)((most_pages + kThreads - 1) / kThreads), (unsigned)pass.plan.batch);
+  if (check_table) KVC_LAUNCH(claim_pages_kernel, lists, dim3(kThreads), 0, stream, pass);
+  if (check_table && pass.out_of_place) KVC_LAUNCH(probe_sources_kernel, lists, dim3(kThreads), 0, stream, pass);
   const int64_t statuses = (int64_t)pass.num_layers * pass.plan.batch, threads = writers > statuses ? writers : statuses;
   KVC_LAUNCH(find_readers_kernel, dim3((unsigned)((threads + kThreads - 1) / kThreads)), dim3(kThreads), 0, stream, pass);
   KVC_LAUNCH(compact_kernel<Vec>, dim3((unsigned)layer_chunks), dim3(kThreads), 0, stream, pass);
@@ -399,6 +473,8 @@ extern "C" kvc_status_t kvc_compact_cuda(const kvc_op_args_t *args, kvc_carver_t
   Pass pass = {};
   pass.plan = plan;
   pass.cache = cache;
+  pass.out_of_place = args->dst_table != nullptr;
+  pass.dst = pass.out_of_place ? kvc_with_table(&cache, args->dst_table) : cache;
   pass.k_layers = layered ? args->layers->k : nullptr;
   pass.v_layers = layered ? args->layers->v : nullptr;
   pass.keep = args->keep;
@@ -411,11 +487,13 @@ extern "C" kvc_status_t kvc_compact_cuda(const kvc_op_args_t *args, kvc_carver_t
   pass.ticket = ticket;
   pass.table_status = table_status;
   pass.status = args->compact_status;
-  /* the claims this table can make: at most one per page a sequence uses */
+  /* the claims the tables can make: at most one per page a sequence uses (in place) or writes (out of
+   * place: at most one per kept token, as many as the table has slots for) */
   int64_t used = 0;
   const int32_t most_pages = (host.max_seq_len + cache.page_size - 1) / cache.page_size;
-  for (int32_t b = 0; b < host.batch; ++b) used += (host.seq_lens[b] + cache.page_size - 1) / cache.page_size;
-  pass.claims = cache.page_table ? claims : nullptr;
+  for (int32_t b = 0; b < host.batch; ++b)
+    used += ((pass.out_of_place ? host.keep_lens[b] : host.seq_lens[b]) + cache.page_size - 1) / cache.page_size;
+  pass.claims = cache.page_table || pass.out_of_place ? claims : nullptr;
   pass.claim_bits = claim_bits_for(used);
   /* K and V with the first kMaxExtras extras, then the rest of the extras kMaxExtras at a time. The
    * table is checked and the status published even when nothing moves. */

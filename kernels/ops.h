@@ -68,6 +68,8 @@ typedef struct {
   int32_t num_layers;
   const kvc_layers_t *layers;
   int32_t *compact_status; /* compact: int32 [num_layers][batch] status array (host/dispatch.c carves it) */
+  const kvc_page_table_t *dst_table; /* compact: the destination pages (kvc_compact_into; host struct, its
+                                       arrays in the backend's memory), or NULL: in place           */
   /* kvc_gather_queries: observation rows of `queries` layout gathered from the engine's packed q */
   const void *packed_q;      /* [packed_tokens] rows of packed_stride elements, heads contiguous  */
   int64_t packed_tokens, packed_stride;

@@ -121,14 +121,8 @@ static kvc_status_t compact_on(kvc_context_t ctx, kvc_plan_t plan, const kvc_pag
 
 static void assert_same_bytes(const void *got, const void *want, size_t bytes, const char *what, const char *who,
                               const kvc_test_cache_t *layout) {
-  const int64_t at = kvc_test_first_difference(got, want, bytes);
-  if (at < 0) return;
-  const int64_t page_bytes = layout ? layout->desc.stride_page * (int64_t)kvc_test_row_bytes(layout) /
-                                          layout->desc.head_dim
-                                    : 1;
-  cr_assert(0, "%s: %s differs from the oracle at byte %lld (page %lld, byte %lld of it): %02x, expected %02x", who, what,
-          (long long)at, (long long)(at / page_bytes), (long long)(at % page_bytes),
-          ((const unsigned char *)got)[at], ((const unsigned char *)want)[at]);
+  char why[192];
+  if (kvc_test_describe_difference(got, want, bytes, layout, why, sizeof why)) cr_assert(0, "%s: %s %s", who, what, why);
 }
 
 /* A cache after compaction (and its extras) against the oracle's. */
@@ -172,19 +166,12 @@ static void check_case(const compact_case_t *c) {
   teardown(&r);
 }
 
-/* Row sizes that give 16-byte vectors (f32 64, f16 40 -> 80 B, bf16 128) and 8-byte ones (fp8 24). */
-static int32_t head_dim_of(kvc_dtype_t dtype) {
-  static const int32_t dims[] = {64, 40, 128, 24};
-  return dims[dtype];
-}
-
-/* A batch mixing every kind of row: k = 1, k = n - 1 (shift by one), one drop in 37, half, a
- * tenth, budget > n and budget = n (untouched), and a one-token sequence. */
+/* The mixed batch (compact_oracle.h): every kind of row, two extras. */
 static compact_case_t mixed_batch(const combo_t *combo, uint64_t seed) {
-  compact_case_t c = {*combo, head_dim_of(combo->dtype), 2, 8,
-                      {37, 300, 1110, 700, 1500, 64, 129, 1},
-                      {1, 299, 1080, 350, 150, 100, 129, 1},
+  compact_case_t c = {*combo, kvc_test_compact_head_dim(combo->dtype), 2, KVC_TEST_MIXED_BATCH, {0}, {0},
                       2, (int32_t)seed % KVC_KEEP_PATTERNS, seed};
+  memcpy(c.seq_lens, kvc_test_mixed_lens, sizeof kvc_test_mixed_lens);
+  memcpy(c.budgets, kvc_test_mixed_budgets, sizeof kvc_test_mixed_budgets);
   return c;
 }
 

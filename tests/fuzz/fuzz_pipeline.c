@@ -11,7 +11,11 @@
  * rejected with nothing touched. After any call the kept indices are valid and no byte outside the
  * rows of the pages the plan owns has changed (no byte at all after a rejected call). Then
  * kvc_gather_queries with a packed q and a qo_indptr from the input: on success every observation
- * row is its packed row, on failure the output is untouched.
+ * row is its packed row, on failure the output is untouched. Then, after a successful compress of a
+ * byte-checked cache, kvc_compact_into with a destination table from the input (ids out of range,
+ * short or negative CSR lists, pages named twice or that are source pages): the harness decides on
+ * its own whether the table is safe; a safe one must succeed and write exactly the oracle's rows
+ * into its pages, an unsafe one be refused, and no other byte (no source page) may change.
  *
  * What the library cannot check is kept honest here: the tables it reads are as long as their
  * indptr / max_pages say (extremes there are only the negative or zero ones it must reject), and
@@ -159,6 +163,96 @@ static void check_gather(kvc_context_t ctx, kvc_plan_t plan, const kvc_plan_desc
     }
   if (out[out_bytes] != 0xEE) abort(); /* wrote past the last observation row */
   free(packed), free(out);
+}
+
+/* Byte offset of row (page, slot of token t, head h) in a pool. */
+static int64_t row_at(const kvc_paged_kv_t *c, int64_t page, int64_t t, int64_t h, int64_t elem) {
+  return (page * c->stride_page + t % c->page_size * c->stride_token + h * c->stride_head) * elem;
+}
+
+/* kvc_compact_into after a successful kvc_compress of `c` (whose table is therefore sound) with the
+ * keep layout it left; the pools lie in k_region (and v_region when separate), malloc'd. */
+static void check_into(kvc_context_t ctx, kvc_plan_t plan, const kvc_plan_desc_t *d, const kvc_paged_kv_t *c,
+                       const int32_t *keep, region_t *k_region, region_t *v_region, fuzz_input_t *in, int64_t elem) {
+  int32_t table[TABLE], indptr[MAX_BATCH + 1] = {0}, kept[MAX_BATCH], need[MAX_BATCH], most = 0;
+  kvc_page_table_t dst = {table, fuzz_u8(in) % 2 ? indptr : NULL, MAX_LEN};
+  kvc_plan_new_lengths(plan, kept);
+  for (int32_t b = 0; b < d->batch; ++b) {
+    need[b] = (int32_t)(((int64_t)kept[b] + c->page_size - 1) / c->page_size);
+    most = need[b] > most ? need[b] : most;
+  }
+  for (int i = 0; i < TABLE; ++i) table[i] = (int32_t)(fuzz_u8(in) % (MAX_PAGES + 2)) - 1;
+  /* rows too short for the longest list (the table must hold what max_pages claims) */
+  if (fuzz_u8(in) % 8 == 7) dst.max_pages = (int32_t[]){INT32_MIN, -1, 0, most - 1}[fuzz_u8(in) % 4];
+  for (int32_t b = 0; dst.page_indptr && b < d->batch; ++b)
+    indptr[b + 1] = indptr[b] + (fuzz_u8(in) % 2 ? fuzz_u8(in) % (MAX_LEN / 2) : need[b]);
+  unsigned char *used = calloc((size_t)c->num_pages + 1, 1); /* 1 source, 2 destination */
+  for (int32_t b = 0; b < d->batch; ++b)
+    for (int32_t i = 0; i < ((int64_t)d->seq_lens[b] + c->page_size - 1) / c->page_size; ++i)
+      used[c->page_table ? page_id(c, b, i) : b] = 1;
+  /* a zero byte (also past the input's end) picks the mostly sound table: the pages no sequence
+   * reads, from an offset, in order */
+  if (fuzz_u8(in) % 2 == 0) {
+    int32_t next = fuzz_u8(in) % (c->num_pages + 1);
+    for (int32_t b = 0; b < d->batch; ++b)
+      for (int32_t i = 0; i < need[b] && (dst.page_indptr ? indptr[b] + i < indptr[b + 1] : i < MAX_LEN); ++i) {
+        for (int32_t tries = 0; tries < c->num_pages && used[next % c->num_pages]; ++tries) ++next;
+        (dst.page_indptr ? table + indptr[b] : table + b * MAX_LEN)[i] = next++ % c->num_pages;
+      }
+  }
+  if (fuzz_u8(in) % 4 == 1) table[fuzz_u8(in) % TABLE] = (int32_t)(fuzz_u8(in) % (MAX_PAGES + 2)) - 1; /* a stray id */
+  if (dst.page_indptr && fuzz_u8(in) % 8 == 7) indptr[fuzz_u8(in) % d->batch] = -1;
+
+  /* the harness's verdict: ids in range, lists long enough, no page twice, no source page */
+  int safe = dst.page_indptr || dst.max_pages >= most;
+  for (int32_t b = 0; safe && b < d->batch; ++b) {
+    if (dst.page_indptr && (indptr[b] < 0 || indptr[b + 1] - indptr[b] < need[b])) safe = 0;
+    for (int32_t i = 0; safe && i < need[b]; ++i) {
+      const int32_t page = dst.page_indptr ? table[indptr[b] + i] : table[b * dst.max_pages + i];
+      if (page < 0 || page >= c->num_pages || used[page]) safe = 0;
+      else used[page] = 2;
+    }
+  }
+  free(used);
+
+  region_t *regions[2] = {k_region, v_region->base ? v_region : NULL};
+  unsigned char *before[2] = {NULL, NULL}, *want[2] = {NULL, NULL};
+  for (int r = 0; r < 2 && regions[r]; ++r) {
+    before[r] = malloc((size_t)regions[r]->bytes), want[r] = malloc((size_t)regions[r]->bytes);
+    memcpy(before[r], regions[r]->base, (size_t)regions[r]->bytes);
+    memcpy(want[r], regions[r]->base, (size_t)regions[r]->bytes);
+  }
+  /* the oracle: destination row j <- source row keep[j] (j when the sequence keeps all) */
+  unsigned char *pools[2] = {c->k, c->v};
+  const int64_t row_bytes = (int64_t)d->head_dim * elem;
+  for (int32_t b = 0, row = 0; safe && b < d->batch; ++b) {
+    const int32_t n = d->seq_lens[b], k = kept[b];
+    const int32_t *dpages = dst.page_indptr ? table + indptr[b] : table + b * dst.max_pages;
+    for (int32_t h = 0; h < d->num_kv_heads; ++h, row += k)
+      for (int32_t j = 0; j < k; ++j) {
+        const int32_t t = k < n ? keep[row + j] : j, from_page = c->page_table ? page_id(c, b, t / c->page_size) : b;
+        for (int p = 0; p < 2; ++p) {
+          const int r = p && regions[1] ? 1 : 0;
+          const int64_t pool = (unsigned char *)pools[p] - regions[r]->base;
+          memcpy(want[r] + pool + row_at(c, dpages[j / c->page_size], j, h, elem),
+                 before[r] + pool + row_at(c, from_page, t, h, elem), (size_t)row_bytes);
+        }
+      }
+  }
+  size_t bytes = 0;
+  kvc_plan_workspace_size(plan, KVC_OP_COMPACT, &bytes);
+  void *ws = NULL;
+  if (posix_memalign(&ws, 256, bytes + 1)) abort();
+  const kvc_status_t status = kvc_compact_into(ctx, plan, c, &dst, keep, NULL, 0, ws, bytes, NULL);
+  if (safe && status != KVC_SUCCESS) fail(ctx, c, "kvc_compact_into refused a safe destination table");
+  if (!safe && status != KVC_ERROR_INVALID_VALUE) fail(ctx, c, "kvc_compact_into took an unsafe destination table");
+  for (int r = 0; r < 2 && regions[r]; ++r) {
+    if (memcmp(regions[r]->base, status == KVC_SUCCESS ? want[r] : before[r], (size_t)regions[r]->bytes))
+      fail(ctx, c, status == KVC_SUCCESS ? "kvc_compact_into differs from the oracle (or wrote outside its pages)"
+                                         : "a refused kvc_compact_into changed a byte");
+    free(before[r]), free(want[r]);
+  }
+  free(ws);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
@@ -364,9 +458,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         (v_copy && memcmp(v_copy, v_region.base, (size_t)v_region.bytes)))
       FAIL(ctx, "a byte outside the rows of owned pages changed");
   }
+  check_gather(ctx, plan, &d, &in, query_elem);
+  if (status == KVC_SUCCESS && k_copy) check_into(ctx, plan, &d, &c, (const int32_t *)ws, &k_region, &v_region, &in, l.elem);
   free(k_copy), free(v_copy), free(before), free(ws), free(queries);
   region_free(&k_region), region_free(&v_region);
-  check_gather(ctx, plan, &d, &in, query_elem);
   kvc_plan_destroy(plan);
   return 0;
 }

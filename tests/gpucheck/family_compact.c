@@ -6,11 +6,14 @@
  * per-token arrays. Unowned slots and pages hold a sentinel that must survive; device buffers are
  * fenced by guard zones. One case in five corrupts one sequence's keep rows (out of range,
  * unordered, repeated): the CPU must refuse before moving anything; the CUDA backend may scramble
- * that sequence's own pages only, every other byte must match the oracle.
+ * that sequence's own pages only, every other byte must match the oracle. One case in three (with
+ * a page table and sound keep rows) compacts out of place (kvc_compact_into) into destination pages
+ * drawn from the unowned ones, dense or CSR, against tests/support/compact_into's oracle.
  */
 #include <stdlib.h>
 #include <string.h>
 
+#include "compact_into.h"
 #include "compact_oracle.h"
 #include "gpucheck.h"
 
@@ -26,7 +29,9 @@ static void run_compact(gc_run_t *r) {
   kvc_plan_info_t info;
   GC_KVC(r, r->cpu, kvc_plan_get_info(cpu_plan, &info));
   const kvc_plan_desc_t *d = &p.desc;
-  kvc_test_cache_t *before = gc_problem_cache(r, &p, 3);
+  const int into = !corrupt_keep && p.table != KVC_TEST_CONTIG && gc_chance(r, 1.0 / 3);
+  kvc_test_cache_t *before =
+      gc_problem_cache(r, &p, 3 + (into ? kvc_test_dst_pages(d->batch, p.seq_lens, p.budgets, p.page_size) : 0));
   int64_t keep_elems = 0;
   int32_t *keep = kvc_test_keep_new(d->batch, p.seq_lens, p.budgets, d->num_kv_heads, kvc_rng_range(&r->rng, 0, 3),
                                     kvc_rng_next(&r->rng), &keep_elems);
@@ -54,7 +59,8 @@ static void run_compact(gc_run_t *r) {
     }
     if (garbled >= 0) skip[garbled] = 1;
   }
-  gc_describe(r, " extras=%d%s", num_extras, garbled >= 0 ? " garbled-keep-rows" : "");
+  gc_describe(r, " extras=%d%s%s", num_extras, garbled >= 0 ? " garbled-keep-rows" : "", into ? " out-of-place" : "");
+  gc_cover(r, "compaction", into ? "out of place" : "in place");
   if (garbled >= 0) gc_cover(r, "corrupt", "keep rows");
   gc_cover(r, "extras", num_extras ? "1-2" : "0");
 
@@ -70,13 +76,37 @@ static void run_compact(gc_run_t *r) {
   }
   kvc_test_cache_t *expected = gc_track_cache(r, kvc_test_cache_clone(before));
   kvc_test_compact_oracle(before, expected, p.budgets, keep, extras, expected_extras, num_extras, skip);
+  /* out of place: the destination table in tracked memory (host and device) and its own oracle for
+   * the pools (the extras move in place either way) */
+  kvc_page_table_t dst_host = {NULL, NULL, 0}, dst_dev = {NULL, NULL, 0};
+  if (into) {
+    const kvc_test_table_t kind = gc_chance(r, 0.5) ? KVC_TEST_CSR : KVC_TEST_DENSE;
+    kvc_test_dst_t *dst = kvc_test_dst_new(before, p.budgets, kind, kvc_rng_next(&r->rng));
+    const size_t entries = kind == KVC_TEST_CSR ? (size_t)dst->indptr[d->batch] : (size_t)d->batch * dst->desc.max_pages;
+    int32_t *table = gc_alloc(r, sizeof(int32_t) * entries), *indptr = gc_alloc(r, sizeof(int32_t) * (d->batch + 1));
+    if (table) memcpy(table, dst->table, sizeof(int32_t) * entries);
+    if (indptr && dst->indptr) memcpy(indptr, dst->indptr, sizeof(int32_t) * (size_t)(d->batch + 1));
+    dst_host = (kvc_page_table_t){table, kind == KVC_TEST_CSR ? indptr : NULL, dst->desc.max_pages};
+    memcpy(expected->k, before->k, before->pool_bytes);
+    memcpy(expected->v, before->v, before->pool_bytes);
+    kvc_test_compact_into_oracle(before, expected, dst, p.budgets, keep, NULL);
+    kvc_test_dst_free(dst);
+    GC_CHECK(r, table && indptr, "out of memory");
+    dst_dev = (kvc_page_table_t){gc_dev(r, table, sizeof(int32_t) * entries, "dst table"),
+                                 kind == KVC_TEST_CSR ? gc_dev(r, indptr, sizeof(int32_t) * (d->batch + 1), "dst indptr")
+                                                      : NULL,
+                                 dst_host.max_pages};
+    gc_cover(r, "destination table", kind == KVC_TEST_CSR ? "csr" : "dense");
+  }
 
   /* CPU */
   kvc_test_cache_t *host = gc_track_cache(r, kvc_test_cache_clone(before));
   size_t ws_bytes = 0;
   void *ws = gc_workspace(r, cpu_plan, KVC_OP_COMPACT, 0, &ws_bytes);
   if (r->failed) return;
-  kvc_status_t status = kvc_compact(r->cpu, cpu_plan, &host->desc, keep, cpu_extras, num_extras, ws, ws_bytes, NULL);
+  kvc_status_t status =
+      into ? kvc_compact_into(r->cpu, cpu_plan, &host->desc, &dst_host, keep, cpu_extras, num_extras, ws, ws_bytes, NULL)
+           : kvc_compact(r->cpu, cpu_plan, &host->desc, keep, cpu_extras, num_extras, ws, ws_bytes, NULL);
   if (garbled >= 0) {
     GC_CHECK(r, status == KVC_ERROR_INVALID_VALUE, "CPU kvc_compact with garbled keep rows of sequence %d: %s, expected "
              "KVC_ERROR_INVALID_VALUE", garbled, kvc_status_name(status));
@@ -98,8 +128,12 @@ static void run_compact(gc_run_t *r) {
   size_t dev_ws_bytes = 0;
   void *dev_ws = gc_workspace(r, cuda_plan, KVC_OP_COMPACT, 1, &dev_ws_bytes);
   if (r->failed) return;
-  GC_KVC(r, r->cuda, kvc_compact(r->cuda, cuda_plan, &dev.desc, dev_keep, num_extras ? dev_extras : NULL, num_extras,
-                                 dev_ws, dev_ws_bytes, r->stream));
+  if (into)
+    GC_KVC(r, r->cuda, kvc_compact_into(r->cuda, cuda_plan, &dev.desc, &dst_dev, dev_keep, num_extras ? dev_extras : NULL,
+                                        num_extras, dev_ws, dev_ws_bytes, r->stream));
+  else
+    GC_KVC(r, r->cuda, kvc_compact(r->cuda, cuda_plan, &dev.desc, dev_keep, num_extras ? dev_extras : NULL, num_extras,
+                                   dev_ws, dev_ws_bytes, r->stream));
   GC_TRY(gc_sync(r, "kvc_compact"));
   kvc_test_cache_t *got = gc_track_cache(r, kvc_test_cache_clone(before));
   GC_TRY(gc_dev_cache_fetch(r, &dev, got));

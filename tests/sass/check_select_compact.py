@@ -30,7 +30,7 @@ RULES = [
     (r"select_split_init_kernel", []),
     (r"compact_kernelI5uint4E", [r"\bLDG\.E\.128\b", r"\bSTG\.E\.128\b"]),
     (r"compact_kernel", []),
-    (r"(prepare|claim_pages|find_readers)_kernel", []),
+    (r"(prepare|claim_pages|probe_sources|find_readers)_kernel", []),
     (r"retention_kernel", []),
 ]
 LOCAL = re.compile(r"\b(LDL|STL)(\.[A-Z0-9.]+)?\b")

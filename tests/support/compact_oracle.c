@@ -1,6 +1,7 @@
 /* compact_oracle.c - see compact_oracle.h. */
 #include "compact_oracle.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -98,6 +99,26 @@ int64_t kvc_test_first_difference(const void *a, const void *b, size_t bytes) {
   for (size_t i = 0; i < bytes; ++i)
     if (x[i] != y[i]) return (int64_t)i;
   return -1;
+}
+
+int kvc_test_describe_difference(const void *got, const void *want, size_t bytes, const kvc_test_cache_t *layout,
+                                 char *why, size_t cap) {
+  const int64_t at = kvc_test_first_difference(got, want, bytes);
+  if (at < 0) return 0;
+  const int64_t page_bytes =
+      layout ? layout->desc.stride_page * (int64_t)kvc_test_row_bytes(layout) / layout->desc.head_dim : 1;
+  snprintf(why, cap, "differs from the oracle at byte %lld (page %lld, owner %d, byte %lld of it): %02x, expected %02x",
+           (long long)at, (long long)(at / page_bytes), layout ? layout->owner[at / page_bytes] : -1,
+           (long long)(at % page_bytes), ((const unsigned char *)got)[at], ((const unsigned char *)want)[at]);
+  return 1;
+}
+
+const int32_t kvc_test_mixed_lens[KVC_TEST_MIXED_BATCH] = {37, 300, 1110, 700, 1500, 64, 129, 1};
+const int32_t kvc_test_mixed_budgets[KVC_TEST_MIXED_BATCH] = {1, 299, 1080, 350, 150, 100, 129, 1};
+
+int32_t kvc_test_compact_head_dim(kvc_dtype_t dtype) {
+  static const int32_t dims[] = {64, 40, 128, 24};
+  return dims[dtype];
 }
 
 void kvc_test_retention_oracle(int32_t batch, const int32_t *seq_lens, const int32_t *budgets, int32_t heads,

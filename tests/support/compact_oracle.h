@@ -48,6 +48,18 @@ void kvc_test_compact_oracle(const kvc_test_cache_t *before, kvc_test_cache_t *e
 
 /* Byte offset of the first difference of two buffers, or -1. */
 int64_t kvc_test_first_difference(const void *a, const void *b, size_t bytes);
+/* Whether `got` differs from `want` (bytes each); if so a sentence in `why` (cap bytes): the first
+ * differing byte, with its page, that page's owner and its offset in the page when `layout` (the
+ * cache the buffers are pools of) is given. */
+int kvc_test_describe_difference(const void *got, const void *want, size_t bytes, const kvc_test_cache_t *layout,
+                                 char *why, size_t cap);
+
+/* The mixed batch of the compaction tests: k = 1, k = n - 1, one drop in 37, half, a tenth, budget
+ * > n and budget = n (kept whole), and a one-token sequence. */
+enum { KVC_TEST_MIXED_BATCH = 8 };
+extern const int32_t kvc_test_mixed_lens[KVC_TEST_MIXED_BATCH], kvc_test_mixed_budgets[KVC_TEST_MIXED_BATCH];
+/* Row sizes that give 16-byte vectors (f32 64, f16 40 -> 80 B, bf16 128) and 8-byte ones (fp8 24). */
+int32_t kvc_test_compact_head_dim(kvc_dtype_t dtype);
 
 /* Brute-force count layout of a keep layout (plain loops over each row, no search). */
 void kvc_test_retention_oracle(int32_t batch, const int32_t *seq_lens, const int32_t *budgets, int32_t heads,

@@ -50,6 +50,16 @@ class PagedKVStruct(ctypes.Structure):
     ]
 
 
+class PageTableStruct(ctypes.Structure):
+    """kvc_page_table_t: the destination pages of an out-of-place compaction."""
+
+    _fields_ = [
+        ("page_table", ctypes.c_void_p),
+        ("page_indptr", ctypes.c_void_p),
+        ("max_pages", ctypes.c_int32),
+    ]
+
+
 class SpanStruct(ctypes.Structure):
     _fields_ = [
         ("start", ctypes.c_int32),
@@ -221,6 +231,14 @@ def _declare(lib):
                                     c.c_size_t, P]),
         "kvc_retention_layers": (st, [P, P, c.c_int32, P, P, P, c.c_size_t, P]),
         "kvc_compress_layers": (st, [P, P, c.POINTER(PagedKVStruct), c.POINTER(LayersStruct), P, c.c_size_t, P]),
+        "kvc_compact_into": (st, [P, P, c.POINTER(PagedKVStruct), c.POINTER(PageTableStruct), P, P, c.c_int32, P,
+                                  c.c_size_t, P]),
+        "kvc_compress_into": (st, [P, P, c.POINTER(PagedKVStruct), c.POINTER(PageTableStruct), P, P, P, c.c_size_t,
+                                   P]),
+        "kvc_compact_layers_into": (st, [P, P, c.POINTER(PagedKVStruct), c.POINTER(LayersStruct),
+                                         c.POINTER(PageTableStruct), P, P, c.c_int32, P, c.c_size_t, P]),
+        "kvc_compress_layers_into": (st, [P, P, c.POINTER(PagedKVStruct), c.POINTER(LayersStruct),
+                                          c.POINTER(PageTableStruct), P, c.c_size_t, P]),
     }
     for name, (res, args) in proto.items():
         fn = getattr(lib, name)  # AttributeError: the library is not libkvcompress

@@ -287,6 +287,36 @@ class PagedKV:
         return flat[h + base[None, :, None] + d].copy()
 
 
+def destination_table(page_table, page_indptr, cache, batch):
+    """The kvc_page_table_t of an out-of-place compaction of `cache` (kvc_compact_into) and the
+    arrays it points into, which must stay alive for the call: a dense [batch, max_pages] table
+    (page_indptr None) or CSR indices and indptr [batch + 1], int32 where the cache lives."""
+    from ._lib import PageTableStruct
+
+    if page_table is None:
+        raise ValueError("dst_table: the destination pages are needed (dst_indptr alone is not a table)")
+    table = _index_array(page_table, "dst_table", cache._kview)
+    indptr = _index_array(page_indptr, "dst_indptr", cache._kview)
+    tv = _arrays.view(table, "dst_table")
+    s = PageTableStruct()
+    s.page_table = tv.ptr
+    if indptr is None:
+        if tv.ndim != 2 or tv.shape[0] < batch:
+            raise ValueError(f"dst_table: a dense destination table must be 2-D [batch = {batch}, max_pages], got "
+                             f"shape {tv.shape}")
+        s.max_pages = int(tv.shape[1])
+    else:
+        iv = _arrays.view(indptr, "dst_indptr")
+        if tv.ndim != 1:
+            raise ValueError(f"dst_table: CSR page indices must be 1-D, got shape {tv.shape}")
+        if iv.ndim != 1 or iv.shape[0] < batch + 1:
+            raise ValueError(f"dst_indptr: must be 1-D [batch + 1 = {batch + 1}], got shape {iv.shape}")
+        if not iv.is_cuda and np.asarray(indptr)[: batch + 1].max(initial=0) > tv.shape[0]:
+            raise ValueError(f"dst_indptr: points past the end of dst_table ({tv.shape[0]} indices)")
+        s.page_indptr = iv.ptr
+    return s, (table, indptr)
+
+
 def _dtype_compatible(array_tag, plan_tag):
     if array_tag == plan_tag:
         return True

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _arrays, _lib
-from .cache import PagedKV
+from .cache import PagedKV, destination_table
 from .errors import error_for
 
 BACKENDS = {"auto": 0, "cpu": 1, "cuda": 2}
@@ -235,7 +235,8 @@ class PlanInfo:
 
 
 #: kvc_compact_status_t flags (Plan.status): 0 = the sequence was compacted (or needed no move)
-COMPACT_STATUS = {"bad_page_id": 1, "short_page_list": 2, "shared_page": 4, "bad_pool": 8}
+COMPACT_STATUS = {"bad_page_id": 1, "short_page_list": 2, "shared_page": 4, "bad_pool": 8, "dst_bad_page_id": 16,
+                  "dst_short_page_list": 32, "dst_overlap": 64}
 
 
 @dataclass(frozen=True)
@@ -739,9 +740,13 @@ class Plan:
                    wptr or None, wbytes, self._stream(stream, sv))
         return out
 
-    def compact(self, cache, keep, extras=(), stream=None):
+    def compact(self, cache, keep, extras=(), stream=None, dst_table=None, dst_indptr=None):
         """Moves the kept K/V rows (and the kept values of each float32 score-layout array in
-        `extras`) to the front of each sequence, in place (kvc_compact). Returns the cache."""
+        `extras`) to the front of each sequence, in place (kvc_compact). Returns the cache.
+        With `dst_table` (a dense [batch, max_pages] table, or CSR indices with `dst_indptr`) the
+        kept rows go to those pages of the same pools instead and the cache's own pages are only
+        read (kvc_compact_into, copy-on-write of shared prefix blocks); the extras still move in
+        place. Read the result through a PagedKV with page_table=dst_table."""
         s = self._cache(cache)
         kv = self._flat(keep, "keep", "i32", self.info.keep_elems)
         extras = list(extras or ())
@@ -750,8 +755,14 @@ class Plan:
         ptrs = (ctypes.c_void_p * max(1, len(views)))(*[v.ptr for v in views])
         like = cache._kview
         ws, wptr, wbytes = self._workspace("compact", like)
-        self._call(self._lib.kvc_compact, "kvc_compact", self.context.handle, self.handle, ctypes.byref(s), kv.ptr,
-                   ptrs if views else None, len(views), wptr or None, wbytes, self._stream(stream, like))
+        tail = (kv.ptr, ptrs if views else None, len(views), wptr or None, wbytes, self._stream(stream, like))
+        if dst_table is None and dst_indptr is None:
+            self._call(self._lib.kvc_compact, "kvc_compact", self.context.handle, self.handle, ctypes.byref(s), *tail)
+        else:
+            dst, alive = destination_table(dst_table, dst_indptr, cache, self.batch)
+            self._call(self._lib.kvc_compact_into, "kvc_compact_into", self.context.handle, self.handle,
+                       ctypes.byref(s), ctypes.byref(dst), *tail)
+            del alive
         self._last_status["compact"] = (ws, self.info.compact_status_offset_bytes, 1)
         return cache
 
@@ -768,16 +779,23 @@ class Plan:
                    wptr or None, wbytes, self._stream(stream, kv))
         return out
 
-    def compress(self, cache, queries=None, stream=None, lse=None):
+    def compress(self, cache, queries=None, stream=None, lse=None, dst_table=None, dst_indptr=None):
         """score + select + compact in one call (kvc_compress). Returns the keep indices (keep
-        layout), copied out of the plan's cached workspace. `lse` as for score()."""
+        layout), copied out of the plan's cached workspace. `lse` as for score(). `dst_table` /
+        `dst_indptr` as for compact(): the compaction out of place (kvc_compress_into)."""
         s = self._cache(cache)
         qv, qptr = self._queries(queries)
         lptr = self._lse(lse)
         like = cache._kview
         ws, wptr, wbytes = self._workspace("compress", like)
-        self._call(self._lib.kvc_compress, "kvc_compress", self.context.handle, self.handle, ctypes.byref(s),
-                   qptr or None, lptr, wptr or None, wbytes, self._stream(stream, like))
+        tail = (qptr or None, lptr, wptr or None, wbytes, self._stream(stream, like))
+        if dst_table is None and dst_indptr is None:
+            self._call(self._lib.kvc_compress, "kvc_compress", self.context.handle, self.handle, ctypes.byref(s), *tail)
+        else:
+            dst, alive = destination_table(dst_table, dst_indptr, cache, self.batch)
+            self._call(self._lib.kvc_compress_into, "kvc_compress_into", self.context.handle, self.handle,
+                       ctypes.byref(s), ctypes.byref(dst), *tail)
+            del alive
         self._last_status["compress"] = (ws, self.info.compress_status_offset_bytes, 1)
         return ws.read_i32(self.info.keep_offset_bytes, self.info.keep_elems)
 
@@ -907,10 +925,11 @@ class Plan:
                    ov.ptr, ws.ptr, layout.workspace_bytes, self._stream(stream, sv))
         return out
 
-    def compact_layers(self, caches, keep, extras=(), stream=None):
+    def compact_layers(self, caches, keep, extras=(), stream=None, dst_table=None, dst_indptr=None):
         """kvc_compact_layers: compacts every layer's pools by its keep rows (int32 (num_layers,
         keep_elems)); each extra is float32 (num_layers, score_elems). Returns the caches; the status
-        array is plan.status('compact')."""
+        array is plan.status('compact'). `dst_table` / `dst_indptr` as for compact(), one table for
+        every layer (kvc_compact_layers_into)."""
         caches, desc, k_ptrs, v_ptrs = self._layer_caches(caches)
         layers, like = len(caches), caches[0]._kview
         kv = self._stacked(keep, "keep", "i32", layers, self.info.keep_elems)
@@ -919,9 +938,15 @@ class Plan:
         ptrs = (ctypes.c_void_p * max(1, len(views)))(*[v.ptr for v in views])
         st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like)
         ws, layout = self._layer_workspace("compact", layers, like)
-        self._call(self._lib.kvc_compact_layers, "kvc_compact_layers", self.context.handle, self.handle,
-                   ctypes.byref(desc), ctypes.byref(st), kv.ptr, ptrs if views else None, len(views), ws.ptr,
-                   layout.workspace_bytes, self._stream(stream, like))
+        tail = (kv.ptr, ptrs if views else None, len(views), ws.ptr, layout.workspace_bytes, self._stream(stream, like))
+        if dst_table is None and dst_indptr is None:
+            self._call(self._lib.kvc_compact_layers, "kvc_compact_layers", self.context.handle, self.handle,
+                       ctypes.byref(desc), ctypes.byref(st), *tail)
+        else:
+            dst, alive = destination_table(dst_table, dst_indptr, caches[0], self.batch)
+            self._call(self._lib.kvc_compact_layers_into, "kvc_compact_layers_into", self.context.handle, self.handle,
+                       ctypes.byref(desc), ctypes.byref(st), ctypes.byref(dst), *tail)
+            del alive
         self._last_status["compact"] = (ws, layout.status_offset_bytes, layers)
         return caches
 
@@ -941,16 +966,24 @@ class Plan:
                    kv.ptr, ov.ptr, ws.ptr, layout.workspace_bytes, self._stream(stream, kv))
         return out
 
-    def compress_layers(self, caches, queries=None, stream=None, lse=None):
+    def compress_layers(self, caches, queries=None, stream=None, lse=None, dst_table=None, dst_indptr=None):
         """kvc_compress_layers: score + select + compact of every layer in one call. Returns the keep
-        indices, int32 (num_layers, keep_elems); the status array is plan.status('compress')."""
+        indices, int32 (num_layers, keep_elems); the status array is plan.status('compress').
+        `dst_table` / `dst_indptr`: the compaction out of place (kvc_compress_layers_into)."""
         caches, desc, k_ptrs, v_ptrs = self._layer_caches(caches)
         layers, like = len(caches), caches[0]._kview
         q_ptrs, l_ptrs = self._layer_queries(queries, lse, layers)
         st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs, host_readable=True)
         ws, layout = self._layer_workspace("compress", layers, like)
-        self._call(self._lib.kvc_compress_layers, "kvc_compress_layers", self.context.handle, self.handle,
-                   ctypes.byref(desc), ctypes.byref(st), ws.ptr, layout.workspace_bytes, self._stream(stream, like))
+        tail = (ws.ptr, layout.workspace_bytes, self._stream(stream, like))
+        if dst_table is None and dst_indptr is None:
+            self._call(self._lib.kvc_compress_layers, "kvc_compress_layers", self.context.handle, self.handle,
+                       ctypes.byref(desc), ctypes.byref(st), *tail)
+        else:
+            dst, alive = destination_table(dst_table, dst_indptr, caches[0], self.batch)
+            self._call(self._lib.kvc_compress_layers_into, "kvc_compress_layers_into", self.context.handle,
+                       self.handle, ctypes.byref(desc), ctypes.byref(st), ctypes.byref(dst), *tail)
+            del alive
         self._last_status["compress"] = (ws, layout.status_offset_bytes, layers)
         return ws.read_i32(layout.keep_offset_bytes, layers * self.info.keep_elems).reshape(layers,
                                                                                           self.info.keep_elems)
