@@ -512,3 +512,31 @@ Test(plan, workspace_and_info) {
   kvc_plan_destroy(plan);
   kvc_context_destroy(ctx);
 }
+
+/* The fields appended for fp8 keys keep older descs' meaning: KVC_PLAN_DESC_INIT and
+ * kvc_plan_desc_init give query_dtype AS_CACHE, k_scale 1, k_scales NULL, and a desc written
+ * field by field on zeroed memory (query_dtype 0, k_scale 0) still makes an f16 plan. */
+Test(plan, appended_fp8_fields_keep_older_descs_meaning) {
+  const kvc_plan_desc_t init = KVC_PLAN_DESC_INIT;
+  kvc_plan_desc_t filled;
+  memset(&filled, 0x5a, sizeof filled);
+  kvc_plan_desc_init(&filled);
+  cr_assert_eq(init.query_dtype, KVC_QUERY_DTYPE_AS_CACHE);
+  cr_assert_eq(init.k_scale, 1.0f);
+  cr_assert_null(init.k_scales);
+  cr_assert_eq(filled.query_dtype, KVC_QUERY_DTYPE_AS_CACHE);
+  cr_assert_eq(filled.k_scale, 1.0f);
+  cr_assert_null(filled.k_scales);
+  const int32_t lens[] = {40}, budgets[] = {10};
+  kvc_plan_desc_t d;
+  memset(&d, 0, sizeof d);
+  d.struct_size = sizeof d;
+  d.num_q_heads = 4, d.num_kv_heads = 2, d.head_dim = 16, d.dtype = KVC_DTYPE_F16;
+  d.batch = 1, d.seq_lens = lens, d.budgets = budgets;
+  d.method = KVC_SCORE_SNAPKV, d.window = 8, d.pool_kernel = 1;
+  kvc_context_t ctx = cpu_context();
+  kvc_plan_t plan = NULL;
+  cr_assert_eq(kvc_plan_create(ctx, &d, &plan), KVC_SUCCESS, "%s", kvc_last_error(ctx));
+  kvc_plan_destroy(plan);
+  kvc_context_destroy(ctx);
+}
