@@ -27,8 +27,8 @@
  * one shared page table) at --layer-n tokens x --layer-batch sequences (ratio --layer-ratio) are
  * compressed by one kvc_compress_layers ("kvc_layers") and by L kvc_compress calls
  * ("kvc_per_layer_calls"); the same JSON keys with "layers":L, bytes and flops of all layers. The
- * layer arrays are page-locked host memory: the score stage still reads them on the host on CUDA
- * (see kvc_layers_t), so kvc_layers today saves the launches of select and compact only.
+ * layer arrays are device memory (kvc_layers_t): every stage is one launch per kernel for all
+ * layers.
  *
  * Every repetition starts from a cold L2 (bench_util.cuh). kvc_compress compacts in place, so the
  * repetitions after the first run on an already compacted cache: the work is the same (same plan,
@@ -191,11 +191,8 @@ void run_layers_point(kvc_context_t ctx, const Options &o, const Point &pt, doub
   bench::check_kvc(kvc_plan_get_info(plan, &info), ctx, "kvc_plan_get_info");
   std::vector<std::unique_ptr<bench::DeviceCache>> caches;
   const size_t query_elems = (size_t)info.obs_total * m.q_heads * m.head_dim;
-  /* page-locked arrays of the layers' pools and queries (kvc_layers_t on CUDA, score stage) */
-  void **k = nullptr, **v = nullptr, **queries = nullptr;
-  KVC_BENCH_CHECK(cudaHostAlloc((void **)&k, sizeof(void *) * layers, cudaHostAllocDefault));
-  KVC_BENCH_CHECK(cudaHostAlloc((void **)&v, sizeof(void *) * layers, cudaHostAllocDefault));
-  KVC_BENCH_CHECK(cudaHostAlloc((void **)&queries, sizeof(void *) * layers, cudaHostAllocDefault));
+  /* the layers' pools and queries; their pointer arrays go to the device (kvc_layers_t on CUDA) */
+  std::vector<void *> k(layers), v(layers), queries(layers);
   for (int l = 0; l < layers; ++l) {
     caches.emplace_back(new bench::DeviceCache(o.layout, pt.batch, pt.n, m.kv_heads, m.head_dim, dtype, o.page_size,
                                                true, 21u + 2u * l, stream));
@@ -204,9 +201,16 @@ void run_layers_point(kvc_context_t ctx, const Options &o, const Point &pt, doub
     KVC_BENCH_CHECK(cudaMalloc(&queries[l], std::max<size_t>(query_elems * elem, 256)));
     bench::fill_random(queries[l], query_elems, dtype, 22u + 2u * l, stream);
   }
+  void **device_arrays = nullptr; /* k, v, queries: layers pointers each */
+  KVC_BENCH_CHECK(cudaMalloc((void **)&device_arrays, 3 * sizeof(void *) * layers));
+  const std::vector<void *> *host_arrays[3] = {&k, &v, &queries};
+  for (int a = 0; a < 3; ++a)
+    KVC_BENCH_CHECK(cudaMemcpy(device_arrays + a * layers, host_arrays[a]->data(), sizeof(void *) * layers,
+                               cudaMemcpyHostToDevice));
   kvc_paged_kv_t shared = caches[0]->desc;
   shared.k = shared.v = nullptr;
-  const kvc_layers_t arrays = {layers, k, v, (const void *const *)queries, nullptr};
+  const kvc_layers_t arrays = {layers, device_arrays, device_arrays + layers,
+                               (const void *const *)(device_arrays + 2 * layers), nullptr};
   kvc_workspace_layout_t layout;
   bench::check_kvc(kvc_plan_workspace_layout(plan, KVC_OP_COMPRESS, layers, &layout), ctx, "workspace layout");
   size_t ws_single = 0;
@@ -238,7 +242,7 @@ void run_layers_point(kvc_context_t ctx, const Options &o, const Point &pt, doub
       .add("extra_bytes", (long long)ws_single).print();
 
   for (int l = 0; l < layers; ++l) cudaFree(queries[l]);
-  cudaFreeHost(k), cudaFreeHost(v), cudaFreeHost(queries);
+  cudaFree(device_arrays);
   cudaFree(workspace);
   kvc_plan_destroy(plan);
 }

@@ -33,9 +33,6 @@ kvc_status_t kvc_device_upload(void *dst, const void *src, size_t bytes, char *d
  * stream passes it. Never synchronises the device. */
 kvc_status_t kvc_device_upload_async(void *dst, const void *src, size_t bytes, kvc_stream_t stream, char *detail,
                                      size_t cap);
-/* 1 if host code may read `ptr` (page-locked host memory on CUDA; always in the emulator, whose
- * device memory is host memory): the layer-batched score stage reads its pointer arrays there. */
-int kvc_device_host_readable(const void *ptr);
 
 #ifdef __cplusplus
 }

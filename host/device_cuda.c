@@ -70,12 +70,3 @@ kvc_status_t kvc_device_upload_async(void *dst, const void *src, size_t bytes, k
                            cudaGetErrorString(err));
   return KVC_SUCCESS;
 }
-
-int kvc_device_host_readable(const void *ptr) {
-  struct cudaPointerAttributes attributes;
-  if (cudaPointerGetAttributes(&attributes, ptr) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return attributes.type == cudaMemoryTypeHost;
-}

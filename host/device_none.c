@@ -34,5 +34,3 @@ kvc_status_t kvc_device_upload_async(void *dst, const void *src, size_t bytes, k
                                      size_t cap) {
   return kvc_fail_detail(detail, cap, KVC_ERROR_NO_DEVICE, "libkvcompress was built without CUDA");
 }
-
-int kvc_device_host_readable(const void *ptr) { return ptr != NULL; }

@@ -320,8 +320,11 @@ static kvc_status_t check_workspace(kvc_context_t ctx, kvc_plan_t plan, kvc_op_t
     }
   } else {
     kvc_status_t status = kvc_plan_layout(plan, op, num_layers, layout, ctx->detail, sizeof ctx->detail);
-    if (status != KVC_SUCCESS)
-      return kvc_fail(ctx, status, "%s: num_layers is %d: the workspace size overflows size_t", fn, num_layers);
+    if (status != KVC_SUCCESS) { /* too many layers for size_t, or for an op's grid */
+      char inner[KVC_DETAIL_CAP];
+      memcpy(inner, ctx->detail, sizeof inner);
+      return kvc_fail(ctx, status, "%s: %s", fn, inner);
+    }
   }
   if (bytes < layout->bytes) {
     if (num_layers == 1)
@@ -398,8 +401,8 @@ static kvc_status_t check_layers(kvc_context_t ctx, const char *fn, const kvc_la
   return KVC_SUCCESS;
 }
 
-/* Layer l's pools, where the host may read the arrays (CPU; CUDA's score stage): present and not
- * one pool, through the single-layer check of a descriptor carrying them. */
+/* Layer l's pools, where the host may read the arrays (CPU): present and not one pool, through the
+ * single-layer check of a descriptor carrying them. */
 static kvc_status_t check_layer_pools(kvc_context_t ctx, const char *fn, const kvc_plan_view_t *plan,
                                       const kvc_paged_kv_t *cache, const kvc_layers_t *layers, int32_t l,
                                       kvc_paged_kv_t *layer_cache) {
@@ -417,61 +420,45 @@ static kvc_status_t check_layer_pools(kvc_context_t ctx, const char *fn, const k
   return KVC_SUCCESS;
 }
 
-/* kvc_score and kvc_score_layers: layer by layer (the score ops take one layer: KVC_SCORE_TAKES_LAYERS). */
+/* kvc_score and kvc_score_layers: one op call for all layers. The CPU reads the layer arrays here
+ * (host memory); on CUDA they are device memory that only the kernels read (kvc_layers_t). */
 static kvc_status_t score_layers(kvc_context_t ctx, kvc_plan_t plan, const char *fn, const kvc_paged_kv_t *cache,
                                  const kvc_layers_t *layers, const void *queries, const float *lse, float *scores,
                                  int accumulate, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
   kvc_status_t status = check_common(ctx, plan, fn);
   if (status == KVC_SUCCESS && layers) status = check_layers(ctx, fn, layers);
+  const int32_t num_layers = layers ? layers->num_layers : 1;
   if (status == KVC_SUCCESS)
-    status = check_workspace(ctx, plan, KVC_OP_SCORE, layers ? layers->num_layers : 1, fn, workspace, workspace_bytes,
-                             NULL);
+    status = check_workspace(ctx, plan, KVC_OP_SCORE, num_layers, fn, workspace, workspace_bytes, NULL);
   if (status == KVC_SUCCESS) status = check_cache_for(ctx, plan, KVC_OP_SCORE, 1, fn, cache, layers != NULL, workspace, NULL);
   if (status != KVC_SUCCESS) return status;
   if (!scores) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: scores is NULL", fn);
   const int64_t obs = plan->host.obs_total;
-  if (!layers) {
-    if (obs > 0 && !queries)
-      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: queries is NULL but the plan has %lld observation queries",
-                      fn, (long long)obs);
-  } else {
-    if (obs > 0 && !layers->queries)
+  if (!layers && obs > 0 && !queries)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: queries is NULL but the plan has %lld observation queries", fn,
+                    (long long)obs);
+  if (layers && obs > 0 && !layers->queries)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: layers->queries is NULL but the plan has %lld observation queries", fn, (long long)obs);
+  for (int32_t l = 0; layers && plan->backend == KVC_BACKEND_CPU && l < num_layers; ++l) {
+    kvc_paged_kv_t layer_cache;
+    status = check_layer_pools(ctx, fn, &plan->host, cache, layers, l, &layer_cache);
+    if (status != KVC_SUCCESS) return status;
+    if (obs > 0 && !layers->queries[l])
       return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                      "%s: layers->queries is NULL but the plan has %lld observation queries", fn, (long long)obs);
-    /* Until the score ops take the layer axis, this loop reads the arrays on the host. */
-    const void *arrays[4] = {layers->k, layers->v, layers->queries, layers->lse};
-    static const char *names[4] = {"k", "v", "queries", "lse"};
-    for (int i = 0; i < 4 && plan->backend == KVC_BACKEND_CUDA; ++i)
-      if (arrays[i] && !kvc_device_host_readable(arrays[i]))
-        return kvc_fail(ctx, KVC_ERROR_NOT_SUPPORTED,
-                        "%s: layers->%s (%p) is not page-locked host memory: on CUDA the score stage still reads the "
-                        "layer arrays on the host (allocate them with cudaHostAlloc)", fn, names[i], arrays[i]);
+                      "%s: layers->queries[%d] is NULL but the plan has %lld observation queries", fn, l, (long long)obs);
   }
-  const int32_t num_layers = layers ? layers->num_layers : 1;
-  const int64_t elems = plan->host.num_kv_heads * plan->host.total_tokens;
-  for (int32_t l = 0; l < num_layers && status == KVC_SUCCESS; ++l) {
-    kvc_paged_kv_t layer_cache = *cache;
-    if (layers) {
-      status = check_layer_pools(ctx, fn, &plan->host, cache, layers, l, &layer_cache);
-      if (status != KVC_SUCCESS) return status;
-      queries = layers->queries ? layers->queries[l] : NULL;
-      lse = layers->lse ? layers->lse[l] : NULL;
-      if (obs > 0 && !queries)
-        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                        "%s: layers->queries[%d] is NULL but the plan has %lld observation queries", fn, l, (long long)obs);
-    }
-    kvc_op_args_t args;
-    memset(&args, 0, sizeof args);
-    args.cache = &layer_cache;
-    args.queries = queries;
-    args.lse = lse;
-    args.scores = scores + l * elems;
-    args.accumulate = accumulate != 0;
-    args.num_layers = 1;
-    args.stream = stream;
-    status = run_op(ctx, plan, KVC_OP_SCORE, &args, workspace);
-  }
-  return status;
+  kvc_op_args_t args;
+  memset(&args, 0, sizeof args);
+  args.cache = cache;
+  args.queries = queries;
+  args.lse = lse;
+  args.scores = scores;
+  args.accumulate = accumulate != 0;
+  args.num_layers = num_layers;
+  args.layers = layers;
+  args.stream = stream;
+  return run_op(ctx, plan, KVC_OP_SCORE, &args, workspace);
 }
 
 kvc_status_t kvc_score(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache, const void *queries,

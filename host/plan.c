@@ -659,7 +659,7 @@ static kvc_status_t op_bytes(kvc_plan_t plan, kvc_op_t op, int32_t num_layers, c
   memset(&args, 0, sizeof args);
   args.plan = plan->view;
   args.host_plan = &plan->host;
-  args.num_layers = op == KVC_OP_SCORE && !KVC_SCORE_TAKES_LAYERS ? 1 : num_layers;
+  args.num_layers = num_layers;
   args.detail = detail;
   args.detail_cap = cap;
   kvc_carve_dispatch(&plan->host, plan->backend, op, args.num_layers, &ws, NULL, NULL);

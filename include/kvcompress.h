@@ -515,6 +515,8 @@ typedef enum {
  *     C0 = max(1, min(ceil(1024 / R), ceil(n_max / 512))),  S = 64 * ceil(ceil(n_max / C0) / 64),
  *     C = ceil(n_max / S)   (keys per split: S).
  * Never the [heads x window x n] attention matrix, nor any logit. 0 for KNORM and STREAMING.
+ * Over L layers (kvc_plan_workspace_layout) each of the three terms is L times its size, before
+ * the rounding: every layer's normalisers and head scores live at once (one launch for all).
  * SELECT on CUDA, with R = num_kv_heads rows per sequence (1 for TOVA) and P the batch's partitions
  * (FAIR spans, plus one implicit partition per sequence that has tokens outside them): 16 * R * P
  * bytes of partition thresholds; and for the rows split across blocks (sequences longer than the
@@ -799,11 +801,23 @@ KVC_API kvc_status_t kvc_gather_queries(kvc_context_t ctx, kvc_plan_t plan, cons
  * device: a layer whose pools fail the checks a single-layer descriptor's pools get (present,
  * distinct, no K row overlapping a V row, aligned) is left untouched by compaction
  * (KVC_COMPACT_BAD_POOL).
- * The score stage on CUDA is the exception today: kvc_score_layers and the first stage of
- * kvc_compress_layers run one scoring pass per layer from the host, so on CUDA they read k, v,
- * queries and lse on the host and need them in page-locked host memory (cudaHostAlloc /
- * cudaMallocHost), which the kernels can read too; device memory there is
- * KVC_ERROR_NOT_SUPPORTED. The other stages are one launch per kernel for all layers.
+ * Scoring on CUDA (kvc_score_layers, the first stage of kvc_compress_layers) likewise reads the
+ * arrays only in its kernels. A layer they cannot read: layers->k[l] NULL or not 16-byte aligned
+ * (every method but STREAMING, which reads neither K nor queries), or, for SNAPKV, H2O and TOVA
+ * with observation queries, layers->queries[l] NULL or not 16-byte aligned or layers->lse[l] not
+ * 4-byte aligned. Such a layer is not read at all and scores as if every element of its K pool
+ * were NaN (the non-finite rule): NaN for every key the method scores (accumulating too: NaN + x
+ * is NaN), +inf for the keys it does not score, as always; the other layers are unaffected. NaN
+ * rather than leaving the scores as they were, so that stale or uninitialised scores never pass for
+ * real ones: the engine can see the bad layer in its scores, and selection orders NaN below every
+ * number. In kvc_compress_layers a NULL or misaligned K pool also fails compaction's pool check,
+ * which leaves that layer untouched (KVC_COMPACT_BAD_POOL); a layer with bad queries but good
+ * pools is compacted by its NaN scores (nothing flags it), so an engine that cannot rule that out
+ * should score with kvc_score_layers and check. The CPU backend reads the arrays on the host and
+ * refuses a NULL pool or query pointer with KVC_ERROR_INVALID_VALUE naming the layer, before
+ * anything is written (it needs no 16-byte alignment). On CUDA num_layers * num_kv_heads must be
+ * at most 65535 (the score kernels' grid), else KVC_ERROR_NOT_SUPPORTED, from
+ * kvc_plan_workspace_layout (SCORE, COMPRESS) as from the calls.
  */
 typedef struct {
   int32_t num_layers;          /* L >= 1                                                          */
@@ -824,10 +838,12 @@ typedef struct {
  * Which terms of kvc_plan_workspace_size's list scale with num_layers: SELECT on CUDA all of them
  * (each layer's thresholds and split-row histograms), on CPU none (one row at a time); COMPACT the
  * status array and the chunk flags, while the page-table check (CPU scratch, CUDA claim table) is
- * done once for all layers; SCORE none (the layers are scored one after another today);
- * COMPRESS the keep and score layouts, then the largest stage. So the plan needs no layer count:
- * ask here for the L you will pass. INVALID_VALUE if plan or layout is NULL, op unknown or
- * num_layers < 1 (or the size overflows). */
+ * done once for all layers; SCORE on CUDA all of them (the three terms of kvc_plan_workspace_size
+ * for SNAPKV, H2O and TOVA, each L times: all layers are scored in one launch per kernel), on CPU
+ * none (one layer after another); COMPRESS the keep and score layouts, then the largest stage. So
+ * the plan needs no layer count: ask here for the L you will pass. INVALID_VALUE if plan or layout
+ * is NULL, op unknown or num_layers < 1 (or the size overflows); NOT_SUPPORTED (SCORE, COMPRESS on
+ * CUDA) if num_layers * num_kv_heads exceeds 65535. */
 typedef struct {
   size_t workspace_bytes;
   size_t keep_offset_bytes;
@@ -838,7 +854,10 @@ KVC_API kvc_status_t kvc_plan_workspace_layout(kvc_plan_t plan, kvc_op_t op, int
                                                kvc_workspace_layout_t *layout);
 
 /* kvc_score for every layer: layer l scores from layers->k[l] (and v's layout) with
- * layers->queries[l] and layers->lse[l] into its stacked score layout. accumulate as kvc_score. */
+ * layers->queries[l] and layers->lse[l] into its stacked score layout, all layers in one launch per
+ * kernel. accumulate as kvc_score. On CUDA a layer whose pointers the kernels cannot read scores
+ * NaN (see kvc_layers_t); the descriptor's strides must still be multiples of 16 bytes
+ * (KVC_ERROR_NOT_SUPPORTED, as for kvc_score). */
 KVC_API kvc_status_t kvc_score_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                       const kvc_layers_t *layers, float *scores, int accumulate,
                                       void *workspace, size_t workspace_bytes, kvc_stream_t stream);

@@ -63,8 +63,9 @@ typedef struct {
   int32_t *counts;
   /* Layers: the call covers num_layers layers (1 for the single-layer calls). Scores, keep, counts
    * and extras are then the single-layer layouts stacked (layer l at l * elems). `layers` (NULL for
-   * the single-layer calls, whose pools are cache->k / cache->v) holds the per-layer pointer arrays
-   * in the backend's memory (device on CUDA: kernels read them, host code must not). */
+   * the single-layer calls, whose pools are cache->k / cache->v, queries and lse the fields above)
+   * holds the per-layer pointer arrays in the backend's memory (device on CUDA: kernels read them,
+   * host code must not); the score ops then take queries and lse from it too. */
   int32_t num_layers;
   const kvc_layers_t *layers;
   int32_t *compact_status; /* compact: int32 [num_layers][batch] status array (host/dispatch.c carves it) */
@@ -107,11 +108,6 @@ kvc_status_t kvc_select_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
 kvc_status_t kvc_compact_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
 kvc_status_t kvc_retention_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
 kvc_status_t kvc_gather_cpu(const kvc_op_args_t *args, kvc_carver_t *ws);
-
-/* Whether the score ops take num_layers > 1 themselves. 0 today: kvc_score_layers calls them once
- * per layer (host/dispatch.c). A score op that takes them must score every layer of `layers` (its
- * k, v, queries and lse arrays, read on the device) into the stacked score layouts in one pass. */
-#define KVC_SCORE_TAKES_LAYERS 0
 
 /* Geometry of the CUDA ops on the current device, asked once per plan by kvc_plan_create: blocks of
  * the op's multi-block kernels resident at once (queried from the runtime; a fixed small device in

@@ -28,8 +28,14 @@
  *      +inf for unscored keys, written or accumulated into the score layout. KNORM's norms (tiles
  *      by cp.async, scaled by the row's max-abs so no square overflows) and STREAMING's recency
  *      are computed there too.
- * Launches per call: at most 4, whatever n, batch or heads. Every sum has a fixed order, so the
- * scores are the same bits on every run.
+ * Launches per call: at most 4, whatever n, batch, heads or layers. Every sum has a fixed order, so
+ * the scores are the same bits on every run.
+ *
+ * Layers (kvc_score_layers, the first stage of kvc_compress_layers): every kernel takes the layer
+ * as part of grid axis y, y = layer * (KV heads, or TOVA's one row set) + head, and reads its K
+ * pool, queries and engine normalisers from the device arrays of kvc_layers_t (Layers below); the
+ * normaliser workspace, the head scores and the scores are stacked per layer. The single-layer call
+ * is the one-layer case, its pointers passed as they are.
  *
  * Non-finite data (kvcompress.h): a NaN or +-inf logit makes its row's normaliser NaN, so the
  * whole row contributes NaN; with the engine's normalisers a non-finite logit contributes NaN to
@@ -74,6 +80,7 @@ constexpr int kTileKeys = kTileRows; /* the same number, named for what the colu
 constexpr int64_t kTargetBlocks = 1024;
 constexpr int32_t kMinSplitKeys = 512;
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int32_t kMaxGridY = 65535; /* blocks on grid axis y (and z) */
 
 /* An fp8 e4m3 key element as the cache stores it (decoded by kvc_fp8_e4m3_to_f32). */
 struct Fp8E4M3 {
@@ -129,6 +136,45 @@ __host__ __device__ TileLayout<T, K> column_sums_layout(int32_t dim) {
 template <class K>
 size_t knorm_smem_bytes(int32_t dim) {
   return (size_t)kTileRows * row_stride<K>(dim) * sizeof(K) + kTileRows * sizeof(const K *);
+}
+
+__host__ __device__ inline bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+/* The layers of a call: the layer-batched call's device arrays of kvc_layers_t (read by the
+ * kernels, never on the host), or, the arrays NULL, the single-layer call's own pointers. */
+struct Layers {
+  void *const *k;                        /* [count], or NULL: the single layer's below             */
+  const void *const *queries;            /* [count] (NULL when the plan has no observation rows)   */
+  const float *const *lse;               /* [count] (NULL entries: computed), or NULL as a whole   */
+  void *one_k;
+  const void *one_queries;
+  const float *one_lse;
+  int32_t count;
+};
+
+/* Layer l's inputs. `readable` is false for a layer of the layer-batched call whose K pool (where
+ * the method reads K) or queries (where it reads them) is NULL or not 16-byte aligned, or whose lse
+ * (where queries are read) is not float-aligned: the host never sees those pointers, so the kernels
+ * read nothing of such a layer and score it as if every K element were NaN (kvcompress.h,
+ * kvc_layers_t). The single-layer call's pointers were checked on the host. */
+struct LayerInputs {
+  void *k; /* kvc_paged_kv_t's type: the kernels only read it */
+  const void *queries;
+  const float *lse; /* the engine's normalisers, or NULL: computed */
+  bool readable;
+};
+
+__device__ inline LayerInputs layer_inputs(const Layers &layers, const kvc_plan_view_t &plan, int32_t layer) {
+  LayerInputs in;
+  const bool batched = layers.k != nullptr;
+  in.k = batched ? layers.k[layer] : layers.one_k;
+  in.queries = batched ? (layers.queries ? layers.queries[layer] : nullptr) : layers.one_queries;
+  in.lse = batched ? (layers.lse ? layers.lse[layer] : nullptr) : layers.one_lse;
+  const bool reads_k = plan.method != KVC_SCORE_STREAMING;
+  const bool reads_queries = reads_k && plan.method != KVC_SCORE_KNORM && plan.obs_total > 0;
+  in.readable = (!reads_k || (in.k && aligned16(in.k))) &&
+                (!reads_queries || (in.queries && aligned16(in.queries) && ((uintptr_t)in.lse & 3u) == 0));
+  return in;
 }
 
 /* K row of token t of sequence b, KV head h, or NULL where the table cannot hold it (the CUDA
@@ -325,12 +371,13 @@ struct Splits {
 
 /* ---- pass 1: the normaliser ------------------------------------------------------------------
  * Rows of (sequence b, KV head h): pairs p = i * G + gi (observation row obs_indptr[b] + i, q head
- * h * G + gi), query-major so a block's rows have neighbouring positions. With one split, lse2[row *
- * num_q_heads + g] = log2 of the sum of exp2(logit) over the keys the row sees; else
- * partials[(row * num_q_heads + g) * count + split] = (max, sum) over the split's keys. */
+ * h * G + gi), query-major so a block's rows have neighbouring positions. With one split, lse2[idx]
+ * = log2 of the sum of exp2(logit) over the keys the row sees; else partials[idx * count + split] =
+ * (max, sum) over the split's keys; idx = (layer * obs_total + row) * num_q_heads + g. Layers with
+ * the engine's normalisers (or unreadable) have nothing to do. */
 template <class T, class K, int D>
 __global__ void __launch_bounds__(kThreads)
-    normaliser_kernel(kvc_plan_view_t plan, kvc_paged_kv_t cache, const T *queries, Splits splits, float2 *partials,
+    normaliser_kernel(kvc_plan_view_t plan, kvc_paged_kv_t cache, Layers layers, Splits splits, float2 *partials,
                       float *lse2) {
   KVC_DYNAMIC_SMEM(unsigned char, smem);
   const int32_t dim = D ? D : plan.head_dim, G = plan.group_size;
@@ -340,10 +387,14 @@ __global__ void __launch_bounds__(kThreads)
   T *const widened = layout.compute_tile(smem, 1); /* K != T only */
   K *const k_tiles = layout.landing_tile(smem, 0); /* two buffers of kTileRows * landing_stride */
   const K **const k_src = layout.row_table(smem); /* [2][64] */
-  /* each row's (observation row, q head) index, -1 past the last pair: computed once, so no 64-bit
-   * division stays live to the end of the kernel (with fp8 keys it spilled on sm_90) */
+  /* each row's idx (above), -1 past the last pair: computed once, so neither a 64-bit division
+   * nor the layer stays live to the end of the kernel (either spilled on sm_90) */
   __shared__ int64_t out_index[kTileRows];
-  const int32_t h = blockIdx.y, b = blockIdx.z;
+  const int32_t h = blockIdx.y % plan.num_kv_heads, layer = blockIdx.y / plan.num_kv_heads, b = blockIdx.z;
+  const LayerInputs in = layer_inputs(layers, plan, layer);
+  if (!in.readable || in.lse) return;
+  cache.k = in.k; /* the descriptor every K row of the layer is resolved through */
+  const T *const queries = static_cast<const T *>(in.queries);
   const int32_t split = blockIdx.x / splits.row_blocks, rb = splits.row_blocks - 1 - blockIdx.x % splits.row_blocks;
   const int32_t obs0 = plan.obs_indptr[b];
   const int64_t pairs = (int64_t)(plan.obs_indptr[b + 1] - obs0) * G, p0 = (int64_t)rb * kTileRows;
@@ -367,7 +418,7 @@ __global__ void __launch_bounds__(kThreads)
     const int32_t j = first_key + threadIdx.x;
     k_src[threadIdx.x] = j < key_hi ? key_row<K>(cache, b, j, h) : nullptr;
     const int64_t p = p0 + threadIdx.x;
-    out_index[threadIdx.x] = p < pairs ? (int64_t)(obs0 + p / G) * plan.num_q_heads + h * G + p % G : -1;
+    out_index[threadIdx.x] = p < pairs ? ((int64_t)layer * plan.obs_total + obs0 + p / G) * plan.num_q_heads + h * G + p % G : -1;
   }
   __syncthreads();
   stage_tile<K>(k_tiles, k_src, dim, landing_stride, k_pool);
@@ -446,12 +497,13 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 /* lse2[idx] from the (max, sum) partials of the splits the row's keys [lo, pos] fall in, merged in
- * split order; an empty partial (sum 0) is skipped, a NaN one poisons. */
+ * split order; an empty partial (sum 0) is skipped, a NaN one poisons. Grid y: the layer. */
 __global__ void __launch_bounds__(kThreads)
-    combine_normalisers_kernel(kvc_plan_view_t plan, Splits splits, const float2 *partials, float *lse2) {
-  const int64_t idx = (int64_t)blockIdx.x * kThreads + threadIdx.x;
-  if (idx >= plan.obs_total * plan.num_q_heads) return;
-  const int64_t row = idx / plan.num_q_heads;
+    combine_normalisers_kernel(kvc_plan_view_t plan, Layers layers, Splits splits, const float2 *partials, float *lse2) {
+  const int64_t rows = plan.obs_total * plan.num_q_heads, in_layer = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  const LayerInputs in = layer_inputs(layers, plan, blockIdx.y);
+  if (in_layer >= rows || !in.readable || in.lse) return;
+  const int64_t row = in_layer / plan.num_q_heads, idx = blockIdx.y * rows + in_layer;
   const int32_t first = plan.obs_lo[row] / splits.keys, last = plan.obs_pos[row] / splits.keys;
   float m = -INFINITY, l = 0.0f;
   for (int32_t c = first; c <= last; ++c) {
@@ -481,10 +533,12 @@ struct RowGroups {
   }
 };
 
+/* head_scores: the layers' [num_q_heads][total_tokens] arrays stacked; lse2: the normaliser pass's
+ * (kernels of layers without the engine's normalisers). */
 template <class T, class K, int D>
 __global__ void __launch_bounds__(kThreads)
-    column_sums_kernel(kvc_plan_view_t plan, kvc_paged_kv_t cache, const T *queries, const float *lse,
-                       float lse_to_base2, float *head_scores) {
+    column_sums_kernel(kvc_plan_view_t plan, kvc_paged_kv_t cache, Layers layers, const float *lse2,
+                       float *head_scores) {
   KVC_DYNAMIC_SMEM(unsigned char, smem);
   __shared__ float divisor[kTileKeys];       /* 0: the key is not scored                     */
   __shared__ float warp_sums[kWarps][kTileKeys];
@@ -495,9 +549,16 @@ __global__ void __launch_bounds__(kThreads)
   T *const widened = layout.compute_tile(smem, 2); /* K != T only */
   K *const k_tile = layout.landing_tile(smem, 0);
   const K **const k_src = layout.row_table(smem);
-  const int32_t h = blockIdx.y, b = blockIdx.z, n = plan.seq_lens[b], j0 = blockIdx.x * kTileKeys;
-  if (j0 >= n) return;
+  const int32_t h = blockIdx.y % plan.num_kv_heads, layer = blockIdx.y / plan.num_kv_heads, b = blockIdx.z;
+  const int32_t n = plan.seq_lens[b], j0 = blockIdx.x * kTileKeys;
+  const LayerInputs in = layer_inputs(layers, plan, layer);
+  if (j0 >= n || !in.readable) return;
   const int32_t j1 = min(n, j0 + kTileKeys);
+  cache.k = in.k; /* the descriptor every K row of the layer is resolved through */
+  const T *const queries = static_cast<const T *>(in.queries);
+  /* the engine's normalisers are natural-log; this file's are base 2 */
+  const float *const lse = in.lse ? in.lse : lse2 + (int64_t)layer * plan.obs_total * plan.num_q_heads;
+  const float lse_to_base2 = in.lse ? kLog2e : 1.0f;
 
   bool scored = false;
   if (threadIdx.x < kTileKeys) {
@@ -598,7 +659,9 @@ __global__ void __launch_bounds__(kThreads)
         const int32_t head_row = groups.per_head ? h * G + gi : h;
         const float total = ((warp_sums[0][threadIdx.x] + warp_sums[1][threadIdx.x]) + warp_sums[2][threadIdx.x]) +
                             warp_sums[3][threadIdx.x];
-        head_scores[plan.num_q_heads * plan.token_offsets[b] + (int64_t)head_row * n + j0 + threadIdx.x] =
+        const int64_t layer_at = blockIdx.y / plan.num_kv_heads; /* not `layer`: as at the normaliser's end */
+        head_scores[plan.num_q_heads * (layer_at * plan.total_tokens + plan.token_offsets[b]) + (int64_t)head_row * n +
+                    j0 + threadIdx.x] =
             total / divisor[threadIdx.x];
       }
     }
@@ -646,20 +709,24 @@ __device__ float pair_norm(const K *row, int32_t dim) {
   return is_finite(top) && top > 0.0f ? fminf(ldexpf(sqrtf(squares), exponent), FLT_MAX) : top;
 }
 
-/* Grid (block of kThreads keys, KV head row set, sequence); TOVA has one row set that writes every
- * KV head. Writes (or adds) each key's score; +inf for keys no domain scores. K: the cache's
- * element type (only KNORM reads keys). */
+/* Grid (block of kThreads keys, layer * row sets + KV head row set, sequence); TOVA has one row set
+ * that writes every KV head. Writes (or adds) each key's score; +inf for keys no domain scores, NaN
+ * for those it scores in an unreadable layer. K: the cache's element type (only KNORM reads keys). */
 template <class K>
 __global__ void __launch_bounds__(kThreads)
-    write_scores_kernel(kvc_plan_view_t plan, kvc_paged_kv_t cache, const float *head_scores, float *scores,
-                        int accumulate) {
+    write_scores_kernel(kvc_plan_view_t plan, kvc_paged_kv_t cache, Layers layers, const float *head_scores,
+                        float *scores, int accumulate) {
   KVC_DYNAMIC_SMEM(K, smem); /* KNORM: one key tile and its row table */
   __shared__ float norms[kThreads];
-  const int32_t h = blockIdx.y, b = blockIdx.z, n = plan.seq_lens[b], j0 = blockIdx.x * kThreads;
+  const kvc_score_method_t method = plan.method;
+  const int32_t row_sets = method == KVC_SCORE_TOVA ? 1 : plan.num_kv_heads;
+  const int32_t h = blockIdx.y % row_sets, layer = blockIdx.y / row_sets, b = blockIdx.z, n = plan.seq_lens[b];
+  const int32_t j0 = blockIdx.x * kThreads;
   if (j0 >= n) return;
   const int32_t j = j0 + threadIdx.x;
-  const kvc_score_method_t method = plan.method;
-  if (method == KVC_SCORE_KNORM) {
+  const LayerInputs in = layer_inputs(layers, plan, layer);
+  cache.k = in.k; /* the descriptor every K row of the layer is resolved through */
+  if (method == KVC_SCORE_KNORM && in.readable) {
     const int32_t dim = plan.head_dim, stride = row_stride<K>(dim);
     const K **const k_src = reinterpret_cast<const K **>(smem + kTileRows * stride);
     for (int32_t t0 = j0; t0 < min(n, j0 + kThreads); t0 += kTileKeys) {
@@ -685,9 +752,11 @@ __global__ void __launch_bounds__(kThreads)
   float value = INFINITY;
   int32_t first_row = h, rows = 1;
   if (method == KVC_SCORE_TOVA) first_row = 0, rows = plan.num_kv_heads;
-  if (d >= 0 && j < plan.domains[d].scored_end) {
+  if (d >= 0 && j < plan.domains[d].scored_end && !in.readable) {
+    value = NAN;
+  } else if (d >= 0 && j < plan.domains[d].scored_end) {
     const kvc_domain_t dom = plan.domains[d];
-    const float *head_row0 = head_scores + plan.num_q_heads * plan.token_offsets[b];
+    const float *head_row0 = head_scores + plan.num_q_heads * (layer * plan.total_tokens + plan.token_offsets[b]);
     const bool mean = plan.group_reduce == KVC_REDUCE_MEAN;
     switch (method) {
       case KVC_SCORE_SNAPKV:
@@ -706,7 +775,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   for (int32_t r = first_row; r < first_row + rows; ++r) {
-    float *out = scores + plan.num_kv_heads * plan.token_offsets[b] + (int64_t)r * n + j;
+    float *out = scores + plan.num_kv_heads * (layer * plan.total_tokens + plan.token_offsets[b]) + (int64_t)r * n + j;
     *out = accumulate ? *out + value : value;
   }
 }
@@ -736,9 +805,10 @@ Splits normaliser_splits(const kvc_plan_view_t &host) {
   return s;
 }
 
-/* What one execute call runs, beyond the plan. */
+/* What one execute call runs, beyond the plan. The workspace arrays are stacked per layer. */
 struct ScoreRun {
   bool attention;
+  Layers layers;
   Splits splits;
   float2 *partials; /* splits.count > 1 */
   float *lse2, *head_scores;
@@ -759,29 +829,28 @@ template <class T, class K, int D>
 kvc_status_t launch_attention(const kvc_op_args_t *args, const ScoreRun &run) {
   const kvc_plan_view_t &plan = args->plan;
   const kvc_paged_kv_t cache = *args->cache;
-  const T *queries = static_cast<const T *>(args->queries);
   cudaStream_t stream = static_cast<cudaStream_t>(args->stream);
-  if (!args->lse) {
+  const unsigned layer_heads = (unsigned)(run.layers.count * plan.num_kv_heads);
+  /* only the single-layer call knows on the host that the engine gave every normaliser */
+  if (args->layers || !args->lse) {
     const size_t smem = normaliser_layout<T, K>(plan.head_dim).bytes();
     kvc_status_t status = allow_smem(args, normaliser_kernel<T, K, D>, smem);
     if (status != KVC_SUCCESS) return status;
     const Splits &s = run.splits;
-    KVC_LAUNCH((normaliser_kernel<T, K, D>), dim3((unsigned)(s.count * s.row_blocks), plan.num_kv_heads, plan.batch),
-               dim3(kThreads), smem, stream, plan, cache, queries, s, run.partials, run.lse2);
+    KVC_LAUNCH((normaliser_kernel<T, K, D>), dim3((unsigned)(s.count * s.row_blocks), layer_heads, plan.batch),
+               dim3(kThreads), smem, stream, plan, cache, run.layers, s, run.partials, run.lse2);
     if (s.count > 1) {
       const int64_t rows = plan.obs_total * plan.num_q_heads;
-      KVC_LAUNCH(combine_normalisers_kernel, dim3((unsigned)((rows + kThreads - 1) / kThreads)), dim3(kThreads), 0,
-                 stream, plan, s, run.partials, run.lse2);
+      KVC_LAUNCH(combine_normalisers_kernel, dim3((unsigned)((rows + kThreads - 1) / kThreads), run.layers.count),
+                 dim3(kThreads), 0, stream, plan, run.layers, s, run.partials, run.lse2);
     }
   }
   const size_t smem = column_sums_layout<T, K>(plan.head_dim).bytes();
   kvc_status_t status = allow_smem(args, column_sums_kernel<T, K, D>, smem);
   if (status != KVC_SUCCESS) return status;
-  /* the engine's normalisers are natural-log; this file's are base 2 */
-  const float *lse = args->lse ? args->lse : run.lse2;
-  KVC_LAUNCH((column_sums_kernel<T, K, D>), dim3((plan.max_seq_len + kTileKeys - 1) / kTileKeys, plan.num_kv_heads,
+  KVC_LAUNCH((column_sums_kernel<T, K, D>), dim3((plan.max_seq_len + kTileKeys - 1) / kTileKeys, layer_heads,
                                                  plan.batch),
-             dim3(kThreads), smem, stream, plan, cache, queries, lse, args->lse ? kLog2e : 1.0f, run.head_scores);
+             dim3(kThreads), smem, stream, plan, cache, run.layers, run.lse2, run.head_scores);
   return KVC_SUCCESS;
 }
 
@@ -807,13 +876,12 @@ kvc_status_t launch_score(const kvc_op_args_t *args, const ScoreRun &run) {
   kvc_status_t status = allow_smem(args, write_scores_kernel<K>, smem);
   if (status != KVC_SUCCESS) return status;
   const int32_t row_sets = plan.method == KVC_SCORE_TOVA ? 1 : plan.num_kv_heads;
-  KVC_LAUNCH((write_scores_kernel<K>), dim3((plan.max_seq_len + kThreads - 1) / kThreads, row_sets, plan.batch),
-             dim3(kThreads), smem, static_cast<cudaStream_t>(args->stream), plan, *args->cache, run.head_scores,
-             args->scores, args->accumulate);
+  KVC_LAUNCH((write_scores_kernel<K>),
+             dim3((plan.max_seq_len + kThreads - 1) / kThreads, (unsigned)(run.layers.count * row_sets), plan.batch),
+             dim3(kThreads), smem, static_cast<cudaStream_t>(args->stream), plan, *args->cache, run.layers,
+             run.head_scores, args->scores, args->accumulate);
   return KVC_SUCCESS;
 }
-
-bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
 }  // namespace
 
@@ -822,6 +890,11 @@ extern "C" kvc_status_t kvc_score_cuda(const kvc_op_args_t *args, kvc_carver_t *
   if (plan.head_dim % 8 != 0 || plan.head_dim > 256)
     return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_NOT_SUPPORTED,
                            "kvc_score: head_dim %d is not supported on CUDA (multiples of 8 up to 256)", plan.head_dim);
+  const int32_t num_layers = args->num_layers;
+  if ((int64_t)num_layers * plan.num_kv_heads > kMaxGridY)
+    return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_NOT_SUPPORTED,
+                           "kvc_score: %d layers x %d KV heads: the CUDA score kernels put (layer, KV head) on a grid "
+                           "axis of at most %d blocks", num_layers, plan.num_kv_heads, kMaxGridY);
   ScoreRun run;
   memset(&run, 0, sizeof run);
   run.attention = (plan.method == KVC_SCORE_SNAPKV || plan.method == KVC_SCORE_H2O || plan.method == KVC_SCORE_TOVA) &&
@@ -830,21 +903,33 @@ extern "C" kvc_status_t kvc_score_cuda(const kvc_op_args_t *args, kvc_carver_t *
     if (!args->host_plan)
       return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_INTERNAL, "kvc_score: no host plan");
     run.splits = normaliser_splits(*args->host_plan);
-    const size_t rows = (size_t)plan.obs_total * (size_t)plan.num_q_heads;
+    const size_t rows = (size_t)num_layers * (size_t)plan.obs_total * (size_t)plan.num_q_heads;
     if (run.splits.count > 1)
       run.partials = static_cast<float2 *>(kvc_carve(ws, sizeof(float2) * rows * (size_t)run.splits.count));
     run.lse2 = static_cast<float *>(kvc_carve(ws, sizeof(float) * rows));
-    run.head_scores =
-        static_cast<float *>(kvc_carve(ws, sizeof(float) * (size_t)plan.num_q_heads * (size_t)plan.total_tokens));
+    run.head_scores = static_cast<float *>(
+        kvc_carve(ws, sizeof(float) * (size_t)num_layers * (size_t)plan.num_q_heads * (size_t)plan.total_tokens));
   }
   if (!ws->base) return KVC_SUCCESS;
+  run.layers.count = num_layers;
+  if (args->layers) {
+    run.layers.k = args->layers->k;
+    run.layers.queries = args->layers->queries;
+    run.layers.lse = args->layers->lse;
+  } else {
+    run.layers.one_k = args->cache->k;
+    run.layers.one_queries = args->queries;
+    run.layers.one_lse = args->lse;
+  }
 
-  /* the kernels copy K rows and queries 16 bytes at a time */
-  const bool reads_keys = run.attention || plan.method == KVC_SCORE_KNORM;
+  /* the kernels copy K rows and queries 16 bytes at a time (the layer-batched call's pointers are
+   * checked by the kernels, layer_inputs) */
+  const bool reads_keys = run.attention || plan.method == KVC_SCORE_KNORM, layered = args->layers != nullptr;
   const kvc_paged_kv_t &c = *args->cache;
   const int64_t row_bytes = kvc_dtype_size(plan.dtype);
-  if (reads_keys && (!aligned16(c.k) || (c.stride_page * row_bytes) % 16 || (c.stride_token * row_bytes) % 16 ||
-                     (c.stride_head * row_bytes) % 16 || (run.attention && !aligned16(args->queries))))
+  if (reads_keys && ((!layered && !aligned16(c.k)) || (c.stride_page * row_bytes) % 16 ||
+                     (c.stride_token * row_bytes) % 16 || (c.stride_head * row_bytes) % 16 ||
+                     (!layered && run.attention && !aligned16(args->queries))))
     return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_NOT_SUPPORTED,
                            "kvc_score: on CUDA the K pool (%p), its strides in bytes (page %lld, token %lld, head "
                            "%lld) and the queries (%p) must be multiples of 16 bytes",

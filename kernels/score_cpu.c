@@ -460,7 +460,8 @@ static void store_unscored(float *seq_rows, int32_t n, int32_t heads, int32_t fr
     for (int32_t j = from; j < to; ++j) store_score(seq_rows + (int64_t)h * n + j, INFINITY, accumulate);
 }
 
-kvc_status_t kvc_score_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
+/* One layer: args->cache's K pool, args->queries and args->lse into args->scores. */
+static kvc_status_t score_layer(const kvc_op_args_t *args, kvc_carver_t *ws) {
   const kvc_plan_view_t *plan = &args->plan;
   score_job_t job = {args, {ISA_PORTABLE, 0, 0, 0, 0, 0}, NULL, 0, NULL, 0};
   if (is_attention_method(plan->method)) { /* the workspace comment at the top */
@@ -505,5 +506,31 @@ kvc_status_t kvc_score_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
         for (int32_t h = 0; h < heads; ++h) store_score(seq_rows + (int64_t)h * n + j, sum / plan->num_q_heads, args->accumulate);
       }
   }
+  return KVC_SUCCESS;
+}
+
+/* The layers one after another on the same workspace (it scales with nothing): layer l's pools,
+ * queries and lse from the host arrays of args->layers, its scores stacked at l * score_elems. */
+kvc_status_t kvc_score_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
+  if (!args->layers) return score_layer(args, ws);
+  const kvc_layers_t *layers = args->layers;
+  const int64_t elems = args->plan.num_kv_heads * args->plan.total_tokens;
+  kvc_carver_t layer_ws = *ws;
+  for (int32_t l = 0; l < args->num_layers; ++l) {
+    kvc_paged_kv_t cache = *args->cache;
+    cache.k = layers->k[l];
+    cache.v = layers->v[l];
+    kvc_op_args_t layer = *args;
+    layer.cache = &cache;
+    layer.queries = layers->queries ? layers->queries[l] : NULL;
+    layer.lse = layers->lse ? layers->lse[l] : NULL;
+    layer.scores = args->scores ? args->scores + l * elems : NULL;
+    layer.num_layers = 1;
+    layer.layers = NULL;
+    layer_ws = *ws;
+    kvc_status_t status = score_layer(&layer, &layer_ws);
+    if (status != KVC_SUCCESS) return status;
+  }
+  *ws = layer_ws;
   return KVC_SUCCESS;
 }

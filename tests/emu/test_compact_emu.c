@@ -806,5 +806,5 @@ Test(compact_emu, compress_layers_matches_single_layer_calls) {
   }
 }
 
-/* The CUDA score stage of the layer-batched calls (one scoring pass per layer today). */
+/* The CUDA score stage of the layer-batched calls (all layers in one launch per kernel). */
 Test(compact_emu, score_layers_match_single_layer_calls) { kvc_test_score_layers_match_single_calls(KVC_BACKEND_CUDA); }

@@ -336,7 +336,8 @@ static size_t documented_splits(int32_t batch, const size_t *obs, size_t kv_head
 }
 
 /* kvc_plan_workspace_size's comment in kvcompress.h states the CUDA score workspace exactly: every
- * method, for windows that give one split (H2O over long prompts) and many (short windows). */
+ * method, for windows that give one split (H2O over long prompts) and many (short windows); over
+ * L layers (kvc_plan_workspace_layout) each term L times. */
 Test(score_emu, workspace_matches_the_documented_formula) {
   static const int32_t seq_lens[] = {100, 20000, 300};
   static const int32_t windows[] = {50, 20000};
@@ -363,16 +364,24 @@ Test(score_emu, workspace_matches_the_documented_formula) {
       for (int b = 0; b < 3; ++b)
         obs[b] = m == KVC_SCORE_TOVA ? 1 : (size_t)(windows[w] < seq_lens[b] ? windows[w] : seq_lens[b]);
       const size_t rows = (size_t)info.obs_total * 6, splits = documented_splits(3, obs, 2, 3, 20000);
-      if (m <= KVC_SCORE_TOVA) {
-        if (splits > 1) expect += align256(rows * splits * 8);
-        expect += align256(rows * 4) + 6 * (size_t)info.total_tokens * 4;
-        multi_split += splits > 1;
-        single_split += splits == 1;
+      multi_split += m <= KVC_SCORE_TOVA && splits > 1;
+      single_split += m <= KVC_SCORE_TOVA && splits == 1;
+      for (size_t layers = 1; layers <= 5; layers += 4) {
+        expect = 0;
+        if (m <= KVC_SCORE_TOVA) {
+          if (splits > 1) expect += align256(layers * rows * splits * 8);
+          expect += align256(layers * rows * 4) + layers * 6 * (size_t)info.total_tokens * 4;
+        }
+        size_t bytes = 0;
+        kvc_workspace_layout_t layout;
+        cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_SCORE, &bytes), KVC_SUCCESS);
+        cr_assert_eq(kvc_plan_workspace_layout(plan, KVC_OP_SCORE, (int32_t)layers, &layout), KVC_SUCCESS);
+        if (layers == 1)
+          cr_assert_eq(bytes, expect, "%s window %d: workspace %zu, documented %zu", method_name(methods[m]),
+                       windows[w], bytes, expect);
+        cr_assert_eq(layout.workspace_bytes, expect, "%s window %d, %zu layers: workspace %zu, documented %zu",
+                     method_name(methods[m]), windows[w], layers, layout.workspace_bytes, expect);
       }
-      size_t bytes = 0;
-      cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_SCORE, &bytes), KVC_SUCCESS);
-      cr_assert_eq(bytes, expect, "%s window %d: workspace %zu, documented %zu", method_name(methods[m]), windows[w],
-                   bytes, expect);
       kvc_plan_destroy(plan);
     }
   cr_assert(multi_split > 0 && single_split > 0, "both forms of the formula are covered");

@@ -8,7 +8,8 @@
  * products on tensor cores are exact in fp32 and summed in fp32 (Hopper may truncate the sums'
  * alignment: within the tolerance); the f32 case checks that f32 never goes through TF32 (10-bit
  * significands: ~1e-3 relative errors in the logits). The dynamic shared memory of head_dim 256
- * (over 48 KiB) is opted in per kernel. Skips without a device.
+ * (over 48 KiB) is opted in per kernel. kvc_score_layers with device pointer arrays in a CUDA graph
+ * against single-layer calls. Skips without a device.
  */
 #include <criterion/criterion.h>
 #include <cuda_runtime.h>
@@ -150,4 +151,113 @@ Test(score_gpu, h2o_whole_prompt_4096_f32_is_not_tf32, .timeout = 600) {
 }
 Test(score_gpu, h2o_whole_prompt_32k, .timeout = 900) {
   check_long_context(&(gpu_case_t){KVC_SCORE_H2O, 32768, 32768, 1, 2, 64, KVC_DTYPE_BF16});
+}
+
+/* kvc_score_layers over 4 layers at n = 4096 (SnapKV, bf16, GQA 4, layers 0 and 2 with the engine's
+ * normalisers), the pointer arrays in device memory, captured in a CUDA graph: each replay equals 4
+ * single-layer kvc_score calls bit for bit. Between replays the device array is changed without a
+ * new capture: layer 3's K pool becomes NULL, and that layer then scores NaN wherever it scores
+ * (kvc_layers_t), the others as before. */
+Test(score_gpu, score_layers_in_a_cuda_graph) {
+  kvc_gpu_require_device();
+  enum { L = 4 };
+  const int32_t seq_lens[] = {4096, 1000}, budgets[] = {1024, 250};
+  kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;
+  desc.num_kv_heads = 8;
+  desc.num_q_heads = 32;
+  desc.head_dim = 128;
+  desc.dtype = KVC_DTYPE_BF16;
+  desc.batch = 2;
+  desc.seq_lens = seq_lens;
+  desc.budgets = budgets;
+  desc.method = KVC_SCORE_SNAPKV;
+  desc.window = 64;
+  desc.pool_kernel = 5;
+  kvc_context_t cuda = NULL;
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CUDA, 0, &cuda), KVC_SUCCESS);
+  kvc_plan_t plan = NULL;
+  cr_assert_eq(kvc_plan_create(cuda, &desc, &plan), KVC_SUCCESS, "%s", kvc_last_error(cuda));
+  kvc_plan_info_t info;
+  kvc_plan_get_info(plan, &info);
+  const size_t query_bytes = (size_t)info.obs_total * 32 * 128 * 2, lse_bytes = sizeof(float) * (size_t)info.obs_total * 32;
+  const size_t score_bytes = sizeof(float) * (size_t)info.score_elems;
+  kvc_test_cache_t *cache[L];
+  kvc_paged_kv_t dev[L];
+  void *k[L], *v[L];
+  const void *queries[L];
+  const float *lse[L];
+  for (int l = 0; l < L; ++l) {
+    cache[l] = kvc_test_cache_new(2, seq_lens, 8, 128, desc.dtype, 16, KVC_TEST_NHD, KVC_TEST_DENSE, 5, 99);
+    for (size_t i = 0; i < cache[l]->pool_bytes; i += 97) cache[l]->k[i] ^= (unsigned char)(l + 1); /* per layer */
+    dev[l] = cache[l]->desc;
+    dev[l].k = k[l] = kvc_gpu_upload(cache[l]->k, cache[l]->pool_bytes);
+    dev[l].v = v[l] = kvc_gpu_upload(cache[l]->v, cache[l]->pool_bytes);
+    void *host_queries = kvc_test_queries_new(info.obs_total, 32, 128, desc.dtype, 7 + (uint64_t)l);
+    queries[l] = kvc_gpu_upload(host_queries, query_bytes);
+    float *host_lse = l % 2 == 0 ? kvc_test_lse(&desc, plan, cache[l], host_queries) : NULL;
+    lse[l] = host_lse ? kvc_gpu_upload(host_lse, lse_bytes) : NULL;
+    free(host_lse), free(host_queries);
+  }
+  /* one page table for every layer (the caches were made with the same seed: the same table) */
+  const int32_t *table = kvc_gpu_upload(cache[0]->table, sizeof(int32_t) * 2 * (size_t)dev[0].max_pages);
+  for (int l = 0; l < L; ++l) dev[l].page_table = table;
+  void **dev_k = kvc_gpu_upload(k, sizeof k), **dev_v = kvc_gpu_upload(v, sizeof v);
+  const void **dev_queries = kvc_gpu_upload(queries, sizeof queries);
+  const float **dev_lse = kvc_gpu_upload(lse, sizeof lse);
+  kvc_paged_kv_t shared = dev[0];
+  shared.k = shared.v = NULL;
+  const kvc_layers_t layers = {L, dev_k, dev_v, (const void *const *)dev_queries, (const float *const *)dev_lse};
+  kvc_workspace_layout_t layout;
+  cr_assert_eq(kvc_plan_workspace_layout(plan, KVC_OP_SCORE, L, &layout), KVC_SUCCESS);
+  void *ws = kvc_gpu_upload(NULL, layout.workspace_bytes);
+  float *dev_scores = kvc_gpu_upload(NULL, score_bytes * L);
+
+  float *want = malloc(score_bytes * L), *got = malloc(score_bytes * L);
+  for (int l = 0; l < L; ++l) {
+    cr_assert_eq(kvc_score(cuda, plan, &dev[l], queries[l], lse[l], dev_scores, 0, ws, layout.workspace_bytes, NULL),
+                 KVC_SUCCESS, "%s", kvc_last_error(cuda));
+    kvc_gpu_download(want + (size_t)l * info.score_elems, dev_scores, score_bytes);
+  }
+  cudaStream_t stream;
+  cr_assert_eq(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  cr_assert_eq(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+  kvc_status_t status = kvc_score_layers(cuda, plan, &shared, &layers, dev_scores, 0, ws, layout.workspace_bytes,
+                                         (kvc_stream_t)stream);
+  cr_assert_eq(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  cr_assert_eq(status, KVC_SUCCESS, "captured kvc_score_layers: %s (%s)", kvc_status_name(status), kvc_last_error(cuda));
+  cr_assert_eq(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (int replay = 0; replay < 2; ++replay) {
+    if (replay == 1) { /* layer 3's K pool NULL in the device array: no new capture */
+      void *none = NULL;
+      cr_assert_eq(cudaMemcpy(dev_k + 3, &none, sizeof none, cudaMemcpyHostToDevice), cudaSuccess);
+    }
+    cr_assert_eq(cudaMemset(dev_scores, 0, score_bytes * L), cudaSuccess);
+    cr_assert_eq(cudaGraphLaunch(exec, stream), cudaSuccess);
+    cr_assert_eq(cudaStreamSynchronize(stream), cudaSuccess, "%s", cudaGetErrorString(cudaGetLastError()));
+    kvc_gpu_download(got, dev_scores, score_bytes * L);
+    for (int64_t i = 0; i < L * info.score_elems; ++i) {
+      const int nulled = replay == 1 && i >= 3 * info.score_elems;
+      if (nulled && !isinf(want[i]))
+        cr_assert(isnan(got[i]), "replay %d, layer 3 without a K pool: score %lld is %.9g, not NaN", replay,
+                  (long long)(i - 3 * info.score_elems), got[i]);
+      else
+        cr_assert(memcmp(&got[i], &want[i], sizeof(float)) == 0, "replay %d: layer %lld score %lld is %.9g, the "
+                  "single call's %.9g", replay, (long long)(i / info.score_elems), (long long)(i % info.score_elems),
+                  got[i], want[i]);
+    }
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+  for (int l = 0; l < L; ++l) {
+    cudaFree(k[l]), cudaFree(v[l]), cudaFree((void *)queries[l]), cudaFree((void *)lse[l]);
+    kvc_test_cache_free(cache[l]);
+  }
+  cudaFree((void *)table), cudaFree(dev_k), cudaFree(dev_v), cudaFree(dev_queries), cudaFree(dev_lse);
+  cudaFree(ws), cudaFree(dev_scores);
+  free(want), free(got);
+  kvc_plan_destroy(plan);
+  kvc_context_destroy(cuda);
 }

@@ -825,9 +825,8 @@ class Plan:
             raise ValueError(f"{name}: expected {layers} layers x {elems} elements, got shape {v.shape}")
         return self._flat(obj, name, tag, v.size, writable=writable) if v.size else v
 
-    def _pointers(self, ptrs, like, name, host_readable=False):
-        """An array of pointers the call can read: numpy on CPU; on CUDA device memory, or for the
-        score stage (which still reads the arrays on the host there) page-locked host memory."""
+    def _pointers(self, ptrs, like, name):
+        """An array of pointers the call can read: numpy on CPU, device memory on CUDA."""
         host = np.array([p or 0 for p in ptrs], dtype=np.uint64)
         if not self.context.is_cuda:
             return host, host.ctypes.data
@@ -835,28 +834,22 @@ class Plan:
         if lib == "torch":
             import torch
 
-            t = torch.from_numpy(host.view(np.int64))
-            arr = t.pin_memory() if host_readable else t.to(torch.device("cuda", like.device[1] or 0))
+            arr = torch.from_numpy(host.view(np.int64)).to(torch.device("cuda", like.device[1] or 0))
             return arr, int(arr.data_ptr())
         import cupy
-        import cupyx
 
-        if host_readable:
-            arr = cupyx.empty_pinned(host.shape, dtype=np.uint64)
-            arr[...] = host
-            return arr, int(arr.ctypes.data)
         with cupy.cuda.Device(like.device[1] or 0):
             arr = cupy.asarray(host)
         return arr, int(arr.data.ptr)
 
-    def _layers_struct(self, k_ptrs, v_ptrs, like, queries=None, lse=None, host_readable=False):
+    def _layers_struct(self, k_ptrs, v_ptrs, like, queries=None, lse=None):
         keep_alive = []
         arrays = {}
         for name, ptrs in (("k", k_ptrs), ("v", v_ptrs), ("queries", queries), ("lse", lse)):
             if ptrs is None:
                 arrays[name] = None
                 continue
-            arr, ptr = self._pointers(ptrs, like, f"layers.{name}", host_readable)
+            arr, ptr = self._pointers(ptrs, like, f"layers.{name}")
             keep_alive.append(arr)
             arrays[name] = ptr
         s = _lib.LayersStruct(len(k_ptrs), arrays["k"], arrays["v"], arrays["queries"], arrays["lse"])
@@ -902,7 +895,7 @@ class Plan:
         if out is None:
             out = _arrays.empty(_arrays.alloc_lib(like), like.device, (layers, self.info.score_elems), "f32")
         ov = self._stacked(out, "out", "f32", layers, self.info.score_elems, writable=True)
-        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs, host_readable=True)
+        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs)
         ws, layout = self._layer_workspace("score", layers, like)
         self._call(self._lib.kvc_score_layers, "kvc_score_layers", self.context.handle, self.handle,
                    ctypes.byref(desc), ctypes.byref(st), ov.ptr, 1 if accumulate else 0, ws.ptr,
@@ -973,7 +966,7 @@ class Plan:
         caches, desc, k_ptrs, v_ptrs = self._layer_caches(caches)
         layers, like = len(caches), caches[0]._kview
         q_ptrs, l_ptrs = self._layer_queries(queries, lse, layers)
-        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs, host_readable=True)
+        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs)
         ws, layout = self._layer_workspace("compress", layers, like)
         tail = (ws.ptr, layout.workspace_bytes, self._stream(stream, like))
         if dst_table is None and dst_indptr is None:

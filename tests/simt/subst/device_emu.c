@@ -37,5 +37,3 @@ kvc_status_t kvc_device_upload_async(void *dst, const void *src, size_t bytes, k
   memcpy(dst, src, bytes);
   return KVC_SUCCESS;
 }
-
-int kvc_device_host_readable(const void *ptr) { return ptr != NULL; }
