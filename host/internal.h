@@ -15,6 +15,7 @@
 /* Sizes of the plan's metadata arrays (host/plan.c): they fix the layout of its blob. */
 typedef struct {
   int64_t obs, domains, parts, protect_words, spans;
+  int64_t span_rows; /* batch, or batch * num_kv_heads with per-head spans */
   int64_t key_scales; /* num_kv_heads */
 } kvc_plan_counts_t;
 
@@ -37,7 +38,7 @@ struct kvc_plan {
   size_t blob_bytes;
   int view_on_device;            /* CUDA: `view` points into device memory (own blob or kvc_plan_upload's) */
   int32_t *span_quotas;     /* [total_spans]: FAIR -> q_p, PROTECT -> length      */
-  int32_t *implicit_quotas; /* [batch]: implicit partition's q_p or -1            */
+  int32_t *implicit_quotas; /* [span rows]: implicit partition's q_p or -1        */
   int32_t *outcomes;        /* [batch]: kvc_outcome_t of each sequence             */
   size_t workspace[KVC_OP_COMPRESS + 1];
 };

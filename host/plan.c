@@ -5,6 +5,7 @@
  * This is the only layer that validates metadata: nothing after the plan may fail on it.
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,10 @@ typedef kvc_plan_counts_t plan_counts_t;
  * from a plan that passes can overflow 64 bits; kvc_carve saturates any sum of them. 2^48 pairs
  * is a 1 PiB score array: far past any real prompt, and it leaves that headroom. */
 #define KVC_MAX_HEAD_TOKENS ((int64_t)1 << 48)
+
+/* Span rows of a desc: one per sequence, or one per (sequence, KV head) with spans_per_head. */
+static int32_t span_heads(const kvc_plan_desc_t *d) { return d->spans_per_head ? d->num_kv_heads : 1; }
+static int32_t span_rows(const kvc_plan_desc_t *d) { return d->batch * span_heads(d); }
 
 static int is_attention_method(kvc_score_method_t m) {
   return m == KVC_SCORE_SNAPKV || m == KVC_SCORE_H2O || m == KVC_SCORE_TOVA;
@@ -63,9 +68,23 @@ static kvc_status_t validate_scalars(kvc_context_t ctx, const kvc_plan_desc_t *d
                     where, d->batch, d->num_kv_heads);
   if (!d->seq_lens) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: seq_lens is NULL", where);
   if (!d->budgets) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: budgets is NULL", where);
-  if (d->span_indptr && !d->spans && d->span_indptr[d->batch] > 0)
-    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: spans is NULL but span_indptr[batch] is %d", where,
-                    d->span_indptr[d->batch]);
+  if (d->spans_per_head != 0 && d->spans_per_head != 1)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: spans_per_head is %d, must be 0 or 1", where, d->spans_per_head);
+  if (d->spans_per_head && d->span_local)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: spans_per_head is 1 with span_local 1: span_local's scoring domains are the FAIR spans, "
+                    "which would differ per KV head, and scoring has one set of domains per sequence", where);
+  if (d->score_row_capacity < 0)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: score_row_capacity is %d, must be >= 0 (0: packed)", where,
+                    d->score_row_capacity);
+  if (d->spans_per_head && (int64_t)d->batch * d->num_kv_heads >= INT32_MAX)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: spans_per_head with batch %d x num_kv_heads %d span rows: at most 2^31 - 2 are supported", where,
+                    d->batch, d->num_kv_heads);
+  const int32_t rows = span_rows(d);
+  if (d->span_indptr && !d->spans && d->span_indptr[rows] > 0)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: spans is NULL but span_indptr[%d] (the last) is %d", where, rows,
+                    d->span_indptr[rows]);
   if ((d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_H2O) && d->window < 1)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: window is %d, must be >= 1 for SNAPKV and H2O", where, d->window);
   if (d->pool_kernel < 1 || d->pool_kernel % 2 == 0)
@@ -152,53 +171,82 @@ static kvc_status_t validate_queries_and_key_scales(kvc_context_t ctx, const kvc
   return KVC_SUCCESS;
 }
 
+/* The spans of span row r (sequence b) against the rules of kvc_span_t. */
+static kvc_status_t validate_span_row(kvc_context_t ctx, const kvc_plan_desc_t *d, int32_t r, int32_t b) {
+  const char *where = "kvc_plan_create";
+  const int32_t n = d->seq_lens[b], first = d->span_indptr[r], last = d->span_indptr[r + 1];
+  int32_t fair_end = 0, protect_end = 0, prev_start = 0, fair_count = 0;
+  char row[48] = "";
+  if (d->spans_per_head) snprintf(row, sizeof row, ", KV head %d", r % d->num_kv_heads);
+  for (int32_t i = first; i < last; ++i) {
+    const kvc_span_t *s = &d->spans[i];
+    if (s->kind != KVC_SPAN_FAIR && s->kind != KVC_SPAN_PROTECT)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: spans[%d] (sequence %d%s): kind is %d, not a kvc_span_kind_t",
+                      where, i, b, row, s->kind);
+    if (s->start < 0 || s->end > n || s->start >= s->end)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: spans[%d] (sequence %d%s): range [%d, %d) is empty or outside [0, seq_lens[%d] = %d)", where,
+                      i, b, row, s->start, s->end, b, n);
+    if (s->kind == KVC_SPAN_FAIR && (!(s->weight > 0.0f) || !isfinite(s->weight)))
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: spans[%d] (sequence %d%s): weight is %.9g, must be finite and > 0",
+                      where, i, b, row, (double)s->weight);
+    if (i > first && s->start < prev_start)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: spans[%d] (sequence %d%s): start %d is before the previous span's start %d (spans must be sorted)",
+                      where, i, b, row, s->start, prev_start);
+    int32_t *kind_end = s->kind == KVC_SPAN_FAIR ? &fair_end : &protect_end;
+    if (s->start < *kind_end)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: spans[%d] (sequence %d%s): [%d, %d) overlaps an earlier %s span ending at %d",
+                      where, i, b, row, s->start, s->end, s->kind == KVC_SPAN_FAIR ? "FAIR" : "PROTECT", *kind_end);
+    *kind_end = s->end;
+    prev_start = s->start;
+    fair_count += s->kind == KVC_SPAN_FAIR;
+  }
+  if (d->span_local && (d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_H2O) && d->window < fair_count)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "%s: window is %d but sequence %d has %d FAIR spans: span_local needs one query per span", where,
+                    d->window, b, fair_count);
+  /* TOVA selects one set per sequence, by head 0's spans: the other heads' must be the same */
+  if (d->spans_per_head && d->method == KVC_SCORE_TOVA && r % d->num_kv_heads != 0) {
+    const int32_t head0 = d->span_indptr[r - r % d->num_kv_heads], count0 = d->span_indptr[r - r % d->num_kv_heads + 1] - head0;
+    int same = last - first == count0;
+    for (int32_t i = 0; same && i < count0; ++i) {
+      const kvc_span_t *x = &d->spans[first + i], *y = &d->spans[head0 + i];
+      same = x->start == y->start && x->end == y->end && x->kind == y->kind &&
+             (x->kind != KVC_SPAN_FAIR || x->weight == y->weight); /* PROTECT weights are not read */
+    }
+    if (!same)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                      "%s: spans_per_head with method TOVA: the spans of sequence %d, KV head %d (span_indptr[%d] .. "
+                      "span_indptr[%d]) differ from its head 0's; TOVA selects one set for all KV heads, so they must be "
+                      "identical", where, b, r % d->num_kv_heads, r, r + 1);
+  }
+  return KVC_SUCCESS;
+}
+
 static kvc_status_t validate_sequences(kvc_context_t ctx, const kvc_plan_desc_t *d) {
   const char *where = "kvc_plan_create";
+  const int32_t rows = span_rows(d);
   if (d->span_indptr && d->span_indptr[0] != 0)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: span_indptr[0] is %d, must be 0", where, d->span_indptr[0]);
-  for (int32_t b = 0; d->span_indptr && b < d->batch; ++b) /* before any span is read */
-    if (d->span_indptr[b + 1] < d->span_indptr[b])
-      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: span_indptr[%d] = %d is below span_indptr[%d] = %d",
-                      where, b + 1, d->span_indptr[b + 1], b, d->span_indptr[b]);
+  for (int32_t r = 0; d->span_indptr && r < rows; ++r) /* before any span is read */
+    if (d->span_indptr[r + 1] < d->span_indptr[r])
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: span_indptr[%d] = %d is below span_indptr[%d] = %d", where,
+                      r + 1, d->span_indptr[r + 1], r, d->span_indptr[r]);
   for (int32_t b = 0; b < d->batch; ++b) {
     int32_t n = d->seq_lens[b];
     if (n < 1)
       return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: seq_lens[%d] is %d, must be >= 1", where, b, n);
     if (d->budgets[b] < 1)
       return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: budgets[%d] is %d, must be >= 1", where, b, d->budgets[b]);
-    if (!d->span_indptr) continue;
-    int32_t first = d->span_indptr[b], last = d->span_indptr[b + 1];
-    int32_t fair_end = 0, protect_end = 0, prev_start = 0, fair_count = 0;
-    for (int32_t i = first; i < last; ++i) {
-      const kvc_span_t *s = &d->spans[i];
-      if (s->kind != KVC_SPAN_FAIR && s->kind != KVC_SPAN_PROTECT)
-        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: spans[%d] (sequence %d): kind is %d, not a kvc_span_kind_t",
-                        where, i, b, s->kind);
-      if (s->start < 0 || s->end > n || s->start >= s->end)
-        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                        "%s: spans[%d] (sequence %d): range [%d, %d) is empty or outside [0, seq_lens[%d] = %d)",
-                        where, i, b, s->start, s->end, b, n);
-      if (s->kind == KVC_SPAN_FAIR && (!(s->weight > 0.0f) || !isfinite(s->weight)))
-        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                        "%s: spans[%d] (sequence %d): weight is %.9g, must be finite and > 0", where, i, b,
-                        (double)s->weight);
-      if (i > first && s->start < prev_start)
-        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                        "%s: spans[%d] (sequence %d): start %d is before the previous span's start %d (spans must be sorted)",
-                        where, i, b, s->start, prev_start);
-      int32_t *kind_end = s->kind == KVC_SPAN_FAIR ? &fair_end : &protect_end;
-      if (s->start < *kind_end)
-        return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                        "%s: spans[%d] (sequence %d): [%d, %d) overlaps an earlier %s span ending at %d", where, i, b,
-                        s->start, s->end, s->kind == KVC_SPAN_FAIR ? "FAIR" : "PROTECT", *kind_end);
-      *kind_end = s->end;
-      prev_start = s->start;
-      fair_count += s->kind == KVC_SPAN_FAIR;
-    }
-    if (d->span_local && (d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_H2O) && d->window < fair_count)
+    if (d->score_row_capacity > 0 && n > d->score_row_capacity)
       return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                      "%s: window is %d but sequence %d has %d FAIR spans: span_local needs one query per span",
-                      where, d->window, b, fair_count);
+                      "%s: score_row_capacity is %d but seq_lens[%d] is %d: every score row must hold its sequence",
+                      where, d->score_row_capacity, b, n);
+    for (int32_t h = 0; d->span_indptr && h < span_heads(d); ++h) {
+      kvc_status_t status = validate_span_row(ctx, d, b * span_heads(d) + h, b);
+      if (status != KVC_SUCCESS) return status;
+    }
   }
   return KVC_SUCCESS;
 }
@@ -320,6 +368,7 @@ typedef struct {
 
 /* One routine lays the arrays out for counting (base NULL) and for real. */
 static size_t layout_arrays(plan_arrays_t *a, char *base, int32_t batch, const plan_counts_t *n) {
+  const int64_t rows = n->span_rows;
   kvc_carver_t c = {base, 0};
 #define CARVE(field, type, count) a->field = (type *)kvc_carve(&c, sizeof(type) * (size_t)(count))
   CARVE(seq_lens, int32_t, batch);
@@ -331,14 +380,14 @@ static size_t layout_arrays(plan_arrays_t *a, char *base, int32_t batch, const p
   CARVE(obs_lo, int32_t, n->obs);
   CARVE(domain_indptr, int32_t, batch + 1);
   CARVE(domains, kvc_domain_t, n->domains);
-  CARVE(part_indptr, int32_t, batch + 1);
+  CARVE(part_indptr, int32_t, rows + 1);
   CARVE(parts, kvc_partition_t, n->parts);
-  CARVE(fill, int32_t, batch);
-  CARVE(protect_word_offsets, int64_t, batch + 1);
+  CARVE(fill, int32_t, rows);
+  CARVE(protect_word_offsets, int64_t, rows + 1);
   CARVE(protect_bits, uint32_t, n->protect_words);
   CARVE(split_segments, int64_t, batch + 1);
-  CARVE(split_parts, int64_t, batch + 1);
-  CARVE(span_indptr, int32_t, batch + 1);
+  CARVE(split_parts, int64_t, rows + 1);
+  CARVE(span_indptr, int32_t, rows + 1);
   CARVE(spans, kvc_span_t, n->spans);
   CARVE(k_scales, float, n->key_scales);
 #undef CARVE
@@ -367,13 +416,14 @@ static void point_view(kvc_plan_view_t *v, const plan_arrays_t *a) {
   v->k_scales = a->k_scales;
 }
 
-static int32_t span_count(const kvc_plan_desc_t *d, int32_t b) {
-  return d->span_indptr ? d->span_indptr[b + 1] - d->span_indptr[b] : 0;
+/* Spans of span row r, and its FAIR ones. */
+static int32_t span_count(const kvc_plan_desc_t *d, int32_t r) {
+  return d->span_indptr ? d->span_indptr[r + 1] - d->span_indptr[r] : 0;
 }
 
-static int32_t fair_span_count(const kvc_plan_desc_t *d, int32_t b) {
+static int32_t fair_span_count(const kvc_plan_desc_t *d, int32_t r) {
   int32_t count = 0;
-  for (int32_t i = 0; i < span_count(d, b); ++i) count += d->spans[d->span_indptr[b] + i].kind == KVC_SPAN_FAIR;
+  for (int32_t i = 0; i < span_count(d, r); ++i) count += d->spans[d->span_indptr[r] + i].kind == KVC_SPAN_FAIR;
   return count;
 }
 
@@ -388,12 +438,15 @@ static int32_t domain_queries(const kvc_plan_desc_t *d, int32_t len, int64_t win
 
 static void count_arrays(const kvc_plan_desc_t *d, plan_counts_t *n) {
   memset(n, 0, sizeof *n);
+  n->span_rows = span_rows(d);
   n->key_scales = d->num_kv_heads;
   for (int32_t b = 0; b < d->batch; ++b) {
-    int32_t len = d->seq_lens[b], fair = fair_span_count(d, b);
-    n->protect_words += ceil_div(len, 32);
-    n->spans += span_count(d, b);
-    n->parts += fair + 1; /* an upper bound: the implicit partition may be empty */
+    int32_t len = d->seq_lens[b], fair = fair_span_count(d, b * span_heads(d)); /* span_local: per sequence */
+    for (int32_t r = b * span_heads(d); r < (b + 1) * span_heads(d); ++r) {
+      n->protect_words += ceil_div(len, 32);
+      n->spans += span_count(d, r);
+      n->parts += fair_span_count(d, r) + 1; /* an upper bound: the implicit partition may be empty */
+    }
     if (!d->span_local) {
       n->domains += 1;
       n->obs += d->method == KVC_SCORE_TOVA ? 1 : is_attention_method(d->method) ? (d->window < len ? d->window : len) : 0;
@@ -427,38 +480,117 @@ static int32_t keep_length(const kvc_plan_desc_t *d, int32_t n, int32_t k, int32
   }
 }
 
-/* Fills the arrays for every sequence and the per-sequence outcomes (host [batch]); returns
- * BUDGET / INVALID_VALUE with a detail on ctx. */
+/* Scratch of the quota solver, sized for the span row with the most partitions. */
+typedef struct {
+  long double *c;  /* [4 * max_parts]: w_p * L_p, then apportion's scratch */
+  int32_t *lohi;   /* [3 * max_parts]: lo_p, hi_p, q_p                      */
+  int *order;      /* [max_parts]                                           */
+  int32_t max_parts;
+} quota_scratch_t;
+
+/* The partitions of span row r (sequence b of n tokens keeping k, protected bits `bits` counting
+ * protected_total) and their quotas and fill, appended at a->parts[*npart]; INVALID_VALUE with a
+ * detail on ctx when span_local leaves a token of the row outside every domain unprotected. */
+static kvc_status_t fill_partitions(kvc_context_t ctx, const kvc_plan_desc_t *d, plan_arrays_t *a, int32_t r,
+                                    int32_t b, int32_t n, int32_t k, const uint32_t *bits, int32_t protected_total,
+                                    quota_scratch_t *q, int32_t *npart) {
+  const kvc_span_t *spans = d->span_indptr ? d->spans + d->span_indptr[r] : NULL;
+  const int32_t nspans = span_count(d, r), max_parts = q->max_parts;
+  a->part_indptr[r] = *npart;
+  int32_t in_fair = 0, nparts = 0;
+  for (int32_t i = 0; i < nspans; ++i) {
+    if (spans[i].kind != KVC_SPAN_FAIR) continue;
+    kvc_partition_t *p = &a->parts[*npart + nparts];
+    p->start = spans[i].start;
+    p->end = spans[i].end;
+    p->implicit = 0;
+    p->length = p->end - p->start;
+    p->protected_count = count_bits(bits, p->start, p->end);
+    q->c[nparts] = (long double)spans[i].weight * p->length;
+    in_fair += p->length;
+    nparts++;
+  }
+  if (in_fair < n) {
+    if (d->span_local) {
+      /* every token outside the FAIR spans must be protected: it belongs to no scoring domain */
+      int32_t prev = 0;
+      for (int32_t i = 0; i <= nspans; ++i) {
+        int32_t gap_end = i < nspans ? (spans[i].kind == KVC_SPAN_FAIR ? spans[i].start : prev) : n;
+        if (gap_end > prev && count_bits(bits, prev, gap_end) < gap_end - prev)
+          return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                          "kvc_plan_create: span_local is 1 but tokens [%d, %d) of sequence %d are in no FAIR "
+                          "span and not all protected (cover them with PROTECT spans, sinks or recent tokens)",
+                          prev, gap_end, b);
+        if (i < nspans && spans[i].kind == KVC_SPAN_FAIR) prev = spans[i].end;
+      }
+    }
+    kvc_partition_t *p = &a->parts[*npart + nparts];
+    p->start = 0;
+    p->end = n;
+    p->implicit = 1;
+    p->length = n - in_fair;
+    p->protected_count = protected_total;
+    for (int32_t i = 0; i < nparts; ++i) p->protected_count -= a->parts[*npart + i].protected_count;
+    q->c[nparts] = (long double)p->length;
+    nparts++;
+  }
+  int64_t sum_lo = 0;
+  for (int32_t i = 0; i < nparts; ++i) {
+    q->lohi[i] = a->parts[*npart + i].protected_count;
+    q->lohi[max_parts + i] = a->parts[*npart + i].length;
+    sum_lo += q->lohi[i];
+  }
+  int64_t F = (int64_t)floor((double)d->fairness * k + 0.5);
+  if (F < sum_lo) F = sum_lo;
+  apportion(q->c, q->lohi, q->lohi + max_parts, nparts, F, d->quota_rounding == KVC_QUOTA_LATER_FIRST,
+            q->lohi + 2 * max_parts, q->c + nparts, q->order);
+  for (int32_t i = 0; i < nparts; ++i) a->parts[*npart + i].quota = q->lohi[2 * max_parts + i];
+  a->fill[r] = (int32_t)(k - F);
+  *npart += nparts;
+  a->part_indptr[r + 1] = *npart;
+  return KVC_SUCCESS;
+}
+
+/* Fills the arrays for every sequence (and each of its span rows) and the per-sequence outcomes
+ * (host [batch]); returns BUDGET / INVALID_VALUE with a detail on ctx. */
 static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, plan_arrays_t *a, kvc_plan_view_t *v,
                                 int32_t *outcomes) {
-  int32_t obs = 0, ndom = 0, npart = 0, max_parts = 1;
+  const int32_t heads = span_heads(d);
+  int32_t obs = 0, ndom = 0, npart = 0;
   int64_t words = 0, tokens = 0, kept = 0;
-  for (int32_t b = 0; b < d->batch; ++b) max_parts = max_parts > fair_span_count(d, b) + 1 ? max_parts : fair_span_count(d, b) + 1;
-  long double *scratch = (long double *)malloc(sizeof(long double) * 4 * (size_t)max_parts);
-  int32_t *lohi = (int32_t *)malloc(sizeof(int32_t) * 3 * (size_t)max_parts);
-  int *order = (int *)malloc(sizeof(int) * (size_t)max_parts);
-  if (!scratch || !lohi || !order) {
-    free(scratch), free(lohi), free(order);
+  quota_scratch_t q;
+  q.max_parts = 1;
+  for (int32_t r = 0; r < span_rows(d); ++r)
+    q.max_parts = q.max_parts > fair_span_count(d, r) + 1 ? q.max_parts : fair_span_count(d, r) + 1;
+  q.c = (long double *)malloc(sizeof(long double) * 4 * (size_t)q.max_parts);
+  q.lohi = (int32_t *)malloc(sizeof(int32_t) * 3 * (size_t)q.max_parts);
+  q.order = (int *)malloc(sizeof(int) * (size_t)q.max_parts);
+  if (!q.c || !q.lohi || !q.order) {
+    free(q.c), free(q.lohi), free(q.order);
     return kvc_fail(ctx, KVC_ERROR_OUT_OF_MEMORY, "kvc_plan_create: out of host memory");
   }
   kvc_status_t status = KVC_SUCCESS;
   a->span_indptr[0] = 0;
   for (int32_t b = 0; b < d->batch && status == KVC_SUCCESS; ++b) {
-    const int32_t n = d->seq_lens[b], budget_k = d->budgets[b] < n ? d->budgets[b] : n;
-    const kvc_span_t *spans = d->span_indptr ? d->spans + d->span_indptr[b] : NULL;
-    const int32_t nspans = span_count(d, b), nfair = fair_span_count(d, b);
+    const int32_t n = d->seq_lens[b], budget_k = d->budgets[b] < n ? d->budgets[b] : n, row0 = b * heads;
+    const int32_t nwords = ceil_div(n, 32);
     a->seq_lens[b] = n;
     a->token_offsets[b] = tokens;
     a->keep_offsets[b] = kept;
     tokens += n;
-    if (nspans) memcpy(a->spans + a->span_indptr[b], spans, sizeof(kvc_span_t) * (size_t)nspans);
-    a->span_indptr[b + 1] = a->span_indptr[b] + nspans;
+    for (int32_t r = row0; r < row0 + heads; ++r) {
+      const int32_t nspans = span_count(d, r);
+      if (nspans) memcpy(a->spans + a->span_indptr[r], d->spans + d->span_indptr[r], sizeof(kvc_span_t) * (size_t)nspans);
+      a->span_indptr[r + 1] = a->span_indptr[r] + nspans;
+      a->protect_word_offsets[r] = words + (int64_t)(r - row0) * nwords;
+    }
+    uint32_t *bits0 = a->protect_bits + words;
+    memset(bits0, 0, sizeof(uint32_t) * (size_t)nwords * (size_t)heads);
+    words += (int64_t)nwords * heads;
 
-    /* scoring domains and their observation queries */
-    uint32_t *bits = a->protect_bits + words;
-    a->protect_word_offsets[b] = words;
-    words += ceil_div(n, 32);
-    memset(bits, 0, sizeof(uint32_t) * (size_t)ceil_div(n, 32));
+    /* scoring domains and their observation queries (span_local: by row0's spans, heads is 1) */
+    const kvc_span_t *spans = d->span_indptr ? d->spans + d->span_indptr[row0] : NULL;
+    const int32_t nspans = span_count(d, row0), nfair = fair_span_count(d, row0);
     a->obs_indptr[b] = obs;
     a->domain_indptr[b] = ndom;
     /* int64: the window of TOVA, KNORM and STREAMING is not validated (they ignore it) */
@@ -473,114 +605,79 @@ static kvc_status_t fill_arrays(kvc_context_t ctx, const kvc_plan_desc_t *d, pla
         if (i < 0 || spans[i].kind != KVC_SPAN_FAIR) continue;
         start = spans[i].start, end = spans[i].end;
       }
-      int32_t q = domain_queries(d, end - start, window_left, domains_total - domain_index);
-      window_left -= q;
+      int32_t nq = domain_queries(d, end - start, window_left, domains_total - domain_index);
+      window_left -= nq;
       domain_index++;
       kvc_domain_t *dom = &a->domains[ndom++];
       dom->start = start;
       dom->end = end;
       dom->obs_begin = obs;
-      for (int32_t p = end - q; p < end; ++p) {
+      for (int32_t p = end - nq; p < end; ++p) {
         a->obs_pos[obs] = p;
         a->obs_lo[obs++] = start;
       }
       dom->obs_end = obs;
-      dom->scored_end = (d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_TOVA) ? end - q : end;
+      dom->scored_end = (d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_TOVA) ? end - nq : end;
       /* unscored, they score +inf: protected, or only ranked first (KVC_WINDOW_RANKED) */
-      if (dom->scored_end < end && d->window_protection == KVC_WINDOW_PROTECTED) set_bits(bits, end - q, end);
+      if (dom->scored_end < end && d->window_protection == KVC_WINDOW_PROTECTED) set_bits(bits0, end - nq, end);
     }
     a->obs_indptr[b + 1] = obs;
     a->domain_indptr[b + 1] = ndom;
 
-    /* protected set */
-    set_bits(bits, 0, d->sink_tokens < n ? d->sink_tokens : n);
-    set_bits(bits, d->recent_tokens < n ? n - d->recent_tokens : 0, n);
-    for (int32_t i = 0; i < nspans; ++i)
-      if (spans[i].kind == KVC_SPAN_PROTECT) set_bits(bits, spans[i].start, spans[i].end);
-    int32_t protected_total = count_bits(bits, 0, n);
-    const int32_t k = keep_length(d, n, budget_k, protected_total, &outcomes[b]);
+    /* protected set of every span row: the method's positions (row0's bits so far), sinks, recent
+     * tokens, the row's PROTECT spans; k compares with the largest */
+    int32_t protected_max = 0, protected_head = 0;
+    for (int32_t r = row0 + 1; r < row0 + heads; ++r)
+      memcpy(a->protect_bits + a->protect_word_offsets[r], bits0, sizeof(uint32_t) * (size_t)nwords);
+    for (int32_t r = row0; r < row0 + heads; ++r) {
+      uint32_t *bits = a->protect_bits + a->protect_word_offsets[r];
+      set_bits(bits, 0, d->sink_tokens < n ? d->sink_tokens : n);
+      set_bits(bits, d->recent_tokens < n ? n - d->recent_tokens : 0, n);
+      for (int32_t i = d->span_indptr ? d->span_indptr[r] : 0; d->span_indptr && i < d->span_indptr[r + 1]; ++i)
+        if (d->spans[i].kind == KVC_SPAN_PROTECT) set_bits(bits, d->spans[i].start, d->spans[i].end);
+      const int32_t count = count_bits(bits, 0, n);
+      if (count > protected_max) protected_max = count, protected_head = r - row0;
+    }
+    const int32_t k = keep_length(d, n, budget_k, protected_max, &outcomes[b]);
     if (k < 0) {
+      char head[32] = "";
+      if (heads > 1) snprintf(head, sizeof head, " in KV head %d", protected_head);
       status = kvc_fail(ctx, KVC_ERROR_BUDGET,
-                        "kvc_plan_create: sequence %d protects %d tokens (sinks %d, recent %d, PROTECT spans, the "
+                        "kvc_plan_create: sequence %d protects %d tokens%s (sinks %d, recent %d, PROTECT spans, the "
                         "method's own) but its budget keeps %d of %d (budget_policy KVC_BUDGET_CLAMP or "
                         "KVC_BUDGET_SKIP would keep the batch going)",
-                        b, protected_total, d->sink_tokens, d->recent_tokens, budget_k, n);
+                        b, protected_max, head, d->sink_tokens, d->recent_tokens, budget_k, n);
       break;
     }
     a->keep_lens[b] = k;
     kept += k;
 
-    /* partitions: FAIR spans in order, then the implicit one */
-    a->part_indptr[b] = npart;
-    int32_t in_fair = 0, nparts = 0;
-    for (int32_t i = 0; i < nspans; ++i) {
-      if (spans[i].kind != KVC_SPAN_FAIR) continue;
-      kvc_partition_t *p = &a->parts[npart + nparts];
-      p->start = spans[i].start;
-      p->end = spans[i].end;
-      p->implicit = 0;
-      p->length = p->end - p->start;
-      p->protected_count = count_bits(bits, p->start, p->end);
-      scratch[nparts] = (long double)spans[i].weight * p->length;
-      in_fair += p->length;
-      nparts++;
+    /* partitions of every span row: FAIR spans in order, then the implicit one */
+    for (int32_t r = row0; r < row0 + heads && status == KVC_SUCCESS; ++r) {
+      const uint32_t *bits = a->protect_bits + a->protect_word_offsets[r];
+      status = fill_partitions(ctx, d, a, r, b, n, k, bits, count_bits(bits, 0, n), &q, &npart);
     }
-    if (in_fair < n) {
-      if (d->span_local) {
-        /* every token outside the FAIR spans must be protected: it belongs to no scoring domain */
-        int32_t prev = 0;
-        for (int32_t i = 0; i <= nspans && status == KVC_SUCCESS; ++i) {
-          int32_t gap_end = i < nspans ? (spans[i].kind == KVC_SPAN_FAIR ? spans[i].start : prev) : n;
-          if (gap_end > prev && count_bits(bits, prev, gap_end) < gap_end - prev)
-            status = kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
-                              "kvc_plan_create: span_local is 1 but tokens [%d, %d) of sequence %d are in no FAIR "
-                              "span and not all protected (cover them with PROTECT spans, sinks or recent tokens)",
-                              prev, gap_end, b);
-          if (i < nspans && spans[i].kind == KVC_SPAN_FAIR) prev = spans[i].end;
-        }
-        if (status != KVC_SUCCESS) break;
-      }
-      kvc_partition_t *p = &a->parts[npart + nparts];
-      p->start = 0;
-      p->end = n;
-      p->implicit = 1;
-      p->length = n - in_fair;
-      p->protected_count = protected_total;
-      for (int32_t i = 0; i < nparts; ++i) p->protected_count -= a->parts[npart + i].protected_count;
-      scratch[nparts] = (long double)p->length;
-      nparts++;
-    }
-    int64_t sum_lo = 0;
-    for (int32_t i = 0; i < nparts; ++i) {
-      lohi[i] = a->parts[npart + i].protected_count;
-      lohi[max_parts + i] = a->parts[npart + i].length;
-      sum_lo += lohi[i];
-    }
-    int64_t F = (int64_t)floor((double)d->fairness * k + 0.5);
-    if (F < sum_lo) F = sum_lo;
-    apportion(scratch, lohi, lohi + max_parts, nparts, F, d->quota_rounding == KVC_QUOTA_LATER_FIRST,
-              lohi + 2 * max_parts, scratch + nparts, order);
-    for (int32_t i = 0; i < nparts; ++i) a->parts[npart + i].quota = lohi[2 * max_parts + i];
-    a->fill[b] = (int32_t)(k - F);
-    npart += nparts;
-    a->part_indptr[b + 1] = npart;
 
     if (n > v->max_seq_len) v->max_seq_len = n;
     if (k > v->max_keep_len) v->max_keep_len = k;
     for (int32_t i = a->domain_indptr[b]; i < ndom; ++i) {
-      int32_t q = a->domains[i].obs_end - a->domains[i].obs_begin;
-      if (q > v->max_obs_per_domain) v->max_obs_per_domain = q;
+      int32_t nq = a->domains[i].obs_end - a->domains[i].obs_begin;
+      if (nq > v->max_obs_per_domain) v->max_obs_per_domain = nq;
     }
   }
-  free(scratch), free(lohi), free(order);
+  free(q.c), free(q.lohi), free(q.order);
   if (status != KVC_SUCCESS) return status;
   a->token_offsets[d->batch] = tokens;
   a->keep_offsets[d->batch] = kept;
-  a->protect_word_offsets[d->batch] = words;
+  a->protect_word_offsets[span_rows(d)] = words;
   v->total_tokens = tokens;
   v->total_kept = kept;
   v->obs_total = obs;
-  v->total_spans = a->span_indptr[d->batch];
+  v->total_spans = a->span_indptr[span_rows(d)];
+  v->span_heads = heads;
+  v->score_row_capacity = d->score_row_capacity;
+  v->score_elems = d->score_row_capacity ? (int64_t)d->batch * d->num_kv_heads * d->score_row_capacity
+                                         : d->num_kv_heads * tokens;
   return KVC_SUCCESS;
 }
 
@@ -645,7 +742,8 @@ static kvc_status_t plan_select_geometry(kvc_context_t ctx, kvc_plan_t plan, pla
   for (int32_t b = 0; b < v->batch; ++b) {
     const int split = v->seq_lens[b] > v->select_segment;
     a->split_segments[b + 1] = a->split_segments[b] + (split ? ceil_div(v->seq_lens[b], v->select_segment) : 0);
-    a->split_parts[b + 1] = a->split_parts[b] + (split ? v->part_indptr[b + 1] - v->part_indptr[b] : 0);
+    for (int32_t r = b * v->span_heads; r < (b + 1) * v->span_heads; ++r)
+      a->split_parts[r + 1] = a->split_parts[r] + (split ? v->part_indptr[r + 1] - v->part_indptr[r] : 0);
   }
   return KVC_SUCCESS;
 }
@@ -693,7 +791,7 @@ kvc_status_t kvc_plan_layout(kvc_plan_t plan, kvc_op_t op, int32_t num_layers, k
   out->keep_offset = 0;
   out->scores_offset = align_up(layers * sizeof(int32_t) * (size_t)(plan->host.num_kv_heads * plan->host.total_kept));
   out->stage_offset =
-      align_up(out->scores_offset + layers * sizeof(float) * (size_t)(plan->host.num_kv_heads * plan->host.total_tokens));
+      align_up(out->scores_offset + layers * sizeof(float) * (size_t)plan->host.score_elems);
   out->status_offset = out->stage_offset;
   size_t stage = 0;
   for (int stage_op = KVC_OP_SCORE; stage_op <= KVC_OP_COMPACT; ++stage_op) {
@@ -790,11 +888,18 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
                     "token) pairs a plan may have: its arrays and workspaces could not be sized",
                     desc->num_q_heads, (long long)tokens);
   }
+  if (desc->score_row_capacity > 0 &&
+      (int64_t)desc->batch * desc->score_row_capacity > KVC_MAX_HEAD_TOKENS / desc->num_q_heads) {
+    kvc_plan_destroy(plan);
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE,
+                    "kvc_plan_create: num_q_heads %d x batch %d x score_row_capacity %d exceeds the 2^48 (query head, "
+                    "token) pairs a plan may have", desc->num_q_heads, desc->batch, desc->score_row_capacity);
+  }
   plan_arrays_t arrays;
   size_t bytes = layout_arrays(&arrays, NULL, desc->batch, &counts);
   plan->host_blob = image_alloc(bytes, &plan->host_alloc);
   plan->span_quotas = (int32_t *)calloc((size_t)counts.spans + 1, sizeof(int32_t));
-  plan->implicit_quotas = (int32_t *)calloc((size_t)desc->batch, sizeof(int32_t));
+  plan->implicit_quotas = (int32_t *)calloc((size_t)counts.span_rows, sizeof(int32_t));
   plan->outcomes = (int32_t *)calloc((size_t)desc->batch, sizeof(int32_t));
   if (!plan->host_blob || !plan->span_quotas || !plan->implicit_quotas || !plan->outcomes) {
     kvc_plan_destroy(plan);
@@ -810,14 +915,14 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
   for (int32_t h = 0; h < desc->num_kv_heads; ++h) /* 1 where no scale is read */
     arrays.k_scales[h] = desc->dtype != KVC_DTYPE_FP8_E4M3 ? 1.0f : desc->k_scales ? desc->k_scales[h] : desc->k_scale;
 
-  /* per-span quota read-outs */
-  for (int32_t b = 0; b < v->batch; ++b) {
-    plan->implicit_quotas[b] = -1;
-    int32_t part = v->part_indptr[b];
-    for (int32_t i = v->span_indptr[b]; i < v->span_indptr[b + 1]; ++i)
+  /* per-span quota read-outs, per span row */
+  for (int32_t r = 0; r < (int32_t)counts.span_rows; ++r) {
+    plan->implicit_quotas[r] = -1;
+    int32_t part = v->part_indptr[r];
+    for (int32_t i = v->span_indptr[r]; i < v->span_indptr[r + 1]; ++i)
       plan->span_quotas[i] = v->spans[i].kind == KVC_SPAN_FAIR ? v->parts[part++].quota : v->spans[i].end - v->spans[i].start;
-    if (v->part_indptr[b + 1] > v->part_indptr[b] && v->parts[v->part_indptr[b + 1] - 1].implicit)
-      plan->implicit_quotas[b] = v->parts[v->part_indptr[b + 1] - 1].quota;
+    if (v->part_indptr[r + 1] > v->part_indptr[r] && v->parts[v->part_indptr[r + 1] - 1].implicit)
+      plan->implicit_quotas[r] = v->parts[v->part_indptr[r + 1] - 1].quota;
   }
 
   status = plan_select_geometry(ctx, plan, &arrays);
@@ -881,10 +986,10 @@ kvc_status_t kvc_plan_get_info(kvc_plan_t plan, kvc_plan_info_t *info) {
   info->total_tokens = v->total_tokens;
   info->total_kept = v->total_kept;
   info->obs_total = v->obs_total;
-  info->score_elems = v->num_kv_heads * v->total_tokens;
+  info->score_elems = v->score_elems;
   info->keep_elems = v->num_kv_heads * v->total_kept;
   info->total_spans = v->total_spans;
-  info->count_elems = v->num_kv_heads * v->total_spans;
+  info->count_elems = (int64_t)(v->num_kv_heads / v->span_heads) * v->total_spans;
   kvc_layout_t compress;
   if (kvc_plan_layout(plan, KVC_OP_COMPRESS, 1, &compress, NULL, 0) != KVC_SUCCESS) return KVC_ERROR_INTERNAL;
   info->keep_offset_bytes = compress.keep_offset;
@@ -915,7 +1020,7 @@ kvc_status_t kvc_plan_outcomes(kvc_plan_t plan, int32_t *outcomes) {
 kvc_status_t kvc_plan_span_quotas(kvc_plan_t plan, int32_t *quotas, int32_t *implicit) {
   if (!plan || (!quotas && !implicit)) return KVC_ERROR_INVALID_VALUE;
   if (quotas) memcpy(quotas, plan->span_quotas, sizeof(int32_t) * (size_t)plan->host.total_spans);
-  if (implicit) memcpy(implicit, plan->implicit_quotas, sizeof(int32_t) * (size_t)plan->host.batch);
+  if (implicit) memcpy(implicit, plan->implicit_quotas, sizeof(int32_t) * (size_t)plan->counts.span_rows);
   return KVC_SUCCESS;
 }
 
@@ -1011,10 +1116,10 @@ kvc_status_t kvc_plan_compatible(kvc_plan_t a, kvc_plan_t b, int *compatible) {
          same_array(x->obs_lo, y->obs_lo, x->obs_total, sizeof(int32_t)) &&
          same_array(x->domain_indptr, y->domain_indptr, x->batch + 1, sizeof(int32_t)) &&
          same_array(x->domains, y->domains, x->domain_indptr[x->batch], sizeof(kvc_domain_t)) &&
-         same_array(x->part_indptr, y->part_indptr, x->batch + 1, sizeof(int32_t)) &&
+         same_array(x->part_indptr, y->part_indptr, a->counts.span_rows + 1, sizeof(int32_t)) &&
          same_array(x->split_segments, y->split_segments, x->batch + 1, sizeof(int64_t)) &&
-         same_array(x->split_parts, y->split_parts, x->batch + 1, sizeof(int64_t)) &&
-         same_array(x->span_indptr, y->span_indptr, x->batch + 1, sizeof(int32_t));
+         same_array(x->split_parts, y->split_parts, a->counts.span_rows + 1, sizeof(int64_t)) &&
+         same_array(x->span_indptr, y->span_indptr, a->counts.span_rows + 1, sizeof(int32_t));
   *compatible = same;
   return KVC_SUCCESS;
 }

@@ -17,6 +17,8 @@
  *   kvc_retention       kept counts per (sequence, KV head, span): the eviction-bias monitor.
  *   kvc_compress        score + select + compact in one call.
  *   kvc_gather_queries  the observation queries the plan needs, from the engine's packed q.
+ *   kvc_spans_after_compaction  host: the next event's per-head spans from a keep layout
+ *                       (re-compression during decode: spans_per_head, score_row_capacity).
  *
  * Conventions that hold for every function below
  *
@@ -46,12 +48,26 @@
  * Layouts of the per-token arrays ("score layout", "keep layout")
  *
  *   Sequence b has length n_b and keeps k_b = min(budgets[b], n_b) tokens per KV head.
- *   Score layout:  float [num_kv_heads * sum_b n_b]; row (b, h) starts at
- *                  num_kv_heads * (n_0 + ... + n_{b-1}) + h * n_b and holds n_b values.
+ *   Score layout:  packed (desc.score_row_capacity 0, the default): float [num_kv_heads * sum_b n_b];
+ *                  row (b, h) starts at num_kv_heads * (n_0 + ... + n_{b-1}) + h * n_b and holds
+ *                  n_b values.
+ *                  Fixed capacity C (desc.score_row_capacity C > 0, every n_b <= C): float
+ *                  [batch * num_kv_heads * C]; row (b, h) starts at (b * num_kv_heads + h) * C and
+ *                  holds n_b values, then C - n_b the library never reads or writes. The rows do
+ *                  not move when seq_lens grow, so H2O scores accumulated (kvc_score with
+ *                  accumulate) by the plans of successive decode steps, each one token longer,
+ *                  land in the same rows, and kvc_compact compacts them as an extra in place (the
+ *                  k_b kept values at the front of each row). Every op that reads or writes a score
+ *                  layout (kvc_score, kvc_select, kvc_compact's extras, kvc_compress's workspace)
+ *                  uses the plan's.
  *   Keep layout:   int32 [num_kv_heads * sum_b k_b]; row (b, h) starts at
  *                  num_kv_heads * (k_0 + ... + k_{b-1}) + h * k_b and holds k_b token indices.
- *   Count layout:  int32 [num_kv_heads * total spans]; row (b, h) starts at
- *                  num_kv_heads * span_indptr[b] + h * (span_indptr[b+1] - span_indptr[b]).
+ *   Count layout:  spans per sequence (desc.spans_per_head 0): int32 [num_kv_heads * total spans];
+ *                  row (b, h) starts at num_kv_heads * span_indptr[b] + h * (span_indptr[b+1] -
+ *                  span_indptr[b]).
+ *                  Spans per (sequence, KV head) (desc.spans_per_head 1): int32 [total spans]; row
+ *                  (b, h) is span row r = b * num_kv_heads + h and starts at span_indptr[r], one
+ *                  count per span of that row, in its order.
  *   kvc_plan_get_info returns the element counts of each.
  * ---------------------------------------------------------------------------------------------
  */
@@ -254,10 +270,26 @@ typedef enum {
   KVC_SPAN_PROTECT = 1 /* whitelisted: every token is always kept                                */
 } kvc_span_kind_t;
 
-/* Token range [start, end) of one sequence. Per sequence, spans are sorted by start; FAIR spans
- * do not overlap each other and PROTECT spans do not overlap each other, but a PROTECT span may
- * lie inside (or across) FAIR spans. weight (> 0, finite) matters for FAIR spans only and is not
- * checked for PROTECT spans. */
+/* Token range [start, end) of one sequence. Per span row (a sequence, or with spans_per_head a
+ * (sequence, KV head)), spans are sorted by start; FAIR spans do not overlap each other and PROTECT
+ * spans do not overlap each other, but a PROTECT span may lie inside (or across) FAIR spans.
+ * weight (> 0, finite) matters for FAIR spans only and is not checked for PROTECT spans.
+ *
+ * Per-head spans (desc.spans_per_head = 1). After one compaction a span's kept tokens are
+ * contiguous in every KV head, but where they land differs per head, so a second event needs spans
+ * per (sequence, KV head): span_indptr then has batch * num_kv_heads + 1 entries and span row
+ * r = b * num_kv_heads + h lists the spans of sequence b in KV head h (kvc_spans_after_compaction
+ * makes them from a compaction's keep layout). Every rule above holds per row, against n_b. The
+ * protected set, the partitions and their quotas (selection semantics) are then computed per
+ * (sequence, KV head); k_b stays one per sequence: the budget policy compares it with the largest
+ * protected count of the sequence's heads (KVC_BUDGET_CLAMP raises k_b to that largest count).
+ * Rejected with KVC_ERROR_INVALID_VALUE, the detail naming the field:
+ *   - method TOVA, which selects one set for all KV heads, unless the spans of every head of a
+ *     sequence are identical (same count, starts, ends, kinds, FAIR weights) to head 0's: TOVA then
+ *     selects by head 0's spans, as it does with per-sequence spans;
+ *   - span_local = 1: its scoring domains are the FAIR spans, which would differ per head while
+ *     scoring has one set of domains per sequence.
+ * kvc_plan_span_quotas and the count layout follow the rows. */
 typedef struct {
   int32_t start, end;
   int32_t kind;  /* kvc_span_kind_t */
@@ -350,7 +382,8 @@ typedef enum {
  *   intermediate overflow: finite for every finite key, a norm beyond FLT_MAX stored as -FLT_MAX.
  *   Selection orders NaN below -inf.
  *
- * Selection semantics for one (sequence b, KV head h), k = min(budgets[b], n):
+ * Selection semantics for one (sequence b, KV head h), k = min(budgets[b], n); "the spans" are
+ * sequence b's, or (b, h)'s with spans_per_head:
  *   1. Protected set P = first sink_tokens + last recent_tokens + PROTECT spans + the method's own
  *      protected positions (unless window_protection is KVC_WINDOW_RANKED). |P| > k is
  *      KVC_ERROR_BUDGET at plan time, unless budget_policy says otherwise: KVC_BUDGET_CLAMP
@@ -376,7 +409,8 @@ typedef struct {
   int32_t batch;               /* >= 1 sequences                                                    */
   const int32_t *seq_lens;     /* host [batch], each >= 1                                           */
   const int32_t *budgets;      /* host [batch], each >= 1: tokens kept per KV head; >= seq_len keeps all */
-  const int32_t *span_indptr;  /* host [batch+1] CSR into spans, span_indptr[0] = 0; or NULL: no spans */
+  const int32_t *span_indptr;  /* host [rows+1] CSR into spans, span_indptr[0] = 0, rows = batch (or
+                                  batch * num_kv_heads with spans_per_head); or NULL: no spans      */
   const kvc_span_t *spans;     /* host                                                              */
   kvc_score_method_t method;   /* default SNAPKV                                                    */
   int32_t window;              /* observation queries per sequence (SNAPKV, H2O), >= 1; default 64.
@@ -399,6 +433,11 @@ typedef struct {
                                   kvc_plan_upload into the caller's buffer. Ignored on CPU.         */
   kvc_quota_rounding_t quota_rounding;       /* default KVC_QUOTA_LARGEST_REMAINDER              */
   kvc_window_protection_t window_protection; /* default KVC_WINDOW_PROTECTED                     */
+  int32_t spans_per_head;      /* 0 (default): span_indptr has batch + 1 entries, one span row per
+                                  sequence; 1: batch * num_kv_heads + 1, span row b * num_kv_heads + h
+                                  for (sequence b, KV head h) (see "Per-head spans" under Spans)   */
+  int32_t score_row_capacity;  /* 0 (default): packed score layout; C >= 1: every score row has room
+                                  for C tokens, C >= every seq_lens[b] (see "Layouts" at the top)   */
   /* FP8 keys (dtype KVC_DTYPE_FP8_E4M3), vLLM style: key k_hj = k_scale_h * (fp8 value), so logits
    * are scale * k_scale_h * <q, fp8 key> and KNORM is -k_scale_h * ||fp8 key||. The scales are
    * copied into the plan (on CUDA with its metadata, so an uploaded plan carries them and a graph
@@ -419,7 +458,7 @@ typedef struct {
   {                                                                                                \
     sizeof(kvc_plan_desc_t), 0, 0, 0, KVC_DTYPE_F16, 0, NULL, NULL, NULL, NULL, KVC_SCORE_SNAPKV, \
         64, 5, KVC_POOL_AVG, KVC_REDUCE_MEAN, 0.0f, 0, 0, 0, 0.0f, KVC_BUDGET_FAIL,               \
-        KVC_PLAN_MEMORY_OWNED, KVC_QUOTA_LARGEST_REMAINDER, KVC_WINDOW_PROTECTED,                  \
+        KVC_PLAN_MEMORY_OWNED, KVC_QUOTA_LARGEST_REMAINDER, KVC_WINDOW_PROTECTED, 0, 0,            \
         KVC_QUERY_DTYPE_AS_CACHE, 1.0f, NULL                                                       \
   }
 
@@ -457,10 +496,12 @@ typedef struct {
   int64_t total_tokens;     /* sum of seq_lens                                                    */
   int64_t total_kept;       /* sum of k_b                                                         */
   int64_t obs_total;        /* observation queries, all sequences: rows of the `queries` array    */
-  int64_t score_elems;      /* floats in the score layout = num_kv_heads * total_tokens           */
+  int64_t score_elems;      /* floats in the score layout = num_kv_heads * total_tokens (packed),
+                               batch * num_kv_heads * score_row_capacity (fixed capacity)           */
   int64_t keep_elems;       /* int32 in the keep layout  = num_kv_heads * total_kept              */
-  int64_t total_spans;      /* span_indptr[batch]                                                 */
-  int64_t count_elems;      /* int32 in the count layout = num_kv_heads * total_spans             */
+  int64_t total_spans;      /* span_indptr[span rows]: batch or batch * num_kv_heads span rows    */
+  int64_t count_elems;      /* int32 in the count layout = num_kv_heads * total_spans, or
+                               total_spans with spans_per_head                                     */
   size_t keep_offset_bytes; /* where kvc_compress leaves the keep layout inside its workspace     */
   size_t compact_status_offset_bytes;  /* where kvc_compact leaves its status array (int32 [batch],
                                           kvc_compact_status_t) inside its workspace             */
@@ -488,9 +529,35 @@ KVC_API kvc_status_t kvc_plan_new_lengths(kvc_plan_t plan, int32_t *new_lens);
 KVC_API kvc_status_t kvc_plan_outcomes(kvc_plan_t plan, int32_t *outcomes);
 
 /* Per user span (CSR order of the desc): FAIR span -> its quota q_p (tokens of it kept for sure);
- * PROTECT span -> its length. host [total_spans]. `implicit` (host [batch], may be NULL) gets the
- * implicit partition's quota, or -1 where a sequence has none. Same for every KV head. */
+ * PROTECT span -> its length. host [total_spans]. `implicit` (host [span rows]: batch, or
+ * batch * num_kv_heads with spans_per_head; may be NULL) gets the implicit partition's quota of
+ * each span row, or -1 where a row has none. With per-sequence spans the same for every KV head. */
 KVC_API kvc_status_t kvc_plan_span_quotas(kvc_plan_t plan, int32_t *quotas, int32_t *implicit);
+
+/* The next event's per-head spans after a compaction by `plan`: for every (sequence b, KV head h)
+ * and every span of the plan's span row of (b, h), the span's kept tokens, which kvc_compact made
+ * contiguous: [c(start), c(end)) with c(t) the number of keep row (b, h)'s indices below t. Spans
+ * left with no kept token are dropped (an empty span is invalid in a plan); kind and weight are
+ * kept; rows stay sorted and non-overlapping, so the output is a valid spans_per_head = 1 input
+ * for the next plan of the same batch and num_kv_heads whose seq_lens are the compacted lengths
+ * (kvc_plan_new_lengths) plus whatever tokens the engine appended after them (decode steps): the
+ * new tokens lie in no span (the implicit partition) and every span ends at or before k_b.
+ * keep: HOST int32 keep layout of the plan (kvc_select's output, on CUDA copied back first), only
+ * read. out_indptr: host int32 [batch * num_kv_heads + 1], written (out_indptr[0] = 0).
+ * out_spans: host kvc_span_t [out_capacity], written; may be NULL to ask for the size.
+ * *out_count (required) gets the number of spans the output has, whether or not they were
+ * written: call once with out_spans NULL (out_capacity ignored, out_indptr may be NULL too), size
+ * the buffer, call again. Without spans in the plan every row is empty and *out_count is 0.
+ * The caller owns every buffer; nothing is kept. Host only, synchronous, on any backend's plan
+ * (ctx, of the plan's backend, holds the detail of a failure).
+ * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (ctx, plan, keep or out_count NULL; plan of another
+ * backend; a keep row with an index outside [0, n_b) or not strictly ascending: the detail names
+ * the sequence, head, position and value, nothing is written; out_spans given with out_indptr NULL
+ * or out_capacity below *out_count: the detail names out_capacity and the count needed, nothing
+ * is written; more than 2^31 - 1 spans in all). */
+KVC_API kvc_status_t kvc_spans_after_compaction(kvc_context_t ctx, kvc_plan_t plan, const int32_t *keep,
+                                                kvc_span_t *out_spans, int64_t out_capacity, int32_t *out_indptr,
+                                                int64_t *out_count);
 
 typedef enum {
   KVC_OP_SCORE = 0,
@@ -519,7 +586,8 @@ typedef enum {
  * the rounding: every layer's normalisers and head scores live at once (one launch for all).
  * SELECT on CUDA, with R = num_kv_heads rows per sequence (1 for TOVA) and P the batch's partitions
  * (FAIR spans, plus one implicit partition per sequence that has tokens outside them): 16 * R * P
- * bytes of partition thresholds; and for the rows split across blocks (sequences longer than the
+ * bytes of partition thresholds (with spans_per_head R = 1 and P the partitions of every
+ * (sequence, KV head) row); and for the rows split across blocks (sequences longer than the
  * plan's segment length S, 4k..16k tokens chosen for the device so that every resident block gets a
  * segment; KVC_SELECT_SEGMENT overrides it, read once by kvc_plan_create) 1 KiB per (row, split
  * partition) of global histograms, 20 bytes per row of state and arrival counter and 4 per (row,
@@ -555,12 +623,14 @@ KVC_API kvc_status_t kvc_plan_workspace_size(kvc_plan_t plan, kvc_op_t op, size_
  * boundaries, kinds and weights, quotas, the protected-token bitmask, the global fill. So two
  * plans are interchangeable exactly when kvc_plan_compatible says so, which holds when their descs
  * differ only in
- *     span start / end / kind / weight (the same number of spans per sequence, the same number of
- *     FAIR spans, and tokens outside every FAIR span in both or in neither), sink_tokens,
+ *     span start / end / kind / weight (the same spans_per_head, the same number of spans per span
+ *     row, the same number of FAIR spans, and tokens outside every FAIR span in both or in
+ *     neither), sink_tokens,
  *     recent_tokens, fairness, budgets and budget_policy (as long as every sequence keeps the same
  *     number of tokens), and device_memory;
  * with span_local the FAIR spans must also sit where they sat (they are the scoring domains).
- * Everything else, seq_lens and the resulting keep lengths included, must be equal: a graph does
+ * Everything else, seq_lens, score_row_capacity and the resulting keep lengths included, must be
+ * equal: a graph does
  * not replay across different lengths. Steady-state decode re-compression is the case that does:
  * every sequence compressed to its budget, then grown by the same N decode steps, gives the same
  * lengths at every event. (Moving the totals out of the by-value view, into device arrays with
@@ -690,9 +760,12 @@ typedef enum {
 } kvc_compact_status_t;
 
 /* In place, for every (sequence, KV head) and j < k_b: slot j <- slot keep[j] for K and V, and for
- * each of the `num_extras` per-token fp32 arrays extras[e] (score layout, e.g. accumulated H2O
- * scores: after the call, row (b, h) of an extra holds its k_b kept values at the front of the row,
- * the rest is unchanged). `extras` is a host array of num_extras pointers (NULL when 0). `keep`
+ * each of the `num_extras` per-token fp32 arrays extras[e] (the plan's score layout, e.g.
+ * accumulated H2O scores: after the call, row (b, h) of an extra holds its k_b kept values at the
+ * front of the row, the rest is unchanged; with a fixed score_row_capacity the row stays where it
+ * is, so the next event's plans, with seq_lens k_b + appended tokens and the same capacity,
+ * continue accumulating into it: the caller zeroes positions [k_b, n'_b) of each row, which still
+ * hold stale values, before the first accumulate of the new tokens). `extras` is a host array of num_extras pointers (NULL when 0). `keep`
  * must come from kvc_select with this plan (strictly ascending, in [0, n_b)): the CPU backend checks
  * every row and returns INVALID_VALUE before moving anything; the CUDA backend ignores out-of-range
  * entries, and a non-ascending row can scramble that sequence's own tokens but never touches
@@ -707,7 +780,8 @@ KVC_API kvc_status_t kvc_compact(kvc_context_t ctx, kvc_plan_t plan, const kvc_p
                                  const int32_t *keep, float *const *extras, int32_t num_extras,
                                  void *workspace, size_t workspace_bytes, kvc_stream_t stream);
 
-/* Counts, per (sequence, KV head, user span), the kept indices inside the span (count layout). */
+/* Counts, per (sequence, KV head, user span), the kept indices inside the span (count layout; with
+ * spans_per_head, the spans of each (sequence, KV head)'s own row). */
 KVC_API kvc_status_t kvc_retention(kvc_context_t ctx, kvc_plan_t plan, const int32_t *keep,
                                    int32_t *counts, void *workspace, size_t workspace_bytes,
                                    kvc_stream_t stream);

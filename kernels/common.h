@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "kvcompress.h"
+#include "plan_view.h"
 
 #if defined(__CUDACC__)
 #define KVC_HD __host__ __device__ inline
@@ -22,6 +23,39 @@
 KVC_HD int kvc_dtype_size(kvc_dtype_t dtype) {
   return dtype == KVC_DTYPE_F32 ? 4 : dtype == KVC_DTYPE_FP8_E4M3 ? 1 : 2;
 }
+
+/* Span row of (sequence b, KV head h): b, or b * num_kv_heads + h with per-head spans. */
+KVC_HD int32_t kvc_span_row(const kvc_plan_view_t *plan, int32_t b, int32_t h) {
+  return b * plan->span_heads + h % plan->span_heads;
+}
+
+/* Start of score row (b, h) in one layer's score layout (kvcompress.h, "Layouts"). */
+KVC_HD int64_t kvc_score_row(const kvc_plan_view_t *plan, int32_t b, int32_t h) {
+  return plan->score_row_capacity
+             ? ((int64_t)b * plan->num_kv_heads + h) * plan->score_row_capacity
+             : plan->num_kv_heads * plan->token_offsets[b] + (int64_t)h * plan->seq_lens[b];
+}
+
+/* Distance between score rows (b, h) and (b, h + 1): the capacity, or n_b when packed. */
+KVC_HD int64_t kvc_score_row_stride(const kvc_plan_view_t *plan, int32_t b) {
+  return plan->score_row_capacity ? plan->score_row_capacity : plan->seq_lens[b];
+}
+
+/* Number of keep[0, k) below `bound` (keep ascending): retention's counts and, through it, where a
+ * span lands after compaction (kvc_spans_after_compaction). */
+KVC_HD int32_t kvc_count_below(const int32_t *keep, int32_t k, int32_t bound) {
+  int32_t lo = 0, hi = k;
+  while (lo < hi) {
+    const int32_t mid = lo + (hi - lo) / 2;
+    if (keep[mid] < bound) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/* Count-layout copies of a span row: num_kv_heads with per-sequence spans (row (b, h) at
+ * num_kv_heads * span_indptr[b] + h * spans_b), 1 with per-head spans (row at span_indptr[r]). */
+KVC_HD int32_t kvc_count_heads(const kvc_plan_view_t *plan) { return plan->num_kv_heads / plan->span_heads; }
 
 /* Pages that n tokens fill, in int64: n + page_size - 1 overflows int32 for long pages. */
 KVC_HD int64_t kvc_pages_needed(int64_t n, int32_t page_size) { return (n + page_size - 1) / page_size; }

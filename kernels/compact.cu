@@ -311,7 +311,7 @@ __device__ Move describe_move(const Pass &pass, int32_t layer, int64_t chunk, in
     move.to = kvc_slot_offset(&pass.dst, kvc_page_of(&pass.dst, kvc_seq_pages(&pass.dst, b), b, j), j, h) * elem_bytes;
   }
   if (!keeps_all && moves_in_place) {
-    const int64_t extra_row = plan.num_kv_heads * (layer * plan.total_tokens + plan.token_offsets[b]) + (int64_t)h * writer.n;
+    const int64_t extra_row = layer * plan.score_elems + kvc_score_row(&plan, b, h);
     move.extra_from = extra_row + source;
     move.extra_to = extra_row + j;
   }

@@ -85,7 +85,7 @@ kvc_status_t kvc_compact_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
       compact_pool(k_pool, c, to, b, h, keep, k, elem_bytes);
       compact_pool(v_pool, c, to, b, h, keep, k, elem_bytes);
       for (int32_t e = 0; e < args->num_extras && keep; ++e) {
-        float *extra = args->extras[e] + heads * (layer * plan->total_tokens + plan->token_offsets[b]) + (int64_t)h * n;
+        float *extra = args->extras[e] + layer * plan->score_elems + kvc_score_row(plan, b, h);
         for (int32_t j = 0; j < k; ++j) extra[j] = extra[keep[j]];
       }
     }

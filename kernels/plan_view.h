@@ -48,6 +48,16 @@ typedef struct {
    * plan was made) and a cap on the instruction set of the scoring loops (0: none; tests set
    * KVC_CPU_ISA = 1 portable, 2 AVX2, 3 AVX-512, read by kvc_plan_create). */
   int32_t cpu_threads, cpu_isa;
+  /* Span rows (desc.spans_per_head): span_heads is 1 (spans per sequence: span row b) or
+   * num_kv_heads (per (sequence, KV head): span row b * num_kv_heads + h); kvc_span_row. The
+   * per-span-row arrays below (protected bits, partitions, fill, user spans) have batch * span_heads
+   * rows. */
+  int32_t span_heads;
+  /* Score layout (desc.score_row_capacity): 0 packed, row (b, h) at num_kv_heads * token_offsets[b]
+   * + h * n_b; C > 0: row (b, h) at (b * num_kv_heads + h) * C. kvc_score_row; score_elems is the
+   * per-layer element count of either. */
+  int32_t score_row_capacity;
+  int64_t score_elems;
 
   const int32_t *seq_lens;       /* [batch] n_b                                                */
   const int32_t *keep_lens;      /* [batch] k_b = min(budget, n)                               */
@@ -63,18 +73,20 @@ typedef struct {
   const int32_t *domain_indptr;  /* [batch+1]                                                  */
   const kvc_domain_t *domains;
 
-  const int32_t *part_indptr;    /* [batch+1]; FAIR partitions in span order, implicit last    */
+  /* indexed by span row r (kvc_span_row), batch * span_heads of them: */
+  const int32_t *part_indptr;    /* [rows+1]; FAIR partitions in span order, implicit last     */
   const kvc_partition_t *parts;
-  const int32_t *fill;           /* [batch] k - F: tokens chosen by the global fill            */
+  const int32_t *fill;           /* [rows] k - F: tokens chosen by the global fill             */
 
-  const int64_t *protect_word_offsets; /* [batch+1] prefix sums of ceil(n_b / 32)              */
-  const uint32_t *protect_bits;  /* bit t of sequence b: word protect_word_offsets[b] + t / 32 */
+  const int64_t *protect_word_offsets; /* [rows+1] prefix sums of ceil(n_b / 32)               */
+  const uint32_t *protect_bits;  /* bit t of row r: word protect_word_offsets[r] + t / 32      */
 
   const int64_t *split_segments; /* [batch+1] prefix sums of the segments of rows split by selection
                                     (ceil(n_b / select_segment) when n_b > select_segment, else 0) */
-  const int64_t *split_parts;    /* [batch+1] prefix sums of the partitions of split sequences */
+  const int64_t *split_parts;    /* [rows+1] prefix sums of the partitions of the span rows of
+                                    split sequences                                            */
 
-  const int32_t *span_indptr;    /* [batch+1] user spans (all kinds), for retention            */
+  const int32_t *span_indptr;    /* [rows+1] user spans (all kinds), for retention             */
   const kvc_span_t *spans;
   int64_t total_spans;
 

@@ -15,36 +15,27 @@ namespace {
 
 constexpr int kThreads = 128;
 
-/* Number of keep[0, k) below `bound` (keep ascending). */
-__device__ int32_t count_below(const int32_t *keep, int32_t k, int32_t bound) {
-  int32_t lo = 0, hi = k;
-  while (lo < hi) {
-    const int32_t mid = lo + (hi - lo) / 2;
-    if (keep[mid] < bound) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
-}
-
-/* Sequence of count-layout element e: the last b with num_kv_heads * span_indptr[b] <= e. */
-__device__ int32_t sequence_of(const kvc_plan_view_t &plan, int64_t e) {
-  return last_offset_at_or_below(plan.span_indptr, plan.batch, plan.num_kv_heads, e);
+/* Span row of count-layout element e: the last r with count_heads * span_indptr[r] <= e. */
+__device__ int32_t span_row_of(const kvc_plan_view_t &plan, int64_t e) {
+  return last_offset_at_or_below(plan.span_indptr, plan.batch * plan.span_heads, kvc_count_heads(&plan), e);
 }
 
 /* Layer l's keep and count layouts are the single-layer ones stacked: l * keep_elems, l * count_elems. */
 __global__ void __launch_bounds__(kThreads)
     retention_kernel(kvc_plan_view_t plan, int32_t num_layers, const int32_t *keep, int32_t *counts) {
-  const int64_t all = blockIdx.x * (int64_t)kThreads + threadIdx.x, per_layer = plan.num_kv_heads * plan.total_spans;
+  const int32_t count_heads = kvc_count_heads(&plan);
+  const int64_t all = blockIdx.x * (int64_t)kThreads + threadIdx.x, per_layer = count_heads * plan.total_spans;
   if (all >= num_layers * per_layer) return;
   const int64_t layer = all / per_layer, e = all - layer * per_layer;
   keep += layer * plan.num_kv_heads * plan.total_kept;
-  const int32_t b = sequence_of(plan, e), first = plan.span_indptr[b];
-  const int32_t spans = plan.span_indptr[b + 1] - first, k = plan.keep_lens[b];
-  const int64_t r = e - (int64_t)plan.num_kv_heads * first;
-  const int32_t h = (int32_t)(r / spans), i = (int32_t)(r - (int64_t)h * spans);
+  const int32_t span_row = span_row_of(plan, e), b = span_row / plan.span_heads, first = plan.span_indptr[span_row];
+  const int32_t spans = plan.span_indptr[span_row + 1] - first, k = plan.keep_lens[b];
+  const int64_t r = e - (int64_t)count_heads * first;
+  const int32_t copy = (int32_t)(r / spans), i = (int32_t)(r - (int64_t)copy * spans);
+  const int32_t h = plan.span_heads > 1 ? span_row % plan.span_heads : copy;
   const int32_t *row = keep + plan.num_kv_heads * plan.keep_offsets[b] + (int64_t)h * k;
   const kvc_span_t span = plan.spans[first + i];
-  counts[all] = count_below(row, k, span.end) - count_below(row, k, span.start);
+  counts[all] = kvc_count_below(row, k, span.end) - kvc_count_below(row, k, span.start);
 }
 
 }  // namespace
@@ -53,7 +44,7 @@ extern "C" kvc_status_t kvc_retention_cuda(const kvc_op_args_t *args, kvc_carver
   /* The sizing call is told apart by its missing arrays: with no workspace, the base of a run may
    * be NULL too. */
   const kvc_plan_view_t &plan = args->plan;
-  const int64_t elems = (int64_t)args->num_layers * plan.num_kv_heads * plan.total_spans;
+  const int64_t elems = (int64_t)args->num_layers * kvc_count_heads(&plan) * plan.total_spans;
   if (!args->keep || !args->counts || elems == 0) return KVC_SUCCESS;
   KVC_LAUNCH(retention_kernel, dim3((unsigned)((elems + kThreads - 1) / kThreads)), dim3(kThreads), 0,
              static_cast<cudaStream_t>(args->stream), plan, args->num_layers, args->keep, args->counts);

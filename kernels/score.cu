@@ -775,7 +775,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   for (int32_t r = first_row; r < first_row + rows; ++r) {
-    float *out = scores + plan.num_kv_heads * (layer * plan.total_tokens + plan.token_offsets[b]) + (int64_t)r * n + j;
+    float *out = scores + layer * plan.score_elems + kvc_score_row(&plan, b, r) + j;
     *out = accumulate ? *out + value : value;
   }
 }

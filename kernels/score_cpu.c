@@ -405,14 +405,14 @@ static void score_item(void *arg, int64_t item, int32_t thread) {
   const kvc_op_args_t *args = job->args;
   const kvc_plan_view_t *plan = &args->plan;
   const int32_t heads = plan->num_kv_heads, h = (int32_t)(item % heads), d = job->first_domain + (int32_t)(item / heads);
-  const int32_t b = sequence_of_domain(plan, d), n = plan->seq_lens[b], acc = args->accumulate;
+  const int32_t b = sequence_of_domain(plan, d), acc = args->accumulate;
   const kvc_domain_t *dom = &plan->domains[d];
   score_scratch_t scratch, *s = &scratch;
   if (is_attention_method(plan->method)) {
     kvc_carver_t own = {job->scratch + (size_t)thread * job->scratch_bytes, 0};
     carve_scratch(&own, plan, &job->shape, s);
   }
-  float *row = args->scores + heads * plan->token_offsets[b] + (int64_t)h * n;
+  float *row = args->scores + kvc_score_row(plan, b, h);
   if (dom->scored_end == dom->start) return; /* e.g. SNAPKV with a window covering the domain */
   switch (plan->method) {
     case KVC_SCORE_SNAPKV:
@@ -455,9 +455,10 @@ static void run_items(const kvc_op_args_t *args, score_job_t *job, int64_t count
 }
 
 /* +inf for keys [from, to) of every KV head's row: keys the method does not score. */
-static void store_unscored(float *seq_rows, int32_t n, int32_t heads, int32_t from, int32_t to, int accumulate) {
+/* +inf for keys [from, to) of every KV head's row; rows are `stride` floats apart. */
+static void store_unscored(float *seq_rows, int64_t stride, int32_t heads, int32_t from, int32_t to, int accumulate) {
   for (int32_t h = 0; h < heads; ++h)
-    for (int32_t j = from; j < to; ++j) store_score(seq_rows + (int64_t)h * n + j, INFINITY, accumulate);
+    for (int32_t j = from; j < to; ++j) store_score(seq_rows + (int64_t)h * stride + j, INFINITY, accumulate);
 }
 
 /* One layer: args->cache's K pool, args->queries and args->lse into args->scores. */
@@ -481,29 +482,32 @@ static kvc_status_t score_layer(const kvc_op_args_t *args, kvc_carver_t *ws) {
   const int32_t heads = plan->num_kv_heads;
   for (int32_t b = 0; b < plan->batch; ++b) { /* keys outside every domain (and SNAPKV/TOVA's own) */
     const int32_t n = plan->seq_lens[b];
-    float *seq_rows = args->scores + heads * plan->token_offsets[b];
+    const int64_t stride = kvc_score_row_stride(plan, b);
+    float *seq_rows = args->scores + kvc_score_row(plan, b, 0);
     int32_t covered = 0; /* domains are sorted and disjoint: keys between them are unscored */
     for (int32_t d = plan->domain_indptr[b]; d < plan->domain_indptr[b + 1]; ++d) {
-      store_unscored(seq_rows, n, heads, covered, plan->domains[d].start, args->accumulate);
-      store_unscored(seq_rows, n, heads, plan->domains[d].scored_end, plan->domains[d].end, args->accumulate);
+      store_unscored(seq_rows, stride, heads, covered, plan->domains[d].start, args->accumulate);
+      store_unscored(seq_rows, stride, heads, plan->domains[d].scored_end, plan->domains[d].end, args->accumulate);
       covered = plan->domains[d].end;
     }
-    store_unscored(seq_rows, n, heads, covered, n, args->accumulate);
+    store_unscored(seq_rows, stride, heads, covered, n, args->accumulate);
   }
   if (plan->method != KVC_SCORE_TOVA) {
     run_items(args, &job, (int64_t)plan->domain_indptr[plan->batch] * heads);
     return KVC_SUCCESS;
   }
   for (int32_t b = 0; b < plan->batch; ++b) { /* TOVA: the mean over every q head, in every KV head's row */
-    const int32_t n = plan->seq_lens[b], L = plan->max_seq_len;
-    float *seq_rows = args->scores + heads * plan->token_offsets[b];
+    const int32_t L = plan->max_seq_len;
+    const int64_t stride = kvc_score_row_stride(plan, b);
+    float *seq_rows = args->scores + kvc_score_row(plan, b, 0);
     job.first_domain = plan->domain_indptr[b];
     run_items(args, &job, (int64_t)(plan->domain_indptr[b + 1] - plan->domain_indptr[b]) * heads);
     for (int32_t d = plan->domain_indptr[b]; d < plan->domain_indptr[b + 1]; ++d)
       for (int32_t j = plan->domains[d].start; j < plan->domains[d].scored_end; ++j) {
         double sum = job.tova[j];
         for (int32_t h = 1; h < heads; ++h) sum += job.tova[(int64_t)h * L + j];
-        for (int32_t h = 0; h < heads; ++h) store_score(seq_rows + (int64_t)h * n + j, sum / plan->num_q_heads, args->accumulate);
+        for (int32_t h = 0; h < heads; ++h)
+          store_score(seq_rows + (int64_t)h * stride + j, sum / plan->num_q_heads, args->accumulate);
       }
   }
   return KVC_SUCCESS;
@@ -514,7 +518,6 @@ static kvc_status_t score_layer(const kvc_op_args_t *args, kvc_carver_t *ws) {
 kvc_status_t kvc_score_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
   if (!args->layers) return score_layer(args, ws);
   const kvc_layers_t *layers = args->layers;
-  const int64_t elems = args->plan.num_kv_heads * args->plan.total_tokens;
   kvc_carver_t layer_ws = *ws;
   for (int32_t l = 0; l < args->num_layers; ++l) {
     kvc_paged_kv_t cache = *args->cache;
@@ -524,7 +527,7 @@ kvc_status_t kvc_score_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
     layer.cache = &cache;
     layer.queries = layers->queries ? layers->queries[l] : NULL;
     layer.lse = layers->lse ? layers->lse[l] : NULL;
-    layer.scores = args->scores ? args->scores + l * elems : NULL;
+    layer.scores = args->scores ? args->scores + l * args->plan.score_elems : NULL;
     layer.num_layers = 1;
     layer.layers = NULL;
     layer_ws = *ws;

@@ -128,10 +128,10 @@ __device__ void for_each_score(RowGroup<kThreads> g, const float *scores, int32_
 
 /* One (sequence, head) row of one layer as the selection reads it. */
 struct RowBase {
-  const uint32_t *protect;       /* the sequence's protected bitmask                        */
-  const kvc_partition_t *parts;  /* the sequence's partitions, FAIR ones first              */
+  const uint32_t *protect;       /* the span row's protected bitmask                        */
+  const kvc_partition_t *parts;  /* the span row's partitions, FAIR ones first              */
   SelState *states;              /* per partition: its threshold (and open select)          */
-  int32_t n, num_parts, num_fair;
+  int32_t n, num_parts, num_fair, fill;
   __device__ bool is_protected(int32_t t) const { return (protect[t >> 5] >> (t & 31)) & 1u; }
   /* Index of t's partition. `fair` is the calling thread's cursor: the first FAIR partition ending
    * after the thread's previous token (a thread visits its tokens in ascending order). */
@@ -340,25 +340,37 @@ struct Select {
   kvc_plan_view_t plan;
   const float *scores;
   int32_t *keep;
-  SelState *part_states;    /* [layers][row_heads * parts]                            */
+  SelState *part_states;    /* [layers][state_heads * parts]                          */
   SelState *fill_states;    /* [layers][batch * row_heads] (split rows)               */
-  int32_t *histograms;      /* [layers][row_heads * split parts][kBins] (split rows)  */
+  int32_t *histograms;      /* [layers][state_heads * split parts][kBins] (split rows) */
   int32_t *arrivals;        /* [layers][batch * row_heads] (split rows)               */
   int32_t *segment_counts;  /* [layers][row_heads * split segments] (split rows)      */
   int32_t num_layers, row_heads;
+  int32_t state_heads;      /* copies of a span row's partitions: row_heads with per-sequence
+                               spans, 1 with per-head spans (each (b, h) is its own span row) */
   int64_t parts;            /* partitions of the batch                                */
   int64_t split_parts, split_segments;
 };
+
+/* Slot of (layer, b, h)'s first partition (span row r, num_parts of them) in an array of
+ * per-partition items whose span rows start at `starts` (part_indptr, split_parts) and total
+ * `total` per copy. */
+template <typename Offset>
+__device__ int64_t partition_slot(const Select &s, int32_t layer, int32_t r, int32_t h, int32_t num_parts,
+                                  const Offset *starts, int64_t total) {
+  return ((int64_t)layer * total + starts[r]) * s.state_heads + (int64_t)(h % s.state_heads) * num_parts;
+}
 
 /* Row (layer, b, h) of the row_heads rows per sequence. */
 template <class Row>
 __device__ Row row_of(const Select &s, int32_t layer, int32_t b, int32_t h) {
   const kvc_plan_view_t &plan = s.plan;
-  const int32_t part0 = plan.part_indptr[b], num_parts = plan.part_indptr[b + 1] - part0;
+  const int32_t r = kvc_span_row(&plan, b, h), part0 = plan.part_indptr[r], num_parts = plan.part_indptr[r + 1] - part0;
   Row row;
-  row.protect = plan.protect_bits + plan.protect_word_offsets[b];
+  row.protect = plan.protect_bits + plan.protect_word_offsets[r];
   row.parts = plan.parts + part0;
-  row.states = s.part_states + layer * s.row_heads * s.parts + (int64_t)part0 * s.row_heads + (int64_t)h * num_parts;
+  row.fill = plan.fill[r];
+  row.states = s.part_states + partition_slot(s, layer, r, h, num_parts, plan.part_indptr, s.parts);
   row.n = plan.seq_lens[b];
   row.num_parts = num_parts;
   row.num_fair = num_parts - (row.parts[num_parts - 1].implicit ? 1 : 0);
@@ -367,8 +379,7 @@ __device__ Row row_of(const Select &s, int32_t layer, int32_t b, int32_t h) {
 
 __device__ const float *row_scores(const Select &s, int32_t layer, int32_t b, int32_t h) {
   const kvc_plan_view_t &plan = s.plan;
-  return s.scores + plan.num_kv_heads * ((int64_t)layer * plan.total_tokens + plan.token_offsets[b]) +
-         (int64_t)h * plan.seq_lens[b];
+  return s.scores + (int64_t)layer * plan.score_elems + kvc_score_row(&plan, b, h);
 }
 
 __device__ int32_t *row_keep(const Select &s, int32_t layer, int32_t b, int32_t h) {
@@ -412,7 +423,7 @@ __device__ void select_staged_row(RowGroup<kThreads> g, const Select &s, int32_t
   g.sync(); /* the thresholds are visible to the whole group */
 
   /* 3: the fill chooses among the tokens not kept yet; F of the n are (sum of quotas) */
-  const int32_t fill = plan.fill[b];
+  const int32_t fill = row.fill;
   const uint64_t fill_threshold = select_threshold(g, row, 0, n, 0, fill, n - (k - fill), fill_candidate(row), sh);
 
   /* 4 */
@@ -502,9 +513,8 @@ __device__ GlobalRow global_row(const Select &s, const Segment &seg) {
 
 /* Histogram slot of partition p of the segment's row (the fill uses slot 0). */
 __device__ int32_t *histogram_of(const Select &s, const Segment &seg, int32_t p, int32_t num_parts) {
-  const int64_t slot = (int64_t)seg.layer * s.row_heads * s.split_parts +
-                       s.row_heads * s.plan.split_parts[seg.b] + (int64_t)seg.h * num_parts + p;
-  return s.histograms + slot * kBins;
+  const int32_t r = kvc_span_row(&s.plan, seg.b, seg.h);
+  return s.histograms + (partition_slot(s, seg.layer, r, seg.h, num_parts, s.plan.split_parts, s.split_parts) + p) * kBins;
 }
 
 /* The state of a selection that needs `need` of `count` candidates, before any pass. */
@@ -525,8 +535,8 @@ __global__ void __launch_bounds__(kBlockThreads) select_split_init_kernel(Select
     int32_t layer, b, h;
     decode_row(s, row, &layer, &b, &h);
     if (!is_split(plan, b)) continue;
-    const int32_t n = plan.seq_lens[b], k = plan.keep_lens[b], fill = plan.fill[b];
     RowBase rb = row_of<RowBase>(s, layer, b, h);
+    const int32_t n = plan.seq_lens[b], k = plan.keep_lens[b], fill = rb.fill;
     for (int32_t p = 0; p < rb.num_parts; ++p) {
       const kvc_partition_t &part = rb.parts[p];
       rb.states[p] = k == n ? initial_state(0, 1)
@@ -535,7 +545,7 @@ __global__ void __launch_bounds__(kBlockThreads) select_split_init_kernel(Select
     s.fill_states[row] = k == n ? initial_state(1, 1) : initial_state(fill, n - (k - fill));
     s.arrivals[row] = 0;
   }
-  const int64_t bins = (int64_t)s.num_layers * s.row_heads * s.split_parts * kBins;
+  const int64_t bins = (int64_t)s.num_layers * s.state_heads * s.split_parts * kBins;
   for (int64_t i = blockIdx.x * (int64_t)kBlockThreads + threadIdx.x; i < bins; i += stride) s.histograms[i] = 0;
 }
 
@@ -741,14 +751,16 @@ extern "C" kvc_status_t kvc_select_cuda(const kvc_op_args_t *args, kvc_carver_t 
   s.num_layers = args->num_layers;
   /* TOVA: one selection per sequence, copied to every KV head */
   s.row_heads = plan.method == KVC_SCORE_TOVA ? 1 : plan.num_kv_heads;
-  s.parts = host.part_indptr[host.batch];
-  s.split_parts = host.split_parts[host.batch];
+  const int32_t span_rows = host.batch * host.span_heads;
+  s.state_heads = host.span_heads > 1 ? 1 : s.row_heads;
+  s.parts = host.part_indptr[span_rows];
+  s.split_parts = host.split_parts[span_rows];
   s.split_segments = host.split_segments[host.batch];
   const size_t layers = (size_t)s.num_layers, rows = (size_t)host.batch * (size_t)s.row_heads;
-  s.part_states = static_cast<SelState *>(kvc_carve(ws, sizeof(SelState) * layers * (size_t)s.row_heads * (size_t)s.parts));
+  s.part_states = static_cast<SelState *>(kvc_carve(ws, sizeof(SelState) * layers * (size_t)s.state_heads * (size_t)s.parts));
   s.fill_states = static_cast<SelState *>(kvc_carve(ws, sizeof(SelState) * layers * (s.split_segments ? rows : 0)));
   s.histograms = static_cast<int32_t *>(
-      kvc_carve(ws, sizeof(int32_t) * kBins * layers * (size_t)s.row_heads * (size_t)s.split_parts));
+      kvc_carve(ws, sizeof(int32_t) * kBins * layers * (size_t)s.state_heads * (size_t)s.split_parts));
   s.arrivals = static_cast<int32_t *>(kvc_carve(ws, sizeof(int32_t) * layers * (s.split_segments ? rows : 0)));
   s.segment_counts =
       static_cast<int32_t *>(kvc_carve(ws, sizeof(int32_t) * layers * (size_t)s.row_heads * (size_t)s.split_segments));

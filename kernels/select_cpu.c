@@ -52,24 +52,25 @@ static void keep_top(select_scratch_t *s, int32_t count, int32_t need) {
     if (s->candidates[i] >= threshold) s->kept[(uint32_t)s->candidates[i]] = 1; /* low half: position */
 }
 
-/* Selects one (sequence, head) row: `scores` and `keep` point at the row. */
-static void select_row(const kvc_plan_view_t *plan, int32_t b, const float *scores, int32_t *keep,
+/* Selects row (b, h): `scores` and `keep` point at the row; its protected bits, partitions and
+ * fill are span row r's. */
+static void select_row(const kvc_plan_view_t *plan, int32_t b, int32_t r, const float *scores, int32_t *keep,
                        select_scratch_t *s) {
   const int32_t n = plan->seq_lens[b], k = plan->keep_lens[b];
   if (k == n) { /* budget >= length: the row keeps everything */
     for (int32_t t = 0; t < n; ++t) keep[t] = t;
     return;
   }
-  const int64_t word0 = plan->protect_word_offsets[b];
+  const int64_t word0 = plan->protect_word_offsets[r];
   for (int32_t t = 0; t < n; ++t) s->kept[t] = (unsigned char)kvc_is_protected(plan->protect_bits, word0, t);
   /* Partitions are disjoint, so within one the only kept tokens are its protected ones. The
    * implicit partition (last) is every token outside the FAIR spans: the gaps between them. */
-  for (int32_t p = plan->part_indptr[b]; p < plan->part_indptr[b + 1]; ++p) {
+  for (int32_t p = plan->part_indptr[r]; p < plan->part_indptr[r + 1]; ++p) {
     const kvc_partition_t *part = &plan->parts[p];
     int32_t count = 0;
     if (part->implicit) {
       int32_t gap_start = 0;
-      for (int32_t f = plan->part_indptr[b]; f < p; ++f) {
+      for (int32_t f = plan->part_indptr[r]; f < p; ++f) {
         count = gather(scores, s, gap_start, plan->parts[f].start, count);
         gap_start = plan->parts[f].end;
       }
@@ -79,7 +80,7 @@ static void select_row(const kvc_plan_view_t *plan, int32_t b, const float *scor
     }
     keep_top(s, count, part->quota - part->protected_count);
   }
-  keep_top(s, gather(scores, s, 0, n, 0), plan->fill[b]);
+  keep_top(s, gather(scores, s, 0, n, 0), plan->fill[r]);
   int32_t written = 0;
   for (int32_t t = 0; t < n; ++t)
     if (s->kept[t]) keep[written++] = t;
@@ -97,8 +98,8 @@ kvc_status_t kvc_select_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
   const int32_t heads = plan->num_kv_heads;
   for (int64_t row = 0; row < (int64_t)args->num_layers * plan->batch; ++row) {
     const int64_t layer = row / plan->batch;
-    const int32_t b = (int32_t)(row % plan->batch), n = plan->seq_lens[b], k = plan->keep_lens[b];
-    const float *scores = args->scores + heads * (layer * plan->total_tokens + plan->token_offsets[b]);
+    const int32_t b = (int32_t)(row % plan->batch), k = plan->keep_lens[b];
+    const float *scores = args->scores + layer * plan->score_elems;
     int32_t *keep = args->keep + heads * (layer * plan->total_kept + plan->keep_offsets[b]);
     /* TOVA gives every KV head the same scores, hence the same selection: select head 0's row
      * and copy it (the CUDA kernel does the same, so user-supplied scores that differ per head
@@ -108,7 +109,7 @@ kvc_status_t kvc_select_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
       if (shared && h > 0)
         memcpy(keep + (int64_t)h * k, keep, sizeof(int32_t) * (size_t)k);
       else
-        select_row(plan, b, scores + (int64_t)h * n, keep + (int64_t)h * k, &scratch);
+        select_row(plan, b, kvc_span_row(plan, b, h), scores + kvc_score_row(plan, b, h), keep + (int64_t)h * k, &scratch);
     }
   }
   return KVC_SUCCESS;

@@ -10,14 +10,14 @@
 #include "fuzz_input.h"
 #include "kvcompress.h"
 
-enum { MAX_BATCH = 6, MAX_SPANS = 24 };
+enum { MAX_BATCH = 6, MAX_SPANS = 24, MAX_HEADS = 4, MAX_ROWS = MAX_BATCH * MAX_HEADS };
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   fuzz_input_t in = {data, size, 0};
   static kvc_context_t ctx;
   if (!ctx && kvc_context_create(KVC_BACKEND_CPU, 0, &ctx) != KVC_SUCCESS) abort();
 
-  int32_t seq_lens[MAX_BATCH], budgets[MAX_BATCH], span_indptr[MAX_BATCH + 1];
+  int32_t seq_lens[MAX_BATCH], budgets[MAX_BATCH], span_indptr[MAX_ROWS + 1];
   kvc_span_t spans[MAX_SPANS];
   kvc_plan_desc_t d = KVC_PLAN_DESC_INIT;
   if (fuzz_u8(&in) == 0xFF) d.struct_size -= 4;
@@ -63,11 +63,22 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     for (int32_t b = 0; b < d.batch && b < MAX_BATCH; ++b)
       if (seq_lens[b] > 100000) seq_lens[b] %= 100000; /* negatives stay */
   if (d.batch >= 1 && fuzz_u8(&in) == 0xEE) span_indptr[fuzz_u8(&in) % (d.batch + 1)] += fuzz_int(&in, -3, 3);
-  d.budget_policy = (kvc_budget_policy_t)fuzz_int(&in, 0, 2); /* read last: older inputs mean FAIL */
+  d.budget_policy = (kvc_budget_policy_t)fuzz_int(&in, 0, 2); /* read after the above: older inputs mean FAIL */
+  /* read last (older inputs: 0, 0): per-head spans re-cut the same spans into batch * heads rows at
+   * fuzzed boundaries (an extreme value tests the 0/1 check), and a fixed score row capacity */
+  d.spans_per_head = fuzz_i32_extreme(&in, fuzz_int(&in, 0, 1));
+  d.score_row_capacity = fuzz_i32_extreme(&in, fuzz_int(&in, 0, 3200));
+  /* the arrays hold MAX_HEADS heads' rows: other head counts fuzz per-sequence spans only */
+  if (d.spans_per_head == 1 && (d.num_kv_heads < 1 || d.num_kv_heads > MAX_HEADS)) d.spans_per_head = 0;
+  const int32_t span_rows = d.spans_per_head == 1 && d.batch >= 1 ? d.batch * d.num_kv_heads : d.batch;
+  if (d.spans_per_head == 1 && d.num_kv_heads > 1 && d.batch >= 1) {
+    for (int32_t r = 1; r < span_rows; ++r) span_indptr[r] = fuzz_int(&in, 0, total); /* may run backwards */
+    span_indptr[0] = 0, span_indptr[span_rows] = total;
+  }
   d.seq_lens = seq_lens, d.budgets = budgets, d.span_indptr = span_indptr, d.spans = spans;
   /* span_indptr entries may now point past the spans array: only the bounded, validated prefix
    * may be read. Clamp the last entry so the array bound itself is always honest. */
-  if (d.batch >= 1 && (span_indptr[d.batch] > MAX_SPANS || span_indptr[d.batch] < 0)) span_indptr[d.batch] = total;
+  if (d.batch >= 1 && (span_indptr[span_rows] > MAX_SPANS || span_indptr[span_rows] < 0)) span_indptr[span_rows] = total;
 
   kvc_plan_t plan = NULL;
   kvc_status_t status = kvc_plan_create(ctx, &d, &plan);
@@ -77,7 +88,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   }
   /* invariants of an accepted plan */
   kvc_plan_info_t info;
-  int32_t new_lens[MAX_BATCH], outcomes[MAX_BATCH], indptr[MAX_BATCH + 1], implicit[MAX_BATCH], quotas[MAX_SPANS + 1];
+  int32_t new_lens[MAX_BATCH], outcomes[MAX_BATCH], indptr[MAX_BATCH + 1], implicit[MAX_ROWS], quotas[MAX_SPANS + 1];
   if (kvc_plan_get_info(plan, &info) || kvc_plan_new_lengths(plan, new_lens) || kvc_plan_outcomes(plan, outcomes))
     abort();
   int64_t tokens = 0, kept = 0;
@@ -100,17 +111,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       if (positions[i] < 0 || positions[i] >= seq_lens[b] || (i > indptr[b] && positions[i] <= positions[i - 1])) abort();
   free(positions);
   kvc_plan_span_quotas(plan, quotas, implicit);
-  for (int32_t b = 0; b < d.batch; ++b) {
-    int64_t fair_quota = implicit[b] > 0 ? implicit[b] : 0;
-    for (int32_t i = span_indptr[b]; i < span_indptr[b + 1]; ++i) {
+  for (int32_t r = 0; r < span_rows; ++r) { /* per span row: a sequence, or a (sequence, head) */
+    int64_t fair_quota = implicit[r] > 0 ? implicit[r] : 0;
+    for (int32_t i = span_indptr[r]; i < span_indptr[r + 1]; ++i) {
       if (quotas[i] < 0 || quotas[i] > spans[i].end - spans[i].start) abort();
       if (spans[i].kind == KVC_SPAN_FAIR) fair_quota += quotas[i];
     }
-    if (fair_quota > new_lens[b]) abort(); /* quotas never exceed the budget */
+    if (fair_quota > new_lens[r / (span_rows / d.batch)]) abort(); /* quotas never exceed the budget */
   }
   /* sizes are exact products, never wrapped: the layouts' element counts, and a compress
    * workspace holding at least the keep and score layouts */
-  if ((__int128)info.score_elems != (__int128)d.num_kv_heads * tokens ||
+  const __int128 score_elems = d.score_row_capacity > 0 ? (__int128)d.batch * d.num_kv_heads * d.score_row_capacity
+                                                         : (__int128)d.num_kv_heads * tokens;
+  if ((__int128)info.score_elems != score_elems ||
       (__int128)info.keep_elems != (__int128)d.num_kv_heads * kept)
     abort();
   size_t sizes[KVC_OP_COMPRESS + 1];

@@ -6,16 +6,19 @@
  * and then selection of either backend's scores must be bit-identical on both backends.
  * nonfinite: the same with NaN / +-inf planted in K rows and queries (and huge finite f32 keys for
  * KNORM): DESIGN.md's non-finite rule, one row of NaN per non-finite logit, on both backends.
+ * decode: the same with per-head spans (spans_per_head) and often a fixed score_row_capacity.
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "gpucheck.h"
 
-static void score_case(gc_run_t *r, int nonfinite) {
+/* decode: per-head spans and a fixed score_row_capacity (gc_draw_head_spans). */
+static void score_case(gc_run_t *r, int nonfinite, int decode) {
   const gc_problem_opts_t opts = {NULL, 0, 1, 1, nonfinite, 0};
   gc_problem_t p;
   gc_draw_problem(r, &opts, &p);
+  if (decode) gc_draw_head_spans(r, &p);
   const int accumulate = gc_chance(r, 0.15);
   if (accumulate) gc_describe(r, " accumulate");
   kvc_plan_t cpu_plan = NULL, cuda_plan = NULL;
@@ -72,10 +75,14 @@ static void score_case(gc_run_t *r, int nonfinite) {
   GC_TRY(gc_check_selection(r, &p.desc, cpu_plan, cuda_plan, cuda_scores, "the CUDA scores", 0));
 }
 
-static void run_score(gc_run_t *r) { score_case(r, 0); }
-static void run_nonfinite(gc_run_t *r) { score_case(r, 1); }
+static void run_score(gc_run_t *r) { score_case(r, 0, 0); }
+static void run_nonfinite(gc_run_t *r) { score_case(r, 1, 0); }
+static void run_decode(gc_run_t *r) { score_case(r, 0, 1); }
 
 const gc_family_t gc_family_score = {"score", "kvc_score CUDA vs CPU within tolerance, then selection of both", run_score};
 const gc_family_t gc_family_nonfinite = {
     "nonfinite", "the score family with NaN / +-inf planted in K and queries (DESIGN.md's non-finite rule)",
     run_nonfinite};
+const gc_family_t gc_family_decode = {
+    "decode", "the score family with per-head spans and a fixed score_row_capacity (re-compression during decode)",
+    run_decode};

@@ -56,6 +56,17 @@ int gc_check_selection(gc_run_t *r, const kvc_plan_desc_t *d, kvc_plan_t cpu_pla
   if (gc_expect_keep(r, label, d, cuda_keep, cpu_keep) || gc_check_guards(r, "kvc_select")) return 1;
 
   if (!d->span_indptr || info.count_elems == 0) return 0;
+  /* per-head spans: the keep and count layouts are those of per-sequence spans over batch * heads
+   * one-head sequences (row (b, h) the (b * heads + h)-th) */
+  kvc_plan_desc_t rows = *d;
+  if (d->spans_per_head) {
+    const int32_t heads = d->num_kv_heads, count = d->batch * heads;
+    int32_t *lens = gc_alloc(r, sizeof(int32_t) * (size_t)count), *budgets = gc_alloc(r, sizeof(int32_t) * (size_t)count);
+    if (r->failed) return 1;
+    for (int32_t i = 0; i < count; ++i) lens[i] = d->seq_lens[i / heads], budgets[i] = d->budgets[i / heads];
+    rows.batch = count, rows.num_kv_heads = 1, rows.seq_lens = lens, rows.budgets = budgets, rows.spans_per_head = 0;
+  }
+  d = &rows;
   const size_t count_bytes = sizeof(int32_t) * (size_t)info.count_elems;
   int32_t *want = gc_alloc(r, count_bytes), *cpu_counts = gc_alloc(r, count_bytes), *got = gc_alloc(r, count_bytes);
   int32_t *dev_counts = gc_dev(r, NULL, count_bytes, "retention counts");

@@ -33,7 +33,7 @@
 /* Every family; --family picks some of them. */
 static const gc_family_t *const kFamilies[] = {&gc_family_score,   &gc_family_select,    &gc_family_compact,
                                                &gc_family_compress, &gc_family_graph,   &gc_family_corrupt,
-                                               &gc_family_gather,   &gc_family_nonfinite};
+                                               &gc_family_gather,   &gc_family_nonfinite, &gc_family_decode};
 #define NUM_FAMILIES ((int)(sizeof kFamilies / sizeof kFamilies[0]))
 
 /* ============================================================================================== */
@@ -282,6 +282,14 @@ int gc_close(double cuda, double cpu) {
   return fabs(cuda - cpu) <= GC_SCORE_REL_TOL * fabs(cpu) + GC_SCORE_ABS_TOL;
 }
 
+/* Start of score row (b, h) of a plan made from d: packed, or at (b * heads + h) * capacity. */
+static int64_t score_row_at(const kvc_plan_desc_t *d, int32_t b, int32_t h) {
+  if (d->score_row_capacity) return ((int64_t)b * d->num_kv_heads + h) * d->score_row_capacity;
+  int64_t at = 0;
+  for (int32_t i = 0; i < b; ++i) at += (int64_t)d->num_kv_heads * d->seq_lens[i];
+  return at + (int64_t)h * d->seq_lens[b];
+}
+
 int gc_expect_scores(gc_run_t *r, const char *what, const kvc_plan_desc_t *d, const float *cuda, const float *cpu,
                      double *max_rel) {
   int64_t at = 0, bad = 0, total = 0;
@@ -289,7 +297,8 @@ int gc_expect_scores(gc_run_t *r, const char *what, const kvc_plan_desc_t *d, co
   double worst = 0.0;
   for (int32_t b = 0; b < d->batch; ++b) {
     const int32_t n = d->seq_lens[b];
-    for (int32_t h = 0; h < d->num_kv_heads; ++h)
+    for (int32_t h = 0; h < d->num_kv_heads; ++h) {
+      at = score_row_at(d, b, h);
       for (int32_t t = 0; t < n; ++t, ++at, ++total) {
         if (!gc_close(cuda[at], cpu[at])) {
           if (!bad++) fb = b, fh = h, ft = t;
@@ -300,12 +309,11 @@ int gc_expect_scores(gc_run_t *r, const char *what, const kvc_plan_desc_t *d, co
           worst = fmax(worst, fabs((double)cuda[at] - cpu[at]) / fabs((double)cpu[at]));
         }
       }
+    }
   }
   if (max_rel) *max_rel = worst;
   if (!bad) return 0;
-  int64_t i = 0;
-  for (int32_t b = 0; b < fb; ++b) i += (int64_t)d->num_kv_heads * d->seq_lens[b];
-  i += (int64_t)fh * d->seq_lens[fb] + ft;
+  const int64_t i = score_row_at(d, fb, fh) + ft;
   gc_fail(r, __FILE__, __LINE__,
           "%s: %lld of %lld scores outside |cuda - cpu| <= %g |cpu| + %g; first: sequence %d (n %d) head %d token %d: "
           "CUDA %.9g vs CPU %.9g",
@@ -468,6 +476,36 @@ void gc_draw_spans(gc_run_t *r, gc_problem_t *p, int span_local) {
   d->span_indptr = p->span_indptr;
   d->spans = p->spans;
   d->span_local = span_local;
+}
+
+void gc_draw_head_spans(gc_run_t *r, gc_problem_t *p) {
+  kvc_plan_desc_t *d = &p->desc;
+  const int32_t heads = d->num_kv_heads;
+  int32_t count = 0, longest = 0;
+  p->head_span_indptr[0] = 0;
+  for (int32_t b = 0; b < d->batch; ++b) {
+    const int32_t n = p->seq_lens[b], first = count;
+    const int room = count + 5 * heads <= GC_MAX_SPANS; /* a row draws at most 3 FAIR + 2 PROTECT */
+    longest = n > longest ? n : longest;
+    for (int32_t h = 0; h < heads; ++h) {
+      if (h > 0 && (d->method == KVC_SCORE_TOVA || gc_chance(r, 0.25))) { /* head 0's spans again */
+        const int32_t row0_count = p->head_span_indptr[b * heads + 1] - first;
+        memcpy(p->head_spans + count, p->head_spans + first, sizeof(kvc_span_t) * (size_t)row0_count);
+        count += row0_count;
+      } else if (room) {
+        count += kvc_test_random_spans(&r->rng, n, kvc_rng_range(&r->rng, 0, 3), kvc_rng_range(&r->rng, 0, 2),
+                                       gc_chance(r, 0.5), p->head_spans, count, GC_MAX_SPANS);
+      }
+      p->head_span_indptr[b * heads + h + 1] = count;
+    }
+  }
+  d->span_indptr = p->head_span_indptr;
+  d->spans = p->head_spans;
+  d->spans_per_head = 1;
+  d->score_row_capacity = gc_chance(r, 0.7) ? longest + kvc_rng_range(&r->rng, 0, 40) : 0;
+  gc_describe(r, " per-head spans (%d)%s, score_row_capacity %d", count, d->span_local ? " without span_local" : "",
+              d->score_row_capacity);
+  d->span_local = 0;
 }
 
 /* Observation queries of one sequence, roughly (the plan has the exact count): the cost model of

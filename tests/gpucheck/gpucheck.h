@@ -195,6 +195,9 @@ typedef struct {
   kvc_test_table_t table;
   int nonfinite; /* NaN / inf planted in K (and queries)                                    */
   int with_lse;  /* the CUDA run gets the test's own normalisers                            */
+  /* per-head spans (gc_draw_head_spans): desc.span_indptr / spans then point here           */
+  int32_t head_span_indptr[GC_MAX_BATCH * 8 + 1];
+  kvc_span_t head_spans[GC_MAX_SPANS];
 } gc_problem_t;
 
 typedef struct {
@@ -219,6 +222,10 @@ void *gc_problem_queries(gc_run_t *r, const gc_problem_t *p, const kvc_plan_info
 
 /* Adds FAIR / PROTECT spans to every sequence of desc (span_local: FAIR spans tile [0, n)). */
 void gc_draw_spans(gc_run_t *r, gc_problem_t *p, int span_local);
+/* Re-compression during decode: replaces the spans by per-(sequence, KV head) ones (spans_per_head;
+ * TOVA and some heads copy head 0's, the rest are drawn), drops span_local, and often gives the
+ * plan a fixed score_row_capacity above its longest sequence. */
+void gc_draw_head_spans(gc_run_t *r, gc_problem_t *p);
 
 /* kvc_select of `scores` (score layout, host) on both backends: bit-identical keep layouts, the
  * CPU's equal to the sorting oracle of tests/support (with_oracle), no write past the keep layout;
@@ -228,6 +235,6 @@ int gc_check_selection(gc_run_t *r, const kvc_plan_desc_t *d, kvc_plan_t cpu_pla
 
 /* The families (family_*.c). */
 extern const gc_family_t gc_family_score, gc_family_select, gc_family_compact, gc_family_compress,
-    gc_family_graph, gc_family_corrupt, gc_family_gather, gc_family_nonfinite;
+    gc_family_graph, gc_family_corrupt, gc_family_gather, gc_family_nonfinite, gc_family_decode;
 
 #endif /* KVC_GPUCHECK_H */

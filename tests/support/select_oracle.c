@@ -121,12 +121,18 @@ static int load_obs(kvc_plan_t plan, const kvc_plan_desc_t *desc, obs_t *o) {
   return kvc_plan_obs_positions(plan, o->obs_indptr, o->obs_pos) == KVC_SUCCESS ? 0 : -1;
 }
 
-static void mark_protected(const kvc_plan_desc_t *d, const obs_t *o, int32_t b, unsigned char *prot) {
-  const int32_t n = d->seq_lens[b];
+/* Span row of (b, h) in desc's spans: b, or b * num_kv_heads + h with spans_per_head. */
+static int32_t span_row(const kvc_plan_desc_t *d, int32_t b, int32_t h) {
+  return d->spans_per_head ? b * d->num_kv_heads + h : b;
+}
+
+/* Protected tokens of (sequence b, KV head h). */
+static void mark_protected(const kvc_plan_desc_t *d, const obs_t *o, int32_t b, int32_t h, unsigned char *prot) {
+  const int32_t n = d->seq_lens[b], r = span_row(d, b, h);
   memset(prot, 0, (size_t)n);
   for (int32_t t = 0; t < n; ++t) prot[t] = t < d->sink_tokens || t >= n - d->recent_tokens;
   if (d->span_indptr)
-    for (int32_t i = d->span_indptr[b]; i < d->span_indptr[b + 1]; ++i)
+    for (int32_t i = d->span_indptr[r]; i < d->span_indptr[r + 1]; ++i)
       if (d->spans[i].kind == KVC_SPAN_PROTECT)
         for (int32_t t = d->spans[i].start; t < d->spans[i].end; ++t) prot[t] = 1;
   if ((d->method == KVC_SCORE_SNAPKV || d->method == KVC_SCORE_TOVA) && d->window_protection == KVC_WINDOW_PROTECTED)
@@ -138,9 +144,12 @@ int32_t kvc_test_protected_count(kvc_plan_t plan, const kvc_plan_desc_t *desc, i
   int32_t count = -1;
   if (load_obs(plan, desc, &o) == 0) {
     unsigned char *prot = malloc((size_t)desc->seq_lens[b]);
-    mark_protected(desc, &o, b, prot);
-    count = 0;
-    for (int32_t t = 0; t < desc->seq_lens[b]; ++t) count += prot[t];
+    for (int32_t h = 0; h < (desc->spans_per_head ? desc->num_kv_heads : 1); ++h) {
+      mark_protected(desc, &o, b, h, prot);
+      int32_t head_count = 0;
+      for (int32_t t = 0; t < desc->seq_lens[b]; ++t) head_count += prot[t];
+      count = head_count > count ? head_count : count;
+    }
     free(prot);
   }
   free(o.obs_indptr), free(o.obs_pos);
@@ -152,7 +161,8 @@ int kvc_test_select_oracle(kvc_plan_t plan, const kvc_plan_desc_t *d, const floa
   obs_t o = {NULL, NULL};
   if (kvc_plan_get_info(plan, &info) != KVC_SUCCESS || load_obs(plan, d, &o) != 0) return -1;
   int32_t *quotas = malloc(sizeof(int32_t) * (size_t)(info.total_spans + 1));
-  int32_t *implicit = malloc(sizeof(int32_t) * (size_t)d->batch);
+  const int32_t rows = d->spans_per_head ? d->batch * d->num_kv_heads : d->batch;
+  int32_t *implicit = malloc(sizeof(int32_t) * (size_t)rows);
   int status = kvc_plan_span_quotas(plan, quotas, implicit) == KVC_SUCCESS ? 0 : -1;
   int32_t max_n = 1;
   for (int32_t b = 0; b < d->batch; ++b) max_n = d->seq_lens[b] > max_n ? d->seq_lens[b] : max_n;
@@ -163,22 +173,26 @@ int kvc_test_select_oracle(kvc_plan_t plan, const kvc_plan_desc_t *d, const floa
   int64_t score_at = 0, keep_at = 0;
   for (int32_t b = 0; b < d->batch && status == 0; ++b) {
     const int32_t n = d->seq_lens[b], k = d->budgets[b] < n ? d->budgets[b] : n;
-    const int32_t first_span = d->span_indptr ? d->span_indptr[b] : 0;
-    const int32_t end_span = d->span_indptr ? d->span_indptr[b + 1] : 0;
-    /* partition of each token: index of its FAIR span among the sequence's, else `implicit_id` */
-    int32_t nfair = 0;
-    for (int32_t t = 0; t < n; ++t) member[t] = -1;
-    for (int32_t i = first_span; i < end_span; ++i)
-      if (d->spans[i].kind == KVC_SPAN_FAIR) {
-        for (int32_t t = d->spans[i].start; t < d->spans[i].end; ++t) member[t] = nfair;
-        nfair++;
-      }
-    for (int32_t t = 0; t < n; ++t)
-      if (member[t] < 0) member[t] = nfair;
+    const int64_t stride = d->score_row_capacity ? d->score_row_capacity : n;
+    if (d->score_row_capacity) score_at = (int64_t)b * heads * d->score_row_capacity;
     for (int32_t h = 0; h < heads; ++h) {
-      const float *row = scores + score_at + (int64_t)(d->method == KVC_SCORE_TOVA ? 0 : h) * n;
+      /* TOVA: one selection for every head, head 0's (its scores and spans) */
+      const int32_t h_sel = d->method == KVC_SCORE_TOVA ? 0 : h, r = span_row(d, b, h_sel);
+      const int32_t first_span = d->span_indptr ? d->span_indptr[r] : 0;
+      const int32_t end_span = d->span_indptr ? d->span_indptr[r + 1] : 0;
+      /* partition of each token: index of its FAIR span among the row's, else `nfair` (implicit) */
+      int32_t nfair = 0;
+      for (int32_t t = 0; t < n; ++t) member[t] = -1;
+      for (int32_t i = first_span; i < end_span; ++i)
+        if (d->spans[i].kind == KVC_SPAN_FAIR) {
+          for (int32_t t = d->spans[i].start; t < d->spans[i].end; ++t) member[t] = nfair;
+          nfair++;
+        }
+      for (int32_t t = 0; t < n; ++t)
+        if (member[t] < 0) member[t] = nfair;
+      const float *row = scores + score_at + (int64_t)h_sel * stride;
       int32_t *out = keep + keep_at + (int64_t)h * k;
-      mark_protected(d, &o, b, kept);
+      mark_protected(d, &o, b, h_sel, kept);
       if (k < n) {
         int32_t fair_index = 0, F = 0;
         for (int32_t i = first_span; i < end_span; ++i) {
@@ -188,11 +202,11 @@ int kvc_test_select_oracle(kvc_plan_t plan, const kvc_plan_desc_t *d, const floa
           keep_top(row, n, member, fair_index++, kept, quotas[i] - lo, scratch);
           F += quotas[i];
         }
-        if (implicit[b] >= 0) {
+        if (implicit[r] >= 0) {
           int32_t lo = 0;
           for (int32_t t = 0; t < n; ++t) lo += member[t] == nfair && kept[t];
-          keep_top(row, n, member, nfair, kept, implicit[b] - lo, scratch);
-          F += implicit[b];
+          keep_top(row, n, member, nfair, kept, implicit[r] - lo, scratch);
+          F += implicit[r];
         }
         keep_top(row, n, NULL, 0, kept, k - F, scratch);
       }

@@ -35,7 +35,8 @@ int32_t kvc_test_random_spans(kvc_rng_t *rng, int32_t n, int32_t fair, int32_t p
 /* The keep layout of `plan` (made from `desc`) for `scores` (score layout), by sorting each
  * candidate set: protected = sinks + recents + PROTECT spans + the observation positions of SNAPKV
  * and TOVA (unless window_protection is KVC_WINDOW_RANKED); quotas from kvc_plan_span_quotas.
- * Returns 0, or -1 if a plan read-out fails. */
+ * Honours desc->spans_per_head (each (b, h) its own spans; TOVA head 0's) and
+ * desc->score_row_capacity (the score layout's rows). Returns 0, or -1 if a plan read-out fails. */
 int kvc_test_select_oracle(kvc_plan_t plan, const kvc_plan_desc_t *desc, const float *scores, int32_t *keep);
 
 /* A selection test case: a batch, its budgets and spans, the plan knobs selection reads, and the
@@ -64,7 +65,8 @@ void kvc_test_select_case_add_spans(kvc_test_select_case_t *c, int32_t fair, int
 /* The plan descriptor of c (head_dim 64, num_q_heads = num_kv_heads); it points into c. */
 kvc_plan_desc_t kvc_test_select_case_desc(const kvc_test_select_case_t *c);
 
-/* Number of protected tokens of sequence b per the rules above (for budgets = |P| cases). */
+/* Number of protected tokens of sequence b per the rules above (for budgets = |P| cases); with
+ * spans_per_head the largest over its KV heads. */
 int32_t kvc_test_protected_count(kvc_plan_t plan, const kvc_plan_desc_t *desc, int32_t b);
 
 #ifdef __cplusplus

@@ -202,7 +202,9 @@ def _as_span(s, where):
     raise TypeError(f"{where}: expected a Span or a (start, end[, kind[, weight]]) tuple, got {s!r}")
 
 
-def _normalise_spans(spans, batch):
+def _normalise_spans(spans, batch, heads=None):
+    """Per sequence a list of Span; with `heads` (spans_per_head) per sequence a list of `heads`
+    such lists."""
     if spans is None:
         return None
     spans = list(spans)
@@ -210,7 +212,17 @@ def _normalise_spans(spans, batch):
         spans = [spans]  # one sequence: a flat list is allowed
     if len(spans) != batch:
         raise ValueError(f"spans: expected one list of spans per sequence ({batch}), got {len(spans)}")
-    return [[_as_span(s, f"spans[{b}][{i}]") for i, s in enumerate(row or [])] for b, row in enumerate(spans)]
+    if heads is None:
+        return [[_as_span(s, f"spans[{b}][{i}]") for i, s in enumerate(row or [])] for b, row in enumerate(spans)]
+    out = []
+    for b, seq in enumerate(spans):
+        seq = list(seq or [])
+        if len(seq) != heads:
+            raise ValueError(f"spans[{b}]: spans_per_head needs one list of spans per KV head ({heads}), "
+                             f"got {len(seq)}")
+        out.append([[_as_span(s, f"spans[{b}][{h}][{i}]") for i, s in enumerate(row or [])]
+                    for h, row in enumerate(seq)])
+    return out
 
 
 # ============================================================================================
@@ -256,7 +268,13 @@ class Plan:
       num_q_heads, num_kv_heads, head_dim   required
       seq_lens                              [batch] token counts
       budgets                               [batch] tokens kept per KV head (an int applies to all)
-      spans=None                            per sequence a list of Span (or (start, end, kind, weight))
+      spans=None                            per sequence a list of Span (or (start, end, kind, weight));
+                                            with spans_per_head=True per sequence a list of
+                                            num_kv_heads such lists (spans_after_compaction makes them)
+      spans_per_head=False                  spans per (sequence, KV head) (desc.spans_per_head)
+      score_row_capacity=0                  0: packed score layout; C: every score row (b, h) at
+                                            (b * num_kv_heads + h) * C, C >= every seq_len, so H2O
+                                            scores accumulated over growing decode steps stay put
       method='snapkv'                       'snapkv' | 'h2o' | 'tova' | 'knorm' | 'streaming'
       dtype='f16'                           'f32' | 'f16' | 'bf16' | 'fp8_e4m3' (or a numpy/torch dtype)
       window=64, pool_kernel=5, pool='avg', group_reduce='mean', scale=0.0 (= 1/sqrt(head_dim)),
@@ -282,7 +300,8 @@ class Plan:
                  method="snapkv", dtype="f16", window=64, pool_kernel=5, pool="avg", group_reduce="mean",
                  scale=0.0, span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0, budget_policy="fail",
                  device_memory="owned",
-                 quota_rounding="largest_remainder", window_protection="protected", query_dtype=None, k_scale=1.0):
+                 quota_rounding="largest_remainder", window_protection="protected", spans_per_head=False,
+                 score_row_capacity=0, query_dtype=None, k_scale=1.0):
         if not isinstance(context, Context):
             raise TypeError(f"context: expected a kvcompress.Context, got {type(context).__name__}")
         lib = context._lib
@@ -299,11 +318,14 @@ class Plan:
             bud = _arrays.to_int32_host(budgets, "budgets").reshape(-1)
             if bud.shape[0] != batch:
                 raise ValueError(f"budgets: {bud.shape[0]} values for {batch} sequences (seq_lens)")
-        rows = _normalise_spans(spans, batch)
-
         # exact values only: ctypes would truncate floats and wrap integers past int32 silently
         num_q_heads = _arrays.integer(num_q_heads, "num_q_heads")
         num_kv_heads = _arrays.integer(num_kv_heads, "num_kv_heads")
+        spans_per_head = _arrays.flag(spans_per_head, "spans_per_head")
+        score_row_capacity = _arrays.integer(score_row_capacity, "score_row_capacity")
+        nested = _normalise_spans(spans, batch, num_kv_heads if spans_per_head else None)
+        # span rows: one per sequence, or per (sequence, KV head)
+        rows = [r for seq in nested for r in seq] if spans_per_head and nested is not None else nested
         head_dim = _arrays.integer(head_dim, "head_dim")
         window = _arrays.integer(window, "window")
         pool_kernel = _arrays.integer(pool_kernel, "pool_kernel")
@@ -325,10 +347,10 @@ class Plan:
         desc.budgets = bud.ctypes.data
         span_arr = indptr = None
         if rows is not None:
-            indptr = np.zeros(batch + 1, dtype=np.int32)
+            indptr = np.zeros(len(rows) + 1, dtype=np.int32)
             flat = [s for row in rows for s in row]
-            for b, row in enumerate(rows):
-                indptr[b + 1] = indptr[b] + len(row)
+            for r, row in enumerate(rows):
+                indptr[r + 1] = indptr[r] + len(row)
             span_arr = (_lib.SpanStruct * max(1, len(flat)))()
             for i, s in enumerate(flat):
                 span_arr[i].start, span_arr[i].end = int(s.start), int(s.end)
@@ -351,6 +373,8 @@ class Plan:
         desc.device_memory = _choice(DEVICE_MEMORY, device_memory, "device_memory")
         desc.quota_rounding = _choice(QUOTA_ROUNDINGS, quota_rounding, "quota_rounding")
         desc.window_protection = _choice(WINDOW_PROTECTIONS, window_protection, "window_protection")
+        desc.spans_per_head = spans_per_head
+        desc.score_row_capacity = score_row_capacity
         self.query_dtype = self.dtype if query_dtype is None else _dtype_tag(query_dtype)
         if self.query_dtype != self.dtype:
             desc.query_dtype = _choice(QUERY_DTYPE_TAGS, self.query_dtype, "query_dtype")
@@ -375,7 +399,10 @@ class Plan:
         self.batch = batch
         self.seq_lens = seq.copy()
         self.budgets = bud.copy()
-        self.spans = rows
+        self.spans = nested
+        self.spans_per_head = bool(spans_per_head)
+        self.score_row_capacity = score_row_capacity
+        self._span_rows = rows  # flat list of span rows (desc order), or None
         self.fairness = fairness
         self.max_seq_len = int(seq.max())
         info = _lib.PlanInfoStruct()
@@ -396,7 +423,7 @@ class Plan:
         self._call(lib.kvc_plan_device_bytes, "kvc_plan_device_bytes", handle, ctypes.byref(nbytes))
         self.device_bytes = int(nbytes.value)
         q = np.zeros(max(1, self.info.total_spans), dtype=np.int32)
-        imp = np.zeros(batch, dtype=np.int32)
+        imp = np.zeros(batch * (num_kv_heads if spans_per_head else 1), dtype=np.int32)
         self._call(lib.kvc_plan_span_quotas, "kvc_plan_span_quotas", handle, q.ctypes.data, imp.ctypes.data)
         self.span_quotas = q[: self.info.total_spans]
         self.implicit_quotas = imp
@@ -494,13 +521,42 @@ class Plan:
     def obs_positions_of(self, b):
         return self.obs_positions[self.obs_indptr[b]: self.obs_indptr[b + 1]]
 
-    def span_quotas_of(self, b):
-        return self.span_quotas[self._span_lo(b): self._span_lo(b + 1)]
+    def span_quotas_of(self, b, h=None):
+        """Quotas of sequence b's spans (with spans_per_head: of KV head h's)."""
+        r = self._span_row(b, h)
+        return self.span_quotas[self._span_lo(r): self._span_lo(r + 1)]
 
-    def _span_lo(self, b):
-        if self.spans is None:
+    def _span_row(self, b, h):
+        if self.spans_per_head != (h is not None):
+            raise ValueError("h: give a KV head exactly when the plan has spans_per_head")
+        return b * self.num_kv_heads + h if self.spans_per_head else b
+
+    def _span_lo(self, r):
+        if self._span_rows is None:
             return 0
-        return sum(len(r) for r in self.spans[:b])
+        return sum(len(x) for x in self._span_rows[:r])
+
+    def spans_after_compaction(self, keep):
+        """kvc_spans_after_compaction: the next event's per-head spans (per sequence a list of
+        num_kv_heads lists of Span, compacted coordinates) from this plan's keep layout (int32
+        [keep_elems], any library; read on the host). Pass them with spans_per_head=True to the
+        next plan, whose seq_lens are new_lengths plus the tokens appended since."""
+        host = np.ascontiguousarray(np.asarray(_to_host(keep)).reshape(-1), dtype=np.int32)
+        if host.size != self.info.keep_elems:
+            raise ValueError(f"keep: expected {self.info.keep_elems} indices (keep layout), got {host.size}")
+        count = ctypes.c_int64()
+        self._call(self._lib.kvc_spans_after_compaction, "kvc_spans_after_compaction", self.context.handle,
+                   self.handle, host.ctypes.data, None, 0, None, ctypes.byref(count))
+        rows = self.batch * self.num_kv_heads
+        out = (_lib.SpanStruct * max(1, count.value))()
+        indptr = np.zeros(rows + 1, dtype=np.int32)
+        self._call(self._lib.kvc_spans_after_compaction, "kvc_spans_after_compaction", self.context.handle,
+                   self.handle, host.ctypes.data, ctypes.addressof(out), count.value, indptr.ctypes.data,
+                   ctypes.byref(count))
+        kinds = {v: k for k, v in SPAN_KINDS.items()}
+        spans = [Span(int(s.start), int(s.end), kinds[int(s.kind)], float(s.weight)) for s in out[: count.value]]
+        H = self.num_kv_heads
+        return [[spans[indptr[b * H + h]: indptr[b * H + h + 1]] for h in range(H)] for b in range(self.batch)]
 
     def _rows(self, arr, lens):
         H = self.num_kv_heads
@@ -513,6 +569,10 @@ class Plan:
 
     def score_rows(self, scores):
         """Per sequence b a (num_kv_heads, n_b) view of a score-layout array."""
+        C = self.score_row_capacity
+        if C:
+            H = self.num_kv_heads
+            return [scores[b * H * C: (b + 1) * H * C].reshape(H, C)[:, : int(n)] for b, n in enumerate(self.seq_lens)]
         return self._rows(scores, self.seq_lens)
 
     def keep_rows(self, keep):
@@ -520,7 +580,12 @@ class Plan:
         return self._rows(keep, self.new_lengths)
 
     def count_rows(self, counts):
-        """Per sequence b a (num_kv_heads, spans_b) view of a count-layout array."""
+        """Per sequence b a (num_kv_heads, spans_b) view of a count-layout array; with
+        spans_per_head per sequence a list of num_kv_heads 1-D views (one count per span of the head)."""
+        if self.spans_per_head:
+            H, lo = self.num_kv_heads, np.cumsum([0] + [len(r) for r in self._span_rows or []])
+            return [[counts[lo[b * H + h]: lo[b * H + h + 1]] for h in range(H)] if self._span_rows else
+                    [counts[0:0] for _ in range(H)] for b in range(self.batch)]
         return self._rows(counts, [len(r) for r in self.spans] if self.spans else [0] * self.batch)
 
     def gather_queries(self, q):
@@ -986,6 +1051,10 @@ class Plan:
         host = np.asarray(counts if isinstance(counts, np.ndarray) else _to_host(counts))
         out = []
         for b, rows in enumerate(self.count_rows(host)):
+            if self.spans_per_head:
+                out.append([r / np.array([max(1, len(s)) for s in self.spans[b][h]] if self.spans else [],
+                                         dtype=np.float64) for h, r in enumerate(rows)])
+                continue
             lens = np.array([max(1, len(s)) for s in self.spans[b]], dtype=np.float64) if self.spans else np.ones(0)
             out.append(rows / lens[None, :])
         return out
