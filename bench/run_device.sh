@@ -290,6 +290,14 @@ else
     say "SKIP gpucheck: no checker"; record '{"record":"skipped","step":"gpucheck","reason":"not built"}'
   fi
 fi
+if [ "$dry" != 1 ]; then # the engine-style example on the GPU: prefill and decode events, self-checked
+  if [ -x "$BIN/engine_loop_cuda" ]; then
+    step engine_loop 20 bash -c "exec '$BIN/engine_loop_cuda' --cuda >'$OUT/engine_loop.log' 2>&1" ||
+      problem "engine_loop_cuda failed (engine_loop.log)"
+  else
+    say "SKIP engine_loop: not built"; record '{"record":"skipped","step":"engine_loop","reason":"not built"}'
+  fi
+fi
 export PYTHONPATH=$root/bindings/python${PYTHONPATH:+:$PYTHONPATH} # the bindings, uninstalled
 step pytest_cuda 25 bash -c "exec '$PY' -m pytest -q -rs -p no:cacheprovider bindings/python/tests/test_cuda.py >'$OUT/pytest.log' 2>&1"
 tail -n 5 "$OUT/pytest.log"
@@ -316,13 +324,13 @@ else
   step peers_compress 32 bash -c "exec $PY $PEER --ops compress --methods snapkv --models llama:32:8:128,qwen:40:8:128 \
     --n 32768,4096,131072 --batch 1,8 --ratios 0.5,0.1,0.9 --iters 10 --max-seconds \$STEP_SECONDS"
   # selection (ours plain / quota, CUB) | torch.topk; compaction | torch gather
-  run_bin bench_select 14 --n 32768,131072,4096,1048576
+  run_bin bench_select 14 --shapes 1:32768,1:131072,1:4096,1:1048576,64:2048
   step peers_select_compact 18 bash -c "exec $PY $PEER --ops select,compact --n 32768,131072,4096 --batch 1,8 \
     --ratios 0.5,0.1,0.9 --select-n 32768,131072,4096,1048576 --iters 10 --max-seconds \$STEP_SECONDS"
   run_bin bench_score 12 --n 32768,4096,131072 --heads 8:32 --method snapkv,knorm,h2o,tova --batch 1 --iters 10
   run_bin bench_score 6 --n 32768,131072 --heads 8:32 --method snapkv --engine-lse 1 --batch 1 --iters 10
   run_bin bench_score 6 --n 32768,131072 --heads 8:32 --method snapkv,knorm --dtype fp8 --query-dtype bf16 --batch 1 --iters 10
-  run_bin bench_compact 10 --n 32768,131072,4096 --keep 0.5,0.1,0.9
+  run_bin bench_compact 10 --shapes 1:32768,1:131072,1:4096,64:2048 --keep 0.5,0.1,0.9 --modes in_place,into
   # H2O over all queries, ratio 0.5
   run_bin bench_compress 8 --models llama:32:8:128 --n 4096,32768 --batch 1 --ratios 0.5 --methods h2o --iters 5 --warmup 1
   step peers_compress_h2o 8 bash -c "exec $PY $PEER --ops compress --methods h2o --models llama:32:8:128 --n 4096,32768 \

@@ -7,6 +7,7 @@
 #                                    (bench_ceilings also needs libcublas.so.13, which the device
 #                                    image's CUDA 13 toolkit has)
 #   .device/bin/kvc-gpucheck         the GPU checker (tests/gpucheck), RUNPATH $ORIGIN/../lib
+#   .device/bin/engine_loop_cuda     examples/engine_loop.c on the CUDA backend (it checks itself)
 #   .device/bin/bench_*              every benchmark program, RUNPATH $ORIGIN/../lib
 #   .device/whl/*.whl                Python wheels the device image lacks (KINDS.md's package list):
 #                                    kvpress (pure Python, 0.1 MiB). FlashInfer is NOT carried:
@@ -52,16 +53,16 @@ mkdir -p "$root/build"
 cmake -S "$root" -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 -DKVC_CUDART_STATIC=ON \
   -DKVC_BUILD_TESTS=ON -DKVC_BUILD_BENCH=ON -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON '-DCMAKE_INSTALL_RPATH=$ORIGIN/../lib' \
   >"$root/build/device-sm90.configure.log" 2>&1 || { tail -n 30 "$root/build/device-sm90.configure.log"; exit 1; }
-say "build (-j$jobs): kvcompress kvc-gpucheck kvc_benches"
+say "build (-j$jobs): kvcompress kvc-gpucheck engine_loop_cuda kvc_benches"
 t0=$(date +%s)
-nice cmake --build "$B" -j"$jobs" --target kvcompress kvc-gpucheck kvc_benches >"$root/build/device-sm90.build.log" 2>&1 ||
+nice cmake --build "$B" -j"$jobs" --target kvcompress kvc-gpucheck engine_loop_cuda kvc_benches >"$root/build/device-sm90.build.log" 2>&1 ||
   { tail -n 60 "$root/build/device-sm90.build.log"; exit 1; }
 say "built in $(($(date +%s) - t0)) s"
 
 rm -rf "$D.new"
 mkdir -p "$D.new/bin" "$D.new/lib" "$D.new/whl"
 cp "$B/libkvcompress.so.0."* "$D.new/lib/libkvcompress.so.0" # real files only: links travel as links
-cp "$B/tests/kvc-gpucheck" "$D.new/bin/"
+cp "$B/tests/kvc-gpucheck" "$B/tests/engine_loop_cuda" "$D.new/bin/"
 for f in "$B"/bench/bench_*; do [ -x "$f" ] && [ -f "$f" ] && cp "$f" "$D.new/bin/"; done
 strip --strip-unneeded "$D.new/lib/libkvcompress.so.0" "$D.new"/bin/*
 
