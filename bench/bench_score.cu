@@ -22,7 +22,8 @@
  * reductions are not counted.
  *
  *   bench_score [--n 4096,32768,131072] [--method snapkv,h2o,tova,knorm,streaming]
- *               [--heads 8:32,...] (kv:q) [--batch 1] [--head-dim 128] [--dtype bf16|f16|f32]
+ *               [--heads 8:32,...] (kv:q) [--batch 1] [--head-dim 128] [--dtype bf16|f16|f32|fp8]
+ *               [--query-dtype bf16|f16|f32] (fp8 keys' queries; default bf16)
  *               [--window 64|n] [--page-size 16] [--iters 20] [--engine-lse 0|1]
  *   e.g. H2O over the whole prompt:
  *       bench_score --method h2o --window n --n 4096,32768 --heads 8:32
@@ -64,6 +65,7 @@ struct Options {
   bool window_is_n = false;     /* --window n: every token is an observation query */
   int engine_lse = 0;           /* --engine-lse 1: pass an lse array (the normaliser kernel is skipped) */
   std::string dtype = "bf16";
+  std::string query_dtype = "bf16"; /* --query-dtype: the queries of fp8 keys */
 };
 
 Options parse(int argc, char **argv) {
@@ -77,6 +79,7 @@ Options parse(int argc, char **argv) {
     else if (key == "--batch") o.batch = atoi(value);
     else if (key == "--head-dim") o.head_dim = atoi(value);
     else if (key == "--dtype") o.dtype = value;
+    else if (key == "--query-dtype") o.query_dtype = value;
     else if (key == "--window") {
       o.window_is_n = std::string(value) == "n";
       o.window = o.window_is_n ? 0 : atoi(value);
@@ -103,14 +106,21 @@ double g_copy_gbps = 0;
 bench::L2Flusher *g_flusher = nullptr;
 
 void bench_point(kvc_context_t ctx, const Options &o, const std::string &method, int n, int kv_heads, int q_heads) {
-  const kvc_dtype_t dtype = o.dtype == "f32" ? KVC_DTYPE_F32 : o.dtype == "f16" ? KVC_DTYPE_F16 : KVC_DTYPE_BF16;
-  const size_t elem = dtype == KVC_DTYPE_F32 ? 4 : 2;
+  const kvc_dtype_t dtype = bench::dtype_of(o.dtype);
+  /* fp8 keys (e4m3, scale 1: the values are bench::fill_random's, already of fp8 range) are scored
+   * with queries of --query-dtype */
+  const kvc_dtype_t query_dtype = dtype == KVC_DTYPE_FP8_E4M3 ? bench::dtype_of(o.query_dtype) : dtype;
+  const size_t elem = bench::dtype_bytes(dtype), query_elem = bench::dtype_bytes(query_dtype);
   std::vector<int32_t> seq_lens(o.batch, n), budgets(o.batch, n / 4);
   kvc_plan_desc_t desc = KVC_PLAN_DESC_INIT;
   desc.num_kv_heads = kv_heads;
   desc.num_q_heads = q_heads;
   desc.head_dim = o.head_dim;
   desc.dtype = dtype;
+  if (query_dtype != dtype)
+    desc.query_dtype = query_dtype == KVC_DTYPE_F32 ? KVC_QUERY_DTYPE_F32
+                       : query_dtype == KVC_DTYPE_F16 ? KVC_QUERY_DTYPE_F16
+                                                      : KVC_QUERY_DTYPE_BF16;
   desc.batch = o.batch;
   desc.seq_lens = seq_lens.data();
   desc.budgets = budgets.data();
@@ -136,13 +146,13 @@ void bench_point(kvc_context_t ctx, const Options &o, const std::string &method,
   kvc_plan_workspace_size(plan, KVC_OP_SCORE, &ws_bytes);
   CHECK_CUDA(cudaMalloc(&k, pool_elems * elem));
   CHECK_CUDA(cudaMalloc(&v, elem)); /* never read by scoring */
-  CHECK_CUDA(cudaMalloc(&queries, std::max<size_t>(query_elems, 1) * elem));
+  CHECK_CUDA(cudaMalloc(&queries, std::max<size_t>(query_elems, 1) * query_elem));
   CHECK_CUDA(cudaMalloc(&dev_table, sizeof(int32_t) * num_pages));
   CHECK_CUDA(cudaMalloc(&scores, sizeof(float) * (size_t)info.score_elems));
   CHECK_CUDA(cudaMalloc(&workspace, std::max<size_t>(ws_bytes, 1)));
   CHECK_CUDA(cudaMemcpy(dev_table, table.data(), sizeof(int32_t) * num_pages, cudaMemcpyHostToDevice));
   bench::fill_random(k, pool_elems, dtype, 1u);
-  bench::fill_random(queries, query_elems, dtype, 2u);
+  bench::fill_random(queries, query_elems, query_dtype, 2u);
   if (o.engine_lse && info.obs_total > 0) {
     std::vector<float> host_lse((size_t)info.obs_total * q_heads, logf((float)n));
     CHECK_CUDA(cudaMalloc(&lse, sizeof(float) * host_lse.size()));
@@ -174,13 +184,13 @@ void bench_point(kvc_context_t ctx, const Options &o, const std::string &method,
   const double k_bytes = (double)o.batch * n * kv_heads * o.head_dim * elem, median = st.median_ms;
   /* the analytic floor of this point; its flop count is the tflops rate's (see the header comment) */
   const kvc_floor_t floor = kvc_floor_score(desc.method, n, window, o.batch, kv_heads, q_heads, o.head_dim,
-                                            (int)elem, lse != nullptr);
-  const double flops = elem == 2 ? floor.tensor_flops : 2.0 * o.head_dim * floor.exps;
+                                            (int)elem, (int)query_elem, lse != nullptr);
+  const double flops = query_elem == 2 ? floor.tensor_flops : 2.0 * o.head_dim * floor.exps;
   const double k_gbps = k_bytes / (median * 1e-3) / 1e9;
   bench::Json j;
   j.add("record", "result").add("op", "score").add("impl", "kvc").add("method", method).add("n", n)
       .add("batch", o.batch).add("kv_heads", kv_heads).add("q_heads", q_heads).add("head_dim", o.head_dim)
-      .add("dtype", o.dtype).add("window", window).add("engine_lse", lse != nullptr ? 1 : 0).add_stats(st)
+      .add("dtype", o.dtype).add("query_dtype", query_dtype == dtype ? o.dtype : o.query_dtype).add("window", window).add("engine_lse", lse != nullptr ? 1 : 0).add_stats(st)
       .add("k_gbps", k_gbps).add("pct_copy", g_copy_gbps > 0 ? 100.0 * k_gbps / g_copy_gbps : 0.0)
       .add("tflops", flops / (median * 1e-3) / 1e12).add("extra_bytes", (long long)ws_bytes);
   bench::Floor counts;

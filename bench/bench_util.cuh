@@ -73,13 +73,15 @@ __global__ void fill_random_kernel(void *data, size_t count, kvc_dtype_t dtype, 
     unsigned x = (unsigned)i * 2654435761u ^ (unsigned)(i >> 32) * 0x9e3779b9u ^ seed * 0x85ebca6bu;
     x ^= x >> 15, x *= 2246822519u, x ^= x >> 13, x *= 3266489917u, x ^= x >> 16;
     const float value = ((x & 0xffffffu) / 16777216.0f - 0.5f) * 3.4f;
-    if (dtype == KVC_DTYPE_F32) ((float *)data)[i] = value;
+    if (dtype == KVC_DTYPE_FP8_E4M3) /* e4m3 codes of magnitude below 4 (exponent field 0..8), never NaN */
+      ((unsigned char *)data)[i] = (unsigned char)((x >> 24 & 0x80u) | (x >> 8) % 9u << 3 | (x & 7u));
+    else if (dtype == KVC_DTYPE_F32) ((float *)data)[i] = value;
     else if (dtype == KVC_DTYPE_F16) ((__half *)data)[i] = __float2half(value);
     else ((__nv_bfloat16 *)data)[i] = __float2bfloat16(value);
   }
 }
 
-/* `count` elements of `dtype` (F32, F16 or BF16) at `data`, enqueued on `stream`. */
+/* `count` elements of `dtype` (F32, F16, BF16 or FP8_E4M3) at `data`, enqueued on `stream`. */
 inline void fill_random(void *data, size_t count, kvc_dtype_t dtype, unsigned seed, cudaStream_t stream = 0) {
   if (!count) return;
   fill_random_kernel<<<1024, 256, 0, stream>>>(data, count, dtype, seed);
@@ -92,7 +94,8 @@ inline kvc_dtype_t dtype_of(const std::string &name) {
   if (name == "f32") return KVC_DTYPE_F32;
   if (name == "f16") return KVC_DTYPE_F16;
   if (name == "bf16") return KVC_DTYPE_BF16;
-  fprintf(stderr, "unknown dtype %s (f32, f16, bf16)\n", name.c_str());
+  if (name == "fp8" || name == "fp8_e4m3") return KVC_DTYPE_FP8_E4M3;
+  fprintf(stderr, "unknown dtype %s (f32, f16, bf16, fp8)\n", name.c_str());
   exit(2);
 }
 

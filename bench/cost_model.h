@@ -74,9 +74,11 @@ static inline double kvc_score_pairs(kvc_score_method_t method, double n, double
   return method == KVC_SCORE_SNAPKV ? w * (n - w) : n - 1.0;
 }
 
-/* kvc_score, one layer, `batch` sequences of n tokens, f16/bf16 (elem_bytes 2) or f32 (4):
- *   bytes  K once (batch * n * kv_heads * head_dim * E), the queries once, the scores written
- *          once (4 bytes per (KV head, token)): what any scorer must move;
+/* kvc_score, one layer, `batch` sequences of n tokens; K elements of key_bytes (fp8 1, f16/bf16 2,
+ * f32 4), queries of query_bytes (2 or 4; the same as K's but for fp8 keys, whose queries are
+ * f16 / bf16 / f32 and whose logits run on the queries' tensor cores once K is widened):
+ *   bytes  K once (batch * n * kv_heads * head_dim * key_bytes), the queries once, the scores
+ *          written once (4 bytes per (KV head, token)): what any scorer must move;
  *   tensor the logits of the two passes of SNAPKV / H2O / TOVA (the normaliser over every pair a
  *          query sees, then the accumulation over the scored pairs), 2 * head_dim flops each per
  *          q head; with the engine's log-sum-exp (engine_lse) only the second pass;
@@ -84,20 +86,20 @@ static inline double kvc_score_pairs(kvc_score_method_t method, double n, double
  * KNORM and STREAMING have neither flops on tensor cores nor exponentials. For f32 the logits run
  * on CUDA cores (no tensor term is counted: compare with care). */
 static inline kvc_floor_t kvc_floor_score(kvc_score_method_t method, int64_t n, int32_t window, int32_t batch,
-                                          int32_t kv_heads, int32_t q_heads, int32_t head_dim, int elem_bytes,
-                                          int engine_lse) {
+                                          int32_t kv_heads, int32_t q_heads, int32_t head_dim, int key_bytes,
+                                          int query_bytes, int engine_lse) {
   const int attention = method == KVC_SCORE_SNAPKV || method == KVC_SCORE_H2O || method == KVC_SCORE_TOVA;
   const double seqs = (double)batch, dn = (double)n, D = (double)head_dim, Hq = (double)q_heads;
   const double w = method == KVC_SCORE_TOVA ? 1.0 : ((double)window < dn ? (double)window : dn);
   double bytes = seqs * dn * kv_heads * 4.0; /* the scores */
-  if (method != KVC_SCORE_STREAMING) bytes += seqs * dn * kv_heads * D * elem_bytes;
-  if (attention) bytes += seqs * w * Hq * D * elem_bytes;
+  if (method != KVC_SCORE_STREAMING) bytes += seqs * dn * kv_heads * D * key_bytes;
+  if (attention) bytes += seqs * w * Hq * D * query_bytes;
   double logits = 0.0;
   if (attention)
     logits = seqs * Hq *
              ((engine_lse ? 0.0 : kvc_score_pairs(method, dn, (double)window, 0)) +
               kvc_score_pairs(method, dn, (double)window, 1));
-  return kvc_floor_of(bytes, elem_bytes == 2 ? 2.0 * D * logits : 0.0, logits);
+  return kvc_floor_of(bytes, query_bytes == 2 ? 2.0 * D * logits : 0.0, logits);
 }
 
 /* kvc_select, `rows` rows of n tokens (all layers' rows together) keeping `kept` each: every fp32

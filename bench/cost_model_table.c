@@ -45,7 +45,7 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof lengths / sizeof lengths[0]; ++i) {
       const int64_t n = lengths[i];
       const int32_t window = stages[s].window_is_n ? (int32_t)n : stages[s].window;
-      const kvc_floor_t f = kvc_floor_score(stages[s].method, n, window, 1, 8, 32, 128, 2, stages[s].engine_lse);
+      const kvc_floor_t f = kvc_floor_score(stages[s].method, n, window, 1, 8, 32, 128, 2, 2, stages[s].engine_lse);
       char memory[32], tensor[32], mufu[32], floor[32];
       printf("| %s | %lldk | %.1f MB | %.3f | %.3f | %s | %s | %s | **%s** | %s |\n", stages[s].name,
              (long long)(n / 1024), f.bytes / 1e6, f.tensor_flops / 1e12, f.exps / 1e9, duration(memory, f.memory_s),

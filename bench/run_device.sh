@@ -329,6 +329,7 @@ else
     --ratios 0.5,0.1,0.9 --select-n 32768,131072,4096,1048576 --iters 10 --max-seconds \$STEP_SECONDS"
   run_bin bench_score 12 --n 32768,4096,131072 --heads 8:32 --method snapkv,knorm,h2o,tova --batch 1 --iters 10
   run_bin bench_score 6 --n 32768,131072 --heads 8:32 --method snapkv --engine-lse 1 --batch 1 --iters 10
+  run_bin bench_score 6 --n 32768,131072 --heads 8:32 --method snapkv,knorm --dtype fp8 --query-dtype bf16 --batch 1 --iters 10
   run_bin bench_compact 10 --shapes 1:32768,1:131072,1:4096,64:2048 --keep 0.5,0.1,0.9 --modes in_place,into
   # H2O over all queries, ratio 0.5
   run_bin bench_compress 8 --models llama:32:8:128 --n 4096,32768 --batch 1 --ratios 0.5 --methods h2o --iters 5 --warmup 1

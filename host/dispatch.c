@@ -740,7 +740,7 @@ kvc_status_t kvc_gather_queries(kvc_context_t ctx, kvc_plan_t plan, const void *
   kvc_status_t status = check_common(ctx, plan, fn);
   if (status != KVC_SUCCESS) return status;
   const kvc_plan_view_t *host = &plan->host;
-  const int64_t row = (int64_t)host->num_q_heads * host->head_dim, elem = kvc_dtype_size(host->dtype);
+  const int64_t row = (int64_t)host->num_q_heads * host->head_dim, elem = kvc_dtype_size(host->query_dtype);
   if (num_tokens < 0)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: num_tokens is %lld, must be >= 0", fn, (long long)num_tokens);
   if (token_stride == 0) token_stride = row;

@@ -16,6 +16,7 @@
 typedef struct {
   int64_t obs, domains, parts, protect_words, spans;
   int64_t span_rows; /* batch, or batch * num_kv_heads with per-head spans */
+  int64_t key_scales; /* num_kv_heads */
 } kvc_plan_counts_t;
 
 struct kvc_context {

@@ -60,9 +60,6 @@ static kvc_status_t validate_scalars(kvc_context_t ctx, const kvc_plan_desc_t *d
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: dtype is %d, not a kvc_dtype_t", where, (int)d->dtype);
   if ((unsigned)d->method > KVC_SCORE_STREAMING)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: method is %d, not a kvc_score_method_t", where, (int)d->method);
-  if (d->dtype == KVC_DTYPE_FP8_E4M3 && d->method != KVC_SCORE_STREAMING)
-    return kvc_fail(ctx, KVC_ERROR_NOT_SUPPORTED,
-                    "%s: dtype KVC_DTYPE_FP8_E4M3 can only be compacted: scoring it needs method STREAMING", where);
   if (d->batch < 1)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: batch is %d, must be >= 1", where, d->batch);
   /* the CUDA kernels put sequences and KV heads on grid axes limited to 65535 blocks */
@@ -119,6 +116,58 @@ static kvc_status_t validate_scalars(kvc_context_t ctx, const kvc_plan_desc_t *d
   if ((unsigned)d->window_protection > KVC_WINDOW_RANKED)
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: window_protection is %d, not a kvc_window_protection_t", where,
                     (int)d->window_protection);
+  return KVC_SUCCESS;
+}
+
+static const char *dtype_name(kvc_dtype_t dtype) {
+  static const char *const names[] = {"KVC_DTYPE_F32", "KVC_DTYPE_F16", "KVC_DTYPE_BF16", "KVC_DTYPE_FP8_E4M3"};
+  return names[dtype];
+}
+
+/* The queries' dtype: query_dtype AS_CACHE is the cache's, the others are kvc_dtype_t + 1. */
+static kvc_dtype_t resolve_query_dtype(const kvc_plan_desc_t *d) {
+  return d->query_dtype == KVC_QUERY_DTYPE_AS_CACHE ? d->dtype : (kvc_dtype_t)(d->query_dtype - 1);
+}
+
+/* query_dtype, k_scale and k_scales (after validate_scalars: dtype and method are valid). A scale
+ * is read only where the keys are FP8 and the method reads them; elsewhere a scale other than
+ * "none" is refused, so it is never silently dropped. */
+static kvc_status_t validate_queries_and_key_scales(kvc_context_t ctx, const kvc_plan_desc_t *d) {
+  const char *where = "kvc_plan_create";
+  if ((unsigned)d->query_dtype > KVC_QUERY_DTYPE_BF16)
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: query_dtype is %d, not a kvc_query_dtype_t", where,
+                    (int)d->query_dtype);
+  const kvc_dtype_t queries = resolve_query_dtype(d);
+  const int fp8 = d->dtype == KVC_DTYPE_FP8_E4M3, reads_keys = d->method != KVC_SCORE_STREAMING;
+  if (!fp8 && queries != d->dtype)
+    return kvc_fail(ctx, KVC_ERROR_NOT_SUPPORTED,
+                    "%s: query_dtype %s with dtype %s: queries of another dtype than the cache's are supported for "
+                    "KVC_DTYPE_FP8_E4M3 caches only", where, dtype_name(queries), dtype_name(d->dtype));
+  if (fp8 && queries == KVC_DTYPE_FP8_E4M3 && is_attention_method(d->method))
+    return kvc_fail(ctx, KVC_ERROR_NOT_SUPPORTED,
+                    "%s: dtype KVC_DTYPE_FP8_E4M3 with an attention method needs query_dtype KVC_QUERY_DTYPE_F16, "
+                    "_BF16 or _F32 (query_dtype is KVC_QUERY_DTYPE_AS_CACHE: there are no fp8 queries)", where);
+  if (fp8 && reads_keys && ctx->backend == KVC_BACKEND_CUDA && d->head_dim % 16 != 0)
+    return kvc_fail(ctx, KVC_ERROR_NOT_SUPPORTED,
+                    "%s: head_dim %d with KVC_DTYPE_FP8_E4M3 keys on CUDA: must be a multiple of 16 (16-byte copies "
+                    "of a row)", where, d->head_dim);
+  if (!fp8) {
+    if (d->k_scales)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: k_scales is set but dtype is %s: key scales apply to "
+                      "KVC_DTYPE_FP8_E4M3 caches only", where, dtype_name(d->dtype));
+    if (d->k_scale != 0.0f && d->k_scale != 1.0f)
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: k_scale is %.9g but dtype is %s: key scales apply to "
+                      "KVC_DTYPE_FP8_E4M3 caches only (leave it 1)", where, (double)d->k_scale, dtype_name(d->dtype));
+    return KVC_SUCCESS;
+  }
+  if (!reads_keys) return KVC_SUCCESS;
+  if (!d->k_scales && !(isfinite(d->k_scale) && d->k_scale > 0.0f))
+    return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: k_scale is %.9g, must be finite and > 0", where,
+                    (double)d->k_scale);
+  for (int32_t h = 0; d->k_scales && h < d->num_kv_heads; ++h)
+    if (!(isfinite(d->k_scales[h]) && d->k_scales[h] > 0.0f))
+      return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "%s: k_scales[%d] is %.9g, must be finite and > 0", where, h,
+                      (double)d->k_scales[h]);
   return KVC_SUCCESS;
 }
 
@@ -314,6 +363,7 @@ typedef struct {
   kvc_partition_t *parts;
   uint32_t *protect_bits;
   kvc_span_t *spans;
+  float *k_scales;
 } plan_arrays_t;
 
 /* One routine lays the arrays out for counting (base NULL) and for real. */
@@ -339,6 +389,7 @@ static size_t layout_arrays(plan_arrays_t *a, char *base, int32_t batch, const p
   CARVE(split_parts, int64_t, rows + 1);
   CARVE(span_indptr, int32_t, rows + 1);
   CARVE(spans, kvc_span_t, n->spans);
+  CARVE(k_scales, float, n->key_scales);
 #undef CARVE
   return c.used;
 }
@@ -362,6 +413,7 @@ static void point_view(kvc_plan_view_t *v, const plan_arrays_t *a) {
   v->split_parts = a->split_parts;
   v->span_indptr = a->span_indptr;
   v->spans = a->spans;
+  v->k_scales = a->k_scales;
 }
 
 /* Spans of span row r, and its FAIR ones. */
@@ -387,6 +439,7 @@ static int32_t domain_queries(const kvc_plan_desc_t *d, int32_t len, int64_t win
 static void count_arrays(const kvc_plan_desc_t *d, plan_counts_t *n) {
   memset(n, 0, sizeof *n);
   n->span_rows = span_rows(d);
+  n->key_scales = d->num_kv_heads;
   for (int32_t b = 0; b < d->batch; ++b) {
     int32_t len = d->seq_lens[b], fair = fair_span_count(d, b * span_heads(d)); /* span_local: per sequence */
     for (int32_t r = b * span_heads(d); r < (b + 1) * span_heads(d); ++r) {
@@ -793,6 +846,7 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
   if (!desc) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "kvc_plan_create: desc is NULL");
   if (!out) return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "kvc_plan_create: out is NULL");
   kvc_status_t status = validate_scalars(ctx, desc);
+  if (status == KVC_SUCCESS) status = validate_queries_and_key_scales(ctx, desc);
   if (status == KVC_SUCCESS) status = validate_sequences(ctx, desc);
   if (status != KVC_SUCCESS) return status;
 
@@ -815,6 +869,7 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
   v->scale = desc->scale > 0.0f ? desc->scale : 1.0f / sqrtf((float)desc->head_dim);
   v->cpu_threads = ctx->threads;
   v->cpu_isa = env_int("KVC_CPU_ISA", 0, 0, 3);
+  v->query_dtype = resolve_query_dtype(desc);
 
   plan_counts_t counts;
   count_arrays(desc, &counts);
@@ -857,6 +912,8 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
     return status;
   }
   point_view(v, &arrays);
+  for (int32_t h = 0; h < desc->num_kv_heads; ++h) /* 1 where no scale is read */
+    arrays.k_scales[h] = desc->dtype != KVC_DTYPE_FP8_E4M3 ? 1.0f : desc->k_scales ? desc->k_scales[h] : desc->k_scale;
 
   /* per-span quota read-outs, per span row */
   for (int32_t r = 0; r < (int32_t)counts.span_rows; ++r) {

@@ -187,8 +187,21 @@ typedef enum {
   KVC_DTYPE_F32 = 0,
   KVC_DTYPE_F16 = 1,
   KVC_DTYPE_BF16 = 2,
-  KVC_DTYPE_FP8_E4M3 = 3 /* compaction and STREAMING only: scoring needs f32/f16/bf16 */
+  KVC_DTYPE_FP8_E4M3 = 3 /* OCP e4m3 ("e4m3fn", vLLM's fp8 KV cache): 1 sign, 4 exponent (bias 7),
+                            3 mantissa bits, no inf, NaN = S.1111.111, largest 448. Compacted as bytes;
+                            scored with the plan's k_scale / k_scales and f16 or bf16 queries
+                            (query_dtype; f32 too) */
 } kvc_dtype_t;
+
+/* The dtype of kvc_score's queries and kvc_gather_queries' packed q (kvc_plan_desc_t.query_dtype).
+ * 0 means "the cache dtype", so a desc written before the field existed keeps its meaning. Queries
+ * of another dtype than the cache's are supported for FP8 caches only (fp8 queries are not). */
+typedef enum {
+  KVC_QUERY_DTYPE_AS_CACHE = 0, /* the plan's dtype (default)                                       */
+  KVC_QUERY_DTYPE_F32 = 1,
+  KVC_QUERY_DTYPE_F16 = 2,
+  KVC_QUERY_DTYPE_BF16 = 3
+} kvc_query_dtype_t;
 
 /*
  * One descriptor serves a vLLM block table, a FlashInfer CSR page list and plain contiguous
@@ -291,7 +304,7 @@ typedef enum {
   KVC_SCORE_SNAPKV = 0,   /* window attention, mean over queries, pooled; window keys protected   */
   KVC_SCORE_H2O = 1,      /* attention received / number of queries that see the key              */
   KVC_SCORE_TOVA = 2,     /* last query's attention, mean over all query heads; last token kept   */
-  KVC_SCORE_KNORM = 3,    /* -||k||_2 (low-norm keys kept)                                         */
+  KVC_SCORE_KNORM = 3,    /* -||k||_2 (low-norm keys kept; FP8 keys: -k_scale_h ||k_fp8||_2)       */
   KVC_SCORE_STREAMING = 4 /* recency (use sink_tokens = 4)                                         */
 } kvc_score_method_t;
 
@@ -348,7 +361,8 @@ typedef enum {
  *   Observation queries: without span_local, the last min(window, n) positions. With span_local the
  *   window is split across the FAIR spans in order: span i of S gets min(len_i, ceil(R / (S - i)))
  *   where R is what earlier spans left of `window`; each span uses its own last tokens. A query at
- *   position p in domain [lo, hi) sees keys [lo, p]; a_gij = softmax_j(scale * <q_gi, k_hj>).
+ *   position p in domain [lo, hi) sees keys [lo, p]; a_gij = softmax_j(scale * <q_gi, k_hj>), where
+ *   an FP8 key is k_hj = k_scale_h * (its e4m3 value) (desc.k_scale / k_scales).
  *   SNAPKV     keys of a domain before its first query: mean over its queries of a_gij, pooled
  *              (kernel pool_kernel, stride 1, zero padding, AVG divides by pool_kernel; MAX ignores
  *              padding) inside that key range, then group_reduce over the GQA group. Query
@@ -391,7 +405,7 @@ typedef struct {
   int32_t num_q_heads;         /* >= 1, a multiple of num_kv_heads                                  */
   int32_t num_kv_heads;        /* >= 1                                                              */
   int32_t head_dim;            /* 1..256 on CPU; 64, 128, 256 or any multiple of 8 up to 256 on CUDA */
-  kvc_dtype_t dtype;           /* cache and query dtype (default F16)                               */
+  kvc_dtype_t dtype;           /* cache dtype, and the queries' unless query_dtype says (default F16) */
   int32_t batch;               /* >= 1 sequences                                                    */
   const int32_t *seq_lens;     /* host [batch], each >= 1                                           */
   const int32_t *budgets;      /* host [batch], each >= 1: tokens kept per KV head; >= seq_len keeps all */
@@ -424,13 +438,28 @@ typedef struct {
                                   for (sequence b, KV head h) (see "Per-head spans" under Spans)   */
   int32_t score_row_capacity;  /* 0 (default): packed score layout; C >= 1: every score row has room
                                   for C tokens, C >= every seq_lens[b] (see "Layouts" at the top)   */
+  /* FP8 keys (dtype KVC_DTYPE_FP8_E4M3), vLLM style: key k_hj = k_scale_h * (fp8 value), so logits
+   * are scale * k_scale_h * <q, fp8 key> and KNORM is -k_scale_h * ||fp8 key||. The scales are
+   * copied into the plan (on CUDA with its metadata, so an uploaded plan carries them and a graph
+   * replays with the new values: they may differ between kvc_plan_compatible plans). */
+  kvc_query_dtype_t query_dtype; /* dtype of the queries; AS_CACHE (default) = dtype. Another value
+                                  than dtype's needs an FP8 cache (else KVC_ERROR_NOT_SUPPORTED);
+                                  FP8 with SNAPKV / H2O / TOVA needs F16 or BF16 (tensor cores on
+                                  CUDA) or F32 (exact fp32 on both backends): AS_CACHE there is
+                                  KVC_ERROR_NOT_SUPPORTED (there are no fp8 queries)            */
+  float k_scale;               /* FP8: the per-tensor scale, finite and > 0; default 1. Other dtypes:
+                                  must be 1 or 0 (no scale; a desc without the field has 0)   */
+  const float *k_scales;       /* FP8: host [num_kv_heads] per-KV-head scales, each finite and > 0,
+                                  used instead of k_scale (not read then); NULL: k_scale for every
+                                  head (default). Other dtypes: must be NULL                    */
 } kvc_plan_desc_t;
 
 #define KVC_PLAN_DESC_INIT                                                                         \
   {                                                                                                \
     sizeof(kvc_plan_desc_t), 0, 0, 0, KVC_DTYPE_F16, 0, NULL, NULL, NULL, NULL, KVC_SCORE_SNAPKV, \
         64, 5, KVC_POOL_AVG, KVC_REDUCE_MEAN, 0.0f, 0, 0, 0, 0.0f, KVC_BUDGET_FAIL,               \
-        KVC_PLAN_MEMORY_OWNED, KVC_QUOTA_LARGEST_REMAINDER, KVC_WINDOW_PROTECTED, 0, 0             \
+        KVC_PLAN_MEMORY_OWNED, KVC_QUOTA_LARGEST_REMAINDER, KVC_WINDOW_PROTECTED, 0, 0,            \
+        KVC_QUERY_DTYPE_AS_CACHE, 1.0f, NULL                                                       \
   }
 
 /* Fills *desc with the defaults of KVC_PLAN_DESC_INIT (for callers that cannot use the macro,
@@ -443,7 +472,10 @@ KVC_API void kvc_plan_desc_init(kvc_plan_desc_t *desc);
  * only place the pipeline allocates. With KVC_PLAN_MEMORY_CALLER it touches no device memory and
  * the plan needs kvc_plan_upload before any execute call.
  * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (any bad field: the detail names field, sequence,
- * span and value); KVC_ERROR_NOT_SUPPORTED (head_dim or dtype the backend does not handle);
+ * span and value; k_scale / k_scales not finite and > 0, or set for a dtype other than FP8);
+ * KVC_ERROR_NOT_SUPPORTED (head_dim or dtype the backend does not handle; a query_dtype other than
+ * the cache's for a non-FP8 cache, or none for FP8 with SNAPKV / H2O / TOVA; CUDA: FP8 keys with
+ * head_dim not a multiple of 16);
  * KVC_ERROR_BUDGET (protected tokens exceed a budget and budget_policy is KVC_BUDGET_FAIL: the
  * detail names the sequence and counts);
  * KVC_ERROR_OUT_OF_MEMORY; KVC_ERROR_CUDA. On failure *out is NULL. Synchronous.
@@ -657,13 +689,16 @@ KVC_API kvc_status_t kvc_plan_compatible(kvc_plan_t a, kvc_plan_t b, int *compat
 /* left pending, since cudaGetLastError would otherwise report it as the library's).             */
 /* ============================================================================================= */
 
-/* Scores every token. `queries`: [obs_total][num_q_heads][head_dim] in the plan's dtype, row order
+/* Scores every token. `queries`: [obs_total][num_q_heads][head_dim] in the plan's query dtype, row order
  * of kvc_plan_obs_positions (NULL allowed when obs_total is 0). `scores`: score layout, written,
  * or added to when accumulate != 0 (H2O accumulated across decode steps). The cache is only read.
  * On CUDA the methods that read K (all but STREAMING) copy it and the queries 16 bytes at a time:
  * the K pool's address, its three strides in bytes and `queries` must be multiples of 16 (true of
  * every layout above with cudaMalloc'd pools, head_dim being a multiple of 8), else
- * KVC_ERROR_NOT_SUPPORTED (the detail gives the values).
+ * KVC_ERROR_NOT_SUPPORTED (the detail gives the values). FP8 keys on CUDA: head_dim must be a
+ * multiple of 16 (whole 16-byte copies of a row; kvc_plan_create checks it); the fp8 bytes are
+ * copied as they are and widened to the query dtype in shared memory (exactly: every e4m3 value
+ * is an f16 and a bf16 value), k_scale folded into the logit scale.
  *
  * `lse` (optional; NULL: the library computes it) is the softmax normaliser of every observation
  * row, as the engine's attention kernel already has it: float [obs_total][num_q_heads] (same
@@ -793,7 +828,7 @@ KVC_API kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_
 /* Gathers the plan's observation queries from packed q into `queries`
  * ([obs_total][num_q_heads][head_dim], row order of kvc_plan_obs_positions, kvc_score's layout).
  * packed_q: num_tokens rows, token t's element (head g, dim d) at
- *     packed_q[t * token_stride + g * head_dim + d]      (plan dtype; heads contiguous in a row)
+ *     packed_q[t * token_stride + g * head_dim + d]      (query dtype; heads contiguous in a row)
  * token_stride in elements, 0 = num_q_heads * head_dim (packed q), larger for q inside a fused qkv
  * tensor. qo_indptr: int32 [batch+1] as described above. Row r, of sequence b at position p, gets
  * packed row qo_indptr[b] + p - (n_b - len_b). packed_q and queries must not overlap.

@@ -250,13 +250,29 @@ static inline float kvc_bf16_to_f32(uint16_t h) {
   return f;
 }
 
-/* Element i of a cache or query array as double (f32, f16, bf16; fp8 is never scored). */
+/* An fp8 e4m3 byte (1 sign, 4 exponent bits of bias 7, 3 mantissa bits; no inf; S.1111.111 is
+ * NaN) as float, exactly. Normal numbers get float's exponent field directly (e + 120) and their
+ * mantissa bits on top; subnormals (exponent 0) are m * 2^-9, an exact integer-to-float product,
+ * so no float subnormal is ever formed (a flush-to-zero build computes the same). Host and device. */
+KVC_HD float kvc_fp8_e4m3_to_f32(uint8_t x) {
+  const uint32_t sign = (uint32_t)(x & 0x80u) << 24, e = (x >> 3) & 0xfu, m = x & 0x7u;
+  float f;
+  if (e == 0) {
+    f = (float)m * 0.001953125f; /* 2^-9 */
+    return sign ? -f : f;
+  }
+  const uint32_t u = sign | ((e == 15 && m == 7) ? 0x7fc00000u : ((e + 120u) << 23) | (m << 20));
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+/* Element i of a cache or query array as double. */
 static inline double kvc_load_as_double(const void *base, kvc_dtype_t dtype, int64_t i) {
   switch (dtype) {
     case KVC_DTYPE_F32: return ((const float *)base)[i];
     case KVC_DTYPE_F16: return kvc_f16_to_f32(((const uint16_t *)base)[i]);
     case KVC_DTYPE_BF16: return kvc_bf16_to_f32(((const uint16_t *)base)[i]);
-    default: return 0.0;
+    default: return kvc_fp8_e4m3_to_f32(((const uint8_t *)base)[i]);
   }
 }
 

@@ -58,7 +58,7 @@ void launch(const kvc_op_args_t *args, int64_t row_bytes, int64_t stride_bytes) 
 extern "C" kvc_status_t kvc_gather_cuda(const kvc_op_args_t *args, kvc_carver_t *ws) {
   (void)ws; /* no workspace */
   const kvc_plan_view_t &plan = args->plan;
-  const int64_t elem = kvc_dtype_size(plan.dtype);
+  const int64_t elem = kvc_dtype_size(plan.query_dtype);
   const int64_t row_bytes = (int64_t)plan.num_q_heads * plan.head_dim * elem, stride_bytes = args->packed_stride * elem;
   const int vec = vector_bytes((uint64_t)row_bytes, (uint64_t)stride_bytes, args->packed_q, args->gathered);
   if (vec < elem)

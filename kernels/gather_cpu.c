@@ -10,7 +10,7 @@
 kvc_status_t kvc_gather_cpu(const kvc_op_args_t *args, kvc_carver_t *ws) {
   (void)ws; /* no workspace */
   const kvc_plan_view_t *plan = &args->plan;
-  const size_t elem = (size_t)kvc_dtype_size(plan->dtype);
+  const size_t elem = (size_t)kvc_dtype_size(plan->query_dtype);
   const size_t row_bytes = (size_t)plan->num_q_heads * (size_t)plan->head_dim * elem;
   const char *packed = (const char *)args->packed_q;
   char *out = (char *)args->gathered;

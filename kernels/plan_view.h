@@ -89,6 +89,10 @@ typedef struct {
   const int32_t *span_indptr;    /* [rows+1] user spans (all kinds), for retention             */
   const kvc_span_t *spans;
   int64_t total_spans;
+
+  kvc_dtype_t query_dtype;       /* the queries' dtype, resolved (kvc_plan_desc_t.query_dtype)  */
+  const float *k_scales;         /* [num_kv_heads] FP8 keys' scales (k_scale or k_scales; 1 for
+                                    other dtypes, which never read them)                       */
 } kvc_plan_view_t;
 
 #endif /* KVC_PLAN_VIEW_H */

@@ -43,6 +43,17 @@
  *
  * Logits are in base 2 (scale * log2 e folded in) so exp2f serves; `lse` is natural-log
  * (multiplied by log2 e when read).
+ *
+ * FP8 keys (e4m3, vLLM's fp8 KV cache): the kernels are templated on the query type T and the key
+ * element type K. K tiles land in shared memory as they lie in the cache (16-byte cp.async of the
+ * fp8 bytes, double-buffered like any K tile), and one pass widens each landed tile into a T tile
+ * (exactly: every e4m3 value is an f16, bf16 and f32 value; NaN stays NaN, e4m3 has no inf) that
+ * ldmatrix and the mma read as before. The KV head's k_scale is folded into the logit scale:
+ * s * fl(fl(scale * k_scale) * log2 e), where the CPU backend computes s * fl(scale * k_scale)
+ * (kernels/score_cpu.c): the same association as for the other dtypes (s * fl(scale * log2 e)
+ * against s * scale), so the two backends still differ by the fp32 rounding the tests bound, one
+ * rounding more of a scale product (2^-24 relative) on each side. KNORM reads the fp8 bytes by
+ * cp.async tiles too and multiplies the norm by k_scale (saturated at FLT_MAX like the norm).
  */
 #include "cuda_compat.cuh"
 
@@ -71,9 +82,15 @@ constexpr int32_t kMinSplitKeys = 512;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int32_t kMaxGridY = 65535; /* blocks on grid axis y (and z) */
 
+/* An fp8 e4m3 key element as the cache stores it (decoded by kvc_fp8_e4m3_to_f32). */
+struct Fp8E4M3 {
+  uint8_t bits;
+};
+
 /* Shared-memory rows of a tile: head_dim elements, padded with zeros to the mma k-step (16) for
  * 16-bit types, plus 16 bytes so that the 8 rows an ldmatrix (or a float4 load of 8 rows) reads
- * fall in distinct banks. */
+ * fall in distinct banks. fp8 rows (head_dim a multiple of 16 there) only land in shared memory
+ * to be widened: the same rule keeps them whole 16-byte chunks. */
 template <class T>
 __host__ __device__ inline int32_t padded_dim(int32_t dim) {
   return std::is_same<T, float>::value ? dim : (dim + 15) / 16 * 16;
@@ -82,14 +99,43 @@ template <class T>
 __host__ __device__ inline int32_t row_stride(int32_t dim) {
   return padded_dim<T>(dim) + 16 / (int32_t)sizeof(T);
 }
-/* Three 64-row tiles and a table of 64 row addresses per pipeline buffer. */
-template <class T>
-size_t attention_smem_bytes(int32_t dim) {
-  return 3 * (size_t)kTileRows * row_stride<T>(dim) * sizeof(T) + 2 * kTileRows * sizeof(const T *);
+/* Shared memory of an attention kernel, in this order: `compute` 64-row tiles of T (queries, and
+ * the widened keys when K is not T), `landing` 64-row tiles of K (keys as cp.async lands them;
+ * when K is T they are the compute tiles of the keys) and a table of 2 x 64 K row addresses. The
+ * normaliser has 1 query tile and 2 landing tiles (double-buffered keys), the column sums 1 landing
+ * tile (resident keys) and 2 query tiles; widening adds one compute tile to either. */
+template <class T, class K>
+struct TileLayout {
+  static constexpr bool kWiden = !std::is_same<T, K>::value;
+  int32_t stride, landing_stride; /* elements of a T row, of a K row */
+  int32_t compute, landing;       /* tiles of each */
+  __host__ __device__ TileLayout(int32_t dim, int32_t queries, int32_t landing_tiles)
+      : stride(row_stride<T>(dim)), landing_stride(row_stride<K>(dim)), compute(queries + (kWiden ? 1 : 0)),
+        landing(landing_tiles) {}
+  __host__ __device__ size_t compute_bytes() const { return (size_t)compute * kTileRows * stride * sizeof(T); }
+  __host__ __device__ size_t landing_bytes() const { return (size_t)landing * kTileRows * landing_stride * sizeof(K); }
+  __host__ __device__ size_t bytes() const { return compute_bytes() + landing_bytes() + 2 * kTileRows * sizeof(const K *); }
+  __device__ T *compute_tile(unsigned char *smem, int32_t i) const {
+    return reinterpret_cast<T *>(smem) + (size_t)i * kTileRows * stride;
+  }
+  __device__ K *landing_tile(unsigned char *smem, int32_t i) const {
+    return reinterpret_cast<K *>(smem + compute_bytes()) + (size_t)i * kTileRows * landing_stride;
+  }
+  __device__ const K **row_table(unsigned char *smem) const {
+    return reinterpret_cast<const K **>(smem + compute_bytes() + landing_bytes());
+  }
+};
+template <class T, class K>
+__host__ __device__ TileLayout<T, K> normaliser_layout(int32_t dim) {
+  return TileLayout<T, K>(dim, 1, 2);
 }
-template <class T>
+template <class T, class K>
+__host__ __device__ TileLayout<T, K> column_sums_layout(int32_t dim) {
+  return TileLayout<T, K>(dim, 2, 1);
+}
+template <class K>
 size_t knorm_smem_bytes(int32_t dim) {
-  return (size_t)kTileRows * row_stride<T>(dim) * sizeof(T) + kTileRows * sizeof(const T *);
+  return (size_t)kTileRows * row_stride<K>(dim) * sizeof(K) + kTileRows * sizeof(const K *);
 }
 
 __host__ __device__ inline bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
@@ -133,10 +179,76 @@ __device__ inline LayerInputs layer_inputs(const Layers &layers, const kvc_plan_
 
 /* K row of token t of sequence b, KV head h, or NULL where the table cannot hold it (the CUDA
  * backend cannot validate tables; such a token reads as a zero key). */
-template <class T>
-__device__ inline const T *key_row(const kvc_paged_kv_t &cache, int32_t b, int32_t t, int32_t h) {
+template <class K>
+__device__ inline const K *key_row(const kvc_paged_kv_t &cache, int32_t b, int32_t t, int32_t h) {
   const int32_t page = kvc_page_checked(&cache, b, t);
-  return page >= 0 ? static_cast<const T *>(cache.k) + kvc_slot_offset(&cache, page, t, h) : nullptr;
+  return page >= 0 ? static_cast<const K *>(cache.k) + kvc_slot_offset(&cache, page, t, h) : nullptr;
+}
+
+/* A key element as float, exactly. */
+__device__ inline float key_float(float x) { return x; }
+__device__ inline float key_float(__half x) { return __half2float(x); }
+__device__ inline float key_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ inline float key_float(Fp8E4M3 x) { return kvc_fp8_e4m3_to_f32(x.bits); }
+
+/* The factor of KV head h's keys: k_scale for fp8 keys, exactly 1 (not read) for the others. */
+template <class K>
+__device__ inline float key_scale(const kvc_plan_view_t &plan, int32_t h) {
+  if constexpr (std::is_same<K, Fp8E4M3>::value) return plan.k_scales[h];
+  else return 1.0f;
+}
+
+/* Two exact values of T as one 32-bit word of two T (the first in the low half). */
+template <class T>
+__device__ inline uint32_t pack2(float lo, float hi) {
+  uint32_t word;
+  if constexpr (std::is_same<T, __half>::value) {
+    const __half2 pair = __floats2half2_rn(lo, hi);
+    memcpy(&word, &pair, sizeof word);
+  } else {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    memcpy(&word, &pair, sizeof word);
+  }
+  return word;
+}
+
+/* The 16 fp8 key elements of `raw` widened to T at dst (16-byte aligned), in 16-byte stores. */
+template <class T>
+__device__ inline void widen16(T *dst, const uint4 raw) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+  auto at = [&](int i) { return kvc_fp8_e4m3_to_f32((uint8_t)(words[i / 4] >> (8 * (i % 4)))); };
+  if constexpr (std::is_same<T, float>::value) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) reinterpret_cast<float4 *>(dst)[i] = make_float4(at(4 * i), at(4 * i + 1), at(4 * i + 2), at(4 * i + 3));
+  } else {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      reinterpret_cast<uint4 *>(dst)[i] = make_uint4(pack2<T>(at(8 * i), at(8 * i + 1)), pack2<T>(at(8 * i + 2), at(8 * i + 3)),
+                                                     pack2<T>(at(8 * i + 4), at(8 * i + 5)), pack2<T>(at(8 * i + 6), at(8 * i + 7)));
+  }
+}
+
+/* The keys of a landed tile as the compute tile the mma reads: the landed tile itself when K is T;
+ * else widened into `widened` (16 fp8 bytes a thread at a time, consecutive threads on consecutive
+ * chunks), followed by a barrier since every warp reads all of it. All threads call it. */
+template <class T, class K>
+__device__ const T *ready_keys(const K *landed, T *widened, int32_t dim, int32_t stride, int32_t landing_stride) {
+  if constexpr (!TileLayout<T, K>::kWiden) {
+    return landed;
+  } else {
+    static_assert(sizeof(K) == 1, "widening reads 16 key elements a chunk");
+    /* thread i takes chunk i % chunks of rows i / chunks, i / chunks + passes, ...: two divisions a
+     * tile, none a chunk; not unrolled (a full unroll with a constant head_dim keeps several chunks
+     * live beside the kernel's state and spills on sm_90) */
+    const int32_t chunks = dim / 16, passes = kThreads / chunks, c = threadIdx.x % chunks;
+    if (threadIdx.x < passes * chunks) {
+#pragma unroll 1
+      for (int32_t r = threadIdx.x / chunks; r < kTileRows; r += passes)
+        widen16<T>(widened + r * stride + 16 * c, *reinterpret_cast<const uint4 *>(landed + r * landing_stride + 16 * c));
+    }
+    __syncthreads();
+    return widened;
+  }
 }
 
 /* Enqueues the block's cp.async copies of a 64-row tile: row r from row_of(r) (NULL: zeros), dim
@@ -263,15 +375,21 @@ struct Splits {
  * = log2 of the sum of exp2(logit) over the keys the row sees; else partials[idx * count + split] =
  * (max, sum) over the split's keys; idx = (layer * obs_total + row) * num_q_heads + g. Layers with
  * the engine's normalisers (or unreadable) have nothing to do. */
-template <class T, int D>
+template <class T, class K, int D>
 __global__ void __launch_bounds__(kThreads)
     normaliser_kernel(kvc_plan_view_t plan, kvc_paged_kv_t cache, Layers layers, Splits splits, float2 *partials,
                       float *lse2) {
-  KVC_DYNAMIC_SMEM(T, smem);
-  const int32_t dim = D ? D : plan.head_dim, stride = row_stride<T>(dim), G = plan.group_size;
-  T *const q_tile = smem;
-  T *const k_tiles = smem + kTileRows * stride; /* two buffers of kTileRows * stride */
-  const T **const k_src = reinterpret_cast<const T **>(smem + 3 * kTileRows * stride); /* [2][64] */
+  KVC_DYNAMIC_SMEM(unsigned char, smem);
+  const int32_t dim = D ? D : plan.head_dim, G = plan.group_size;
+  const TileLayout<T, K> layout = normaliser_layout<T, K>(dim);
+  const int32_t stride = layout.stride, landing_stride = layout.landing_stride;
+  T *const q_tile = layout.compute_tile(smem, 0);
+  T *const widened = layout.compute_tile(smem, 1); /* K != T only */
+  K *const k_tiles = layout.landing_tile(smem, 0); /* two buffers of kTileRows * landing_stride */
+  const K **const k_src = layout.row_table(smem); /* [2][64] */
+  /* each row's idx (above), -1 past the last pair: computed once, so neither a 64-bit division
+   * nor the layer stays live to the end of the kernel (either spilled on sm_90) */
+  __shared__ int64_t out_index[kTileRows];
   const int32_t h = blockIdx.y % plan.num_kv_heads, layer = blockIdx.y / plan.num_kv_heads, b = blockIdx.z;
   const LayerInputs in = layer_inputs(layers, plan, layer);
   if (!in.readable || in.lse) return;
@@ -287,9 +405,10 @@ __global__ void __launch_bounds__(kThreads)
   const int32_t key_hi = min((split + 1) * splits.keys, plan.obs_pos[obs0 + p_last / G] + 1);
   if (key_lo >= key_hi) return;
   const int32_t first_key = key_lo / kTileKeys * kTileKeys, tiles = (key_hi - first_key + kTileKeys - 1) / kTileKeys;
-  const T *const k_pool = static_cast<const T *>(cache.k);
+  const K *const k_pool = static_cast<const K *>(cache.k);
 
-  zero_padding<T>(smem, 3, dim, stride);
+  zero_padding<T>(q_tile, layout.compute, dim, stride); /* fp8 rows: whole chunks, no padding */
+  if constexpr (!TileLayout<T, K>::kWiden) zero_padding<T>(k_tiles, layout.landing, dim, stride);
   /* the block's queries (rows past the last pair are zeros) and the first K tile, one group */
   stage_rows(q_tile, [&](int32_t r) -> const T * {
     const int64_t p = p0 + r;
@@ -297,14 +416,16 @@ __global__ void __launch_bounds__(kThreads)
   }, dim, stride, queries);
   if (threadIdx.x < kTileRows) {
     const int32_t j = first_key + threadIdx.x;
-    k_src[threadIdx.x] = j < key_hi ? key_row<T>(cache, b, j, h) : nullptr;
+    k_src[threadIdx.x] = j < key_hi ? key_row<K>(cache, b, j, h) : nullptr;
+    const int64_t p = p0 + threadIdx.x;
+    out_index[threadIdx.x] = p < pairs ? ((int64_t)layer * plan.obs_total + obs0 + p / G) * plan.num_q_heads + h * G + p % G : -1;
   }
   __syncthreads();
-  stage_tile<T>(k_tiles, k_src, dim, stride, k_pool);
+  stage_tile<K>(k_tiles, k_src, dim, landing_stride, k_pool);
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane & 3;
-  const float scale2 = plan.scale * kLog2e;
+  const float scale2 = plan.scale * key_scale<K>(plan, h) * kLog2e; /* (scale * k_scale) * log2 e */
   int32_t lo[2], pos[2];
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   bool bad[2] = {false, false};
@@ -320,17 +441,19 @@ __global__ void __launch_bounds__(kThreads)
     const int32_t next = first_key + (t + 1) * kTileKeys;
     if (t + 1 < tiles && threadIdx.x < kTileRows) {
       const int32_t j = next + threadIdx.x;
-      k_src[((t + 1) & 1) * kTileRows + threadIdx.x] = j < key_hi ? key_row<T>(cache, b, j, h) : nullptr;
+      k_src[((t + 1) & 1) * kTileRows + threadIdx.x] = j < key_hi ? key_row<K>(cache, b, j, h) : nullptr;
     }
-    __syncthreads(); /* the row table is written; every warp is done with the buffer refilled next */
+    __syncthreads(); /* the row table is written; every warp is done with the buffers refilled next */
     if (t + 1 < tiles)
-      stage_tile<T>(k_tiles + ((t + 1) & 1) * kTileRows * stride, k_src + ((t + 1) & 1) * kTileRows, dim, stride, k_pool);
+      stage_tile<K>(k_tiles + ((t + 1) & 1) * kTileRows * landing_stride, k_src + ((t + 1) & 1) * kTileRows, dim,
+                    landing_stride, k_pool);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads(); /* tile t has landed, all of it */
+    const T *keys = ready_keys<T, K>(k_tiles + (t & 1) * kTileRows * landing_stride, widened, dim, stride, landing_stride);
 
     float s[8][4];
-    warp_logits<T, D>(s, q_tile + 16 * warp * stride, k_tiles + (t & 1) * kTileRows * stride, dim, stride);
+    warp_logits<T, D>(s, q_tile + 16 * warp * stride, keys, dim, stride);
     const int32_t j0 = first_key + t * kTileKeys + 2 * quad;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
@@ -366,11 +489,8 @@ __global__ void __launch_bounds__(kThreads)
     float sum = bad[rr] ? NAN : l[rr]; /* a non-finite logit poisons the row */
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const int64_t p = p0 + 16 * warp + (lane >> 2) + 8 * rr;
-    if (quad != 0 || p >= pairs) continue;
-    /* the layer from blockIdx.y again: `layer` held through the loop made the generic-D kernels spill */
-    const int64_t row = (int64_t)(blockIdx.y / plan.num_kv_heads) * plan.obs_total + obs0 + p / G;
-    const int64_t idx = row * plan.num_q_heads + h * G + p % G;
+    const int64_t idx = out_index[16 * warp + (lane >> 2) + 8 * rr];
+    if (quad != 0 || idx < 0) continue;
     if (splits.count == 1) lse2[idx] = m[rr] + log2f(sum);
     else partials[idx * splits.count + split] = make_float2(m[rr], sum);
   }
@@ -415,17 +535,20 @@ struct RowGroups {
 
 /* head_scores: the layers' [num_q_heads][total_tokens] arrays stacked; lse2: the normaliser pass's
  * (kernels of layers without the engine's normalisers). */
-template <class T, int D>
+template <class T, class K, int D>
 __global__ void __launch_bounds__(kThreads)
     column_sums_kernel(kvc_plan_view_t plan, kvc_paged_kv_t cache, Layers layers, const float *lse2,
                        float *head_scores) {
-  KVC_DYNAMIC_SMEM(T, smem);
+  KVC_DYNAMIC_SMEM(unsigned char, smem);
   __shared__ float divisor[kTileKeys];       /* 0: the key is not scored                     */
   __shared__ float warp_sums[kWarps][kTileKeys];
-  const int32_t dim = D ? D : plan.head_dim, stride = row_stride<T>(dim), G = plan.group_size;
-  T *const k_tile = smem;
-  T *const q_tiles = smem + kTileRows * stride; /* two buffers of kTileRows * stride */
-  const T **const k_src = reinterpret_cast<const T **>(smem + 3 * kTileRows * stride);
+  const int32_t dim = D ? D : plan.head_dim, G = plan.group_size;
+  const TileLayout<T, K> layout = column_sums_layout<T, K>(dim);
+  const int32_t stride = layout.stride;
+  T *const q_tiles = layout.compute_tile(smem, 0); /* two buffers of kTileRows * stride */
+  T *const widened = layout.compute_tile(smem, 2); /* K != T only */
+  K *const k_tile = layout.landing_tile(smem, 0);
+  const K **const k_src = layout.row_table(smem);
   const int32_t h = blockIdx.y % plan.num_kv_heads, layer = blockIdx.y / plan.num_kv_heads, b = blockIdx.z;
   const int32_t n = plan.seq_lens[b], j0 = blockIdx.x * kTileKeys;
   const LayerInputs in = layer_inputs(layers, plan, layer);
@@ -448,9 +571,10 @@ __global__ void __launch_bounds__(kThreads)
       scored = true;
     }
     divisor[threadIdx.x] = div;
-    k_src[threadIdx.x] = j < n ? key_row<T>(cache, b, j, h) : nullptr;
+    k_src[threadIdx.x] = j < n ? key_row<K>(cache, b, j, h) : nullptr;
   }
-  zero_padding<T>(smem, 3, dim, stride);
+  zero_padding<T>(q_tiles, layout.compute, dim, stride); /* fp8 rows: whole chunks, no padding */
+  if constexpr (!TileLayout<T, K>::kWiden) zero_padding<T>(k_tile, layout.landing, dim, stride);
   if (!__syncthreads_or(scored)) return; /* e.g. a tile of SnapKV's window */
 
   RowGroups groups;
@@ -476,12 +600,13 @@ __global__ void __launch_bounds__(kThreads)
       return queries + ((int64_t)obs * plan.num_q_heads + h * G + head) * dim;
     }, dim, stride, queries);
   };
-  stage_tile<T>(k_tile, k_src, dim, stride, static_cast<const T *>(cache.k));
+  stage_tile<K>(k_tile, k_src, dim, layout.landing_stride, static_cast<const K *>(cache.k));
   stage_queries(0, q_tiles);
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane & 3;
-  const float scale2 = plan.scale * kLog2e;
+  const float scale2 = plan.scale * key_scale<K>(plan, h) * kLog2e; /* (scale * k_scale) * log2 e */
+  const T *keys = nullptr;
   float sums[8][2];
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt) sums[nt][0] = sums[nt][1] = 0.0f;
@@ -492,9 +617,11 @@ __global__ void __launch_bounds__(kThreads)
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads(); /* the K tile and query tile st have landed */
+    if (st == 0) /* the same for every thread */
+      keys = ready_keys<T, K>(k_tile, widened, dim, stride, layout.landing_stride);
 
     float s[8][4];
-    warp_logits<T, D>(s, q_tiles + (st & 1) * kTileRows * stride + 16 * warp * stride, k_tile, dim, stride);
+    warp_logits<T, D>(s, q_tiles + (st & 1) * kTileRows * stride + 16 * warp * stride, keys, dim, stride);
     const int32_t gi = (int32_t)(st / stages_per_group);
     const int64_t i0 = (st % stages_per_group) * kTileRows + 16 * warp + (lane >> 2);
 #pragma unroll
@@ -566,16 +693,16 @@ __device__ float reduce_heads(const kvc_plan_view_t &plan, const float *head_row
  * by the power of two of the row's max-abs, so no square overflows or underflows to 0; at most
  * FLT_MAX for a finite row (as the CPU backend stores it), inf / NaN when the row has one. Both
  * lanes must call it (it shuffles). */
-template <class T>
-__device__ float pair_norm(const T *row, int32_t dim) {
+template <class K>
+__device__ float pair_norm(const K *row, int32_t dim) {
   const int32_t half = dim / 2, d0 = (threadIdx.x & 1) * half;
   float top = 0.0f;
-  for (int32_t d = d0; d < d0 + half; ++d) top = max_keep_nan(top, fabsf((float)row[d]));
+  for (int32_t d = d0; d < d0 + half; ++d) top = max_keep_nan(top, fabsf(key_float(row[d])));
   top = max_keep_nan(top, __shfl_xor_sync(0xffffffffu, top, 1));
   const int exponent = is_finite(top) && top > 0.0f ? ilogbf(top) : 0;
   float squares = 0.0f;
   for (int32_t d = d0; d < d0 + half; ++d) {
-    const float x = ldexpf((float)row[d], -exponent);
+    const float x = ldexpf(key_float(row[d]), -exponent);
     squares = fmaf(x, x, squares);
   }
   squares += __shfl_xor_sync(0xffffffffu, squares, 1);
@@ -584,12 +711,12 @@ __device__ float pair_norm(const T *row, int32_t dim) {
 
 /* Grid (block of kThreads keys, layer * row sets + KV head row set, sequence); TOVA has one row set
  * that writes every KV head. Writes (or adds) each key's score; +inf for keys no domain scores, NaN
- * for those it scores in an unreadable layer. */
-template <class T>
+ * for those it scores in an unreadable layer. K: the cache's element type (only KNORM reads keys). */
+template <class K>
 __global__ void __launch_bounds__(kThreads)
     write_scores_kernel(kvc_plan_view_t plan, kvc_paged_kv_t cache, Layers layers, const float *head_scores,
                         float *scores, int accumulate) {
-  KVC_DYNAMIC_SMEM(T, smem); /* KNORM: one key tile and its row table */
+  KVC_DYNAMIC_SMEM(K, smem); /* KNORM: one key tile and its row table */
   __shared__ float norms[kThreads];
   const kvc_score_method_t method = plan.method;
   const int32_t row_sets = method == KVC_SCORE_TOVA ? 1 : plan.num_kv_heads;
@@ -600,18 +727,21 @@ __global__ void __launch_bounds__(kThreads)
   const LayerInputs in = layer_inputs(layers, plan, layer);
   cache.k = in.k; /* the descriptor every K row of the layer is resolved through */
   if (method == KVC_SCORE_KNORM && in.readable) {
-    const int32_t dim = plan.head_dim, stride = row_stride<T>(dim);
-    const T **const k_src = reinterpret_cast<const T **>(smem + kTileRows * stride);
+    const int32_t dim = plan.head_dim, stride = row_stride<K>(dim);
+    const K **const k_src = reinterpret_cast<const K **>(smem + kTileRows * stride);
     for (int32_t t0 = j0; t0 < min(n, j0 + kThreads); t0 += kTileKeys) {
       __syncthreads(); /* the previous tile's readers are done */
       if (threadIdx.x < kTileKeys)
-        k_src[threadIdx.x] = t0 + (int32_t)threadIdx.x < n ? key_row<T>(cache, b, t0 + threadIdx.x, h) : nullptr;
+        k_src[threadIdx.x] = t0 + (int32_t)threadIdx.x < n ? key_row<K>(cache, b, t0 + threadIdx.x, h) : nullptr;
       __syncthreads();
-      stage_tile<T>(smem, k_src, dim, stride, static_cast<const T *>(cache.k));
+      stage_tile<K>(smem, k_src, dim, stride, static_cast<const K *>(cache.k));
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
-      const float norm = pair_norm<T>(smem + (threadIdx.x / 2) * stride, dim); /* 2 lanes per key */
+      float norm = pair_norm<K>(smem + (threadIdx.x / 2) * stride, dim); /* 2 lanes per key */
+      /* fp8 keys: k_scale * ||k||, saturated like the norm (NaN stays NaN; e4m3 has no inf) */
+      if constexpr (std::is_same<K, Fp8E4M3>::value)
+        norm = is_finite(norm) ? fminf(norm * key_scale<K>(plan, h), FLT_MAX) : norm;
       if ((threadIdx.x & 1) == 0) norms[t0 - j0 + threadIdx.x / 2] = norm;
     }
     __syncthreads();
@@ -695,19 +825,19 @@ kvc_status_t allow_smem(const kvc_op_args_t *args, Kernel kernel, size_t bytes) 
                          cudaGetErrorString(err));
 }
 
-template <class T, int D>
+template <class T, class K, int D>
 kvc_status_t launch_attention(const kvc_op_args_t *args, const ScoreRun &run) {
   const kvc_plan_view_t &plan = args->plan;
   const kvc_paged_kv_t cache = *args->cache;
   cudaStream_t stream = static_cast<cudaStream_t>(args->stream);
-  const size_t smem = attention_smem_bytes<T>(plan.head_dim);
   const unsigned layer_heads = (unsigned)(run.layers.count * plan.num_kv_heads);
   /* only the single-layer call knows on the host that the engine gave every normaliser */
   if (args->layers || !args->lse) {
-    kvc_status_t status = allow_smem(args, normaliser_kernel<T, D>, smem);
+    const size_t smem = normaliser_layout<T, K>(plan.head_dim).bytes();
+    kvc_status_t status = allow_smem(args, normaliser_kernel<T, K, D>, smem);
     if (status != KVC_SUCCESS) return status;
     const Splits &s = run.splits;
-    KVC_LAUNCH((normaliser_kernel<T, D>), dim3((unsigned)(s.count * s.row_blocks), layer_heads, plan.batch),
+    KVC_LAUNCH((normaliser_kernel<T, K, D>), dim3((unsigned)(s.count * s.row_blocks), layer_heads, plan.batch),
                dim3(kThreads), smem, stream, plan, cache, run.layers, s, run.partials, run.lse2);
     if (s.count > 1) {
       const int64_t rows = plan.obs_total * plan.num_q_heads;
@@ -715,35 +845,38 @@ kvc_status_t launch_attention(const kvc_op_args_t *args, const ScoreRun &run) {
                  dim3(kThreads), 0, stream, plan, run.layers, s, run.partials, run.lse2);
     }
   }
-  kvc_status_t status = allow_smem(args, column_sums_kernel<T, D>, smem);
+  const size_t smem = column_sums_layout<T, K>(plan.head_dim).bytes();
+  kvc_status_t status = allow_smem(args, column_sums_kernel<T, K, D>, smem);
   if (status != KVC_SUCCESS) return status;
-  KVC_LAUNCH((column_sums_kernel<T, D>), dim3((plan.max_seq_len + kTileKeys - 1) / kTileKeys, layer_heads, plan.batch),
+  KVC_LAUNCH((column_sums_kernel<T, K, D>), dim3((plan.max_seq_len + kTileKeys - 1) / kTileKeys, layer_heads,
+                                                 plan.batch),
              dim3(kThreads), smem, stream, plan, cache, run.layers, run.lse2, run.head_scores);
   return KVC_SUCCESS;
 }
 
-template <class T>
+/* T: the queries' type, K: the keys' element type. */
+template <class T, class K>
 kvc_status_t launch_score(const kvc_op_args_t *args, const ScoreRun &run) {
   const kvc_plan_view_t &plan = args->plan;
   if (run.attention) {
     kvc_status_t status;
     if constexpr (std::is_same<T, float>::value) { /* the exact path: one instantiation serves */
-      status = launch_attention<T, 0>(args, run);
+      status = launch_attention<T, K, 0>(args, run);
     } else {
       switch (plan.head_dim) {
-        case 64: status = launch_attention<T, 64>(args, run); break;
-        case 128: status = launch_attention<T, 128>(args, run); break;
-        case 256: status = launch_attention<T, 256>(args, run); break;
-        default: status = launch_attention<T, 0>(args, run);
+        case 64: status = launch_attention<T, K, 64>(args, run); break;
+        case 128: status = launch_attention<T, K, 128>(args, run); break;
+        case 256: status = launch_attention<T, K, 256>(args, run); break;
+        default: status = launch_attention<T, K, 0>(args, run);
       }
     }
     if (status != KVC_SUCCESS) return status;
   }
-  const size_t smem = plan.method == KVC_SCORE_KNORM ? knorm_smem_bytes<T>(plan.head_dim) : 0;
-  kvc_status_t status = allow_smem(args, write_scores_kernel<T>, smem);
+  const size_t smem = plan.method == KVC_SCORE_KNORM ? knorm_smem_bytes<K>(plan.head_dim) : 0;
+  kvc_status_t status = allow_smem(args, write_scores_kernel<K>, smem);
   if (status != KVC_SUCCESS) return status;
   const int32_t row_sets = plan.method == KVC_SCORE_TOVA ? 1 : plan.num_kv_heads;
-  KVC_LAUNCH((write_scores_kernel<T>),
+  KVC_LAUNCH((write_scores_kernel<K>),
              dim3((plan.max_seq_len + kThreads - 1) / kThreads, (unsigned)(run.layers.count * row_sets), plan.batch),
              dim3(kThreads), smem, static_cast<cudaStream_t>(args->stream), plan, *args->cache, run.layers,
              run.head_scores, args->scores, args->accumulate);
@@ -804,15 +937,15 @@ extern "C" kvc_status_t kvc_score_cuda(const kvc_op_args_t *args, kvc_carver_t *
                            (long long)(c.stride_head * row_bytes), args->queries);
   kvc_status_t status;
   switch (plan.dtype) {
-    case KVC_DTYPE_F32: status = launch_score<float>(args, run); break;
-    case KVC_DTYPE_F16: status = launch_score<__half>(args, run); break;
-    case KVC_DTYPE_BF16: status = launch_score<__nv_bfloat16>(args, run); break;
-    default:
-      /* FP8 caches are only scored by STREAMING, which reads no K: any instantiation serves */
-      if (plan.method != KVC_SCORE_STREAMING)
-        return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_NOT_SUPPORTED,
-                               "kvc_score: dtype %d can only be scored by STREAMING", (int)plan.dtype);
-      status = launch_score<float>(args, run);
+    case KVC_DTYPE_F32: status = launch_score<float, float>(args, run); break;
+    case KVC_DTYPE_F16: status = launch_score<__half, __half>(args, run); break;
+    case KVC_DTYPE_BF16: status = launch_score<__nv_bfloat16, __nv_bfloat16>(args, run); break;
+    default: /* FP8 keys with the plan's query type (KNORM and STREAMING have no queries: any serves) */
+      switch (plan.query_dtype) {
+        case KVC_DTYPE_F32: status = launch_score<float, Fp8E4M3>(args, run); break;
+        case KVC_DTYPE_BF16: status = launch_score<__nv_bfloat16, Fp8E4M3>(args, run); break;
+        default: status = launch_score<__half, Fp8E4M3>(args, run);
+      }
   }
   if (status != KVC_SUCCESS) return status;
   return kvc_launch_status(args, "kvc_score");

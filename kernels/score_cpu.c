@@ -34,6 +34,10 @@
  * propagate NaN; pool_kernel 1 is the identity. KNORM is summed in double (no intermediate
  * overflow) and a norm past FLT_MAX is stored as -FLT_MAX, so every finite key scores finite.
  *
+ * FP8 keys (e4m3): widened to float exactly with the other dtypes' keys (kernels/score_cpu_simd.h),
+ * unscaled; the KV head's k_scale is folded into the logit scale (scale * k_scale, one float
+ * product per item) and multiplies KNORM's norm in double. Queries are in the plan's query dtype.
+ *
  * Workspace per thread (L = longest sequence, Lp = L rounded up to KEY_GROUP, G = group size,
  * D = head_dim, V = lanes, B = block rows, M = ceil(B * G / V) vectors), each piece rounded up to
  * 256 bytes: floats M * V * D (queries) + KEY_TILE * D (key tile) + M * V * Lp (logits) + 4 M V
@@ -269,7 +273,7 @@ static void add_block(const score_job_t *job, const score_scratch_t *s, const kv
   blk.key_offset = s->key_offset;
   blk.dim = D;
   blk.group = G;
-  blk.scale = plan->scale;
+  blk.scale = plan->scale * plan->k_scales[h]; /* FP8 keys' scale folded in (1 for other dtypes: exact) */
   blk.lo = dom->start;
   blk.keys = plan->obs_pos[r1 - 1] + 1 - dom->start; /* rows ascend: the last sees the most */
   blk.scored = dom->scored_end - dom->start;
@@ -300,7 +304,7 @@ static void add_block(const score_job_t *job, const score_scratch_t *s, const kv
         s->lane_pos[lane] = pos;
         s->lane_lse[lane] = args->lse ? args->lse[r * plan->num_q_heads + head] : 0.0f;
         for (int32_t d = 0; d < D; ++d)
-          q[(int64_t)d * V] = (float)kvc_load_as_double(args->queries, plan->dtype, (r * plan->num_q_heads + head) * D + d);
+          q[(int64_t)d * V] = (float)kvc_load_as_double(args->queries, plan->query_dtype, (r * plan->num_q_heads + head) * D + d);
         keys = pos + 1 - dom->start > keys ? pos + 1 - dom->start : keys;
       } else {
         s->lane_pos[lane] = -1;
@@ -373,13 +377,14 @@ static void reduce_group(const score_job_t *job, const score_scratch_t *s, int32
   }
 }
 
-/* -||k||, computed in double (no overflow for any finite key), at least -FLT_MAX when finite. */
-static double key_norm_score(const kvc_paged_kv_t *cache, int64_t at, int32_t dim) {
+/* -k_scale * ||k|| (k_scale: FP8 keys' scale, else 1), computed in double (no overflow for any
+ * finite key), at least -FLT_MAX when finite. */
+static double key_norm_score(const kvc_paged_kv_t *cache, int64_t at, int32_t dim, float k_scale) {
   float key[256]; /* head_dim <= 256 (plan validation) */
   widen_portable(cache->k, cache->dtype, at, dim, key);
   double squares = 0.0;
   for (int32_t d = 0; d < dim; ++d) squares += (double)key[d] * (double)key[d];
-  const double score = -sqrt(squares);
+  const double score = -(double)k_scale * sqrt(squares);
   return isfinite(squares) && score < -FLT_MAX ? -FLT_MAX : score;
 }
 
@@ -427,7 +432,7 @@ static void score_item(void *arg, int64_t item, int32_t thread) {
       for (int32_t j = dom->start; j < dom->scored_end; ++j)
         store_score(row + j,
                     key_norm_score(args->cache, kvc_slot_offset(args->cache, kvc_page_of(args->cache, pages, b, j), j, h),
-                                   plan->head_dim),
+                                   plan->head_dim, plan->k_scales[h]),
                     acc);
       break;
     }

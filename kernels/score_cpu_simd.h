@@ -34,6 +34,7 @@ typedef float SIMD(vf) __attribute__((vector_size(SIMD_LANES * 4)));
 typedef int32_t SIMD(vi) __attribute__((vector_size(SIMD_LANES * 4)));
 typedef uint32_t SIMD(vu) __attribute__((vector_size(SIMD_LANES * 4)));
 typedef uint16_t SIMD(vh) __attribute__((vector_size(SIMD_LANES * 2)));
+typedef uint8_t SIMD(vb) __attribute__((vector_size(SIMD_LANES)));
 typedef double SIMD(vd) __attribute__((vector_size(SIMD_LANES * 4))); /* LANES / 2 doubles */
 
 #define SIMD_INLINE static inline __attribute__((always_inline)) SIMD_TARGET
@@ -87,7 +88,8 @@ SIMD_INLINE double SIMD(lane_sum)(SIMD(vf) p, SIMD(vd) inv_low, SIMD(vd) inv_hig
   return sum;
 }
 
-/* count elements of `in` (element offset `at` of a cache pool or query array) as floats into out. */
+/* count elements of `in` (element offset `at` of a cache pool or query array) as floats into out,
+ * exactly (every f16, bf16 and e4m3 value is a float). */
 SIMD_INLINE void SIMD(widen)(const void *in, kvc_dtype_t dtype, int64_t at, int32_t count, float *restrict out) {
   int32_t d = 0;
   switch (dtype) {
@@ -116,8 +118,17 @@ SIMD_INLINE void SIMD(widen)(const void *in, kvc_dtype_t dtype, int64_t at, int3
       }
       for (; d < count; ++d) out[d] = kvc_f16_to_f32(((const uint16_t *)in)[at + d]);
       return;
-    default: /* fp8 is never scored (plan validation) */
-      for (; d < count; ++d) out[d] = 0.0f;
+    default: /* KVC_DTYPE_FP8_E4M3, the same trick: magnitude bits to float position, times 2^120;
+              * S.1111.111 is NaN (e4m3 has no inf) */
+      for (; d + SIMD_LANES <= count; d += SIMD_LANES) {
+        SIMD(vb) x;
+        memcpy(&x, (const uint8_t *)in + at + d, sizeof x);
+        const SIMD(vu) u = __builtin_convertvector(x, SIMD(vu)), magnitude = (u & 0x7fu) << 20;
+        const SIMD(vi) nan = (SIMD(vi))((u & 0x7fu) == 0x7fu);
+        const SIMD(vf) value = SIMD(select)(nan, SIMD(splat)(NAN), (SIMD(vf))magnitude * 0x1p120f);
+        SIMD(store)(out + d, (SIMD(vf))((SIMD(vu))value | ((u & 0x80u) << 24)));
+      }
+      for (; d < count; ++d) out[d] = kvc_fp8_e4m3_to_f32(((const uint8_t *)in)[at + d]);
       return;
   }
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """check_sass.py - what a GPU-less CI can check of a kernel's shape: reads the sm_90 SASS of the
 scoring kernels (the object of kernels/score.cu) with cuobjdump and asserts, for their f16 and bf16
-instantiations, the properties they are built for:
+instantiations (with keys of the same type, and with fp8 e4m3 keys widened in shared memory: "f16+fp8",
+"bf16+fp8"; KNORM's fp8 reader "fp8"), the properties they are built for:
 
   tensor-core kernels (--tensor-core, default the normaliser and column-sum kernels):
       HMMA instructions (mma.sync on tensor cores), 128-bit K loads (LDGSTS.*.128 from cp.async,
@@ -26,8 +27,11 @@ import subprocess
 import sys
 
 SKIP = 77
-# template arguments of the 16-bit instantiations in mangled names
+# template arguments of the 16-bit instantiations in mangled names, and of the fp8 key type
 HALF_TYPES = {"6__half": "f16", "13__nv_bfloat16": "bf16"}
+FP8_KEYS = "7Fp8E4M3"
+CHECKED = {"tensor-core": ("f16", "bf16", "f16+fp8", "bf16+fp8"),
+           "wide-loads": ("f16", "bf16", "f16+fp8", "bf16+fp8", "fp8")}
 
 
 def run(cuobjdump, *args):
@@ -67,7 +71,8 @@ def resources(text):
 
 def kernel_label(name):
     """(kernel, dtype, head_dim) of a mangled kernel name: the nested name's components after _ZN
-    are length-prefixed; the kernel is the one ending in _kernel."""
+    are length-prefixed; the kernel is the one ending in _kernel. dtype is the queries' type, with
+    "+fp8" for fp8 keys ("fp8" alone for a kernel templated on the key type only)."""
     kernel, i = name, name.find("_ZN") + 3
     while 3 <= i < len(name) and name[i].isdigit():
         m = re.match(r"\d+", name[i:])
@@ -80,6 +85,8 @@ def kernel_label(name):
     dtype = next((label for key, label in HALF_TYPES.items() if key in name), None)
     if dtype is None and re.search(r"_kernelIf", name):
         dtype = "f32"
+    if FP8_KEYS in name:
+        dtype = dtype + "+fp8" if dtype else "fp8"
     dim = re.search(r"Li(\d+)E", name)
     return kernel, dtype, dim.group(1) if dim else "-"
 
@@ -111,7 +118,7 @@ def main():
             failures.append(f"{obj}: no {args.arch} SASS in it (built for other architectures?)")
             continue
         print(f"{obj} ({args.arch}):")
-        print(f"  {'kernel':<28} {'type':<5} {'dim':>4} {'regs':>5} {'smem':>6} {'stack':>5} "
+        print(f"  {'kernel':<28} {'type':<9} {'dim':>4} {'regs':>5} {'smem':>6} {'stack':>5} "
               f"{'HMMA':>5} {'LDGSTS.128':>10} {'LDG.128':>7} {'LDL/STL':>7}")
         for name, ops in sorted(sass.items(), key=lambda item: kernel_label(item[0])):
             kernel, dtype, dim = kernel_label(name)
@@ -120,24 +127,22 @@ def main():
             ldgsts = sum(op.startswith("LDGSTS") and op.endswith(".128") for op in ops)
             ldg128 = sum(op.startswith("LDG.") and op.endswith(".128") for op in ops)
             local = sum(op.split(".")[0] in ("LDL", "STL") for op in ops)
-            print(f"  {kernel:<28} {dtype or '-':<5} {dim:>4} {res.get('REG', '?'):>5} {res.get('SHARED', '?'):>6} "
+            print(f"  {kernel:<28} {dtype or '-':<9} {dim:>4} {res.get('REG', '?'):>5} {res.get('SHARED', '?'):>6} "
                   f"{res.get('STACK', '?'):>5} {hmma:>5} {ldgsts:>10} {ldg128:>7} {local:>7}")
             where = f"{kernel}<{dtype}, {dim}>"
             if local:
                 failures.append(f"{where}: {local} local-memory instructions (LDL/STL)")
-            if dtype not in ("f16", "bf16"):
-                continue
-            if re.search(args.tensor_core, kernel):
+            if re.search(args.tensor_core, kernel) and dtype in CHECKED["tensor-core"]:
                 checked["tensor-core"].add((kernel, dtype))
                 if not hmma:
                     failures.append(f"{where}: no HMMA: its logits are not on tensor cores")
-            if re.search(args.wide_loads, kernel):
+            if re.search(args.wide_loads, kernel) and dtype in CHECKED["wide-loads"]:
                 checked["wide-loads"].add((kernel, dtype))
                 if not ldgsts and not ldg128:
                     failures.append(f"{where}: no 128-bit global loads (LDGSTS/LDG .128): K is read narrower")
     for what, pattern in (("tensor-core", args.tensor_core), ("wide-loads", args.wide_loads)):
         found = checked[what]
-        for dtype in ("f16", "bf16"):
+        for dtype in CHECKED[what]:
             if not any(d == dtype for _, d in found):
                 failures.append(f"no {dtype} kernel matching /{pattern}/ ({what} check) in {objects}")
     for failure in failures:
@@ -145,7 +150,7 @@ def main():
     if failures:
         return 1
     print(f"PASS: tensor cores, 128-bit loads and no local memory in {len(checked['tensor-core'])} tensor-core "
-          f"and {len(checked['wide-loads'])} key-loading kernel instantiations (f16, bf16)")
+          f"and {len(checked['wide-loads'])} key-loading kernel instantiations (f16, bf16, fp8 keys)")
     return 0
 
 

@@ -108,6 +108,23 @@ static void perturb_plan(baseline_t *f, int which) {
     case 41: d->span_local = 1, f->span_indptr[1] = 2, f->span_indptr[2] = 3, f->spans[2] = f->spans[3]; break;
     case 42: d->span_local = 1, d->window = 1; break;
     case 43: d->method = KVC_SCORE_TOVA, f->budgets[0] = 3, d->recent_tokens = 3; break;
+    case 44: d->query_dtype = (kvc_query_dtype_t)7; break;
+    case 45: d->query_dtype = KVC_QUERY_DTYPE_BF16; break; /* f32 cache: queries of another dtype */
+    case 46: d->dtype = KVC_DTYPE_FP8_E4M3, d->query_dtype = KVC_QUERY_DTYPE_F16, d->k_scale = 0.0f; break;
+    case 47: d->dtype = KVC_DTYPE_FP8_E4M3, d->query_dtype = KVC_QUERY_DTYPE_F16, d->k_scale = -2.0f; break;
+    case 48: d->dtype = KVC_DTYPE_FP8_E4M3, d->query_dtype = KVC_QUERY_DTYPE_F16, d->k_scale = INFINITY; break;
+    case 49: {
+      static const float scales[2] = {0.5f, NAN};
+      d->dtype = KVC_DTYPE_FP8_E4M3, d->query_dtype = KVC_QUERY_DTYPE_BF16, d->k_scales = scales;
+      break;
+    }
+    case 50: d->k_scale = 2.0f; break; /* f32 cache */
+    case 51: {
+      static const float scales[2] = {1.0f, 1.0f};
+      d->k_scales = scales; /* f32 cache */
+      break;
+    }
+    case 52: d->dtype = KVC_DTYPE_FP8_E4M3, d->method = KVC_SCORE_H2O; break; /* no query_dtype */
   }
 }
 
@@ -156,6 +173,15 @@ static bad_case_t bad_plan_cases[] = {
     {"span_local gap unprotected", 41, KVC_ERROR_INVALID_VALUE, "tokens [20, 40) of sequence 0 are in no FAIR span"},
     {"span_local window below spans", 42, KVC_ERROR_INVALID_VALUE, "window is 1 but sequence 0 has 2 FAIR spans"},
     {"TOVA last token over budget", 43, KVC_ERROR_BUDGET, "sequence 0 protects 6 tokens"},
+    {"query_dtype 7", 44, KVC_ERROR_INVALID_VALUE, "query_dtype is 7"},
+    {"bf16 queries on f32 keys", 45, KVC_ERROR_NOT_SUPPORTED, "query_dtype KVC_DTYPE_BF16 with dtype KVC_DTYPE_F32"},
+    {"fp8 k_scale 0", 46, KVC_ERROR_INVALID_VALUE, "k_scale is 0, must be finite and > 0"},
+    {"fp8 k_scale negative", 47, KVC_ERROR_INVALID_VALUE, "k_scale is -2"},
+    {"fp8 k_scale inf", 48, KVC_ERROR_INVALID_VALUE, "k_scale is inf"},
+    {"fp8 k_scales NaN", 49, KVC_ERROR_INVALID_VALUE, "k_scales[1] is nan"},
+    {"k_scale on f32", 50, KVC_ERROR_INVALID_VALUE, "k_scale is 2 but dtype is KVC_DTYPE_F32"},
+    {"k_scales on f32", 51, KVC_ERROR_INVALID_VALUE, "k_scales is set but dtype is KVC_DTYPE_F32"},
+    {"fp8 H2O without query_dtype", 52, KVC_ERROR_NOT_SUPPORTED, "no fp8 queries"},
 };
 
 ParameterizedTestParameters(bad_input, plan) {
@@ -483,6 +509,34 @@ Test(plan, workspace_and_info) {
   cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_COMPRESS, &compress), KVC_SUCCESS);
   cr_expect_geq(compress, keep_bytes + score_bytes, "compress holds the keep and score layouts");
   cr_expect_eq(kvc_plan_workspace_size(plan, (kvc_op_t)9, &compress), KVC_ERROR_INVALID_VALUE);
+  kvc_plan_destroy(plan);
+  kvc_context_destroy(ctx);
+}
+
+/* The fields appended for fp8 keys keep older descs' meaning: KVC_PLAN_DESC_INIT and
+ * kvc_plan_desc_init give query_dtype AS_CACHE, k_scale 1, k_scales NULL, and a desc written
+ * field by field on zeroed memory (query_dtype 0, k_scale 0) still makes an f16 plan. */
+Test(plan, appended_fp8_fields_keep_older_descs_meaning) {
+  const kvc_plan_desc_t init = KVC_PLAN_DESC_INIT;
+  kvc_plan_desc_t filled;
+  memset(&filled, 0x5a, sizeof filled);
+  kvc_plan_desc_init(&filled);
+  cr_assert_eq(init.query_dtype, KVC_QUERY_DTYPE_AS_CACHE);
+  cr_assert_eq(init.k_scale, 1.0f);
+  cr_assert_null(init.k_scales);
+  cr_assert_eq(filled.query_dtype, KVC_QUERY_DTYPE_AS_CACHE);
+  cr_assert_eq(filled.k_scale, 1.0f);
+  cr_assert_null(filled.k_scales);
+  const int32_t lens[] = {40}, budgets[] = {10};
+  kvc_plan_desc_t d;
+  memset(&d, 0, sizeof d);
+  d.struct_size = sizeof d;
+  d.num_q_heads = 4, d.num_kv_heads = 2, d.head_dim = 16, d.dtype = KVC_DTYPE_F16;
+  d.batch = 1, d.seq_lens = lens, d.budgets = budgets;
+  d.method = KVC_SCORE_SNAPKV, d.window = 8, d.pool_kernel = 1;
+  kvc_context_t ctx = cpu_context();
+  kvc_plan_t plan = NULL;
+  cr_assert_eq(kvc_plan_create(ctx, &d, &plan), KVC_SUCCESS, "%s", kvc_last_error(ctx));
   kvc_plan_destroy(plan);
   kvc_context_destroy(ctx);
 }

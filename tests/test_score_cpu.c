@@ -9,6 +9,8 @@
  * finite for every finite key). Plus hand-worked examples whose expected values are derived in
  * the comments. Every case also runs on 1 and on 2 or 3 threads (bit-identical) and on each of
  * the library's instruction sets (KVC_CPU_ISA = 1 portable, 2 AVX2, 3 AVX-512, capped by the CPU).
+ * FP8 (e4m3) keys: the oracle decodes each byte by the format's definition (tests/support) and
+ * multiplies by the desc's k_scale / k_scales; queries are in the desc's query dtype.
  *
  * Tolerance against the oracle, derived from the library's arithmetic (kernels/score_cpu.c; u =
  * 2^-24): a logit is a float FMA chain over D products, then times the float scale, so it errs by
@@ -66,7 +68,13 @@ typedef struct {
   uint64_t seed;
   int32_t threads; /* of the context (0: 1); each case is also checked bit for bit against 1 thread */
   int32_t isa;     /* KVC_CPU_ISA at plan creation (0: the best the CPU has) */
+  kvc_query_dtype_t query_dtype; /* FP8 cases: the queries' dtype (0: the cache's) */
+  int32_t per_head_scale;        /* FP8 cases: k_scales per KV head (kFp8HeadScales), else k_scale kFp8Scale */
 } score_case_t;
+
+/* FP8 keys' scales: not powers of two, so a scale applied twice or not at all shows. */
+static const float kFp8Scale = 1.7f;
+static const float kFp8HeadScales[] = {0.55f, 2.3f, 1.1f, 0.8f};
 
 static score_case_t base_case(kvc_score_method_t method, kvc_dtype_t dtype, uint64_t seed) {
   static const int32_t lens[] = {1, 2, 17, 100};
@@ -98,9 +106,12 @@ static const char *method_name(kvc_score_method_t m) {
 }
 
 static void describe(const score_case_t *c, char *buf, size_t cap) {
-  static const char *dtypes[] = {"f32", "f16", "bf16"}, *tables[] = {"dense", "csr", "contig"};
-  snprintf(buf, cap, "%s %s %s %s group %d head_dim %d window %d pool %s/%d reduce %s span_local %d threads %d isa %d",
-           method_name(c->method), dtypes[c->dtype], c->layout == KVC_TEST_NHD ? "NHD" : "HND", tables[c->table],
+  static const char *dtypes[] = {"f32", "f16", "bf16", "fp8"}, *tables[] = {"dense", "csr", "contig"};
+  static const char *queries[] = {"", " queries f32", " queries f16", " queries bf16"};
+  snprintf(buf, cap, "%s %s%s%s %s %s group %d head_dim %d window %d pool %s/%d reduce %s span_local %d threads %d isa %d",
+           method_name(c->method), dtypes[c->dtype], queries[c->query_dtype],
+           c->dtype != KVC_DTYPE_FP8_E4M3 ? "" : c->per_head_scale ? " k_scales per head" : " k_scale",
+           c->layout == KVC_TEST_NHD ? "NHD" : "HND", tables[c->table],
            c->group, c->head_dim, c->window, c->pool == KVC_POOL_AVG ? "avg" : "max", c->pool_kernel,
            c->reduce == KVC_REDUCE_MEAN ? "mean" : "max", c->span_local, c->threads, c->isa);
 }
@@ -148,6 +159,12 @@ static void run_open(score_run_t *run, const score_case_t *c) {
   d->group_reduce = c->reduce;
   d->scale = c->scale;
   d->span_local = c->span_local;
+  d->query_dtype = c->query_dtype;
+  if (c->dtype == KVC_DTYPE_FP8_E4M3) {
+    cr_assert_leq(c->num_kv_heads, 4);
+    d->k_scale = kFp8Scale;
+    d->k_scales = c->per_head_scale ? kFp8HeadScales : NULL;
+  }
 
   cr_assert_eq(kvc_context_create(KVC_BACKEND_CPU, 0, &run->ctx), KVC_SUCCESS);
   cr_assert_eq(kvc_context_set_threads(run->ctx, c->threads > 1 ? c->threads : 1), KVC_SUCCESS);
@@ -161,7 +178,7 @@ static void run_open(score_run_t *run, const score_case_t *c) {
   cr_assert_eq(kvc_plan_obs_positions(run->plan, run->obs_indptr, run->obs_pos), KVC_SUCCESS);
   run->cache = kvc_test_cache_new(c->batch, c->seq_lens, c->num_kv_heads, c->head_dim, c->dtype, c->page_size,
                                   c->layout, c->table, 2, c->seed);
-  run->queries = kvc_test_queries_new(run->info.obs_total, d->num_q_heads, c->head_dim, c->dtype, c->seed + 1);
+  run->queries = kvc_test_queries_new(run->info.obs_total, d->num_q_heads, c->head_dim, kvc_test_query_dtype(d), c->seed + 1);
   cr_assert_eq(kvc_plan_workspace_size(run->plan, KVC_OP_SCORE, &run->workspace_bytes), KVC_SUCCESS);
   run->workspace = run->workspace_bytes ? kvc_test_workspace_new(run->workspace_bytes) : NULL;
   /* the workspace need not be initialised: NaN bytes make any read of unwritten scratch show */
@@ -301,7 +318,8 @@ static void oracle_domain(const score_run_t *run, int32_t b, range_t dom, const 
           magnitude += fabs(q[x] * keys[((int64_t)j * H + h) * D + x]);
         }
         logits[j - s] = scale * dot;
-        errors[j - s] = gamma * scale * magnitude + kUnit * fabs(logits[j - s]);
+        /* FP8: one rounding more, of scale * k_scale */
+        errors[j - s] = gamma * scale * magnitude + (d->dtype == KVC_DTYPE_FP8_E4M3 ? 2 : 1) * kUnit * fabs(logits[j - s]);
         finite &= isfinite(logits[j - s]);
         max = fmax(max, logits[j - s]);
       }
@@ -365,7 +383,7 @@ static double *oracle_scores(score_run_t *run) {
   double *expect = (double *)malloc(sizeof(double) * (size_t)run->info.score_elems);
   for (int64_t i = 0; i < run->info.score_elems; ++i) expect[i] = INFINITY;
   double *queries = (double *)malloc(sizeof(double) * (size_t)(run->info.obs_total * Hq * D + 1));
-  for (int64_t i = 0; i < run->info.obs_total * Hq * D; ++i) queries[i] = kvc_test_load(run->queries, d->dtype, i);
+  for (int64_t i = 0; i < run->info.obs_total * Hq * D; ++i) queries[i] = kvc_test_load(run->queries, kvc_test_query_dtype(d), i);
   int64_t offset = 0;
   double bound = 0.0;
   for (int32_t b = 0; b < d->batch; ++b) {
@@ -373,7 +391,8 @@ static double *oracle_scores(score_run_t *run) {
     double *keys = (double *)malloc(sizeof(double) * (size_t)n * (size_t)H * (size_t)D);
     for (int32_t t = 0; t < n; ++t)
       for (int32_t h = 0; h < H; ++h)
-        for (int32_t x = 0; x < D; ++x) keys[((int64_t)t * H + h) * D + x] = kvc_test_k(run->cache, b, t, h, x);
+        for (int32_t x = 0; x < D; ++x)
+          keys[((int64_t)t * H + h) * D + x] = kvc_test_key_scale(d, h) * kvc_test_k(run->cache, b, t, h, x);
     range_t doms[MAX_DOMAINS];
     const int32_t count = oracle_domains(d, b, doms);
     for (int32_t i = 0; i < count; ++i) oracle_domain(run, b, doms[i], keys, queries, expect + H * offset, &bound);
@@ -738,6 +757,104 @@ Test(score_cpu, knorm_finite_for_every_finite_key) {
   cr_assert(fabs(got[row0 + 11] + 4e30) <= 1e-6 * 4e30, "%g", (double)got[row0 + 11]);
   cr_assert(isnan(got[row1 + 12]));
   cr_assert_eq(got[row1 + 13], -INFINITY);
+  free(expect);
+  free(got);
+  run_close(&run);
+}
+
+/* ---- FP8 keys ------------------------------------------------------------------------------------ */
+
+/* e4m3 keys (decoded by the oracle from the format's definition, times k_scale) with a per-tensor
+ * or per-KV-head scale, for every method that reads K, with f16, bf16 and f32 queries, every layout
+ * and table kind, GQA 1 and 4, window 5 and 150; instruction sets and threads rotate. */
+Test(score_cpu, fp8_keys_every_method_query_dtype_and_scale) {
+  static const kvc_score_method_t methods[] = {KVC_SCORE_SNAPKV, KVC_SCORE_H2O, KVC_SCORE_TOVA, KVC_SCORE_KNORM};
+  static const kvc_query_dtype_t queries[] = {KVC_QUERY_DTYPE_F16, KVC_QUERY_DTYPE_BF16, KVC_QUERY_DTYPE_F32};
+  static const kvc_test_table_t tables[] = {KVC_TEST_DENSE, KVC_TEST_CSR, KVC_TEST_CONTIG};
+  uint64_t seed = 30000;
+  for (int m = 0; m < 4; ++m)
+    for (int q = 0; q < 3; ++q)
+      for (int per_head = 0; per_head <= 1; ++per_head)
+        for (int layout = 0; layout < 2; ++layout)
+          for (int g = 0; g < 2; ++g) {
+            score_case_t c = base_case(methods[m], KVC_DTYPE_FP8_E4M3, ++seed);
+            c.query_dtype = queries[q];
+            c.per_head_scale = per_head;
+            c.layout = (kvc_test_layout_t)layout;
+            c.table = tables[seed % 3];
+            c.group = g ? 4 : 1;
+            c.window = seed % 2 ? 150 : 5;
+            check_case(&c);
+          }
+}
+
+/* Every one of the 256 e4m3 codes, through KNORM (head_dim 16: token t of sequence 3 holds codes
+ * 16 t .. 16 t + 15, so the vector decode of the portable and the scalar tail both see them all)
+ * and through SNAPKV's logits (head_dim 16, every code in some key): the oracle decodes by the
+ * definition. Rows with 0x7f or 0xff (NaN) score NaN; the others are finite. */
+Test(score_cpu, fp8_every_code_decodes_exactly) {
+  for (int m = 0; m < 2; ++m) {
+    score_case_t c = base_case(m ? KVC_SCORE_H2O : KVC_SCORE_KNORM, KVC_DTYPE_FP8_E4M3, 31000 + m);
+    c.query_dtype = KVC_QUERY_DTYPE_F32;
+    c.window = 150;
+    c.scale = 0.002f; /* logits of keys up to 448 stay within float's exp (no probability underflows) */
+    score_run_t run;
+    run_open(&run, &c);
+    for (int32_t t = 0; t < 16; ++t)
+      for (int32_t x = 0; x < 16; ++x) {
+        const int code = 16 * t + x;
+        /* H2O: NaN codes would poison whole rows; keep them to KNORM */
+        ((uint8_t *)kvc_test_k_ptr(run.cache, 3, 20 + t, 1))[x] = (uint8_t)(m && (code & 0x7f) == 0x7f ? 0x00 : code);
+      }
+    float *got = new_scores(&run, NAN);
+    run_score(&run, got, 0);
+    double *expect = oracle_scores(&run);
+    expect_oracle(&run, got, expect);
+    const int64_t row1 = 2 * (1 + 2 + 17) + 100; /* sequence 3, KV head 1 */
+    for (int32_t t = 0; t < 16; ++t)
+      cr_assert(m || (isnan(got[row1 + 20 + t]) == (t == 7 || t == 15)), "token %d: %g", 20 + t, (double)got[row1 + 20 + t]);
+    free(expect);
+    free(got);
+    run_close(&run);
+  }
+}
+
+/* A NaN fp8 key element poisons the rows that see it, as any non-finite key does (e4m3 has no
+ * inf: its largest magnitude, 448, is finite and stays so); KNORM of a key of 448s with a huge
+ * k_scale saturates at -FLT_MAX. */
+static void edit_fp8_key(score_run_t *run, float value) {
+  ((uint8_t *)kvc_test_k_ptr(run->cache, 3, 40, 1))[3] = kvc_test_f32_to_e4m3(value);
+}
+
+Test(score_cpu, fp8_nan_key_poisons_the_rows_that_see_it) {
+  for (int m = KVC_SCORE_SNAPKV; m <= KVC_SCORE_KNORM; ++m) {
+    score_case_t c = base_case((kvc_score_method_t)m, KVC_DTYPE_FP8_E4M3, 32000 + m);
+    c.query_dtype = m % 2 ? KVC_QUERY_DTYPE_BF16 : KVC_QUERY_DTYPE_F16;
+    c.group = 2;
+    c.per_head_scale = m % 2;
+    c.window = m == KVC_SCORE_H2O ? 150 : 5;
+    check_edited(&c, edit_fp8_key, NAN, 1);
+  }
+}
+
+Test(score_cpu, fp8_knorm_saturates_with_a_huge_scale) {
+  score_case_t c = base_case(KVC_SCORE_KNORM, KVC_DTYPE_FP8_E4M3, 33000);
+  score_run_t run;
+  run_open(&run, &c);
+  const float huge[2] = {3e37f, 1.0f};
+  kvc_plan_t plan;
+  run.desc.k_scales = huge;
+  cr_assert_eq(kvc_plan_create(run.ctx, &run.desc, &plan), KVC_SUCCESS, "%s", kvc_last_error(run.ctx));
+  kvc_plan_destroy(run.plan);
+  run.plan = plan;
+  for (int32_t x = 0; x < c.head_dim; ++x) ((uint8_t *)kvc_test_k_ptr(run.cache, 3, 10, 0))[x] = 0x7e; /* 448 */
+  float *got = new_scores(&run, NAN);
+  run_score(&run, got, 0);
+  double *expect = oracle_scores(&run);
+  expect_oracle(&run, got, expect);
+  const int64_t row0 = 2 * (1 + 2 + 17); /* sequence 3, KV head 0: 3e37 * 448 * 4 > FLT_MAX */
+  cr_assert_eq(got[row0 + 10], -FLT_MAX);
+  for (int32_t j = 0; j < 100; ++j) cr_assert(isfinite(got[row0 + j]) && got[row0 + j] < 0.0f, "key %d", j);
   free(expect);
   free(got);
   run_close(&run);

@@ -7,7 +7,9 @@
  * scores. The tensor-core sweeps (tensor_core_*) run the f16/bf16 kernels over GQA 1/4/8 x head_dim
  * 64/128/256 x page size 1/16/13 (not dividing n) x n from 1 to ~3000 in batches, H2O over the whole
  * prompt included; the nonfinite_* tests check the non-finite rule of kvcompress.h against an
- * oracle written in this file.
+ * oracle written in this file. The fp8_* tests run FP8 (e4m3) keys with f16 / bf16 / f32 queries
+ * and a per-tensor or per-KV-head k_scale through the same kernels, KNORM included, and a whole
+ * kvc_compress on an fp8 cache.
  *
  * Tolerance: |cuda - cpu| <= kRelTol * |cpu| + kAbsTol, infinities equal. The CUDA kernels
  * accumulate in fp32 what the CPU does in double. An attention probability exp(s - lse) carries
@@ -31,6 +33,7 @@
 #include <string.h>
 
 #include "kvcompress.h"
+#include "compact_oracle.h"
 #include "test_util.h"
 
 static const double kRelTol = 1e-4, kAbsTol = 1e-9;
@@ -52,7 +55,14 @@ typedef struct {
   int cuda_lse; /* 1: the CUDA run gets the test's own normalisers (kvc_score's `lse`), the CPU none */
   /* if set: changes the cache and queries after they are made (the non-finite tests) */
   void (*plant)(kvc_test_cache_t *cache, void *queries, int32_t num_q_heads);
+  /* FP8 keys: the queries' dtype and the key scales, as in kvc_plan_desc_t */
+  kvc_query_dtype_t query_dtype;
+  float k_scale;
+  const float *k_scales;
 } score_case_t;
+
+/* FP8 keys' scales: not powers of two, so a scale applied twice or not at all shows. */
+static const float kFp8Scale = 1.7f, kFp8HeadScales[] = {0.55f, 2.3f};
 
 /* Both backends' scores of one case. */
 typedef struct {
@@ -88,6 +98,11 @@ static kvc_plan_desc_t case_desc(const score_case_t *c, int32_t *budgets) {
   desc.group_reduce = c->reduce;
   desc.span_local = c->span_local;
   desc.sink_tokens = c->method == KVC_SCORE_STREAMING ? 4 : 0;
+  desc.query_dtype = c->query_dtype;
+  if (c->dtype == KVC_DTYPE_FP8_E4M3) {
+    desc.k_scale = c->k_scale;
+    desc.k_scales = c->k_scales;
+  }
   return desc;
 }
 
@@ -118,7 +133,7 @@ static void score_both(const score_case_t *c, int accumulate, score_run_t *r) {
   r->cache = kvc_test_cache_new(c->batch, c->seq_lens, c->num_kv_heads, c->head_dim, c->dtype, c->page_size,
                                 c->layout, c->table, 3, c->seed);
   r->queries = r->info.obs_total > 0 ? kvc_test_queries_new(r->info.obs_total, desc.num_q_heads, c->head_dim,
-                                                            c->dtype, c->seed + 1)
+                                                            kvc_test_query_dtype(&desc), c->seed + 1)
                                      : NULL;
   if (c->plant) c->plant(r->cache, r->queries, desc.num_q_heads);
   size_t score_bytes = sizeof(float) * (size_t)r->info.score_elems;
@@ -170,6 +185,15 @@ static void assert_scores_match(const score_case_t *c, const score_run_t *r) {
   }
   cr_log_info("%s dtype %d head_dim %d group %d: max relative difference %.3g", method_name(c->method),
               (int)c->dtype, c->head_dim, c->group, worst);
+}
+
+/* The same with NaN allowed where both backends have it (the cases that plant NaN). */
+static void assert_scores_match_or_nan(const score_case_t *c, const score_run_t *r) {
+  for (int64_t i = 0; i < r->info.score_elems; ++i) {
+    const double cpu = r->cpu_scores[i], cuda = r->cuda_scores[i];
+    cr_assert(isnan(cpu) ? isnan(cuda) : close_enough(cuda, cpu), "%s: score %lld: CUDA %.9g vs CPU %.9g",
+              method_name(c->method), (long long)i, cuda, cpu);
+  }
 }
 
 static void check_case(const score_case_t *c) {
@@ -364,6 +388,8 @@ Test(score_emu, workspace_matches_the_documented_formula) {
   kvc_context_destroy(cuda);
 }
 
+/* The CUDA kernels copy rows 16 bytes at a time: head_dim 12 is refused, and with fp8 keys head_dim
+ * 24 too for the methods that read K (STREAMING reads none and stays allowed), naming head_dim. */
 Test(score_emu, head_dim_not_a_multiple_of_8_is_not_supported) {
   static const int32_t seq_lens[] = {10};
   kvc_context_t cuda = NULL;
@@ -375,6 +401,14 @@ Test(score_emu, head_dim_not_a_multiple_of_8_is_not_supported) {
   desc.batch = 1;
   desc.seq_lens = desc.budgets = seq_lens;
   cr_assert_eq(kvc_plan_create(cuda, &desc, &plan), KVC_ERROR_NOT_SUPPORTED);
+  desc.head_dim = 24;
+  desc.dtype = KVC_DTYPE_FP8_E4M3;
+  desc.query_dtype = KVC_QUERY_DTYPE_F16;
+  cr_assert_eq(kvc_plan_create(cuda, &desc, &plan), KVC_ERROR_NOT_SUPPORTED);
+  cr_assert(strstr(kvc_last_error(cuda), "head_dim 24"), "%s", kvc_last_error(cuda));
+  desc.method = KVC_SCORE_STREAMING;
+  cr_assert_eq(kvc_plan_create(cuda, &desc, &plan), KVC_SUCCESS, "%s", kvc_last_error(cuda));
+  kvc_plan_destroy(plan);
   kvc_context_destroy(cuda);
 }
 
@@ -484,17 +518,23 @@ typedef struct {
   int32_t lens[3];
 } lens_t;
 
+/* fp8: the same with FP8 keys, f16 / bf16 queries (by di), head_dim 64 and 128, the scale per
+ * tensor and per KV head in turn. */
 static void tensor_core_sweep(kvc_score_method_t method, int32_t window, const lens_t *sets, int nsets,
-                              uint64_t seed) {
+                              uint64_t seed, int fp8) {
   static const kvc_dtype_t dtypes[] = {KVC_DTYPE_F16, KVC_DTYPE_BF16};
+  static const kvc_query_dtype_t query_dtypes[] = {KVC_QUERY_DTYPE_F16, KVC_QUERY_DTYPE_BF16};
   static const int32_t groups[] = {1, 4, 8}, dims[] = {64, 128, 256}, pages[] = {1, 16, 13};
   int index = 0;
   for (int di = 0; di < 2; ++di)
     for (int gi = 0; gi < 3; ++gi)
-      for (int hi = 0; hi < 3; ++hi, ++index) {
+      for (int hi = 0; hi < (fp8 ? 2 : 3); ++hi, ++index) {
         score_case_t c = {0};
         c.method = method;
-        c.dtype = dtypes[di];
+        c.dtype = fp8 ? KVC_DTYPE_FP8_E4M3 : dtypes[di];
+        c.query_dtype = fp8 ? query_dtypes[di] : KVC_QUERY_DTYPE_AS_CACHE;
+        c.k_scale = kFp8Scale;
+        c.k_scales = fp8 && index % 2 ? kFp8HeadScales : NULL;
         c.head_dim = dims[hi];
         c.group = groups[gi];
         c.num_kv_heads = groups[gi] == 8 ? 1 : 2;
@@ -515,27 +555,27 @@ static void tensor_core_sweep(kvc_score_method_t method, int32_t window, const l
 /* SnapKV, window 64: up to ~3000 keys, several normaliser splits per row block. */
 Test(score_emu, tensor_core_snapkv_sweep, .timeout = 600) {
   static const lens_t sets[] = {{3, {1, 517, 2900}}, {2, {64, 1500}}, {2, {200, 1031}}};
-  tensor_core_sweep(KVC_SCORE_SNAPKV, 64, sets, 3, 7000);
+  tensor_core_sweep(KVC_SCORE_SNAPKV, 64, sets, 3, 7000, 0);
 }
 
 /* H2O over the whole prompt (every token observes): causal tiles on the diagonal, rows of many
  * blocks, key tiles seen by hundreds of rows. */
 Test(score_emu, tensor_core_h2o_whole_prompt_sweep, .timeout = 600) {
   static const lens_t sets[] = {{3, {1, 200, 480}}, {2, {45, 400}}, {2, {129, 333}}};
-  tensor_core_sweep(KVC_SCORE_H2O, 4096, sets, 3, 7100);
+  tensor_core_sweep(KVC_SCORE_H2O, 4096, sets, 3, 7100, 0);
 }
 
 /* H2O with a window shorter than the prompt: rows of one block see different key ranges; two
  * normaliser splits for the 900-token sequence. */
 Test(score_emu, tensor_core_h2o_window_sweep, .timeout = 600) {
   static const lens_t sets[] = {{2, {1, 900}}, {3, {90, 555, 33}}};
-  tensor_core_sweep(KVC_SCORE_H2O, 100, sets, 2, 7200);
+  tensor_core_sweep(KVC_SCORE_H2O, 100, sets, 2, 7200, 0);
 }
 
 /* TOVA: one query, all q heads of a KV head in one row tile. */
 Test(score_emu, tensor_core_tova_sweep, .timeout = 600) {
   static const lens_t sets[] = {{3, {1, 700, 3000}}, {2, {2, 1999}}};
-  tensor_core_sweep(KVC_SCORE_TOVA, 1, sets, 2, 7300);
+  tensor_core_sweep(KVC_SCORE_TOVA, 1, sets, 2, 7300, 0);
 }
 
 /* span_local on the tensor-core kernels: domains that start mid-tile, key tiles that straddle two
@@ -567,6 +607,9 @@ static void oracle_scores(const score_case_t *c, const kvc_test_cache_t *cache, 
                           const float *lse, double *scores) {
   const int32_t H = c->num_kv_heads, G = c->group, Hq = H * G, D = c->head_dim;
   const double scale = 1.0 / sqrt((double)D);
+  int32_t budgets[16];
+  const kvc_plan_desc_t desc = case_desc(c, budgets);
+  const kvc_dtype_t query_dtype = kvc_test_query_dtype(&desc);
   int64_t row0 = 0, out0 = 0;
   for (int32_t b = 0; b < c->batch; ++b) {
     const int32_t n = c->seq_lens[b];
@@ -581,8 +624,8 @@ static void oracle_scores(const score_case_t *c, const kvc_test_cache_t *cache, 
         double max = -INFINITY, sum = 0.0;
         for (int32_t j = 0; j <= p; ++j) {
           double dot = 0.0;
-          for (int32_t x = 0; x < D; ++x) dot += kvc_test_load(queries, c->dtype, row * D + x) * kvc_test_k(cache, b, j, g / G, x);
-          probs[j] = scale * dot;
+          for (int32_t x = 0; x < D; ++x) dot += kvc_test_load(queries, query_dtype, row * D + x) * kvc_test_k(cache, b, j, g / G, x);
+          probs[j] = scale * kvc_test_key_scale(&desc, g / G) * dot;
           if (!isfinite(probs[j])) poisoned |= !lse; /* with the engine's lse: only this term */
           if (isfinite(probs[j])) max = fmax(max, probs[j]);
         }
@@ -773,4 +816,200 @@ Test(score_emu, nonfinite_knorm_large_and_nonfinite_keys) {
     }
     score_run_free(&r);
   }
+}
+
+/* ---- FP8 keys (e4m3) with a per-tensor or per-KV-head k_scale ----------------------------------
+ * The tensor-core sweeps above with fp8 keys, landed as bytes and widened in shared memory (f16 and
+ * bf16 queries x GQA 1/4/8 x head_dim 64/128 x page size 1/16/13, the scale per tensor and per KV
+ * head in turn), on shorter batches; the CPU backend they are compared with is itself checked
+ * against a brute-force oracle in tests/test_score_cpu.c. Same tolerance: both backends widen the
+ * same e4m3 values exactly and fold k_scale into the logit scale (kernels/score.cu). */
+
+/* Makes c a case of fp8 keys with these queries, scaled per KV head or per tensor. */
+static void use_fp8(score_case_t *c, kvc_query_dtype_t queries, int per_head) {
+  c->dtype = KVC_DTYPE_FP8_E4M3;
+  c->query_dtype = queries;
+  c->k_scale = kFp8Scale;
+  c->k_scales = per_head ? kFp8HeadScales : NULL;
+}
+
+Test(score_emu, fp8_snapkv_sweep, .timeout = 600) {
+  static const lens_t sets[] = {{3, {1, 517, 1100}}, {2, {64, 700}}};
+  tensor_core_sweep(KVC_SCORE_SNAPKV, 64, sets, 2, 9000, 1);
+}
+
+Test(score_emu, fp8_h2o_whole_prompt_sweep, .timeout = 600) {
+  static const lens_t sets[] = {{2, {1, 300}}, {2, {45, 200}}};
+  tensor_core_sweep(KVC_SCORE_H2O, 4096, sets, 2, 9100, 1);
+}
+
+Test(score_emu, fp8_tova_sweep, .timeout = 600) {
+  static const lens_t sets[] = {{2, {1, 1300}}, {2, {2, 700}}};
+  tensor_core_sweep(KVC_SCORE_TOVA, 1, sets, 2, 9200, 1);
+}
+
+/* f32 queries (the exact fp32 path on widened keys) for the attention methods, and KNORM, each
+ * layout and table kind, head_dim 64 / 128 / 256 / 80 (the generic instantiation). */
+Test(score_emu, fp8_f32_queries_and_knorm) {
+  static const int32_t seq_lens[] = {301, 133};
+  static const int32_t dims[] = {64, 128, 256, 80};
+  static const kvc_score_method_t methods[] = {KVC_SCORE_SNAPKV, KVC_SCORE_H2O, KVC_SCORE_TOVA, KVC_SCORE_KNORM};
+  int index = 0;
+  for (int m = 0; m < 4; ++m)
+    for (int i = 0; i < 2; ++i, ++index) {
+      score_case_t c = {0};
+      c.method = methods[m];
+      c.dtype = KVC_DTYPE_FP8_E4M3;
+      c.query_dtype = methods[m] == KVC_SCORE_KNORM ? KVC_QUERY_DTYPE_AS_CACHE
+                      : i                           ? KVC_QUERY_DTYPE_F32
+                                                    : KVC_QUERY_DTYPE_BF16;
+      c.k_scale = kFp8Scale;
+      c.k_scales = index % 2 ? NULL : kFp8HeadScales;
+      c.head_dim = dims[index % 4];
+      c.num_kv_heads = 2;
+      c.group = index % 3 ? 4 : 1;
+      c.layout = (kvc_test_layout_t)(index % 2);
+      c.table = (kvc_test_table_t)(index % 3);
+      c.page_size = index % 2 ? 16 : 13;
+      c.batch = 2;
+      c.seq_lens = seq_lens;
+      c.window = methods[m] == KVC_SCORE_H2O ? 200 : 24;
+      c.pool_kernel = methods[m] == KVC_SCORE_SNAPKV ? 5 : 1;
+      c.seed = 9300 + (uint64_t)index;
+      check_case(&c);
+    }
+}
+
+/* FP8 NaN (S.1111.111; e4m3 has no inf) in a key, and a NaN query element: the rule, against this
+ * file's oracle (which decodes fp8 by its definition and applies the scale itself). */
+static void plant_fp8_nan(kvc_test_cache_t *cache, void *queries, int32_t Hq) {
+  const int32_t D = cache->desc.head_dim;
+  ((uint8_t *)kvc_test_k_ptr(cache, 1, 11, 0))[7] = 0x7f;
+  if (g_rows0 <= 2) return; /* TOVA: one row per sequence, averaged over every q head: sequence 0 stays finite */
+  ((uint8_t *)kvc_test_k_ptr(cache, 0, 30, 1))[0] = 0xff;
+  ((uint16_t *)queries)[((int64_t)2 * Hq + 1) * D + 5] = 0xffffu; /* NaN in f16 and bf16 */
+}
+
+Test(score_emu, fp8_nan_keys_poison_their_rows) {
+  for (int m = KVC_SCORE_SNAPKV; m <= KVC_SCORE_TOVA; ++m) {
+    score_case_t c;
+    nonfinite_case(&c, (kvc_score_method_t)m, KVC_DTYPE_FP8_E4M3, m == KVC_SCORE_H2O ? 60 : 24, m == 0 ? 5 : 1,
+                   KVC_POOL_MAX, m == 1 ? KVC_REDUCE_MAX : KVC_REDUCE_MEAN, (uint64_t)(9400 + m));
+    c.plant = plant_fp8_nan;
+    use_fp8(&c, m == 1 ? KVC_QUERY_DTYPE_BF16 : KVC_QUERY_DTYPE_F16, m == 2);
+    score_run_t r;
+    score_both(&c, 0, &r);
+    const int64_t nans = assert_matches_oracle(&c, &r, NULL);
+    cr_assert_gt(nans, 0, "%s: no NaN where the rule puts some", method_name(c.method));
+    assert_scores_match_or_nan(&c, &r);
+    score_run_free(&r);
+  }
+}
+
+/* KNORM on fp8: -k_scale * ||k|| like the CPU's; a NaN element gives NaN; keys of 448s with a
+ * huge per-head scale saturate at -FLT_MAX on both backends (finite for every finite key). */
+static const float kHugeScales[] = {1.0f, 3e37f};
+
+static void plant_fp8_large(kvc_test_cache_t *cache, void *queries, int32_t Hq) {
+  (void)queries, (void)Hq;
+  for (int32_t x = 0; x < cache->desc.head_dim; ++x) {
+    ((uint8_t *)kvc_test_k_ptr(cache, 1, 10, 1))[x] = 0x7e; /* 448 */
+    ((uint8_t *)kvc_test_k_ptr(cache, 1, 12, 0))[x] = x % 2 ? 0xfe : 0x01; /* -448 and the least subnormal */
+  }
+  ((uint8_t *)kvc_test_k_ptr(cache, 1, 8, 1))[5] = 0x7f;
+}
+
+Test(score_emu, fp8_knorm_nan_and_saturation) {
+  static const int32_t lens[] = {150, 90};
+  score_case_t c = {KVC_SCORE_KNORM, KVC_DTYPE_FP8_E4M3, 128, 2, 1, 16, KVC_TEST_HND, KVC_TEST_CSR, 2, lens,
+                    NULL, NULL, NULL, 1, 1, 0, KVC_POOL_AVG, KVC_REDUCE_MEAN, 9500};
+  c.plant = plant_fp8_large;
+  c.k_scales = kHugeScales;
+  score_run_t r;
+  score_both(&c, 0, &r);
+  assert_scores_match_or_nan(&c, &r);
+  const float top = r.cuda_scores[(int64_t)2 * 150 + 90 + 10]; /* sequence 1, head 1, token 10 */
+  cr_assert_eq(top, -FLT_MAX, "fp8 keys of 448 times 3e37: CUDA %g, want -FLT_MAX", top);
+  cr_assert(isnan(r.cuda_scores[(int64_t)2 * 150 + 90 + 8]), "a NaN fp8 element scores NaN");
+  const double want = -sqrt(64.0 * 448.0 * 448.0 + 64.0 * 0x1p-18); /* sequence 1, head 0, token 12: by hand */
+  cr_assert(fabs(r.cuda_scores[(int64_t)2 * 150 + 12] - want) <= 1e-6 * -want, "%.9g vs %.9g",
+            (double)r.cuda_scores[(int64_t)2 * 150 + 12], want);
+  score_run_free(&r);
+}
+
+/* kvc_compress (score, select, compact) on an fp8 cache, both backends on copies of one cache:
+ * the kept rows agree up to ties of the scores, and each backend's pools are exactly what
+ * compaction of its own kept rows gives (tests/support/compact_oracle.c). */
+Test(score_emu, fp8_compress_matches_cpu) {
+  static const kvc_score_method_t methods[] = {KVC_SCORE_SNAPKV, KVC_SCORE_H2O, KVC_SCORE_KNORM};
+  for (int m = 0; m < 3; ++m) {
+    score_case_t c;
+    selection_case(&c, methods[m], (uint64_t)(9600 + m));
+    use_fp8(&c, m == 1 ? KVC_QUERY_DTYPE_BF16 : KVC_QUERY_DTYPE_F16, m == 0);
+    score_run_t r;
+    score_both(&c, 0, &r);
+    int32_t *keep[2];
+    for (int side = 0; side < 2; ++side) {
+      kvc_context_t ctx = side ? r.cuda : r.cpu;
+      kvc_plan_t plan = side ? r.cuda_plan : r.cpu_plan;
+      kvc_test_cache_t *cache = kvc_test_cache_clone(r.cache), *expected = kvc_test_cache_clone(r.cache);
+      size_t bytes = 0;
+      cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_COMPRESS, &bytes), KVC_SUCCESS);
+      char *ws = kvc_test_workspace_new(bytes);
+      kvc_status_t status = kvc_compress(ctx, plan, &cache->desc, r.queries, NULL, ws, bytes, NULL);
+      cr_assert_eq(status, KVC_SUCCESS, "kvc_compress: %s (%s)", kvc_status_name(status), kvc_last_error(ctx));
+      keep[side] = malloc(sizeof(int32_t) * (size_t)r.info.keep_elems);
+      memcpy(keep[side], ws + r.info.keep_offset_bytes, sizeof(int32_t) * (size_t)r.info.keep_elems);
+      kvc_test_compact_oracle(r.cache, expected, c.budgets, keep[side], NULL, NULL, 0, NULL);
+      cr_assert_eq(kvc_test_first_difference(expected->k, cache->k, cache->pool_bytes), -1, "%s: K pool (%s)",
+                   method_name(c.method), side ? "CUDA" : "CPU");
+      cr_assert_eq(kvc_test_first_difference(expected->v, cache->v, cache->pool_bytes), -1, "%s: V pool (%s)",
+                   method_name(c.method), side ? "CUDA" : "CPU");
+      free(ws);
+      kvc_test_cache_free(cache);
+      kvc_test_cache_free(expected);
+    }
+    assert_same_selection(&c, &r, keep[0], keep[1], "fp8 kvc_compress");
+    free(keep[0]);
+    free(keep[1]);
+    score_run_free(&r);
+  }
+}
+
+/* The key scales travel in the plan's metadata: two fp8 plans that differ only in k_scales are
+ * kvc_plan_compatible, and the first one (as a graph captured with it would) scores the second
+ * event once the second plan is uploaded into the first one's buffer; before that upload it scores
+ * its own scales, which differ (so a scale frozen into the launch would show). */
+Test(score_emu, fp8_scales_travel_with_the_uploaded_plan) {
+  static const float first_scales[] = {1.3f, 0.4f};
+  score_case_t c;
+  selection_case(&c, KVC_SCORE_H2O, 9700);
+  use_fp8(&c, KVC_QUERY_DTYPE_F16, 1);
+  score_run_t r;
+  score_both(&c, 0, &r); /* the second event (kFp8HeadScales): CPU scores in r.cpu_scores */
+  int32_t budgets[16];
+  kvc_plan_desc_t desc = case_desc(&c, budgets);
+  desc.device_memory = KVC_PLAN_MEMORY_CALLER;
+  kvc_plan_t second = NULL, first = NULL;
+  cr_assert_eq(kvc_plan_create(r.cuda, &desc, &second), KVC_SUCCESS, "%s", kvc_last_error(r.cuda));
+  desc.k_scales = first_scales;
+  cr_assert_eq(kvc_plan_create(r.cuda, &desc, &first), KVC_SUCCESS, "%s", kvc_last_error(r.cuda));
+  int compatible = 0;
+  cr_assert_eq(kvc_plan_compatible(first, second, &compatible), KVC_SUCCESS);
+  cr_assert_eq(compatible, 1, "plans differing only in k_scales must be compatible");
+  size_t bytes = 0;
+  cr_assert_eq(kvc_plan_device_bytes(first, &bytes), KVC_SUCCESS);
+  void *buffer = kvc_test_workspace_new(bytes);
+  cr_assert_eq(kvc_plan_upload(r.cuda, first, buffer, bytes, NULL), KVC_SUCCESS, "%s", kvc_last_error(r.cuda));
+  run_score(r.cuda, first, r.cache, r.queries, NULL, r.cuda_scores, 0);
+  int64_t differing = 0;
+  for (int64_t i = 0; i < r.info.score_elems; ++i) differing += !close_enough(r.cuda_scores[i], r.cpu_scores[i]);
+  cr_assert_gt(differing, 0, "the first event's scales give the second event's scores: the case shows nothing");
+  cr_assert_eq(kvc_plan_upload(r.cuda, second, buffer, bytes, NULL), KVC_SUCCESS, "%s", kvc_last_error(r.cuda));
+  run_score(r.cuda, first, r.cache, r.queries, NULL, r.cuda_scores, 0); /* the "replay" */
+  assert_scores_match(&c, &r);
+  kvc_plan_destroy(first);
+  kvc_plan_destroy(second);
+  free(buffer);
+  score_run_free(&r);
 }

@@ -31,6 +31,7 @@ typedef struct {
   kvc_dtype_t dtype;
   int32_t head_dim, group, window;
   unsigned lse_layers; /* bit l: layer l gets the engine's lse; 0: the lse array is NULL */
+  kvc_query_dtype_t query_dtype; /* fp8 keys (k_scale 1.7): the queries' dtype */
 } layer_case_t;
 
 /* One case's plan, layers and per-layer queries / lse on one backend. */
@@ -64,6 +65,8 @@ static void setup(layer_run_t *r, kvc_backend_t backend, const layer_case_t *c, 
   d.method = c->method;
   d.window = c->window;
   d.sink_tokens = c->method == KVC_SCORE_STREAMING ? 4 : 0;
+  d.query_dtype = c->query_dtype;
+  if (c->dtype == KVC_DTYPE_FP8_E4M3) d.k_scale = 1.7f;
   r->desc = d;
   kvc_status_t status = kvc_plan_create(r->ctx, &d, &r->plan);
   cr_assert_eq(status, KVC_SUCCESS, "plan: %s (%s)", kvc_status_name(status), kvc_last_error(r->ctx));
@@ -73,7 +76,7 @@ static void setup(layer_run_t *r, kvc_backend_t backend, const layer_case_t *c, 
   r->layers = kvc_test_layers_new(r->base, L);
   for (int32_t l = 0; l < L; ++l) {
     r->queries[l] = r->info.obs_total > 0 ? kvc_test_queries_new(r->info.obs_total, d.num_q_heads, c->head_dim,
-                                                                 c->dtype, seed + 10 + (uint64_t)l)
+                                                                 kvc_test_query_dtype(&d), seed + 10 + (uint64_t)l)
                                           : NULL;
     r->lse[l] = (c->lse_layers >> l) & 1u && r->queries[l]
                     ? kvc_test_lse(&r->desc, r->plan, r->layers->cache[l], r->queries[l])
@@ -197,10 +200,13 @@ static const layer_case_t kCases[] = {
     {KVC_SCORE_STREAMING, KVC_DTYPE_F16, 32, 2, 1, 0},
     {KVC_SCORE_STREAMING, KVC_DTYPE_BF16, 32, 2, 1, 0},
     {KVC_SCORE_STREAMING, KVC_DTYPE_F32, 32, 2, 1, 0},
+    {KVC_SCORE_SNAPKV, KVC_DTYPE_FP8_E4M3, 64, 2, 16, 0x5, KVC_QUERY_DTYPE_F16}, /* fp8 keys */
+    {KVC_SCORE_H2O, KVC_DTYPE_FP8_E4M3, 32, 2, 1000, 0, KVC_QUERY_DTYPE_BF16},
+    {KVC_SCORE_KNORM, KVC_DTYPE_FP8_E4M3, 64, 2, 1, 0},
 };
 enum { NUM_CASES = sizeof kCases / sizeof kCases[0] };
 
-/* Every method x f16/bf16/f32, written and accumulated, with and without the engine's lse (some
+/* Every method x f16/bf16/f32 (and fp8 keys for SNAPKV, H2O, KNORM), written and accumulated, with and without the engine's lse (some
  * entries NULL), GQA 1/2/4, a batch of different lengths, on both backends. */
 Test(score_layers_emu, score_layers_equal_single_layer_calls, .timeout = 1200) {
   for (int i = 0; i < NUM_CASES; ++i)

@@ -278,6 +278,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   d.sink_tokens = fuzz_i32_extreme(&in, fuzz_u8(&in) % 5);
   d.recent_tokens = fuzz_i32_extreme(&in, fuzz_u8(&in) % 5);
   d.fairness = (float)(fuzz_u8(&in) % 5) / 4.0f;
+  /* fp8 keys are scored with f32 / f16 / bf16 queries (from what was read: older inputs keep their
+   * meaning) and a key scale */
+  if (d.dtype == KVC_DTYPE_FP8_E4M3) d.query_dtype = (kvc_query_dtype_t)(1 + d.head_dim % 3), d.k_scale = 0.75f;
   int total = 0;
   for (int32_t b = 0; b < d.batch; ++b) {
     lens[b] = 1 + fuzz_u8(&in) % MAX_LEN; /* the caches below hold MAX_LEN tokens per sequence */
@@ -411,7 +414,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   kvc_plan_workspace_size(plan, KVC_OP_COMPRESS, &bytes);
   void *ws = NULL;
   if (posix_memalign(&ws, 256, bytes + 1)) abort();
-  size_t qbytes = (size_t)info.obs_total * (size_t)d.num_q_heads * (size_t)d.head_dim * (size_t)l.elem;
+  const int query_elem = d.dtype == KVC_DTYPE_FP8_E4M3 ? (d.query_dtype == KVC_QUERY_DTYPE_F32 ? 4 : 2) : l.elem;
+  size_t qbytes = (size_t)info.obs_total * (size_t)d.num_q_heads * (size_t)d.head_dim * (size_t)query_elem;
   uint8_t *queries = malloc(qbytes + 1);
   for (size_t i = 0; i < qbytes; ++i) queries[i] = fuzz_u8(&in);
 
@@ -454,7 +458,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         (v_copy && memcmp(v_copy, v_region.base, (size_t)v_region.bytes)))
       FAIL(ctx, "a byte outside the rows of owned pages changed");
   }
-  check_gather(ctx, plan, &d, &in, (int)l.elem);
+  check_gather(ctx, plan, &d, &in, query_elem);
   if (status == KVC_SUCCESS && k_copy) check_into(ctx, plan, &d, &c, (const int32_t *)ws, &k_region, &v_region, &in, l.elem);
   free(k_copy), free(v_copy), free(before), free(ws), free(queries);
   region_free(&k_region), region_free(&v_region);

@@ -29,6 +29,7 @@ typedef struct {
   int32_t n, window, num_kv_heads, group, head_dim;
   kvc_dtype_t dtype;
   int engine_lse; /* the CUDA run gets the test's own double normalisers (kvc_score's `lse`) */
+  kvc_query_dtype_t query_dtype; /* FP8 keys: the queries' dtype (the keys get k_scale 0.8) */
 } gpu_case_t;
 
 static void check_long_context(const gpu_case_t *c) {
@@ -48,6 +49,8 @@ static void check_long_context(const gpu_case_t *c) {
   desc.method = c->method;
   desc.window = c->window;
   desc.pool_kernel = c->method == KVC_SCORE_SNAPKV ? 5 : 1;
+  desc.query_dtype = c->query_dtype;
+  if (c->dtype == KVC_DTYPE_FP8_E4M3) desc.k_scale = 0.8f;
   kvc_plan_t cpu_plan = NULL, cuda_plan = NULL;
   cr_assert_eq(kvc_plan_create(cpu, &desc, &cpu_plan), KVC_SUCCESS, "%s", kvc_last_error(cpu));
   cr_assert_eq(kvc_plan_create(cuda, &desc, &cuda_plan), KVC_SUCCESS, "%s", kvc_last_error(cuda));
@@ -56,9 +59,10 @@ static void check_long_context(const gpu_case_t *c) {
 
   kvc_test_cache_t *cache = kvc_test_cache_new(1, seq_lens, c->num_kv_heads, c->head_dim, c->dtype, 16,
                                                KVC_TEST_NHD, KVC_TEST_DENSE, 5, 99);
-  size_t elem = c->dtype == KVC_DTYPE_F32 ? 4 : 2;
+  const kvc_dtype_t query_dtype = kvc_test_query_dtype(&desc);
+  size_t elem = query_dtype == KVC_DTYPE_F32 ? 4 : 2;
   size_t query_bytes = (size_t)info.obs_total * (size_t)desc.num_q_heads * (size_t)c->head_dim * elem;
-  void *queries = info.obs_total ? kvc_test_queries_new(info.obs_total, desc.num_q_heads, c->head_dim, c->dtype, 7)
+  void *queries = info.obs_total ? kvc_test_queries_new(info.obs_total, desc.num_q_heads, c->head_dim, query_dtype, 7)
                                  : NULL;
   size_t score_bytes = sizeof(float) * (size_t)info.score_elems;
   float *cpu_scores = malloc(score_bytes), *cuda_scores = malloc(score_bytes);
@@ -122,6 +126,14 @@ Test(score_gpu, snapkv_32k_engine_lse) {
 }
 Test(score_gpu, tova_32k) { check_long_context(&(gpu_case_t){KVC_SCORE_TOVA, 32768, 1, 2, 4, 128, KVC_DTYPE_BF16}); }
 Test(score_gpu, tova_128k) { check_long_context(&(gpu_case_t){KVC_SCORE_TOVA, 131072, 1, 8, 4, 128, KVC_DTYPE_BF16}); }
+/* FP8 keys (e4m3, k_scale 0.8) with bf16 / f16 queries on tensor cores, and KNORM on fp8. */
+Test(score_gpu, fp8_snapkv_32k) {
+  check_long_context(&(gpu_case_t){KVC_SCORE_SNAPKV, 32768, 64, 2, 4, 128, KVC_DTYPE_FP8_E4M3, 0, KVC_QUERY_DTYPE_BF16});
+}
+Test(score_gpu, fp8_h2o_4k_whole_prompt) {
+  check_long_context(&(gpu_case_t){KVC_SCORE_H2O, 4096, 4096, 2, 4, 128, KVC_DTYPE_FP8_E4M3, 0, KVC_QUERY_DTYPE_F16});
+}
+Test(score_gpu, fp8_knorm_32k) { check_long_context(&(gpu_case_t){KVC_SCORE_KNORM, 32768, 1, 8, 1, 128, KVC_DTYPE_FP8_E4M3}); }
 Test(score_gpu, knorm_32k) { check_long_context(&(gpu_case_t){KVC_SCORE_KNORM, 32768, 1, 8, 1, 128, KVC_DTYPE_F16}); }
 Test(score_gpu, knorm_128k) { check_long_context(&(gpu_case_t){KVC_SCORE_KNORM, 131072, 1, 8, 1, 256, KVC_DTYPE_F32}); }
 /* Quadratic on the CPU reference: one KV head, a group of 2, head_dim 64 keep it to seconds. */

@@ -44,7 +44,7 @@ static int make_inputs(gc_run_t *r, const gc_problem_opts_t *opts, inputs_t *in)
   if (gc_dev_cache(r, in->before, NULL, 0, NULL, &in->dev)) return 1;
   if (in->queries)
     in->dev_queries = gc_dev(r, in->queries,
-                             (size_t)in->cpu_info.obs_total * d->num_q_heads * d->head_dim * gc_dtype_bytes(d->dtype),
+                             (size_t)in->cpu_info.obs_total * d->num_q_heads * d->head_dim * gc_dtype_bytes(kvc_test_query_dtype(d)),
                              "queries");
   if (in->p.with_lse && in->queries) {
     float *lse = kvc_test_lse(d, in->cpu_plan, in->before, in->queries);

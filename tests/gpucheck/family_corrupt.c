@@ -95,7 +95,7 @@ static void run_corrupt(gc_run_t *r) {
   gc_dev_cache_t dev;
   GC_TRY(gc_dev_cache(r, ref, bad_table, csr ? (size_t)bad_indptr[d->batch] : table_len, csr ? bad_indptr : NULL, &dev));
   {
-    const size_t query_bytes = (size_t)info.obs_total * d->num_q_heads * d->head_dim * elem;
+    const size_t query_bytes = (size_t)info.obs_total * d->num_q_heads * d->head_dim * gc_dtype_bytes(kvc_test_query_dtype(d));
     void *dev_queries = queries ? gc_dev(r, queries, query_bytes, "queries") : NULL;
     float *dev_scores = gc_dev(r, NULL, score_bytes, "scores");
     size_t dev_ws_bytes = 0;

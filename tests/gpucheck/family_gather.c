@@ -42,7 +42,7 @@ static void run_gather(gc_run_t *r) {
   static const int32_t extras[] = {0, 0, 8, 3};
   const int64_t token_stride = (int64_t)d->num_q_heads * d->head_dim + gc_pick(r, extras, 4);
   const int64_t num_tokens = qo_indptr[d->batch] + kvc_rng_range(&r->rng, 0, 3);
-  const size_t elem = (size_t)gc_dtype_bytes(d->dtype);
+  const size_t elem = (size_t)gc_dtype_bytes(kvc_test_query_dtype(d));
   const size_t packed_bytes = (size_t)num_tokens * (size_t)token_stride * elem;
   const size_t out_bytes = (size_t)info.obs_total * d->num_q_heads * d->head_dim * elem;
   gc_describe(r, " packed_rows=%lld token_stride=%lld%s", (long long)num_tokens, (long long)token_stride,

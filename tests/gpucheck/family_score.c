@@ -27,7 +27,7 @@ static void score_case(gc_run_t *r, int nonfinite, int decode) {
   GC_KVC(r, r->cpu, kvc_plan_get_info(cpu_plan, &info));
   kvc_test_cache_t *cache = gc_problem_cache(r, &p, 3);
   void *queries = gc_problem_queries(r, &p, &info);
-  const size_t query_bytes = (size_t)info.obs_total * p.desc.num_q_heads * p.desc.head_dim * gc_dtype_bytes(p.desc.dtype);
+  const size_t query_bytes = (size_t)info.obs_total * p.desc.num_q_heads * p.desc.head_dim * gc_dtype_bytes(kvc_test_query_dtype(&p.desc));
   float *lse = NULL;
   if (p.with_lse && queries) {
     lse = kvc_test_lse(&p.desc, cpu_plan, cache, queries);

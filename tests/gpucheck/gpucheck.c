@@ -531,7 +531,15 @@ void gc_draw_problem(gc_run_t *r, const gc_problem_opts_t *opts, gc_problem_t *p
 
   static const kvc_dtype_t dtypes[] = {KVC_DTYPE_F32, KVC_DTYPE_F16, KVC_DTYPE_BF16};
   d->dtype = dtypes[kvc_rng_range(&r->rng, 0, 2)];
-  if (opts->allow_fp8 && d->method == KVC_SCORE_STREAMING && gc_chance(r, 0.3)) d->dtype = KVC_DTYPE_FP8_E4M3;
+  if (opts->allow_fp8 && gc_chance(r, d->method == KVC_SCORE_STREAMING ? 0.3 : 0.2)) {
+    static const kvc_query_dtype_t queries[] = {KVC_QUERY_DTYPE_F16, KVC_QUERY_DTYPE_BF16, KVC_QUERY_DTYPE_F16,
+                                                KVC_QUERY_DTYPE_BF16, KVC_QUERY_DTYPE_F32};
+    d->dtype = KVC_DTYPE_FP8_E4M3;
+    d->query_dtype = queries[kvc_rng_range(&r->rng, 0, 4)];
+    d->k_scale = (float)(0.05 + 2.0 * kvc_rng_uniform(&r->rng));
+    for (int h = 0; h < 8; ++h) p->k_scales[h] = (float)(0.05 + 2.0 * kvc_rng_uniform(&r->rng));
+    if (gc_chance(r, 0.5)) d->k_scales = p->k_scales;
+  }
 
   /* shapes within the case caps: total elements (memory, cache generation) and attention work */
   const double elem_cap = r->emulated ? 1 << 20 : 1 << 25;
@@ -554,6 +562,7 @@ void gc_draw_problem(gc_run_t *r, const gc_problem_opts_t *opts, gc_problem_t *p
       elems += (double)p->seq_lens[b] * d->num_kv_heads * (opts->selection_only ? 4 : d->head_dim);
       work += opts->selection_only ? 0 : obs_of(d, p->seq_lens[b]) * p->seq_lens[b] * d->num_q_heads * d->head_dim;
     }
+    if (d->dtype == KVC_DTYPE_FP8_E4M3 && d->head_dim % 16) d->head_dim += 8; /* CUDA copies fp8 rows by 16 bytes */
     if ((elems <= elem_cap && work <= r->max_work) || attempt == 40) {
       if (attempt == 40) { /* the smallest shape of this method */
         d->batch = 1, d->num_kv_heads = 1, d->num_q_heads = 1, d->head_dim = 64, p->seq_lens[0] = 1 + (int32_t)(r->seed % 64);
@@ -609,6 +618,10 @@ void gc_draw_problem(gc_run_t *r, const gc_problem_opts_t *opts, gc_problem_t *p
               p->nonfinite ? " nonfinite" : "", p->with_lse ? " lse" : "");
   static const char *policies[] = {"fail", "clamp", "skip"};
   gc_describe(r, " budget_policy=%s", policies[d->budget_policy]);
+  if (d->dtype == KVC_DTYPE_FP8_E4M3) {
+    gc_describe(r, " queries=%s k_scale=%s", gc_dtype_name(kvc_test_query_dtype(d)), d->k_scales ? "per-head" : "per-tensor");
+    if (d->method != KVC_SCORE_STREAMING) gc_cover(r, "fp8 scored", d->k_scales ? "per-head scale" : "per-tensor scale");
+  }
   gc_cover(r, "method", gc_method_name(d->method));
   gc_cover(r, "dtype", gc_dtype_name(d->dtype));
   static const char *dim_names[] = {"64", "128", "256", "other"};
@@ -715,10 +728,11 @@ kvc_test_cache_t *gc_problem_cache(gc_run_t *r, const gc_problem_t *p, int32_t g
 void *gc_problem_queries(gc_run_t *r, const gc_problem_t *p, const kvc_plan_info_t *info) {
   if (info->obs_total == 0) return NULL;
   const kvc_plan_desc_t *d = &p->desc;
-  void *q = kvc_test_queries_new(info->obs_total, d->num_q_heads, d->head_dim, d->dtype, kvc_rng_next(&r->rng));
+  const kvc_dtype_t dtype = kvc_test_query_dtype(d);
+  void *q = kvc_test_queries_new(info->obs_total, d->num_q_heads, d->head_dim, dtype, kvc_rng_next(&r->rng));
   track_host(r, q);
   if (p->nonfinite && gc_chance(r, 0.5))
-    plant_nonfinite(r, q, info->obs_total * d->num_q_heads * d->head_dim, d->head_dim, d->dtype, 0,
+    plant_nonfinite(r, q, info->obs_total * d->num_q_heads * d->head_dim, d->head_dim, dtype, 0,
                     "queries(row*heads + head)");
   return q;
 }

@@ -189,6 +189,7 @@ typedef struct {
   kvc_plan_desc_t desc; /* points into the arrays below                                    */
   int32_t seq_lens[GC_MAX_BATCH], budgets[GC_MAX_BATCH], span_indptr[GC_MAX_BATCH + 1];
   kvc_span_t spans[GC_MAX_SPANS];
+  float k_scales[8]; /* fp8 keys' per-KV-head scales (heads <= 8)                          */
   int32_t page_size;
   kvc_test_layout_t layout;
   kvc_test_table_t table;
@@ -202,7 +203,8 @@ typedef struct {
 typedef struct {
   const kvc_score_method_t *methods; /* NULL: every method                                   */
   int num_methods;
-  int allow_fp8;        /* STREAMING (and compaction) on fp8 caches                           */
+  int allow_fp8;        /* fp8 caches: STREAMING (compaction), and scoring with f16 / bf16 /
+                           f32 queries and a per-tensor or per-KV-head k_scale                 */
   int allow_contiguous; /* the one-page-per-sequence layout                                   */
   int nonfinite;       /* plant NaN / inf (f32/f16/bf16)                                       */
   int selection_only; /* no cache: head_dim 64, only the score layout's size is capped         */

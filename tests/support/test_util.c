@@ -52,6 +52,40 @@ uint16_t kvc_test_f32_to_bf16(float f) {
   return (uint16_t)(u >> 16);
 }
 
+uint8_t kvc_test_f32_to_e4m3(float f) {
+  const uint8_t sign = signbit(f) ? 0x80u : 0u;
+  if (isnan(f)) return (uint8_t)(sign | 0x7fu);
+  const double a = fabs((double)f);
+  if (a >= 448.0) return (uint8_t)(sign | 0x7eu); /* saturate (vLLM's conversion does) */
+  if (a < 0.015625) return (uint8_t)(sign | (uint8_t)nearbyint(a * 512.0)); /* m * 2^-9; m = 8 is 2^-6, code 8 */
+  int e;
+  const double fraction = frexp(a, &e); /* a = fraction * 2^e, fraction in [0.5, 1) */
+  int m = (int)nearbyint((fraction * 2.0 - 1.0) * 8.0), biased = e - 1 + 7;
+  if (m == 8) m = 0, ++biased;
+  if (biased > 15 || (biased == 15 && m == 7)) return (uint8_t)(sign | 0x7eu);
+  return (uint8_t)(sign | biased << 3 | m);
+}
+
+double kvc_test_e4m3(uint8_t x) {
+  const int e = (x >> 3) & 0xf, m = x & 7;
+  const double magnitude = e == 15 && m == 7 ? NAN : e == 0 ? ldexp(m, -9) : ldexp(8 + m, e - 10);
+  return (x & 0x80u) ? -magnitude : magnitude;
+}
+
+kvc_dtype_t kvc_test_query_dtype(const kvc_plan_desc_t *d) {
+  switch (d->query_dtype) {
+    case KVC_QUERY_DTYPE_F32: return KVC_DTYPE_F32;
+    case KVC_QUERY_DTYPE_F16: return KVC_DTYPE_F16;
+    case KVC_QUERY_DTYPE_BF16: return KVC_DTYPE_BF16;
+    default: return d->dtype;
+  }
+}
+
+double kvc_test_key_scale(const kvc_plan_desc_t *d, int32_t h) {
+  if (d->dtype != KVC_DTYPE_FP8_E4M3) return 1.0;
+  return d->k_scales ? (double)d->k_scales[h] : (double)d->k_scale;
+}
+
 static int elem_size(kvc_dtype_t dtype) { return dtype == KVC_DTYPE_F32 ? 4 : dtype == KVC_DTYPE_FP8_E4M3 ? 1 : 2; }
 
 double kvc_test_load(const void *base, kvc_dtype_t dtype, int64_t i) {
@@ -69,16 +103,16 @@ double kvc_test_load(const void *base, kvc_dtype_t dtype, int64_t i) {
       u = (uint32_t)((const uint16_t *)base)[i] << 16;
       memcpy(&f, &u, sizeof f);
       return f;
-    default: return (double)((const uint8_t *)base)[i];
+    default: return kvc_test_e4m3(((const uint8_t *)base)[i]);
   }
 }
 
-static void store(void *base, kvc_dtype_t dtype, int64_t i, float value, kvc_rng_t *rng) {
+static void store(void *base, kvc_dtype_t dtype, int64_t i, float value) {
   switch (dtype) {
     case KVC_DTYPE_F32: ((float *)base)[i] = value; break;
     case KVC_DTYPE_F16: ((uint16_t *)base)[i] = kvc_test_f32_to_f16(value); break;
     case KVC_DTYPE_BF16: ((uint16_t *)base)[i] = kvc_test_f32_to_bf16(value); break;
-    default: ((uint8_t *)base)[i] = (uint8_t)kvc_rng_next(rng); break; /* fp8: any byte but the sentinel */
+    default: ((uint8_t *)base)[i] = kvc_test_f32_to_e4m3(value); break; /* fp8: never the sentinel (below) */
   }
   if (dtype == KVC_DTYPE_FP8_E4M3 && ((uint8_t *)base)[i] == 0xCD) ((uint8_t *)base)[i] = 0x3C;
 }
@@ -196,8 +230,8 @@ kvc_test_cache_t *kvc_test_cache_new(int32_t batch, const int32_t *seq_lens, int
       for (int32_t h = 0; h < num_kv_heads; ++h) {
         void *kp = kvc_test_k_ptr(c, b, t, h), *vp = kvc_test_v_ptr(c, b, t, h);
         for (int32_t e = 0; e < head_dim; ++e) {
-          store(kp, dtype, e, (float)(kvc_rng_normal(&rng) + offset), &rng);
-          store(vp, dtype, e, (float)kvc_rng_normal(&rng), &rng);
+          store(kp, dtype, e, (float)(kvc_rng_normal(&rng) + offset));
+          store(vp, dtype, e, (float)kvc_rng_normal(&rng));
         }
       }
     }
@@ -257,7 +291,7 @@ void *kvc_test_queries_new(int64_t rows, int32_t num_q_heads, int32_t head_dim, 
   kvc_rng_t rng = {seed};
   int64_t count = rows * num_q_heads * head_dim;
   void *q = malloc((size_t)(count > 0 ? count : 1) * (size_t)elem_size(dtype));
-  for (int64_t i = 0; i < count; ++i) store(q, dtype, i, (float)kvc_rng_normal(&rng), &rng);
+  for (int64_t i = 0; i < count; ++i) store(q, dtype, i, (float)kvc_rng_normal(&rng));
   return q;
 }
 
@@ -266,6 +300,7 @@ float *kvc_test_lse(const kvc_plan_desc_t *d, kvc_plan_t plan, const kvc_test_ca
   kvc_plan_get_info(plan, &info);
   const int32_t H = d->num_kv_heads, Hq = d->num_q_heads, D = d->head_dim, G = Hq / H;
   const double scale = d->scale > 0.0f ? (double)d->scale : 1.0 / sqrt((double)D);
+  const kvc_dtype_t query_dtype = kvc_test_query_dtype(d);
   int32_t *indptr = (int32_t *)malloc(sizeof(int32_t) * (size_t)(d->batch + 1));
   int32_t *pos = (int32_t *)malloc(sizeof(int32_t) * (size_t)(info.obs_total + 1));
   float *lse = (float *)malloc(sizeof(float) * (size_t)(info.obs_total * Hq + 1));
@@ -281,7 +316,8 @@ float *kvc_test_lse(const kvc_plan_desc_t *d, kvc_plan_t plan, const kvc_test_ca
         for (int32_t j = lo; j <= pos[r]; ++j) {
           double dot = 0.0;
           for (int32_t x = 0; x < D; ++x)
-            dot += kvc_test_load(queries, d->dtype, ((int64_t)r * Hq + g) * D + x) * kvc_test_k(cache, b, j, g / G, x);
+            dot += kvc_test_load(queries, query_dtype, ((int64_t)r * Hq + g) * D + x) * kvc_test_k(cache, b, j, g / G, x);
+          dot *= kvc_test_key_scale(d, g / G);
           total += exp(scale * dot);
         }
         lse[(int64_t)r * Hq + g] = (float)log(total);

@@ -32,7 +32,8 @@ typedef enum {
 /* A paged cache in host memory. Pages are handed out in a shuffled order; `guard_pages` extra
  * pages owned by no sequence are interleaved, and every slot no sequence owns (guard pages, the
  * tails of last pages) holds the sentinel byte 0xCD. K and V values are N(0,1) * `scale_k` with a
- * per-token offset so that norms differ between tokens. */
+ * per-token offset so that norms differ between tokens (fp8: rounded to e4m3, the code 0xCD, which
+ * is -6.5, replaced by 0x3C). */
 typedef struct {
   kvc_paged_kv_t desc;      /* host pointers into the fields below                   */
   int32_t batch;
@@ -58,7 +59,7 @@ kvc_test_cache_t *kvc_test_cache_clone(const kvc_test_cache_t *cache);
  * library from the table kind and layout. */
 void *kvc_test_k_ptr(const kvc_test_cache_t *c, int32_t b, int32_t t, int32_t h);
 void *kvc_test_v_ptr(const kvc_test_cache_t *c, int32_t b, int32_t t, int32_t h);
-/* Element d of (b, t, h) of K as double (f32/f16/bf16). */
+/* Element d of (b, t, h) of K as double (f32/f16/bf16/fp8 e4m3 decoded, without any k_scale). */
 double kvc_test_k(const kvc_test_cache_t *c, int32_t b, int32_t t, int32_t h, int32_t d);
 /* Byte size of one token row of one head (head_dim * element size). */
 size_t kvc_test_row_bytes(const kvc_test_cache_t *c);
@@ -73,11 +74,19 @@ void *kvc_test_queries_new(int64_t rows, int32_t num_q_heads, int32_t head_dim, 
 float *kvc_test_lse(const kvc_plan_desc_t *desc, kvc_plan_t plan, const kvc_test_cache_t *cache, const void *queries);
 /* Zeroed, 256-byte aligned (the workspace alignment the API requires); free with free(). */
 void *kvc_test_workspace_new(size_t bytes);
-/* Element i of an array of `dtype` as double. */
+/* Element i of an array of `dtype` as double (fp8: kvc_test_e4m3). */
 double kvc_test_load(const void *base, kvc_dtype_t dtype, int64_t i);
 /* Round-to-nearest-even conversions used to build f16/bf16 test data. */
 uint16_t kvc_test_f32_to_f16(float f);
 uint16_t kvc_test_f32_to_bf16(float f);
+/* fp8 e4m3 from its definition (1 sign, 4 exponent bits of bias 7, 3 mantissa bits; S.1111.111 NaN,
+ * no inf): float to the nearest code, ties to even, saturating at +-448; and a code as double. */
+uint8_t kvc_test_f32_to_e4m3(float f);
+double kvc_test_e4m3(uint8_t x);
+/* A desc's query dtype (query_dtype resolved) and the scale of KV head h's keys (FP8: k_scales[h]
+ * or k_scale; other dtypes 1), read by the rules of kvcompress.h. */
+kvc_dtype_t kvc_test_query_dtype(const kvc_plan_desc_t *d);
+double kvc_test_key_scale(const kvc_plan_desc_t *d, int32_t h);
 
 #ifdef __cplusplus
 }

@@ -97,6 +97,9 @@ class PlanDescStruct(ctypes.Structure):
         ("window_protection", ctypes.c_int),
         ("spans_per_head", ctypes.c_int32),
         ("score_row_capacity", ctypes.c_int32),
+        ("query_dtype", ctypes.c_int),
+        ("k_scale", ctypes.c_float),
+        ("k_scales", ctypes.c_void_p),
     ]
 
 

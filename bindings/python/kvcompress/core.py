@@ -14,6 +14,7 @@ from .errors import error_for
 BACKENDS = {"auto": 0, "cpu": 1, "cuda": 2}
 BACKEND_NAMES = {1: "cpu", 2: "cuda"}
 DTYPE_TAGS = {"f32": 0, "f16": 1, "bf16": 2, "fp8_e4m3": 3}
+QUERY_DTYPE_TAGS = {"f32": 1, "f16": 2, "bf16": 3}  # kvc_query_dtype_t (0: the cache's dtype)
 _DTYPE_ALIASES = {
     "f32": "f32", "float32": "f32", "fp32": "f32", "float": "f32",
     "f16": "f16", "float16": "f16", "fp16": "f16", "half": "f16",
@@ -285,6 +286,10 @@ class Plan:
       device_memory='owned'                 'owned' | 'caller' (CUDA: see upload())
       quota_rounding='largest_remainder'    | 'later_first' (kvc_quota_rounding_t)
       window_protection='protected'         | 'ranked' (kvc_window_protection_t)
+      query_dtype=None                      the queries' dtype: None = dtype; 'f16' | 'bf16' | 'f32'
+                                            for an 'fp8_e4m3' cache (there are no fp8 queries)
+      k_scale=1.0                           fp8 keys: key = k_scale * fp8 value; a float (per tensor,
+                                            vLLM's k_scale) or num_kv_heads floats (per KV head)
 
     Array layouts are the C ones, flat: scores float32 [score_elems] ("score layout"), keep int32
     [keep_elems] ("keep layout"), counts int32 [count_elems] ("count layout"); score_rows /
@@ -296,7 +301,7 @@ class Plan:
                  scale=0.0, span_local=False, sink_tokens=0, recent_tokens=0, fairness=0.0, budget_policy="fail",
                  device_memory="owned",
                  quota_rounding="largest_remainder", window_protection="protected", spans_per_head=False,
-                 score_row_capacity=0):
+                 score_row_capacity=0, query_dtype=None, k_scale=1.0):
         if not isinstance(context, Context):
             raise TypeError(f"context: expected a kvcompress.Context, got {type(context).__name__}")
         lib = context._lib
@@ -370,6 +375,17 @@ class Plan:
         desc.window_protection = _choice(WINDOW_PROTECTIONS, window_protection, "window_protection")
         desc.spans_per_head = spans_per_head
         desc.score_row_capacity = score_row_capacity
+        self.query_dtype = self.dtype if query_dtype is None else _dtype_tag(query_dtype)
+        if self.query_dtype != self.dtype:
+            desc.query_dtype = _choice(QUERY_DTYPE_TAGS, self.query_dtype, "query_dtype")
+        head_scales = None  # kept alive until kvc_plan_create has copied it
+        if np.ndim(k_scale) == 0:
+            desc.k_scale = _arrays.real(k_scale, "k_scale")
+        else:
+            head_scales = np.ascontiguousarray(k_scale, dtype=np.float32).reshape(-1)
+            if head_scales.shape[0] != num_kv_heads:
+                raise ValueError(f"k_scale: {head_scales.shape[0]} per-head scales for {num_kv_heads} KV heads")
+            desc.k_scales = head_scales.ctypes.data
 
         handle = ctypes.c_void_p()
         status = lib.kvc_plan_create(context.handle, ctypes.byref(desc), ctypes.byref(handle))
@@ -604,8 +620,8 @@ class Plan:
         self._device_ok(qv)
         from .cache import _dtype_compatible
 
-        if not _dtype_compatible(qv.dtype, self.dtype):
-            raise TypeError(f"packed_q: dtype {qv.dtype} does not match the plan's dtype {self.dtype}")
+        if not _dtype_compatible(qv.dtype, self.query_dtype):
+            raise TypeError(f"packed_q: dtype {qv.dtype} does not match the plan's query dtype {self.query_dtype}")
         row = self.num_q_heads * self.head_dim
         if qv.ndim == 3 and qv.shape[1:] == (self.num_q_heads, self.head_dim):
             ok = (self.head_dim == 1 or qv.strides[2] == 1) and (self.num_q_heads == 1 or qv.strides[1] == self.head_dim)
@@ -710,10 +726,10 @@ class Plan:
         self._device_ok(v)
         from .cache import _dtype_compatible, _suggest
 
-        if not _dtype_compatible(v.dtype, self.dtype):
-            raise TypeError(f"queries: dtype {v.dtype} does not match the plan's dtype {self.dtype} "
-                            f"(cache and queries share the plan's dtype; {_suggest(v.dtype)!r} would need dtype="
-                            f"{_suggest(v.dtype)!r})")
+        if not _dtype_compatible(v.dtype, self.query_dtype):
+            raise TypeError(f"queries: dtype {v.dtype} does not match the plan's query dtype {self.query_dtype} "
+                            f"(the queries have the plan's dtype unless query_dtype says; {_suggest(v.dtype)!r} "
+                            f"would need dtype={_suggest(v.dtype)!r}, or query_dtype= for an fp8 cache)")
         want = (self.info.obs_total, self.num_q_heads, self.head_dim)
         if v.shape != want:
             raise ValueError(f"queries: expected shape {want} (obs_total, num_q_heads, head_dim), got {v.shape}")

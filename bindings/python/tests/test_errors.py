@@ -34,7 +34,9 @@ def hf(n=16, B=1, dtype=np.float32):
     (dict(spans=[[kvc.Span(10, 30)]]), kvc.InvalidValueError, "span"),
     (dict(sink_tokens=5), kvc.BudgetError, "sequence 0"),
     (dict(head_dim=300), kvc.NotSupportedError, "head_dim"),
-    (dict(dtype="fp8_e4m3"), kvc.NotSupportedError, "FP8"),
+    (dict(dtype="fp8_e4m3", method="snapkv"), kvc.NotSupportedError, "no fp8 queries"),
+    (dict(dtype="fp8_e4m3", method="knorm", k_scale=0.0), kvc.InvalidValueError, "k_scale is 0"),
+    (dict(query_dtype="bf16"), kvc.NotSupportedError, "query_dtype KVC_DTYPE_BF16"),
 ])
 def test_plan_status_to_exception(ctx, kw, cls, needle):
     with pytest.raises(cls) as info:

@@ -344,9 +344,60 @@ def test_fp8_compaction_as_uint8(ctx, rng):
     keep = plan.compress(cache)
     rows_equal_gather(plan, cache, (k0, v0), keep)
     assert plan.keep_rows(keep)[0][0].tolist() == [0, 1, 17, 18, 19]
-    with pytest.raises(kvc.NotSupportedError, match="FP8"):
-        ctx.plan(num_q_heads=H, num_kv_heads=H, head_dim=D, seq_lens=[n], budgets=[5], method="knorm",
+    with pytest.raises(kvc.NotSupportedError, match="no fp8 queries"):
+        ctx.plan(num_q_heads=H, num_kv_heads=H, head_dim=D, seq_lens=[n], budgets=[5], method="snapkv",
                  dtype="fp8_e4m3")
+
+
+def e4m3_bytes(rng, shape):
+    """fp8 e4m3 codes built by hand (no ml_dtypes): random sign, exponent field 0..8 (subnormals
+    included, magnitudes below 4 so logits stay moderate), random mantissa."""
+    sign = rng.integers(0, 2, shape, dtype=np.uint8) << 7
+    exponent = rng.integers(0, 9, shape, dtype=np.uint8) << 3
+    return sign | exponent | rng.integers(0, 8, shape, dtype=np.uint8)
+
+
+def e4m3_decode(codes):
+    """By the format's definition: 1 sign, 4 exponent bits of bias 7, 3 mantissa bits."""
+    c = codes.astype(np.int64)
+    e, m = (c >> 3) & 15, c & 7
+    magnitude = np.where(e == 0, m * 2.0 ** -9, (8 + m) * 2.0 ** (e - 10))
+    return np.where(c & 0x80, -magnitude, magnitude)
+
+
+def test_fp8_keys_scored_with_k_scale(ctx, rng):
+    """SnapKV, H2O and KNORM on fp8 keys with a per-KV-head k_scale and f16 queries, against numpy on
+    the decoded keys times their scale; then compress keeps the bytes of the selected rows."""
+    n, w = 40, 8
+    k = e4m3_bytes(rng, (1, H, n, D))
+    v = rng.integers(0, 255, (1, H, n, D), dtype=np.uint8)
+    scales = np.array([0.55, 1.9], dtype=np.float32)
+    keys = e4m3_decode(k[0]) * scales.astype(np.float64)[:, None, None]
+    q_all = rng.standard_normal((1, HQ, n, D)).astype(np.float16)
+    for method in ("snapkv", "h2o", "knorm"):
+        plan = ctx.plan(num_q_heads=HQ, num_kv_heads=H, head_dim=D, seq_lens=[n], budgets=[12], method=method,
+                        window=w, dtype="fp8_e4m3", query_dtype="f16", k_scale=scales)
+        assert plan.query_dtype == "f16"
+        queries = plan.gather_queries(q_all) if method != "knorm" else None
+        pos = plan.obs_positions_of(0)
+        q_obs = q_all[0][:, pos].transpose(1, 0, 2).astype(np.float64)
+        expect = {"snapkv": lambda: ref.snapkv_scores(keys, q_obs, pos, kernel=5),
+                  "h2o": lambda: ref.h2o_scores(keys, q_obs, pos),
+                  "knorm": lambda: ref.knorm_scores(keys)}[method]()
+        cache = kvc.hf_cache(k.copy(), v.copy())
+        np.testing.assert_allclose(plan.score_rows(plan.score(cache, queries))[0], expect, rtol=2e-5, atol=1e-7)
+        before = (k.copy(), v.copy())
+        rows_equal_gather(plan, cache, before, plan.compress(cache, queries))
+    with pytest.raises(TypeError, match="query dtype f16"):
+        plan = ctx.plan(num_q_heads=HQ, num_kv_heads=H, head_dim=D, seq_lens=[n], budgets=[12], window=w,
+                        dtype="fp8_e4m3", query_dtype="f16", k_scale=0.5)
+        plan.score(kvc.hf_cache(k.copy(), v.copy()), plan.gather_queries(q_all).astype(np.float32))
+    with pytest.raises(kvc.InvalidValueError, match="k_scale is -1"):
+        ctx.plan(num_q_heads=HQ, num_kv_heads=H, head_dim=D, seq_lens=[n], budgets=[12], method="knorm",
+                 dtype="fp8_e4m3", k_scale=-1.0)
+    with pytest.raises(ValueError, match="3 per-head scales for 2 KV heads"):
+        ctx.plan(num_q_heads=HQ, num_kv_heads=H, head_dim=D, seq_lens=[n], budgets=[12], method="knorm",
+                 dtype="fp8_e4m3", k_scale=[1.0, 2.0, 3.0])
 
 
 # ---------------------------------------------------------------------------------------------
