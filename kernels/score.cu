@@ -709,6 +709,18 @@ __device__ float pair_norm(const K *row, int32_t dim) {
   return is_finite(top) && top > 0.0f ? fminf(ldexpf(sqrtf(squares), exponent), FLT_MAX) : top;
 }
 
+/* blockIdx.y read anew (volatile: not merged with the first read), so that a value derived from it
+ * need not stay live in a register across a long loop. */
+__device__ __forceinline__ uint32_t reread_block_y() {
+#if defined(__CUDACC__)
+  uint32_t y;
+  asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(y));
+  return y;
+#else
+  return blockIdx.y;
+#endif
+}
+
 /* Grid (block of kThreads keys, layer * row sets + KV head row set, sequence); TOVA has one row set
  * that writes every KV head. Writes (or adds) each key's score; +inf for keys no domain scores, NaN
  * for those it scores in an unreadable layer. K: the cache's element type (only KNORM reads keys). */
@@ -747,21 +759,25 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   }
   if (j >= n) return;
+  /* The head and layer again, from a fresh read of the block index: kept live across KNORM's
+   * staging loop, ptxas spilled one of them to local memory (f16 / bf16 keys). */
+  const uint32_t block_y = reread_block_y();
+  const int32_t row_h = (int32_t)(block_y % (uint32_t)row_sets), row_layer = (int32_t)(block_y / (uint32_t)row_sets);
 
   const int32_t d = domain_of(plan, b, j);
   float value = INFINITY;
-  int32_t first_row = h, rows = 1;
+  int32_t first_row = row_h, rows = 1;
   if (method == KVC_SCORE_TOVA) first_row = 0, rows = plan.num_kv_heads;
   if (d >= 0 && j < plan.domains[d].scored_end && !in.readable) {
     value = NAN;
   } else if (d >= 0 && j < plan.domains[d].scored_end) {
     const kvc_domain_t dom = plan.domains[d];
-    const float *head_row0 = head_scores + plan.num_q_heads * (layer * plan.total_tokens + plan.token_offsets[b]);
+    const float *head_row0 = head_scores + plan.num_q_heads * (row_layer * plan.total_tokens + plan.token_offsets[b]);
     const bool mean = plan.group_reduce == KVC_REDUCE_MEAN;
     switch (method) {
       case KVC_SCORE_SNAPKV:
       case KVC_SCORE_H2O: {
-        const float reduced = reduce_heads(plan, head_row0, n, dom, j, h * plan.group_size, plan.group_size, mean);
+        const float reduced = reduce_heads(plan, head_row0, n, dom, j, row_h * plan.group_size, plan.group_size, mean);
         value = mean ? reduced / (float)plan.group_size : reduced;
         break;
       }
@@ -775,7 +791,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   for (int32_t r = first_row; r < first_row + rows; ++r) {
-    float *out = scores + layer * plan.score_elems + kvc_score_row(&plan, b, r) + j;
+    float *out = scores + row_layer * plan.score_elems + kvc_score_row(&plan, b, r) + j;
     *out = accumulate ? *out + value : value;
   }
 }
