@@ -439,7 +439,7 @@ static int32_t domain_queries(const kvc_plan_desc_t *d, int32_t len, int64_t win
 static void count_arrays(const kvc_plan_desc_t *d, plan_counts_t *n) {
   memset(n, 0, sizeof *n);
   n->span_rows = span_rows(d);
-  n->key_scales = d->num_kv_heads;
+  n->key_scales = d->dtype == KVC_DTYPE_FP8_E4M3 && d->k_scales ? d->num_kv_heads : 1;
   for (int32_t b = 0; b < d->batch; ++b) {
     int32_t len = d->seq_lens[b], fair = fair_span_count(d, b * span_heads(d)); /* span_local: per sequence */
     for (int32_t r = b * span_heads(d); r < (b + 1) * span_heads(d); ++r) {
@@ -912,8 +912,9 @@ kvc_status_t kvc_plan_create(kvc_context_t ctx, const kvc_plan_desc_t *desc, kvc
     return status;
   }
   point_view(v, &arrays);
-  for (int32_t h = 0; h < desc->num_kv_heads; ++h) /* 1 where no scale is read */
-    arrays.k_scales[h] = desc->dtype != KVC_DTYPE_FP8_E4M3 ? 1.0f : desc->k_scales ? desc->k_scales[h] : desc->k_scale;
+  v->k_scales_per_head = desc->dtype == KVC_DTYPE_FP8_E4M3 && desc->k_scales; /* as count_arrays sized it */
+  arrays.k_scales[0] = desc->dtype != KVC_DTYPE_FP8_E4M3 ? 1.0f : desc->k_scale; /* 1 where no scale is read */
+  for (int32_t h = 0; v->k_scales_per_head && h < desc->num_kv_heads; ++h) arrays.k_scales[h] = desc->k_scales[h];
 
   /* per-span quota read-outs, per span row */
   for (int32_t r = 0; r < (int32_t)counts.span_rows; ++r) {

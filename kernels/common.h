@@ -24,6 +24,12 @@ KVC_HD int kvc_dtype_size(kvc_dtype_t dtype) {
   return dtype == KVC_DTYPE_F32 ? 4 : dtype == KVC_DTYPE_FP8_E4M3 ? 1 : 2;
 }
 
+/* The scale of KV head h's keys (FP8 caches; 1 for the others). The plan stores one scale unless
+ * the desc gave one per head, so its size follows what the caller passed, not num_kv_heads. */
+KVC_HD float kvc_key_scale(const kvc_plan_view_t *plan, int32_t h) {
+  return plan->k_scales[plan->k_scales_per_head ? h : 0];
+}
+
 /* Span row of (sequence b, KV head h): b, or b * num_kv_heads + h with per-head spans. */
 KVC_HD int32_t kvc_span_row(const kvc_plan_view_t *plan, int32_t b, int32_t h) {
   return b * plan->span_heads + h % plan->span_heads;

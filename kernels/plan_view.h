@@ -91,8 +91,9 @@ typedef struct {
   int64_t total_spans;
 
   kvc_dtype_t query_dtype;       /* the queries' dtype, resolved (kvc_plan_desc_t.query_dtype)  */
-  const float *k_scales;         /* [num_kv_heads] FP8 keys' scales (k_scale or k_scales; 1 for
-                                    other dtypes, which never read them)                       */
+  const float *k_scales;         /* FP8 keys' scales: [num_kv_heads] with desc.k_scales, else one
+                                    (k_scale; 1 for other dtypes); kvc_key_scale reads them    */
+  int32_t k_scales_per_head;     /* 1: k_scales has a scale per KV head; 0: one for all         */
 } kvc_plan_view_t;
 
 #endif /* KVC_PLAN_VIEW_H */

@@ -194,7 +194,7 @@ __device__ inline float key_float(Fp8E4M3 x) { return kvc_fp8_e4m3_to_f32(x.bits
 /* The factor of KV head h's keys: k_scale for fp8 keys, exactly 1 (not read) for the others. */
 template <class K>
 __device__ inline float key_scale(const kvc_plan_view_t &plan, int32_t h) {
-  if constexpr (std::is_same<K, Fp8E4M3>::value) return plan.k_scales[h];
+  if constexpr (std::is_same<K, Fp8E4M3>::value) return kvc_key_scale(&plan, h);
   else return 1.0f;
 }
 

@@ -273,7 +273,7 @@ static void add_block(const score_job_t *job, const score_scratch_t *s, const kv
   blk.key_offset = s->key_offset;
   blk.dim = D;
   blk.group = G;
-  blk.scale = plan->scale * plan->k_scales[h]; /* FP8 keys' scale folded in (1 for other dtypes: exact) */
+  blk.scale = plan->scale * kvc_key_scale(plan, h); /* FP8 keys' scale folded in (1 for other dtypes: exact) */
   blk.lo = dom->start;
   blk.keys = plan->obs_pos[r1 - 1] + 1 - dom->start; /* rows ascend: the last sees the most */
   blk.scored = dom->scored_end - dom->start;
@@ -432,7 +432,7 @@ static void score_item(void *arg, int64_t item, int32_t thread) {
       for (int32_t j = dom->start; j < dom->scored_end; ++j)
         store_score(row + j,
                     key_norm_score(args->cache, kvc_slot_offset(args->cache, kvc_page_of(args->cache, pages, b, j), j, h),
-                                   plan->head_dim, plan->k_scales[h]),
+                                   plan->head_dim, kvc_key_scale(plan, h)),
                     acc);
       break;
     }
