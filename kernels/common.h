@@ -47,8 +47,8 @@ KVC_HD int64_t kvc_score_row_stride(const kvc_plan_view_t *plan, int32_t b) {
   return plan->score_row_capacity ? plan->score_row_capacity : plan->seq_lens[b];
 }
 
-/* Number of keep[0, k) below `bound` (keep ascending): retention's counts and, through it, where a
- * span lands after compaction (kvc_spans_after_compaction). */
+/* Number of keep[0, k) below `bound` (keep ascending): retention's counts, where a span lands after
+ * compaction (kvc_spans_after_compaction), and scoring's observation rows of a key tile. */
 KVC_HD int32_t kvc_count_below(const int32_t *keep, int32_t k, int32_t bound) {
   int32_t lo = 0, hi = k;
   while (lo < hi) {

@@ -227,7 +227,7 @@ __device__ int32_t list_entry(const kvc_paged_kv_t &table, int32_t b, int32_t ne
  * probe_sources_kernel once every claim is in). */
 __global__ void __launch_bounds__(kThreads) claim_pages_kernel(Pass pass) {
   const int32_t b = blockIdx.y, page_size = pass.cache.page_size;
-  const int32_t need = (pass.plan.seq_lens[b] + page_size - 1) / page_size;
+  const int32_t need = (int32_t)kvc_pages_needed(pass.plan.seq_lens[b], page_size);
   const int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x;
   if (blockIdx.x * (int64_t)kThreads >= need) return;
   int32_t flags = 0;
@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(kThreads) claim_pages_kernel(Pass pass) {
   if (!pass.out_of_place) {
     if (page >= 0 && pass.claims) claim_page(pass, page, b, KVC_COMPACT_SHARED_PAGE); /* no table: page b, unique */
   } else {
-    const int32_t dst_need = (pass.plan.keep_lens[b] + page_size - 1) / page_size;
+    const int32_t dst_need = (int32_t)kvc_pages_needed(pass.plan.keep_lens[b], page_size);
     const int32_t dst_page = list_entry(pass.dst, b, dst_need, i, KVC_COMPACT_DST_BAD_PAGE_ID,
                                         KVC_COMPACT_DST_SHORT_PAGE_LIST, &flags);
     if (dst_page >= 0) claim_page(pass, dst_page, b, KVC_COMPACT_DST_OVERLAP);
@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(kThreads) claim_pages_kernel(Pass pass) {
 /* Out of place, the grid of claim_pages_kernel: every source page in range looked up among the
  * destination claims (a bad source id is flagged there already). */
 __global__ void __launch_bounds__(kThreads) probe_sources_kernel(Pass pass) {
-  const int32_t b = blockIdx.y, need = (pass.plan.seq_lens[b] + pass.cache.page_size - 1) / pass.cache.page_size;
+  const int32_t b = blockIdx.y, need = (int32_t)kvc_pages_needed(pass.plan.seq_lens[b], pass.cache.page_size);
   const int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x;
   if (blockIdx.x * (int64_t)kThreads >= need) return;
   int32_t ignored = 0;
@@ -490,9 +490,9 @@ extern "C" kvc_status_t kvc_compact_cuda(const kvc_op_args_t *args, kvc_carver_t
   /* the claims the tables can make: at most one per page a sequence uses (in place) or writes (out of
    * place: at most one per kept token, as many as the table has slots for) */
   int64_t used = 0;
-  const int32_t most_pages = (host.max_seq_len + cache.page_size - 1) / cache.page_size;
+  const int32_t most_pages = (int32_t)kvc_pages_needed(host.max_seq_len, cache.page_size);
   for (int32_t b = 0; b < host.batch; ++b)
-    used += ((pass.out_of_place ? host.keep_lens[b] : host.seq_lens[b]) + cache.page_size - 1) / cache.page_size;
+    used += kvc_pages_needed(pass.out_of_place ? host.keep_lens[b] : host.seq_lens[b], cache.page_size);
   pass.claims = cache.page_table || pass.out_of_place ? claims : nullptr;
   pass.claim_bits = claim_bits_for(used);
   /* K and V with the first kMaxExtras extras, then the rest of the extras kMaxExtras at a time. The

@@ -350,16 +350,6 @@ __device__ inline int32_t domain_of(const kvc_plan_view_t &plan, int32_t b, int3
   return found >= 0 && j < plan.domains[found].end ? found : -1;
 }
 
-/* First index i in [lo, hi) with values[i] >= key (values ascending), or hi. */
-__device__ inline int32_t lower_bound(const int32_t *values, int32_t lo, int32_t hi, int32_t key) {
-  while (lo < hi) {
-    const int32_t mid = lo + (hi - lo) / 2;
-    if (values[mid] < key) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
-}
-
 /* How the normaliser splits the keys: blocks (row block rb, split s) at blockIdx.x = s * row_blocks
  * + (row_blocks - 1 - rb), so later (longer) rows start first; split s covers keys
  * [s * keys, (s + 1) * keys), a multiple of the tile. */
@@ -580,8 +570,8 @@ __global__ void __launch_bounds__(kThreads)
   RowGroups groups;
   {
     const int32_t obs0 = plan.obs_indptr[b], obs1 = plan.obs_indptr[b + 1];
-    groups.r_lo = lower_bound(plan.obs_pos, obs0, obs1, j0);
-    groups.rows = lower_bound(plan.obs_lo, groups.r_lo, obs1, j1) - groups.r_lo;
+    groups.r_lo = obs0 + kvc_count_below(plan.obs_pos + obs0, obs1 - obs0, j0);
+    groups.rows = kvc_count_below(plan.obs_lo + groups.r_lo, obs1 - groups.r_lo, j1);
     groups.G = G;
     groups.per_head = plan.method != KVC_SCORE_TOVA;
   }
