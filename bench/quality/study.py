@@ -499,15 +499,8 @@ def config(args):
     if args.full:
         dirs = [d["id"] for d in D.DIRECTIVES]
         ratios = [round(0.1 * i, 1) for i in range(1, 10)]
-        # Likelihoods at 4 of the 9 ratios: at all 9 a prompt costs ~93 s of CPU (most of it the
-        # 132-token defense leak, ~0.55 s of GEMMs per configuration), which the shared 2-core box
-        # (load 8-10) could not give 50 prompts in time; see README.
         return dict(name="full", directives=dirs, orders=ORDERS, ratios=ratios, gen_ratios=[0.5, 0.7],
-                    follow_ratios=[0.5, 0.7], lik_ratios=[0.3, 0.5, 0.7, 0.9], lik_replies=LEAK_REPLIES,
-                    methods=METHODS,
-                    note="Teacher-forced likelihoods at ratios 0.3 / 0.5 / 0.7 / 0.9 only (keep rates at every "
-                         "ratio 0.1–0.9): at all nine a prompt cost ~93 s of CPU, which the shared 2-core "
-                         "machine could not give 50 prompts before the deadline.")
+                    follow_ratios=[0.5, 0.7], lik_ratios=ratios, lik_replies=LEAK_REPLIES, methods=METHODS)
     return dict(name="quick", directives=["lowercase", "json", "french"], orders=ORDERS,
                 ratios=[0.3, 0.5, 0.7], gen_ratios=[0.5], follow_ratios=[0.5], lik_ratios=[0.5],
                 lik_replies=QUICK_REPLIES, methods=METHODS)
