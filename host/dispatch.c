@@ -616,6 +616,12 @@ static kvc_status_t compress_layers(kvc_context_t ctx, kvc_plan_t plan, const ch
   float *scores = (float *)(base + layout.scores_offset);
   char *stage = base + layout.stage_offset;
   size_t stage_bytes = workspace_bytes - layout.stage_offset;
+  static const char *const compact_names[2][2] = {{"kvc_compact", "kvc_compact_into"},
+                                                  {"kvc_compact_layers", "kvc_compact_layers_into"}};
+  const char *compact_fn = compact_names[layers != NULL][dst != NULL];
+  /* a bad destination table is refused before any scoring work is spent (compaction checks it again) */
+  if (dst) status = check_cache_for(ctx, plan, KVC_OP_COMPACT, num_layers, compact_fn, cache, layers != NULL, stage, dst);
+  if (status != KVC_SUCCESS) return status;
   if (layers) {
     status = kvc_score_layers(ctx, plan, cache, layers, scores, 0, stage, stage_bytes, stream);
     if (status == KVC_SUCCESS) status = kvc_select_layers(ctx, plan, num_layers, scores, keep, stage, stage_bytes, stream);
@@ -623,11 +629,8 @@ static kvc_status_t compress_layers(kvc_context_t ctx, kvc_plan_t plan, const ch
     status = kvc_score(ctx, plan, cache, queries, lse, scores, 0, stage, stage_bytes, stream);
     if (status == KVC_SUCCESS) status = kvc_select(ctx, plan, scores, keep, stage, stage_bytes, stream);
   }
-  static const char *const compact_names[2][2] = {{"kvc_compact", "kvc_compact_into"},
-                                                  {"kvc_compact_layers", "kvc_compact_layers_into"}};
   if (status == KVC_SUCCESS)
-    status = compact_layers(ctx, plan, compact_names[layers != NULL][dst != NULL], cache, layers, dst, keep, NULL, 0,
-                            stage, stage_bytes, stream);
+    status = compact_layers(ctx, plan, compact_fn, cache, layers, dst, keep, NULL, 0, stage, stage_bytes, stream);
   return status;
 }
 

@@ -1025,7 +1025,9 @@ KVC_API kvc_status_t kvc_compact_into(kvc_context_t ctx, kvc_plan_t plan, const 
                                       kvc_stream_t stream);
 
 /* kvc_compress with its compaction out of place (kvc_compact_into); the cache is scored from the
- * source pages. Workspace and what it leaves there as for kvc_compress. */
+ * source pages. Workspace and what it leaves there as for kvc_compress. The destination table's
+ * host-side checks (all of them on CPU) run before scoring, so a refused table costs no scoring
+ * work; the failure names kvc_compact_into (kvc_compact_layers_into for the layered call). */
 KVC_API kvc_status_t kvc_compress_into(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                        const kvc_page_table_t *dst, const void *queries, const float *lse,
                                        void *workspace, size_t workspace_bytes, kvc_stream_t stream);

@@ -933,14 +933,18 @@ extern "C" kvc_status_t kvc_score_cuda(const kvc_op_args_t *args, kvc_carver_t *
   const bool reads_keys = run.attention || plan.method == KVC_SCORE_KNORM, layered = args->layers != nullptr;
   const kvc_paged_kv_t &c = *args->cache;
   const int64_t row_bytes = kvc_dtype_size(plan.dtype);
-  if (reads_keys && ((!layered && !aligned16(c.k)) || (c.stride_page * row_bytes) % 16 ||
-                     (c.stride_token * row_bytes) % 16 || (c.stride_head * row_bytes) % 16 ||
-                     (!layered && run.attention && !aligned16(args->queries))))
+  const long long page_bytes = c.stride_page * row_bytes, token_bytes = c.stride_token * row_bytes,
+                  head_bytes = c.stride_head * row_bytes;
+  if (reads_keys && layered && (page_bytes % 16 || token_bytes % 16 || head_bytes % 16))
+    return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_NOT_SUPPORTED,
+                           "kvc_score_layers: on CUDA the K strides in bytes (page %lld, token %lld, head %lld) must "
+                           "be multiples of 16 bytes", page_bytes, token_bytes, head_bytes);
+  if (reads_keys && !layered && (!aligned16(c.k) || page_bytes % 16 || token_bytes % 16 || head_bytes % 16 ||
+                                 (run.attention && !aligned16(args->queries))))
     return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_NOT_SUPPORTED,
                            "kvc_score: on CUDA the K pool (%p), its strides in bytes (page %lld, token %lld, head "
                            "%lld) and the queries (%p) must be multiples of 16 bytes",
-                           c.k, (long long)(c.stride_page * row_bytes), (long long)(c.stride_token * row_bytes),
-                           (long long)(c.stride_head * row_bytes), args->queries);
+                           c.k, page_bytes, token_bytes, head_bytes, args->queries);
   kvc_status_t status;
   switch (plan.dtype) {
     case KVC_DTYPE_F32: status = launch_score<float, float>(args, run); break;

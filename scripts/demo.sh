@@ -34,7 +34,8 @@ if ! "$venv/bin/python" -c "import numpy, gguf, rouge_score, matplotlib, tqdm; i
   bash bench/quality/setup_venv.sh "$venv" >&2
 fi
 if ! "$venv/bin/python" -c "import kvcompress" >/dev/null 2>&1; then
-  "$venv/bin/pip" install -q --no-deps -e bindings/python >&2
+  # CPU backend only: the study runs on the CPU, and nvcc for three architectures would add minutes
+  "$venv/bin/pip" install -q --no-deps -C cmake.define.KVC_ENABLE_CUDA=OFF -e bindings/python >&2
 fi
 
 echo "== building libkvcompress (CPU backend) in build/quality" >&2

@@ -178,6 +178,32 @@ Test(compact_into_cpu, bad_keep_rows_are_refused) {
   teardown(&f);
 }
 
+/* kvc_compress_into refuses a bad destination table before it scores or selects: the keep layout in
+ * its workspace is left as it was, and the cache untouched. */
+Test(compact_into_cpu, compress_into_refuses_a_bad_table_before_scoring) {
+  fixture_t f;
+  setup(&f, KVC_TEST_DENSE, KVC_TEST_DENSE, 90);
+  *kvc_test_dst_entry(f.dst, 1, 0) = -3;
+  kvc_plan_info_t info;
+  size_t bytes = 0;
+  cr_assert_eq(kvc_plan_get_info(f.plan, &info), KVC_SUCCESS);
+  cr_assert_eq(kvc_plan_workspace_size(f.plan, KVC_OP_COMPRESS, &bytes), KVC_SUCCESS);
+  unsigned char *ws = kvc_test_workspace_new(bytes);
+  memset(ws, 0x5a, bytes);
+  kvc_test_cache_t *got = kvc_test_cache_clone(f.before);
+  cr_assert_eq(kvc_compress_into(f.ctx, f.plan, &got->desc, &f.dst->desc, NULL, NULL, ws, bytes, NULL),
+               KVC_ERROR_INVALID_VALUE);
+  cr_assert(strstr(kvc_last_error(f.ctx), "kvc_compact_into: dst page id -3 (sequence 1, page 0") != NULL, "%s",
+            kvc_last_error(f.ctx));
+  for (int64_t i = 0; i < 4 * info.keep_elems; ++i)
+    cr_assert_eq(ws[info.keep_offset_bytes + (size_t)i], 0x5a, "keep layout byte %lld written", (long long)i);
+  cr_assert_eq(memcmp(got->k, f.before->k, got->pool_bytes), 0);
+  cr_assert_eq(memcmp(got->v, f.before->v, got->pool_bytes), 0);
+  kvc_test_cache_free(got);
+  free(ws);
+  teardown(&f);
+}
+
 /* NULL arguments of the four calls: INVALID_VALUE, the detail naming the argument (no context: no
  * detail to keep, still INVALID_VALUE). */
 Test(compact_into_cpu, null_arguments) {

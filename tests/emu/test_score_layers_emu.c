@@ -478,3 +478,52 @@ Test(score_layers_emu, layers_times_kv_heads_beyond_the_grid_is_not_supported) {
     kvc_context_destroy(ctx);
   }
 }
+
+/* On CUDA the keys are copied 16 bytes at a time: K strides that are not multiples of 16 bytes are
+ * NOT_SUPPORTED, the layered call's detail naming it and the strides (its pools are device
+ * pointers that only the kernels read: none is printed). */
+Test(score_layers_emu, strides_off_16_bytes_are_not_supported) {
+  static const int32_t seq_lens[1] = {64};
+  enum { HEADS = 2, DIM = 32, PADDED = 36 }; /* f16: a head 72 bytes apart */
+  kvc_context_t ctx;
+  cr_assert_eq(kvc_context_create(KVC_BACKEND_CUDA, 0, &ctx), KVC_SUCCESS);
+  kvc_plan_desc_t d = KVC_PLAN_DESC_INIT;
+  d.num_kv_heads = d.num_q_heads = HEADS;
+  d.head_dim = DIM;
+  d.batch = 1;
+  d.seq_lens = d.budgets = seq_lens;
+  d.method = KVC_SCORE_KNORM;
+  kvc_plan_t plan;
+  cr_assert_eq(kvc_plan_create(ctx, &d, &plan), KVC_SUCCESS, "%s", kvc_last_error(ctx));
+  size_t bytes = 0;
+  cr_assert_eq(kvc_plan_workspace_size(plan, KVC_OP_SCORE, &bytes), KVC_SUCCESS);
+  void *ws = kvc_test_workspace_new(bytes);
+  kvc_paged_kv_t cache = {0};
+  cache.dtype = KVC_DTYPE_F16;
+  cache.num_kv_heads = HEADS;
+  cache.head_dim = DIM;
+  cache.page_size = 64;
+  cache.num_pages = 1;
+  cache.stride_head = PADDED;
+  cache.stride_token = HEADS * PADDED;
+  cache.stride_page = 64 * HEADS * PADDED;
+  void *none[2] = {NULL, NULL};
+  const kvc_layers_t layers = {2, none, none, NULL, NULL};
+  float *scores = calloc(2 * 64 * HEADS, sizeof(float));
+  cr_assert_eq(kvc_score_layers(ctx, plan, &cache, &layers, scores, 0, ws, bytes, NULL), KVC_ERROR_NOT_SUPPORTED);
+  cr_assert_str_eq(kvc_last_error(ctx),
+                   "kvc_score_layers: on CUDA the K strides in bytes (page 9216, token 144, head 72) must be "
+                   "multiples of 16 bytes");
+  uint16_t *pool = kvc_test_workspace_new(2 * 64 * HEADS * PADDED * sizeof(uint16_t));
+  cache.k = pool;
+  cache.v = pool + 64 * HEADS * PADDED;
+  const kvc_status_t single = kvc_score(ctx, plan, &cache, NULL, NULL, scores, 0, ws, bytes, NULL);
+  cr_assert_eq(single, KVC_ERROR_NOT_SUPPORTED, "%s: %s", kvc_status_name(single), kvc_last_error(ctx));
+  cr_assert(strstr(kvc_last_error(ctx), "(page 9216, token 144, head 72) and the queries") != NULL, "%s",
+            kvc_last_error(ctx));
+  free(pool);
+  free(scores);
+  free(ws);
+  kvc_plan_destroy(plan);
+  kvc_context_destroy(ctx);
+}

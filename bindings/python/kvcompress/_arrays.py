@@ -7,6 +7,7 @@ kept alive with the view). Nothing here imports torch or cupy unless the array i
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import numbers
 import operator
@@ -330,17 +331,19 @@ class Workspace:
         self.offset = (-base) % ALIGN
         self.ptr = base + self.offset
 
-    def read_i32(self, byte_offset, count):
-        """A fresh int32 array (of the workspace's library) copied from the workspace."""
+    def read_i32(self, byte_offset, count, stream=None):
+        """A fresh int32 array (of the workspace's library) copied from the workspace, the copy queued
+        on `stream` (the handle of the call that wrote it; None: the default stream)."""
         lo = self.offset + int(byte_offset)
         hi = lo + 4 * int(count)
         if self.lib == "numpy":
             return self.buf[lo:hi].view(np.int32).copy()
-        if self.lib == "torch":
-            import torch
+        with on_stream(self.lib, self.device, stream or 0):
+            if self.lib == "torch":
+                import torch
 
-            return self.buf[lo:hi].view(torch.int32).clone()
-        return self.buf[lo:hi].view(np.int32).copy()  # cupy
+                return self.buf[lo:hi].view(torch.int32).clone()
+            return self.buf[lo:hi].view(np.int32).copy()  # cupy
 
 
 def current_stream(lib, device):
@@ -357,6 +360,28 @@ def current_stream(lib, device):
         with cupy.cuda.Device(device[1] or 0):
             return int(cupy.cuda.get_current_stream().ptr)
     return 0
+
+
+def on_stream(lib, device, handle):
+    """A context in which `lib` (torch or cupy) allocates and copies on the stream `handle` (0 or
+    None: the library's default stream of `device`). The binding builds the temporaries of an
+    asynchronous call in it (device pointer arrays, converted tables): both libraries' pools are
+    stream-ordered, so once such a temporary is dropped after the call returns, its memory is
+    handed out again only to work queued behind the call on that same stream."""
+    if device[0] != "cuda" or lib not in ("torch", "cupy"):
+        return contextlib.nullcontext()
+    if lib == "torch":
+        import torch
+
+        dev = torch.device("cuda", device[1] or 0)
+        return torch.cuda.stream(torch.cuda.ExternalStream(handle, device=dev) if handle
+                                 else torch.cuda.default_stream(dev))
+    import cupy
+
+    ctx = contextlib.ExitStack()
+    ctx.enter_context(cupy.cuda.Device(device[1] or 0))
+    ctx.enter_context(cupy.cuda.ExternalStream(handle) if handle else cupy.cuda.Stream.null)
+    return ctx
 
 
 def stream_handle(stream):

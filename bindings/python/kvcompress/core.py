@@ -433,7 +433,7 @@ class Plan:
             self._call(lib.kvc_plan_workspace_size, "kvc_plan_workspace_size", handle, code, ctypes.byref(n))
             self._ws_sizes[op] = int(n.value)
         self._workspaces = {}
-        self._last_status = {}  # op -> (workspace, byte offset, num_layers) of the last compaction
+        self._last_status = {}  # op -> (workspace, byte offset, num_layers, stream) of the last compaction
 
     # -- lifetime ---------------------------------------------------------------------------
     def _call(self, fn, name, *args):
@@ -509,13 +509,14 @@ class Plan:
         compress / compress_layers (op='compress') call on this plan: int32 [num_layers, batch] of
         COMPACT_STATUS flags, 0 where the sequence was compacted, nonzero where it was left untouched
         (a bad page id, a short CSR list, a page shared with another sequence, a bad layer pool). A
-        copy of the array's library (on CUDA: valid once the call's stream has run it)."""
+        copy of the array's library, queued on that call's stream (on CUDA: valid once the stream has
+        run it)."""
         if op not in ("compact", "compress"):
             raise ValueError(f"op: expected 'compact' or 'compress', got {op!r}")
         if op not in self._last_status:
             raise ValueError(f"status: no {op} call has run on this plan yet")
-        ws, offset, layers = self._last_status[op]
-        flat = ws.read_i32(offset, layers * self.batch)
+        ws, offset, layers, stream = self._last_status[op]
+        flat = ws.read_i32(offset, layers * self.batch, stream)
         return flat.reshape(layers, self.batch)
 
     def obs_positions_of(self, b):
@@ -771,6 +772,12 @@ class Plan:
             h = _arrays.current_stream(_arrays.alloc_lib(like), like.device)
         return h or None
 
+    def _call_stream(self, stream, like):
+        """The call's stream handle and the context that builds the call's temporaries on it
+        (_arrays.on_stream): they are dropped when the call returns, before the stream has run it."""
+        h = self._stream(stream, like)
+        return h, _arrays.on_stream(_arrays.alloc_lib(like), like.device, h or 0)
+
     def _out(self, out, like, count, tag, name):
         if out is None:
             return _arrays.empty(_arrays.alloc_lib(like), like.device, (count,), tag)
@@ -820,15 +827,17 @@ class Plan:
         ptrs = (ctypes.c_void_p * max(1, len(views)))(*[v.ptr for v in views])
         like = cache._kview
         ws, wptr, wbytes = self._workspace("compact", like)
-        tail = (kv.ptr, ptrs if views else None, len(views), wptr or None, wbytes, self._stream(stream, like))
+        h, on_stream = self._call_stream(stream, like)
+        tail = (kv.ptr, ptrs if views else None, len(views), wptr or None, wbytes, h)
         if dst_table is None and dst_indptr is None:
             self._call(self._lib.kvc_compact, "kvc_compact", self.context.handle, self.handle, ctypes.byref(s), *tail)
         else:
-            dst, alive = destination_table(dst_table, dst_indptr, cache, self.batch)
-            self._call(self._lib.kvc_compact_into, "kvc_compact_into", self.context.handle, self.handle,
-                       ctypes.byref(s), ctypes.byref(dst), *tail)
+            with on_stream:
+                dst, alive = destination_table(dst_table, dst_indptr, cache, self.batch)
+                self._call(self._lib.kvc_compact_into, "kvc_compact_into", self.context.handle, self.handle,
+                           ctypes.byref(s), ctypes.byref(dst), *tail)
             del alive
-        self._last_status["compact"] = (ws, self.info.compact_status_offset_bytes, 1)
+        self._last_status["compact"] = (ws, self.info.compact_status_offset_bytes, 1, h)
         return cache
 
     def retention(self, keep, out=None, stream=None):
@@ -853,16 +862,18 @@ class Plan:
         lptr = self._lse(lse)
         like = cache._kview
         ws, wptr, wbytes = self._workspace("compress", like)
-        tail = (qptr or None, lptr, wptr or None, wbytes, self._stream(stream, like))
+        h, on_stream = self._call_stream(stream, like)
+        tail = (qptr or None, lptr, wptr or None, wbytes, h)
         if dst_table is None and dst_indptr is None:
             self._call(self._lib.kvc_compress, "kvc_compress", self.context.handle, self.handle, ctypes.byref(s), *tail)
         else:
-            dst, alive = destination_table(dst_table, dst_indptr, cache, self.batch)
-            self._call(self._lib.kvc_compress_into, "kvc_compress_into", self.context.handle, self.handle,
-                       ctypes.byref(s), ctypes.byref(dst), *tail)
+            with on_stream:
+                dst, alive = destination_table(dst_table, dst_indptr, cache, self.batch)
+                self._call(self._lib.kvc_compress_into, "kvc_compress_into", self.context.handle, self.handle,
+                           ctypes.byref(s), ctypes.byref(dst), *tail)
             del alive
-        self._last_status["compress"] = (ws, self.info.compress_status_offset_bytes, 1)
-        return ws.read_i32(self.info.keep_offset_bytes, self.info.keep_elems)
+        self._last_status["compress"] = (ws, self.info.compress_status_offset_bytes, 1, h)
+        return ws.read_i32(self.info.keep_offset_bytes, self.info.keep_elems, h)
 
     # -- every layer in one call ------------------------------------------------------------
     # Per-layer arrays are the single-layer layouts stacked: shape (num_layers, elems), or flat.
@@ -960,11 +971,13 @@ class Plan:
         if out is None:
             out = _arrays.empty(_arrays.alloc_lib(like), like.device, (layers, self.info.score_elems), "f32")
         ov = self._stacked(out, "out", "f32", layers, self.info.score_elems, writable=True)
-        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs)
         ws, layout = self._layer_workspace("score", layers, like)
-        self._call(self._lib.kvc_score_layers, "kvc_score_layers", self.context.handle, self.handle,
-                   ctypes.byref(desc), ctypes.byref(st), ov.ptr, 1 if accumulate else 0, ws.ptr,
-                   layout.workspace_bytes, self._stream(stream, like))
+        h, on_stream = self._call_stream(stream, like)
+        with on_stream:
+            st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs)
+            self._call(self._lib.kvc_score_layers, "kvc_score_layers", self.context.handle, self.handle,
+                       ctypes.byref(desc), ctypes.byref(st), ov.ptr, 1 if accumulate else 0, ws.ptr,
+                       layout.workspace_bytes, h)
         return out
 
     def select_layers(self, scores, out=None, stream=None):
@@ -994,18 +1007,20 @@ class Plan:
         views = [self._stacked(e, f"extras[{i}]", "f32", layers, self.info.score_elems, writable=True)
                  for i, e in enumerate(list(extras or ()))]
         ptrs = (ctypes.c_void_p * max(1, len(views)))(*[v.ptr for v in views])
-        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like)
         ws, layout = self._layer_workspace("compact", layers, like)
-        tail = (kv.ptr, ptrs if views else None, len(views), ws.ptr, layout.workspace_bytes, self._stream(stream, like))
-        if dst_table is None and dst_indptr is None:
-            self._call(self._lib.kvc_compact_layers, "kvc_compact_layers", self.context.handle, self.handle,
-                       ctypes.byref(desc), ctypes.byref(st), *tail)
-        else:
-            dst, alive = destination_table(dst_table, dst_indptr, caches[0], self.batch)
-            self._call(self._lib.kvc_compact_layers_into, "kvc_compact_layers_into", self.context.handle, self.handle,
-                       ctypes.byref(desc), ctypes.byref(st), ctypes.byref(dst), *tail)
-            del alive
-        self._last_status["compact"] = (ws, layout.status_offset_bytes, layers)
+        h, on_stream = self._call_stream(stream, like)
+        tail = (kv.ptr, ptrs if views else None, len(views), ws.ptr, layout.workspace_bytes, h)
+        with on_stream:
+            st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like)
+            if dst_table is None and dst_indptr is None:
+                self._call(self._lib.kvc_compact_layers, "kvc_compact_layers", self.context.handle, self.handle,
+                           ctypes.byref(desc), ctypes.byref(st), *tail)
+            else:
+                dst, alive = destination_table(dst_table, dst_indptr, caches[0], self.batch)
+                self._call(self._lib.kvc_compact_layers_into, "kvc_compact_layers_into", self.context.handle,
+                           self.handle, ctypes.byref(desc), ctypes.byref(st), ctypes.byref(dst), *tail)
+                del alive
+        self._last_status["compact"] = (ws, layout.status_offset_bytes, layers, h)
         return caches
 
     def retention_layers(self, keep, out=None, stream=None):
@@ -1031,20 +1046,22 @@ class Plan:
         caches, desc, k_ptrs, v_ptrs = self._layer_caches(caches)
         layers, like = len(caches), caches[0]._kview
         q_ptrs, l_ptrs = self._layer_queries(queries, lse, layers)
-        st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs)
         ws, layout = self._layer_workspace("compress", layers, like)
-        tail = (ws.ptr, layout.workspace_bytes, self._stream(stream, like))
-        if dst_table is None and dst_indptr is None:
-            self._call(self._lib.kvc_compress_layers, "kvc_compress_layers", self.context.handle, self.handle,
-                       ctypes.byref(desc), ctypes.byref(st), *tail)
-        else:
-            dst, alive = destination_table(dst_table, dst_indptr, caches[0], self.batch)
-            self._call(self._lib.kvc_compress_layers_into, "kvc_compress_layers_into", self.context.handle,
-                       self.handle, ctypes.byref(desc), ctypes.byref(st), ctypes.byref(dst), *tail)
-            del alive
-        self._last_status["compress"] = (ws, layout.status_offset_bytes, layers)
-        return ws.read_i32(layout.keep_offset_bytes, layers * self.info.keep_elems).reshape(layers,
-                                                                                          self.info.keep_elems)
+        h, on_stream = self._call_stream(stream, like)
+        tail = (ws.ptr, layout.workspace_bytes, h)
+        with on_stream:
+            st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs)
+            if dst_table is None and dst_indptr is None:
+                self._call(self._lib.kvc_compress_layers, "kvc_compress_layers", self.context.handle, self.handle,
+                           ctypes.byref(desc), ctypes.byref(st), *tail)
+            else:
+                dst, alive = destination_table(dst_table, dst_indptr, caches[0], self.batch)
+                self._call(self._lib.kvc_compress_layers_into, "kvc_compress_layers_into", self.context.handle,
+                           self.handle, ctypes.byref(desc), ctypes.byref(st), ctypes.byref(dst), *tail)
+                del alive
+        self._last_status["compress"] = (ws, layout.status_offset_bytes, layers, h)
+        return ws.read_i32(layout.keep_offset_bytes, layers * self.info.keep_elems, h).reshape(layers,
+                                                                                             self.info.keep_elems)
 
     def retention_rates(self, counts):
         """Per sequence a (num_kv_heads, spans_b) float array: kept fraction of each span."""

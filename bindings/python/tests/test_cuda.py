@@ -87,3 +87,41 @@ def test_cuda_bf16_and_wrong_device(cuda_ctx, xp):
         plan.score(kvc.hf_cache(k.cpu(), v.cpu()))
     with pytest.raises(ValueError, match="scores is on cpu"):
         plan.select(np.zeros(plan.info.score_elems, np.float32))
+
+
+
+def test_layered_calls_on_a_side_stream(cuda_ctx, xp):
+    """compress_layers with a host dst_table on a stream that is not the current one, held back by
+    a long kernel queued first: the call's device pointer arrays and its int32 destination table
+    are dropped when it returns, and what the current stream allocates right after must not reuse
+    their memory before the side stream has run the call (the binding allocates them on the call's
+    stream). Keep indices and destination blocks equal the CPU backend's."""
+    if xp != "torch":
+        pytest.skip("the side stream is a torch.cuda.Stream")
+    import torch
+
+    rng = np.random.default_rng(11)
+    L, blocks, block = 3, 12, 16
+    source = np.arange(6, dtype=np.int32)[None]     # one 96-token request in blocks 0..5
+    dst = np.array([[6, 7, 8]], dtype=np.int32)     # its 40 kept tokens go to blocks 6..8
+    kw = dict(num_q_heads=H, num_kv_heads=H, head_dim=D, seq_lens=[96], budgets=[40], method="knorm")
+    pools = [(rng.standard_normal((blocks, block, H, D)).astype(np.float16),
+              rng.standard_normal((blocks, block, H, D)).astype(np.float16)) for _ in range(L)]
+    host = [(k.copy(), v.copy()) for k, v in pools]
+    with kvc.Context("cpu") as cpu:
+        want = cpu.plan(**kw).compress_layers([kvc.vllm_cache(k, v, source) for k, v in host], dst_table=dst)
+    plan = cuda_ctx.plan(**kw)
+    dev = [(torch.as_tensor(k).cuda(), torch.as_tensor(v).cuda()) for k, v in pools]
+    caches = [kvc.vllm_cache(k, v, torch.as_tensor(source).cuda()) for k, v in dev]
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(500_000_000)  # ~0.3 s of spinning ahead of the call on the side stream
+    got = plan.compress_layers(caches, stream=side, dst_table=dst)
+    scribble = [torch.full((1 << 12,), -1, dtype=torch.int64, device="cuda") for _ in range(256)]
+    torch.cuda.synchronize()
+    del scribble
+    np.testing.assert_array_equal(to_host(got), want)
+    for (k, v), (hk, hv) in zip(dev, host):
+        np.testing.assert_array_equal(to_host(k)[6:9], hk[6:9])
+        np.testing.assert_array_equal(to_host(v)[6:9], hv[6:9])
