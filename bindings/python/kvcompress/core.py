@@ -778,6 +778,16 @@ class Plan:
         h = self._stream(stream, like)
         return h, _arrays.on_stream(_arrays.alloc_lib(like), like.device, h or 0)
 
+    def _compaction(self, name, head, tail, dst_table, dst_indptr, cache):
+        """kvc_<name>(ctx, plan, *head, *tail), or with a destination table kvc_<name>_into with it
+        between head and tail (built here: call inside the call's on_stream context)."""
+        fn, mid, alive = f"kvc_{name}", (), None
+        if dst_table is not None or dst_indptr is not None:
+            dst, alive = destination_table(dst_table, dst_indptr, cache, self.batch)
+            fn, mid = f"kvc_{name}_into", (ctypes.byref(dst),)
+        self._call(getattr(self._lib, fn), fn, self.context.handle, self.handle, *head, *mid, *tail)
+        del alive  # the arrays dst points into, held until the call has queued its work
+
     def _out(self, out, like, count, tag, name):
         if out is None:
             return _arrays.empty(_arrays.alloc_lib(like), like.device, (count,), tag)
@@ -829,14 +839,8 @@ class Plan:
         ws, wptr, wbytes = self._workspace("compact", like)
         h, on_stream = self._call_stream(stream, like)
         tail = (kv.ptr, ptrs if views else None, len(views), wptr or None, wbytes, h)
-        if dst_table is None and dst_indptr is None:
-            self._call(self._lib.kvc_compact, "kvc_compact", self.context.handle, self.handle, ctypes.byref(s), *tail)
-        else:
-            with on_stream:
-                dst, alive = destination_table(dst_table, dst_indptr, cache, self.batch)
-                self._call(self._lib.kvc_compact_into, "kvc_compact_into", self.context.handle, self.handle,
-                           ctypes.byref(s), ctypes.byref(dst), *tail)
-            del alive
+        with on_stream:
+            self._compaction("compact", (ctypes.byref(s),), tail, dst_table, dst_indptr, cache)
         self._last_status["compact"] = (ws, self.info.compact_status_offset_bytes, 1, h)
         return cache
 
@@ -864,14 +868,8 @@ class Plan:
         ws, wptr, wbytes = self._workspace("compress", like)
         h, on_stream = self._call_stream(stream, like)
         tail = (qptr or None, lptr, wptr or None, wbytes, h)
-        if dst_table is None and dst_indptr is None:
-            self._call(self._lib.kvc_compress, "kvc_compress", self.context.handle, self.handle, ctypes.byref(s), *tail)
-        else:
-            with on_stream:
-                dst, alive = destination_table(dst_table, dst_indptr, cache, self.batch)
-                self._call(self._lib.kvc_compress_into, "kvc_compress_into", self.context.handle, self.handle,
-                           ctypes.byref(s), ctypes.byref(dst), *tail)
-            del alive
+        with on_stream:
+            self._compaction("compress", (ctypes.byref(s),), tail, dst_table, dst_indptr, cache)
         self._last_status["compress"] = (ws, self.info.compress_status_offset_bytes, 1, h)
         return ws.read_i32(self.info.keep_offset_bytes, self.info.keep_elems, h)
 
@@ -1012,14 +1010,8 @@ class Plan:
         tail = (kv.ptr, ptrs if views else None, len(views), ws.ptr, layout.workspace_bytes, h)
         with on_stream:
             st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like)
-            if dst_table is None and dst_indptr is None:
-                self._call(self._lib.kvc_compact_layers, "kvc_compact_layers", self.context.handle, self.handle,
-                           ctypes.byref(desc), ctypes.byref(st), *tail)
-            else:
-                dst, alive = destination_table(dst_table, dst_indptr, caches[0], self.batch)
-                self._call(self._lib.kvc_compact_layers_into, "kvc_compact_layers_into", self.context.handle,
-                           self.handle, ctypes.byref(desc), ctypes.byref(st), ctypes.byref(dst), *tail)
-                del alive
+            self._compaction("compact_layers", (ctypes.byref(desc), ctypes.byref(st)), tail, dst_table, dst_indptr,
+                             caches[0])
         self._last_status["compact"] = (ws, layout.status_offset_bytes, layers, h)
         return caches
 
@@ -1051,14 +1043,8 @@ class Plan:
         tail = (ws.ptr, layout.workspace_bytes, h)
         with on_stream:
             st, keep_alive = self._layers_struct(k_ptrs, v_ptrs, like, q_ptrs, l_ptrs)
-            if dst_table is None and dst_indptr is None:
-                self._call(self._lib.kvc_compress_layers, "kvc_compress_layers", self.context.handle, self.handle,
-                           ctypes.byref(desc), ctypes.byref(st), *tail)
-            else:
-                dst, alive = destination_table(dst_table, dst_indptr, caches[0], self.batch)
-                self._call(self._lib.kvc_compress_layers_into, "kvc_compress_layers_into", self.context.handle,
-                           self.handle, ctypes.byref(desc), ctypes.byref(st), ctypes.byref(dst), *tail)
-                del alive
+            self._compaction("compress_layers", (ctypes.byref(desc), ctypes.byref(st)), tail, dst_table, dst_indptr,
+                             caches[0])
         self._last_status["compress"] = (ws, layout.status_offset_bytes, layers, h)
         return ws.read_i32(layout.keep_offset_bytes, layers * self.info.keep_elems, h).reshape(layers,
                                                                                              self.info.keep_elems)
