@@ -35,7 +35,8 @@ def _index_array(obj, name, like):
             if lib == "torch":
                 import torch
 
-                return torch.as_tensor(host, device=torch.device("cuda", like.device[1] or 0))
+                # pinned and non-blocking (torch's pinned pool holds the host copy until it has run)
+                return torch.tensor(host).pin_memory().to(torch.device("cuda", like.device[1] or 0), non_blocking=True)
             import cupy
 
             with cupy.cuda.Device(like.device[1] or 0):

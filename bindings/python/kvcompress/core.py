@@ -908,7 +908,10 @@ class Plan:
         if lib == "torch":
             import torch
 
-            arr = torch.from_numpy(host.view(np.int64)).to(torch.device("cuda", like.device[1] or 0))
+            # pinned and non-blocking: a pageable copy would block the host on the call's stream
+            # (torch's pinned pool holds the host buffer until the copy has run)
+            arr = torch.from_numpy(host.view(np.int64)).pin_memory().to(torch.device("cuda", like.device[1] or 0),
+                                                                         non_blocking=True)
             return arr, int(arr.data_ptr())
         import cupy
 
