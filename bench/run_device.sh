@@ -289,8 +289,7 @@ else
   else
     say "SKIP gpucheck: no checker"; record '{"record":"skipped","step":"gpucheck","reason":"not built"}'
   fi
-fi
-if [ "$dry" != 1 ]; then # the engine-style example on the GPU: prefill and decode events, self-checked
+  # the engine-style example on the GPU: prefill and decode events, self-checked
   if [ -x "$BIN/engine_loop_cuda" ]; then
     step engine_loop 20 bash -c "exec '$BIN/engine_loop_cuda' --cuda >'$OUT/engine_loop.log' 2>&1" ||
       problem "engine_loop_cuda failed (engine_loop.log)"

@@ -516,13 +516,13 @@ kvc_status_t kvc_select_layers(kvc_context_t ctx, kvc_plan_t plan, int32_t num_l
 static kvc_status_t compact_layers(kvc_context_t ctx, kvc_plan_t plan, const char *fn, const kvc_paged_kv_t *cache,
                                    const kvc_layers_t *layers, const kvc_page_table_t *dst, const int32_t *keep,
                                    float *const *extras, int32_t num_extras, void *workspace, size_t workspace_bytes,
-                                   kvc_stream_t stream) {
+                                   int cache_checked, kvc_stream_t stream) {
   kvc_status_t status = check_common(ctx, plan, fn);
   if (status == KVC_SUCCESS && layers) status = check_layers(ctx, fn, layers);
   const int32_t num_layers = layers ? layers->num_layers : 1;
   if (status == KVC_SUCCESS)
     status = check_workspace(ctx, plan, KVC_OP_COMPACT, num_layers, fn, workspace, workspace_bytes, NULL);
-  if (status == KVC_SUCCESS)
+  if (status == KVC_SUCCESS && !cache_checked)
     status = check_cache_for(ctx, plan, KVC_OP_COMPACT, num_layers, fn, cache, layers != NULL, workspace, dst);
   if (status != KVC_SUCCESS) return status;
   if (layers && plan->backend == KVC_BACKEND_CPU) /* the CUDA backend's arrays are device memory */
@@ -554,7 +554,7 @@ kvc_status_t kvc_compact(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_
                          float *const *extras, int32_t num_extras, void *workspace, size_t workspace_bytes,
                          kvc_stream_t stream) {
   return compact_layers(ctx, plan, "kvc_compact", cache, NULL, NULL, keep, extras, num_extras, workspace,
-                        workspace_bytes, stream);
+                        workspace_bytes, 0, stream);
 }
 
 kvc_status_t kvc_compact_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
@@ -565,7 +565,7 @@ kvc_status_t kvc_compact_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_pa
     return kvc_fail(ctx, KVC_ERROR_INVALID_VALUE, "kvc_compact_layers: layers is NULL");
   }
   return compact_layers(ctx, plan, "kvc_compact_layers", cache, layers, NULL, keep, extras, num_extras, workspace,
-                        workspace_bytes, stream);
+                        workspace_bytes, 0, stream);
 }
 
 static kvc_status_t retention_layers(kvc_context_t ctx, kvc_plan_t plan, const char *fn, int32_t num_layers,
@@ -600,7 +600,8 @@ kvc_status_t kvc_retention_layers(kvc_context_t ctx, kvc_plan_t plan, int32_t nu
 }
 
 /* kvc_compress and kvc_compress_layers: the stages on the layout of kvc_plan_layout; the stage calls
- * re-check their own arguments, and a failure names the stage's function. */
+ * check their own arguments (compaction's cache checks before scoring), and a failure names the
+ * stage's function. */
 static kvc_status_t compress_layers(kvc_context_t ctx, kvc_plan_t plan, const char *fn, const kvc_paged_kv_t *cache,
                                     const kvc_layers_t *layers, const kvc_page_table_t *dst, const void *queries,
                                     const float *lse, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
@@ -619,8 +620,9 @@ static kvc_status_t compress_layers(kvc_context_t ctx, kvc_plan_t plan, const ch
   static const char *const compact_names[2][2] = {{"kvc_compact", "kvc_compact_into"},
                                                   {"kvc_compact_layers", "kvc_compact_layers_into"}};
   const char *compact_fn = compact_names[layers != NULL][dst != NULL];
-  /* a bad destination table is refused before any scoring work is spent (compaction checks it again) */
-  if (dst) status = check_cache_for(ctx, plan, KVC_OP_COMPACT, num_layers, compact_fn, cache, layers != NULL, stage, dst);
+  /* compaction's page-table checks (shared pages, the destination table) first: a table it would
+   * refuse costs no scoring work, and the compaction stage does not repeat them */
+  status = check_cache_for(ctx, plan, KVC_OP_COMPACT, num_layers, compact_fn, cache, layers != NULL, stage, dst);
   if (status != KVC_SUCCESS) return status;
   if (layers) {
     status = kvc_score_layers(ctx, plan, cache, layers, scores, 0, stage, stage_bytes, stream);
@@ -630,7 +632,7 @@ static kvc_status_t compress_layers(kvc_context_t ctx, kvc_plan_t plan, const ch
     if (status == KVC_SUCCESS) status = kvc_select(ctx, plan, scores, keep, stage, stage_bytes, stream);
   }
   if (status == KVC_SUCCESS)
-    status = compact_layers(ctx, plan, compact_fn, cache, layers, dst, keep, NULL, 0, stage, stage_bytes, stream);
+    status = compact_layers(ctx, plan, compact_fn, cache, layers, dst, keep, NULL, 0, stage, stage_bytes, 1, stream);
   return status;
 }
 
@@ -669,7 +671,7 @@ kvc_status_t kvc_compact_into(kvc_context_t ctx, kvc_plan_t plan, const kvc_page
                               int32_t num_extras, void *workspace, size_t workspace_bytes, kvc_stream_t stream) {
   if (missing(ctx, dst, "kvc_compact_into", "dst")) return KVC_ERROR_INVALID_VALUE;
   return compact_layers(ctx, plan, "kvc_compact_into", cache, NULL, dst, keep, extras, num_extras, workspace,
-                        workspace_bytes, stream);
+                        workspace_bytes, 0, stream);
 }
 
 kvc_status_t kvc_compress_into(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
@@ -686,7 +688,7 @@ kvc_status_t kvc_compact_layers_into(kvc_context_t ctx, kvc_plan_t plan, const k
                                      size_t workspace_bytes, kvc_stream_t stream) {
   const char *fn = "kvc_compact_layers_into";
   if (missing(ctx, layers, fn, "layers") || missing(ctx, dst, fn, "dst")) return KVC_ERROR_INVALID_VALUE;
-  return compact_layers(ctx, plan, fn, cache, layers, dst, keep, extras, num_extras, workspace, workspace_bytes,
+  return compact_layers(ctx, plan, fn, cache, layers, dst, keep, extras, num_extras, workspace, workspace_bytes, 0,
                         stream);
 }
 

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common.h"
 #include "device.h"
 #include "internal.h"
 
@@ -990,7 +991,7 @@ kvc_status_t kvc_plan_get_info(kvc_plan_t plan, kvc_plan_info_t *info) {
   info->score_elems = v->score_elems;
   info->keep_elems = v->num_kv_heads * v->total_kept;
   info->total_spans = v->total_spans;
-  info->count_elems = (int64_t)(v->num_kv_heads / v->span_heads) * v->total_spans;
+  info->count_elems = (int64_t)kvc_count_heads(v) * v->total_spans;
   kvc_layout_t compress;
   if (kvc_plan_layout(plan, KVC_OP_COMPRESS, 1, &compress, NULL, 0) != KVC_SUCCESS) return KVC_ERROR_INTERNAL;
   info->keep_offset_bytes = compress.keep_offset;

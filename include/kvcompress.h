@@ -551,10 +551,10 @@ KVC_API kvc_status_t kvc_plan_span_quotas(kvc_plan_t plan, int32_t *quotas, int3
  * The caller owns every buffer; nothing is kept. Host only, synchronous, on any backend's plan
  * (ctx, of the plan's backend, holds the detail of a failure).
  * Returns KVC_SUCCESS; KVC_ERROR_INVALID_VALUE (ctx, plan, keep or out_count NULL; plan of another
- * backend; a keep row with an index outside [0, n_b) or not strictly ascending: the detail names
- * the sequence, head, position and value, nothing is written; out_spans given with out_indptr NULL
- * or out_capacity below *out_count: the detail names out_capacity and the count needed, nothing
- * is written; more than 2^31 - 1 spans in all). */
+ * backend or device; a keep row with an index outside [0, n_b) or not strictly ascending: the
+ * detail names the sequence, head, position and value, nothing is written; out_spans given with
+ * out_indptr NULL or out_capacity below *out_count: the detail names out_capacity and the count
+ * needed, nothing but *out_count is written; more than 2^31 - 1 spans in all). */
 KVC_API kvc_status_t kvc_spans_after_compaction(kvc_context_t ctx, kvc_plan_t plan, const int32_t *keep,
                                                 kvc_span_t *out_spans, int64_t out_capacity, int32_t *out_indptr,
                                                 int64_t *out_count);
@@ -790,7 +790,9 @@ KVC_API kvc_status_t kvc_retention(kvc_context_t ctx, kvc_plan_t plan, const int
  * (kvc_plan_workspace_size(plan, KVC_OP_COMPRESS)). `lse` as for kvc_score (may be NULL).
  * Afterwards the keep layout is left in the workspace at byte offset
  * kvc_plan_info_t.keep_offset_bytes, e.g. for kvc_retention, and compaction's status array at
- * kvc_plan_info_t.compress_status_offset_bytes. */
+ * kvc_plan_info_t.compress_status_offset_bytes. Returns what the stages return, a failure naming
+ * the stage's call; compaction's host-side checks of the cache and its page table (on CPU: a page
+ * shared by two sequences) run first, so a cache that compaction would refuse costs no scoring. */
 KVC_API kvc_status_t kvc_compress(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                   const void *queries, const float *lse, void *workspace,
                                   size_t workspace_bytes, kvc_stream_t stream);
@@ -930,8 +932,9 @@ KVC_API kvc_status_t kvc_plan_workspace_layout(kvc_plan_t plan, kvc_op_t op, int
 /* kvc_score for every layer: layer l scores from layers->k[l] (and v's layout) with
  * layers->queries[l] and layers->lse[l] into its stacked score layout, all layers in one launch per
  * kernel. accumulate as kvc_score. On CUDA a layer whose pointers the kernels cannot read scores
- * NaN (see kvc_layers_t); the descriptor's strides must still be multiples of 16 bytes
- * (KVC_ERROR_NOT_SUPPORTED, as for kvc_score). */
+ * NaN (see kvc_layers_t); on CUDA, for the methods that read K (all but STREAMING), the
+ * descriptor's K strides must still be multiples of 16 bytes (KVC_ERROR_NOT_SUPPORTED, as for
+ * kvc_score). */
 KVC_API kvc_status_t kvc_score_layers(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                       const kvc_layers_t *layers, float *scores, int accumulate,
                                       void *workspace, size_t workspace_bytes, kvc_stream_t stream);
@@ -1025,9 +1028,9 @@ KVC_API kvc_status_t kvc_compact_into(kvc_context_t ctx, kvc_plan_t plan, const 
                                       kvc_stream_t stream);
 
 /* kvc_compress with its compaction out of place (kvc_compact_into); the cache is scored from the
- * source pages. Workspace and what it leaves there as for kvc_compress. The destination table's
- * host-side checks (all of them on CPU) run before scoring, so a refused table costs no scoring
- * work; the failure names kvc_compact_into (kvc_compact_layers_into for the layered call). */
+ * source pages. Workspace and what it leaves there as for kvc_compress; the destination table is
+ * among compaction's checks that run before scoring (all of its checks on CPU), the failure naming
+ * kvc_compact_into (kvc_compact_layers_into for the layered call). */
 KVC_API kvc_status_t kvc_compress_into(kvc_context_t ctx, kvc_plan_t plan, const kvc_paged_kv_t *cache,
                                        const kvc_page_table_t *dst, const void *queries, const float *lse,
                                        void *workspace, size_t workspace_bytes, kvc_stream_t stream);

@@ -899,7 +899,7 @@ extern "C" kvc_status_t kvc_score_cuda(const kvc_op_args_t *args, kvc_carver_t *
   const int32_t num_layers = args->num_layers;
   if ((int64_t)num_layers * plan.num_kv_heads > kMaxGridY)
     return kvc_fail_detail(args->detail, args->detail_cap, KVC_ERROR_NOT_SUPPORTED,
-                           "kvc_score: %d layers x %d KV heads: the CUDA score kernels put (layer, KV head) on a grid "
+                           "%d layers x %d KV heads: the CUDA score kernels put (layer, KV head) on a grid "
                            "axis of at most %d blocks", num_layers, plan.num_kv_heads, kMaxGridY);
   ScoreRun run;
   memset(&run, 0, sizeof run);

@@ -454,7 +454,6 @@ static void run_items(const kvc_op_args_t *args, score_job_t *job, int64_t count
   }
 }
 
-/* +inf for keys [from, to) of every KV head's row: keys the method does not score. */
 /* +inf for keys [from, to) of every KV head's row; rows are `stride` floats apart. */
 static void store_unscored(float *seq_rows, int64_t stride, int32_t heads, int32_t from, int32_t to, int accumulate) {
   for (int32_t h = 0; h < heads; ++h)

@@ -19,7 +19,7 @@ from typing import List, Sequence
 
 import numpy as np
 
-from model import _rms_norm, _silu
+from model import _rms_norm
 
 
 def _rope_tables(model, positions):

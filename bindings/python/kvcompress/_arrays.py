@@ -362,6 +362,7 @@ def current_stream(lib, device):
     return 0
 
 
+@contextlib.contextmanager
 def on_stream(lib, device, handle):
     """A context in which `lib` (torch or cupy) allocates and copies on the stream `handle` (0 or
     None: the library's default stream of `device`). The binding builds the temporaries of an
@@ -369,19 +370,20 @@ def on_stream(lib, device, handle):
     stream-ordered, so once such a temporary is dropped after the call returns, its memory is
     handed out again only to work queued behind the call on that same stream."""
     if device[0] != "cuda" or lib not in ("torch", "cupy"):
-        return contextlib.nullcontext()
-    if lib == "torch":
+        yield
+    elif lib == "torch":
         import torch
 
         dev = torch.device("cuda", device[1] or 0)
-        return torch.cuda.stream(torch.cuda.ExternalStream(handle, device=dev) if handle
-                                 else torch.cuda.default_stream(dev))
-    import cupy
+        with torch.cuda.stream(torch.cuda.ExternalStream(handle, device=dev) if handle
+                               else torch.cuda.default_stream(dev)):
+            yield
+    else:
+        import cupy
 
-    ctx = contextlib.ExitStack()
-    ctx.enter_context(cupy.cuda.Device(device[1] or 0))
-    ctx.enter_context(cupy.cuda.ExternalStream(handle) if handle else cupy.cuda.Stream.null)
-    return ctx
+        with cupy.cuda.Device(device[1] or 0), (cupy.cuda.ExternalStream(handle) if handle
+                                                 else cupy.cuda.Stream.null):
+            yield
 
 
 def stream_handle(stream):

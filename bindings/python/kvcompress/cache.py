@@ -23,8 +23,10 @@ from ._lib import PagedKVStruct
 CACHE_DTYPES = ("f32", "f16", "bf16", "fp8_e4m3", "u16", "u8")
 
 
-def _index_array(obj, name, like):
-    """The page table / indptr as an int32 C-contiguous array where the cache lives."""
+def _index_array(obj, name, like, queued=False):
+    """The page table / indptr as an int32 C-contiguous array where the cache lives. A host array is
+    copied to the device before this returns, or with queued=True (a call's temporary, built in its
+    _arrays.on_stream context) by a non-blocking copy queued on the current stream ahead of the call."""
     if obj is None:
         return None
     if like.is_cuda:
@@ -35,8 +37,11 @@ def _index_array(obj, name, like):
             if lib == "torch":
                 import torch
 
-                # pinned and non-blocking (torch's pinned pool holds the host copy until it has run)
-                return torch.tensor(host).pin_memory().to(torch.device("cuda", like.device[1] or 0), non_blocking=True)
+                dev = torch.device("cuda", like.device[1] or 0)
+                if not queued:
+                    return torch.as_tensor(host, device=dev)
+                # pinned: torch's pinned pool holds the host copy until the copy has run
+                return torch.tensor(host).pin_memory().to(dev, non_blocking=True)
             import cupy
 
             with cupy.cuda.Device(like.device[1] or 0):
@@ -296,8 +301,8 @@ def destination_table(page_table, page_indptr, cache, batch):
 
     if page_table is None:
         raise ValueError("dst_table: the destination pages are needed (dst_indptr alone is not a table)")
-    table = _index_array(page_table, "dst_table", cache._kview)
-    indptr = _index_array(page_indptr, "dst_indptr", cache._kview)
+    table = _index_array(page_table, "dst_table", cache._kview, queued=True)
+    indptr = _index_array(page_indptr, "dst_indptr", cache._kview, queued=True)
     tv = _arrays.view(table, "dst_table")
     s = PageTableStruct()
     s.page_table = tv.ptr

@@ -510,7 +510,7 @@ class Plan:
         COMPACT_STATUS flags, 0 where the sequence was compacted, nonzero where it was left untouched
         (a bad page id, a short CSR list, a page shared with another sequence, a bad layer pool). A
         copy of the array's library, queued on that call's stream (on CUDA: valid once the stream has
-        run it)."""
+        run it; the stream must still exist when status() is called)."""
         if op not in ("compact", "compress"):
             raise ValueError(f"op: expected 'compact' or 'compress', got {op!r}")
         if op not in self._last_status:
